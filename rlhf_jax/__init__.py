@@ -1,0 +1,1 @@
+"""rlhf_jax: the InstructGPT / ChatGPT recipe in JAX. Importing has no side effects."""

@@ -1,0 +1,32 @@
+"""rlhf_jax: the InstructGPT / ChatGPT recipe (pretrain, SFT, RM, PPO) in JAX."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="rlhf_jax",
+    version="0.1.0",
+    description="Pretraining, SFT, reward modelling and PPO (RLHF) in JAX, sharded from day one.",
+    packages=find_packages(include=["rlhf_jax", "rlhf_jax.*"]),
+    python_requires=">=3.11",
+    install_requires=[
+        "jax>=0.10.2",
+        "flax>=0.12.8",
+        "optax>=0.2.8",
+        "orbax-checkpoint>=0.12.8",
+        "sentencepiece>=0.2.1",
+        "tensorflow-datasets>=4.9.9",
+        "array-record>=0.8",
+        "importlib_resources",  # tfds builders defined in package modules need it
+        "ml-collections>=1.1.0",
+        "absl-py",
+        "numpy",
+        "tensorboardX",
+        "tqdm",
+        "matplotlib",
+    ],
+    extras_require={
+        "test": ["pytest"],
+        # torch is installed before transformers so that no CUDA build is pulled in.
+        "parity": ["torch==2.13.0", "transformers", "safetensors"],
+    },
+)
