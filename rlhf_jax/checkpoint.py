@@ -1,0 +1,100 @@
+"""Checkpoints: orbax CheckpointManager with three items per step.
+
+    <workdir>/checkpoints/<step>/params   the model params (what a later stage loads)
+    <workdir>/checkpoints/<step>/state    the rest of the train state (opt_state, step, rng, extras)
+    <workdir>/checkpoints/<step>/meta     JSON: data position, stage, anything a resume needs
+
+Orbax writes each step into a temporary directory and renames it when the
+save is complete, so a kill mid-save never leaves a half-written "latest".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+
+def _abstract(tree):
+    """ShapeDtypeStructs carrying the target shardings: restore lands already sharded."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+class Checkpointer:
+    def __init__(self, workdir: str, keep: int, use_async: bool = True):
+        self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                               enable_async_checkpointing=use_async)
+        self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                             item_names=("params", "state", "meta"))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, params, state, meta: dict[str, Any], force: bool = False) -> bool:
+        args = ocp.args.Composite(params=ocp.args.StandardSave(params), state=ocp.args.StandardSave(state),
+                                  meta=ocp.args.JsonSave(meta))
+        return self.manager.save(step, args=args, force=force)
+
+    def restore(self, step: int, params_like, state_like):
+        """Restores into the shardings of `params_like` / `state_like` (any topology)."""
+        args = ocp.args.Composite(params=ocp.args.StandardRestore(_abstract(params_like)),
+                                  state=ocp.args.StandardRestore(_abstract(state_like)),
+                                  meta=ocp.args.JsonRestore())
+        try:
+            out = self.manager.restore(step, args=args)
+        except Exception as e:  # orbax raises many types; the user needs the path and a way out
+            others = [s for s in self.manager.all_steps() if s != step]
+            raise RuntimeError(
+                f"Checkpoint {self.directory}/{step} could not be restored ({type(e).__name__}: {e}). "
+                f"It is corrupt or from a different model/config. Delete that directory to resume from an "
+                f"earlier step {others or '(none left: the run restarts)'}, or use a fresh --workdir.") from e
+        return out["params"], out["state"], out["meta"]
+
+    def wait(self):
+        self.manager.wait_until_finished()
+
+    def close(self):
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def find_params_checkpoint(path: str) -> tuple[str, int]:
+    """Resolves `init_from` (a workdir, its checkpoints/ dir, or one step dir) to (checkpoints dir, step)."""
+    path = os.path.abspath(path)
+    if os.path.isdir(os.path.join(path, "params")):  # a step dir
+        return os.path.dirname(path), int(os.path.basename(path))
+    ckpt_dir = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
+    steps = sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit()) if os.path.isdir(ckpt_dir) else []
+    if not steps:
+        raise FileNotFoundError(
+            f"init_from={path!r}: no finished checkpoint found (looked for {ckpt_dir}/<step>/params). "
+            f"Run the earlier stage to completion first, or point init_from at its --workdir.")
+    return ckpt_dir, steps[-1]
+
+
+def load_params(path: str, params_like):
+    """Loads the params item of an earlier stage's checkpoint into `params_like`'s shardings."""
+    ckpt_dir, step = find_params_checkpoint(path)
+    with ocp.CheckpointManager(ckpt_dir, item_names=("params", "state", "meta")) as mngr:
+        try:
+            out = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(_abstract(params_like))))
+        except Exception as e:
+            raise RuntimeError(
+                f"init_from: params at {ckpt_dir}/{step} do not fit this model ({type(e).__name__}: {e}). "
+                f"The model config must match the earlier stage's (see its config.json).") from e
+    return out["params"]
+
+
+def read_run_config(path: str) -> dict | None:
+    """The config.json of the workdir that holds `path` (a workdir or a checkpoint inside one)."""
+    path = os.path.abspath(path)
+    for cand in (path, os.path.dirname(path), os.path.dirname(os.path.dirname(path))):
+        f = os.path.join(cand, "config.json")
+        if os.path.exists(f):
+            with open(f) as fh:
+                return json.load(fh)
+    return None

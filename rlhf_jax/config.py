@@ -1,0 +1,86 @@
+"""The config fields every stage shares, and the checks that run before anything else.
+
+Stage configs in `configs/` start from `base_config()` and add their own
+fields; the dict is then locked, so an unknown `--config.x=y` fails at start.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import ml_collections
+
+from rlhf_jax.models.layers import ModelConfig
+from rlhf_jax.parallel import DEFAULT_RULES
+
+STAGES = ("pretrain", "sft", "rm", "ppo")
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.stage = ""
+    c.seed = 0
+    c.init_from = ""  # a workdir or checkpoint dir of an earlier stage; its params start this one
+    c.model = ml_collections.ConfigDict(dataclasses.asdict(ModelConfig()))
+
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    c.mesh.rules = [list(r) for r in DEFAULT_RULES]
+
+    c.optim = ml_collections.ConfigDict(dict(
+        name="adamw", lr=3e-4, schedule="cosine", warmup_steps=100, total_steps=-1,  # -1: num_steps
+        final_lr_fraction=0.1, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, grad_clip_norm=1.0))
+
+    c.batch_size = 32  # global, in sequences (or comparisons / episodes)
+    c.grad_accum = 1  # microbatches per step; batch_size must divide by it
+    c.num_steps = 1000
+    c.log_every = 50
+    c.eval_every = 500
+    c.eval_batches = 20  # 0: the whole validation split
+    c.progress = True
+    c.checkpoint = ml_collections.ConfigDict(dict(every=500, keep=3, use_async=True))
+    c.data = ml_collections.ConfigDict()
+    return c
+
+
+def model_config(c: ml_collections.ConfigDict) -> ModelConfig:
+    return ModelConfig(**c.model.to_dict())
+
+
+def _fail(key: str, why: str, fix: str):
+    raise ValueError(f"config.{key}: {why}. {fix}")
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+    """Rejects impossible values with a message naming the key and the fix."""
+    if c.stage not in STAGES:
+        _fail("stage", f"{c.stage!r} is not a stage", f"Use one of {STAGES}.")
+    m = c.model
+    if m.d_model % m.n_heads:
+        _fail("model.d_model", f"{m.d_model} is not divisible by n_heads={m.n_heads}", "Pick d_model = k * n_heads.")
+    if m.n_kv_heads and m.n_heads % m.n_kv_heads:
+        _fail("model.n_kv_heads", f"n_heads={m.n_heads} is not a multiple of n_kv_heads={m.n_kv_heads}",
+              "Use a divisor of n_heads (or 0 for multi-head attention).")
+    for key, allowed in (("position", ("learned", "rope")), ("norm", ("layernorm", "rmsnorm")),
+                         ("mlp", ("gelu", "swiglu")), ("remat", ("none", "full", "dots")),
+                         ("dtype", ("float32", "bfloat16"))):
+        if m[key] not in allowed:
+            _fail(f"model.{key}", f"{m[key]!r} is not supported", f"Use one of {allowed}.")
+    if not 0.0 <= m.dropout < 1.0:
+        _fail("model.dropout", f"{m.dropout} is outside [0, 1)", "Use e.g. 0.0 or 0.1.")
+    if c.optim.name not in ("adamw", "adam", "tf_adam"):
+        _fail("optim.name", f"{c.optim.name!r} is unknown", "Use adamw, adam or tf_adam.")
+    if c.optim.schedule not in ("constant", "cosine", "linear"):
+        _fail("optim.schedule", f"{c.optim.schedule!r} is unknown", "Use constant, cosine or linear.")
+    if c.optim.lr <= 0:
+        _fail("optim.lr", f"{c.optim.lr} must be positive", "Use e.g. 3e-4.")
+    for key in ("batch_size", "grad_accum", "num_steps", "log_every", "eval_every"):
+        if c[key] <= 0:
+            _fail(key, f"{c[key]} must be positive", "Use a positive integer.")
+    if c.batch_size % c.grad_accum:
+        _fail("batch_size", f"{c.batch_size} is not divisible by grad_accum={c.grad_accum}",
+              "Make batch_size a multiple of grad_accum.")
+    if c.checkpoint.every <= 0 or c.checkpoint.keep <= 0:
+        _fail("checkpoint", "every and keep must be positive", "Use e.g. every=500, keep=3.")
+    if c.init_from and not os.path.exists(c.init_from):
+        _fail("init_from", f"{c.init_from!r} does not exist", "Point it at an earlier stage's --workdir.")

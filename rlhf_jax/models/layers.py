@@ -1,0 +1,207 @@
+"""Building blocks of the decoder: dense, norms, rotary embeddings, attention, MLP.
+
+Every parameter is created with logical axis names (see `rlhf_jax/parallel.py`)
+and every matmul runs in the compute dtype with f32 accumulation
+(`preferred_element_type=float32`), then casts back to the compute dtype.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+P = nn.with_logical_partitioning
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Hyper-parameters of the decoder; covers the GPT-2, NeoX and LLaMA families."""
+
+    vocab_size: int = 512
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 0  # 0 means n_heads (multi-head); fewer gives grouped-query attention
+    d_ff: int = 0  # 0 means 4 * d_model
+    max_len: int = 256
+    position: str = "learned"  # "learned" (GPT-2) | "rope" (NeoX, LLaMA)
+    rope_theta: float = 10000.0
+    norm: str = "layernorm"  # "layernorm" | "rmsnorm"
+    norm_eps: float = 1e-5
+    mlp: str = "gelu"  # "gelu" (GPT-2) | "swiglu" (LLaMA)
+    use_bias: bool = True
+    tie_embeddings: bool = True
+    dropout: float = 0.0
+    dtype: str = "bfloat16"  # compute dtype; params are always float32
+    remat: str = "none"  # "none" | "full" | "dots" (save matmul outputs)
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def ff_dim(self) -> int:
+        return self.d_ff or 4 * self.d_model
+
+    @property
+    def compute_dtype(self) -> Dtype:
+        return jnp.dtype(self.dtype)
+
+
+def matmul(eq: str, x: jax.Array, w: jax.Array, dtype: Dtype, out_dtype: Dtype | None = None) -> jax.Array:
+    """einsum in `dtype` with f32 accumulation, result cast to `out_dtype` (default `dtype`)."""
+    y = jnp.einsum(eq, x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
+    return y.astype(out_dtype or dtype)
+
+
+class Dense(nn.Module):
+    """y = x @ W (+ b) over the last axis; `axes` names W's logical axes (in, *out)."""
+
+    features: Sequence[int]
+    axes: Sequence[str | None]
+    use_bias: bool
+    dtype: Dtype
+    kernel_init: Any = nn.initializers.normal(0.02)
+    out_dtype: Dtype | None = None  # e.g. float32 for logits
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        shape = (x.shape[-1], *self.features)
+        w = self.param("kernel", P(self.kernel_init, tuple(self.axes)), shape, jnp.float32)
+        letters = "abcdefgh"[: len(self.features)]
+        y = matmul(f"...z,z{letters}->...{letters}", x, w, self.dtype, self.out_dtype)
+        if self.use_bias:
+            b = self.param("bias", P(nn.initializers.zeros, tuple(self.axes[1:])), tuple(self.features), jnp.float32)
+            y = y + b.astype(y.dtype)
+        return y
+
+
+class Norm(nn.Module):
+    """LayerNorm or RMSNorm, computed in f32."""
+
+    kind: str
+    eps: float
+    use_bias: bool
+    dtype: Dtype
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        scale = self.param("scale", P(nn.initializers.ones, ("embed",)), (x.shape[-1],), jnp.float32)
+        if self.kind == "rmsnorm":
+            y = x32 * jax.lax.rsqrt(jnp.mean(x32**2, axis=-1, keepdims=True) + self.eps) * scale
+        else:
+            mean = jnp.mean(x32, axis=-1, keepdims=True)
+            var = jnp.mean((x32 - mean) ** 2, axis=-1, keepdims=True)
+            y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * scale
+            if self.use_bias:
+                y = y + self.param("bias", P(nn.initializers.zeros, ("embed",)), (x.shape[-1],), jnp.float32)
+        return y.astype(self.dtype)
+
+
+def rotary(x_BxTxHxD: jax.Array, positions_BxT: jax.Array, theta: float) -> jax.Array:
+    """Rotary position embedding, rotate-half convention (GPT-NeoX / LLaMA in HF layout)."""
+    d = x_BxTxHxD.shape[-1]
+    freqs = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+    angles = positions_BxT[..., None].astype(jnp.float32) * freqs  # B,T,D/2
+    cos = jnp.cos(angles)[:, :, None, :]
+    sin = jnp.sin(angles)[:, :, None, :]
+    x = x_BxTxHxD.astype(jnp.float32)
+    x1, x2 = x[..., : d // 2], x[..., d // 2 :]
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_BxTxHxD.dtype)
+
+
+class Attention(nn.Module):
+    """Causal multi-head / grouped-query attention with an optional KV cache.
+
+    Query token t sits in cache slot `cache_index + t`; it attends to key slot s
+    when s <= that slot and `key_mask[:, s]` is 1. Without a cache the slots are
+    just 0..T-1, so prefill, decoding and training share one masking rule.
+    """
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, positions, key_mask, cache=None, cache_index=None, deterministic=True):
+        cfg, dt = self.cfg, self.cfg.compute_dtype
+        h, kvh, hd = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        q = Dense((h, hd), ("embed", "heads", "kv"), cfg.use_bias, dt, name="query")(x)
+        k = Dense((kvh, hd), ("embed", "heads", "kv"), cfg.use_bias, dt, name="key")(x)
+        v = Dense((kvh, hd), ("embed", "heads", "kv"), cfg.use_bias, dt, name="value")(x)
+        if cfg.position == "rope":
+            q, k = rotary(q, positions, cfg.rope_theta), rotary(k, positions, cfg.rope_theta)
+        q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
+
+        T = x.shape[1]
+        if cache is not None:
+            k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), cache_index, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), cache_index, axis=1)
+            cache = {"k": k, "v": v}
+            q_slots = cache_index + jnp.arange(T)
+        else:
+            q_slots = jnp.arange(T)
+        S = k.shape[1]
+        allowed = (jnp.arange(S)[None, :] <= q_slots[:, None])[None] & (key_mask[:, None, :] > 0)  # B,T,S
+
+        # Grouped-query attention: q heads are split into kvh groups sharing one k/v head.
+        B = x.shape[0]
+        qg = q.reshape(B, T, kvh, h // kvh, hd)
+        scores = jnp.einsum("btkgd,bskd->bkgts", qg.astype(dt), k.astype(dt), preferred_element_type=jnp.float32)
+        scores = scores / jnp.sqrt(jnp.float32(hd))
+        # A large finite negative (not -inf) keeps fully masked rows (left pads) finite.
+        scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1)
+        probs = nn.Dropout(cfg.dropout)(probs, deterministic=deterministic)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(dt), v.astype(dt), preferred_element_type=jnp.float32)
+        out = out.reshape(B, T, h, hd).astype(dt)
+        out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
+        w = self.param("out", P(nn.initializers.normal(0.02 / (2 * cfg.n_layers) ** 0.5), ("heads", "kv", "embed")),
+                       (h, hd, cfg.d_model), jnp.float32)
+        y = matmul("bthd,hde->bte", out, w, dt)
+        if cfg.use_bias:
+            y = y + self.param("out_bias", P(nn.initializers.zeros, ("embed",)), (cfg.d_model,), jnp.float32).astype(dt)
+        return y, cache
+
+
+class MLP(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg, dt = self.cfg, self.cfg.compute_dtype
+        out_init = nn.initializers.normal(0.02 / (2 * cfg.n_layers) ** 0.5)
+        if cfg.mlp == "swiglu":
+            gate = Dense((cfg.ff_dim,), ("embed", "mlp"), cfg.use_bias, dt, name="gate")(x)
+            up = Dense((cfg.ff_dim,), ("embed", "mlp"), cfg.use_bias, dt, name="up")(x)
+            hidden = nn.silu(gate.astype(jnp.float32)).astype(dt) * up
+        else:
+            up = Dense((cfg.ff_dim,), ("embed", "mlp"), cfg.use_bias, dt, name="up")(x)
+            hidden = nn.gelu(up.astype(jnp.float32), approximate=True).astype(dt)
+        hidden = nn.with_logical_constraint(hidden, ("batch", "length", "mlp"))
+        return Dense((cfg.d_model,), ("mlp", "embed"), cfg.use_bias, dt, out_init, name="down")(hidden)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, positions, key_mask, cache=None, cache_index=None, deterministic=True):
+        cfg = self.cfg
+        norm = lambda name: Norm(cfg.norm, cfg.norm_eps, cfg.use_bias, cfg.compute_dtype, name=name)
+        a, cache = Attention(cfg, name="attn")(norm("norm_attn")(x), positions, key_mask, cache, cache_index, deterministic)
+        x = x + nn.Dropout(cfg.dropout)(a, deterministic=deterministic)
+        m = MLP(cfg, name="mlp")(norm("norm_mlp")(x))
+        x = x + nn.Dropout(cfg.dropout)(m, deterministic=deterministic)
+        return nn.with_logical_constraint(x, ("batch", "length", "embed")), cache

@@ -1,0 +1,153 @@
+"""What every stage's loop needs and nothing more: validated config, workdir
+outputs, mesh, tokenizer, checkpoints (resume / init_from) and a SIGTERM guard.
+
+The loop itself stays in the stage module, readable top to bottom.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import time
+
+import jax
+import ml_collections
+from tqdm import tqdm
+
+from rlhf_jax import checkpoint, config as config_lib, parallel
+from rlhf_jax.metrics import MetricWriter
+
+# Model fields a stage may change when it starts from an earlier stage's params;
+# everything else describes the architecture and is taken from that stage.
+RUNTIME_MODEL_FIELDS = ("dropout", "dtype", "remat")
+
+
+class Run:
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+        config = ml_collections.ConfigDict(config.to_dict())  # our own unlocked copy
+        config_lib.validate(config)
+        self.workdir = os.path.abspath(workdir)
+        os.makedirs(self.workdir, exist_ok=True)
+        if config.init_from:
+            self._adopt_model_config(config)
+        self.config = config
+        self.mesh = parallel.make_mesh({a: config.mesh[a] for a in parallel.MESH_AXES})
+        self.rules = parallel.rules_from_config(config.mesh.rules)
+        parallel.check_batch(config.batch_size, self.mesh, self.rules)
+        parallel.check_batch(config.batch_size // config.grad_accum, self.mesh, self.rules,
+                             "config.batch_size / config.grad_accum (the microbatch)")
+        self.is_main = jax.process_index() == 0
+        self.ckpt = checkpoint.Checkpointer(self.workdir, config.checkpoint.keep, config.checkpoint.use_async)
+        self.preempted = False
+        self._prev_handler = signal.signal(signal.SIGTERM, self._on_sigterm) if _main_thread() else None
+
+    # --- config -------------------------------------------------------------------------------
+    def _adopt_model_config(self, config):
+        src = checkpoint.read_run_config(config.init_from)
+        if src is None:
+            raise FileNotFoundError(f"config.init_from={config.init_from!r}: no config.json found there or above; "
+                                    f"point init_from at an earlier stage's --workdir.")
+        for k, v in src["model"].items():
+            if k not in RUNTIME_MODEL_FIELDS:
+                config.model[k] = v
+
+    def write_config(self):
+        if self.is_main:
+            with open(os.path.join(self.workdir, "config.json"), "w") as f:
+                json.dump(self.config.to_dict(), f, indent=2, default=str)
+
+    # --- tokenizer ----------------------------------------------------------------------------
+    def tokenizer(self, corpus_paths: list[str]):
+        """The run's tokenizer, copied to <workdir>/tokenizer.model.
+
+        Order: config.data.tokenizer_path; the init_from workdir's tokenizer; one
+        already in this workdir (resume); else train one on `corpus_paths`.
+        """
+        from rlhf_jax.data import tokenizer as tok_lib
+
+        c, dest = self.config, os.path.join(self.workdir, "tokenizer.model")
+        src = c.data.get("tokenizer_path", "")
+        if not src and c.init_from:
+            src = os.path.join(_workdir_of(c.init_from), "tokenizer.model")
+            if not os.path.exists(src):
+                raise FileNotFoundError(f"config.init_from: {src} is missing; set config.data.tokenizer_path.")
+        if src:
+            if self.is_main and os.path.abspath(src) != dest:
+                shutil.copyfile(tok_lib.load_tokenizer(src).path, dest + ".tmp")
+                os.replace(dest + ".tmp", dest)
+        elif not os.path.exists(dest) and self.is_main:
+            tok_lib.train_tokenizer(corpus_paths, dest, vocab_size=c.data.vocab_size,
+                                    model_type=c.data.tokenizer_type)
+        _sync("tokenizer")
+        tok = tok_lib.load_tokenizer(dest)
+        if c.model.vocab_size <= 0:  # size the embedding from the tokenizer, padded for sharding
+            c.model.vocab_size = -(-tok.vocab_size // 128) * 128
+        elif c.model.vocab_size < tok.vocab_size:
+            raise ValueError(f"config.model.vocab_size={c.model.vocab_size} < tokenizer size {tok.vocab_size}; "
+                             f"set it to -1 to size it from the tokenizer.")
+        return tok
+
+    # --- params and state ----------------------------------------------------------------------
+    def load_init_params(self, params, heads=("trunk", "lm_head")):
+        """Replaces `heads` (top-level params entries) with the init_from checkpoint's."""
+        if not self.config.init_from:
+            return params
+        loaded = checkpoint.load_params(self.config.init_from, params)
+        return {k: (loaded[k] if k in heads else v) for k, v in params.items()}
+
+    def restore_or(self, state):
+        """(state, meta) from the latest checkpoint of this workdir, or (state, None) for a fresh run."""
+        step = self.ckpt.latest_step()
+        if step is None:
+            return state, None
+        params, rest, meta = self.ckpt.restore(step, state.params, state.rest())
+        self.log(f"resumed from {self.ckpt.directory}/{step}")
+        return state.replace(params=params).with_rest(rest), meta
+
+    def save(self, state, meta: dict, force: bool = False):
+        step = int(jax.device_get(state.step))
+        self.ckpt.save(step, state.params, state.rest(), meta, force=force)
+
+    # --- loop helpers -------------------------------------------------------------------------
+    def metric_writer(self, resume_step: int) -> MetricWriter:
+        return MetricWriter(self.workdir, resume_step)
+
+    def progress(self, start: int, total: int, desc: str):
+        return tqdm(total=total, initial=start, desc=desc, disable=not (self.is_main and self.config.progress),
+                    dynamic_ncols=True, mininterval=1.0)
+
+    def log(self, msg: str):
+        if self.is_main:
+            tqdm.write(f"[{time.strftime('%H:%M:%S')}] {msg}")
+
+    def _on_sigterm(self, signum, frame):
+        self.preempted = True
+
+    def close(self):
+        self.ckpt.close()
+        if self._prev_handler is not None:
+            signal.signal(signal.SIGTERM, self._prev_handler)
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _workdir_of(path: str) -> str:
+    """init_from may name a workdir, its checkpoints/ dir or one step dir."""
+    path = os.path.abspath(path)
+    for cand in (path, os.path.dirname(path), os.path.dirname(os.path.dirname(path))):
+        if os.path.exists(os.path.join(cand, "config.json")):
+            return cand
+    return path
+
+
+def _sync(name: str):
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)

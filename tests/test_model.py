@@ -1,0 +1,107 @@
+"""The decoder: causality, left padding, KV-cache decoding, heads."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rlhf_jax.models.gpt import HEADS, TransformerLM, init_cache, positions_from_mask
+from rlhf_jax.models.layers import ModelConfig
+
+GPT2 = dict()
+LLAMA = dict(position="rope", norm="rmsnorm", mlp="swiglu", n_kv_heads=2, tie_embeddings=False, use_bias=False)
+FAMILIES = {"gpt2": GPT2, "llama_gqa": LLAMA}
+
+
+def build(family, dtype="float32", **kw):
+    cfg = ModelConfig(vocab_size=61, d_model=32, n_layers=2, n_heads=4, max_len=32, dtype=dtype, **{**family, **kw})
+    model = TransformerLM(cfg)
+    tokens = jnp.zeros((1, 8), jnp.int32)
+    params = model.init(jax.random.PRNGKey(0), tokens, positions_from_mask(jnp.ones_like(tokens)),
+                        jnp.ones_like(tokens), heads=HEADS)["params"]
+    params = jax.tree.map(lambda x: x.value if hasattr(x, "value") else x, params,
+                          is_leaf=lambda x: hasattr(x, "value"))
+    return cfg, model, params
+
+
+def forward(model, params, tokens, mask, **kw):
+    return model.apply({"params": params}, tokens, positions_from_mask(mask), mask, **kw)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_causal_mask_hides_the_future(family):
+    _, model, params = build(FAMILIES[family])
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 12), 0, 61)
+    mask = jnp.ones_like(tokens)
+    t = 5
+    changed = tokens.at[:, t + 1:].set((tokens[:, t + 1:] + 7) % 61)
+    a = forward(model, params, tokens, mask)["logits"]
+    b = forward(model, params, changed, mask)["logits"]
+    np.testing.assert_allclose(a[:, : t + 1], b[:, : t + 1], atol=1e-6)
+    assert np.abs(np.asarray(a[:, t + 1:] - b[:, t + 1:])).max() > 1e-3  # the future does matter after t
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_left_padding_leaves_real_tokens_unchanged(family):
+    _, model, params = build(FAMILIES[family])
+    tokens = jax.random.randint(jax.random.PRNGKey(2), (1, 9), 4, 61)
+    pads = 4
+    padded = jnp.concatenate([jnp.zeros((1, pads), jnp.int32), tokens], axis=1)
+    mask = jnp.concatenate([jnp.zeros((1, pads), jnp.int32), jnp.ones_like(tokens)], axis=1)
+    ref = forward(model, params, tokens, jnp.ones_like(tokens), heads=HEADS)
+    got = forward(model, params, padded, mask, heads=HEADS)
+    for key in ("logits", "values", "rewards"):
+        np.testing.assert_allclose(got[key][:, pads:], ref[key], atol=2e-5, err_msg=key)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_kv_cache_decoding_equals_full_forward(family):
+    cfg, model, params = build(FAMILIES[family])
+    B, T, prompt = 3, 14, 5
+    tokens = jax.random.randint(jax.random.PRNGKey(3), (B, T), 4, 61)
+    # ragged left padding in the prompt: rows have 0, 2 and 4 pads
+    mask = jnp.ones((B, T), jnp.int32).at[1, :2].set(0).at[2, :4].set(0)
+    full = forward(model, params, tokens, mask)["logits"]
+    positions = positions_from_mask(mask)
+    out = model.apply({"params": params}, tokens[:, :prompt], positions[:, :prompt], mask,
+                      cache=init_cache(cfg, B, T), cache_index=0)
+    steps, cache = [out["logits"]], out["cache"]
+    for t in range(prompt, T):
+        out = model.apply({"params": params}, tokens[:, t:t + 1], positions[:, t:t + 1], mask,
+                          cache=cache, cache_index=t)
+        steps.append(out["logits"])
+        cache = out["cache"]
+    inc = jnp.concatenate(steps, axis=1)
+    real = np.asarray(mask, bool)
+    np.testing.assert_allclose(np.asarray(inc)[real], np.asarray(full)[real], atol=1e-5)
+
+
+def test_heads_share_one_params_tree():
+    _, _, params = build(GPT2)
+    assert set(params) == {"trunk", "value_head", "reward_head"}  # tied: no lm_head
+    _, _, params = build(LLAMA)
+    assert set(params) == {"trunk", "lm_head", "value_head", "reward_head"}
+    assert np.all(np.asarray(params["value_head"]["kernel"]) == 0)  # value head starts at zero
+    assert np.asarray(params["reward_head"]["kernel"]).std() > 0
+
+
+def test_bf16_compute_keeps_f32_params_and_logits():
+    _, model, params = build(GPT2, dtype="bfloat16")
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
+    tokens = jnp.ones((2, 6), jnp.int32)
+    out = forward(model, params, tokens, jnp.ones_like(tokens), heads=HEADS)
+    assert out["logits"].dtype == jnp.float32 and out["values"].dtype == jnp.float32
+    _, model32, _ = build(GPT2)
+    ref = forward(model32, params, tokens, jnp.ones_like(tokens))["logits"]
+    np.testing.assert_allclose(out["logits"], ref, atol=5e-2)  # bf16 is close to f32, not equal
+
+
+def test_dropout_is_random_only_in_training():
+    _, model, params = build(GPT2, dropout=0.5)
+    tokens = jnp.ones((2, 6), jnp.int32)
+    mask = jnp.ones_like(tokens)
+    a = forward(model, params, tokens, mask)["logits"]
+    b = forward(model, params, tokens, mask)["logits"]
+    np.testing.assert_array_equal(a, b)
+    c = forward(model, params, tokens, mask, deterministic=False, rngs={"dropout": jax.random.PRNGKey(0)})["logits"]
+    assert np.abs(np.asarray(a - c)).max() > 1e-3
