@@ -1,0 +1,86 @@
+"""Sampling with a KV cache: prefill the (left-padded) prompts, then one token at a time in `lax.scan`.
+
+Jit it with `jax.jit(functools.partial(sample, model=..., settings=...))`; it
+runs on sharded params and a batch sharded over the data axes like any step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from rlhf_jax.models.gpt import TransformerLM, init_cache, positions_from_mask
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingSettings:
+    max_new_tokens: int = 32
+    temperature: float = 1.0  # 0: greedy
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1: off
+    eos_id: int = 3
+    pad_id: int = 0
+
+
+def filter_logits(logits_BxV: jax.Array, top_k: int, top_p: float) -> jax.Array:
+    """Sets logits outside the top-k / nucleus (top-p) to -inf; always keeps the best token."""
+    logits = logits_BxV.astype(jnp.float32)
+    neg = jnp.finfo(jnp.float32).min
+    if top_k > 0:
+        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, neg, logits)
+    if top_p < 1.0:
+        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+        cum = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+        # keep the smallest prefix whose mass reaches top_p: a token stays if the mass before it < top_p
+        keep_sorted = (cum - jax.nn.softmax(sorted_logits, axis=-1)) < top_p
+        threshold = jnp.min(jnp.where(keep_sorted, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+        logits = jnp.where(logits < threshold, neg, logits)
+    return logits
+
+
+def sample_token(logits_BxV, keys_B, settings: SamplingSettings):
+    if settings.temperature == 0.0:
+        return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+    logits = filter_logits(logits_BxV / settings.temperature, settings.top_k, settings.top_p)
+    return jax.vmap(jax.random.categorical)(keys_B, logits).astype(jnp.int32)
+
+
+def sample(params, prompt_tokens, prompt_mask, rng_keys, *, model: TransformerLM, settings: SamplingSettings):
+    """Generates up to `max_new_tokens` per prompt.
+
+    prompt_tokens, prompt_mask: int32 [B, P], left-padded (real tokens at the right end).
+    rng_keys: uint32 [B, 2], one key per sample, so a sample does not depend on its batch-mates.
+    Returns {"tokens": int32 [B, N] (pad after EOS), "mask": int32 [B, N] (1 up to and including EOS)}.
+    """
+    B, P = prompt_tokens.shape
+    N = settings.max_new_tokens
+    key_mask = jnp.concatenate([prompt_mask, jnp.ones((B, N), prompt_mask.dtype)], axis=1)
+    positions = positions_from_mask(prompt_mask)
+    out = model.apply({"params": params}, prompt_tokens, positions, key_mask,
+                      cache=init_cache(model.cfg, B, P + N), cache_index=0)
+    next_pos = jnp.sum(prompt_mask, axis=1).astype(jnp.int32)  # position of the first new token
+    keys = jax.vmap(jax.random.wrap_key_data)(rng_keys)
+
+    def body(carry, i):
+        cache, logits, done = carry
+        step_keys = jax.vmap(lambda k: jax.random.fold_in(k, i))(keys)
+        token = sample_token(logits, step_keys, settings)
+        token = jnp.where(done, settings.pad_id, token)
+        live = ~done
+        done = done | (token == settings.eos_id)
+        o = model.apply({"params": params}, token[:, None], (next_pos + i)[:, None], key_mask,
+                        cache=cache, cache_index=P + i)
+        return (o["cache"], o["logits"][:, -1], done), (token, live)
+
+    init = (out["cache"], out["logits"][:, -1], jnp.zeros((B,), bool))
+    _, (tokens, live) = jax.lax.scan(body, init, jnp.arange(N))
+    return {"tokens": tokens.T, "mask": live.T.astype(jnp.int32)}
+
+
+def response_positions(prompt_mask, n_new: int):
+    """Positions of the N generated tokens, continuing after each prompt's last real token."""
+    start = jnp.sum(prompt_mask, axis=1, keepdims=True).astype(jnp.int32)
+    return start + jnp.arange(n_new, dtype=jnp.int32)[None]

@@ -1,0 +1,84 @@
+"""Sharding: a step on a (data, fsdp, tensor) mesh equals the one-device step, and params really shard."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from rlhf_jax import parallel, train_state
+from rlhf_jax.models.gpt import TransformerLM
+from rlhf_jax.models.layers import ModelConfig
+from rlhf_jax.stages.lm import make_train_step
+
+CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, d_ff=64, max_len=16, dtype="float32")
+
+
+def batch(seed=0, B=8, L=12):
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(4, CFG.vocab_size, (B, L + 1)).astype(np.int32)
+    loss_mask = np.ones_like(tokens)
+    loss_mask[:, :5] = 0  # SFT-like: prompt tokens carry no loss
+    return {"tokens": tokens, "input_mask": np.ones_like(tokens), "loss_mask": loss_mask}
+
+
+def run_steps(mesh_shape, devices, n_steps=3, grad_accum=1):
+    model = TransformerLM(CFG)
+    mesh = parallel.make_mesh(mesh_shape, devices)
+    rules = parallel.DEFAULT_RULES
+    tx = optax.adamw(1e-2)
+    state, sh = train_state.create(train_state.model_init_fn(model, 12, 0), tx, mesh, rules, seed=0)
+    with parallel.activate(mesh, rules):
+        step = jax.jit(make_train_step(model, tx, lambda s: 1e-2, grad_accum),
+                       in_shardings=(sh, parallel.batch_sharding(mesh, rules)),
+                       out_shardings=(sh, parallel.replicated(mesh)), donate_argnums=(0,))
+        losses = []
+        for i in range(n_steps):
+            state, m = step(state, parallel.global_batch(batch(i), mesh, rules))
+            losses.append(float(m["train/loss"]))
+    return state, losses
+
+
+def test_sharded_step_equals_single_device_step():
+    one, l1 = run_steps(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+    eight, l8 = run_steps(dict(data=2, fsdp=2, tensor=2), jax.devices())
+    np.testing.assert_allclose(l1, l8, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(eight.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5)
+
+    up = eight.params["trunk"]["block_0"]["mlp"]["up"]["kernel"]  # [embed, mlp] = [32, 64]
+    assert up.sharding.shard_shape(up.shape) == (16, 32)  # embed over fsdp=2, mlp over tensor=2
+    q = eight.params["trunk"]["block_0"]["attn"]["query"]["kernel"]  # [embed, heads, kv]
+    assert q.sharding.shard_shape(q.shape) == (16, 2, 8)
+    mu = eight.opt_state[0].mu["trunk"]["block_0"]["mlp"]["up"]["kernel"]
+    assert mu.sharding.shard_shape(mu.shape) == (16, 32)  # Adam moments shard like the params
+
+
+def test_fsdp_divides_parameter_bytes():
+    full, _ = run_steps(dict(data=8, fsdp=1, tensor=1), jax.devices(), n_steps=1)
+    fsdp, _ = run_steps(dict(data=1, fsdp=8, tensor=1), jax.devices(), n_steps=1)
+    total = sum(x.nbytes for x in jax.tree.leaves(full.params))
+    assert parallel.per_device_bytes(full.params) == total  # data parallel: replicated
+    # FSDP: every matrix shards its embed axis 8 ways; only small vectors (biases) stay whole.
+    assert parallel.per_device_bytes(fsdp.params) < 0.2 * total
+
+
+def test_gradient_accumulation_equals_full_batch():
+    _, a = run_steps(dict(data=2, fsdp=1, tensor=1), jax.devices()[:2], grad_accum=1)
+    _, b = run_steps(dict(data=2, fsdp=1, tensor=1), jax.devices()[:2], grad_accum=2)
+    np.testing.assert_allclose(a, b, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape,msg", [
+    (dict(data=3, fsdp=1, tensor=1), "8 are available"),
+    (dict(data=-1, fsdp=3, tensor=1), "does not divide"),
+])
+def test_mesh_that_does_not_fit_is_a_clear_error(shape, msg):
+    with pytest.raises(ValueError, match=msg):
+        parallel.make_mesh(shape)
+
+
+def test_batch_not_divisible_is_a_clear_error():
+    mesh = parallel.make_mesh(dict(data=4, fsdp=2, tensor=1))
+    with pytest.raises(ValueError, match="config.batch_size=12 is not divisible by the 8"):
+        parallel.check_batch(12, mesh, parallel.DEFAULT_RULES)
