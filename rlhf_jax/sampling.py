@@ -22,6 +22,8 @@ class SamplingSettings:
     top_p: float = 1.0  # 1: off
     eos_id: int = 3
     pad_id: int = 0
+    # An EOS before this many new tokens does not end the sample (lm-human-preferences' `truncate_after`).
+    eos_after: int = 0
 
 
 def filter_logits(logits_BxV: jax.Array, top_k: int, top_p: float) -> jax.Array:
@@ -53,7 +55,8 @@ def sample(params, prompt_tokens, prompt_mask, rng_keys, *, model: TransformerLM
 
     prompt_tokens, prompt_mask: int32 [B, P], left-padded (real tokens at the right end).
     rng_keys: uint32 [B, 2], one key per sample, so a sample does not depend on its batch-mates.
-    Returns {"tokens": int32 [B, N] (pad after EOS), "mask": int32 [B, N] (1 up to and including EOS)}.
+    Returns {"tokens": int32 [B, N] (pad after EOS), "mask": int32 [B, N] (1 up to and including EOS),
+             "ended": bool [B] (an EOS was sampled)}.
     """
     B, P = prompt_tokens.shape
     N = settings.max_new_tokens
@@ -70,17 +73,11 @@ def sample(params, prompt_tokens, prompt_mask, rng_keys, *, model: TransformerLM
         token = sample_token(logits, step_keys, settings)
         token = jnp.where(done, settings.pad_id, token)
         live = ~done
-        done = done | (token == settings.eos_id)
+        done = done | ((token == settings.eos_id) & (i >= settings.eos_after))
         o = model.apply({"params": params}, token[:, None], (next_pos + i)[:, None], key_mask,
                         cache=cache, cache_index=P + i)
         return (o["cache"], o["logits"][:, -1], done), (token, live)
 
     init = (out["cache"], out["logits"][:, -1], jnp.zeros((B,), bool))
-    _, (tokens, live) = jax.lax.scan(body, init, jnp.arange(N))
-    return {"tokens": tokens.T, "mask": live.T.astype(jnp.int32)}
-
-
-def response_positions(prompt_mask, n_new: int):
-    """Positions of the N generated tokens, continuing after each prompt's last real token."""
-    start = jnp.sum(prompt_mask, axis=1, keepdims=True).astype(jnp.int32)
-    return start + jnp.arange(n_new, dtype=jnp.int32)[None]
+    (_, _, done), (tokens, live) = jax.lax.scan(body, init, jnp.arange(N))
+    return {"tokens": tokens.T, "mask": live.T.astype(jnp.int32), "ended": done}

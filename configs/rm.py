@@ -1,0 +1,55 @@
+"""Stage 3: reward model on ranked comparisons.
+
+    python -m rlhf_jax.main --config=configs/rm.py:tiny --workdir=runs/rm_tiny
+    python -m rlhf_jax.main --config=configs/rm.py --workdir=runs/rm --config.init_from=runs/sft \
+        --config.data.train_path=comparisons.jsonl --config.data.format=ranked
+    python -m rlhf_jax.main --config=configs/rm.py:hh_rlhf --workdir=runs/rm_hh \
+        --config.data.train_path=../shared/data/hh_rlhf_harmless_dev.jsonl.gz
+
+Formats: ranked {"prompt","responses","ranking"}, pairwise {"prompt","chosen","rejected"},
+hh_rlhf {"chosen","rejected"} dialogues. Empty train_path: a built-in synthetic
+preference with a known rule (tests, tiny).
+"""
+
+from rlhf_jax.config import base_config
+
+
+def get_config(preset: str = "default"):
+    c = base_config()
+    c.stage = "rm"
+    c.data.train_path = ""
+    c.data.eval_path = ""
+    c.data.format = "ranked"  # ranked | pairwise | hh_rlhf
+    c.data.train_lines = ()  # (start, stop): use only these lines of train_path
+    c.data.eval_lines = ()  # (start, stop) of eval_path (or of train_path when eval_path is empty)
+    c.data.num_responses = 0  # K; 0: the largest K in the file
+    c.data.builtin_examples = 2000
+    c.data.seq_len = 128  # prompt + response tokens; longer examples are truncated (prompt from the left)
+    c.data.tokenizer_path = ""
+    c.data.tokenizer_type = "bpe"
+    c.data.vocab_size = 512
+    c.model.vocab_size = -1
+    c.model.max_len = 256
+    c.model.update(d_model=128, n_layers=4, n_heads=4)
+    c.rm = dict(loss="ranking", margin=0.0, center_coef=0.0, normalize_on="comparisons")
+    c.batch_size, c.num_steps = 16, 500
+    c.optim.update(lr=1e-4, warmup_steps=20, weight_decay=0.0, final_lr_fraction=0.0)
+    c.eval_every, c.log_every, c.eval_batches = 250, 25, 0
+
+    if preset == "tiny":
+        c.data.builtin_examples = 400
+        c.data.seq_len, c.data.vocab_size = 48, 256
+        c.model.update(d_model=32, n_layers=2, n_heads=2, max_len=64)
+        c.batch_size, c.num_steps = 8, 20
+        c.optim.warmup_steps = 5
+        c.eval_every, c.log_every, c.eval_batches = 10, 5, 2
+        c.checkpoint.every = 10
+    elif preset == "hh_rlhf":
+        # The shared HH-RLHF harmless sample: train on lines [0, 1500), evaluate on [1500, 1800).
+        c.data.format = "hh_rlhf"
+        c.data.train_lines, c.data.eval_lines = (0, 1500), (1500, 1800)
+        c.data.seq_len, c.data.vocab_size = 256, 2000
+        c.batch_size, c.num_steps = 16, 300
+    elif preset != "default":
+        raise ValueError(f"configs/rm.py: unknown preset {preset!r}; use tiny, default or hh_rlhf.")
+    return c
