@@ -42,7 +42,7 @@ def get_config(preset: str = "default"):
     c.checkpoint.every = 20
 
     if preset == "tiny":
-        c.data.max_prompt_len, c.data.ptx_seq_len, c.data.vocab_size = 24, 32, 256
+        c.data.max_prompt_len, c.data.ptx_seq_len, c.data.vocab_size = 24, 32, 384
         c.model.update(d_model=32, n_layers=2, n_heads=2, max_len=64)
         c.reward.update(kind="function", function="rlhf_jax.rewards:fraction_of_vowels")
         c.rollout.max_new_tokens = 12

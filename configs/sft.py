@@ -29,7 +29,7 @@ def get_config(preset: str = "default"):
 
     if preset == "tiny":
         c.data.builtin_examples = 200
-        c.data.seq_len, c.data.vocab_size = 48, 256
+        c.data.seq_len, c.data.vocab_size = 48, 384
         c.model.update(d_model=32, n_layers=2, n_heads=2, max_len=64)
         c.batch_size, c.num_steps = 8, 20
         c.optim.warmup_steps = 5

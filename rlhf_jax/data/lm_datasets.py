@@ -1,0 +1,265 @@
+"""TFDS builders for the LM stages (pretraining text, SFT demonstrations), ArrayRecord, no TensorFlow.
+
+Every record is a fixed-length window of L+1 tokens (L = seq_len):
+
+    tokens      int32 [L+1]   the model reads tokens[:-1] and predicts tokens[1:]
+    input_mask  int32 [L+1]   1 on real tokens, 0 on right padding
+    loss_mask   int32 [L+1]   1 where token t is a training target (predicted from t-1);
+                              loss_mask[0] is never a target
+
+A builder config is named by a hash of its parameters, the source files' size and
+mtime and the tokenizer file's content, so the same inputs reuse the prepared data
+and any change rebuilds it under `data_dir/<builder>/<config>/`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import hashlib
+import json
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from rlhf_jax.data import chat
+from rlhf_jax.data.tokenizer import Tokenizer, load_tokenizer
+
+VERSION = "1.0.0"
+_CHUNK_CHARS = 1 << 20  # corpus text is tokenized in ~1 MB blocks of whole lines
+
+
+# --- packed pretraining text ------------------------------------------------------------------
+
+@dataclasses.dataclass(eq=False)
+class PackedTextConfig(tfds.core.BuilderConfig):
+    text_paths: tuple[str, ...] = ()
+    tokenizer_path: str = ""
+    seq_len: int = 0
+    val_fraction: float = 0.1
+
+
+class PackedText(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """Text files → one token stream (eos after each file) → non-overlapping L+1 windows.
+    The last `val_fraction` of the stream is the validation split (nanoGPT's held-out tail)."""
+
+    VERSION = tfds.core.Version(VERSION)
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return _window_info(self, self.builder_config.seq_len)
+
+    def _split_generators(self, dl_manager):
+        c = self.builder_config
+        stream = tokenize_corpus(list(c.text_paths), load_tokenizer(c.tokenizer_path))
+        n_train = int(len(stream) * (1.0 - c.val_fraction))
+        window = c.seq_len + 1
+        splits = {"train": stream[:n_train]}
+        if c.val_fraction > 0:
+            splits["validation"] = stream[n_train:]
+        for name, part in splits.items():
+            if len(part) < window:
+                raise ValueError(
+                    f"{list(c.text_paths)}: the {name} split has {len(part)} tokens (corpus: {len(stream)}, "
+                    f"val_fraction={c.val_fraction}), fewer than one window of seq_len+1={window}. "
+                    f"Use a larger corpus, a smaller seq_len or another val_fraction.")
+        self.info.metadata.update({"corpus_tokens": len(stream),
+                                   **{f"{k}_windows": len(v) // window for k, v in splits.items()}})
+        return {name: self._generate_examples(part) for name, part in splits.items()}
+
+    def _generate_examples(self, stream: np.ndarray):
+        window = self.builder_config.seq_len + 1
+        ones = np.ones(window, np.int32)
+        for i in range(len(stream) // window):  # the ragged tail is dropped
+            yield i, {"tokens": stream[i * window:(i + 1) * window], "input_mask": ones, "loss_mask": ones}
+
+
+def tokenize_corpus(text_paths: Sequence[str], tok: Tokenizer) -> np.ndarray:
+    """int32 [N]: each file's tokens followed by eos, files in order."""
+    parts = []
+    for path in text_paths:
+        with open(path, encoding="utf-8") as f:
+            block: list[str] = []
+            size = 0
+            for line in f:
+                block.append(line)
+                size += len(line)
+                if size >= _CHUNK_CHARS:
+                    # Newline is a fixed piece, so splitting after one leaves the tokens unchanged.
+                    parts.append(np.asarray(tok.encode("".join(block)), np.int32))
+                    block, size = [], 0
+            parts.append(np.asarray(tok.encode("".join(block)) + [tok.eos_id], np.int32))
+    return np.concatenate(parts)
+
+
+def build_text_dataset(text_path: str | Sequence[str], tokenizer_path: str, seq_len: int, data_dir: str,
+                       val_fraction: float = 0.1) -> dict[str, Any]:
+    """Builds (or reuses) packed windows of local text file(s); each file is one document.
+
+    Returns {"train": source, "validation": source or None (val_fraction=0)}; a source is a
+    random-access sequence of records (see the module docstring).
+    """
+    paths = (text_path,) if isinstance(text_path, str) else tuple(text_path)
+    if not paths:
+        raise ValueError("build_text_dataset: text_path is empty; pass a local text file or a list of them.")
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction={val_fraction} must be in [0, 1).")
+    _check_seq_len(seq_len)
+    params = dict(text_paths=tuple(_require_file(p, "text") for p in paths),
+                  tokenizer_path=os.path.abspath(tokenizer_path), seq_len=seq_len, val_fraction=val_fraction)
+    builder = PackedText(config=PackedTextConfig(name=_config_name(params), **params),
+                         data_dir=data_dir, file_format="array_record")
+    builder.download_and_prepare()
+    sources = builder.as_data_source()
+    return {"train": sources["train"], "validation": sources.get("validation")}
+
+
+# --- SFT demonstrations ------------------------------------------------------------------------
+
+@dataclasses.dataclass(eq=False)
+class DemonstrationsConfig(tfds.core.BuilderConfig):
+    jsonl_path: str = ""
+    tokenizer_path: str = ""
+    seq_len: int = 0
+    split: str = "train"
+
+
+class Demonstrations(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """One JSONL(.gz) file of demonstrations → chat-rendered, right-padded L+1 windows, in file order."""
+
+    VERSION = tfds.core.Version(VERSION)
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return _window_info(self, self.builder_config.seq_len)
+
+    def _split_generators(self, dl_manager):
+        c = self.builder_config
+        tok = load_tokenizer(c.tokenizer_path)
+        examples, stats = [], {"examples": 0, "truncated": 0, "truncated_prompt": 0, "truncated_response": 0,
+                               "max_rendered_tokens": 0, "target_tokens": 0}
+        for where, record in read_jsonl(c.jsonl_path):
+            ex, info = sft_example(chat.record_to_messages(record, where), tok, c.seq_len, where)
+            examples.append(ex)
+            stats["examples"] += 1
+            stats["truncated"] += int(info["truncated_prompt"] or info["truncated_response"])
+            stats["truncated_prompt"] += int(info["truncated_prompt"])
+            stats["truncated_response"] += int(info["truncated_response"])
+            stats["max_rendered_tokens"] = max(stats["max_rendered_tokens"], info["rendered_tokens"])
+            stats["target_tokens"] += int(ex["loss_mask"].sum())
+        if not examples:
+            raise ValueError(f"{c.jsonl_path}: no records; write one JSON object per line.")
+        self.info.metadata.update(stats)
+        return {c.split: self._generate_examples(examples)}
+
+    def _generate_examples(self, examples: list[dict[str, np.ndarray]]):
+        yield from enumerate(examples)
+
+
+def sft_example(messages: list[dict[str, str]], tok: Tokenizer, seq_len: int,
+                where: str = "") -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """One demonstration as an L+1 record, and {"truncated_prompt", "truncated_response", "rendered_tokens"}.
+
+    The response is the last assistant turn's content and <|end|>; the prompt is everything
+    before it, ending with that <|assistant|> tag. If the rendering is longer than L+1:
+    1. the prompt loses tokens from the LEFT, right after bos, down to [bos, <|assistant|>];
+    2. if still too long, the response loses tokens from the RIGHT (its <|end|> goes first).
+    Earlier assistant turns keep loss_mask=1 on whatever of them survives.
+    """
+    at = f"{where}: " if where else ""
+    if messages[-1]["role"] != "assistant":
+        raise ValueError(f"{at}the last message is {messages[-1]['role']!r}; a demonstration must end with "
+                         f"the assistant turn to learn — add it or drop the trailing messages.")
+    if not messages[-1]["content"].strip():
+        raise ValueError(f"{at}the response (last assistant content) is empty — remove the record or fill it in.")
+    ids, mask = chat.render_dialogue(messages, tok, where)
+    n_response = len(tok.encode(messages[-1]["content"])) + 1  # content + <|end|>
+    k = len(ids) - n_response  # prompt = ids[:k], ending with <|assistant|>
+    budget = seq_len + 1
+    info = {"truncated_prompt": False, "truncated_response": False, "rendered_tokens": len(ids)}
+    if len(ids) > budget:
+        keep_prompt = max(2, budget - n_response)
+        if k > keep_prompt:
+            cut = k - keep_prompt
+            ids, mask = ids[:1] + ids[1 + cut:], mask[:1] + mask[1 + cut:]
+            info["truncated_prompt"] = True
+        if len(ids) > budget:
+            ids, mask = ids[:budget], mask[:budget]
+            info["truncated_response"] = True
+    pad = budget - len(ids)
+    record = {"tokens": np.asarray(ids + [tok.pad_id] * pad, np.int32),
+              "input_mask": np.asarray([1] * len(ids) + [0] * pad, np.int32),
+              "loss_mask": np.asarray(mask + [0] * pad, np.int32)}
+    return record, info
+
+
+def build_sft_dataset(jsonl_path: str, tokenizer_path: str, seq_len: int, data_dir: str,
+                      split: str = "train") -> tuple[Any, dict[str, int]]:
+    """Builds (or reuses) one demonstrations file as split `split`; returns (source, stats).
+
+    stats: examples, truncated (any truncation), truncated_prompt, truncated_response,
+    max_rendered_tokens (longest rendering before truncation), target_tokens (Σ loss_mask).
+    """
+    _check_seq_len(seq_len)
+    params = dict(jsonl_path=_require_file(jsonl_path, "demonstrations JSONL"),
+                  tokenizer_path=os.path.abspath(tokenizer_path), seq_len=seq_len, split=split)
+    builder = Demonstrations(config=DemonstrationsConfig(name=_config_name(params), **params),
+                             data_dir=data_dir, file_format="array_record")
+    builder.download_and_prepare()
+    stats = {k: int(v) for k, v in builder.info.metadata.items()}
+    return builder.as_data_source(split=split), stats
+
+
+# --- shared pieces -------------------------------------------------------------------------------
+
+def read_jsonl(path: str) -> Iterator[tuple[str, Any]]:
+    """(where, record) per non-blank line of a .jsonl or .jsonl.gz file; where = "path:line"."""
+    _require_file(path, "JSONL")
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{where}: not UTF-8 ({e.reason} at byte {e.start}) — "
+                                 f"re-save the file as UTF-8.") from None
+            if not line.strip():
+                continue
+            try:
+                yield where, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: invalid JSON ({e.msg} at column {e.colno}) — each line must be "
+                                 f"one complete JSON object.") from None
+
+
+def _window_info(builder: tfds.core.DatasetBuilder, seq_len: int) -> tfds.core.DatasetInfo:
+    feature = tfds.features.Tensor(shape=(seq_len + 1,), dtype=np.int32)
+    return tfds.core.DatasetInfo(
+        builder=builder, description=builder.__class__.__doc__,
+        features=tfds.features.FeaturesDict({"tokens": feature, "input_mask": feature, "loss_mask": feature}),
+        disable_shuffling=True,  # keep generation order: windows stay in stream order, examples in file order
+        metadata=tfds.core.MetadataDict())
+
+
+def _config_name(params: dict[str, Any]) -> str:
+    """seq<L>_<hash of params, each source file's size and mtime, and the tokenizer's bytes>."""
+    paths = params.get("text_paths") or (params["jsonl_path"],)
+    stamps = [(p, os.path.getsize(p), os.stat(p).st_mtime_ns) for p in paths]
+    with open(load_tokenizer(params["tokenizer_path"]).path, "rb") as f:
+        tok_hash = hashlib.sha256(f.read()).hexdigest()
+    key = json.dumps({"params": params, "stamps": stamps, "tokenizer": tok_hash, "version": VERSION},
+                     sort_keys=True, default=list)
+    return f"seq{params['seq_len']}_{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+def _require_file(path: str, what: str) -> str:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} file {path!r} does not exist; pass a local file path.")
+    return os.path.abspath(path)
+
+
+def _check_seq_len(seq_len: int) -> None:
+    if not isinstance(seq_len, (int, np.integer)) or seq_len < 2:
+        raise ValueError(f"seq_len={seq_len!r} must be an integer >= 2 (tokens per training window).")

@@ -1,0 +1,171 @@
+"""SentencePiece tokenizer: training from local text files and a thin, picklable wrapper.
+
+Every model this module trains has the same fixed id layout, so data, models and
+checkpoints can rely on it:
+
+    0 <pad>   1 <unk>   2 <s> (bos)   3 </s> (eos)
+    4 <|system|>   5 <|user|>   6 <|assistant|>   7 <|end|>   (chat roles, one id each)
+    8 "\\n"   (newlines are pieces, so text round-trips exactly)
+
+then 256 byte-fallback pieces <0x00>..<0xFF> (when byte_fallback) and the learned pieces.
+
+Whitespace is kept verbatim (identity normalisation, no extra-whitespace removal, no
+dummy prefix), so `decode(encode(text)) == text` and encoding is concatenative:
+`decode(encode(a) + encode(b)) == a + b`.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+from collections.abc import Iterable, Iterator, Sequence
+
+import sentencepiece as spm
+
+PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+ROLE_PIECES = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>", "end": "<|end|>"}
+NEWLINE_PIECE = "\n"
+# Pieces with fixed ids 0..7, in id order.
+SPECIAL_PIECES = ("<pad>", "<unk>", "<s>", "</s>", *ROLE_PIECES.values())
+MODEL_TYPES = ("bpe", "unigram", "char")
+_USER_SYMBOLS = (*ROLE_PIECES.values(), NEWLINE_PIECE)
+_NUM_RESERVED = 4 + len(_USER_SYMBOLS)  # pieces before byte fallback and learned pieces
+_TAG_RE = re.compile("|".join(re.escape(t) for t in ROLE_PIECES.values()))
+
+
+class Tokenizer:
+    """A SentencePiece model loaded from a local `.model` file (pickles as its path)."""
+
+    def __init__(self, path: str):
+        self.path = os.path.abspath(path)
+        self._sp = _load_processor(self.path)
+        self.vocab_size: int = self._sp.get_piece_size()
+        self.pad_id, self.unk_id, self.bos_id, self.eos_id = PAD_ID, UNK_ID, BOS_ID, EOS_ID
+        self.role_ids: dict[str, int] = {role: self._sp.piece_to_id(p) for role, p in ROLE_PIECES.items()}
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text` (no bos/eos). Role tags written literally in `text` are encoded
+        as ordinary characters, never as the role ids, so content cannot forge a chat turn."""
+        if "<|" not in text or not _TAG_RE.search(text):
+            return self._sp.encode(text)
+        ids, start = [], 0
+        for m in _TAG_RE.finditer(text):
+            # "<" and "|end|>" encoded apart: neither contains a whole tag, and the text
+            # decodes back unchanged because encoding is concatenative.
+            ids += self._sp.encode(text[start:m.start()]) + self._sp.encode("<") + self._sp.encode(m.group()[1:])
+            start = m.end()
+        return ids + self._sp.encode(text[start:])
+
+    def encode_many(self, texts: Sequence[str]) -> list[list[int]]:
+        """`encode` over a list (one call into SentencePiece when no text holds a role tag)."""
+        if any("<|" in t for t in texts):
+            return [self.encode(t) for t in texts]
+        return self._sp.encode(list(texts))
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of `ids`; pad ids are dropped, bos/eos render as nothing, role tags as their text."""
+        return self._sp.decode([int(i) for i in ids if int(i) != PAD_ID])
+
+    def id_to_piece(self, i: int) -> str:
+        return self._sp.id_to_piece(int(i))
+
+    def __getstate__(self):
+        return {"path": self.path}
+
+    def __setstate__(self, state):
+        self.__init__(state["path"])
+
+    def __repr__(self):
+        return f"Tokenizer({self.path!r}, vocab_size={self.vocab_size})"
+
+
+def load_tokenizer(path: str) -> Tokenizer:
+    """Loads a `.model` file written by `train_tokenizer` (checks the fixed id layout)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"tokenizer model {path!r} does not exist. Create one with "
+            f"rlhf_jax.data.tokenizer.train_tokenizer(text_paths, {path!r}, vocab_size) "
+            f"or point the config at an existing .model file.")
+    return Tokenizer(path)
+
+
+def train_tokenizer(text_paths: list[str] | str, model_path: str, vocab_size: int, model_type: str = "bpe",
+                    byte_fallback: bool = True, max_sentence_length: int = 16384,
+                    character_coverage: float = 1.0, num_threads: int = 1) -> Tokenizer:
+    """Trains a SentencePiece model on local text files and writes `model_path` atomically.
+
+    vocab_size: total pieces, including the reserved pieces and byte fallback. For "char"
+      it is ignored: the vocabulary is every character of the corpus plus reserved/byte pieces.
+    max_sentence_length: bytes; longer lines are split into chunks for training only.
+    num_threads: kept at 1 by default so the same corpus gives a byte-identical model anywhere
+      (the thread count is stored in the model and can change unigram training).
+    """
+    paths = [text_paths] if isinstance(text_paths, str) else list(text_paths)
+    if model_type not in MODEL_TYPES:
+        raise ValueError(f"model_type={model_type!r}; use one of {MODEL_TYPES}.")
+    if not paths:
+        raise ValueError("train_tokenizer: text_paths is empty; pass at least one local text file.")
+    for p in paths:
+        if not os.path.isfile(p):
+            raise FileNotFoundError(f"tokenizer training text {p!r} does not exist; pass a local text file.")
+    chars = _corpus_chars(paths, max_sentence_length)
+    if not chars:
+        raise ValueError(f"tokenizer training text {paths} contains no characters besides newlines.")
+    reserved = _NUM_RESERVED + (256 if byte_fallback else 0)
+    if model_type == "char":
+        vocab_size = reserved + len(chars)
+    elif character_coverage >= 1.0 and vocab_size < reserved + len(chars):
+        raise ValueError(
+            f"vocab_size={vocab_size} is too small for a {model_type} tokenizer of {paths}: it needs "
+            f"{reserved} reserved pieces ({_NUM_RESERVED} fixed" + (" + 256 byte fallback" if byte_fallback else "")
+            + f") + {len(chars)} distinct characters = {reserved + len(chars)}. "
+            f"Raise vocab_size (or pass byte_fallback=False).")
+
+    buf = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=_sentences(paths, max_sentence_length), model_writer=buf,
+            model_type=model_type, vocab_size=vocab_size, hard_vocab_limit=model_type != "char",
+            pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
+            user_defined_symbols=list(_USER_SYMBOLS), byte_fallback=byte_fallback,
+            normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
+            split_digits=True, allow_whitespace_only_pieces=True, character_coverage=character_coverage,
+            max_sentence_length=max_sentence_length, num_threads=num_threads, minloglevel=2)
+    except RuntimeError as e:
+        raise ValueError(f"sentencepiece could not train a {model_type} tokenizer with vocab_size={vocab_size} "
+                         f"on {paths}: {e}") from e
+    os.makedirs(os.path.dirname(os.path.abspath(model_path)), exist_ok=True)
+    tmp = f"{model_path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(buf.getvalue())
+    os.replace(tmp, model_path)
+    return Tokenizer(model_path)
+
+
+def _sentences(paths: list[str], max_sentence_length: int) -> Iterator[str]:
+    """Lines of the corpus without their newline (newline is a fixed piece), empty lines
+    skipped, long lines chunked so SentencePiece does not silently drop them."""
+    chunk = max(1, max_sentence_length // 4)  # characters; UTF-8 uses at most 4 bytes each
+    for p in paths:
+        with open(p, encoding="utf-8") as f:
+            for line in f:
+                line = line.rstrip("\n")
+                for i in range(0, len(line), chunk):
+                    yield line[i:i + chunk]
+
+
+def _corpus_chars(paths: list[str], max_sentence_length: int) -> set[str]:
+    chars: set[str] = set()
+    for s in _sentences(paths, max_sentence_length):
+        chars.update(s)
+    return chars
+
+
+def _load_processor(path: str) -> spm.SentencePieceProcessor:
+    sp = spm.SentencePieceProcessor(model_file=path)
+    found = tuple(sp.id_to_piece(i) for i in range(min(len(SPECIAL_PIECES), sp.get_piece_size())))
+    if found != SPECIAL_PIECES:
+        raise ValueError(f"{path}: not a model from rlhf_jax.data.tokenizer.train_tokenizer — ids 0..7 are "
+                         f"{found}, expected {SPECIAL_PIECES}. Retrain it with train_tokenizer.")
+    return sp

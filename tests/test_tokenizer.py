@@ -1,0 +1,121 @@
+"""Tokenizer: fixed id layout, exact round trips, char and byte-fallback models, clear errors."""
+
+import os
+import pickle
+
+import pytest
+
+from rlhf_jax.data import builtin_text
+from rlhf_jax.data import tokenizer as tok_lib
+from tests.conftest import SHARED_DATA
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return builtin_text.write_builtin_corpus(str(tmp_path_factory.mktemp("tok") / "corpus.txt"), num_chars=20_000)
+
+
+@pytest.fixture(scope="module", params=["bpe", "unigram"])
+def tok(request, corpus, tmp_path_factory):
+    path = tmp_path_factory.mktemp("model") / f"{request.param}.model"
+    return tok_lib.train_tokenizer(corpus, str(path), vocab_size=400, model_type=request.param)
+
+
+TRICKY = ["Hello  world\n\n  leading and trailing  \n", "12 plus 345 is 357.\n", "\n\n\nx", " ", "a\tb\r\nc",
+          "The cat said \"hi,\" then left; 9876543210!"]
+
+
+def test_round_trip_on_corpus_and_tricky_text(tok, corpus):
+    text = open(corpus).read()
+    for chunk in [text[:3000], text[5000:5100], *TRICKY]:
+        assert tok.decode(tok.encode(chunk)) == chunk
+
+
+def test_encoding_is_concatenative(tok):
+    a, b = "The cat sees", " the dog.\n12"
+    assert tok.decode(tok.encode(a) + tok.encode(b)) == a + b
+
+
+def test_digits_are_split(tok):
+    pieces = [tok.id_to_piece(i) for i in tok.encode("12345")]
+    assert pieces == ["1", "2", "3", "4", "5"]
+
+
+def test_fixed_special_and_role_ids(tok):
+    assert [tok.id_to_piece(i) for i in range(8)] == list(tok_lib.SPECIAL_PIECES)
+    assert (tok.pad_id, tok.unk_id, tok.bos_id, tok.eos_id) == (0, 1, 2, 3)
+    assert tok.role_ids == {"system": 4, "user": 5, "assistant": 6, "end": 7}
+    assert tok.encode("\n") == [8]
+    assert tok.decode([tok.pad_id, *tok.encode("hi"), tok.pad_id]) == "hi"  # pad stripped
+
+
+def test_literal_role_tags_in_text_are_not_role_ids(tok):
+    text = "say <|end|> or <|assistant|> now"
+    ids = tok.encode(text)
+    assert not set(ids) & set(tok.role_ids.values())
+    assert tok.decode(ids) == text
+    assert tok.encode_many(["x", text]) == [tok.encode("x"), ids]
+
+
+def test_byte_fallback_encodes_unseen_unicode(tok):
+    text = "naïve 日本語 🙂"
+    ids = tok.encode(text)
+    assert tok.unk_id not in ids
+    assert any(tok.id_to_piece(i).startswith("<0x") for i in ids)
+    assert tok.decode(ids) == text
+
+
+def test_char_model_has_one_piece_per_character(tmp_path):
+    text = "to be, or not to be:\nthat is the question.\n"
+    path = tmp_path / "small.txt"
+    path.write_text(text)
+    tok = tok_lib.train_tokenizer(str(path), str(tmp_path / "char.model"), vocab_size=10, model_type="char")
+    chars = set(text) - {"\n"}
+    assert tok.vocab_size == 8 + 1 + 256 + len(chars)  # specials, newline, bytes, characters
+    ids = tok.encode(text)
+    assert len(ids) == len(text)
+    assert tok.decode(ids) == text
+
+
+def test_training_is_deterministic(corpus, tmp_path):
+    paths = [tmp_path / "a.model", tmp_path / "b.model"]
+    for p in paths:
+        tok_lib.train_tokenizer([corpus], str(p), vocab_size=350)
+    assert paths[0].read_bytes() == paths[1].read_bytes()
+    assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]  # atomic write leaves no temp file
+
+
+def test_pickles_as_path(tok):
+    clone = pickle.loads(pickle.dumps(tok))
+    assert clone.path == tok.path and clone.encode("a cat") == tok.encode("a cat")
+
+
+def test_missing_model_names_path_and_fix(tmp_path):
+    missing = str(tmp_path / "nope.model")
+    with pytest.raises(FileNotFoundError, match="nope.model.*train_tokenizer"):
+        tok_lib.load_tokenizer(missing)
+
+
+def test_too_small_vocab_says_what_is_needed(corpus, tmp_path):
+    with pytest.raises(ValueError, match=r"vocab_size=256 is too small.*Raise vocab_size"):
+        tok_lib.train_tokenizer(corpus, str(tmp_path / "x.model"), vocab_size=256)
+
+
+def test_rejects_foreign_model_layout(corpus, tmp_path):
+    import sentencepiece as spm
+
+    spm.SentencePieceTrainer.train(input=corpus, model_prefix=str(tmp_path / "plain"), vocab_size=100, minloglevel=2)
+    with pytest.raises(ValueError, match="plain.model: not a model from"):
+        tok_lib.load_tokenizer(str(tmp_path / "plain.model"))
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(SHARED_DATA, "tinyshakespeare.txt")),
+                    reason="shared reference data (tinyshakespeare.txt) is not on this machine")
+def test_char_model_on_tinyshakespeare(tmp_path):
+    path = os.path.join(SHARED_DATA, "tinyshakespeare.txt")
+    tok = tok_lib.train_tokenizer(path, str(tmp_path / "char.model"), vocab_size=128, model_type="char")
+    text = open(path).read()
+    assert tok.vocab_size == 9 + 256 + len(set(text) - {"\n"})  # 65 characters, newline among them
+    head = text[:20_000]
+    ids = tok.encode(head)
+    assert len(ids) == len(head) and tok.decode(ids) == head
