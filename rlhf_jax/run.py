@@ -89,6 +89,24 @@ class Run:
                              f"set it to -1 to size it from the tokenizer.")
         return tok
 
+    def main_first(self, fn, *args, **kwargs):
+        """Runs fn on process 0, then on the others (which then find its cached output, e.g. a built dataset)."""
+        import absl.logging
+        import tensorflow_datasets as tfds
+
+        tfds.disable_progress_bar()
+        verbosity = absl.logging.get_verbosity()
+        absl.logging.set_verbosity(absl.logging.ERROR)  # tfds warns about every custom builder config
+        try:
+            if self.is_main:
+                out = fn(*args, **kwargs)
+            _sync(f"main_first:{getattr(fn, '__name__', 'fn')}")
+            if not self.is_main:
+                out = fn(*args, **kwargs)
+        finally:
+            absl.logging.set_verbosity(verbosity)
+        return out
+
     # --- params and state ----------------------------------------------------------------------
     def load_init_params(self, params, heads=("trunk", "lm_head")):
         """Replaces `heads` (top-level params entries) with the init_from checkpoint's."""

@@ -45,9 +45,12 @@ class Trunk(nn.Module):
 
     def __call__(self, tokens, positions, key_mask, cache=None, cache_index=None, deterministic=True):
         cfg = self.cfg
-        x = jnp.take(self.embed, tokens, axis=0)
+        # Gather from the whole table (FSDP all-gathers every weight before use anyway): a gather from a
+        # sharded table into a batch-sharded output makes XLA's SPMD partitioner fall back to full copies.
+        table = nn.with_logical_constraint(self.embed, (None, None))
+        x = jnp.take(table, tokens, axis=0)
         if cfg.position == "learned":
-            x = x + jnp.take(self.pos_embed, positions, axis=0)
+            x = x + jnp.take(nn.with_logical_constraint(self.pos_embed, (None, None)), positions, axis=0)
         x = self.drop(x.astype(cfg.compute_dtype), deterministic=deterministic)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
         new_cache = []

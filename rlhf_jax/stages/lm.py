@@ -90,8 +90,8 @@ def datasets(run: Run):
             builtin_text.write_builtin_corpus(path, num_chars=c.data.builtin_chars, seed=c.seed)
         _require(path, "data.path")
         tok = run.tokenizer([path])
-        splits = lm_datasets.build_text_dataset(path, os.path.join(run.workdir, "tokenizer.model"), seq_len,
-                                                data_dir, val_fraction=c.data.val_fraction)
+        splits = run.main_first(lm_datasets.build_text_dataset, path, os.path.join(run.workdir, "tokenizer.model"),
+                                seq_len, data_dir, val_fraction=c.data.val_fraction)
         return tok, splits["train"], splits["validation"]
     train_path, eval_path = c.data.train_path, c.data.eval_path
     if not train_path:
@@ -105,13 +105,15 @@ def datasets(run: Run):
         builtin_text.write_builtin_corpus(corpus, seed=c.seed)
     tok = run.tokenizer([corpus])
     tok_path = os.path.join(run.workdir, "tokenizer.model")
-    train = lm_datasets.build_sft_dataset(train_path, tok_path, seq_len, data_dir, split="train")
-    evals = lm_datasets.build_sft_dataset(eval_path, tok_path, seq_len, data_dir, split="eval") if eval_path else None
-    return tok, _source(train), _source(evals)
-
-
-def _source(built):
-    return built[0] if isinstance(built, tuple) else built
+    train, stats = run.main_first(lm_datasets.build_sft_dataset, train_path, tok_path, seq_len, data_dir, split="train")
+    run.log(f"sft data {train_path}: {stats}")
+    evals = None
+    if eval_path:
+        _require(eval_path, "data.eval_path")
+        evals, eval_stats = run.main_first(lm_datasets.build_sft_dataset, eval_path, tok_path, seq_len, data_dir,
+                                           split="eval")
+        run.log(f"sft eval data {eval_path}: {eval_stats}")
+    return tok, train, evals
 
 
 def _require(path: str, key: str):
@@ -172,13 +174,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             state, metrics = step_fn(state, parallel.global_batch(local, run.mesh, run.rules))
             done, steps_since = step + 1, steps_since + 1
             bar.update(1)
+            if step == start:  # the first step compiles: time it apart from throughput
+                jax.block_until_ready(state)
+                run.log(f"compiled and ran the first step in {time.perf_counter() - t_last:.1f}s")
+                t_last, steps_since = time.perf_counter(), 0
             if done % c.log_every == 0 or done == c.num_steps:
                 metrics = jax.device_get(metrics)  # the only host sync: once per log interval
                 dt = time.perf_counter() - t_last
                 tokens_per_sec = steps_since * c.batch_size * c.data.seq_len / dt
                 last = writer.write(done, {**metrics, "perf/tokens_per_sec": tokens_per_sec,
                                            "perf/mfu": tokens_per_sec * flops_per_token / peak,
-                                           "perf/step_time_s": dt / steps_since})
+                                           "perf/step_time_s": dt / max(steps_since, 1)})
                 bar.set_postfix(loss=f"{last['train/loss']:.4f}", tok_s=f"{tokens_per_sec:.0f}")
                 t_last, steps_since = time.perf_counter(), 0
             if (done % c.eval_every == 0 or done == c.num_steps) and eval_source is not None:
@@ -188,6 +194,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 t_last = time.perf_counter()
             if done % c.checkpoint.every == 0 or done == c.num_steps or run.preempted:
                 run.save(state, {"stage": c.stage, "data_step": done}, force=run.preempted)
+                t_last = time.perf_counter()  # throughput excludes eval and checkpoint time
             if run.preempted:
                 run.log(f"SIGTERM: saved step {done}; rerun the same command to resume.")
                 break

@@ -178,6 +178,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             state, metrics = step_fn(state, parallel.global_batch(local, run.mesh, run.rules))
             done, since = step + 1, since + 1
             bar.update(1)
+            if step == start:  # the first step compiles: time it apart from throughput
+                jax.block_until_ready(state)
+                run.log(f"compiled and ran the first step in {time.perf_counter() - t_last:.1f}s")
+                t_last, since = time.perf_counter(), 0
             if done % c.log_every == 0 or done == c.num_steps:
                 metrics = jax.device_get(metrics)
                 dt = time.perf_counter() - t_last
@@ -196,6 +200,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 last.update(writer.write(done, {"rm/norm_gain": norm["gain"], "rm/norm_bias": norm["bias"]}))
             if done % c.checkpoint.every == 0 or done == c.num_steps or run.preempted:
                 run.save(state, {"stage": "rm", "data_step": done}, force=run.preempted)
+                t_last = time.perf_counter()
             if run.preempted:
                 run.log(f"SIGTERM: saved step {done}; rerun the same command to resume.")
                 break
