@@ -31,6 +31,7 @@ class Run:
         self.workdir = os.path.abspath(workdir)
         os.makedirs(self.workdir, exist_ok=True)
         if config.init_from:
+            checkpoint.find_params_checkpoint(config.init_from)  # fail now, not after building data
             self._adopt_model_config(config)
         self.config = config
         self.mesh = parallel.make_mesh({a: config.mesh[a] for a in parallel.MESH_AXES})

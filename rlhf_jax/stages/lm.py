@@ -63,7 +63,7 @@ def make_train_step(model: TransformerLM, tx: optax.GradientTransformation, sche
         grads = jax.tree.map(lambda g: g / denom, grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"train/loss": loss_sum / denom, "train/grad_norm": optax.global_norm(grads),
+        metrics = {"train/loss": loss_sum / denom, "train/grad_norm": optax.tree.norm(grads),
                    "train/lr": schedule(state.step), "train/target_tokens": count}
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 

@@ -128,7 +128,7 @@ def make_update_fn(model, tx, c):
             mb = jax.tree.map(lambda x: jnp.take(x, idx, axis=0), rollout)
             grads, stats = grad_fn(params, model, mb, ptx_mb, c)
             updates, opt_state = tx.update(grads, opt_state, params)
-            stats["policy/grad_norm"] = optax.global_norm(grads)
+            stats["policy/grad_norm"] = optax.tree.norm(grads)
             return (optax.apply_updates(params, updates), opt_state), stats
 
         (params, opt_state), stats = jax.lax.scan(one_minibatch, (state.params, state.opt_state), (order, ptx))

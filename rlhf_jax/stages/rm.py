@@ -68,7 +68,7 @@ def make_train_step(model, tx, schedule, rm_cfg):
             state.params, model, batch, rm_cfg, rng)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         metrics = batch_metrics(rewards, batch["valid"], loss, "rm")
-        metrics.update({"rm/grad_norm": optax.global_norm(grads), "rm/lr": schedule(state.step)})
+        metrics.update({"rm/grad_norm": optax.tree.norm(grads), "rm/lr": schedule(state.step)})
         return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                              opt_state=opt_state), metrics
 

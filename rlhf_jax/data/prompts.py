@@ -1,0 +1,163 @@
+"""PPO prompts: chat-rendered, LEFT-padded [P] records (TFDS, ArrayRecord).
+
+Input formats (JSONL or JSONL.gz, one object a line):
+    prompt    {"prompt": str} (one user turn) or {"messages": [...]} not ending with an assistant turn
+    hh_rlhf   Anthropic HH-RLHF {"chosen": dialogue, ...}: the dialogue before its final
+              "\\n\\nAssistant:" (the history both responses answer)
+
+Records, P = max_prompt_len:
+    prompt_tokens  int32 [P]  chat.render_prompt(messages): bos ... <|assistant|>, padded on the LEFT
+                              so generation continues right after the last prompt token
+    prompt_mask    int32 [P]  1 on real tokens
+
+A prompt longer than P loses tokens from the LEFT right after bos (bos, the most recent turns and
+the final <|assistant|> survive). As for comparisons, hh_rlhf records whose history ends with an
+Assistant turn are skipped by default (skip_invalid), other malformed records are errors naming
+path:line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Any
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from rlhf_jax.data import chat, comparisons, lm_datasets
+from rlhf_jax.data.tokenizer import Tokenizer, load_tokenizer
+
+FORMATS = ("prompt", "hh_rlhf")
+VERSION = "1.0.0"
+_log = logging.getLogger(__name__)
+
+
+def read_prompts(path: str, fmt: str, line_range: tuple[int, int] | None = None,
+                 skip_invalid: bool | None = None) -> list[dict[str, Any]]:
+    """Prompts in file order: {"messages": [...], "where": "path:line"}.
+    skip_invalid=None: True for hh_rlhf, else False."""
+    return _read(path, fmt, line_range, skip_invalid)[0]
+
+
+def _read(path, fmt, line_range, skip_invalid) -> tuple[list[dict[str, Any]], int]:
+    if fmt not in FORMATS:
+        raise ValueError(f"prompt format {fmt!r} is not one of {FORMATS}.")
+    skip = fmt == "hh_rlhf" if skip_invalid is None else skip_invalid
+    out, skipped = [], 0
+    for where, record in comparisons.read_jsonl_range(path, line_range):
+        try:
+            out.append({"messages": parse_prompt(record, fmt, where), "where": where})
+        except comparisons.DefectiveRecord as e:
+            if not skip:
+                raise
+            skipped += 1
+            _log.warning("skipped %s", e)
+    if not out:
+        raise ValueError(f"{path}: no usable {fmt} prompts" + (f" in lines {tuple(line_range)}" if line_range else "")
+                         + "; write one JSON object per line.")
+    return out, skipped
+
+
+def parse_prompt(record: Any, fmt: str, where: str) -> list[dict[str, str]]:
+    """The prompt messages of one record; ValueError naming `where`."""
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__} — write one object per line.")
+    if fmt == "hh_rlhf":
+        if not isinstance(record.get("chosen"), str):
+            raise ValueError(f"{where}: an hh_rlhf record needs a string 'chosen' dialogue (got keys {sorted(record)}).")
+        history, _ = comparisons.split_hh_dialogue(record["chosen"], where, "chosen")
+        return comparisons.hh_messages(history, where)
+    if "messages" in record:
+        messages = record["messages"]
+        chat.validate_messages(messages, where)
+        if messages[-1]["role"] == "assistant":
+            raise ValueError(f"{where}: the last message is an assistant turn; a prompt ends where the model should "
+                             f"answer — drop that message.")
+        return messages
+    if "prompt" in record:
+        if not isinstance(record["prompt"], str):
+            raise ValueError(f"{where}: 'prompt' must be a string, got {type(record['prompt']).__name__} — quote "
+                             f"the text as a JSON string.")
+        if not record["prompt"].strip():
+            raise ValueError(f"{where}: 'prompt' is empty — fill it in or remove the record.")
+        return [{"role": "user", "content": record["prompt"]}]
+    raise ValueError(f"{where}: expected key 'prompt' or 'messages', got {sorted(record)} — rename the field "
+                     f"(or use fmt='hh_rlhf' for HH-RLHF dialogues).")
+
+
+def prompt_example(messages: list[dict[str, str]], tok: Tokenizer, max_prompt_len: int,
+                   where: str = "") -> tuple[dict[str, np.ndarray], int]:
+    """One left-padded record (module docstring) and the rendered length before truncation."""
+    ids = chat.render_prompt(messages, tok, where)
+    n = len(ids)
+    if n > max_prompt_len:
+        ids = ids[:1] + ids[n - max_prompt_len + 1:]
+    pad = max_prompt_len - len(ids)
+    return {"prompt_tokens": np.asarray([tok.pad_id] * pad + ids, np.int32),
+            "prompt_mask": np.asarray([0] * pad + [1] * len(ids), np.int32)}, n
+
+
+@dataclasses.dataclass(eq=False)
+class PromptsConfig(tfds.core.BuilderConfig):
+    jsonl_path: str = ""
+    fmt: str = "prompt"
+    tokenizer_path: str = ""
+    seq_len: int = 0  # P: max_prompt_len
+    line_range: tuple[int, int] | None = None
+    skip_invalid: bool | None = None
+
+
+class Prompts(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """One prompts file (or a line range of it) → left-padded [P] records in file order, split "train"."""
+
+    VERSION = tfds.core.Version(VERSION)
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        row = tfds.features.Tensor(shape=(self.builder_config.seq_len,), dtype=np.int32)
+        return tfds.core.DatasetInfo(
+            builder=self, description=self.__class__.__doc__,
+            features=tfds.features.FeaturesDict({"prompt_tokens": row, "prompt_mask": row}),
+            disable_shuffling=True, metadata=tfds.core.MetadataDict())
+
+    def _split_generators(self, dl_manager):
+        c = self.builder_config
+        tok = load_tokenizer(c.tokenizer_path)
+        records, skipped = _read(c.jsonl_path, c.fmt, c.line_range, c.skip_invalid)
+        examples, stats = [], {"examples": 0, "skipped": skipped, "truncated": 0, "max_rendered_tokens": 0}
+        for r in records:
+            ex, n = prompt_example(r["messages"], tok, c.seq_len, r["where"])
+            examples.append(ex)
+            stats["examples"] += 1
+            stats["truncated"] += int(n > c.seq_len)
+            stats["max_rendered_tokens"] = max(stats["max_rendered_tokens"], n)
+        self.info.metadata.update(stats)
+        return {"train": self._generate_examples(examples)}
+
+    def _generate_examples(self, examples: list[dict[str, np.ndarray]]):
+        yield from enumerate(examples)
+
+
+def build_prompt_dataset(path: str, fmt: str, tokenizer_path: str, max_prompt_len: int, data_dir: str,
+                         line_range: tuple[int, int] | None = None,
+                         skip_invalid: bool | None = None) -> tuple[Any, dict[str, int]]:
+    """Builds (or reuses, keyed by a hash of the arguments and the files) the prompts in `path`.
+
+    Returns (source, stats): source is a random-access sequence of records; stats counts
+    examples, skipped, truncated and gives max_rendered_tokens (longest prompt before truncation).
+    """
+    if not isinstance(max_prompt_len, (int, np.integer)) or max_prompt_len < 2:
+        raise ValueError(f"max_prompt_len={max_prompt_len!r} must be an integer >= 2 (bos and <|assistant|>).")
+    path = lm_datasets._require_file(path, "prompts JSONL")
+    comparisons.check_line_range(line_range, path)
+    if fmt not in FORMATS:
+        raise ValueError(f"prompt format {fmt!r} is not one of {FORMATS}.")
+    params = dict(jsonl_path=path, fmt=fmt,
+                  tokenizer_path=os.path.abspath(tokenizer_path), seq_len=int(max_prompt_len),
+                  line_range=tuple(int(x) for x in line_range) if line_range else None, skip_invalid=skip_invalid)
+    builder = Prompts(config=PromptsConfig(name=lm_datasets._config_name(params), **params),
+                      data_dir=data_dir, file_format="array_record")
+    builder.download_and_prepare()
+    stats = {k: int(v) for k, v in builder.info.metadata.items()}
+    return builder.as_data_source(split="train"), stats

@@ -1,0 +1,113 @@
+"""Preference losses and metrics over reward-model scores (pure jnp, jittable).
+
+Every function takes
+    rewards  f32 [B, K]   the RM's score of each of the K responses to a prompt, BEST FIRST
+    valid    int [B, K]   1 where the response exists (prompts may have fewer than K)
+so a ranking is just index order: response i is preferred to response j whenever i < j.
+Invalid entries are replaced (with `where`, not multiplied by 0) before any arithmetic, so
+padding that holds inf/NaN cannot leak into a loss or its gradient.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def _pairs(valid: jax.Array) -> jax.Array:
+    """bool [B, K, K]: (i, j) is a compared pair, i.e. i < j and both responses exist."""
+    v = valid > 0
+    K = v.shape[-1]
+    upper = jnp.arange(K)[:, None] < jnp.arange(K)[None, :]
+    return v[:, :, None] & v[:, None, :] & upper
+
+
+def _clean(rewards: jax.Array, valid: jax.Array) -> jax.Array:
+    """f32 rewards with invalid entries set to 0, so their values (even NaN) reach no gradient."""
+    return jnp.where(valid > 0, rewards.astype(jnp.float32), 0.0)
+
+
+def _masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
+    """Mean of x over mask (0 when mask is empty, so a loss stays finite and its gradient 0)."""
+    return jnp.sum(jnp.where(mask, x, 0.0)) / jnp.maximum(jnp.sum(mask), 1)
+
+
+def ranking_loss(rewards: jax.Array, valid: jax.Array, margin: float = 0.0) -> tuple[jax.Array, dict]:
+    """InstructGPT eq. 1: per prompt, -1/C(n,2) Σ_{i<j} log σ(r_i - r_j - margin) over its n valid
+    responses; averaged over prompts with n >= 2 (the others are left out).
+
+    Weighting each prompt's C(n,2) pairs by 1/C(n,2) makes a prompt one batch element however many
+    responses it has (the paper's fix for overfitting to correlated pairs). Returns (loss [], stats)
+    with stats {"num_pairs", "num_examples"} (f32 [] counts).
+    """
+    r = _clean(rewards, valid)
+    pairs = _pairs(valid)
+    logsig = jax.nn.log_sigmoid(r[:, :, None] - r[:, None, :] - margin)  # [B, K, K], stable for large gaps
+    n_pairs = jnp.sum(pairs, axis=(1, 2)).astype(jnp.float32)  # C(n, 2) per prompt
+    per_example = -jnp.sum(jnp.where(pairs, logsig, 0.0), axis=(1, 2)) / jnp.maximum(n_pairs, 1.0)
+    has_pair = n_pairs > 0
+    loss = _masked_mean(per_example, has_pair)
+    return loss, {"num_pairs": jnp.sum(n_pairs), "num_examples": jnp.sum(has_pair).astype(jnp.float32)}
+
+
+def best_of_k_loss(rewards: jax.Array, valid: jax.Array) -> tuple[jax.Array, dict]:
+    """lm-human-preferences' loss: softmax cross-entropy over the K rewards with the best response
+    (index 0) as the label; invalid responses are left out of the softmax. Averaged over prompts
+    whose best response exists and that have >= 2 valid responses. Returns (loss [], stats)."""
+    r = _clean(rewards, valid)
+    v = valid > 0
+    logp = jax.nn.log_softmax(jnp.where(v, r, -jnp.inf), axis=-1)
+    counted = v[:, 0] & (jnp.sum(v, axis=-1) >= 2)
+    loss = _masked_mean(-logp[:, 0], counted)
+    return loss, {"num_examples": jnp.sum(counted).astype(jnp.float32)}
+
+
+def centering_penalty(rewards: jax.Array, valid: jax.Array, coef: float) -> jax.Array:
+    """coef · mean(r²) over valid responses: keeps the RM's scores near 0 (the ranking loss only
+    sees differences, so without it the mean reward drifts freely)."""
+    r = _clean(rewards, valid)
+    return coef * _masked_mean(r * r, valid > 0)
+
+
+def pairwise_accuracy(rewards: jax.Array, valid: jax.Array) -> jax.Array:
+    """Fraction of all compared pairs (i < j, both valid) in the batch ranked right, r_i > r_j;
+    a tie counts 1/2. K > 2 counts every pair of a prompt. NaN when the batch has no pair."""
+    r = _clean(rewards, valid)
+    pairs = _pairs(valid)
+    di, dj = r[:, :, None], r[:, None, :]
+    score = jnp.where(di > dj, 1.0, jnp.where(di == dj, 0.5, 0.0))
+    n = jnp.sum(pairs)
+    return jnp.where(n > 0, jnp.sum(jnp.where(pairs, score, 0.0)) / jnp.maximum(n, 1), jnp.nan)
+
+
+def comparison_metrics(rewards: jax.Array, valid: jax.Array) -> dict[str, jax.Array]:
+    """{"accuracy", "chosen_reward", "rejected_reward", "margin"} (f32 []).
+
+    Over prompts with >= 2 valid responses: chosen_reward is the mean of r_0, rejected_reward the
+    mean over prompts of the mean of their other valid rewards, margin = chosen - rejected.
+    """
+    r = _clean(rewards, valid)
+    v = valid > 0
+    counted = v[:, 0] & (jnp.sum(v, axis=-1) >= 2)
+    others = v & (jnp.arange(v.shape[-1]) > 0)
+    rejected = jnp.sum(jnp.where(others, r, 0.0), axis=-1) / jnp.maximum(jnp.sum(others, axis=-1), 1)
+    chosen = _masked_mean(r[:, 0], counted)
+    rejected = _masked_mean(rejected, counted)
+    return {"accuracy": pairwise_accuracy(r, valid), "chosen_reward": chosen, "rejected_reward": rejected,
+            "margin": chosen - rejected}
+
+
+def normalization_from_rewards(rewards_1d: jax.Array, target_mean: float = 0.0, target_std: float = 1.0,
+                               eps: float = 1e-8) -> tuple[jax.Array, jax.Array]:
+    """(gain, bias) such that gain·r + bias has mean `target_mean` and (population) std `target_std`
+    on this sample of rewards [N] (lm-human-preferences' reward normalisation). eps keeps the gain
+    finite when every reward is equal."""
+    r = jnp.asarray(rewards_1d, jnp.float32).reshape(-1)
+    mean, std = jnp.mean(r), jnp.std(r)
+    gain = target_std / jnp.maximum(std, eps)
+    return gain, target_mean - gain * mean
+
+
+def apply_normalization(rewards: jax.Array, gain: jax.Array | float, bias: jax.Array | float) -> jax.Array:
+    """gain · rewards + bias, any shape."""
+    return gain * rewards + bias

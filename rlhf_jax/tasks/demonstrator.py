@@ -1,0 +1,84 @@
+"""A noisy demonstrator: writes the correct answer, except with probability `error_rate`
+a corrupted one, as human demonstrations contain slips.
+
+A corruption is one edit that always changes the answer: a word dropped, two different
+words swapped, a word replaced (a number by a nearby number, a word by another word), a word
+repeated, or (with probability `forbidden_prob`) a FORBIDDEN word inserted.
+"""
+
+from __future__ import annotations
+
+import random
+
+from rlhf_jax.tasks.instructions import solve_instruction
+from rlhf_jax.tasks.world import COLORS, FORBIDDEN, WORDS, pick, rand_int
+
+DEFAULT_ERROR_RATE = 0.2
+DEFAULT_FORBIDDEN_PROB = 0.15  # share of corruptions that insert a FORBIDDEN word
+
+
+def demonstrate(instruction: str, rng: random.Random, error_rate: float = DEFAULT_ERROR_RATE,
+                forbidden_prob: float = DEFAULT_FORBIDDEN_PROB) -> str:
+    """The demonstrator's response to `instruction`: correct with probability 1 - error_rate."""
+    if not 0.0 <= error_rate <= 1.0:
+        raise ValueError(f"error_rate={error_rate} must lie in [0, 1] (a probability per response).")
+    answer = solve_instruction(instruction)
+    return corrupt(answer, rng, forbidden_prob) if rng.random() < error_rate else answer
+
+
+def corrupt(answer: str, rng: random.Random, forbidden_prob: float = DEFAULT_FORBIDDEN_PROB) -> str:
+    """`answer` with one edit applied; never equal to `answer` (as words)."""
+    words = answer.split()
+    if rng.random() < forbidden_prob:
+        words.insert(rand_int(rng, len(words) + 1), pick(rng, FORBIDDEN))
+        return " ".join(words)
+    ops = ["replace", "repeat"]
+    if len(words) >= 2:
+        ops.append("drop")
+    if len(set(words)) >= 2:
+        ops.append("swap")
+    op, i = pick(rng, tuple(ops)), rand_int(rng, len(words))
+    if op == "drop":
+        del words[i]
+    elif op == "repeat":
+        words.insert(i, words[i])
+    elif op == "swap":
+        j = rand_int(rng, len(words) - 1)
+        j += j >= i  # a position other than i ...
+        while words[j] == words[i]:  # ... holding a different word, so the swap changes the answer
+            j = rand_int(rng, len(words))
+        words[i], words[j] = words[j], words[i]
+    else:
+        words[i] = _other(words[i], rng)
+    return " ".join(words)
+
+
+def _other(word: str, rng: random.Random) -> str:
+    """A plausible wrong value for `word`: a nearby number, or another word of the same pool."""
+    if word.isdigit():
+        delta = 1 + rand_int(rng, 3)
+        n = int(word) + (delta if rng.random() < 0.5 or int(word) < delta else -delta)
+        return str(n)
+    pool = COLORS if word in COLORS else WORDS
+    while (other := pick(rng, pool)) == word:
+        pass
+    return other
+
+
+# Share of responses with 0, 1, 2, 3 corruptions in `sft_like_responses`.
+SFT_LIKE_EDITS = (0.4, 0.3, 0.2, 0.1)
+
+
+def sft_like_responses(instruction: str, k: int, rng: random.Random) -> list[str]:
+    """K responses of mixed quality, as an SFT policy samples them: each is the answer with
+    0-3 corruptions in the proportions SFT_LIKE_EDITS. Used to calibrate the labelers."""
+    answer, out = solve_instruction(instruction), []
+    for _ in range(k):
+        u, edits = rng.random(), 0
+        while edits < len(SFT_LIKE_EDITS) - 1 and u >= sum(SFT_LIKE_EDITS[:edits + 1]):
+            edits += 1
+        response = answer
+        for _ in range(edits):
+            response = corrupt(response, rng)
+        out.append(response)
+    return out
