@@ -33,8 +33,11 @@ def run_stage(config, workdir: str):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    from absl import logging
+
     from rlhf_jax import distributed
 
+    logging.set_verbosity(logging.WARNING)  # orbax logs every file it renames at INFO
     distributed.initialize()
     run_stage(_CONFIG.value, _WORKDIR.value)
 

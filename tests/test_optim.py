@@ -114,7 +114,8 @@ def test_schedule_closed_form(kind):
     lr, warm, total, frac = 2e-3, 10, 110, 0.1
     s = optim.make_schedule(lr, kind, warm, total, frac)
     final = lr if kind == "constant" else lr * frac
-    mid = {"constant": lr, "linear": (lr + final) / 2, "cosine": final + (lr - final) * 0.5 * (1 + math.cos(math.pi / 2))}
+    mid = {"constant": lr, "linear": (lr + final) / 2,
+           "cosine": final + (lr - final) * 0.5 * (1 + math.cos(math.pi / 2))}
     quarter = {"constant": lr, "linear": lr - 0.25 * (lr - final),
                "cosine": final + (lr - final) * 0.5 * (1 + math.cos(math.pi / 4))}
     np.testing.assert_allclose(float(s(0)), 0.0, atol=1e-12)

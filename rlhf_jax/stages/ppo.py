@@ -216,7 +216,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 scores = jnp.where(gen["ended"], scores, c.ppo.missing_eos_penalty)
             if c.ppo.score_clip > 0:
                 scores = jnp.clip(scores, -c.ppo.score_clip, c.ppo.score_clip)
-            kl_coef = state.extras["kl_coef"]
+            kl_coef = float(jax.device_get(state.extras["kl_coef"]))  # read before `state` is donated
             rewards, kl, non_score = reward_fn_jit(scores, scored["logprobs"], scored["ref_logprobs"],
                                                    batch["response_mask"], kl_coef)
             rollout = {**batch, "logprobs": scored["logprobs"], "values": scored["values"], "rewards": rewards,
@@ -235,7 +235,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             done = it + 1
             bar.update(1)
             gen_tokens = float(host["response_mask"].sum())
-            m = {**rollout_metrics(host, float(kl_coef)), **stats,
+            m = {**rollout_metrics(host, kl_coef), **stats,
                  "lr": float(schedule(it * updates_per_iter)),
                  "perf/rollout_tokens_per_sec": gen_tokens / (t1 - t0), "perf/episodes_per_sec": c.batch_size / (t3 - t0),
                  "time/generate_s": t1 - t0, "time/score_s": t2 - t1, "time/update_s": t3 - t2,
