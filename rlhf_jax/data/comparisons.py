@@ -153,23 +153,25 @@ def parse_record(record: Any, fmt: str, where: str) -> dict[str, Any]:
                 f"{where}: 'chosen' and 'rejected' differ before their final {HH_ASSISTANT!r} (first at character "
                 f"{len(os.path.commonprefix([prompt, prompt_r]))}), so they do not answer the same prompt — fix or "
                 f"remove the record (skip_invalid=True drops such records).")
-        messages, responses = hh_messages(prompt, where), [chosen, rejected]
+        messages, named = hh_messages(prompt, where), {"chosen": chosen, "rejected": rejected}
+    elif fmt == "pairwise":
+        messages, named = _prompt_messages(record["prompt"], where), {k: record[k] for k in ("chosen", "rejected")}
     else:
         messages = _prompt_messages(record["prompt"], where)
-        if fmt == "pairwise":
-            responses = [record["chosen"], record["rejected"]]
-        else:
-            responses = _ranked(record["responses"], record["ranking"], where)
-    for i, r in enumerate(responses):
-        _require_str(r, "responses" if fmt == "ranked" else ("chosen", "rejected")[i], where)
+        _check_ranking(record["responses"], record["ranking"], where)
+        named = {f"responses[{i}]": r for i, r in enumerate(record["responses"])}
+    for name, r in named.items():
+        _require_str(r, name, where)
         if not r.strip():
-            name = f"response {i} (best first)" if fmt == "ranked" else ("chosen", "rejected")[i]
-            raise DefectiveRecord(f"{where}: the {name} response is empty — fill it in or remove the record "
+            raise DefectiveRecord(f"{where}: {name!r} is an empty response — fill it in or remove the record "
                                   f"(skip_invalid=True drops such records).")
+    responses = list(named.values())
+    if fmt == "ranked":
+        responses = [responses[i] for i in record["ranking"]]
     return {"prompt_messages": messages, "responses": responses}
 
 
-def _ranked(responses: Any, ranking: Any, where: str) -> list[Any]:
+def _check_ranking(responses: Any, ranking: Any, where: str) -> None:
     if not isinstance(responses, list) or not isinstance(ranking, list):
         raise ValueError(f"{where}: 'responses' and 'ranking' must be JSON lists, got "
                          f"{type(responses).__name__} and {type(ranking).__name__}.")
@@ -179,7 +181,6 @@ def _ranked(responses: Any, ranking: Any, where: str) -> list[Any]:
     if any(isinstance(i, bool) or not isinstance(i, int) for i in ranking) or sorted(ranking) != list(range(K)):
         raise ValueError(f"{where}: ranking={ranking!r:.80} is not a permutation of 0..{K - 1}; list every index "
                          f"into 'responses' exactly once, best first.")
-    return [responses[i] for i in ranking]
 
 
 def _prompt_messages(prompt: Any, where: str) -> list[dict[str, str]]:
@@ -201,7 +202,7 @@ def _prompt_messages(prompt: Any, where: str) -> list[dict[str, str]]:
 
 def _require_str(value: Any, key: str, where: str) -> None:
     if not isinstance(value, str):
-        raise ValueError(f"{where}: {key!r} must hold strings, got {type(value).__name__} — quote the text as a "
+        raise ValueError(f"{where}: {key!r} must be a string, got {type(value).__name__} — quote the text as a "
                          f"JSON string.")
 
 

@@ -66,7 +66,8 @@ def parse_prompt(record: Any, fmt: str, where: str) -> list[dict[str, str]]:
         raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__} — write one object per line.")
     if fmt == "hh_rlhf":
         if not isinstance(record.get("chosen"), str):
-            raise ValueError(f"{where}: an hh_rlhf record needs a string 'chosen' dialogue (got keys {sorted(record)}).")
+            raise ValueError(f"{where}: an hh_rlhf record needs a string 'chosen' dialogue (got keys "
+                             f"{sorted(record)}).")
         history, _ = comparisons.split_hh_dialogue(record["chosen"], where, "chosen")
         return comparisons.hh_messages(history, where)
     if "messages" in record:

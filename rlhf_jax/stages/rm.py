@@ -54,11 +54,10 @@ def rm_loss(params, model, batch, rm_cfg, rng=None):
 
 
 def batch_metrics(rewards, valid, loss, prefix):
-    acc = preference.pairwise_accuracy(rewards, valid)
-    chosen = rewards[:, 0]
-    rej = jnp.sum(rewards[:, 1:] * valid[:, 1:], axis=1) / jnp.maximum(jnp.sum(valid[:, 1:], axis=1), 1)
-    return {f"{prefix}/loss": loss, f"{prefix}/accuracy": acc, f"{prefix}/chosen_reward": jnp.mean(chosen),
-            f"{prefix}/rejected_reward": jnp.mean(rej), f"{prefix}/margin": jnp.mean(chosen - rej)}
+    """Accuracy over all valid pairs, mean chosen / rejected reward and margin; comparisons with < 2 valid
+    responses (eval padding rows) are left out."""
+    m = preference.comparison_metrics(rewards, valid)
+    return {f"{prefix}/loss": loss, **{f"{prefix}/{k}": v for k, v in m.items()}}
 
 
 def make_train_step(model, tx, schedule, rm_cfg):
@@ -118,7 +117,9 @@ def datasets(run: Run):
         c.data.format = "ranked"
     corpus = os.path.join(data_dir, "tokenizer_corpus.txt")
     if not (c.data.tokenizer_path or c.init_from) and run.is_main:  # no tokenizer yet: learn one from this data
-        records = comparisons.read_comparisons(c.data.train_path, c.data.format)
+        os.makedirs(data_dir, exist_ok=True)
+        records = comparisons.read_comparisons(c.data.train_path, c.data.format,
+                                               line_range=tuple(c.data.train_lines) or None)
         with open(corpus, "w") as f:
             for r in records:
                 f.writelines(m["content"] + "\n" for m in r["prompt_messages"])
@@ -130,8 +131,8 @@ def datasets(run: Run):
         if not path:
             return None, {}
         rng = tuple(line_range) if line_range else None
-        return comparisons.build_comparison_dataset(path, c.data.format, tok_path, c.data.seq_len, data_dir,
-                                                    num_responses=c.data.num_responses or None, line_range=rng)
+        return run.main_first(comparisons.build_comparison_dataset, path, c.data.format, tok_path, c.data.seq_len,
+                              data_dir, num_responses=c.data.num_responses or None, line_range=rng)
 
     train, train_stats = build(c.data.train_path, c.data.train_lines)
     # eval_lines without eval_path holds out a line range of the training file (e.g. HH-RLHF's last 300)
