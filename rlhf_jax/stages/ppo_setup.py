@@ -41,15 +41,15 @@ def datasets(run: Run):
         builtin_text.write_builtin_corpus(corpus, seed=c.seed)
     tok = run.tokenizer([corpus])
     tok_path = os.path.join(run.workdir, "tokenizer.model")
-    built = prompts.build_prompt_dataset(path, fmt, tok_path, c.data.max_prompt_len, data_dir,
-                                         line_range=tuple(c.data.prompts_lines) or None)
-    source = built[0] if isinstance(built, tuple) else built
+    source, stats = run.main_first(prompts.build_prompt_dataset, path, fmt, tok_path, c.data.max_prompt_len,
+                                   data_dir, line_range=tuple(c.data.prompts_lines) or None)
+    run.log(f"prompts {path}: {stats}")
     ptx = None
     if c.ppo.ptx_coef > 0:
         text = c.data.ptx_path or corpus
         if not c.data.ptx_path and run.is_main:
             builtin_text.write_builtin_corpus(corpus, seed=c.seed)
-        ptx = lm_datasets.build_text_dataset(text, tok_path, c.data.ptx_seq_len, data_dir)["train"]
+        ptx = run.main_first(lm_datasets.build_text_dataset, text, tok_path, c.data.ptx_seq_len, data_dir)["train"]
     return tok, source, ptx
 
 
