@@ -162,7 +162,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     model = TransformerLM(config_lib.model_config(c))
     updates_per_iter = c.ppo.epochs * c.ppo.num_minibatches
     optim_cfg = ml_collections.ConfigDict(c.optim.to_dict())
-    optim_cfg.total_steps = c.num_steps * updates_per_iter  # lr anneals over every minibatch update
+    # optim.total_steps counts PPO iterations here (-1: num_steps); the lr anneals over every minibatch update.
+    optim_cfg.total_steps = (c.optim.total_steps if c.optim.total_steps > 0 else c.num_steps) * updates_per_iter
     tx, schedule = optim.make_optimizer(optim_cfg)
 
     init_params = ppo_setup.init_params_fn(model, c)
