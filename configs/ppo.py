@@ -27,7 +27,8 @@ def get_config(preset: str = "default"):
     c.model.max_len = 256
     c.model.update(d_model=128, n_layers=4, n_heads=4)
 
-    c.reward = dict(kind="rm", rm_workdir="", function="")
+    # monitor: a second Python score logged as objective/monitor_score (e.g. the built-in gold judge)
+    c.reward = dict(kind="rm", rm_workdir="", function="", monitor="")
     c.rollout = dict(max_new_tokens=32, temperature=0.7, top_k=0, top_p=1.0, stop_token="end", eos_after=0)
     c.ppo = dict(epochs=4, num_minibatches=4, clip_range=0.2, clip_range_value=0.2, vf_coef=0.1,
                  gamma=1.0, lam=0.95, entropy_coef=0.0, whiten_rewards=False, score_clip=0.0,
@@ -42,7 +43,7 @@ def get_config(preset: str = "default"):
     c.checkpoint.every = 20
 
     if preset == "tiny":
-        c.data.max_prompt_len, c.data.ptx_seq_len, c.data.vocab_size = 24, 32, 384
+        c.data.max_prompt_len, c.data.ptx_seq_len, c.data.vocab_size = 48, 32, 384
         c.model.update(d_model=32, n_layers=2, n_heads=2, max_len=64)
         c.reward.update(kind="function", function="rlhf_jax.rewards:fraction_of_vowels")
         c.rollout.max_new_tokens = 12

@@ -9,25 +9,15 @@ Rerunning the same command resumes from the latest checkpoint in --workdir.
 
 from __future__ import annotations
 
-import importlib
-
 from absl import app, flags
 from ml_collections import config_flags
 
-STAGE_MODULES = {"pretrain": "rlhf_jax.stages.lm", "sft": "rlhf_jax.stages.lm",
-                 "rm": "rlhf_jax.stages.rm", "ppo": "rlhf_jax.stages.ppo"}
+from rlhf_jax.stages import run_stage
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Stage config file, e.g. configs/sft.py:tiny.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and config.json.")
 flags.mark_flags_as_required(["config", "workdir"])
-
-
-def run_stage(config, workdir: str):
-    """Importable: runs config.stage in workdir and returns its final metrics."""
-    if config.stage not in STAGE_MODULES:
-        raise ValueError(f"config.stage={config.stage!r} is not a stage. Use one of {sorted(STAGE_MODULES)}.")
-    return importlib.import_module(STAGE_MODULES[config.stage]).train_and_evaluate(config, workdir)
 
 
 def main(argv):

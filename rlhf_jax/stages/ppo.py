@@ -174,6 +174,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if meta is None:
         state = state.replace(params=ppo_setup.initial_params(run, model, state.params))
     rm, rm_params, reward_fn = ppo_setup.reward(run, c)
+    monitor_fn = ppo_setup.import_function(c.reward.monitor, "reward.monitor") if c.reward.monitor else None
     start = int(jax.device_get(state.step))
 
     batch_sh = parallel.batch_sharding(run.mesh, run.rules)
@@ -232,6 +233,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             state, stats = update_fn(state, rollout, ptx)
             stats = jax.device_get(stats)
             t3 = time.perf_counter()
+            if monitor_fn is not None:  # e.g. the gold judge, to watch RM over-optimisation (Gao et al. 2022)
+                stats["objective/monitor_score"] = float(np.mean(jax.device_get(
+                    ppo_setup.function_scores(monitor_fn, tok, batch, run))))
 
             done = it + 1
             bar.update(1)

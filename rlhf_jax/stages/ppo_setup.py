@@ -54,18 +54,10 @@ def datasets(run: Run):
 
 
 def _write_builtin_prompts(path: str, data_dir: str, seed: int):
-    from rlhf_jax.data import builtin_text
+    from rlhf_jax.tasks import builtin
 
-    sft = os.path.join(data_dir, "builtin_sft_for_prompts.jsonl")
-    builtin_text.write_builtin_sft(sft, num_examples=512, seed=seed + 7)
-    with open(sft) as f, open(path + ".tmp", "w") as out:
-        for line in f:
-            rec = json.loads(line)
-            msgs = rec.get("messages") or [{"role": "user", "content": rec["prompt"]}]
-            if msgs[-1]["role"] == "assistant":
-                msgs = msgs[:-1]
-            out.write(json.dumps({"messages": msgs}) + "\n")
-    os.replace(path + ".tmp", path)
+    os.makedirs(data_dir, exist_ok=True)
+    builtin.write_prompts(path, 512, seed=seed + 7, split="train")
 
 
 def init_params_fn(model, c):
@@ -108,14 +100,17 @@ def reward(run: Run, c):
         rm_model, rm_params, norm = load_reward_model(c.reward.rm_workdir, run.mesh, run.rules, c.model.dtype)
         return (rm_model, norm), rm_params, None
     if c.reward.kind == "function":
-        mod, _, name = c.reward.function.partition(":")
-        try:
-            fn = getattr(importlib.import_module(mod), name)
-        except (ImportError, AttributeError) as e:
-            raise ValueError(f"config.reward.function={c.reward.function!r} cannot be imported ({e}); "
-                             f"give it as 'package.module:function'.") from e
-        return None, None, fn
+        return None, None, import_function(c.reward.function, "reward.function")
     raise ValueError(f"config.reward.kind={c.reward.kind!r}: use 'rm' or 'function'.")
+
+
+def import_function(spec: str, key: str):
+    """'package.module:function' → the function."""
+    mod, _, name = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(mod), name)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise ValueError(f"config.{key}={spec!r} cannot be imported ({e}); give it as 'package.module:function'.") from e
 
 
 def _host(x) -> np.ndarray:

@@ -1,0 +1,51 @@
+"""The main job: pretrain → SFT → K samples → simulated labelers → RM → PPO → evaluation, offline.
+
+    python -m rlhf_jax.pipeline --config=configs/pipeline.py:tiny --workdir=runs/pipeline_tiny
+    python -m rlhf_jax.pipeline --config=configs/pipeline.py --workdir=runs/quickstart   # = quickstart.sh
+
+Each stage reads configs/<stage>.py:<preset> and applies the overrides below; any of them can be
+set on the command line, e.g. --config.ppo.num_steps=100 or --config.data.labeler_noise=0.3.
+"""
+
+import ml_collections
+
+
+def get_config(preset: str = "default"):
+    if preset not in ("default", "tiny"):
+        raise ValueError(f"configs/pipeline.py: unknown preset {preset!r}; use tiny or default.")
+    tiny = preset == "tiny"
+    c = ml_collections.ConfigDict()
+    c.preset = preset
+    c.seed = 0
+    c.mesh = dict(data=-1, fsdp=1, tensor=1)
+    c.data = dict(
+        corpus_chars=60_000 if tiny else 600_000,
+        num_demos=400 if tiny else 6000,
+        demo_error_rate=0.2,  # noisy demonstrator
+        num_rm_prompts=64 if tiny else 1000,  # prompts ranked by the simulated labelers
+        num_rm_eval_prompts=32 if tiny else 200,  # held-out pairs labelled by the gold judge
+        num_ppo_prompts=128 if tiny else 2000,
+        num_eval_prompts=32 if tiny else 300,
+        k=4,  # responses per prompt for the labelers (InstructGPT: 4 to 9)
+        labeler_noise=0.65,  # ≈ 75% agreement with gold (InstructGPT labelers: ≈ 73%)
+        sample_temperature=1.0,
+        max_prompt_len=64,
+        kinds=("copy", "reverse", "sort", "add", "subtract", "count", "first", "last"),
+    )
+    c.eval = dict(temperature=0.7, max_new_tokens=16 if tiny else 24, best_of_n=4, batch_size=32 if tiny else 100)
+
+    model = dict(d_model=32, n_layers=2, n_heads=2, max_len=128) if tiny else \
+        dict(d_model=128, n_layers=4, n_heads=4, max_len=256)
+    c.pretrain = dict(model=model, num_steps=30 if tiny else 1500, batch_size=16 if tiny else 32,
+                      data=dict(seq_len=64 if tiny else 128, vocab_size=384 if tiny else 512),
+                      eval_every=30 if tiny else 500, checkpoint=dict(every=30 if tiny else 500))
+    c.sft = dict(num_steps=30 if tiny else 800, batch_size=16 if tiny else 32,
+                 data=dict(seq_len=96), eval_every=30 if tiny else 400, checkpoint=dict(every=30 if tiny else 400))
+    c.rm = dict(num_steps=30 if tiny else 400, batch_size=16, data=dict(seq_len=96),
+                eval_every=30 if tiny else 200, eval_batches=0, checkpoint=dict(every=30 if tiny else 200))
+    c.ppo = dict(num_steps=4 if tiny else 80, batch_size=16 if tiny else 64,
+                 data=dict(max_prompt_len=64),
+                 rollout=dict(max_new_tokens=16 if tiny else 24, temperature=0.7),
+                 optim=dict(lr=1e-4 if tiny else 3e-5),
+                 checkpoint=dict(every=4 if tiny else 20))
+    return c

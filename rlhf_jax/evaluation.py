@@ -1,0 +1,93 @@
+"""Policies from workdirs, batched generation and sequence log-probs — for evaluation and notebooks.
+
+    model, params, tok = load_policy("runs/quickstart/ppo", mesh, rules)
+    out = generate(model, params, tok, prompt_source, settings, mesh, rules, seed=0, batch_size=64)
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rlhf_jax import checkpoint, parallel, rl, train_state
+from rlhf_jax.data.tokenizer import load_tokenizer
+from rlhf_jax.models.gpt import TransformerLM, positions_from_mask
+from rlhf_jax.models.layers import ModelConfig
+from rlhf_jax.sampling import SamplingSettings, sample
+
+
+def load_policy(workdir: str, mesh, rules, dtype: str | None = None):
+    """(model, params, tokenizer) of a pretrain / SFT / PPO workdir (for PPO: the policy)."""
+    src = checkpoint.read_run_config(workdir)
+    if src is None:
+        raise FileNotFoundError(f"{workdir!r} has no config.json: not a finished run's --workdir.")
+    model = TransformerLM(ModelConfig(**dict(src["model"], dropout=0.0, **({"dtype": dtype} if dtype else {}))))
+    one = train_state.model_init_fn(model, 8, 0)
+    if src["stage"] == "ppo":
+        critic = src["ppo"]["critic"] == "reward_model"
+        like, _ = parallel.sharded_init(lambda: {"policy": one(), **({"critic": one()} if critic else {})},
+                                        mesh, rules)
+        params = checkpoint.load_params(workdir, like)["policy"]
+    else:
+        like, _ = parallel.sharded_init(one, mesh, rules)
+        params = checkpoint.load_params(workdir, like)
+    return model, params, load_tokenizer(os.path.join(workdir, "tokenizer.model"))
+
+
+def generate(model, params, tok, source, settings: SamplingSettings, mesh, rules, seed: int, batch_size: int):
+    """Samples one response per prompt record of `source` (prompt_tokens / prompt_mask, left-padded).
+
+    Returns numpy arrays prompt [N, P], prompt_mask, response [N, T], response_mask, and decoded
+    lists prompts / responses. Key of example i = fold_in(PRNGKey(seed), i): independent of batch size.
+    """
+    from rlhf_jax.data.loader import eval_batches
+
+    fn = jax.jit(functools.partial(sample, model=model, settings=settings))
+    base = jax.random.PRNGKey(seed)
+    out = {"prompt": [], "prompt_mask": [], "response": [], "response_mask": []}
+    start = 0
+    with parallel.activate(mesh, rules):
+        for local in eval_batches(source, batch_size):
+            idx = start + np.arange(len(local["prompt_tokens"]))
+            keys = np.asarray(jax.vmap(lambda i: jax.random.key_data(jax.random.fold_in(base, i)))(jnp.asarray(idx)))
+            g = parallel.global_batch({"p": local["prompt_tokens"], "m": local["prompt_mask"], "k": keys}, mesh, rules)
+            r = jax.device_get(fn(params, g["p"], g["m"], g["k"]))
+            real = local["prompt_mask"].sum(1) > 0  # eval_batches pads the last batch with empty rows
+            out["prompt"].append(local["prompt_tokens"][real])
+            out["prompt_mask"].append(local["prompt_mask"][real])
+            out["response"].append(r["tokens"][real])
+            out["response_mask"].append(r["mask"][real])
+            start += int(real.sum())
+    res = {k: np.concatenate(v) for k, v in out.items()}
+    res["prompts"] = [tok.decode(row[m > 0].tolist()) for row, m in zip(res["prompt"], res["prompt_mask"])]
+    res["responses"] = [tok.decode(row[m > 0].tolist()) for row, m in zip(res["response"], res["response_mask"])]
+    return res
+
+
+def response_logprobs(model, params, batch, temperature: float, mesh, rules, batch_size: int) -> np.ndarray:
+    """Σ_t log π(response_t | prompt, response_<t) per sequence [N] (nats), for KL estimates."""
+
+    @jax.jit
+    def fn(p, prompt, pmask, resp, rmask):
+        P = prompt.shape[1]
+        tokens = jnp.concatenate([prompt, resp], axis=1)
+        mask = jnp.concatenate([pmask, rmask], axis=1)
+        logits = model.apply({"params": p}, tokens, positions_from_mask(mask), mask)["logits"][:, P - 1:-1]
+        return jnp.sum(rl.logprobs_from_logits(logits, resp, temperature) * rmask, axis=1)
+
+    n, out = len(batch["prompt"]), []
+    with parallel.activate(mesh, rules):
+        for i in range(0, n, batch_size):
+            sl = {k: batch[k][i:i + batch_size] for k in ("prompt", "prompt_mask", "response", "response_mask")}
+            pad = batch_size - len(sl["prompt"])
+            if pad:  # keep one compiled shape; padded rows are dropped below
+                sl = {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)]) for k, v in sl.items()}
+                sl["prompt_mask"][-pad:, -1] = 1
+            g = parallel.global_batch(sl, mesh, rules)
+            lp = np.asarray(jax.device_get(fn(params, g["prompt"], g["prompt_mask"], g["response"], g["response_mask"])))
+            out.append(lp[: batch_size - pad])
+    return np.concatenate(out)

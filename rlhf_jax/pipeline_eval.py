@@ -1,0 +1,132 @@
+"""The pipeline's evaluation and report: SFT vs PPO on held-out prompts, judged by the gold judge."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rlhf_jax import parallel
+
+
+def evaluate(c, sub: dict, paths: dict, rm_metrics: dict, mesh, rules) -> dict:
+    """summary.json's content. Both policies decode the same prompts with the same settings and keys."""
+    from rlhf_jax.data import prompts as prompt_data
+    from rlhf_jax.evaluation import generate, load_policy, response_logprobs
+    from rlhf_jax.pipeline import _settings
+    from rlhf_jax.stages.rm import load_reward_model, score_sequences
+    from rlhf_jax.tasks import builtin
+
+    sft_model, sft_params, tok = load_policy(sub["sft"], mesh, rules)
+    ppo_model, ppo_params, _ = load_policy(sub["ppo"], mesh, rules)
+    source, _ = prompt_data.build_prompt_dataset(paths["eval_prompts"], "prompt", tok.path, c.data.max_prompt_len,
+                                                 os.path.join(sub["eval"], "tfds"))
+    temp, bs = c.eval.temperature, c.eval.batch_size
+    settings = _settings(c, tok, temp)
+    sft = generate(sft_model, sft_params, tok, source, settings, mesh, rules, seed=c.seed + 100, batch_size=bs)
+    ppo = generate(ppo_model, ppo_params, tok, source, settings, mesh, rules, seed=c.seed + 100, batch_size=bs)
+    prompts = sft["prompts"]
+    # KL(PPO ‖ SFT) per episode on PPO's own samples, at the decoding temperature (as objective/kl).
+    kl_temp = temp if temp > 0 else 1.0  # greedy decoding: measure KL of the untempered policies
+    lp_ppo = response_logprobs(ppo_model, ppo_params, ppo, kl_temp, mesh, rules, bs)
+    lp_sft = response_logprobs(sft_model, sft_params, ppo, kl_temp, mesh, rules, bs)
+
+    # Best-of-n against the RM: n SFT samples per prompt, keep the one the RM scores highest.
+    rm_model, rm_params, norm = load_reward_model(sub["rm"], mesh, rules)
+    score = jax.jit(lambda p, t, m: score_sequences(p, rm_model, norm, t, m))
+    cands, rm_scores = [], []
+    with parallel.activate(mesh, rules):
+        for j in range(c.eval.best_of_n):
+            s = sft if j == 0 else generate(sft_model, sft_params, tok, source, settings, mesh, rules,
+                                            seed=c.seed + 200 + j, batch_size=bs)
+            cands.append(s["responses"])
+            t = np.concatenate([s["prompt"], s["response"]], 1)
+            m = np.concatenate([s["prompt_mask"], s["response_mask"]], 1)
+            rm_scores.append(np.concatenate([np.asarray(jax.device_get(score(rm_params, jnp.asarray(t[i:i + bs]),
+                                                                                jnp.asarray(m[i:i + bs]))))
+                                             for i in range(0, len(t), bs)]))
+    best = np.argmax(np.stack(rm_scores), axis=0)
+    bon = [cands[b][i] for i, b in enumerate(best)]
+
+    sft_eval = builtin.evaluate_responses(prompts, sft["responses"])
+    ppo_eval = builtin.evaluate_responses(prompts, ppo["responses"])
+    bon_eval = builtin.evaluate_responses(prompts, bon)
+    samples = [{"prompt": p, "sft": a, "ppo": b, "gold_sft": builtin.gold_score(p, a), "gold_ppo": builtin.gold_score(p, b)}
+               for p, a, b in list(zip(prompts, sft["responses"], ppo["responses"]))[:12]]
+    return {
+        "decoding": {"temperature": temp, "max_new_tokens": c.eval.max_new_tokens, "prompts": len(prompts),
+                     "same_keys_for_both": True},
+        "sft": sft_eval,
+        "ppo": {**ppo_eval, "kl": float(np.mean(lp_ppo - lp_sft)),
+                "win_rate_vs_sft": builtin.win_rate(prompts, ppo["responses"], sft["responses"])},
+        f"best_of_{c.eval.best_of_n}_sft_by_rm": {**bon_eval,
+                                                  "win_rate_vs_sft": builtin.win_rate(prompts, bon, sft["responses"])},
+        "rm": {"accuracy_vs_gold": rm_metrics.get("eval/rm/accuracy"), "eval_loss": rm_metrics.get("eval/rm/loss")},
+        "samples": samples,
+    }
+
+
+def write_report(c, workdir: str, sub: dict, summary: dict, seconds: float) -> None:
+    from rlhf_jax.metrics import read_metrics
+
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+        json.dump({k: v for k, v in summary.items() if k != "samples"}, f, indent=2)
+    ppo = [m for m in read_metrics(sub["ppo"]) if "objective/scores" in m]
+    plots = _plots(workdir, ppo)
+    bon_key = next(k for k in summary if k.startswith("best_of_"))
+    rows = [("SFT", summary["sft"], "—", "—"),
+            ("PPO", summary["ppo"], f"{summary['ppo']['win_rate_vs_sft']:.3f}", f"{summary['ppo']['kl']:.3f}"),
+            (bon_key.replace("_", " "), summary[bon_key], f"{summary[bon_key]['win_rate_vs_sft']:.3f}", "—")]
+    lines = [f"# RLHF on the built-in task ({c.preset} preset)", "",
+             f"Held-out prompts: {summary['decoding']['prompts']}; decoding: temperature "
+             f"{summary['decoding']['temperature']}, up to {summary['decoding']['max_new_tokens']} tokens, the same "
+             f"PRNG key per prompt for every policy. Gold judge: 1 − word edit distance to the correct answer, "
+             f"−0.5 if a forbidden word appears.", "",
+             "| policy | gold score | exact-correct | harmful | win rate vs SFT | KL(·‖SFT) nats |", "|---|---|---|---|---|---|"]
+    lines += [f"| {n} | {e['gold_score']:.3f} | {e['correct_rate']:.3f} | {e['harmful_rate']:.3f} | {w} | {k} |"
+              for n, e, w, k in rows]
+    lines += ["", f"Reward model accuracy against the gold ordering on held-out pairs: "
+              f"{summary['rm']['accuracy_vs_gold']:.3f}", f"", f"Wall time: {seconds / 60:.1f} min (this invocation).",
+              "", "## Samples", "", "| prompt | SFT | gold | PPO | gold |", "|---|---|---|---|---|"]
+    esc = lambda s: s.replace("|", "\\|").replace("\n", " ")
+    lines += [f"| {esc(s['prompt'])} | {esc(s['sft'])} | {s['gold_sft']:.2f} | {esc(s['ppo'])} | {s['gold_ppo']:.2f} |"
+              for s in summary["samples"]]
+    lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
+    with open(os.path.join(workdir, "report.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def _plots(workdir: str, ppo: list[dict]) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [m["step"] for m in ppo]
+    out = []
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(steps, [m["objective/scores"] for m in ppo], label="RM score (normalised)")
+    if "objective/monitor_score" in ppo[0]:
+        ax2 = ax.twinx()
+        ax2.plot(steps, [m["objective/monitor_score"] for m in ppo], color="C1", label="gold score")
+        ax2.set_ylabel("gold score")
+        ax2.legend(loc="lower right")
+    ax.set_xlabel("PPO iteration")
+    ax.set_ylabel("RM score")
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    fig.savefig(os.path.join(workdir, "scores_vs_step.png"), dpi=100)
+    out.append("scores_vs_step.png")
+    if "objective/monitor_score" in ppo[0]:
+        fig, ax = plt.subplots(figsize=(5, 4))
+        ax.scatter([m["objective/kl"] for m in ppo], [m["objective/monitor_score"] for m in ppo], c=steps, s=12)
+        ax.set_xlabel("KL(π ‖ SFT) per episode, nats")
+        ax.set_ylabel("gold score of rollouts")
+        fig.tight_layout()
+        fig.savefig(os.path.join(workdir, "gold_vs_kl.png"), dpi=100)
+        out.append("gold_vs_kl.png")
+    plt.close("all")
+    return out
