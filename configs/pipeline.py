@@ -19,7 +19,7 @@ def get_config(preset: str = "default"):
     c.seed = 0
     c.mesh = dict(data=-1, fsdp=1, tensor=1)
     c.data = dict(
-        corpus_chars=60_000 if tiny else 600_000,
+        corpus_chars=60_000 if tiny else 2_500_000,
         num_demos=400 if tiny else 6000,
         demo_error_rate=0.2,  # noisy demonstrator
         num_rm_prompts=64 if tiny else 1000,  # prompts ranked by the simulated labelers
@@ -36,7 +36,7 @@ def get_config(preset: str = "default"):
 
     model = dict(d_model=32, n_layers=2, n_heads=2, max_len=128) if tiny else \
         dict(d_model=128, n_layers=4, n_heads=4, max_len=256)
-    c.pretrain = dict(model=model, num_steps=30 if tiny else 1500, batch_size=16 if tiny else 32,
+    c.pretrain = dict(model=model, num_steps=30 if tiny else 1000, batch_size=16 if tiny else 32,
                       data=dict(seq_len=64 if tiny else 128, vocab_size=384 if tiny else 512),
                       eval_every=30 if tiny else 500, checkpoint=dict(every=30 if tiny else 500))
     c.sft = dict(num_steps=30 if tiny else 800, batch_size=16 if tiny else 32,

@@ -1,5 +1,7 @@
 """PPO end to end on a verifiable reward: it learns, logs the field's metrics, and resumes exactly."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -43,3 +45,25 @@ def test_ppo_resume_equals_an_uninterrupted_run(tmp_path):
     a, b = by_step(read_metrics(str(tmp_path / "full"))), by_step(read_metrics(str(tmp_path / "resumed")))
     for key in ("objective/scores", "objective/kl", "kl_coef", "loss/policy_avg"):
         assert a[4][key] == pytest.approx(b[4][key], rel=1e-5, abs=1e-7), key
+
+
+def test_ppo_ptx_and_a_critic_initialised_from_the_reward_model(tmp_path):
+    from rlhf_jax.stages import lm, rm
+    import configs.pretrain as pretrain_cfg
+    import configs.rm as rm_cfg
+
+    lm.train_and_evaluate(tiny(pretrain_cfg, num_steps=5), str(tmp_path / "pt"))
+    rm.train_and_evaluate(tiny(rm_cfg, num_steps=5, init_from=str(tmp_path / "pt")), str(tmp_path / "rm"))
+    c = config(num_steps=2, init_from=str(tmp_path / "pt"), **{
+        "reward.kind": "rm", "reward.rm_workdir": str(tmp_path / "rm"), "ppo.critic": "reward_model",
+        "ppo.ptx_coef": 0.5, "reward.monitor": "tests.test_ppo_stage:even_token_share"})
+    out = ppo.train_and_evaluate(c, str(tmp_path / "ppo"))
+    assert np.isfinite(out["loss/ptx_avg"]) and out["loss/ptx_avg"] > 0
+    assert 0.0 <= out["objective/monitor_score"] <= 1.0
+    # the checkpoint holds the policy and the separate critic (InstructGPT's value function from the RM)
+    import orbax.checkpoint as ocp
+
+    with ocp.CheckpointManager(str(tmp_path / "ppo" / "checkpoints"), item_names=("params",)) as m:
+        saved = m.restore(m.latest_step(), args=ocp.args.Composite(params=ocp.args.StandardRestore()))["params"]
+    assert set(saved) == {"policy", "critic"}
+    assert set(saved["critic"]) >= {"trunk", "value_head", "reward_head"}

@@ -94,3 +94,18 @@ def test_temperature_sampling_matches_the_distribution():
     toks = np.asarray(sample_token(logits, keys, SamplingSettings(temperature=1.0)))
     freq = np.bincount(toks, minlength=3) / len(toks)
     np.testing.assert_allclose(freq, [0.6, 0.3, 0.1], atol=0.015)
+
+
+def test_eos_before_eos_after_does_not_end_the_sample():
+    """lm-human-preferences' truncate_after: a stop token before index N is an ordinary token."""
+    p = params()
+    tokens = jnp.asarray([[5, 6, 7]], jnp.int32)
+    mask = jnp.ones_like(tokens)
+    greedy = run(p, tokens, mask, SamplingSettings(max_new_tokens=8, temperature=0.0, eos_id=-1))["tokens"][0]
+    eos = int(greedy[0])
+    early = run(p, tokens, mask, SamplingSettings(max_new_tokens=8, temperature=0.0, eos_id=eos))
+    assert early["mask"][0].sum() == 1 and early["ended"][0]
+    late = run(p, tokens, mask, SamplingSettings(max_new_tokens=8, temperature=0.0, eos_id=eos, eos_after=1))
+    later = [i for i, t in enumerate(greedy) if t == eos and i >= 1]
+    expected = later[0] + 1 if later else 8
+    assert late["mask"][0].sum() == expected and bool(late["ended"][0]) == bool(later)
