@@ -145,9 +145,13 @@ class Run:
         self.preempted = True
 
     def close(self):
+        """Waits for checkpoints. After SIGTERM, exits the process with status 0 — never returns as if the
+        stage had finished (a pipeline must not mark a preempted stage done)."""
         self.ckpt.close()
         if self._prev_handler is not None:
             signal.signal(signal.SIGTERM, self._prev_handler)
+        if self.preempted:
+            raise SystemExit(0)
 
 
 def _main_thread() -> bool:
