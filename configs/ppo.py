@@ -20,12 +20,6 @@ def get_config(preset: str = "default"):
     c.data.max_prompt_len = 64
     c.data.ptx_path = ""  # pretraining text for PPO-ptx; empty: the built-in corpus
     c.data.ptx_seq_len = 64
-    c.data.tokenizer_path = ""
-    c.data.tokenizer_type = "bpe"
-    c.data.vocab_size = 512
-    c.model.vocab_size = -1
-    c.model.max_len = 256
-    c.model.update(d_model=128, n_layers=4, n_heads=4)
 
     # monitor: a second Python score logged as objective/monitor_score (e.g. the built-in gold judge)
     c.reward = dict(kind="rm", rm_workdir="", function="", monitor="")

@@ -9,7 +9,7 @@ Presets: tiny (seconds, built-in corpus), default (a small GPT on the built-in
 corpus, minutes on 2 CPU cores), shakespeare_char (nanoGPT's CPU "baby GPT").
 """
 
-from rlhf_jax.config import base_config
+from rlhf_jax.config import base_config, tiny_preset
 
 
 def get_config(preset: str = "default"):
@@ -19,24 +19,13 @@ def get_config(preset: str = "default"):
     c.data.builtin_chars = 400_000
     c.data.seq_len = 128
     c.data.val_fraction = 0.1
-    c.data.tokenizer_path = ""  # empty: train one on the corpus (saved as <workdir>/tokenizer.model)
-    c.data.tokenizer_type = "bpe"
-    c.data.vocab_size = 512
-    c.model.vocab_size = -1  # from the tokenizer
-    c.model.max_len = 256
-    c.model.update(d_model=128, n_layers=4, n_heads=4)
     c.batch_size, c.num_steps = 32, 2000
     c.optim.update(lr=1e-3, warmup_steps=100, weight_decay=0.1, b2=0.99)
     c.eval_every, c.log_every = 500, 50
 
     if preset == "tiny":
+        tiny_preset(c, seq_len=32)
         c.data.builtin_chars = 40_000
-        c.data.seq_len, c.data.vocab_size = 32, 384
-        c.model.update(d_model=32, n_layers=2, n_heads=2, max_len=64)
-        c.batch_size, c.num_steps = 8, 20
-        c.optim.warmup_steps = 5
-        c.eval_every, c.log_every, c.eval_batches = 10, 5, 2
-        c.checkpoint.every = 10
     elif preset == "shakespeare_char":
         # nanoGPT config/train_shakespeare_char.py with its CPU override: 4 layers, 4 heads,
         # 128 wide, block 64, batch 12, 2000 iters, lr 1e-3 cosine to 1e-4, no dropout.

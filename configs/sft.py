@@ -7,7 +7,7 @@ Data: JSONL lines {"prompt", "response"} or {"messages": [{"role", "content"}, .
 empty paths use the built-in demonstrations, generated into the workdir.
 """
 
-from rlhf_jax.config import base_config
+from rlhf_jax.config import base_config, tiny_preset
 
 
 def get_config(preset: str = "default"):
@@ -17,24 +17,13 @@ def get_config(preset: str = "default"):
     c.data.eval_path = ""
     c.data.builtin_examples = 4000
     c.data.seq_len = 128
-    c.data.tokenizer_path = ""  # empty: the init_from workdir's tokenizer (or one trained on built-in text)
-    c.data.tokenizer_type = "bpe"
-    c.data.vocab_size = 512
-    c.model.vocab_size = -1
-    c.model.max_len = 256
-    c.model.update(d_model=128, n_layers=4, n_heads=4)
     c.batch_size, c.num_steps = 32, 1000
     c.optim.update(lr=3e-4, warmup_steps=50, weight_decay=0.0, final_lr_fraction=0.0)
     c.eval_every, c.log_every = 250, 50
 
     if preset == "tiny":
+        tiny_preset(c, seq_len=48)
         c.data.builtin_examples = 200
-        c.data.seq_len, c.data.vocab_size = 48, 384
-        c.model.update(d_model=32, n_layers=2, n_heads=2, max_len=64)
-        c.batch_size, c.num_steps = 8, 20
-        c.optim.warmup_steps = 5
-        c.eval_every, c.log_every, c.eval_batches = 10, 5, 2
-        c.checkpoint.every = 10
     elif preset != "default":
         raise ValueError(f"configs/sft.py: unknown preset {preset!r}; use tiny or default.")
     return c

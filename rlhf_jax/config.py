@@ -39,7 +39,23 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval_batches = 20  # 0: the whole validation split
     c.progress = True
     c.checkpoint = ml_collections.ConfigDict(dict(every=500, keep=3, use_async=True))
-    c.data = ml_collections.ConfigDict()
+    c.data = ml_collections.ConfigDict(dict(
+        tokenizer_path="",  # empty: the init_from workdir's tokenizer, else one trained on this stage's text
+        tokenizer_type="bpe",  # bpe | unigram | char (when training one)
+        vocab_size=512,  # when training one
+    ))
+    c.model.vocab_size = -1  # -1: from the tokenizer, rounded up to a multiple of 128
+    return c
+
+
+def tiny_preset(c: ml_collections.ConfigDict, seq_len: int) -> ml_collections.ConfigDict:
+    """The smoke-test size every stage shares: seconds on CPU, no external files."""
+    c.data.seq_len, c.data.vocab_size = seq_len, 384
+    c.model.update(d_model=32, n_layers=2, n_heads=2, max_len=64)
+    c.batch_size, c.num_steps = 8, 20
+    c.optim.warmup_steps = 5
+    c.eval_every, c.log_every, c.eval_batches = 10, 5, 2
+    c.checkpoint.every = 10
     return c
 
 
