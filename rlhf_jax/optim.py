@@ -91,13 +91,15 @@ def decay_mask(params):
     return jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
 
 
-def make_optimizer(cfg: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, Schedule]:
-    """(optimiser, schedule) from `config.optim`.
+def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int | None = None
+                   ) -> tuple[optax.GradientTransformation, Schedule]:
+    """(optimiser, schedule) from `config.optim`; `total_steps` (optimizer updates) overrides cfg.total_steps.
 
     name: "adamw" (optax Adam + decoupled decay), "adam" (optax Adam, no decay),
     "tf_adam" (`scale_by_tf_adam`, decoupled decay if weight_decay > 0).
     """
-    schedule = make_schedule(cfg.lr, cfg.schedule, cfg.warmup_steps, cfg.total_steps, cfg.final_lr_fraction)
+    total = cfg.total_steps if total_steps is None else total_steps
+    schedule = make_schedule(cfg.lr, cfg.schedule, cfg.warmup_steps, total, cfg.final_lr_fraction)
     if cfg.name in ("adamw", "adam"):
         direction = optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
     elif cfg.name == "tf_adam":

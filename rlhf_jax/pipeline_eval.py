@@ -89,7 +89,7 @@ def write_report(c, workdir: str, sub: dict, summary: dict, seconds: float) -> N
     lines += [f"| {n} | {e['gold_score']:.3f} | {e['correct_rate']:.3f} | {e['harmful_rate']:.3f} | {w} | {k} |"
               for n, e, w, k in rows]
     lines += ["", f"Reward model accuracy against the gold ordering on held-out pairs: "
-              f"{summary['rm']['accuracy_vs_gold']:.3f}", f"", f"Wall time: {seconds / 60:.1f} min (this invocation).",
+              f"{summary['rm']['accuracy_vs_gold']:.3f}", "", f"Wall time: {seconds / 60:.1f} min (this invocation).",
               "", "## Samples", "", "| prompt | SFT | gold | PPO | gold |", "|---|---|---|---|---|"]
     esc = lambda s: s.replace("|", "\\|").replace("\n", " ")
     lines += [f"| {esc(s['prompt'])} | {esc(s['sft'])} | {s['gold_sft']:.2f} | {esc(s['ppo'])} | {s['gold_ppo']:.2f} |"

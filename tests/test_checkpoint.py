@@ -38,7 +38,7 @@ def test_sigterm_checkpoints_exits_zero_and_the_same_command_resumes(tmp_path):
     # Rerun the same command (shorter horizon so the test is quick): it resumes after `stopped`.
     r = subprocess.run(_cmd(tmp_path, stopped + 5), cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stderr
-    assert f"resumed from" in r.stdout + r.stderr
+    assert "resumed from" in r.stdout + r.stderr
     logged = [m["step"] for m in read_metrics(str(tmp_path)) if "train/loss" in m]
     assert logged == list(range(1, stopped + 6))  # no step lost, none repeated
 

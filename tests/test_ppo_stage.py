@@ -1,7 +1,5 @@
 """PPO end to end on a verifiable reward: it learns, logs the field's metrics, and resumes exactly."""
 
-import os
-
 import numpy as np
 import pytest
 

@@ -1,7 +1,6 @@
 """Sharding: a step on a (data, fsdp, tensor) mesh equals the one-device step, and params really shard."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest

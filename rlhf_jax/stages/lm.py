@@ -11,7 +11,6 @@ reads tokens[:, :-1] and predicts tokens[:, 1:].
 
 from __future__ import annotations
 
-import functools
 import os
 import time
 
@@ -144,7 +143,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     run.write_config()
     model = TransformerLM(config_lib.model_config(c))
     total_steps = c.optim.total_steps if c.optim.total_steps > 0 else c.num_steps
-    tx, schedule = optim.make_optimizer(_with_total(c.optim, total_steps))
+    tx, schedule = optim.make_optimizer(c.optim, total_steps)
 
     init = train_state.model_init_fn(model, c.data.seq_len, c.seed)
     state, shardings = train_state.create(init, tx, run.mesh, run.rules, c.seed)
@@ -202,9 +201,3 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     writer.close()
     run.close()
     return last
-
-
-def _with_total(optim_cfg, total_steps):
-    o = ml_collections.ConfigDict(optim_cfg.to_dict())
-    o.total_steps = total_steps
-    return o

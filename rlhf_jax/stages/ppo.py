@@ -14,7 +14,6 @@ All of it runs as jitted functions over params sharded on the mesh.
 from __future__ import annotations
 
 import functools
-import json
 import os
 import time
 
@@ -161,10 +160,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     run.write_config()
     model = TransformerLM(config_lib.model_config(c))
     updates_per_iter = c.ppo.epochs * c.ppo.num_minibatches
-    optim_cfg = ml_collections.ConfigDict(c.optim.to_dict())
     # optim.total_steps counts PPO iterations here (-1: num_steps); the lr anneals over every minibatch update.
-    optim_cfg.total_steps = (c.optim.total_steps if c.optim.total_steps > 0 else c.num_steps) * updates_per_iter
-    tx, schedule = optim.make_optimizer(optim_cfg)
+    iterations = c.optim.total_steps if c.optim.total_steps > 0 else c.num_steps
+    tx, schedule = optim.make_optimizer(c.optim, iterations * updates_per_iter)
 
     init_params = ppo_setup.init_params_fn(model, c)
     state, shardings = train_state.create(init_params, tx, run.mesh, run.rules, c.seed,
@@ -177,7 +175,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     monitor_fn = ppo_setup.import_function(c.reward.monitor, "reward.monitor") if c.reward.monitor else None
     start = int(jax.device_get(state.step))
 
-    batch_sh = parallel.batch_sharding(run.mesh, run.rules)
     rep = parallel.replicated(run.mesh)
     with parallel.activate(run.mesh, run.rules):
         rollout_fn = jax.jit(make_rollout_fn(model, c, tok))
