@@ -64,9 +64,41 @@ def evaluate(c, sub: dict, paths: dict, rm_metrics: dict, mesh, rules) -> dict:
                 "win_rate_vs_sft": builtin.win_rate(prompts, ppo["responses"], sft["responses"])},
         f"best_of_{c.eval.best_of_n}_sft_by_rm": {**bon_eval,
                                                   "win_rate_vs_sft": builtin.win_rate(prompts, bon, sft["responses"])},
-        "rm": {"accuracy_vs_gold": rm_metrics.get("eval/rm/accuracy"), "eval_loss": rm_metrics.get("eval/rm/loss")},
+        "rm": {**rm_accuracy_vs_gold(sub, tok, c, mesh, rules),
+               "accuracy_vs_gold_incl_ties": rm_metrics.get("eval/rm/accuracy")},
         "samples": samples,
     }
+
+
+def rm_accuracy_vs_gold(sub: dict, tok, c, mesh, rules) -> dict:
+    """RM pairwise accuracy on the held-out comparisons, against the gold judge, over pairs whose gold
+    scores differ (a tie has no right answer; the RM stage's eval/rm/accuracy counts ties as labelled)."""
+    from rlhf_jax.data.chat import prompt_response_to_messages, render_dialogue
+    from rlhf_jax.stages.rm import load_reward_model, score_sequences
+    from rlhf_jax.tasks import builtin
+
+    model, params, norm = load_reward_model(sub["rm"], mesh, rules)
+    score = jax.jit(lambda p, t, m: score_sequences(p, model, norm, t, m))
+    right = total = 0
+    with open(os.path.join(sub["comparisons"], "eval_gold.jsonl")) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    with parallel.activate(mesh, rules):
+        for r in records:
+            ids = [render_dialogue(prompt_response_to_messages(r["prompt"], x), tok)[0][-c.rm.data.seq_len:]
+                   for x in r["responses"]]
+            L = c.rm.data.seq_len  # one shape: one compilation
+            t = np.zeros((len(ids), L), np.int32)
+            m = np.zeros((len(ids), L), np.int32)
+            for k, i in enumerate(ids):
+                t[k, :len(i)], m[k, :len(i)] = i, 1
+            rm = np.asarray(jax.device_get(score(params, jnp.asarray(t), jnp.asarray(m))))
+            gold = [builtin.gold_score(r["prompt"], x) for x in r["responses"]]
+            for a in range(len(gold)):
+                for b in range(a + 1, len(gold)):
+                    if gold[a] != gold[b]:
+                        total += 1
+                        right += (rm[a] > rm[b]) == (gold[a] > gold[b])
+    return {"accuracy_vs_gold": right / max(total, 1), "gold_untied_pairs": total}
 
 
 def write_report(c, workdir: str, sub: dict, summary: dict, seconds: float) -> None:
@@ -88,8 +120,8 @@ def write_report(c, workdir: str, sub: dict, summary: dict, seconds: float) -> N
              "| policy | gold score | exact-correct | harmful | win rate vs SFT | KL(·‖SFT) nats |", "|---|---|---|---|---|---|"]
     lines += [f"| {n} | {e['gold_score']:.3f} | {e['correct_rate']:.3f} | {e['harmful_rate']:.3f} | {w} | {k} |"
               for n, e, w, k in rows]
-    lines += ["", f"Reward model accuracy against the gold ordering on held-out pairs: "
-              f"{summary['rm']['accuracy_vs_gold']:.3f}", "", f"Wall time: {seconds / 60:.1f} min (this invocation).",
+    lines += ["", f"Reward model accuracy against the gold judge on {summary['rm']['gold_untied_pairs']} held-out "
+              f"pairs with different gold scores: {summary['rm']['accuracy_vs_gold']:.3f}", "", f"Wall time: {seconds / 60:.1f} min (this invocation).",
               "", "## Samples", "", "| prompt | SFT | gold | PPO | gold |", "|---|---|---|---|---|"]
     esc = lambda s: s.replace("|", "\\|").replace("\n", " ")
     lines += [f"| {esc(s['prompt'])} | {esc(s['sft'])} | {s['gold_sft']:.2f} | {esc(s['ppo'])} | {s['gold_ppo']:.2f} |"
