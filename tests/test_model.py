@@ -63,12 +63,12 @@ def test_kv_cache_decoding_equals_full_forward(family):
     mask = jnp.ones((B, T), jnp.int32).at[1, :2].set(0).at[2, :4].set(0)
     full = forward(model, params, tokens, mask)["logits"]
     positions = positions_from_mask(mask)
-    out = model.apply({"params": params}, tokens[:, :prompt], positions[:, :prompt], mask,
-                      cache=init_cache(cfg, B, T), cache_index=0)
+    apply = jax.jit(lambda tok, pos, cache, i: model.apply({"params": params}, tok, pos, mask, cache=cache,
+                                                           cache_index=i))
+    out = apply(tokens[:, :prompt], positions[:, :prompt], init_cache(cfg, B, T), 0)
     steps, cache = [out["logits"]], out["cache"]
     for t in range(prompt, T):
-        out = model.apply({"params": params}, tokens[:, t:t + 1], positions[:, t:t + 1], mask,
-                          cache=cache, cache_index=t)
+        out = apply(tokens[:, t:t + 1], positions[:, t:t + 1], cache, t)
         steps.append(out["logits"])
         cache = out["cache"]
     inc = jnp.concatenate(steps, axis=1)
