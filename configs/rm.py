@@ -6,12 +6,15 @@
     python -m rlhf_jax.main --config=configs/rm.py:hh_rlhf --workdir=runs/rm_hh \
         --config.data.train_path=../shared/data/hh_rlhf_harmless_dev.jsonl.gz
 
+Presets: tiny (the built-in rule, under a minute), default, hh_rlhf (the
+shared HH-RLHF sample; compare with scripts/rm_baselines.py).
+
 Formats: ranked {"prompt","responses","ranking"}, pairwise {"prompt","chosen","rejected"},
 hh_rlhf {"chosen","rejected"} dialogues. Empty train_path: a built-in synthetic
 preference with a known rule (tests, tiny).
 """
 
-from rlhf_jax.config import base_config
+from rlhf_jax.config import base_config, tiny_preset
 
 
 def get_config(preset: str = "default"):
@@ -25,31 +28,31 @@ def get_config(preset: str = "default"):
     c.data.num_responses = 0  # K; 0: the largest K in the file
     c.data.builtin_examples = 2000
     c.data.seq_len = 128  # prompt + response tokens; longer examples are truncated (prompt from the left)
-    c.data.tokenizer_path = ""
-    c.data.tokenizer_type = "bpe"
-    c.data.vocab_size = 512
-    c.model.vocab_size = -1
-    c.model.max_len = 256
-    c.model.update(d_model=128, n_layers=4, n_heads=4)
+    c.model.update(d_model=128, n_layers=4, n_heads=4, max_len=256)
     c.rm = dict(loss="ranking", margin=0.0, center_coef=0.0, normalize_on="comparisons")
     c.batch_size, c.num_steps = 16, 500
     c.optim.update(lr=1e-4, warmup_steps=20, weight_decay=0.0, final_lr_fraction=0.0)
     c.eval_every, c.log_every, c.eval_batches = 250, 25, 0
 
     if preset == "tiny":
+        # The built-in rule is learnt in a few dozen steps: held-out pairwise accuracy >= 0.95 by step 40
+        # (tests/test_rm_stage.py), evaluated on all 200 held-out comparisons (1,200 pairs).
+        tiny_preset(c, seq_len=48)
         c.data.builtin_examples = 400
-        c.data.seq_len, c.data.vocab_size = 48, 384
-        c.model.update(d_model=32, n_layers=2, n_heads=2, max_len=64)
-        c.batch_size, c.num_steps = 8, 20
-        c.optim.warmup_steps = 5
-        c.eval_every, c.log_every, c.eval_batches = 10, 5, 2
-        c.checkpoint.every = 10
+        c.num_steps = 40
+        c.optim.lr = 1e-3
+        c.eval_every, c.log_every, c.eval_batches = 20, 10, 0
+        c.checkpoint.every = 20
     elif preset == "hh_rlhf":
         # The shared HH-RLHF harmless sample: train on lines [0, 1500), evaluate on [1500, 1800).
+        # A small RM from scratch, sized to finish in about 10 minutes on 2 CPU cores.
         c.data.format = "hh_rlhf"
         c.data.train_lines, c.data.eval_lines = (0, 1500), (1500, 1800)
         c.data.seq_len, c.data.vocab_size = 256, 2000
+        c.model.update(d_model=128, n_layers=2, n_heads=4, max_len=256)
         c.batch_size, c.num_steps = 16, 300
+        c.optim.update(lr=3e-4, warmup_steps=30)
+        c.eval_every, c.log_every = 100, 25
     elif preset != "default":
         raise ValueError(f"configs/rm.py: unknown preset {preset!r}; use tiny, default or hh_rlhf.")
     return c

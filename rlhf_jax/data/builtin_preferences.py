@@ -39,9 +39,16 @@ def write(data_dir: str, seed: int = 0, n_train: int = 2000, n_eval: int = 200) 
     for name, n, s in (("builtin_prefs_train.jsonl", n_train, seed), ("builtin_prefs_eval.jsonl", n_eval, seed + 1)):
         path = os.path.join(data_dir, name)
         text = "".join(json.dumps(e) + "\n" for e in examples(n, s))
-        if not os.path.exists(path) or open(path).read() != text:
+        if _read(path) != text:  # rewriting an unchanged file would needlessly invalidate built datasets
             with open(path + ".tmp", "w") as f:
                 f.write(text)
             os.replace(path + ".tmp", path)
         paths.append(path)
     return paths[0], paths[1]
+
+
+def _read(path: str) -> str | None:
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return f.read()

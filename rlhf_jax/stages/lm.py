@@ -87,7 +87,8 @@ def datasets(run: Run):
         path = c.data.path or os.path.join(data_dir, "builtin_corpus.txt")
         if not c.data.path and run.is_main:
             builtin_text.write_builtin_corpus(path, num_chars=c.data.builtin_chars, seed=c.seed)
-        _require(path, "data.path")
+        if run.is_main or c.data.path:  # the built-in corpus exists for the others once run.tokenizer syncs
+            _require(path, "data.path")
         tok = run.tokenizer([path])
         splits = run.main_first(lm_datasets.build_text_dataset, path, os.path.join(run.workdir, "tokenizer.model"),
                                 seq_len, data_dir, val_fraction=c.data.val_fraction)

@@ -224,14 +224,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             t2 = time.perf_counter()
 
             ptx = ppo_setup.ptx_batches(ptx_loader, it, updates_per_iter, run)
-            host = jax.device_get({"kl": kl, "scores": scores, "non_score_reward": non_score,
-                                   "entropy": scored["entropy"], "response_mask": batch["response_mask"],
-                                   "ended": gen["ended"]})
+            host = jax.tree.map(ppo_setup._host, {"kl": kl, "scores": scores, "non_score_reward": non_score,
+                                                  "entropy": scored["entropy"], "response_mask": batch["response_mask"],
+                                                  "ended": gen["ended"]})  # all processes' episodes
             state, stats = update_fn(state, rollout, ptx)
             stats = jax.device_get(stats)
             t3 = time.perf_counter()
             if monitor_fn is not None:  # e.g. the gold judge, to watch RM over-optimisation (Gao et al. 2022)
-                stats["objective/monitor_score"] = float(np.mean(jax.device_get(
+                stats["objective/monitor_score"] = float(np.mean(ppo_setup._host(
                     ppo_setup.function_scores(monitor_fn, tok, batch, run))))
 
             done = it + 1
@@ -246,7 +246,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 last = writer.write(done, m)
                 bar.set_postfix(score=f"{m['objective/scores']:.3f}", kl=f"{m['objective/kl']:.3f}")
             if c.sample_every and (done % c.sample_every == 0 or done == c.num_steps):
-                ppo_setup.write_samples(samples_path, writer, done, tok, jax.device_get(batch), host["scores"], run)
+                ppo_setup.write_samples(samples_path, writer, done, tok, batch, host["scores"], run)
             if done % c.checkpoint.every == 0 or done == c.num_steps or run.preempted:
                 run.save(state, {"stage": "ppo", "data_step": done}, force=run.preempted)
             if run.preempted:

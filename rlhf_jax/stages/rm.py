@@ -2,9 +2,13 @@
 
 Batch records (responses best-first): tokens, input_mask int32 [B, K, L];
 valid int32 [B, K]. The reward of a sequence is the reward head read at its
-last real token. After training, a gain and bias make rewards on a reference
-distribution mean 0 / std 1 (lm-human-preferences); they are saved in
-<workdir>/reward_norm.json and applied by `load_reward_model`.
+last real token, so pads on either side change nothing. After training, a gain
+and bias make rewards on a reference distribution mean 0 / std 1
+(lm-human-preferences); they are saved in <workdir>/reward_norm.json, returned
+by `load_reward_model` and applied by `score_sequences`.
+
+Throughput: perf/samples_per_sec counts scored sequences (B·K per step),
+perf/tokens_per_sec their L padded positions each.
 """
 
 from __future__ import annotations
@@ -18,12 +22,15 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 
 from rlhf_jax import config as config_lib, optim, parallel, perf, preference, train_state
 from rlhf_jax.models.gpt import TransformerLM, positions_from_mask
 from rlhf_jax.run import Run
 
 NORM_FILE = "reward_norm.json"
+LOSSES = ("ranking", "best_of_k")
+NORM_REFERENCES = ("comparisons", "none")
 
 
 def sequence_rewards(params, model: TransformerLM, tokens, input_mask, rng=None):
@@ -41,16 +48,42 @@ def comparison_rewards(params, model, batch, rng=None):
     return r.reshape(B, K)
 
 
-def rm_loss(params, model, batch, rm_cfg, rng=None):
+def _preference_loss(rewards, valid, rm_cfg):
+    """(mean loss f32 [], stats) of config.rm.loss over the comparisons of [B, K] rewards."""
+    if rm_cfg.loss == "best_of_k":
+        return preference.best_of_k_loss(rewards, valid)
+    return preference.ranking_loss(rewards, valid, margin=rm_cfg.margin)
+
+
+def _denominators(valid, rm_cfg) -> tuple[jax.Array, jax.Array]:
+    """(comparisons the preference loss averages over, valid responses) of a batch [B, K], each >= 1.
+
+    Both depend on `valid` only, so the loss over microbatches can be weighted by the whole
+    batch's counts; the loss itself defines which comparisons count (run on zero rewards).
+    """
+    _, stats = _preference_loss(jnp.zeros(valid.shape, jnp.float32), valid, rm_cfg)
+    n_resp = jnp.sum(valid > 0).astype(jnp.float32)
+    return jnp.maximum(stats["num_examples"], 1.0), jnp.maximum(n_resp, 1.0)
+
+
+def _weighted_loss(params, model, batch, rm_cfg, rng, denominators):
+    """A (micro)batch's share of the loss of a batch whose counts are `denominators`: summed over its
+    comparisons and responses, divided by the whole batch's. The shares add up to `rm_loss`."""
     rewards = comparison_rewards(params, model, batch, rng)
     valid = batch["valid"]
-    if rm_cfg.loss == "best_of_k":
-        loss, stats = preference.best_of_k_loss(rewards, valid)
-    else:
-        loss, stats = preference.ranking_loss(rewards, valid, margin=rm_cfg.margin)
+    n_ex, n_resp = denominators
+    mean, stats = _preference_loss(rewards, valid, rm_cfg)
+    loss = mean * stats["num_examples"] / n_ex
     if rm_cfg.center_coef:
-        loss = loss + preference.centering_penalty(rewards, valid, rm_cfg.center_coef)
+        mean_sq = preference.centering_penalty(rewards, valid, rm_cfg.center_coef)
+        loss = loss + mean_sq * jnp.sum(valid > 0) / n_resp
     return loss, (rewards, stats)
+
+
+def rm_loss(params, model, batch, rm_cfg, rng=None):
+    """InstructGPT eq. 1 (or best-of-K, config.rm.loss) averaged over the batch's comparisons, plus
+    the optional centering penalty: (loss f32 [], (rewards [B, K], stats))."""
+    return _weighted_loss(params, model, batch, rm_cfg, rng, _denominators(batch["valid"], rm_cfg))
 
 
 def batch_metrics(rewards, valid, loss, prefix):
@@ -60,11 +93,27 @@ def batch_metrics(rewards, valid, loss, prefix):
     return {f"{prefix}/loss": loss, **{f"{prefix}/{k}": v for k, v in m.items()}}
 
 
-def make_train_step(model, tx, schedule, rm_cfg):
+def make_train_step(model, tx, schedule, rm_cfg, grad_accum: int = 1):
+    """step(state, batch) -> (state, metrics). The batch is cut into `grad_accum` microbatches whose
+    losses are weighted by the whole batch's counts, so grad_accum changes memory, not the result."""
+
     def step(state: train_state.TrainState, batch):
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-        (loss, (rewards, _)), grads = jax.value_and_grad(rm_loss, has_aux=True)(
-            state.params, model, batch, rm_cfg, rng)
+        denominators = _denominators(batch["valid"], rm_cfg)
+        micro = jax.tree.map(lambda x: x.reshape(grad_accum, -1, *x.shape[1:]), batch)
+        grad_fn = jax.value_and_grad(_weighted_loss, has_aux=True)
+
+        def accumulate(carry, xs):
+            i, mb = xs
+            (loss, (rewards, _)), grads = grad_fn(state.params, model, mb, rm_cfg, jax.random.fold_in(rng, i),
+                                                  denominators)
+            g, total = carry
+            return (jax.tree.map(jnp.add, g, grads), total + loss), rewards
+
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        (grads, loss), rewards = jax.lax.scan(accumulate, (zeros, jnp.zeros((), jnp.float32)),
+                                              (jnp.arange(grad_accum), micro))
+        rewards = rewards.reshape(batch["valid"].shape)  # [A, B/A, K] → [B, K], rows in batch order
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         metrics = batch_metrics(rewards, batch["valid"], loss, "rm")
         metrics.update({"rm/grad_norm": optax.tree.norm(grads), "rm/lr": schedule(state.step)})
@@ -74,34 +123,44 @@ def make_train_step(model, tx, schedule, rm_cfg):
     return step
 
 
-def evaluate(params, model, source, run: Run, rm_cfg, max_batches: int):
-    """Held-out loss and accuracy over all valid pairs (exact: counts are summed, not averaged)."""
+def make_reward_fn(model):
+    """jitted (params, batch) -> rewards f32 [B, K], deterministic (no dropout). Build it once: each
+    new function object would compile again."""
+    return jax.jit(lambda params, batch: comparison_rewards(params, model, batch))
+
+
+def _host(x) -> np.ndarray:
+    """The whole global array on every process (multi-host safe; a plain device_get on one host)."""
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def _all_rewards(reward_fn, params, source, run: Run, max_batches: int | None):
+    """(rewards f32 [N, K], valid [N, K]) of the comparisons in `source`, padding rows included."""
     from rlhf_jax.data.loader import eval_batches
 
+    rewards, valid = [], []
     with parallel.activate(run.mesh, run.rules):
-        fn = jax.jit(lambda p, b: comparison_rewards(p, model, b))
-        rewards, valid = [], []
-        for local in eval_batches(source, run.config.batch_size, max_batches or None):
-            rewards.append(np.asarray(jax.device_get(fn(params, parallel.global_batch(local, run.mesh, run.rules)))))
-            valid.append(local["valid"])
-    r, v = jnp.asarray(np.concatenate(rewards)), jnp.asarray(np.concatenate(valid))
+        for local in eval_batches(source, run.config.batch_size, max_batches):
+            batch = parallel.global_batch(local, run.mesh, run.rules)
+            rewards.append(_host(reward_fn(params, batch)))
+            valid.append(_host(batch["valid"]))
+    return np.concatenate(rewards), np.concatenate(valid)
+
+
+def evaluate(reward_fn, params, source, run: Run, rm_cfg, max_batches: int):
+    """Held-out loss (config.rm.loss, no centering) and accuracy over all valid pairs (exact: the
+    rewards of every comparison are gathered first, then reduced once)."""
+    r, v = _all_rewards(reward_fn, params, source, run, max_batches or None)
     keep = v.sum(1) >= 2  # padding rows of the last batch
-    r, v = r[keep], v[keep]
-    loss, _ = preference.ranking_loss(r, v, margin=rm_cfg.margin)
+    r, v = jnp.asarray(r[keep]), jnp.asarray(v[keep])
+    loss, _ = _preference_loss(r, v, rm_cfg)
     return {k: float(x) for k, x in batch_metrics(r, v, loss, "eval/rm").items()}
 
 
-def reference_rewards(params, model, run: Run, source) -> np.ndarray:
-    """Rewards of every valid response in `source` (the reference distribution for normalisation)."""
-    from rlhf_jax.data.loader import eval_batches
-
-    out = []
-    with parallel.activate(run.mesh, run.rules):
-        fn = jax.jit(lambda p, b: comparison_rewards(p, model, b))
-        for local in eval_batches(source, run.config.batch_size, None):
-            r = np.asarray(jax.device_get(fn(params, parallel.global_batch(local, run.mesh, run.rules))))
-            out.append(r[local["valid"] > 0])
-    return np.concatenate(out)
+def reference_rewards(reward_fn, params, run: Run, source) -> np.ndarray:
+    """Rewards f32 [M] of every valid response in `source` (the reference distribution for normalisation)."""
+    r, v = _all_rewards(reward_fn, params, source, run, None)
+    return r[v > 0]
 
 
 def datasets(run: Run):
@@ -112,8 +171,8 @@ def datasets(run: Run):
     if not c.data.train_path:
         from rlhf_jax.data import builtin_preferences
 
-        c.data.train_path, c.data.eval_path = builtin_preferences.write(data_dir, seed=c.seed,
-                                                                      n_train=c.data.builtin_examples)
+        c.data.train_path, c.data.eval_path = run.main_first(builtin_preferences.write, data_dir, seed=c.seed,
+                                                             n_train=c.data.builtin_examples)
         c.data.format = "ranked"
     corpus = os.path.join(data_dir, "tokenizer_corpus.txt")
     if not (c.data.tokenizer_path or c.init_from) and run.is_main:  # no tokenizer yet: learn one from this data
@@ -141,19 +200,33 @@ def datasets(run: Run):
     return tok, train, evals, train_stats, eval_stats
 
 
+def check_config(c: ml_collections.ConfigDict) -> None:
+    """Rejects RM settings that would otherwise be silently misread; run before any data is built."""
+    if c.rm.loss not in LOSSES:
+        raise ValueError(f"config.rm.loss={c.rm.loss!r} is not a loss. Use one of {LOSSES}.")
+    if c.rm.normalize_on not in NORM_REFERENCES:
+        raise ValueError(f"config.rm.normalize_on={c.rm.normalize_on!r} is unknown. Use one of {NORM_REFERENCES}.")
+    if c.rm.center_coef < 0:
+        raise ValueError(f"config.rm.center_coef={c.rm.center_coef} must be >= 0 (0 disables the penalty).")
+    if c.model.position == "learned" and c.data.seq_len > c.model.max_len:
+        raise ValueError(f"config.data.seq_len={c.data.seq_len} exceeds model.max_len={c.model.max_len}, the "
+                         f"learned position table. Lower data.seq_len (or raise model.max_len when training from "
+                         f"scratch).")
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+    """Runs (or resumes) the RM stage; returns the last logged metrics."""
     from rlhf_jax.data.loader import BatchLoader
 
     run = Run(config, workdir)
     c = run.config
+    check_config(c)
     tok, train_source, eval_source, train_stats, eval_stats = datasets(run)
     run.write_config()
     run.log(f"rm data: train {train_stats}, eval {eval_stats}")
     model = TransformerLM(config_lib.model_config(c))
     total = c.optim.total_steps if c.optim.total_steps > 0 else c.num_steps
-    optim_cfg = ml_collections.ConfigDict(c.optim.to_dict())
-    optim_cfg.total_steps = total
-    tx, schedule = optim.make_optimizer(optim_cfg)
+    tx, schedule = optim.make_optimizer(c.optim, total)
     state, shardings = train_state.create(train_state.model_init_fn(model, c.data.seq_len, c.seed), tx,
                                           run.mesh, run.rules, c.seed)
     state, meta = run.restore_or(state)
@@ -163,14 +236,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     batch_sh = parallel.batch_sharding(run.mesh, run.rules)
     with parallel.activate(run.mesh, run.rules):
-        step_fn = jax.jit(make_train_step(model, tx, schedule, c.rm), in_shardings=(shardings, batch_sh),
-                          out_shardings=(shardings, parallel.replicated(run.mesh)), donate_argnums=(0,))
+        step_fn = jax.jit(make_train_step(model, tx, schedule, c.rm, c.grad_accum),
+                          in_shardings=(shardings, batch_sh), out_shardings=(shardings, parallel.replicated(run.mesh)),
+                          donate_argnums=(0,))
+    reward_fn = make_reward_fn(model)
     loader = BatchLoader(train_source, c.batch_size, seed=c.seed)
     writer = run.metric_writer(start)
     K = train_source[0]["tokens"].shape[0]
-    flops_per_seq = perf.train_flops_per_token(model.cfg, c.data.seq_len) * c.data.seq_len
+    # The RM never computes vocabulary logits: drop the LM head's 6·D·V from the LM's count.
+    flops_per_seq = (perf.train_flops_per_token(model.cfg, c.data.seq_len)
+                     - 6.0 * model.cfg.d_model * model.cfg.vocab_size) * c.data.seq_len
     peak = perf.measured_peak_flops(c.model.dtype)
-    run.log(f"rm: {loader.num_examples} comparisons (K={K}), steps {start}→{c.num_steps}")
+    run.log(f"rm: {loader.num_examples} comparisons (K={K}), steps {start}→{c.num_steps}, "
+            f"mesh {dict(run.mesh.shape)}, {sum(x.size for x in jax.tree.leaves(state.params)) / 1e6:.2f}M params")
 
     last, t_last, since = {}, time.perf_counter(), 0
     bar = run.progress(start, c.num_steps, "rm")
@@ -192,12 +270,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 bar.set_postfix(loss=f"{last['rm/loss']:.4f}", acc=f"{last['rm/accuracy']:.3f}")
                 t_last, since = time.perf_counter(), 0
             if (done % c.eval_every == 0 or done == c.num_steps) and eval_source is not None:
-                ev = evaluate(state.params, model, eval_source, run, c.rm, c.eval_batches)
+                ev = evaluate(reward_fn, state.params, eval_source, run, c.rm, c.eval_batches)
                 last.update(writer.write(done, ev))
                 run.log(f"step {done}: eval/rm/accuracy {ev['eval/rm/accuracy']:.4f} loss {ev['eval/rm/loss']:.4f}")
                 t_last = time.perf_counter()
-            if done == c.num_steps:
-                norm = normalise(state.params, model, run, train_source)
+            if done == c.num_steps:  # before the checkpoint: a saved final step always has its norm file
+                norm = normalise(reward_fn, state.params, run, train_source, done)
                 last.update(writer.write(done, {"rm/norm_gain": norm["gain"], "rm/norm_bias": norm["bias"]}))
             if done % c.checkpoint.every == 0 or done == c.num_steps or run.preempted:
                 run.save(state, {"stage": "rm", "data_step": done}, force=run.preempted)
@@ -211,8 +289,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     return last
 
 
-def normalise(params, model, run: Run, train_source) -> dict[str, float]:
-    """Gain/bias so rewards on the reference distribution have mean 0, std 1; written to reward_norm.json.
+def normalise(reward_fn, params, run: Run, train_source, step: int) -> dict[str, float]:
+    """Gain/bias so rewards on the reference distribution have mean 0, std 1; written to reward_norm.json
+    with the step of the params it describes.
 
     Reference (config.rm.normalize_on): "comparisons" — every response of the RM training set, which in the
     InstructGPT pipeline are samples of the initial (SFT) policy; "none" — gain 1, bias 0.
@@ -220,10 +299,10 @@ def normalise(params, model, run: Run, train_source) -> dict[str, float]:
     if run.config.rm.normalize_on == "none":
         gain, bias, n = 1.0, 0.0, 0
     else:
-        r = reference_rewards(params, model, run, train_source)
+        r = reference_rewards(reward_fn, params, run, train_source)
         gain, bias = (float(x) for x in preference.normalization_from_rewards(jnp.asarray(r)))
         n = int(r.size)
-    norm = {"gain": gain, "bias": bias, "reference": run.config.rm.normalize_on, "num_rewards": n}
+    norm = {"gain": gain, "bias": bias, "reference": run.config.rm.normalize_on, "num_rewards": n, "step": step}
     if run.is_main:
         path = os.path.join(run.workdir, NORM_FILE)
         with open(path + ".tmp", "w") as f:
@@ -234,7 +313,8 @@ def normalise(params, model, run: Run, train_source) -> dict[str, float]:
 
 
 def load_reward_model(workdir: str, mesh, rules, dtype: str | None = None):
-    """(model, params, norm) of a trained RM workdir, params sharded on `mesh`.
+    """(model, params, norm) of a finished RM workdir, params of its latest checkpoint sharded on `mesh`;
+    norm = {"gain", "bias", ...} from its reward_norm.json. `dtype` overrides the compute dtype.
 
     Score with `score_sequences(params, model, norm, tokens, input_mask)`; jit it as you like.
     """
@@ -243,15 +323,21 @@ def load_reward_model(workdir: str, mesh, rules, dtype: str | None = None):
     src = checkpoint.read_run_config(workdir)
     if src is None:
         raise FileNotFoundError(f"{workdir!r} is not an RM workdir (no config.json). Train one with configs/rm.py.")
+    norm_path = os.path.join(workdir, NORM_FILE)
+    if not os.path.exists(norm_path):
+        raise FileNotFoundError(f"{norm_path} is missing: the RM run in {workdir} did not finish. Rerun its "
+                                f"command to finish it.")
+    with open(norm_path) as f:
+        norm = json.load(f)
+    _, step = checkpoint.find_params_checkpoint(workdir)
+    if norm.get("step", step) != step:  # e.g. a run extended past a finished one, then stopped midway
+        raise ValueError(f"{norm_path} describes the params of step {norm['step']} but the latest checkpoint in "
+                         f"{workdir} is step {step}: that run stopped before finishing. Rerun its command to "
+                         f"finish it.")
     model_cfg = dict(src["model"], dropout=0.0, **({"dtype": dtype} if dtype else {}))
     model = TransformerLM(config_lib.ModelConfig(**model_cfg))
     like, _ = parallel.sharded_init(train_state.model_init_fn(model, 8, 0), mesh, rules)
     params = checkpoint.load_params(workdir, like)
-    norm_path = os.path.join(workdir, NORM_FILE)
-    if not os.path.exists(norm_path):
-        raise FileNotFoundError(f"{norm_path} is missing: the RM run in {workdir} did not finish. Rerun it.")
-    with open(norm_path) as f:
-        norm = json.load(f)
     return model, params, norm
 
 

@@ -1,0 +1,356 @@
+"""Runs the sweep or ablation in experiments/<name>.py, then summarises it.
+
+    python scripts/sweep.py experiments/lr_sweep_tiny.py --root runs/sweeps/lr_sweep_tiny --workers 2
+    python scripts/sweep.py experiments/kl_coef_ppo.py --root /shared/sweeps/kl --emit slurm \
+        --nodes 2 --sbatch=--partition=gpu --sbatch=--gpus-per-node=8   # then: sbatch <root>/launch/sweep.sbatch
+    python scripts/sweep.py experiments/kl_coef_ppo.py --root /mnt/kl --emit tpu  # then: bash <root>/launch/tpu_pod.sh
+    python scripts/sweep.py experiments/kl_coef_ppo.py --root /shared/sweeps/kl --collect  # only the summary
+
+Each run has its own workdir <root>/<name>, named from its overrides (e.g. `lr=0.001`), and is the
+ordinary command `python -m rlhf_jax.main --config=BASE --workdir=... --config.<key>=<value> ...`
+(`rlhf_jax.pipeline` for a pipeline BASE). A run is finished once its final checkpoint exists (a
+stage) or its report.md does (a pipeline); DONE.json then records it and a rerun skips it, while an
+interrupted run resumes from its latest checkpoint. Local runs go N at a time (--workers N); Ctrl-C
+sends them SIGTERM, so each checkpoints before it exits.
+
+The summary: the last logged value of each column in each run's metrics.jsonl (a pipeline's
+summary.json) → <root>/summary.csv, summary.md, and summary.png (each column against the swept
+value, and every run's curve of the first column).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+from experiments import ROOT, Experiment, Run, cli_value, load_experiment  # noqa: E402
+
+DONE = "DONE.json"
+
+
+# --- one run -----------------------------------------------------------------------------------------
+
+
+def command(exp: Experiment, run: Run, workdir: str, python: str, quiet: bool = True) -> list[str]:
+    """The run as an ordinary command line (relative config path: run it from the repository root)."""
+    args = [python, "-m", exp.module, f"--config={exp.base}", f"--workdir={workdir}"]
+    args += [f"--config.{k}={cli_value(v)}" for k, v in run.overrides.items()]
+    if quiet and exp.stage != "pipeline" and "progress" not in run.overrides:
+        args.append("--config.progress=False")  # logs go to files: no progress bars
+    return args
+
+
+def completed(workdir: str, stage: str) -> bool:
+    """A pipeline wrote its report; a stage saved its checkpoint at config.num_steps."""
+    if stage == "pipeline":
+        return os.path.isfile(os.path.join(workdir, "report.md"))
+    try:
+        with open(os.path.join(workdir, "config.json")) as f:
+            num_steps = int(json.load(f)["num_steps"])
+    except (OSError, KeyError, ValueError):
+        return False
+    return os.path.isdir(os.path.join(workdir, "checkpoints", str(num_steps)))
+
+
+def finished(workdir: str, stage: str) -> bool:
+    return os.path.isfile(os.path.join(workdir, DONE)) or completed(workdir, stage)
+
+
+def mark_done(workdir: str, run: Run, cmd: list[str], seconds: float | None) -> None:
+    record = {"run": run.name, "overrides": run.overrides, "command": shlex.join(cmd), "seconds": seconds}
+    tmp = os.path.join(workdir, DONE + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(record, f, indent=2, default=str)
+    os.replace(tmp, os.path.join(workdir, DONE))
+
+
+# --- local runs --------------------------------------------------------------------------------------
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def run_local(exp: Experiment, root: str, workers: int, python: str) -> dict[str, str]:
+    """Runs every unfinished run, `workers` at a time; returns {run name: status}."""
+    status, pending = {}, []
+    for run in exp.runs:
+        if finished(os.path.join(root, run.name), exp.stage):
+            status[run.name] = "finished"
+            log(f"{run.name}: finished earlier, skipped")
+        else:
+            pending.append(run)
+    # A local worker is one process even inside a multi-task SLURM allocation.
+    env = {**os.environ, "RLHF_JAX_DISTRIBUTED": os.environ.get("RLHF_JAX_DISTRIBUTED", "0")}
+    active: dict[str, tuple[Run, subprocess.Popen, Any, float, list[str]]] = {}
+    try:
+        while pending or active:
+            while pending and len(active) < workers:
+                run = pending.pop(0)
+                workdir = os.path.join(root, run.name)
+                os.makedirs(workdir, exist_ok=True)
+                cmd = command(exp, run, workdir, python)
+                out = open(os.path.join(workdir, "sweep.log"), "a")
+                # Own session: Ctrl-C reaches only this launcher, which then SIGTERMs the runs (they checkpoint).
+                proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+                active[run.name] = (run, proc, out, time.time(), cmd)
+                log(f"{run.name}: started ({len(status) + len(active)}/{len(exp.runs)})")
+            for name, (run, proc, out, t0, cmd) in list(active.items()):
+                if proc.poll() is None:
+                    continue
+                out.close()
+                del active[name]
+                workdir, seconds = os.path.join(root, name), time.time() - t0
+                if proc.returncode == 0 and completed(workdir, exp.stage):
+                    mark_done(workdir, run, cmd, seconds)
+                    status[name] = "finished"
+                    log(f"{name}: finished in {seconds:.0f}s")
+                else:
+                    status[name] = "interrupted" if proc.returncode == 0 else f"failed (exit {proc.returncode})"
+                    log(f"{name}: {status[name]}; see {os.path.join(workdir, 'sweep.log')}")
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        log("interrupted: asking the running runs to checkpoint and stop (rerun the sweep to resume)")
+        for _, proc, *_ in active.values():
+            proc.send_signal(signal.SIGTERM)
+        for _, proc, *_ in active.values():
+            proc.wait()
+        raise
+    return status
+
+
+# --- launch files ------------------------------------------------------------------------------------
+
+
+def emit_slurm(exp: Experiment, root: str, nodes: int, sbatch: list[str], max_parallel: int) -> str:
+    """A SLURM array job, one task per unfinished run; each task is `srun` over `nodes` nodes, one process
+    per node (rlhf_jax.distributed joins them when SLURM_NTASKS > 1)."""
+    runs, launch = _unfinished(exp, root)
+    array = f"0-{len(runs) - 1}" + (f"%{max_parallel}" if max_parallel else "")
+    lines = ["#!/bin/bash", f"# {exp.name}: {len(runs)} runs of {exp.base}. Submit with: sbatch {launch}/sweep.sbatch",
+             f"#SBATCH --job-name={exp.name}", f"#SBATCH --array={array}", f"#SBATCH --nodes={nodes}",
+             "#SBATCH --ntasks-per-node=1", f"#SBATCH --output={launch}/slurm-%A_%a.out"]
+    lines += [f"#SBATCH {s}" for s in sbatch]
+    lines += ["set -euo pipefail", f"cd {shlex.quote(ROOT)}", "case $SLURM_ARRAY_TASK_ID in"]
+    for i, run in enumerate(runs):
+        workdir = os.path.join(root, run.name)
+        cmd = shlex.join(command(exp, run, workdir, "python"))
+        lines.append(f"  {i}) WORKDIR={shlex.quote(workdir)}; CMD=({cmd.replace('python', '${PYTHON:-python}', 1)}) ;;")
+    # After its run, a task refreshes the summary (written atomically) and marks the run DONE.
+    collect_cmd = shlex.join(["scripts/sweep.py", os.path.abspath(exp.path), "--root", root, "--collect"])
+    lines += ["esac", 'if [ -e "$WORKDIR/DONE.json" ]; then echo "$WORKDIR: finished earlier"; exit 0; fi',
+              'srun "${CMD[@]}"', "${PYTHON:-python} " + collect_cmd]
+    path = os.path.join(launch, "sweep.sbatch")
+    _write(path, lines)
+    return path
+
+
+def emit_tpu(exp: Experiment, root: str) -> str:
+    """One command per unfinished run on a Cloud TPU pod slice: every host runs it (--worker=all) and
+    RLHF_JAX_DISTRIBUTED=1 lets JAX find the slice's hosts. `root` must be storage every host sees."""
+    runs, launch = _unfinished(exp, root)
+    lines = ["#!/bin/bash", f"# {exp.name}: {len(runs)} runs of {exp.base}, one after another, each on the slice.",
+             "#   TPU_NAME=my-v5e-32 ZONE=us-west4-a REPO='~/rlhf_jax' bash " + os.path.join(launch, "tpu_pod.sh"),
+             "set -euo pipefail", ': "${TPU_NAME:?set TPU_NAME}" "${ZONE:?set ZONE}"', 'REPO="${REPO:-~/rlhf_jax}"',
+             'remote() { gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" --worker=all '
+             '--command="cd $REPO && $1"; }']
+    for run in runs:
+        cmd = shlex.join(command(exp, run, os.path.join(root, run.name), "python3", quiet=False))
+        lines += [f"# {run.name}", f"remote {shlex.quote('RLHF_JAX_DISTRIBUTED=1 ' + cmd)}"]
+    path = os.path.join(launch, "tpu_pod.sh")
+    _write(path, lines)
+    return path
+
+
+def _unfinished(exp: Experiment, root: str) -> tuple[list[Run], str]:
+    runs = [r for r in exp.runs if not finished(os.path.join(root, r.name), exp.stage)]
+    if not runs:
+        raise SystemExit(f"every run of {exp.path} in {root} is finished; nothing to launch.")
+    launch = os.path.join(root, "launch")
+    os.makedirs(launch, exist_ok=True)
+    return runs, launch
+
+
+def _write(path: str, lines: list[str], mode: int = 0o755) -> None:
+    """Whole file or nothing: concurrent writers (array tasks collecting) never interleave."""
+    with open(path + ".tmp", "w", newline="") as f:
+        f.write("\n".join(lines) + "\n")
+    os.chmod(path + ".tmp", mode)
+    os.replace(path + ".tmp", path)
+
+
+# --- the summary -------------------------------------------------------------------------------------
+
+
+def last_values(workdir: str, stage: str) -> dict[str, float]:
+    """{metric: last logged value} from metrics.jsonl, or a pipeline's summary.json flattened with '/'."""
+    if stage == "pipeline":
+        path = os.path.join(workdir, "summary.json")
+        if not os.path.isfile(path):
+            return {}
+        with open(path) as f:
+            return _flatten(json.load(f))
+    out = {}
+    for record in _records(workdir):
+        out.update({k: v for k, v in record.items() if k != "step"})
+    return out
+
+
+def _records(workdir: str) -> list[dict]:
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return []
+    out = []
+    with open(path) as f:
+        for line in f:
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:  # blank, or the line a running run is writing right now
+                continue
+    return out
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}{k}/") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def collect(exp: Experiment, root: str) -> list[dict[str, Any]]:
+    """One row per run: its name, swept values, status and the columns' last values ("" if never logged).
+    Runs found complete (e.g. by a SLURM job) get their DONE.json here."""
+    rows = []
+    for run in exp.runs:
+        workdir = os.path.join(root, run.name)
+        if completed(workdir, exp.stage) and not os.path.isfile(os.path.join(workdir, DONE)):
+            mark_done(workdir, run, command(exp, run, workdir, "python"), None)
+        status = "finished" if finished(workdir, exp.stage) else ("started" if os.path.isdir(workdir) else "not run")
+        values = last_values(workdir, exp.stage)
+        rows.append({"run": run.name, **{k: run.swept.get(k, "") for k in exp.swept_keys}, "status": status,
+                     **{c: values.get(c, "") for c in exp.columns}})
+    return rows
+
+
+def write_summary(exp: Experiment, root: str, rows: list[dict[str, Any]]) -> list[str]:
+    """summary.csv, summary.md and summary.png under root; returns their paths."""
+    fields = ["run", *exp.swept_keys, "status", *exp.columns]
+    csv_path, md_path = os.path.join(root, "summary.csv"), os.path.join(root, "summary.md")
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    _write(csv_path, [table.getvalue().rstrip("\n")], 0o644)
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)
+    lines = [f"# {exp.name}", "", f"{len(rows)} runs of `{exp.base}` ({exp.path}); last logged values.", "",
+             "| " + " | ".join(fields) + " |", "|" + "---|" * len(fields)]
+    lines += ["| " + " | ".join(fmt(r[k]) for k in fields) + " |" for r in rows]
+    _write(md_path, lines + ["", "![summary](summary.png)"], 0o644)
+    return [csv_path, md_path, plot(exp, root, rows)]
+
+
+def plot(exp: Experiment, root: str, rows: list[dict[str, Any]]) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = exp.columns[:3]
+    is_num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+    # x axis: the first swept key with several numeric values; one line per setting of the other keys
+    x_key = next((k for k in exp.swept_keys if len({r[k] for r in rows}) > 1 and all(is_num(r[k]) for r in rows)),
+                 None)
+    others = [k for k in exp.swept_keys if k != x_key]
+    curves = exp.stage != "pipeline" and bool(columns)
+    fig, axes = plt.subplots(1, len(columns) + curves, figsize=(4.2 * (len(columns) + curves), 3.4), squeeze=False)
+    for ax, col in zip(axes[0], columns):
+        done = [r for r in rows if is_num(r[col])]
+        if x_key:
+            lines: dict[str, list] = {}
+            for r in sorted(done, key=lambda r: r[x_key]):
+                lines.setdefault(",".join(f"{k.split('.')[-1]}={r[k]}" for k in others), []).append(r)
+            for label, rs in lines.items():
+                ax.plot([r[x_key] for r in rs], [r[col] for r in rs], "o-", label=label or None)
+            xs = [r[x_key] for r in done]
+            if xs and min(xs) > 0 and max(xs) >= 10 * min(xs):
+                ax.set_xscale("log")
+            ax.set_xlabel(x_key)
+            if len(lines) > 1:
+                ax.legend(fontsize=6)
+        else:
+            ax.plot(range(len(done)), [r[col] for r in done], "o")
+            ax.set_xticks(range(len(done)), [r["run"] for r in done], rotation=45, ha="right", fontsize=7)
+        ax.set_title(col, fontsize=9)
+    if curves:
+        ax = axes[0][-1]
+        for r in rows:
+            points = [(m["step"], m[columns[0]]) for m in _records(os.path.join(root, r["run"]))
+                      if isinstance(m.get(columns[0]), (int, float))]
+            if points:
+                ax.plot(*zip(*points), label=r["run"])
+        ax.set_xlabel("step")
+        ax.set_title(f"{columns[0]} during training", fontsize=9)
+        ax.legend(fontsize=6)
+    fig.suptitle(f"{exp.name}: {exp.base}", fontsize=10)
+    fig.tight_layout()
+    path = os.path.join(root, "summary.png")
+    fig.savefig(path + ".tmp", dpi=110, format="png")
+    os.replace(path + ".tmp", path)
+    plt.close(fig)
+    return path
+
+
+# --- command line ------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("experiment", help="experiments/<name>.py")
+    p.add_argument("--root", help="directory of the runs' workdirs (default runs/sweeps/<name>)")
+    p.add_argument("--workers", type=int, default=1, help="runs at a time (local, or a SLURM array's limit)")
+    p.add_argument("--emit", choices=("slurm", "tpu"), help="write launch files under <root>/launch instead of running")
+    p.add_argument("--collect", action="store_true", help="only write the summary of what has run")
+    p.add_argument("--list", action="store_true", help="print each run's command and state, run nothing")
+    p.add_argument("--nodes", type=int, default=1, help="--emit slurm: nodes (processes) per run")
+    p.add_argument("--sbatch", action="append", default=[], help="--emit slurm: an extra #SBATCH option, repeatable")
+    p.add_argument("--python", default=sys.executable, help="interpreter for local runs")
+    a = p.parse_args(argv)
+    if a.workers < 1 or a.nodes < 1:
+        p.error("--workers and --nodes must be at least 1")
+    exp = load_experiment(a.experiment)
+    root = os.path.abspath(a.root or os.path.join("runs", "sweeps", exp.name))
+    if a.list:
+        for run in exp.runs:
+            workdir = os.path.join(root, run.name)
+            state = "finished" if finished(workdir, exp.stage) else "to run"
+            print(f"{state:9s} {shlex.join(command(exp, run, workdir, 'python'))}")
+        return 0
+    if a.emit:
+        path = emit_slurm(exp, root, a.nodes, a.sbatch, a.workers if a.workers > 1 else 0) if a.emit == "slurm" \
+            else emit_tpu(exp, root)
+        log(f"wrote {path}")
+        return 0
+    os.makedirs(root, exist_ok=True)
+    status = {} if a.collect else run_local(exp, root, a.workers, a.python)
+    rows = collect(exp, root)
+    for path in write_summary(exp, root, rows):
+        log(f"wrote {path}")
+    failed = {k: v for k, v in status.items() if v != "finished"}
+    if failed:
+        log(f"{len(failed)} of {len(exp.runs)} runs did not finish: {failed}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

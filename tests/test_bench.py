@@ -1,0 +1,83 @@
+"""Benchmarks: the FLOP count behind MFU, and `scripts/bench.py --quick` end to end (needs torch)."""
+
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import pytest
+
+from rlhf_jax import perf
+from rlhf_jax.models.gpt import TransformerLM
+from rlhf_jax.models.layers import ModelConfig
+from rlhf_jax.stages.lm import token_losses
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("cfg", [
+    ModelConfig(vocab_size=256, d_model=128, n_layers=2, n_heads=4, max_len=64, dtype="float32"),
+    ModelConfig(vocab_size=256, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, max_len=64, dtype="float32",
+                mlp="swiglu", position="rope", tie_embeddings=False),
+], ids=["gpt2", "llama"])
+def test_train_flops_per_token_matches_xla_count(cfg):
+    """6·N + 12·L·T·D counts the matmuls; XLA counts every op of forward + backward, so it is a
+    little higher (norms, softmax, GELU), never lower, and not by much at d_model=128."""
+    B, T = 2, 64
+    tokens = jnp.zeros((B, T + 1), jnp.int32)
+    batch = {"tokens": tokens, "input_mask": jnp.ones_like(tokens), "loss_mask": jnp.ones_like(tokens)}
+    model = TransformerLM(cfg)
+    params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), tokens[:, :-1], jnp.zeros((B, T), jnp.int32),
+                                      jnp.ones((B, T), jnp.int32))["params"])
+    params = {k: v for k, v in params.items() if k in ("trunk", "lm_head")}  # heads the LM loss uses
+    grad = jax.grad(lambda p: jnp.sum(token_losses(p, model, batch)[0]))
+    cost = jax.jit(grad).lower(params).compile().cost_analysis()
+    xla_per_token = (cost[0] if isinstance(cost, list) else cost)["flops"] / (B * T)
+    assert 1.0 <= xla_per_token / perf.train_flops_per_token(cfg, T) < 1.08
+
+
+def test_measured_peak_is_a_plausible_rate():
+    peak = perf.measured_peak_flops("float32", n=256, repeats=2)
+    assert 1e8 < peak < 1e15  # FLOP/s: above a 1990s CPU, below a pod
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch") is None or importlib.util.find_spec("transformers") is None,
+                    reason="the PyTorch comparison needs `pip install -r requirements-parity.txt`")
+def test_quick_benchmark_writes_every_result(tmp_path):
+    out = tmp_path / "bench.json"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    proc = subprocess.run([sys.executable, "scripts/bench.py", "--quick", "--out", str(out)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert "ours/theirs" in proc.stdout and "goals:" in proc.stdout
+
+    t, g, shape = r["train_step"], r["generate"], r["train_step"]["shape"]
+    cfg = ModelConfig(vocab_size=shape["vocab"], d_model=shape["d_model"], n_layers=shape["n_layers"],
+                      n_heads=shape["n_heads"], max_len=shape["seq_len"])
+    assert t["flops_per_token"] == perf.train_flops_per_token(cfg, shape["seq_len"])
+    for section, dt in [(s, dt) for s in (t, g) for dt in ("bfloat16", "float32")]:
+        ours, theirs = section[dt]["rlhf_jax"], section[dt]["torch"]
+        for sys_result in (ours, theirs):
+            assert len(sys_result["seconds"]) == r["runs"] >= 5
+            assert sys_result["median_s"] == statistics.median(sys_result["seconds"]) > 0
+            assert len(sys_result["warmup_s"]) >= 1 and sys_result["peak_rss_mib"] > 50
+        assert section[dt]["ratio_vs_torch"] == pytest.approx(ours["tokens_per_s"] / theirs["tokens_per_s"])
+    assert t["ratio_vs_torch"] == t["bfloat16"]["ratio_vs_torch"]
+    assert g["ratio_vs_torch"] == g["bfloat16"]["ratio_vs_torch"]
+    ours = t["bfloat16"]["rlhf_jax"]
+    assert ours["tokens_per_s"] == pytest.approx(shape["batch"] * shape["seq_len"] / ours["median_s"])
+    assert t["mfu"] == pytest.approx(ours["tokens_per_s"] * t["flops_per_token"] / r["peak_flops"]["bfloat16"])
+    assert 0 < t["mfu"] < 1
+
+    assert r["peak_flops"]["bfloat16"] >= r["peak_flops"]["by_system"]["rlhf_jax"]["bfloat16"] > 0
+    assert r["peak_flops"]["method"]
+    assert r["ppo"]["episodes_per_s"] > 0 and 0 < r["ppo"]["generate_frac"] < 1
+    assert r["ppo"]["timed_iterations"] >= 1
+    assert set(r["goals"].values()) <= {True, False} and len(r["goals"]) == 5
+    assert r["machine"]["cores"] >= 1 and r["machine"]["versions"]["jax"] == jax.__version__

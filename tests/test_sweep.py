@@ -1,0 +1,142 @@
+"""Sweeps: experiment files, run names, launch files, and a local sweep end to end (summary, skip on rerun)."""
+
+import csv
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from experiments import load_experiment, product, run_names  # noqa: E402
+
+_spec = importlib.util.spec_from_file_location("sweep_script", os.path.join(ROOT, "scripts", "sweep.py"))
+sweep = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(sweep)
+
+SHIPPED = sorted(os.path.join(ROOT, "experiments", f) for f in os.listdir(os.path.join(ROOT, "experiments"))
+                 if f.endswith(".py") and f != "__init__.py")
+
+
+def _experiment(tmp_path, body: str, name: str = "exp") -> str:
+    path = tmp_path / f"{name}.py"
+    path.write_text("from experiments import product\n" + body)
+    return str(path)
+
+
+def test_product_is_every_combination_first_axis_slowest():
+    assert product({"optim.lr": [1e-3, 3e-3]}, seed=[0, 1]) == [
+        {"optim.lr": 1e-3, "seed": 0}, {"optim.lr": 1e-3, "seed": 1},
+        {"optim.lr": 3e-3, "seed": 0}, {"optim.lr": 3e-3, "seed": 1}]
+    for bad in ([], "0.1", 0.1):
+        with pytest.raises(ValueError, match="'seed' needs a non-empty list"):
+            product(seed=bad)
+
+
+def test_run_names_are_readable_unique_and_safe_as_directories():
+    assert run_names([{"optim.lr": 0.001, "seed": 1}, {"optim.lr": 3e-05, "seed": 1}]) == [
+        "lr=0.001,seed=1", "lr=3e-05,seed=1"]
+    # Two keys ending alike keep their full paths; {} is the baseline; path separators never appear.
+    assert run_names([{"optim.b1": 0.9, "kl.b1": 1}, {}]) == ["optim.b1=0.9,kl.b1=1", "base"]
+    assert run_names([{"reward.function": "pkg.mod:f/g"}]) == ["function=pkg.mod-f-g"]
+    with pytest.raises(ValueError, match=r"SWEEP\[0\] and SWEEP\[1\] both get the run name 'lr=0.1'"):
+        run_names([{"optim.lr": 0.1}, {"optim.lr": 0.1000001}])
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=os.path.basename)
+def test_shipped_experiments_load_and_check_against_their_base_config(path):
+    exp = load_experiment(path)
+    assert len(exp.runs) >= 4 and len({r.name for r in exp.runs}) == len(exp.runs)
+    assert exp.columns and exp.module == "rlhf_jax.main"
+    cmd = sweep.command(exp, exp.runs[0], "/w", "python")
+    assert cmd[:5] == ["python", "-m", "rlhf_jax.main", f"--config={exp.base}", "--workdir=/w"]
+    assert all(f"--config.{k}={sweep.cli_value(v)}" in cmd for k, v in exp.runs[0].overrides.items())
+
+
+def test_kl_ablation_varies_only_the_kl_coefficient_with_a_fixed_controller():
+    exp = load_experiment(os.path.join(ROOT, "experiments", "kl_coef_ppo.py"))
+    assert exp.swept_keys == ["kl.init_coef"] and exp.stage == "ppo"
+    assert all(r.overrides["kl.kind"] == "fixed" and r.overrides["reward.kind"] == "function" for r in exp.runs)
+
+
+def test_a_misspelt_key_fails_before_anything_runs_naming_file_and_key(tmp_path):
+    path = _experiment(tmp_path, 'BASE = "configs/pretrain.py:tiny"\nSWEEP = [dict(seed=0), {"optim.lrr": 1e-3}]\n')
+    with pytest.raises(ValueError, match=r"exp.py: SWEEP\[1\] sets 'optim.lrr', which is not a field of configs/"):
+        load_experiment(path)
+    with pytest.raises(FileNotFoundError, match="BASE='configs/nope.py:tiny'"):
+        load_experiment(_experiment(tmp_path, 'BASE = "configs/nope.py:tiny"\nSWEEP = [dict(seed=0)]\n', "nope"))
+    with pytest.raises(ValueError, match="SWEEP must be a non-empty list of dicts"):
+        load_experiment(_experiment(tmp_path, 'BASE = "configs/pretrain.py:tiny"\nSWEEP = []\n', "empty"))
+
+
+def test_a_run_is_finished_only_with_its_final_checkpoint(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"num_steps": 6}))
+    (tmp_path / "checkpoints" / "3").mkdir(parents=True)
+    assert not sweep.finished(str(tmp_path), "pretrain")  # e.g. stopped by SIGTERM after step 3: exit 0, not done
+    (tmp_path / "checkpoints" / "6").mkdir()
+    assert sweep.finished(str(tmp_path), "pretrain")
+    assert not sweep.finished(str(tmp_path), "pipeline") and sweep.completed(str(tmp_path), "ppo")
+
+
+def test_launch_files_hold_every_unfinished_run_and_are_valid_bash(tmp_path):
+    path = os.path.join(ROOT, "experiments", "lr_sweep_tiny.py")
+    exp = load_experiment(path)
+    root = tmp_path / "root"
+    assert sweep.main([path, "--root", str(root), "--emit", "slurm", "--nodes", "2", "--workers", "3",
+                       "--sbatch=--partition=gpu"]) == 0
+    script = (root / "launch" / "sweep.sbatch").read_text()
+    assert f"#SBATCH --array=0-{len(exp.runs) - 1}%3" in script and "#SBATCH --partition=gpu" in script
+    assert "#SBATCH --nodes=2" in script and all(f"--workdir={root}/{r.name} " in script for r in exp.runs)
+    subprocess.run(["bash", "-n", str(root / "launch" / "sweep.sbatch")], check=True)
+
+    (root / exp.runs[0].name).mkdir(parents=True)
+    (root / exp.runs[0].name / "DONE.json").write_text("{}")  # finished: left out of the next launch
+    assert sweep.main([path, "--root", str(root), "--emit", "tpu"]) == 0
+    tpu = (root / "launch" / "tpu_pod.sh").read_text()
+    commands = [line for line in tpu.splitlines() if line.startswith("remote ")]
+    assert len(commands) == len(exp.runs) - 1 and f"{exp.runs[0].name} " not in tpu
+    assert all("--worker=all" in tpu and "RLHF_JAX_DISTRIBUTED=1 python3 -m rlhf_jax.main" in c for c in commands)
+    subprocess.run(["bash", "-n", str(root / "launch" / "tpu_pod.sh")], check=True)
+
+
+QUICK = '''
+BASE = "configs/pretrain.py:tiny"
+FIXED = {"num_steps": 3, "log_every": 1, "eval_every": 3, "checkpoint.every": 3, "data.builtin_chars": 20000}
+SWEEP = product({"optim.lr": [1e-3, 3e-3]}, seed=[0, 1])
+'''
+
+
+def test_local_sweep_runs_two_at_a_time_summarises_and_skips_finished_runs_on_rerun(tmp_path):
+    path, root = _experiment(tmp_path, QUICK, "quick"), tmp_path / "sweeps" / "quick"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RLHF_JAX_")}
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    cmd = [sys.executable, "scripts/sweep.py", path, "--root", str(root), "--workers", "2"]
+    first = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert first.stdout.count(": started") == 4 and first.stdout.count(": finished in") == 4
+    assert first.stdout.index("started (2/4)") < first.stdout.index("finished in")  # two ran side by side
+
+    with open(root / "summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["run"] for r in rows] == ["lr=0.001,seed=0", "lr=0.001,seed=1", "lr=0.003,seed=0", "lr=0.003,seed=1"]
+    for r in rows:
+        workdir = root / r["run"]
+        config = json.loads((workdir / "config.json").read_text())
+        assert config["optim"]["lr"] == float(r["optim.lr"]) and config["seed"] == int(r["seed"])
+        metrics = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+        assert float(r["train/loss"]) == [m["train/loss"] for m in metrics if "train/loss" in m][-1]
+        assert float(r["eval/loss"]) == [m["eval/loss"] for m in metrics if "eval/loss" in m][-1]
+        assert r["status"] == "finished" and (workdir / "DONE.json").exists()
+    assert len({r["train/loss"] for r in rows}) == 4  # each run really got its own lr and seed
+    table = (root / "summary.md").read_text()
+    assert sum(line.startswith("| lr=") for line in table.splitlines()) == 4
+    assert (root / "summary.png").stat().st_size > 10_000
+
+    stamps = {r["run"]: (root / r["run"] / "metrics.jsonl").stat().st_mtime_ns for r in rows}
+    again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert again.stdout.count("finished earlier, skipped") == 4 and ": started" not in again.stdout
+    assert stamps == {r: (root / r / "metrics.jsonl").stat().st_mtime_ns for r in stamps}
