@@ -6,6 +6,8 @@ A file declares
     SWEEP = [dict(...), ...]                  one dict of --config.<key>=<value> overrides per run
     FIXED = dict(...)                         optional: overrides every run shares
     COLUMNS = ("train/loss", ...)             optional: the metrics its summary table reports
+    AVERAGE_LAST = 10                         optional: report each column's mean over its last 10
+                                              logged values (noisy per-iteration RL metrics); default 1
 
 and its docstring says what it reproduces and the command that runs it. `load_experiment` reads
 one such file into runs (a unique name and the overrides of each), checking every key against
@@ -62,6 +64,7 @@ class Experiment:
     runs: list[Run]
     swept_keys: list[str]
     columns: tuple[str, ...]
+    average_last: int = 1
 
     @property
     def module(self) -> str:
@@ -77,6 +80,7 @@ def load_experiment(path: str) -> Experiment:
     spec.loader.exec_module(module)
     base, sweep = getattr(module, "BASE", None), getattr(module, "SWEEP", None)
     fixed, columns = getattr(module, "FIXED", {}), getattr(module, "COLUMNS", None)
+    average_last = getattr(module, "AVERAGE_LAST", 1)
     if not isinstance(base, str) or not base:
         raise ValueError(f"{path}: BASE must be a string like \"configs/pretrain.py:tiny\", got {base!r}.")
     if not isinstance(sweep, list) or not sweep or not all(isinstance(s, dict) for s in sweep):
@@ -84,6 +88,9 @@ def load_experiment(path: str) -> Experiment:
                          f"[dict(seed=0), dict(seed=1)] or product({{\"optim.lr\": [1e-3, 3e-3]}}).")
     if not isinstance(fixed, dict):
         raise ValueError(f"{path}: FIXED must be a dict of overrides every run shares, got {type(fixed).__name__}.")
+    if not isinstance(average_last, int) or average_last < 1:
+        raise ValueError(f"{path}: AVERAGE_LAST must be a positive int (logged values per column), "
+                         f"got {average_last!r}.")
     config = _base_config(base, path)
     stage = "pipeline" if _stem(base.partition(":")[0]) == "pipeline" else config.stage
     for where, overrides in [("FIXED", fixed)] + [(f"SWEEP[{i}]", s) for i, s in enumerate(sweep)]:
@@ -96,7 +103,7 @@ def load_experiment(path: str) -> Experiment:
     runs = [Run(n, dict(s), {**fixed, **s}) for n, s in zip(names, sweep)]
     swept_keys = list(dict.fromkeys(k for s in sweep for k in s))
     return Experiment(path, _stem(path), base, stage, runs, swept_keys,
-                      tuple(columns) if columns else DEFAULT_COLUMNS.get(stage, ()))
+                      tuple(columns) if columns else DEFAULT_COLUMNS.get(stage, ()), average_last)
 
 
 def _base_config(base: str, where: str):

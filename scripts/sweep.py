@@ -66,6 +66,18 @@ def finished(workdir: str, stage: str) -> bool:
     return os.path.isfile(os.path.join(workdir, DONE)) or completed(workdir, stage)
 
 
+def _check_unchanged(workdir: str, run: Run) -> None:
+    """A finished run is only skipped if it ran with today's overrides (FIXED may have been edited)."""
+    try:
+        with open(os.path.join(workdir, DONE)) as f:
+            recorded = json.load(f).get("overrides")
+    except (OSError, ValueError):
+        return
+    if recorded is not None and recorded != json.loads(json.dumps(run.overrides, default=str)):
+        raise ValueError(f"{workdir} finished with overrides {recorded}, but the experiment now gives "
+                         f"{run.overrides}. Use another --root, or delete that run to redo it.")
+
+
 def mark_done(workdir: str, run: Run, cmd: list[str], seconds: float | None) -> None:
     record = {"run": run.name, "overrides": run.overrides, "command": shlex.join(cmd), "seconds": seconds}
     tmp = os.path.join(workdir, DONE + ".tmp")
@@ -86,6 +98,7 @@ def run_local(exp: Experiment, root: str, workers: int, python: str) -> dict[str
     status, pending = {}, []
     for run in exp.runs:
         if finished(os.path.join(root, run.name), exp.stage):
+            _check_unchanged(os.path.join(root, run.name), run)
             status[run.name] = "finished"
             log(f"{run.name}: finished earlier, skipped")
         else:
@@ -193,17 +206,24 @@ def _write(path: str, lines: list[str], mode: int = 0o755) -> None:
 # --- the summary -------------------------------------------------------------------------------------
 
 
-def last_values(workdir: str, stage: str) -> dict[str, float]:
-    """{metric: last logged value} from metrics.jsonl, or a pipeline's summary.json flattened with '/'."""
+def last_values(workdir: str, stage: str, average_last: int = 1) -> dict[str, Any]:
+    """{metric: last logged value, or the mean of the last `average_last` numbers} from metrics.jsonl;
+    for a pipeline, its summary.json flattened with '/'."""
     if stage == "pipeline":
         path = os.path.join(workdir, "summary.json")
         if not os.path.isfile(path):
             return {}
         with open(path) as f:
             return _flatten(json.load(f))
-    out = {}
+    history: dict[str, list] = {}
     for record in _records(workdir):
-        out.update({k: v for k, v in record.items() if k != "step"})
+        for k, v in record.items():
+            history.setdefault(k, []).append(v)
+    out = {}
+    for k, vs in history.items():
+        tail = vs[-average_last:]
+        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in tail)
+        out[k] = sum(tail) / len(tail) if numeric and average_last > 1 else vs[-1]
     return out
 
 
@@ -237,7 +257,7 @@ def collect(exp: Experiment, root: str) -> list[dict[str, Any]]:
         if completed(workdir, exp.stage) and not os.path.isfile(os.path.join(workdir, DONE)):
             mark_done(workdir, run, command(exp, run, workdir, "python"), None)
         status = "finished" if finished(workdir, exp.stage) else ("started" if os.path.isdir(workdir) else "not run")
-        values = last_values(workdir, exp.stage)
+        values = last_values(workdir, exp.stage, exp.average_last)
         rows.append({"run": run.name, **{k: run.swept.get(k, "") for k in exp.swept_keys}, "status": status,
                      **{c: values.get(c, "") for c in exp.columns}})
     return rows
@@ -253,7 +273,8 @@ def write_summary(exp: Experiment, root: str, rows: list[dict[str, Any]]) -> lis
     writer.writerows(rows)
     _write(csv_path, [table.getvalue().rstrip("\n")], 0o644)
     fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)
-    lines = [f"# {exp.name}", "", f"{len(rows)} runs of `{exp.base}` ({exp.path}); last logged values.", "",
+    what = f"mean of the last {exp.average_last} logged values" if exp.average_last > 1 else "last logged values"
+    lines = [f"# {exp.name}", "", f"{len(rows)} runs of `{exp.base}` ({exp.path}); {what}.", "",
              "| " + " | ".join(fields) + " |", "|" + "---|" * len(fields)]
     lines += ["| " + " | ".join(fmt(r[k]) for k in fields) + " |" for r in rows]
     _write(md_path, lines + ["", "![summary](summary.png)"], 0o644)

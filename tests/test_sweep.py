@@ -81,6 +81,23 @@ def test_a_run_is_finished_only_with_its_final_checkpoint(tmp_path):
     assert not sweep.finished(str(tmp_path), "pipeline") and sweep.completed(str(tmp_path), "ppo")
 
 
+def test_summary_values_are_the_last_logged_or_the_mean_of_the_last_few(tmp_path):
+    records = [{"step": 1, "a": 1.0}, {"step": 2, "a": 2.0}, {"step": 2, "eval/a": 7.0}, {"step": 3, "a": 6.0}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + '{"step": 4, "a"')
+    assert sweep.last_values(str(tmp_path), "ppo") == {"step": 3, "a": 6.0, "eval/a": 7.0}  # torn last line ignored
+    assert sweep.last_values(str(tmp_path), "ppo", average_last=2)["a"] == 4.0
+    (tmp_path / "summary.json").write_text(json.dumps({"ppo": {"gold_score": 0.5}, "rm": {"accuracy_vs_gold": 0.9}}))
+    assert sweep.last_values(str(tmp_path), "pipeline") == {"ppo/gold_score": 0.5, "rm/accuracy_vs_gold": 0.9}
+
+
+def test_a_finished_run_is_not_skipped_once_the_experiment_changed_its_overrides(tmp_path):
+    exp = load_experiment(_experiment(tmp_path, 'BASE = "configs/pretrain.py:tiny"\nSWEEP = [dict(seed=0)]\n'))
+    (tmp_path / "root" / "seed=0").mkdir(parents=True)
+    (tmp_path / "root" / "seed=0" / "DONE.json").write_text(json.dumps({"overrides": {"seed": 0, "num_steps": 5}}))
+    with pytest.raises(ValueError, match=r"seed=0 finished with overrides .* Use another --root"):
+        sweep.run_local(exp, str(tmp_path / "root"), workers=1, python=sys.executable)
+
+
 def test_launch_files_hold_every_unfinished_run_and_are_valid_bash(tmp_path):
     path = os.path.join(ROOT, "experiments", "lr_sweep_tiny.py")
     exp = load_experiment(path)
