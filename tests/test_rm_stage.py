@@ -38,9 +38,12 @@ def init_params(model, seed: int = 0):
 
 # --- pads --------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("dtype,tol", [("float32", 1e-5), ("bfloat16", 1e-3)])
-def test_pads_on_either_side_do_not_change_a_reward(dtype, tol):
-    model = TransformerLM(ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, max_len=32, dtype=dtype))
+def test_pads_on_either_side_do_not_change_a_reward():
+    # bf16 compute, as the stage and PPO's scoring run; masked keys get exactly 0 attention, so only
+    # summation order may differ (observed ~1e-7)
+    tol = 1e-3
+    model = TransformerLM(ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, max_len=32,
+                                      dtype="bfloat16"))
     params = init_params(model)
     rewards = jax.jit(lambda t, m: rm.sequence_rewards(params, model, t, m))
     rng = np.random.default_rng(0)
@@ -49,14 +52,14 @@ def test_pads_on_either_side_do_not_change_a_reward(dtype, tol):
     assert np.ptp(alone) > 10 * tol  # rewards depend on the tokens, so equality below means something
 
     L = 20  # pads hold random token ids: only input_mask may tell them apart
-    layouts = {"right": lambda n: (0, L - n), "left": lambda n: (L - n, 0), "both": lambda n: (3, L - n - 3)}
-    for name, pads in layouts.items():
+    first_real = {"right pads": lambda n: 0, "left pads": lambda n: L - n, "pads on both sides": lambda n: 3}
+    for name, start in first_real.items():
         tokens, mask = rng.integers(1, 64, (len(seqs), L), dtype=np.int32), np.zeros((len(seqs), L), np.int32)
         for i, s in enumerate(seqs):
-            left, _ = pads(len(s))
-            tokens[i, left:left + len(s)], mask[i, left:left + len(s)] = s, 1
+            a = start(len(s))
+            tokens[i, a:a + len(s)], mask[i, a:a + len(s)] = s, 1
         got = np.asarray(rewards(tokens, mask))
-        np.testing.assert_allclose(got, alone, atol=tol, rtol=tol, err_msg=f"{name} pads")
+        np.testing.assert_allclose(got, alone, atol=tol, rtol=tol, err_msg=name)
 
 
 # --- the built-in rule, normalisation, resume ---------------------------------------------------------

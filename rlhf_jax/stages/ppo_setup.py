@@ -85,7 +85,8 @@ def initial_params(run: Run, model, params):
             raise ValueError("config.ppo.critic='reward_model' needs the RM to have the policy's architecture; "
                              "use ppo.critic='shared' or train the RM from the same SFT workdir.")
         critic = checkpoint.load_params(rm_dir, params["critic"])
-        out["critic"] = {**critic, "value_head": critic["reward_head"]}
+        # A copy, not an alias: the train state is donated, and one buffer must not back two leaves.
+        out["critic"] = {**critic, "value_head": jax.tree.map(jnp.copy, critic["reward_head"])}
     return out
 
 
