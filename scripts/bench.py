@@ -14,7 +14,12 @@ Measures, for the same model shape, batch, sequence length and dtype policy:
 Each system runs in its own worker process (so peak RSS, `ru_maxrss`, is its own)
 that builds and warms up once (compile / warm-up time reported apart), then the
 two are asked for one timed run each, alternating which goes first, and the
-median of the runs is reported. Needs `pip install -r requirements-parity.txt`.
+median of the runs is reported (the best run too, as a check on interference).
+A full run takes about 5 minutes on an idle 2-core machine; other work on the
+machine slows PyTorch's OpenMP threads far more than JAX, so only numbers from
+an idle machine compare the two (the load average is printed and saved).
+--quick is a smoke test (seconds): its numbers mean nothing.
+Needs `pip install -r requirements-parity.txt`.
 """
 
 from __future__ import annotations
@@ -63,7 +68,7 @@ def serve(workloads: dict[str, Callable[[dict], Callable[[], None]]], peak: Call
     {"cmd": "setup", "task", "spec"}: `workloads[task](spec)` builds a workload and returns `run()`,
         which does one unit of work and returns when it has finished; it is run `warmup` times
         (the first compiles, or warms torch's allocator) → {"setup_s", "warmup_s": [...]}.
-    "run" → {"seconds"};  "peak" → `peak()`;  "rss" → {"rss_mib"};  "quit" ends the worker.
+    "run" → {"seconds", "cpu_s"};  "peak" → `peak()`;  "rss" → {"rss_mib"};  "quit" ends the worker.
     """
     proto = protocol_stream()
     proto.write(json.dumps({"hello": True}) + "\n")  # imports done: nothing after this overlaps a timing
@@ -81,9 +86,10 @@ def serve(workloads: dict[str, Callable[[dict], Callable[[], None]]], peak: Call
                 run()
                 reply["warmup_s"].append(time.perf_counter() - t)
         elif msg["cmd"] == "run":
-            t = time.perf_counter()
+            t, cpu = time.perf_counter(), time.process_time()
             run()
-            reply = {"seconds": time.perf_counter() - t}
+            # CPU seconds over all threads: well below cores × seconds means other work had the cores.
+            reply = {"seconds": time.perf_counter() - t, "cpu_s": time.process_time() - cpu}
         elif msg["cmd"] == "peak":
             reply = peak()
         elif msg["cmd"] == "rss":
@@ -199,7 +205,8 @@ def jax_ppo(spec: dict) -> dict:
     c.model.update(d_model=s["d_model"], n_layers=s["n_layers"], n_heads=s["n_heads"], max_len=128)
     c.rollout.max_new_tokens = s["new_tokens"]
     c.batch_size, c.num_steps = s["batch"], s["iterations"]
-    c.ppo.update(epochs=4, num_minibatches=4) if s["batch"] >= 16 else None
+    if s["batch"] >= 16:  # lm-human-preferences' 4 epochs x 4 minibatches, once minibatches are not tiny
+        c.ppo.update(epochs=4, num_minibatches=4)
     c.checkpoint.every, c.sample_every, c.log_every = 10**6, 0, 1  # checkpoint once, at the end
     with tempfile.TemporaryDirectory() as workdir:
         ppo.train_and_evaluate(c, workdir)
@@ -217,13 +224,13 @@ def jax_ppo(spec: dict) -> dict:
 class Worker:
     """One benchmark process (`script --worker ROLE`); its stderr goes to a log file, shown if it fails."""
 
-    def __init__(self, script: str, role: str, logdir: str, spec: dict | None = None):
+    def __init__(self, script: str, role: str, logdir: str, spec: dict | None = None, extra_xla_flags: str = ""):
         self.name = f"{script} --worker {role}"
         fd, self.log = tempfile.mkstemp(prefix=f"{script}.{role}.", suffix=".log", dir=logdir)
         env = dict(os.environ)
         # One real CPU device: a fake device count (the test suite's) would shard the step.
-        env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
-                                    if not f.startswith("--xla_force_host_platform_device_count"))
+        env["XLA_FLAGS"] = " ".join([f for f in env.get("XLA_FLAGS", "").split()
+                                     if not f.startswith("--xla_force_host_platform_device_count")] + [extra_xla_flags])
         env["JAX_PLATFORMS"] = "cpu"
         env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])
         cmd = [sys.executable, os.path.join(ROOT, "scripts", script), "--worker", role, "--spec", json.dumps(spec or {})]
@@ -255,8 +262,9 @@ class Worker:
         self.proc.wait(timeout=60)
 
 
-def start_pair(logdir: str) -> dict[str, Worker]:
-    workers = {"rlhf_jax": Worker("bench.py", "serve", logdir), "torch": Worker("bench_torch.py", "serve", logdir)}
+def start_pair(logdir: str, extra_xla_flags: str = "") -> dict[str, Worker]:
+    workers = {"rlhf_jax": Worker("bench.py", "serve", logdir, extra_xla_flags=extra_xla_flags),
+               "torch": Worker("bench_torch.py", "serve", logdir)}
     for w in workers.values():
         w.reply()  # "hello": both have imported their libraries
     return workers
@@ -264,15 +272,22 @@ def start_pair(logdir: str) -> dict[str, Worker]:
 
 def side_by_side(workers: dict[str, Worker], task: str, spec: dict, runs: int, pause_s: float = 0.3) -> dict:
     """One workload on both systems: each builds and warms up alone, then timed runs alternate (who goes first flips)."""
+    load = [os.getloadavg()[0]]
     ready = {k: w.ask("setup", task=task, spec=spec) for k, w in workers.items()}
-    times = {k: [] for k in workers}
+    runs_of = {k: [] for k in workers}
     for i in range(runs):
         for name in (("rlhf_jax", "torch") if i % 2 == 0 else ("torch", "rlhf_jax")):
             time.sleep(pause_s)  # let the other system's idle threads stop spinning
-            times[name].append(workers[name].ask("run")["seconds"])
-    return {k: {"seconds": times[k], "median_s": statistics.median(times[k]), "setup_s": ready[k]["setup_s"],
-                "warmup_s": ready[k]["warmup_s"], "peak_rss_mib": workers[k].ask("rss")["rss_mib"]}
-            for k in workers}
+            runs_of[name].append(workers[name].ask("run"))
+    load.append(os.getloadavg()[0])
+    out = {}
+    for k, w in workers.items():
+        seconds = [r["seconds"] for r in runs_of[k]]
+        out[k] = {"seconds": seconds, "cpu_s": [r["cpu_s"] for r in runs_of[k]], "median_s": statistics.median(seconds),
+                  "min_s": min(seconds), "setup_s": ready[k]["setup_s"], "warmup_s": ready[k]["warmup_s"],
+                  "peak_rss_mib": w.ask("rss")["rss_mib"]}
+    out["loadavg_1m"] = load  # before and after: the machine's other work during this workload
+    return out
 
 
 def _progress(msg: str, t0: float):
@@ -284,12 +299,14 @@ def measure_all(shapes: dict, runs: int, quick: bool, logdir: str) -> dict:
 
     A full run gives every workload its own pair of workers (so each peak RSS belongs to one
     workload) and runs the PPO stage alone. --quick only checks that everything runs: one pair
-    serves all workloads, and the PPO stage runs beside them (its compiles use the other core).
+    serves all workloads, the PPO stage runs beside them (its compiles use the other core), and
+    XLA compiles without LLVM optimisation (half the compile time of these tiny, fast programs).
     """
     results, t0 = {}, time.perf_counter()
     _progress("starting workers, measuring peak FLOP/s", t0)
-    ppo = Worker("bench.py", "ppo", logdir, {"shape": shapes["ppo"]}) if quick else None
-    workers = start_pair(logdir)
+    flags = "--xla_backend_optimization_level=0" if quick else ""
+    ppo = Worker("bench.py", "ppo", logdir, {"shape": shapes["ppo"]}, flags) if quick else None
+    workers = start_pair(logdir, flags)
     try:
         results["peak"] = {k: w.ask("peak") for k, w in workers.items()}
         for task in ("train", "generate"):
@@ -334,6 +351,23 @@ def machine_info() -> dict:
             "loadavg_1m_at_start": os.getloadavg()[0]}
 
 
+SYSTEMS = ("rlhf_jax", "torch")
+
+
+def _rates(r: dict, units_per_run: int, flops_per_unit: float = 0.0, peak: float = 0.0, own_peak: float = 0.0):
+    """Adds units/s (from the median run and from the best run), ratios and, given FLOPs, MFU."""
+    for name in SYSTEMS:
+        x = r[name]
+        x["tokens_per_s"], x["best_tokens_per_s"] = units_per_run / x["median_s"], units_per_run / x["min_s"]
+        if flops_per_unit:
+            x["mfu"] = x["tokens_per_s"] * flops_per_unit / peak
+            x["mfu_vs_own_dtype_peak"] = x["tokens_per_s"] * flops_per_unit / own_peak
+    r["ratio_vs_torch"] = r["rlhf_jax"]["tokens_per_s"] / r["torch"]["tokens_per_s"]
+    # The fastest run of each is the least disturbed by other work on the machine: a cross-check.
+    r["best_run_ratio_vs_torch"] = r["rlhf_jax"]["best_tokens_per_s"] / r["torch"]["best_tokens_per_s"]
+    return r
+
+
 def summarize(results: dict, shapes: dict) -> dict:
     """Adds tokens/s, ratios (ours / theirs) and MFU to the raw timings."""
     from rlhf_jax import perf
@@ -341,30 +375,17 @@ def summarize(results: dict, shapes: dict) -> dict:
     peak = results["peak"]
     bf16_peak = max(peak["rlhf_jax"]["bfloat16"], peak["torch"]["bfloat16"])  # the higher: the harder MFU
     f32_peak = max(peak["rlhf_jax"]["float32"], peak["torch"]["float32"])
-    s = shapes["train"]
-    cfg = _jax_model(s, "float32", s["seq_len"]).cfg
-    flops_per_token = perf.train_flops_per_token(cfg, s["seq_len"])
+    s, g = shapes["train"], shapes["generate"]
+    flops_per_token = perf.train_flops_per_token(_jax_model(s, "float32", s["seq_len"]).cfg, s["seq_len"])
     train = {"flops_per_token": flops_per_token, "shape": s}
+    gen = {"shape": g}
     for dt in DTYPES:
-        r = results[f"train_{dt}"]
-        for name in r:
-            r[name]["tokens_per_s"] = s["batch"] * s["seq_len"] / r[name]["median_s"]
-            r[name]["mfu"] = r[name]["tokens_per_s"] * flops_per_token / bf16_peak
-            r[name]["mfu_vs_own_dtype_peak"] = r[name]["tokens_per_s"] * flops_per_token / (
-                bf16_peak if dt == "bfloat16" else f32_peak)
-        r["ratio_vs_torch"] = r["rlhf_jax"]["tokens_per_s"] / r["torch"]["tokens_per_s"]
-        train[dt] = r
+        train[dt] = _rates(results[f"train_{dt}"], s["batch"] * s["seq_len"], flops_per_token, bf16_peak,
+                           bf16_peak if dt == "bfloat16" else f32_peak)
+        gen[dt] = _rates(results[f"generate_{dt}"], g["batch"] * g["new_tokens"])
     # Headline: the project's own policy (bf16 compute, f32 params and accumulation).
     train["ratio_vs_torch"] = train["bfloat16"]["ratio_vs_torch"]
     train["mfu"] = train["bfloat16"]["rlhf_jax"]["mfu"]
-    g = shapes["generate"]
-    gen = {"shape": g}
-    for dt in DTYPES:
-        r = results[f"generate_{dt}"]
-        for name in r:
-            r[name]["tokens_per_s"] = g["batch"] * g["new_tokens"] / r[name]["median_s"]
-        r["ratio_vs_torch"] = r["rlhf_jax"]["tokens_per_s"] / r["torch"]["tokens_per_s"]
-        gen[dt] = r
     gen["ratio_vs_torch"] = gen["bfloat16"]["ratio_vs_torch"]
     its = results["ppo"]["iterations"][1:]  # the first iteration compiles
     med = lambda k: statistics.median(i[k] for i in its)
@@ -396,22 +417,23 @@ def table(out: dict) -> str:
     lines = [f"machine: {m['cpu']}, {m['cores']} cores, bf16 instructions {m['bf16_instructions'] or 'none'}; "
              f"jax {v['jax']}, flax {v['flax']}, torch {v['torch']} ({m['torch_threads']} threads), "
              f"transformers {v['transformers']}",
-             f"load average (1 min) at start {m['loadavg_1m_at_start']:.2f}, at end {m['loadavg_1m_at_end']:.2f}"
-             + ("  <- other work was running: treat the numbers as provisional" if
-                max(m['loadavg_1m_at_start'], m['loadavg_1m_at_end']) > 0.5 else ""),
+             f"load average (1 min) before the benchmark {m['loadavg_1m_at_start']:.2f}, after it "
+             f"{m['loadavg_1m_at_end']:.2f} (which counts the benchmark's own threads)"
+             + ("  <- other work was running: treat the numbers as provisional"
+                if m['loadavg_1m_at_start'] > 0.5 else ""),
              f"peak matmul FLOP/s: bf16 {p['bfloat16'] / 1e9:.0f} G, f32 {p['float32'] / 1e9:.0f} G  "
              f"(jax bf16 {p['by_system']['rlhf_jax']['bfloat16'] / 1e9:.0f} / f32 "
              f"{p['by_system']['rlhf_jax']['float32'] / 1e9:.0f}, torch bf16 "
              f"{p['by_system']['torch']['bfloat16'] / 1e9:.0f} / f32 {p['by_system']['torch']['float32'] / 1e9:.0f})",
-             "", f"{'benchmark':<28}{'rlhf_jax':>12}{'torch':>12}{'ours/theirs':>13}{'warmup ours/theirs (s)':>26}"
-                 f"{'RSS MiB ours/theirs':>22}"]
+             "", f"{'benchmark (median)':<28}{'rlhf_jax':>12}{'torch':>12}{'ours/theirs':>13}{'best runs':>11}"
+                 f"{'warmup ours/theirs (s)':>25}{'RSS MiB ours/theirs':>22}"]
     t, g = out["train_step"], out["generate"]
     rows = [(f"train tok/s {dt}", t[dt]) for dt in DTYPES] + [(f"generate tok/s {dt}", g[dt]) for dt in DTYPES]
     for label, r in rows:
         a, b = r["rlhf_jax"], r["torch"]
         lines.append(f"{label:<28}{a['tokens_per_s']:>12.0f}{b['tokens_per_s']:>12.0f}{r['ratio_vs_torch']:>12.2f}x"
-                     f"{a['warmup_s'][0]:>15.1f} / {b['warmup_s'][0]:<8.1f}{a['peak_rss_mib']:>12.0f} / "
-                     f"{b['peak_rss_mib']:<8.0f}")
+                     f"{r['best_run_ratio_vs_torch']:>10.2f}x{a['warmup_s'][0]:>14.1f} / {b['warmup_s'][0]:<8.1f}"
+                     f"{a['peak_rss_mib']:>12.0f} / {b['peak_rss_mib']:<8.0f}")
     for dt in DTYPES:
         a, b = t[dt]["rlhf_jax"], t[dt]["torch"]
         lines.append(f"{'train MFU ' + dt:<28}{a['mfu']:>11.1%} {b['mfu']:>11.1%}   (of the bf16 peak; "
@@ -423,6 +445,8 @@ def table(out: dict) -> str:
                   f"generate {q['generate_frac']:.0%} of the iteration (generate {q['generate_s']:.3f}s, score "
                   f"{q['score_s']:.3f}s, update {q['update_s']:.3f}s; median of {q['timed_iterations']}), "
                   f"RSS {q['peak_rss_mib']:.0f} MiB", "", "goals:"]
+    if out["quick"]:
+        lines[-1] = "goals (NOT meaningful with --quick: tiny shapes, unoptimised XLA, PPO running alongside):"
     lines += [f"  [{'met' if ok else 'MISSED'}] {k}" for k, ok in out["goals"].items()]
     return "\n".join(lines)
 
