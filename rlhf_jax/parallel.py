@@ -114,6 +114,15 @@ def global_batch(local: dict[str, np.ndarray], mesh: Mesh, rules) -> dict[str, j
             for k, v in local.items()}
 
 
+def to_host(x) -> np.ndarray:
+    """The whole global array as numpy on every process (an all-gather across hosts; device_get on one)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+
 def check_batch(global_batch_size: int, mesh: Mesh, rules, name: str = "config.batch_size") -> None:
     n = data_parallel_size(mesh, rules)
     if global_batch_size % n:

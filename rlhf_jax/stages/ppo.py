@@ -224,14 +224,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             t2 = time.perf_counter()
 
             ptx = ppo_setup.ptx_batches(ptx_loader, it, updates_per_iter, run)
-            host = jax.tree.map(ppo_setup._host, {"kl": kl, "scores": scores, "non_score_reward": non_score,
+            host = jax.tree.map(parallel.to_host, {"kl": kl, "scores": scores, "non_score_reward": non_score,
                                                   "entropy": scored["entropy"], "response_mask": batch["response_mask"],
                                                   "ended": gen["ended"]})  # all processes' episodes
             state, stats = update_fn(state, rollout, ptx)
             stats = jax.device_get(stats)
             t3 = time.perf_counter()
             if monitor_fn is not None:  # e.g. the gold judge, to watch RM over-optimisation (Gao et al. 2022)
-                stats["objective/monitor_score"] = float(np.mean(ppo_setup._host(
+                stats["objective/monitor_score"] = float(np.mean(parallel.to_host(
                     ppo_setup.function_scores(monitor_fn, tok, batch, run))))
 
             done = it + 1

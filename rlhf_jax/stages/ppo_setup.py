@@ -114,17 +114,9 @@ def import_function(spec: str, key: str):
         raise ValueError(f"config.{key}={spec!r} cannot be imported ({e}); give it as 'package.module:function'.") from e
 
 
-def _host(x) -> np.ndarray:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(jax.device_get(x))
-
-
 def decode_batch(tok, batch) -> tuple[list[str], list[str]]:
-    prompts, pmask = _host(batch["prompt"]), _host(batch["prompt_mask"])
-    resp, rmask = _host(batch["response"]), _host(batch["response_mask"])
+    prompts, pmask = parallel.to_host(batch["prompt"]), parallel.to_host(batch["prompt_mask"])
+    resp, rmask = parallel.to_host(batch["response"]), parallel.to_host(batch["response_mask"])
     p_text = [tok.decode([int(t) for t, m in zip(row, mk) if m]) for row, mk in zip(prompts, pmask)]
     r_text = [tok.decode([int(t) for t, m in zip(row, mk) if m]) for row, mk in zip(resp, rmask)]
     return p_text, r_text
@@ -133,7 +125,8 @@ def decode_batch(tok, batch) -> tuple[list[str], list[str]]:
 def function_scores(fn, tok, batch, run: Run):
     """Scores from a Python function fn(prompts, responses, tokens, mask) -> [B] floats."""
     p_text, r_text = decode_batch(tok, batch)
-    scores = np.asarray(fn(p_text, r_text, _host(batch["response"]), _host(batch["response_mask"])), np.float32)
+    tokens, mask = parallel.to_host(batch["response"]), parallel.to_host(batch["response_mask"])
+    scores = np.asarray(fn(p_text, r_text, tokens, mask), np.float32)
     if scores.shape != (len(r_text),):
         raise ValueError(f"config.reward.function returned shape {scores.shape}; expected ({len(r_text)},).")
     return jax.device_put(scores, parallel.batch_sharding(run.mesh, run.rules, 1))

@@ -22,7 +22,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from jax.experimental import multihost_utils
 
 from rlhf_jax import config as config_lib, optim, parallel, perf, preference, train_state
 from rlhf_jax.models.gpt import TransformerLM, positions_from_mask
@@ -129,11 +128,6 @@ def make_reward_fn(model):
     return jax.jit(lambda params, batch: comparison_rewards(params, model, batch))
 
 
-def _host(x) -> np.ndarray:
-    """The whole global array on every process (multi-host safe; a plain device_get on one host)."""
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
 def _all_rewards(reward_fn, params, source, run: Run, max_batches: int | None):
     """(rewards f32 [N, K], valid [N, K]) of the comparisons in `source`, padding rows included."""
     from rlhf_jax.data.loader import eval_batches
@@ -142,8 +136,8 @@ def _all_rewards(reward_fn, params, source, run: Run, max_batches: int | None):
     with parallel.activate(run.mesh, run.rules):
         for local in eval_batches(source, run.config.batch_size, max_batches):
             batch = parallel.global_batch(local, run.mesh, run.rules)
-            rewards.append(_host(reward_fn(params, batch)))
-            valid.append(_host(batch["valid"]))
+            rewards.append(parallel.to_host(reward_fn(params, batch)))
+            valid.append(parallel.to_host(batch["valid"]))
     return np.concatenate(rewards), np.concatenate(valid)
 
 
