@@ -99,6 +99,19 @@ def test_temperature_sampling_matches_the_distribution():
     np.testing.assert_allclose(freq, [0.6, 0.3, 0.1], atol=0.015)
 
 
+def test_filtered_tokens_are_never_drawn():
+    """Zero-probability entries (first, middle, last) are skipped; the rest keep their proportions."""
+    from rlhf_jax.sampling import sample_token
+
+    probs = jnp.asarray([[0.0, 0.5, 0.0, 0.25, 0.25, 0.0]])
+    logits = jnp.tile(jnp.where(probs > 0, jnp.log(probs), jnp.finfo(jnp.float32).min), (20000, 1))
+    keys = jax.random.split(jax.random.PRNGKey(1), 20000)
+    toks = np.asarray(sample_token(logits, keys, SamplingSettings(temperature=1.0, top_k=3)))
+    freq = np.bincount(toks, minlength=6) / len(toks)
+    assert freq[0] == freq[2] == freq[5] == 0.0
+    np.testing.assert_allclose(freq, [0, 0.5, 0, 0.25, 0.25, 0], atol=0.015)
+
+
 def test_eos_before_eos_after_does_not_end_the_sample():
     """lm-human-preferences' truncate_after: a stop token before index N is an ordinary token."""
     p = params()

@@ -8,6 +8,7 @@ and every matmul runs in the compute dtype with f32 accumulation
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -58,9 +59,42 @@ class ModelConfig:
 
 
 def matmul(eq: str, x: jax.Array, w: jax.Array, dtype: Dtype, out_dtype: Dtype | None = None) -> jax.Array:
-    """einsum in `dtype` with f32 accumulation, result cast to `out_dtype` (default `dtype`)."""
-    y = jnp.einsum(eq, x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
-    return y.astype(out_dtype or dtype)
+    """einsum in `dtype` with f32 accumulation, result cast to `out_dtype` (default `dtype`).
+
+    The backward pass follows the same policy: the incoming gradient is cast to `dtype`, so both
+    backward dots (dx, dw) also run as `dtype` x `dtype` -> f32. Plain autodiff would keep an f32
+    cotangent (e.g. from f32 logits) and silently run those dots in f32, at a fraction of the speed.
+    """
+    dtype, out_dtype = jnp.dtype(dtype), jnp.dtype(out_dtype or dtype)
+    return _mixed_einsum(eq, dtype, out_dtype)(x.astype(dtype), w.astype(dtype))
+
+
+@functools.lru_cache(maxsize=None)
+def _mixed_einsum(eq: str, dtype: Dtype, out_dtype: Dtype):
+    """einsum(eq) as a custom-VJP function whose forward and backward dots are dtype x dtype -> f32."""
+    inputs, out = eq.split("->")
+    x_sub, w_sub = inputs.split(",")
+
+    def dot(spec, a, b):
+        return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+
+    @jax.custom_vjp
+    def f(x, w):
+        return dot(eq, x, w).astype(out_dtype)
+
+    def fwd(x, w):
+        return f(x, w), (x, w)
+
+    def bwd(res, g):
+        x, w = res
+        g = g.astype(dtype)
+        # `...` in x's subscripts (batch dims) also appears in the output, so both specs are well formed.
+        dx = dot(f"{out},{w_sub}->{x_sub}", g, w).astype(x.dtype)
+        dw = dot(f"{x_sub},{out}->{w_sub}", x, g).astype(w.dtype)
+        return dx, dw
+
+    f.defvjp(fwd, bwd)
+    return f
 
 
 class Dense(nn.Module):
@@ -142,28 +176,32 @@ class Attention(nn.Module):
             q, k = rotary(q, positions, cfg.rope_theta), rotary(k, positions, cfg.rope_theta)
         q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
 
-        T = x.shape[1]
+        # Keys and values as [B, kv_heads, S, head_dim]: the cache's layout, so a decode step appends
+        # one contiguous row per head and both attention dots read S-contiguous operands.
+        B, T = x.shape[:2]
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
         if cache is not None:
-            k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), cache_index, axis=1)
-            v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), cache_index, axis=1)
+            k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), cache_index, axis=2)
+            v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), cache_index, axis=2)
             cache = {"k": k, "v": v}
             q_slots = cache_index + jnp.arange(T)
         else:
             q_slots = jnp.arange(T)
-        S = k.shape[1]
+        S = k.shape[2]
         allowed = (jnp.arange(S)[None, :] <= q_slots[:, None])[None] & (key_mask[:, None, :] > 0)  # B,T,S
 
-        # Grouped-query attention: q heads are split into kvh groups sharing one k/v head.
-        B = x.shape[0]
-        qg = q.reshape(B, T, kvh, h // kvh, hd)
-        scores = jnp.einsum("btkgd,bskd->bkgts", qg.astype(dt), k.astype(dt), preferred_element_type=jnp.float32)
+        # Grouped-query attention: q heads are split into kvh groups sharing one k/v head. The dots run
+        # in the dtype the keys are held in (the compute dtype, or the cache's; see `init_cache`).
+        adt = k.dtype
+        qg = q.reshape(B, T, kvh, h // kvh, hd).astype(adt)
+        scores = jnp.einsum("btkgd,bksd->bkgts", qg, k, preferred_element_type=jnp.float32)
         scores = scores / jnp.sqrt(jnp.float32(hd))
         # A large finite negative (not -inf) keeps fully masked rows (left pads) finite.
         scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1)
         probs = nn.Dropout(cfg.dropout)(probs, deterministic=deterministic)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(dt), v.astype(dt), preferred_element_type=jnp.float32)
-        out = out.reshape(B, T, h, hd).astype(dt)
+        out = jnp.einsum("bkgts,bksd->bkgtd", probs.astype(adt), v, preferred_element_type=jnp.float32)
+        out = out.transpose(0, 3, 1, 2, 4).reshape(B, T, h, hd).astype(dt)
         out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
         w = self.param("out", P(nn.initializers.normal(0.02 / (2 * cfg.n_layers) ** 0.5), ("heads", "kv", "embed")),
                        (h, hd, cfg.d_model), jnp.float32)
