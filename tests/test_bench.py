@@ -41,6 +41,23 @@ def test_train_flops_per_token_matches_xla_count(cfg):
     assert 1.0 <= xla_per_token / perf.train_flops_per_token(cfg, T) < 1.08
 
 
+def test_profile_floor_runs_the_gemms_mfu_counts():
+    """scripts/profile.py's matmul floor for a train step is the 6·N part of the MFU FLOP count, and its
+    generate floor is one 2·N forward per prompt position and per new token."""
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))  # profile.py imports bench.py beside it
+    spec = importlib.util.spec_from_file_location("rlhf_profile", os.path.join(ROOT, "scripts", "profile.py"))
+    profile = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(profile)
+    s = dict(vocab=256, d_model=64, n_layers=2, n_heads=4, seq_len=32, batch=2, prompt_len=5, new_tokens=7)
+    cfg = ModelConfig(vocab_size=s["vocab"], d_model=s["d_model"], n_layers=s["n_layers"], n_heads=s["n_heads"])
+    flops = lambda groups: sum(t * 2 * m * k * n for shapes, t in groups for m, k, n in shapes)
+    attention = 12.0 * cfg.n_layers * s["seq_len"] * cfg.d_model
+    per_token = perf.train_flops_per_token(cfg, s["seq_len"]) - attention  # 6·N
+    assert flops(profile.gemm_groups("train", s)) == per_token * s["batch"] * s["seq_len"]
+    positions = s["batch"] * (s["prompt_len"] + s["new_tokens"])
+    assert flops(profile.gemm_groups("generate", s)) == per_token / 3 * positions
+
+
 def test_measured_peak_is_a_plausible_rate():
     peak = perf.measured_peak_flops("float32", n=256, repeats=2)
     assert 1e8 < peak < 1e15  # FLOP/s: above a 1990s CPU, below a pod
