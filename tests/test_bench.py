@@ -42,10 +42,10 @@ def test_train_flops_per_token_matches_xla_count(cfg):
 
 
 def test_profile_floor_runs_the_gemms_mfu_counts():
-    """scripts/profile.py's matmul floor for a train step is the 6·N part of the MFU FLOP count, and its
+    """scripts/bench_profile.py's matmul floor for a train step is the 6·N part of the MFU FLOP count, and its
     generate floor is one 2·N forward per prompt position and per new token."""
-    sys.path.insert(0, os.path.join(ROOT, "scripts"))  # profile.py imports bench.py beside it
-    spec = importlib.util.spec_from_file_location("rlhf_profile", os.path.join(ROOT, "scripts", "profile.py"))
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))  # bench_profile.py imports bench.py beside it
+    spec = importlib.util.spec_from_file_location("bench_profile", os.path.join(ROOT, "scripts", "bench_profile.py"))
     profile = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(profile)
     s = dict(vocab=256, d_model=64, n_layers=2, n_heads=4, seq_len=32, batch=2, prompt_len=5, new_tokens=7)

@@ -1,6 +1,6 @@
 """Where the benchmark's time goes, and how fast the hardware lets it go.
 
-    python scripts/profile.py [--task train|generate] [--dtype bfloat16|float32] [--trace_dir DIR]
+    python scripts/bench_profile.py [--task train|generate] [--dtype bfloat16|float32] [--trace_dir DIR]
 
 For one workload of scripts/bench.py (same shape, same code path) this prints:
   1. the wall time of one run (best of 3, after warm-up);
@@ -121,7 +121,7 @@ def main(argv=None):
     ap.add_argument("--out", default="", help="also write the numbers as JSON here")
     args = ap.parse_args(argv)
     if "jax" in sys.modules:
-        sys.exit("scripts/profile.py must start JAX itself (it sets XLA_FLAGS first): run it as a script.")
+        sys.exit("scripts/bench_profile.py must start JAX itself (it sets XLA_FLAGS first): run it as a script.")
     # XLA:CPU records per-thunk trace events only with this flag, read when JAX starts.
     os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), "--xla_cpu_enable_xprof_traceme=true"])
 
