@@ -191,10 +191,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 ev = evaluate(eval_fn, state.params, eval_source, run, c.eval_batches)
                 last.update(writer.write(done, ev))
                 run.log(f"step {done}: eval/loss {ev['eval/loss']:.4f}")
-                t_last = time.perf_counter()
+                t_last, steps_since = time.perf_counter(), 0  # throughput counts only the steps timed since here
             if done % c.checkpoint.every == 0 or done == c.num_steps or run.preempted:
                 run.save(state, {"stage": c.stage, "data_step": done}, force=run.preempted)
-                t_last = time.perf_counter()  # throughput excludes eval and checkpoint time
+                t_last, steps_since = time.perf_counter(), 0  # throughput excludes eval and checkpoint time
             if run.preempted:
                 run.log(f"SIGTERM: saved step {done}; rerun the same command to resume.")
                 break

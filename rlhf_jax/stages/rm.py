@@ -267,13 +267,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 ev = evaluate(reward_fn, state.params, eval_source, run, c.rm, c.eval_batches)
                 last.update(writer.write(done, ev))
                 run.log(f"step {done}: eval/rm/accuracy {ev['eval/rm/accuracy']:.4f} loss {ev['eval/rm/loss']:.4f}")
-                t_last = time.perf_counter()
+                t_last, since = time.perf_counter(), 0  # throughput counts only the steps timed since here
             if done == c.num_steps:  # before the checkpoint: a saved final step always has its norm file
                 norm = normalise(reward_fn, state.params, run, train_source, done)
                 last.update(writer.write(done, {"rm/norm_gain": norm["gain"], "rm/norm_bias": norm["bias"]}))
             if done % c.checkpoint.every == 0 or done == c.num_steps or run.preempted:
                 run.save(state, {"stage": "rm", "data_step": done}, force=run.preempted)
-                t_last = time.perf_counter()
+                t_last, since = time.perf_counter(), 0
             if run.preempted:
                 run.log(f"SIGTERM: saved step {done}; rerun the same command to resume.")
                 break
