@@ -1,10 +1,25 @@
-"""The one chat template: role-tagged dialogues as token ids with a loss mask.
+"""Chat format: role-tagged dialogues as token ids with a loss mask, by one configurable template.
 
-    bos  <|system|> system text <|end|>  <|user|> question <|end|>  <|assistant|> answer <|end|> ...
+A dialogue is a message list [{"role": "system"|"user"|"assistant", "content": str}, ...]. Every
+template renders it as
 
-Each message is its role tag, the encoded content, then <|end|>. Only assistant
-content and its <|end|> carry loss, so the model learns to answer and to stop.
-A prompt for generation ends with a bare <|assistant|> tag.
+    head  turn(m1)  turn(m2) ...          head = [bos] (nothing when the tokenizer has no bos)
+    turn(m) = prefix(role)  body(m)        loss_mask = 1 exactly on the bodies of assistant turns
+
+and a prompt for generation is `head turns... prefix("assistant")`, so the model writes the next
+assistant body, which ends with the template's end token (the PPO stop token). Templates
+(`config.data.chat_template`):
+
+    tags    (default) bos <|user|> text <|end|> <|assistant|> text <|end|> ...: one role id per
+            turn, body = content + <|end|>. Needs a tokenizer with role ids (this project's
+            sentencepiece models); the others work with any tokenizer (GPT-2 BPE, LLaMA, ...).
+    hh      Anthropic HH-RLHF text: "\\n\\nHuman:" / "\\n\\nAssistant:" prefixes, body = " " + content
+            (+ eos for assistant turns), so `\\n\\nHuman: hi\\n\\nAssistant: hello` reads as the
+            public files do (the one leading space belongs to the body, as in the data).
+    plain   no markers: body = content (+ eos for assistant turns). For single-turn tasks whose
+            prompt is already formatted, e.g. TL;DR's "...\\n\\nTL;DR:" and response " summary".
+    custom  per-role prefix and suffix strings from `config.data.chat_custom` (suffix inside the
+            body, before eos for the assistant).
 
 Records on disk are either {"prompt": str, "response": str} or
 {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]};
@@ -13,11 +28,115 @@ Records on disk are either {"prompt": str, "response": str} or
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
-from rlhf_jax.data.tokenizer import Tokenizer
-
 ROLES = ("system", "user", "assistant")
+TEMPLATES = ("tags", "hh", "plain", "custom")
+
+
+class DefectiveRecord(ValueError):
+    """A well-formed record whose content cannot be trained on (skippable with skip_invalid)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatTemplate:
+    """A template (module docstring). tags=True: role ids and <|end|>; else text prefixes/suffixes and eos."""
+
+    name: str
+    tags: bool = False
+    prefix: tuple[tuple[str, str], ...] = ()  # (role, text) pairs; missing roles: ""
+    suffix: tuple[tuple[str, str], ...] = ()
+    lead: str = ""  # text before every content (HH's one space after "Human:")
+
+    def spec(self) -> dict[str, Any]:
+        """A JSON-able description (builders hash it into their cache key)."""
+        return dataclasses.asdict(self)
+
+    def _check(self, tok) -> None:
+        if self.tags and not all(tok.role_ids.get(r) is not None for r in (*ROLES, "end")):
+            raise ValueError(
+                f"chat_template='tags' needs a tokenizer with role tokens <|system|>, <|user|>, <|assistant|>, "
+                f"<|end|>, and {tok!r} has none. Set --config.data.chat_template=hh (HH-RLHF text turns), plain, "
+                f"or custom with --config.data.chat_custom.<role>_prefix=... .")
+
+    def head(self, tok) -> list[int]:
+        """Tokens before the first turn; prompt truncation never removes them."""
+        return [] if tok.bos_id is None else [tok.bos_id]
+
+    def end_id(self, tok) -> int:
+        """The token that ends an assistant body: <|end|> (tags) or eos."""
+        self._check(tok)
+        return tok.role_ids["end"] if self.tags else tok.eos_id
+
+    def turn(self, role: str, content: str, tok) -> tuple[list[int], list[int]]:
+        """(prefix ids, body ids) of one message."""
+        self._check(tok)
+        if self.tags:
+            return [tok.role_ids[role]], tok.encode(content) + [tok.role_ids["end"]]
+        prefix, suffix = dict(self.prefix).get(role, ""), dict(self.suffix).get(role, "")
+        body = tok.encode(self.lead + content) + (tok.encode(suffix) if suffix else [])
+        return (tok.encode(prefix) if prefix else []), body + ([tok.eos_id] if role == "assistant" else [])
+
+    def assistant_prefix(self, tok) -> list[int]:
+        return self.turn("assistant", "", tok)[0]
+
+    def assistant_bodies(self, responses: list[str], tok) -> list[list[int]]:
+        """Body ids of each response as an assistant turn (one batched encode)."""
+        self._check(tok)
+        if self.tags:
+            return [ids + [tok.role_ids["end"]] for ids in tok.encode_many(responses)]
+        suffix = dict(self.suffix).get("assistant", "")
+        tail = (tok.encode(suffix) if suffix else []) + [tok.eos_id]
+        return [ids + tail for ids in tok.encode_many([self.lead + r for r in responses])]
+
+    def min_prompt_len(self, tok) -> int:
+        """The shortest a prompt gets: head and the assistant prefix."""
+        return len(self.head(tok)) + len(self.assistant_prefix(tok))
+
+    def cut_left(self, ids: list[int], keep: int, tok) -> list[int]:
+        """`ids` shortened to `keep` tokens by dropping tokens right after the head (oldest turns first)."""
+        if len(ids) <= keep:
+            return ids
+        h = len(self.head(tok))
+        return ids[:h] + ids[len(ids) - keep + h:]
+
+
+TAGS = ChatTemplate("tags", tags=True)
+HH = ChatTemplate("hh", prefix=(("user", "\n\nHuman:"), ("assistant", "\n\nAssistant:")), lead=" ")
+PLAIN = ChatTemplate("plain")
+
+
+def get_template(name: str = "tags", custom: Any = None) -> ChatTemplate:
+    """The template `name`; for "custom", `custom` maps <role>_prefix / <role>_suffix / lead to strings."""
+    if isinstance(name, ChatTemplate):
+        return name
+    if name == "custom":
+        custom = dict(custom or {})
+        allowed = {f"{r}_{k}" for r in ROLES for k in ("prefix", "suffix")} | {"lead"}
+        unknown = sorted(set(custom) - allowed)
+        if unknown or not all(isinstance(v, str) for v in custom.values()):
+            raise ValueError(f"config.data.chat_custom: keys must be among {sorted(allowed)} with string values "
+                             f"(got {custom!r:.200}).")
+        pick = lambda kind: tuple((r, custom[f"{r}_{kind}"]) for r in ROLES if custom.get(f"{r}_{kind}"))
+        return ChatTemplate("custom", prefix=pick("prefix"), suffix=pick("suffix"), lead=custom.get("lead", ""))
+    templates = {"tags": TAGS, "hh": HH, "plain": PLAIN}
+    if name not in templates:
+        raise ValueError(f"config.data.chat_template={name!r} is not a template; use one of {TEMPLATES}.")
+    return templates[name]
+
+
+def template_from_spec(spec: dict[str, Any]) -> ChatTemplate:
+    """Inverse of ChatTemplate.spec (tuples come back from JSON as lists)."""
+    pairs = lambda xs: tuple(tuple(x) for x in xs)
+    return ChatTemplate(spec["name"], spec["tags"], pairs(spec["prefix"]), pairs(spec["suffix"]), spec["lead"])
+
+
+def config_template(data_config) -> ChatTemplate:
+    """The template a stage's `config.data` selects (chat_template, chat_custom)."""
+    custom = data_config.get("chat_custom")
+    return get_template(data_config.get("chat_template", "tags"),
+                        custom.to_dict() if hasattr(custom, "to_dict") else custom)
 
 
 def prompt_response_to_messages(prompt: str, response: str) -> list[dict[str, str]]:
@@ -59,25 +178,25 @@ def validate_messages(messages: Any, where: str = "") -> None:
             raise ValueError(f"{at}messages[{i}].content must be a string, got {type(m['content']).__name__}.")
 
 
-def render_dialogue(messages: list[dict[str, str]], tok: Tokenizer, where: str = "") -> tuple[list[int], list[int]]:
-    """(ids, loss_mask), equal lengths: bos then each message; loss_mask=1 exactly on
-    assistant content tokens and their <|end|>."""
+def render_dialogue(messages: list[dict[str, str]], tok, where: str = "",
+                    template: ChatTemplate = TAGS) -> tuple[list[int], list[int]]:
+    """(ids, loss_mask), equal lengths: head then each turn; loss_mask=1 exactly on assistant bodies."""
     validate_messages(messages, where)
-    ids, mask = [tok.bos_id], [0]
+    ids = template.head(tok)
+    mask = [0] * len(ids)
     for m in messages:
-        content = tok.encode(m["content"])
-        learn = int(m["role"] == "assistant")
-        ids += [tok.role_ids[m["role"]], *content, tok.role_ids["end"]]
-        mask += [0] + [learn] * (len(content) + 1)
+        prefix, body = template.turn(m["role"], m["content"], tok)
+        ids += prefix + body
+        mask += [0] * len(prefix) + [int(m["role"] == "assistant")] * len(body)
     return ids, mask
 
 
-def render_prompt(messages: list[dict[str, str]], tok: Tokenizer, where: str = "") -> list[int]:
-    """Ids of a dialogue prompt, ending with <|assistant|> so the model writes the next turn."""
+def render_prompt(messages: list[dict[str, str]], tok, where: str = "", template: ChatTemplate = TAGS) -> list[int]:
+    """Ids of a dialogue prompt, ending with the assistant prefix so the model writes the next turn."""
     validate_messages(messages, where)
     if messages[-1]["role"] == "assistant":
         at = f"{where}: " if where else ""
         raise ValueError(f"{at}a prompt must not end with an assistant turn (that is the response to "
                          f"generate) — drop the last message.")
-    ids, _ = render_dialogue(messages, tok, where)
-    return ids + [tok.role_ids["assistant"]]
+    ids, _ = render_dialogue(messages, tok, where, template)
+    return ids + template.assistant_prefix(tok)

@@ -7,9 +7,11 @@ Input formats (JSONL or JSONL.gz, one object a line):
     hh_rlhf   Anthropic HH-RLHF {"chosen": dialogue, "rejected": dialogue}, a dialogue being
               "\\n\\nHuman: ...\\n\\nAssistant: ...". Each is split at its final "\\n\\nAssistant:"
               into the shared history (Human → user, Assistant → assistant turns) and the response.
+    tldr      OpenAI summarize-from-feedback {"info": {post...}, "summaries": [{"text"}, {"text"}],
+              "choice": 0|1} (see tldr.py; the query is shortened by the paper's rule, not step 1 below)
 
 Records, responses REORDERED best first (so a trainer needs no ranking), L = max_len:
-    tokens      int32 [K, L]  row k = chat.render_dialogue(prompt + response k), right-padded
+    tokens      int32 [K, L]  row k = chat.render_dialogue(prompt + response k, template), right-padded
     input_mask  int32 [K, L]  1 on real tokens
     valid       int32 [K]     1 for a real response; prompts with fewer than K get all-pad rows
 
@@ -23,8 +25,9 @@ scored at the same kind of position (as PPO scores a finished sample) — never 
 Defects: malformed records (bad JSON, missing keys, wrong types, a ranking that is not a
 permutation, K < 2) are always errors naming path:line. Content defects (an empty response, HH
 chosen/rejected histories that differ, an HH history ending with an Assistant turn) are errors
-unless skip_invalid, which defaults to True for hh_rlhf: the public HH-RLHF files hold a few such
-pairs (6 of the first 1,800 lines of harmless-base/test). Skipped records are logged and counted
+unless skip_invalid, which defaults to True for hh_rlhf and tldr: the public HH-RLHF files hold a
+few such pairs (6 of the first 1,800 lines of harmless-base/test), the summarize-from-feedback
+validation files CNN/DM articles. Skipped records are logged and counted
 in stats["skipped"].
 """
 
@@ -42,10 +45,11 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
-from rlhf_jax.data import chat, lm_datasets
+from rlhf_jax.data import chat, lm_datasets, tldr
 from rlhf_jax.data.tokenizer import Tokenizer, load_tokenizer
 
-FORMATS = ("ranked", "pairwise", "hh_rlhf")
+FORMATS = ("ranked", "pairwise", "hh_rlhf", "tldr")
+SKIP_BY_DEFAULT = ("hh_rlhf", "tldr")  # public files holding a few unusable records
 VERSION = "1.0.0"
 HH_ASSISTANT = "\n\nAssistant:"
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):")
@@ -53,8 +57,7 @@ _HH_ROLES = {"Human": "user", "Assistant": "assistant"}
 _log = logging.getLogger(__name__)
 
 
-class DefectiveRecord(ValueError):
-    """A well-formed record whose content cannot be trained on (skippable with skip_invalid)."""
+DefectiveRecord = chat.DefectiveRecord
 
 
 # --- reading -----------------------------------------------------------------------------------
@@ -108,14 +111,15 @@ def check_line_range(line_range: Any, path: str) -> tuple[int, float]:
 def read_comparisons(path: str, fmt: str, line_range: tuple[int, int] | None = None,
                      skip_invalid: bool | None = None) -> list[dict[str, Any]]:
     """Comparisons in file order: {"prompt_messages": [...], "responses": [str, ...] best first,
-    "where": "path:line"}. skip_invalid=None: True for hh_rlhf, else False (module docstring)."""
+    "fit": None or the format's prompt shortener (tldr.prompt), "where": "path:line"}.
+    skip_invalid=None: True for hh_rlhf and tldr, else False (module docstring)."""
     return _read(path, fmt, line_range, skip_invalid)[0]
 
 
 def _read(path, fmt, line_range, skip_invalid, warn: bool = True) -> tuple[list[dict[str, Any]], int]:
     if fmt not in FORMATS:
         raise ValueError(f"comparison format {fmt!r} is not one of {FORMATS}.")
-    skip = fmt == "hh_rlhf" if skip_invalid is None else skip_invalid
+    skip = fmt in SKIP_BY_DEFAULT if skip_invalid is None else skip_invalid
     out, skipped = [], 0
     for where, record in read_jsonl_range(path, line_range):
         try:
@@ -134,7 +138,10 @@ def _read(path, fmt, line_range, skip_invalid, warn: bool = True) -> tuple[list[
 
 
 def parse_record(record: Any, fmt: str, where: str) -> dict[str, Any]:
-    """{"prompt_messages", "responses" best first} of one record; ValueError naming `where`."""
+    """{"prompt_messages", "responses" best first, "fit"} of one record; ValueError naming `where`."""
+    if fmt == "tldr":
+        messages, responses, fit = tldr.parse_comparison(record, where)
+        return {"prompt_messages": messages, "responses": responses, "fit": fit}
     if not isinstance(record, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__} — write one object per line.")
     keys = {"ranked": ("prompt", "responses", "ranking"), "pairwise": ("prompt", "chosen", "rejected"),
@@ -168,7 +175,7 @@ def parse_record(record: Any, fmt: str, where: str) -> dict[str, Any]:
     responses = list(named.values())
     if fmt == "ranked":
         responses = [responses[i] for i in record["ranking"]]
-    return {"prompt_messages": messages, "responses": responses}
+    return {"prompt_messages": messages, "responses": responses, "fit": None}
 
 
 def _check_ranking(responses: Any, ranking: Any, where: str) -> None:
@@ -236,24 +243,28 @@ def hh_messages(history: str, where: str = "") -> list[dict[str, str]]:
 # --- rendering -----------------------------------------------------------------------------------
 
 def comparison_example(prompt_messages: list[dict[str, str]], responses: list[str], tok: Tokenizer, max_len: int,
-                       num_responses: int, max_prompt_len: int | None = None,
-                       where: str = "") -> tuple[dict[str, np.ndarray], dict[str, int]]:
+                       num_responses: int, max_prompt_len: int | None = None, where: str = "",
+                       template: chat.ChatTemplate = chat.TAGS,
+                       fit=None) -> tuple[dict[str, np.ndarray], dict[str, int]]:
     """One record (module docstring) from responses best first, and info {"truncated_prompt" (0/1),
     "truncated_responses", "dropped_responses", "rendered_tokens" (longest row before truncation)}.
 
     Beyond num_responses, the worst responses are dropped (a top-K ranking is still a ranking).
+    fit: the format's own prompt shortener (tldr.prompt), tried before cutting from the left.
     """
-    end = tok.role_ids["end"]
+    end = template.end_id(tok)
     dropped = max(0, len(responses) - num_responses)
     responses = responses[:num_responses]
-    prompt = chat.render_prompt(prompt_messages, tok, where)  # ... <|assistant|>
-    bodies = [ids + [end] for ids in tok.encode_many(responses)]
+    prompt = chat.render_prompt(prompt_messages, tok, where, template)  # ... assistant prefix
+    bodies = template.assistant_bodies(responses, tok)
     longest = max(len(b) for b in bodies)
-    keep = max(2, min(max_len - longest, max_prompt_len or len(prompt)))
+    keep = max(template.min_prompt_len(tok), min(max_len - longest, max_prompt_len or len(prompt)))
     info = {"truncated_prompt": int(len(prompt) > keep), "truncated_responses": 0, "dropped_responses": dropped,
             "rendered_tokens": len(prompt) + longest}
-    if len(prompt) > keep:
-        prompt = prompt[:1] + prompt[len(prompt) - keep + 1:]
+    if len(prompt) > keep and fit is not None:
+        render = lambda m: chat.render_prompt(m, tok, where, template)
+        prompt = render(fit(prompt_messages, lambda m: len(render(m)) <= keep))
+    prompt = template.cut_left(prompt, keep, tok)
     room = max_len - len(prompt)
     tokens = np.full((num_responses, max_len), tok.pad_id, np.int32)
     input_mask = np.zeros((num_responses, max_len), np.int32)
@@ -279,6 +290,7 @@ class ComparisonsConfig(tfds.core.BuilderConfig):
     max_prompt_len: int | None = None
     line_range: tuple[int, int] | None = None
     skip_invalid: bool | None = None
+    chat_template: dict | None = None  # chat.ChatTemplate.spec(); None: tags
 
 
 class Comparisons(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -300,13 +312,14 @@ class Comparisons(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     def _split_generators(self, dl_manager):
         c = self.builder_config
         tok = load_tokenizer(c.tokenizer_path)
+        template = chat.template_from_spec(c.chat_template) if c.chat_template else chat.TAGS
         records, skipped = _read(c.jsonl_path, c.fmt, c.line_range, c.skip_invalid)
         examples = []
         stats = {"examples": 0, "skipped": skipped, "num_responses": c.num_responses, "responses": 0,
                  "truncated_prompts": 0, "truncated_responses": 0, "dropped_responses": 0, "max_rendered_tokens": 0}
         for r in records:
             ex, info = comparison_example(r["prompt_messages"], r["responses"], tok, c.seq_len, c.num_responses,
-                                          c.max_prompt_len, r["where"])
+                                          c.max_prompt_len, r["where"], template, r["fit"])
             examples.append(ex)
             stats["examples"] += 1
             stats["responses"] += int(ex["valid"].sum())
@@ -323,12 +336,12 @@ class Comparisons(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
 def build_comparison_dataset(path: str, fmt: str, tokenizer_path: str, max_len: int, data_dir: str,
                              num_responses: int | None = None, max_prompt_len: int | None = None,
-                             line_range: tuple[int, int] | None = None,
-                             skip_invalid: bool | None = None) -> tuple[Any, dict[str, int]]:
+                             line_range: tuple[int, int] | None = None, skip_invalid: bool | None = None,
+                             template: chat.ChatTemplate = chat.TAGS) -> tuple[Any, dict[str, int]]:
     """Builds (or reuses, keyed by a hash of the arguments and the files) the comparisons in `path`.
 
     max_len: tokens per response row (L); num_responses: K, default the largest K in the file
-    (range); max_prompt_len: optional cap on prompt tokens. Returns (source, stats): source is a
+    (range); max_prompt_len: optional cap on prompt tokens; template: the chat template. Returns (source, stats): source is a
     random-access sequence of records; stats counts examples, skipped, responses,
     truncated_prompts (examples), truncated_responses, dropped_responses, max_rendered_tokens
     and gives num_responses (K).
@@ -338,6 +351,7 @@ def build_comparison_dataset(path: str, fmt: str, tokenizer_path: str, max_len: 
                          f"<|end|>).")
     if max_prompt_len is not None and max_prompt_len < 2:
         raise ValueError(f"max_prompt_len={max_prompt_len!r} must be >= 2 (bos and <|assistant|>) or None.")
+    template = chat.get_template(template)
     path = lm_datasets._require_file(path, "comparisons JSONL")
     check_line_range(line_range, path)
     if fmt not in FORMATS:
@@ -349,7 +363,8 @@ def build_comparison_dataset(path: str, fmt: str, tokenizer_path: str, max_len: 
         raise ValueError(f"num_responses={num_responses} must be >= 2 (or None: the largest K in the file).")
     params = dict(jsonl_path=path, fmt=fmt, tokenizer_path=os.path.abspath(tokenizer_path), seq_len=int(max_len),
                   num_responses=int(num_responses), max_prompt_len=max_prompt_len,
-                  line_range=tuple(int(x) for x in line_range) if line_range else None, skip_invalid=skip_invalid)
+                  line_range=tuple(int(x) for x in line_range) if line_range else None, skip_invalid=skip_invalid,
+                  chat_template=None if template == chat.TAGS else template.spec())
     builder = Comparisons(config=ComparisonsConfig(name=lm_datasets._config_name(params), **params),
                           data_dir=data_dir, file_format="array_record")
     builder.download_and_prepare()

@@ -118,12 +118,61 @@ def build_text_dataset(text_path: str | Sequence[str], tokenizer_path: str, seq_
 
 # --- SFT demonstrations ------------------------------------------------------------------------
 
+SFT_FORMATS = ("chat", "hh_rlhf", "tldr")
+
+
+def read_demonstrations(path: str, fmt: str = "chat", line_range: tuple[int, int] | None = None,
+                        skip_invalid: bool | None = None) -> tuple[list[dict[str, Any]], int]:
+    """(demonstrations in file order, skipped): each {"messages" ending with the assistant turn to
+    learn, "fit": None or the format's prompt shortener, "where": "path:line"}.
+
+    Formats: chat {"prompt", "response"} or {"messages"}; hh_rlhf {"chosen": dialogue, ...}: the
+    chosen dialogue, its Human/Assistant turns as messages; tldr {"subreddit", "title", "post",
+    "summary"} (tldr.py). skip_invalid=None: skip defective hh_rlhf / tldr records, as for comparisons.
+    """
+    from rlhf_jax.data import comparisons, tldr  # they import this module
+
+    if fmt not in SFT_FORMATS:
+        raise ValueError(f"demonstrations format {fmt!r} is not one of {SFT_FORMATS}; set config.data.format.")
+    skip = fmt in comparisons.SKIP_BY_DEFAULT if skip_invalid is None else skip_invalid
+    out, skipped = [], 0
+    for where, record in comparisons.read_jsonl_range(path, line_range):
+        try:
+            fit = None
+            if fmt == "chat":
+                messages = chat.record_to_messages(record, where)
+            elif fmt == "tldr":
+                messages, fit = tldr.parse_sft(record, where)
+            else:
+                if not isinstance(record, dict) or not isinstance(record.get("chosen"), str):
+                    raise ValueError(f"{where}: an hh_rlhf record needs a string 'chosen' dialogue (got "
+                                     f"{sorted(record) if isinstance(record, dict) else type(record).__name__}).")
+                history, response = comparisons.split_hh_dialogue(record["chosen"], where, "chosen")
+                messages = comparisons.hh_messages(history, where) + [{"role": "assistant", "content": response}]
+            if messages[-1]["role"] == "assistant" and not messages[-1]["content"].strip():
+                raise chat.DefectiveRecord(f"{where}: the response (last assistant content) is empty — remove the "
+                                           f"record or fill it in (skip_invalid=True drops such records).")
+            out.append({"messages": messages, "fit": fit, "where": where})
+        except chat.DefectiveRecord as e:
+            if not skip:
+                raise
+            skipped += 1
+    if not out:
+        raise ValueError(f"{path}: no usable {fmt} demonstrations" + (f" ({skipped} skipped as defective)" if skipped
+                                                                     else "") + "; write one JSON object per line.")
+    return out, skipped
+
+
 @dataclasses.dataclass(eq=False)
 class DemonstrationsConfig(tfds.core.BuilderConfig):
     jsonl_path: str = ""
     tokenizer_path: str = ""
     seq_len: int = 0
     split: str = "train"
+    fmt: str = "chat"
+    line_range: tuple[int, int] | None = None
+    skip_invalid: bool | None = None
+    chat_template: dict | None = None  # chat.ChatTemplate.spec(); None: tags
 
 
 class Demonstrations(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -137,10 +186,12 @@ class Demonstrations(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     def _split_generators(self, dl_manager):
         c = self.builder_config
         tok = load_tokenizer(c.tokenizer_path)
-        examples, stats = [], {"examples": 0, "truncated": 0, "truncated_prompt": 0, "truncated_response": 0,
-                               "max_rendered_tokens": 0, "target_tokens": 0}
-        for where, record in read_jsonl(c.jsonl_path):
-            ex, info = sft_example(chat.record_to_messages(record, where), tok, c.seq_len, where)
+        template = chat.template_from_spec(c.chat_template) if c.chat_template else chat.TAGS
+        records, skipped = read_demonstrations(c.jsonl_path, c.fmt, c.line_range, c.skip_invalid)
+        examples, stats = [], {"examples": 0, "skipped": skipped, "truncated": 0, "truncated_prompt": 0,
+                               "truncated_response": 0, "max_rendered_tokens": 0, "target_tokens": 0}
+        for r in records:
+            ex, info = sft_example(r["messages"], tok, c.seq_len, r["where"], template, r["fit"])
             examples.append(ex)
             stats["examples"] += 1
             stats["truncated"] += int(info["truncated_prompt"] or info["truncated_response"])
@@ -148,8 +199,6 @@ class Demonstrations(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             stats["truncated_response"] += int(info["truncated_response"])
             stats["max_rendered_tokens"] = max(stats["max_rendered_tokens"], info["rendered_tokens"])
             stats["target_tokens"] += int(ex["loss_mask"].sum())
-        if not examples:
-            raise ValueError(f"{c.jsonl_path}: no records; write one JSON object per line.")
         self.info.metadata.update(stats)
         return {c.split: self._generate_examples(examples)}
 
@@ -157,14 +206,15 @@ class Demonstrations(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         yield from enumerate(examples)
 
 
-def sft_example(messages: list[dict[str, str]], tok: Tokenizer, seq_len: int,
-                where: str = "") -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+def sft_example(messages: list[dict[str, str]], tok: Tokenizer, seq_len: int, where: str = "",
+                template: chat.ChatTemplate = chat.TAGS, fit=None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """One demonstration as an L+1 record, and {"truncated_prompt", "truncated_response", "rendered_tokens"}.
 
-    The response is the last assistant turn's content and <|end|>; the prompt is everything
-    before it, ending with that <|assistant|> tag. If the rendering is longer than L+1:
-    1. the prompt loses tokens from the LEFT, right after bos, down to [bos, <|assistant|>];
-    2. if still too long, the response loses tokens from the RIGHT (its <|end|> goes first).
+    The response is the last assistant turn's body (content and its end token); the prompt is
+    everything before it, ending with the assistant prefix. If the rendering is longer than L+1:
+    1. the prompt is shortened by the format's `fit` (tldr: the post cut at a newline) if given,
+       then loses tokens from the LEFT, right after bos, down to [bos, assistant prefix];
+    2. if still too long, the response loses tokens from the RIGHT (its end token goes first).
     Earlier assistant turns keep loss_mask=1 on whatever of them survives.
     """
     at = f"{where}: " if where else ""
@@ -173,16 +223,20 @@ def sft_example(messages: list[dict[str, str]], tok: Tokenizer, seq_len: int,
                          f"the assistant turn to learn — add it or drop the trailing messages.")
     if not messages[-1]["content"].strip():
         raise ValueError(f"{at}the response (last assistant content) is empty — remove the record or fill it in.")
-    ids, mask = chat.render_dialogue(messages, tok, where)
-    n_response = len(tok.encode(messages[-1]["content"])) + 1  # content + <|end|>
-    k = len(ids) - n_response  # prompt = ids[:k], ending with <|assistant|>
     budget = seq_len + 1
+    ids, mask = chat.render_dialogue(messages, tok, where, template)
+    n_response = len(template.assistant_bodies([messages[-1]["content"]], tok)[0])
     info = {"truncated_prompt": False, "truncated_response": False, "rendered_tokens": len(ids)}
+    if len(ids) > budget and fit is not None:
+        messages = fit(messages, lambda m: len(chat.render_dialogue(m, tok, where, template)[0]) <= budget)
+        ids, mask = chat.render_dialogue(messages, tok, where, template)
+        info["truncated_prompt"] = len(ids) < info["rendered_tokens"]
     if len(ids) > budget:
-        keep_prompt = max(2, budget - n_response)
+        k = len(ids) - n_response  # prompt = ids[:k], ending with the assistant prefix
+        keep_prompt = max(template.min_prompt_len(tok), budget - n_response)
         if k > keep_prompt:
-            cut = k - keep_prompt
-            ids, mask = ids[:1] + ids[1 + cut:], mask[:1] + mask[1 + cut:]
+            ids = template.cut_left(ids[:k], keep_prompt, tok) + ids[k:]
+            mask = template.cut_left(mask[:k], keep_prompt, tok) + mask[k:]
             info["truncated_prompt"] = True
         if len(ids) > budget:
             ids, mask = ids[:budget], mask[:budget]
@@ -194,16 +248,26 @@ def sft_example(messages: list[dict[str, str]], tok: Tokenizer, seq_len: int,
     return record, info
 
 
-def build_sft_dataset(jsonl_path: str, tokenizer_path: str, seq_len: int, data_dir: str,
-                      split: str = "train") -> tuple[Any, dict[str, int]]:
-    """Builds (or reuses) one demonstrations file as split `split`; returns (source, stats).
+def build_sft_dataset(jsonl_path: str, tokenizer_path: str, seq_len: int, data_dir: str, split: str = "train",
+                      fmt: str = "chat", line_range: tuple[int, int] | None = None, skip_invalid: bool | None = None,
+                      template: chat.ChatTemplate = chat.TAGS) -> tuple[Any, dict[str, int]]:
+    """Builds (or reuses) one demonstrations file (or a line range of it) as split `split`; returns (source, stats).
 
-    stats: examples, truncated (any truncation), truncated_prompt, truncated_response,
+    fmt: chat | hh_rlhf | tldr (read_demonstrations); template: the chat template.
+    stats: examples, skipped, truncated (any truncation), truncated_prompt, truncated_response,
     max_rendered_tokens (longest rendering before truncation), target_tokens (Σ loss_mask).
     """
+    from rlhf_jax.data import comparisons
+
     _check_seq_len(seq_len)
-    params = dict(jsonl_path=_require_file(jsonl_path, "demonstrations JSONL"),
-                  tokenizer_path=os.path.abspath(tokenizer_path), seq_len=seq_len, split=split)
+    if fmt not in SFT_FORMATS:
+        raise ValueError(f"demonstrations format {fmt!r} is not one of {SFT_FORMATS}; set config.data.format.")
+    path = _require_file(jsonl_path, "demonstrations JSONL")
+    comparisons.check_line_range(line_range, path)
+    template = chat.get_template(template)
+    params = dict(jsonl_path=path, tokenizer_path=os.path.abspath(tokenizer_path), seq_len=seq_len, split=split,
+                  fmt=fmt, line_range=tuple(int(x) for x in line_range) if line_range else None,
+                  skip_invalid=skip_invalid, chat_template=None if template == chat.TAGS else template.spec())
     builder = Demonstrations(config=DemonstrationsConfig(name=_config_name(params), **params),
                              data_dir=data_dir, file_format="array_record")
     builder.download_and_prepare()

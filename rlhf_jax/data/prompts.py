@@ -4,16 +4,19 @@ Input formats (JSONL or JSONL.gz, one object a line):
     prompt    {"prompt": str} (one user turn) or {"messages": [...]} not ending with an assistant turn
     hh_rlhf   Anthropic HH-RLHF {"chosen": dialogue, ...}: the dialogue before its final
               "\\n\\nAssistant:" (the history both responses answer)
+    tldr      a TL;DR post {"subreddit", "title", "post", ...} or a summarize-from-feedback
+              comparison {"info": {...}, ...}: the paper's "SUBREDDIT: ... TL;DR:" query (tldr.py),
+              shortened by the paper's rule (the post cut at its last newline) instead of from the left
 
 Records, P = max_prompt_len:
-    prompt_tokens  int32 [P]  chat.render_prompt(messages): bos ... <|assistant|>, padded on the LEFT
+    prompt_tokens  int32 [P]  chat.render_prompt(messages, template): bos ... assistant prefix, padded on the LEFT
                               so generation continues right after the last prompt token
     prompt_mask    int32 [P]  1 on real tokens
 
 A prompt longer than P loses tokens from the LEFT right after bos (bos, the most recent turns and
-the final <|assistant|> survive). As for comparisons, hh_rlhf records whose history ends with an
-Assistant turn are skipped by default (skip_invalid), other malformed records are errors naming
-path:line.
+the final assistant prefix survive). As for comparisons, hh_rlhf records whose history ends with an
+Assistant turn (and tldr records from CNN/DM) are skipped by default (skip_invalid), other malformed
+records are errors naming path:line.
 """
 
 from __future__ import annotations
@@ -26,29 +29,33 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
-from rlhf_jax.data import chat, comparisons, lm_datasets
+from rlhf_jax.data import chat, comparisons, lm_datasets, tldr
 from rlhf_jax.data.tokenizer import Tokenizer, load_tokenizer
 
-FORMATS = ("prompt", "hh_rlhf")
+FORMATS = ("prompt", "hh_rlhf", "tldr")
 VERSION = "1.0.0"
 _log = logging.getLogger(__name__)
 
 
 def read_prompts(path: str, fmt: str, line_range: tuple[int, int] | None = None,
                  skip_invalid: bool | None = None) -> list[dict[str, Any]]:
-    """Prompts in file order: {"messages": [...], "where": "path:line"}.
-    skip_invalid=None: True for hh_rlhf, else False."""
+    """Prompts in file order: {"messages": [...], "fit": None or the format's shortener, "where": "path:line"}.
+    skip_invalid=None: True for hh_rlhf and tldr, else False."""
     return _read(path, fmt, line_range, skip_invalid)[0]
 
 
 def _read(path, fmt, line_range, skip_invalid) -> tuple[list[dict[str, Any]], int]:
     if fmt not in FORMATS:
         raise ValueError(f"prompt format {fmt!r} is not one of {FORMATS}.")
-    skip = fmt == "hh_rlhf" if skip_invalid is None else skip_invalid
+    skip = fmt in comparisons.SKIP_BY_DEFAULT if skip_invalid is None else skip_invalid
     out, skipped = [], 0
     for where, record in comparisons.read_jsonl_range(path, line_range):
         try:
-            out.append({"messages": parse_prompt(record, fmt, where), "where": where})
+            if fmt == "tldr":
+                messages, fit = tldr.parse_prompt(record, where)
+            else:
+                messages, fit = parse_prompt(record, fmt, where), None
+            out.append({"messages": messages, "fit": fit, "where": where})
         except comparisons.DefectiveRecord as e:
             if not skip:
                 raise
@@ -88,13 +95,16 @@ def parse_prompt(record: Any, fmt: str, where: str) -> list[dict[str, str]]:
                      f"(or use fmt='hh_rlhf' for HH-RLHF dialogues).")
 
 
-def prompt_example(messages: list[dict[str, str]], tok: Tokenizer, max_prompt_len: int,
-                   where: str = "") -> tuple[dict[str, np.ndarray], int]:
-    """One left-padded record (module docstring) and the rendered length before truncation."""
-    ids = chat.render_prompt(messages, tok, where)
+def prompt_example(messages: list[dict[str, str]], tok: Tokenizer, max_prompt_len: int, where: str = "",
+                   template: chat.ChatTemplate = chat.TAGS, fit=None) -> tuple[dict[str, np.ndarray], int]:
+    """One left-padded record (module docstring) and the rendered length before truncation.
+    fit: the format's own shortener (tldr.prompt), tried before cutting from the left."""
+    ids = chat.render_prompt(messages, tok, where, template)
     n = len(ids)
-    if n > max_prompt_len:
-        ids = ids[:1] + ids[n - max_prompt_len + 1:]
+    if n > max_prompt_len and fit is not None:
+        render = lambda m: chat.render_prompt(m, tok, where, template)
+        ids = render(fit(messages, lambda m: len(render(m)) <= max_prompt_len))
+    ids = template.cut_left(ids, max_prompt_len, tok)
     pad = max_prompt_len - len(ids)
     return {"prompt_tokens": np.asarray([tok.pad_id] * pad + ids, np.int32),
             "prompt_mask": np.asarray([0] * pad + [1] * len(ids), np.int32)}, n
@@ -108,6 +118,7 @@ class PromptsConfig(tfds.core.BuilderConfig):
     seq_len: int = 0  # P: max_prompt_len
     line_range: tuple[int, int] | None = None
     skip_invalid: bool | None = None
+    chat_template: dict | None = None  # chat.ChatTemplate.spec(); None: tags
 
 
 class Prompts(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -125,10 +136,11 @@ class Prompts(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     def _split_generators(self, dl_manager):
         c = self.builder_config
         tok = load_tokenizer(c.tokenizer_path)
+        template = chat.template_from_spec(c.chat_template) if c.chat_template else chat.TAGS
         records, skipped = _read(c.jsonl_path, c.fmt, c.line_range, c.skip_invalid)
         examples, stats = [], {"examples": 0, "skipped": skipped, "truncated": 0, "max_rendered_tokens": 0}
         for r in records:
-            ex, n = prompt_example(r["messages"], tok, c.seq_len, r["where"])
+            ex, n = prompt_example(r["messages"], tok, c.seq_len, r["where"], template, r["fit"])
             examples.append(ex)
             stats["examples"] += 1
             stats["truncated"] += int(n > c.seq_len)
@@ -141,9 +153,10 @@ class Prompts(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
 
 def build_prompt_dataset(path: str, fmt: str, tokenizer_path: str, max_prompt_len: int, data_dir: str,
-                         line_range: tuple[int, int] | None = None,
-                         skip_invalid: bool | None = None) -> tuple[Any, dict[str, int]]:
-    """Builds (or reuses, keyed by a hash of the arguments and the files) the prompts in `path`.
+                         line_range: tuple[int, int] | None = None, skip_invalid: bool | None = None,
+                         template: chat.ChatTemplate = chat.TAGS) -> tuple[Any, dict[str, int]]:
+    """Builds (or reuses, keyed by a hash of the arguments and the files) the prompts in `path`,
+    rendered with the chat template `template`.
 
     Returns (source, stats): source is a random-access sequence of records; stats counts
     examples, skipped, truncated and gives max_rendered_tokens (longest prompt before truncation).
@@ -154,9 +167,11 @@ def build_prompt_dataset(path: str, fmt: str, tokenizer_path: str, max_prompt_le
     comparisons.check_line_range(line_range, path)
     if fmt not in FORMATS:
         raise ValueError(f"prompt format {fmt!r} is not one of {FORMATS}.")
+    template = chat.get_template(template)
     params = dict(jsonl_path=path, fmt=fmt,
                   tokenizer_path=os.path.abspath(tokenizer_path), seq_len=int(max_prompt_len),
-                  line_range=tuple(int(x) for x in line_range) if line_range else None, skip_invalid=skip_invalid)
+                  line_range=tuple(int(x) for x in line_range) if line_range else None, skip_invalid=skip_invalid,
+                  chat_template=None if template == chat.TAGS else template.spec())
     builder = Prompts(config=PromptsConfig(name=lm_datasets._config_name(params), **params),
                       data_dir=data_dir, file_format="array_record")
     builder.download_and_prepare()
