@@ -39,10 +39,19 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval_batches = 20  # 0: the whole validation split
     c.progress = True
     c.checkpoint = ml_collections.ConfigDict(dict(every=500, keep=3, use_async=True))
+    # A non-finite loss or gradient never updates the params. "stop": exit naming the step and the last good
+    # checkpoint; "skip": count the skipped update, warn and go on.
+    c.nonfinite = "stop"
+    c.debug_nonfinite_steps = ()  # steps whose loss and gradients are poisoned with NaN (to test the above)
     c.data = ml_collections.ConfigDict(dict(
         tokenizer_path="",  # empty: the init_from workdir's tokenizer, else one trained on this stage's text
         tokenizer_type="bpe",  # bpe | unigram | char (when training one)
         vocab_size=512,  # when training one
+        # How dialogues become tokens (rlhf_jax/data/chat.py): tags (role ids, this project's tokenizers),
+        # hh ("\n\nHuman:" / "\n\nAssistant:" text, any tokenizer), plain (no markers), custom (chat_custom).
+        chat_template="tags",
+        chat_custom=ml_collections.ConfigDict({f"{role}_{part}": "" for role in ("system", "user", "assistant")
+                                               for part in ("prefix", "suffix")} | {"lead": ""}),
     ))
     c.model.vocab_size = -1  # -1: from the tokenizer, rounded up to a multiple of 128
     return c
@@ -96,7 +105,12 @@ def validate(c: ml_collections.ConfigDict) -> None:
     if c.batch_size % c.grad_accum:
         _fail("batch_size", f"{c.batch_size} is not divisible by grad_accum={c.grad_accum}",
               "Make batch_size a multiple of grad_accum.")
+    if c.nonfinite not in ("stop", "skip"):
+        _fail("nonfinite", f"{c.nonfinite!r} is not supported", "Use 'stop' or 'skip'.")
     if c.checkpoint.every <= 0 or c.checkpoint.keep <= 0:
         _fail("checkpoint", "every and keep must be positive", "Use e.g. every=500, keep=3.")
     if c.init_from and not os.path.exists(c.init_from):
         _fail("init_from", f"{c.init_from!r} does not exist", "Point it at an earlier stage's --workdir.")
+    from rlhf_jax.data import chat
+
+    chat.config_template(c.data)  # an unknown chat_template or chat_custom key fails here, naming the fix

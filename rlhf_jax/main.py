@@ -28,8 +28,13 @@ def main(argv):
     from rlhf_jax import distributed
 
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it renames at INFO
+    from rlhf_jax.run import NonFiniteError
+
     distributed.initialize()
-    run_stage(_CONFIG.value, _WORKDIR.value)
+    try:
+        run_stage(_CONFIG.value, _WORKDIR.value)
+    except NonFiniteError as e:  # the message is the whole story; no traceback
+        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":

@@ -24,6 +24,10 @@ from rlhf_jax.metrics import MetricWriter
 RUNTIME_MODEL_FIELDS = ("dropout", "dtype", "remat")
 
 
+class NonFiniteError(RuntimeError):
+    """A non-finite loss or gradient under config.nonfinite="stop"; the message names the step and checkpoint."""
+
+
 class Run:
     def __init__(self, config: ml_collections.ConfigDict, workdir: str):
         config = ml_collections.ConfigDict(config.to_dict())  # our own unlocked copy
@@ -42,6 +46,7 @@ class Run:
         self.is_main = jax.process_index() == 0
         self.ckpt = checkpoint.Checkpointer(self.workdir, config.checkpoint.keep, config.checkpoint.use_async)
         self.preempted = False
+        self._nonfinite_seen = 0  # skipped updates already reported (the count restored with a checkpoint)
         self._prev_handler = signal.signal(signal.SIGTERM, self._on_sigterm) if _main_thread() else None
 
     # --- config -------------------------------------------------------------------------------
@@ -123,11 +128,71 @@ class Run:
             return state, None
         params, rest, meta = self.ckpt.restore(step, state.params, state.rest())
         self.log(f"resumed from {self.ckpt.directory}/{step}")
+        self._nonfinite_seen = int(jax.device_get(rest["nonfinite"])[0])
         return state.replace(params=params).with_rest(rest), meta
 
     def save(self, state, meta: dict, force: bool = False):
+        """Saves `state` — never one that has seen a non-finite update under config.nonfinite="stop"."""
+        self.check_finite(state)
         step = int(jax.device_get(state.step))
         self.ckpt.save(step, state.params, state.rest(), meta, force=force)
+
+    def check_finite(self, state):
+        """Acts on updates skipped for a non-finite loss or gradient since the last check (config.nonfinite).
+
+        Called where the loop already syncs with the device (logging) and before every save.
+        """
+        count, first = (int(v) for v in jax.device_get(state.nonfinite))
+        if count <= self._nonfinite_seen:
+            return
+        new, self._nonfinite_seen = count - self._nonfinite_seen, count
+        if self.config.nonfinite == "skip":
+            self.log(f"WARNING: {new} update(s) skipped for a non-finite loss or gradient "
+                     f"({count} in this run so far, the first at step {first}); params and optimizer state "
+                     f"were left unchanged (config.nonfinite=skip).")
+            return
+        self.ckpt.wait()
+        latest = self.ckpt.latest_step()
+        self._release()
+        good = f"{self.ckpt.directory}/{latest}" if latest is not None else "none (the run restarts from scratch)"
+        raise NonFiniteError(
+            f"Non-finite loss or gradient at step {first} ({count} update(s) skipped by step "
+            f"{int(jax.device_get(state.step))}); stopped without saving. Last good checkpoint: {good}. "
+            f"Fix the cause (a lower --config.optim.lr, --config.optim.grad_clip_norm, bad data) and rerun the same "
+            f"command to resume from that checkpoint, or set --config.nonfinite=skip to skip such updates.")
+
+    # --- compilation and memory ---------------------------------------------------------------
+    def compile(self, name: str, jitted, state, *args):
+        """Compiles `jitted(state, *args)` ahead of time and returns the executable the loop then calls (one
+        compile, not two). Logs once, and writes to <workdir>/memory.json, the per-device bytes of the params
+        and optimizer state and the compiled step's memory (arguments, outputs, temporaries, donated)."""
+        t0 = time.perf_counter()
+        compiled = jitted.lower(state, *args).compile()
+        report = {"name": name, "compile_s": round(time.perf_counter() - t0, 2), "devices": jax.device_count(),
+                  "mesh": dict(self.mesh.shape),
+                  "params_bytes_per_device": parallel.per_device_bytes(state.params),
+                  "opt_state_bytes_per_device": parallel.per_device_bytes(state.opt_state)}
+        stats = compiled.memory_analysis()  # per device; None on backends that do not report it
+        if stats is not None:
+            for key in ("argument", "output", "temp", "alias", "generated_code"):
+                report[f"step_{key}_bytes"] = int(getattr(stats, f"{key}_size_in_bytes"))
+            # Live at once: inputs + outputs + scratch, less the outputs written into donated inputs.
+            report["step_total_bytes"] = (report["step_argument_bytes"] + report["step_output_bytes"]
+                                          + report["step_temp_bytes"] - report["step_alias_bytes"])
+        mib = lambda b: f"{b / 2**20:.1f} MiB"
+        msg = (f"{name} per device: params {mib(report['params_bytes_per_device'])}, optimizer state "
+               f"{mib(report['opt_state_bytes_per_device'])}")
+        if stats is not None:
+            msg += (f"; compiled step {mib(report['step_total_bytes'])} (arguments {mib(report['step_argument_bytes'])}"
+                    f", outputs {mib(report['step_output_bytes'])}, temporaries {mib(report['step_temp_bytes'])}, "
+                    f"donated {mib(report['step_alias_bytes'])})")
+        self.log(f"{msg}; compiled in {report['compile_s']:.1f}s")
+        if self.is_main:
+            path = os.path.join(self.workdir, "memory.json")
+            with open(path + ".tmp", "w") as f:
+                json.dump(report, f, indent=2)
+            os.replace(path + ".tmp", path)
+        return compiled
 
     # --- loop helpers -------------------------------------------------------------------------
     def metric_writer(self, resume_step: int) -> MetricWriter:
@@ -141,15 +206,19 @@ class Run:
         if self.is_main:
             tqdm.write(f"[{time.strftime('%H:%M:%S')}] {msg}")
 
+    def _release(self):
+        self.ckpt.close()
+        if self._prev_handler is not None:
+            signal.signal(signal.SIGTERM, self._prev_handler)
+            self._prev_handler = None
+
     def _on_sigterm(self, signum, frame):
         self.preempted = True
 
     def close(self):
         """Waits for checkpoints. After SIGTERM, exits the process with status 0 — never returns as if the
         stage had finished (a pipeline must not mark a preempted stage done)."""
-        self.ckpt.close()
-        if self._prev_handler is not None:
-            signal.signal(signal.SIGTERM, self._prev_handler)
+        self._release()
         if self.preempted:
             raise SystemExit(0)
 

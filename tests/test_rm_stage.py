@@ -191,7 +191,8 @@ def test_grad_accum_gives_the_gradient_of_the_whole_batch_loss():
              "valid": jnp.asarray(valid)}
     params = init_params(model)
     state = train_state.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                                   rng=jax.random.key_data(jax.random.PRNGKey(0)), extras={})
+                                   rng=jax.random.key_data(jax.random.PRNGKey(0)), extras={},
+                                   nonfinite=jnp.array([0, -1], jnp.int32))
 
     loss, grads = jax.jit(jax.value_and_grad(lambda p: rm.rm_loss(p, model, batch, rm_c)[0]))(state.params)
     assert float(loss) > 0.5  # the margin keeps the loss well away from 0

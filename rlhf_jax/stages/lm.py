@@ -37,7 +37,8 @@ def token_losses(params, model: TransformerLM, batch, rng=None):
     return nll, target_mask
 
 
-def make_train_step(model: TransformerLM, tx: optax.GradientTransformation, schedule, grad_accum: int):
+def make_train_step(model: TransformerLM, tx: optax.GradientTransformation, schedule, grad_accum: int,
+                    inject_nonfinite: tuple[int, ...] = ()):
     """step(state, batch) -> (state, metrics). Gradients are averaged over all target tokens of
     the global batch, so grad_accum changes memory, not the result."""
 
@@ -60,11 +61,11 @@ def make_train_step(model: TransformerLM, tx: optax.GradientTransformation, sche
         (grads, loss_sum, count), _ = jax.lax.scan(accumulate, (zeros, 0.0, 0.0), (jnp.arange(grad_accum), micro))
         denom = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / denom, grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        params, opt_state, nonfinite = train_state.apply_if_finite(
+            tx, grads, loss_sum / denom, state.params, state.opt_state, state.nonfinite, state.step, inject_nonfinite)
         metrics = {"train/loss": loss_sum / denom, "train/grad_norm": optax.tree.norm(grads),
                    "train/lr": schedule(state.step), "train/target_tokens": count}
-        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state, nonfinite=nonfinite), metrics
 
     return step
 
@@ -79,7 +80,7 @@ def make_eval_step(model: TransformerLM):
 
 def datasets(run: Run):
     """(tokenizer, train source, eval source) for the stage in run.config."""
-    from rlhf_jax.data import builtin_text, lm_datasets
+    from rlhf_jax.data import builtin_text, chat, lm_datasets
 
     c, data_dir = run.config, os.path.join(run.workdir, "data")
     seq_len = c.data.seq_len
@@ -100,18 +101,28 @@ def datasets(run: Run):
             builtin_text.write_builtin_sft(train_path, num_examples=c.data.builtin_examples, seed=c.seed)
             builtin_text.write_builtin_sft(eval_path, num_examples=max(c.data.builtin_examples // 10, 64), seed=c.seed + 1)
     _require(train_path, "data.train_path")
+    fmt = c.data.format if c.data.train_path else "chat"  # the built-in demonstrations are chat records
+    lines = {"train": tuple(c.data.train_lines) or None, "eval": tuple(c.data.eval_lines) or None}
+    eval_path = eval_path or (train_path if lines["eval"] else "")  # eval_lines alone: a held-out range
     corpus = os.path.join(data_dir, "builtin_corpus.txt")
     if not (c.data.get("tokenizer_path") or c.init_from) and run.is_main:
-        builtin_text.write_builtin_corpus(corpus, seed=c.seed)
+        if c.data.train_path:  # no tokenizer yet: learn one from this data's text
+            corpus = lm_datasets.write_demonstration_text(train_path, fmt, lines["train"], corpus[:-4] + "_sft.txt")
+        else:
+            builtin_text.write_builtin_corpus(corpus, seed=c.seed)
     tok = run.tokenizer([corpus])
     tok_path = os.path.join(run.workdir, "tokenizer.model")
-    train, stats = run.main_first(lm_datasets.build_sft_dataset, train_path, tok_path, seq_len, data_dir, split="train")
+
+    def build(path, split):
+        return run.main_first(lm_datasets.build_sft_dataset, path, tok_path, seq_len, data_dir, split=split, fmt=fmt,
+                              line_range=lines[split], template=chat.config_template(c.data))
+
+    train, stats = build(train_path, "train")
     run.log(f"sft data {train_path}: {stats}")
     evals = None
     if eval_path:
         _require(eval_path, "data.eval_path")
-        evals, eval_stats = run.main_first(lm_datasets.build_sft_dataset, eval_path, tok_path, seq_len, data_dir,
-                                           split="eval")
+        evals, eval_stats = build(eval_path, "eval")
         run.log(f"sft eval data {eval_path}: {eval_stats}")
     return tok, train, evals
 
@@ -155,7 +166,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     batch_sh = parallel.batch_sharding(run.mesh, run.rules)
     with parallel.activate(run.mesh, run.rules):
-        step_fn = jax.jit(make_train_step(model, tx, schedule, c.grad_accum),
+        step_fn = jax.jit(make_train_step(model, tx, schedule, c.grad_accum, tuple(c.debug_nonfinite_steps)),
                           in_shardings=(shardings, batch_sh), out_shardings=(shardings, parallel.replicated(run.mesh)),
                           donate_argnums=(0,))
         eval_fn = jax.jit(make_eval_step(model), in_shardings=(shardings.params, batch_sh))
@@ -171,7 +182,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     bar = run.progress(start, c.num_steps, c.stage)
     with parallel.activate(run.mesh, run.rules):
         for step, local in loader.iterate(start, c.num_steps - start):
-            state, metrics = step_fn(state, parallel.global_batch(local, run.mesh, run.rules))
+            batch = parallel.global_batch(local, run.mesh, run.rules)
+            if step == start:
+                step_fn = run.compile(f"{c.stage} train step", step_fn, state, batch)
+            state, metrics = step_fn(state, batch)
             done, steps_since = step + 1, steps_since + 1
             bar.update(1)
             if step == start:  # the first step compiles: time it apart from throughput
@@ -180,6 +194,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 t_last, steps_since = time.perf_counter(), 0
             if done % c.log_every == 0 or done == c.num_steps:
                 metrics = jax.device_get(metrics)  # the only host sync: once per log interval
+                run.check_finite(state)
                 dt = time.perf_counter() - t_last
                 tokens_per_sec = steps_since * c.batch_size * c.data.seq_len / dt
                 last = writer.write(done, {**metrics, "perf/tokens_per_sec": tokens_per_sec,

@@ -117,27 +117,32 @@ def make_update_fn(model, tx, c):
         # A fresh permutation of the episodes every epoch, cut into M minibatches.
         order = jnp.stack([jax.random.permutation(jax.random.fold_in(rng, e), B) for e in range(E)])
         order = order.reshape(E * M, B // M)
-        grad_fn = jax.grad(ppo_loss, has_aux=True)
+        grad_fn = jax.value_and_grad(ppo_loss, has_aux=True)
         if ptx is not None:  # one pretraining minibatch per update
             ptx = jax.tree.map(lambda x: x.reshape(E * M, -1, *x.shape[1:]), ptx)
 
         def one_minibatch(carry, xs):
-            params, opt_state = carry
+            params, opt_state, nonfinite = carry
             idx, ptx_mb = xs
             mb = jax.tree.map(lambda x: jnp.take(x, idx, axis=0), rollout)
-            grads, stats = grad_fn(params, model, mb, ptx_mb, c)
-            updates, opt_state = tx.update(grads, opt_state, params)
+            (loss, stats), grads = grad_fn(params, model, mb, ptx_mb, c)
             stats["policy/grad_norm"] = optax.tree.norm(grads)
-            return (optax.apply_updates(params, updates), opt_state), stats
+            carry = train_state.apply_if_finite(tx, grads, loss, params, opt_state, nonfinite, state.step,
+                                                tuple(c.debug_nonfinite_steps))
+            return carry, stats
 
-        (params, opt_state), stats = jax.lax.scan(one_minibatch, (state.params, state.opt_state), (order, ptx))
+        (params, opt_state, nonfinite), stats = jax.lax.scan(
+            one_minibatch, (state.params, state.opt_state, state.nonfinite), (order, ptx))
         stats = jax.tree.map(jnp.mean, stats)  # *_avg: the mean over all E × M minibatches
         mask = rollout["response_mask"].astype(jnp.float32)
         mean_kl = jnp.mean(jnp.sum(rollout["kl"] * mask, axis=1))
         kl_state = rl.kl_controller_update({"kl_coef": state.extras["kl_coef"]}, mean_kl, B, c.kl.kind,
                                            c.kl.target, c.kl.horizon)
-        extras = {**state.extras, "kl_coef": kl_state["kl_coef"]}
-        return state.replace(step=state.step + 1, params=params, opt_state=opt_state, extras=extras), stats
+        # A non-finite rollout must not poison the controller for every later iteration.
+        kl_coef = jnp.where(jnp.isfinite(kl_state["kl_coef"]), kl_state["kl_coef"], state.extras["kl_coef"])
+        extras = {**state.extras, "kl_coef": kl_coef}
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state, extras=extras,
+                             nonfinite=nonfinite), stats
 
     return update
 
@@ -227,8 +232,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             host = jax.tree.map(parallel.to_host, {"kl": kl, "scores": scores, "non_score_reward": non_score,
                                                   "entropy": scored["entropy"], "response_mask": batch["response_mask"],
                                                   "ended": gen["ended"]})  # all processes' episodes
+            if it == start:
+                update_fn = run.compile("ppo update", update_fn, state, rollout, ptx)
             state, stats = update_fn(state, rollout, ptx)
             stats = jax.device_get(stats)
+            run.check_finite(state)
             t3 = time.perf_counter()
             if monitor_fn is not None:  # e.g. the gold judge, to watch RM over-optimisation (Gao et al. 2022)
                 stats["objective/monitor_score"] = float(np.mean(parallel.to_host(

@@ -92,7 +92,7 @@ def batch_metrics(rewards, valid, loss, prefix):
     return {f"{prefix}/loss": loss, **{f"{prefix}/{k}": v for k, v in m.items()}}
 
 
-def make_train_step(model, tx, schedule, rm_cfg, grad_accum: int = 1):
+def make_train_step(model, tx, schedule, rm_cfg, grad_accum: int = 1, inject_nonfinite: tuple[int, ...] = ()):
     """step(state, batch) -> (state, metrics). The batch is cut into `grad_accum` microbatches whose
     losses are weighted by the whole batch's counts, so grad_accum changes memory, not the result."""
 
@@ -113,11 +113,11 @@ def make_train_step(model, tx, schedule, rm_cfg, grad_accum: int = 1):
         (grads, loss), rewards = jax.lax.scan(accumulate, (zeros, jnp.zeros((), jnp.float32)),
                                               (jnp.arange(grad_accum), micro))
         rewards = rewards.reshape(batch["valid"].shape)  # [A, B/A, K] → [B, K], rows in batch order
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params, opt_state, nonfinite = train_state.apply_if_finite(
+            tx, grads, loss, state.params, state.opt_state, state.nonfinite, state.step, inject_nonfinite)
         metrics = batch_metrics(rewards, batch["valid"], loss, "rm")
         metrics.update({"rm/grad_norm": optax.tree.norm(grads), "rm/lr": schedule(state.step)})
-        return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                             opt_state=opt_state), metrics
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state, nonfinite=nonfinite), metrics
 
     return step
 
@@ -158,7 +158,7 @@ def reference_rewards(reward_fn, params, run: Run, source) -> np.ndarray:
 
 
 def datasets(run: Run):
-    from rlhf_jax.data import comparisons
+    from rlhf_jax.data import chat, comparisons
 
     c = run.config
     data_dir = os.path.join(run.workdir, "data")
@@ -185,7 +185,8 @@ def datasets(run: Run):
             return None, {}
         rng = tuple(line_range) if line_range else None
         return run.main_first(comparisons.build_comparison_dataset, path, c.data.format, tok_path, c.data.seq_len,
-                              data_dir, num_responses=c.data.num_responses or None, line_range=rng)
+                              data_dir, num_responses=c.data.num_responses or None, line_range=rng,
+                              template=chat.config_template(c.data))
 
     train, train_stats = build(c.data.train_path, c.data.train_lines)
     # eval_lines without eval_path holds out a line range of the training file (e.g. HH-RLHF's last 300)
@@ -230,7 +231,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     batch_sh = parallel.batch_sharding(run.mesh, run.rules)
     with parallel.activate(run.mesh, run.rules):
-        step_fn = jax.jit(make_train_step(model, tx, schedule, c.rm, c.grad_accum),
+        step_fn = jax.jit(make_train_step(model, tx, schedule, c.rm, c.grad_accum, tuple(c.debug_nonfinite_steps)),
                           in_shardings=(shardings, batch_sh), out_shardings=(shardings, parallel.replicated(run.mesh)),
                           donate_argnums=(0,))
     reward_fn = make_reward_fn(model)
@@ -248,7 +249,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     bar = run.progress(start, c.num_steps, "rm")
     with parallel.activate(run.mesh, run.rules):
         for step, local in loader.iterate(start, c.num_steps - start):
-            state, metrics = step_fn(state, parallel.global_batch(local, run.mesh, run.rules))
+            batch = parallel.global_batch(local, run.mesh, run.rules)
+            if step == start:
+                step_fn = run.compile("rm train step", step_fn, state, batch)
+            state, metrics = step_fn(state, batch)
             done, since = step + 1, since + 1
             bar.update(1)
             if step == start:  # the first step compiles: time it apart from throughput
@@ -257,6 +261,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 t_last, since = time.perf_counter(), 0
             if done % c.log_every == 0 or done == c.num_steps:
                 metrics = jax.device_get(metrics)
+                run.check_finite(state)
                 dt = time.perf_counter() - t_last
                 seqs = since * c.batch_size * K / dt
                 last = writer.write(done, {**metrics, "perf/tokens_per_sec": seqs * c.data.seq_len,
