@@ -26,7 +26,8 @@ def _abstract(tree):
 class Checkpointer:
     def __init__(self, workdir: str, keep: int, use_async: bool = True):
         self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+        # A save cut off by a kill stays a temporary directory, never a step; the next start removes it.
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True,
                                                enable_async_checkpointing=use_async)
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_names=("params", "state", "meta"))
