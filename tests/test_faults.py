@@ -1,6 +1,7 @@
 """Faults: a non-finite loss never reaches a checkpoint, and a SIGKILLed run resumes to the same result."""
 
 import importlib.util
+import json
 import os
 
 import jax
@@ -51,6 +52,15 @@ def test_nonfinite_stop_names_the_step_and_the_last_good_checkpoint_and_the_reru
     msg = str(err.value)
     assert "step 12" in msg and f"{tmp_path}/checkpoints/10" in msg and "nonfinite=skip" in msg, msg
     assert sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())[-1] == 10  # 15 never saved
+
+    # The start-up memory report of the same run: params replicated over the data axis, Adam's two moments.
+    mem = json.loads((tmp_path / "memory.json").read_text())
+    c = tiny(pretrain_cfg)
+    d, L = c.model.d_model, c.model.n_layers
+    assert mem["mesh"] == {"data": 8, "fsdp": 1, "tensor": 1}
+    assert mem["params_bytes_per_device"] > 4 * L * 12 * d * d  # at least the blocks' f32 matmul weights
+    assert mem["opt_state_bytes_per_device"] >= 2 * mem["params_bytes_per_device"]
+    assert mem["step_total_bytes"] >= mem["step_argument_bytes"] > mem["params_bytes_per_device"]
 
     out = lm.train_and_evaluate(tiny(pretrain_cfg, **kw), str(tmp_path))  # cause removed: the same command
     steps = [m["step"] for m in read_metrics(str(tmp_path)) if "train/loss" in m]
