@@ -14,8 +14,8 @@ from rlhf_jax.config import base_config
 def get_config(preset: str = "default"):
     c = base_config()
     c.stage = "ppo"
-    c.data.prompts_path = ""  # JSONL {"prompt"} / {"messages"} or hh_rlhf; empty: built-in prompts
-    c.data.prompts_format = "prompt"  # prompt | hh_rlhf
+    c.data.prompts_path = ""  # JSONL {"prompt"} / {"messages"}, hh_rlhf or tldr; empty: built-in prompts
+    c.data.prompts_format = "prompt"  # prompt | hh_rlhf | tldr
     c.data.prompts_lines = ()
     c.data.max_prompt_len = 64
     c.data.ptx_path = ""  # pretraining text for PPO-ptx; empty: the built-in corpus

@@ -9,8 +9,8 @@
 Presets: tiny (the built-in rule, under a minute), default, hh_rlhf (the
 shared HH-RLHF sample; compare with scripts/rm_baselines.py).
 
-Formats: ranked {"prompt","responses","ranking"}, pairwise {"prompt","chosen","rejected"},
-hh_rlhf {"chosen","rejected"} dialogues. Empty train_path: a built-in synthetic
+Formats: ranked {"prompt","responses","ranking"}, pairwise {"prompt","chosen","rejected"}, tldr (OpenAI
+summarize-from-feedback comparisons), hh_rlhf {"chosen","rejected"} dialogues. Empty train_path: a built-in synthetic
 preference with a known rule (tests, tiny).
 """
 
@@ -22,7 +22,7 @@ def get_config(preset: str = "default"):
     c.stage = "rm"
     c.data.train_path = ""
     c.data.eval_path = ""
-    c.data.format = "ranked"  # ranked | pairwise | hh_rlhf
+    c.data.format = "ranked"  # ranked | pairwise | hh_rlhf | tldr
     c.data.train_lines = ()  # (start, stop): use only these lines of train_path
     c.data.eval_lines = ()  # (start, stop) of eval_path (or of train_path when eval_path is empty)
     c.data.num_responses = 0  # K; 0: the largest K in the file

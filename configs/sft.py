@@ -3,8 +3,10 @@
     python -m rlhf_jax.main --config=configs/sft.py:tiny --workdir=runs/sft_tiny
     python -m rlhf_jax.main --config=configs/sft.py --workdir=runs/sft --config.init_from=runs/pretrain
 
-Data: JSONL lines {"prompt", "response"} or {"messages": [{"role", "content"}, ...]};
-empty paths use the built-in demonstrations, generated into the workdir.
+Data (data.format): chat {"prompt", "response"} or {"messages": [{"role", "content"}, ...]};
+hh_rlhf (the chosen dialogues of HH-RLHF); tldr {"subreddit", "title", "post", "summary"}.
+Empty paths use the built-in demonstrations, generated into the workdir. Recipes on public
+data: configs/hh_rlhf.py, configs/tldr.py.
 """
 
 from rlhf_jax.config import base_config, tiny_preset
@@ -15,6 +17,9 @@ def get_config(preset: str = "default"):
     c.stage = "sft"
     c.data.train_path = ""
     c.data.eval_path = ""
+    c.data.format = "chat"  # chat | hh_rlhf | tldr
+    c.data.train_lines = ()  # (start, stop): use only these lines of train_path
+    c.data.eval_lines = ()  # (start, stop) of eval_path (or of train_path when eval_path is empty)
     c.data.builtin_examples = 4000
     c.data.seq_len = 128
     c.batch_size, c.num_steps = 32, 1000

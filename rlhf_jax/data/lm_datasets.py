@@ -163,6 +163,17 @@ def read_demonstrations(path: str, fmt: str = "chat", line_range: tuple[int, int
     return out, skipped
 
 
+def write_demonstration_text(path: str, fmt: str, line_range: tuple[int, int] | None, out_path: str) -> str:
+    """Writes each message content of the demonstrations on its own line (a tokenizer-training
+    corpus); returns out_path."""
+    records, _ = read_demonstrations(path, fmt, line_range)
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    with open(out_path, "w", encoding="utf-8") as f:
+        for r in records:
+            f.writelines(m["content"] + "\n" for m in r["messages"])
+    return out_path
+
+
 @dataclasses.dataclass(eq=False)
 class DemonstrationsConfig(tfds.core.BuilderConfig):
     jsonl_path: str = ""

@@ -16,10 +16,13 @@ from rlhf_jax.run import RUNTIME_MODEL_FIELDS, Run
 
 
 def stop_id(c, tok) -> int:
-    """The token that ends a response: the chat template's <|end|> by default."""
+    """The token that ends a response: by default the chat template's end of an assistant turn
+    (<|end|> for tags, eos for the text templates)."""
+    from rlhf_jax.data import chat
+
     s = c.rollout.stop_token
     if s == "end":
-        return tok.role_ids["end"]
+        return chat.config_template(c.data).end_id(tok)
     if s == "eos":
         return tok.eos_id
     return int(s)
@@ -27,7 +30,7 @@ def stop_id(c, tok) -> int:
 
 def datasets(run: Run):
     """(tokenizer, prompt source, pretraining source for PPO-ptx or None)."""
-    from rlhf_jax.data import builtin_text, lm_datasets, prompts
+    from rlhf_jax.data import builtin_text, chat, lm_datasets, prompts
 
     c = run.config
     data_dir = os.path.join(run.workdir, "data")
@@ -42,7 +45,8 @@ def datasets(run: Run):
     tok = run.tokenizer([corpus])
     tok_path = os.path.join(run.workdir, "tokenizer.model")
     source, stats = run.main_first(prompts.build_prompt_dataset, path, fmt, tok_path, c.data.max_prompt_len,
-                                   data_dir, line_range=tuple(c.data.prompts_lines) or None)
+                                   data_dir, line_range=tuple(c.data.prompts_lines) or None,
+                                   template=chat.config_template(c.data))
     run.log(f"prompts {path}: {stats}")
     ptx = None
     if c.ppo.ptx_coef > 0:
