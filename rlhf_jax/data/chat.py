@@ -54,7 +54,7 @@ class ChatTemplate:
         return dataclasses.asdict(self)
 
     def _check(self, tok) -> None:
-        if self.tags and not all(tok.role_ids.get(r) is not None for r in (*ROLES, "end")):
+        if self.tags and not all(getattr(tok, "role_ids", {}).get(r) is not None for r in (*ROLES, "end")):
             raise ValueError(
                 f"chat_template='tags' needs a tokenizer with role tokens <|system|>, <|user|>, <|assistant|>, "
                 f"<|end|>, and {tok!r} has none. Set --config.data.chat_template=hh (HH-RLHF text turns), plain, "
