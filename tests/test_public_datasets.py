@@ -80,6 +80,21 @@ def test_tldr_query_cuts_the_post_at_its_last_newline_until_it_fits(tok, tmp_pat
     assert tok.decode(ids).startswith("SUBREDDIT: r/relationships") and tok.decode(ids).endswith("TL;DR:")
 
 
+def test_tldr_sft_shortens_the_post_not_the_subreddit_or_summary(tok, tmp_path):
+    summary = tok.encode(" cat is aloof") + [tok.eos_id]
+    budget = 1 + len(tok.encode(_query(POST["post"]))) + len(summary) - 4  # L + 1 tokens
+    want = POST["post"]
+    while not _fits(want, budget, tok, summary):
+        want = want[:want.rindex("\n")]
+    assert want != POST["post"] and "\n" in want  # one cut at a newline is enough here
+    path = _write_jsonl(tmp_path / "t.jsonl", [{**POST, "summary": "cat is aloof"}])
+    source, stats = lm_datasets.build_sft_dataset(path, tok.path, budget - 1, str(tmp_path / "d"), fmt="tldr",
+                                                  template="plain")
+    rec = source[0]
+    assert _real(rec["tokens"], rec["input_mask"]) == [tok.bos_id, *tok.encode(_query(want)), *summary]
+    assert _real(rec["tokens"], rec["loss_mask"]) == summary and stats["truncated_prompt"] == 1
+
+
 def test_tldr_comparison_puts_the_chosen_summary_first(tok, tmp_path):
     line = {"info": {**POST, "id": "t3_x"}, "summaries": [{"text": " she is bored", "policy": "a"},
                                                         {"text": " cat hates me", "policy": "b"}],

@@ -107,7 +107,8 @@ def datasets(run: Run):
     corpus = os.path.join(data_dir, "builtin_corpus.txt")
     if not (c.data.get("tokenizer_path") or c.init_from) and run.is_main:
         if c.data.train_path:  # no tokenizer yet: learn one from this data's text
-            corpus = lm_datasets.write_demonstration_text(train_path, fmt, lines["train"], corpus[:-4] + "_sft.txt")
+            corpus = lm_datasets.write_demonstration_text(train_path, fmt, lines["train"],
+                                                          os.path.join(data_dir, "tokenizer_corpus.txt"))
         else:
             builtin_text.write_builtin_corpus(corpus, seed=c.seed)
     tok = run.tokenizer([corpus])
