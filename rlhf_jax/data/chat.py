@@ -118,8 +118,9 @@ def get_template(name: str = "tags", custom: Any = None) -> ChatTemplate:
         if unknown or not all(isinstance(v, str) for v in custom.values()):
             raise ValueError(f"config.data.chat_custom: keys must be among {sorted(allowed)} with string values "
                              f"(got {custom!r:.200}).")
-        pick = lambda kind: tuple((r, custom[f"{r}_{kind}"]) for r in ROLES if custom.get(f"{r}_{kind}"))
-        return ChatTemplate("custom", prefix=pick("prefix"), suffix=pick("suffix"), lead=custom.get("lead", ""))
+        prefix, suffix = ({r: custom.get(f"{r}_{kind}", "") for r in ROLES} for kind in ("prefix", "suffix"))
+        return ChatTemplate("custom", prefix=tuple((r, t) for r, t in prefix.items() if t),
+                            suffix=tuple((r, t) for r, t in suffix.items() if t), lead=custom.get("lead", ""))
     templates = {"tags": TAGS, "hh": HH, "plain": PLAIN}
     if name not in templates:
         raise ValueError(f"config.data.chat_template={name!r} is not a template; use one of {TEMPLATES}.")
@@ -128,8 +129,8 @@ def get_template(name: str = "tags", custom: Any = None) -> ChatTemplate:
 
 def template_from_spec(spec: dict[str, Any]) -> ChatTemplate:
     """Inverse of ChatTemplate.spec (tuples come back from JSON as lists)."""
-    pairs = lambda xs: tuple(tuple(x) for x in xs)
-    return ChatTemplate(spec["name"], spec["tags"], pairs(spec["prefix"]), pairs(spec["suffix"]), spec["lead"])
+    prefix, suffix = (tuple(tuple(pair) for pair in spec[k]) for k in ("prefix", "suffix"))
+    return ChatTemplate(spec["name"], spec["tags"], prefix, suffix, spec["lead"])
 
 
 def config_template(data_config) -> ChatTemplate:

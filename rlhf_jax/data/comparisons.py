@@ -262,8 +262,8 @@ def comparison_example(prompt_messages: list[dict[str, str]], responses: list[st
     info = {"truncated_prompt": int(len(prompt) > keep), "truncated_responses": 0, "dropped_responses": dropped,
             "rendered_tokens": len(prompt) + longest}
     if len(prompt) > keep and fit is not None:
-        render = lambda m: chat.render_prompt(m, tok, where, template)
-        prompt = render(fit(prompt_messages, lambda m: len(render(m)) <= keep))
+        shorter = fit(prompt_messages, lambda m: len(chat.render_prompt(m, tok, where, template)) <= keep)
+        prompt = chat.render_prompt(shorter, tok, where, template)
     prompt = template.cut_left(prompt, keep, tok)
     room = max_len - len(prompt)
     tokens = np.full((num_responses, max_len), tok.pad_id, np.int32)

@@ -102,8 +102,8 @@ def prompt_example(messages: list[dict[str, str]], tok: Tokenizer, max_prompt_le
     ids = chat.render_prompt(messages, tok, where, template)
     n = len(ids)
     if n > max_prompt_len and fit is not None:
-        render = lambda m: chat.render_prompt(m, tok, where, template)
-        ids = render(fit(messages, lambda m: len(render(m)) <= max_prompt_len))
+        shorter = fit(messages, lambda m: len(chat.render_prompt(m, tok, where, template)) <= max_prompt_len)
+        ids = chat.render_prompt(shorter, tok, where, template)
     ids = template.cut_left(ids, max_prompt_len, tok)
     pad = max_prompt_len - len(ids)
     return {"prompt_tokens": np.asarray([tok.pad_id] * pad + ids, np.int32),
