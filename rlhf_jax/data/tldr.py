@@ -18,7 +18,8 @@ have it). Render it with chat_template="plain" to reproduce the papers' token st
 Truncation (summarize-from-feedback tasks.py, kept by the N+ paper's tldr_dataset.py): while the
 query is too long, the POST is cut before its last "\\n"; with no newline left, characters are
 removed from its end (here: the longest prefix that fits, found by bisection, instead of one
-character at a time). The subreddit, title and "TL;DR:" always survive. Records from CNN/DM
+character at a time). The subreddit, title and "TL;DR:" survive unless they alone are too long
+(then the builder's generic cut from the left applies). Records from CNN/DM
 (info without a "post") are defects: skipped by default, since the public validation files mix them in.
 """
 
