@@ -87,10 +87,15 @@ def validate(c: ml_collections.ConfigDict) -> None:
         _fail("model.n_kv_heads", f"n_heads={m.n_heads} is not a multiple of n_kv_heads={m.n_kv_heads}",
               "Use a divisor of n_heads (or 0 for multi-head attention).")
     for key, allowed in (("position", ("learned", "rope")), ("norm", ("layernorm", "rmsnorm")),
-                         ("mlp", ("gelu", "swiglu")), ("remat", ("none", "full", "dots")),
+                         ("mlp", ("gelu", "gelu_exact", "swiglu")), ("remat", ("none", "full", "dots")),
                          ("dtype", ("float32", "bfloat16"))):
         if m[key] not in allowed:
             _fail(f"model.{key}", f"{m[key]!r} is not supported", f"Use one of {allowed}.")
+    if not 0.0 < m.rotary_pct <= 1.0:
+        _fail("model.rotary_pct", f"{m.rotary_pct} is outside (0, 1]", "Use 1.0 (LLaMA) or e.g. 0.25 (Pythia).")
+    if m.position == "rope" and (m.d_model // m.n_heads) * m.rotary_pct < 2:
+        _fail("model.rotary_pct", f"{m.rotary_pct} rotates fewer than 2 of the {m.d_model // m.n_heads} head dims",
+              "Raise rotary_pct or the head size (d_model / n_heads).")
     if not 0.0 <= m.dropout < 1.0:
         _fail("model.dropout", f"{m.dropout} is outside [0, 1)", "Use e.g. 0.0 or 0.1.")
     if c.optim.name not in ("adamw", "adam", "tf_adam"):

@@ -32,9 +32,11 @@ class ModelConfig:
     max_len: int = 256
     position: str = "learned"  # "learned" (GPT-2) | "rope" (NeoX, LLaMA)
     rope_theta: float = 10000.0
+    rotary_pct: float = 1.0  # fraction of each head's dims that rotate (Pythia / GPT-NeoX: 0.25)
     norm: str = "layernorm"  # "layernorm" | "rmsnorm"
     norm_eps: float = 1e-5
-    mlp: str = "gelu"  # "gelu" (GPT-2) | "swiglu" (LLaMA)
+    mlp: str = "gelu"  # "gelu" (tanh approximation, GPT-2) | "gelu_exact" (erf, GPT-NeoX) | "swiglu" (LLaMA)
+    parallel_residual: bool = False  # GPT-NeoX: x + attn(norm_attn(x)) + mlp(norm_mlp(x))
     use_bias: bool = True
     tie_embeddings: bool = True
     dropout: float = 0.0
@@ -44,6 +46,11 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
+
+    @property
+    def rotary_dim(self) -> int:
+        """Leading dims of each head that rotary embedding rotates (even); the rest pass through."""
+        return int(self.head_dim * self.rotary_pct) // 2 * 2
 
     @property
     def kv_heads(self) -> int:
@@ -142,9 +149,16 @@ class Norm(nn.Module):
         return y.astype(self.dtype)
 
 
-def rotary(x_BxTxHxD: jax.Array, positions_BxT: jax.Array, theta: float) -> jax.Array:
-    """Rotary position embedding, rotate-half convention (GPT-NeoX / LLaMA in HF layout)."""
-    d = x_BxTxHxD.shape[-1]
+def rotary(x_BxTxHxD: jax.Array, positions_BxT: jax.Array, theta: float, rotary_dim: int | None = None) -> jax.Array:
+    """Rotary position embedding, rotate-half convention (GPT-NeoX / LLaMA in HF layout).
+
+    Only the first `rotary_dim` dims of each head rotate (partial rotary, GPT-NeoX's rotary_pct); the
+    frequencies are those of a `rotary_dim`-dim rotary, and the remaining dims pass through unchanged.
+    """
+    d = x_BxTxHxD.shape[-1] if rotary_dim is None else rotary_dim
+    if d < x_BxTxHxD.shape[-1]:
+        rotated = rotary(x_BxTxHxD[..., :d], positions_BxT, theta)
+        return jnp.concatenate([rotated, x_BxTxHxD[..., d:]], axis=-1)
     freqs = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
     angles = positions_BxT[..., None].astype(jnp.float32) * freqs  # B,T,D/2
     cos = jnp.cos(angles)[:, :, None, :]
@@ -173,7 +187,8 @@ class Attention(nn.Module):
         k = Dense((kvh, hd), ("embed", "heads", "kv"), cfg.use_bias, dt, name="key")(x)
         v = Dense((kvh, hd), ("embed", "heads", "kv"), cfg.use_bias, dt, name="value")(x)
         if cfg.position == "rope":
-            q, k = rotary(q, positions, cfg.rope_theta), rotary(k, positions, cfg.rope_theta)
+            q, k = (rotary(q, positions, cfg.rope_theta, cfg.rotary_dim),
+                    rotary(k, positions, cfg.rope_theta, cfg.rotary_dim))
         q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
 
         # Keys and values as [B, kv_heads, S, head_dim]: the cache's layout, so a decode step appends
@@ -224,13 +239,14 @@ class MLP(nn.Module):
             hidden = nn.silu(gate.astype(jnp.float32)).astype(dt) * up
         else:
             up = Dense((cfg.ff_dim,), ("embed", "mlp"), cfg.use_bias, dt, name="up")(x)
-            hidden = nn.gelu(up.astype(jnp.float32), approximate=True).astype(dt)
+            hidden = nn.gelu(up.astype(jnp.float32), approximate=cfg.mlp == "gelu").astype(dt)
         hidden = nn.with_logical_constraint(hidden, ("batch", "length", "mlp"))
         return Dense((cfg.d_model,), ("mlp", "embed"), cfg.use_bias, dt, out_init, name="down")(hidden)
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)); with `parallel_residual`
+    both branches read the block's input: x + attn(norm_attn(x)) + mlp(norm_mlp(x))."""
 
     cfg: ModelConfig
 
@@ -239,7 +255,7 @@ class Block(nn.Module):
         cfg = self.cfg
         norm = lambda name: Norm(cfg.norm, cfg.norm_eps, cfg.use_bias, cfg.compute_dtype, name=name)
         a, cache = Attention(cfg, name="attn")(norm("norm_attn")(x), positions, key_mask, cache, cache_index, deterministic)
-        x = x + nn.Dropout(cfg.dropout)(a, deterministic=deterministic)
-        m = MLP(cfg, name="mlp")(norm("norm_mlp")(x))
-        x = x + nn.Dropout(cfg.dropout)(m, deterministic=deterministic)
+        a = nn.Dropout(cfg.dropout)(a, deterministic=deterministic)
+        m = MLP(cfg, name="mlp")(norm("norm_mlp")(x if cfg.parallel_residual else x + a))
+        x = x + a + nn.Dropout(cfg.dropout)(m, deterministic=deterministic)
         return nn.with_logical_constraint(x, ("batch", "length", "embed")), cache

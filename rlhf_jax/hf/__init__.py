@@ -1,0 +1,18 @@
+"""Hugging Face checkpoints in and out: GPT-2, GPT-NeoX (Pythia) and LLaMA, as local directories
+(config.json + model.safetensors, or a sharded model.safetensors.index.json). Needs numpy and
+safetensors only; `transformers` is used by the parity tests, never here.
+
+    cfg = hf.model_config("/models/pythia-160m", dtype="float32")
+    params = hf.load_params("/models/pythia-160m", params_like)   # into params_like's shardings
+    hf.export(params, cfg, "out/pythia-sft", tokenizer=tok)
+
+`config.init_from=<HF dir>` starts a stage from such a directory; `python -m rlhf_jax.convert`
+converts in either direction.
+"""
+
+from rlhf_jax.hf.export import export, hf_tensors
+from rlhf_jax.hf.layout import FAMILIES, family_for, is_hf_dir, model_fields, read_config
+from rlhf_jax.hf.load import load_params, model_config, reward_offset
+
+__all__ = ["FAMILIES", "export", "family_for", "hf_tensors", "is_hf_dir", "load_params", "model_config",
+           "model_fields", "read_config", "reward_offset"]
