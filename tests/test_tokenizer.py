@@ -101,12 +101,69 @@ def test_too_small_vocab_says_what_is_needed(corpus, tmp_path):
         tok_lib.train_tokenizer(corpus, str(tmp_path / "x.model"), vocab_size=256)
 
 
-def test_rejects_foreign_model_layout(corpus, tmp_path):
+def test_foreign_sentencepiece_model_uses_its_own_ids(corpus, tmp_path):
+    """A SentencePiece model without our layout (LLaMA-style: unk 0, bos 1, eos 2, no pad) loads with the
+    model's ids, pad falling back to eos, and no role ids."""
     import sentencepiece as spm
 
-    spm.SentencePieceTrainer.train(input=corpus, model_prefix=str(tmp_path / "plain"), vocab_size=100, minloglevel=2)
-    with pytest.raises(ValueError, match="plain.model: not a model from"):
-        tok_lib.load_tokenizer(str(tmp_path / "plain.model"))
+    spm.SentencePieceTrainer.train(input=corpus, model_prefix=str(tmp_path / "plain"), vocab_size=100,
+                                   unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
+    tok = tok_lib.load_tokenizer(str(tmp_path / "plain.model"))
+    assert (tok.unk_id, tok.bos_id, tok.eos_id, tok.pad_id, tok.vocab_size) == (0, 1, 2, 2, 100)
+    assert tok.role_ids == {} and not tok.fixed_layout
+    ids = tok.encode("the cat sat")
+    assert 2 not in ids and tok.decode(ids + [2]).strip() == "the cat sat"
+    assert tok.encode_many(["a cat", "the dog"]) == [tok.encode("a cat"), tok.encode("the dog")]
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer_dir(corpus, tmp_path_factory):
+    """A tiny GPT-2-style byte-level BPE tokenizer.json, trained here with the `tokenizers` package."""
+    tokenizers = pytest.importorskip("tokenizers", reason="HF tokenizer.json support needs the tokenizers package")
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    tok = tokenizers.Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train([corpus], trainer)
+    d = tmp_path_factory.mktemp("hf_tok")
+    tok.save(str(d / "tokenizer.json"))
+    return str(d)
+
+
+def test_hf_tokenizer_json_behind_the_same_interface(hf_tokenizer_dir):
+    tok = tok_lib.load_tokenizer(hf_tokenizer_dir)  # a directory: its tokenizer.json
+    assert isinstance(tok, tok_lib.HFTokenizer) and tok.path.endswith("tokenizer.json")
+    assert tok.eos_id == tok.bos_id == tok.pad_id == 0 and tok.role_ids == {}
+    assert tok.vocab_size == 400
+    for text in TRICKY:
+        assert tok.decode(tok.encode(text)) == text
+    assert tok.encode_many(TRICKY[:2]) == [tok.encode(t) for t in TRICKY[:2]]
+    assert tok.eos_id not in tok.encode("a <|endoftext|> b")  # special-token text in content stays text
+    assert tok.decode(tok.encode("hi") + [tok.eos_id]) == "hi"
+    clone = pickle.loads(pickle.dumps(tok))
+    assert clone.encode("a cat") == tok.encode("a cat")
+
+
+def test_hf_tokenizer_special_tokens_from_tokenizer_config(hf_tokenizer_dir, tmp_path):
+    import json
+    import shutil
+
+    shutil.copy(os.path.join(hf_tokenizer_dir, "tokenizer.json"), tmp_path / "tokenizer.json")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": "<|endoftext|>"},
+                                                                "pad_token": "a"}))
+    tok = tok_lib.load_tokenizer(str(tmp_path / "tokenizer.json"))
+    assert tok.eos_id == 0 and tok.pad_id == tok._tok.token_to_id("a") != 0
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<nope>"}))
+    os.remove(tmp_path / "tokenizer.json")
+    import tokenizers
+
+    bare = tokenizers.Tokenizer(tokenizers.models.BPE())
+    bare.save(str(tmp_path / "tokenizer.json"))
+    with pytest.raises(ValueError, match="no end-of-text token.*eos_token"):
+        tok_lib.load_tokenizer(str(tmp_path / "tokenizer.json"))
 
 
 @pytest.mark.skipif(not os.path.exists(os.path.join(SHARED_DATA, "tinyshakespeare.txt")),

@@ -9,6 +9,12 @@ checkpoints can rely on it:
 
 then 256 byte-fallback pieces <0x00>..<0xFF> (when byte_fallback) and the learned pieces.
 
+Existing tokenizers load behind the same interface (encode, encode_many, decode, bos_id, eos_id,
+pad_id, vocab_size, role_ids, path): a SentencePiece model without this layout (e.g. a LLaMA
+`tokenizer.model`) takes bos/eos/pad from the model and has no role ids; a Hugging Face
+`tokenizer.json` (GPT-2, GPT-NeoX) loads through the `tokenizers` package (`HFTokenizer`).
+With `role_ids` empty, chat templates render roles as text (rlhf_jax/data/chat.py).
+
 Whitespace is kept verbatim (identity normalisation, no extra-whitespace removal, no
 dummy prefix), so `decode(encode(text)) == text` and encoding is concatenative:
 `decode(encode(a) + encode(b)) == a + b`.
@@ -17,6 +23,7 @@ dummy prefix), so `decode(encode(text)) == text` and encoding is concatenative:
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 from collections.abc import Iterable, Iterator, Sequence
@@ -35,19 +42,36 @@ _TAG_RE = re.compile("|".join(re.escape(t) for t in ROLE_PIECES.values()))
 
 
 class Tokenizer:
-    """A SentencePiece model loaded from a local `.model` file (pickles as its path)."""
+    """A SentencePiece model loaded from a local `.model` file (pickles as its path).
+
+    A model from `train_tokenizer` has the fixed layout above and role ids. Any other SentencePiece
+    model (e.g. LLaMA's) keeps its own bos/eos/pad ids — pad falls back to eos when the model has none —
+    and has no role ids.
+    """
+
+    kind = "sentencepiece"
 
     def __init__(self, path: str):
         self.path = os.path.abspath(path)
-        self._sp = _load_processor(self.path)
+        self._sp = spm.SentencePieceProcessor(model_file=self.path)
         self.vocab_size: int = self._sp.get_piece_size()
-        self.pad_id, self.unk_id, self.bos_id, self.eos_id = PAD_ID, UNK_ID, BOS_ID, EOS_ID
-        self.role_ids: dict[str, int] = {role: self._sp.piece_to_id(p) for role, p in ROLE_PIECES.items()}
+        self.fixed_layout = _has_fixed_layout(self._sp)
+        if self.fixed_layout:
+            self.pad_id, self.unk_id, self.bos_id, self.eos_id = PAD_ID, UNK_ID, BOS_ID, EOS_ID
+            self.role_ids: dict[str, int] = {role: self._sp.piece_to_id(p) for role, p in ROLE_PIECES.items()}
+            return
+        sp = self._sp
+        if sp.eos_id() < 0:
+            raise ValueError(f"{path}: this SentencePiece model defines no eos piece; a tokenizer needs one "
+                             f"to end sequences. Train it with eos_id set.")
+        self.unk_id, self.bos_id, self.eos_id = sp.unk_id(), sp.bos_id(), sp.eos_id()
+        self.pad_id = sp.pad_id() if sp.pad_id() >= 0 else sp.eos_id()
+        self.role_ids = {}
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text` (no bos/eos). Role tags written literally in `text` are encoded
         as ordinary characters, never as the role ids, so content cannot forge a chat turn."""
-        if "<|" not in text or not _TAG_RE.search(text):
+        if not self.role_ids or "<|" not in text or not _TAG_RE.search(text):
             return self._sp.encode(text)
         ids, start = [], 0
         for m in _TAG_RE.finditer(text):
@@ -59,13 +83,13 @@ class Tokenizer:
 
     def encode_many(self, texts: Sequence[str]) -> list[list[int]]:
         """`encode` over a list (one call into SentencePiece when no text holds a role tag)."""
-        if any("<|" in t for t in texts):
+        if self.role_ids and any("<|" in t for t in texts):
             return [self.encode(t) for t in texts]
         return self._sp.encode(list(texts))
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of `ids`; pad ids are dropped, bos/eos render as nothing, role tags as their text."""
-        return self._sp.decode([int(i) for i in ids if int(i) != PAD_ID])
+        return self._sp.decode([int(i) for i in ids if int(i) != self.pad_id])
 
     def id_to_piece(self, i: int) -> str:
         return self._sp.id_to_piece(int(i))
@@ -80,14 +104,92 @@ class Tokenizer:
         return f"Tokenizer({self.path!r}, vocab_size={self.vocab_size})"
 
 
-def load_tokenizer(path: str) -> Tokenizer:
-    """Loads a `.model` file written by `train_tokenizer` (checks the fixed id layout)."""
+class HFTokenizer:
+    """A Hugging Face `tokenizer.json` (e.g. GPT-2's or GPT-NeoX's BPE) through the `tokenizers` package.
+
+    bos/eos/pad come from a `tokenizer_config.json` beside the file when there is one, else from the
+    added special tokens with a well-known name ("<|endoftext|>", "</s>", ...); pad falls back to eos,
+    bos to eos. No role ids. Special-token text inside `encode`'s input is encoded as plain text, so
+    content cannot forge an end of text.
+    """
+
+    kind = "hf"
+    _EOS = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>")
+    _BOS = ("<s>", "<|begin_of_text|>", "<bos>")
+
+    def __init__(self, path: str):
+        try:
+            import tokenizers
+        except ImportError as e:
+            raise ImportError(f"{path} is a Hugging Face tokenizer.json; reading it needs the `tokenizers` "
+                              f"package: pip install tokenizers.") from e
+        self.path = os.path.abspath(path)
+        self._tok = tokenizers.Tokenizer.from_file(self.path)
+        self._tok.encode_special_tokens = True
+        self.vocab_size: int = self._tok.get_vocab_size(with_added_tokens=True)
+        named = _special_tokens_config(os.path.dirname(self.path))
+        ids = {}
+        for role, known in (("eos", self._EOS), ("bos", self._BOS), ("pad", ()), ("unk", ("<unk>",))):
+            for piece in ([named[role]] if named.get(role) else []) + list(known):
+                if self._tok.token_to_id(piece) is not None:
+                    ids[role] = self._tok.token_to_id(piece)
+                    break
+        if "eos" not in ids:
+            raise ValueError(f"{path}: no end-of-text token found (looked for {self._EOS} and for eos_token in a "
+                             f"tokenizer_config.json beside it). Add eos_token to that tokenizer_config.json.")
+        self.eos_id = ids["eos"]
+        self.bos_id, self.pad_id, self.unk_id = ids.get("bos", self.eos_id), ids.get("pad", self.eos_id), ids.get("unk")
+        self.role_ids: dict[str, int] = {}
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_many(self, texts: Sequence[str]) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of `ids`; pad ids are dropped and special tokens render as nothing."""
+        return self._tok.decode([int(i) for i in ids if int(i) != self.pad_id], skip_special_tokens=True)
+
+    def id_to_piece(self, i: int) -> str:
+        return self._tok.id_to_token(int(i))
+
+    def __getstate__(self):
+        return {"path": self.path}
+
+    def __setstate__(self, state):
+        self.__init__(state["path"])
+
+    def __repr__(self):
+        return f"HFTokenizer({self.path!r}, vocab_size={self.vocab_size})"
+
+
+# In a Hugging Face model directory, the tokenizer file to use: SentencePiece first (the project default).
+DIR_TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
+
+
+def tokenizer_file_in(directory: str) -> str | None:
+    """The tokenizer file of a model directory (tokenizer.model, else tokenizer.json), or None."""
+    for name in DIR_TOKENIZER_FILES:
+        if os.path.isfile(os.path.join(directory, name)):
+            return os.path.join(directory, name)
+    return None
+
+
+def load_tokenizer(path: str) -> Tokenizer | HFTokenizer:
+    """Loads a SentencePiece `.model` or a Hugging Face `tokenizer.json`, told apart by content (a JSON
+    file starts with "{"), so a run's copy keeps one name whatever it holds; a directory means the
+    tokenizer file inside it (`tokenizer_file_in`)."""
+    if os.path.isdir(path) and tokenizer_file_in(path):
+        path = tokenizer_file_in(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"tokenizer model {path!r} does not exist. Create one with "
             f"rlhf_jax.data.tokenizer.train_tokenizer(text_paths, {path!r}, vocab_size) "
-            f"or point the config at an existing .model file.")
-    return Tokenizer(path)
+            f"or point the config at an existing .model file (or a tokenizer.json).")
+    with open(path, "rb") as f:
+        is_json = f.read(64).lstrip().startswith(b"{")
+    return HFTokenizer(path) if is_json else Tokenizer(path)
 
 
 def train_tokenizer(text_paths: list[str] | str, model_path: str, vocab_size: int, model_type: str = "bpe",
@@ -162,10 +264,22 @@ def _corpus_chars(paths: list[str], max_sentence_length: int) -> set[str]:
     return chars
 
 
-def _load_processor(path: str) -> spm.SentencePieceProcessor:
-    sp = spm.SentencePieceProcessor(model_file=path)
+def _has_fixed_layout(sp: spm.SentencePieceProcessor) -> bool:
     found = tuple(sp.id_to_piece(i) for i in range(min(len(SPECIAL_PIECES), sp.get_piece_size())))
-    if found != SPECIAL_PIECES:
-        raise ValueError(f"{path}: not a model from rlhf_jax.data.tokenizer.train_tokenizer — ids 0..7 are "
-                         f"{found}, expected {SPECIAL_PIECES}. Retrain it with train_tokenizer.")
-    return sp
+    return found == SPECIAL_PIECES
+
+
+def _special_tokens_config(directory: str) -> dict[str, str]:
+    """{"bos" | "eos" | "pad" | "unk": token text} from a tokenizer_config.json in `directory` (HF layout)."""
+    path = os.path.join(directory, "tokenizer_config.json")
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        cfg = json.load(f)
+    out = {}
+    for role in ("bos", "eos", "pad", "unk"):
+        v = cfg.get(f"{role}_token")
+        v = v.get("content") if isinstance(v, dict) else v
+        if isinstance(v, str):
+            out[role] = v
+    return out
