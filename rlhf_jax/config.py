@@ -21,7 +21,8 @@ def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.stage = ""
     c.seed = 0
-    c.init_from = ""  # a workdir or checkpoint dir of an earlier stage; its params start this one
+    # An earlier stage's workdir or checkpoint dir, or a local Hugging Face model dir: its params start this one.
+    c.init_from = ""
     c.model = ml_collections.ConfigDict(dataclasses.asdict(ModelConfig()))
 
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
@@ -115,7 +116,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
     if c.checkpoint.every <= 0 or c.checkpoint.keep <= 0:
         _fail("checkpoint", "every and keep must be positive", "Use e.g. every=500, keep=3.")
     if c.init_from and not os.path.exists(c.init_from):
-        _fail("init_from", f"{c.init_from!r} does not exist", "Point it at an earlier stage's --workdir.")
+        _fail("init_from", f"{c.init_from!r} does not exist",
+              "Point it at an earlier stage's --workdir or a local Hugging Face model directory.")
     from rlhf_jax.data import chat
 
     chat.config_template(c.data)  # an unknown chat_template or chat_custom key fails here, naming the fix

@@ -16,7 +16,7 @@ import jax
 import ml_collections
 from tqdm import tqdm
 
-from rlhf_jax import checkpoint, config as config_lib, parallel
+from rlhf_jax import checkpoint, config as config_lib, hf, parallel
 from rlhf_jax.metrics import MetricWriter
 
 # Model fields a stage may change when it starts from an earlier stage's params;
@@ -35,7 +35,8 @@ class Run:
         self.workdir = os.path.abspath(workdir)
         os.makedirs(self.workdir, exist_ok=True)
         if config.init_from:
-            checkpoint.find_params_checkpoint(config.init_from)  # fail now, not after building data
+            if not hf.is_hf_dir(config.init_from):
+                checkpoint.find_params_checkpoint(config.init_from)  # fail now, not after building data
             self._adopt_model_config(config)
         self.config = config
         self.mesh = parallel.make_mesh({a: config.mesh[a] for a in parallel.MESH_AXES})
@@ -51,11 +52,18 @@ class Run:
 
     # --- config -------------------------------------------------------------------------------
     def _adopt_model_config(self, config):
-        src = checkpoint.read_run_config(config.init_from)
-        if src is None:
-            raise FileNotFoundError(f"config.init_from={config.init_from!r}: no config.json found there or above; "
-                                    f"point init_from at an earlier stage's --workdir.")
-        for k, v in src["model"].items():
+        """The architecture comes from init_from: an earlier stage's config.json, or an HF model's
+        (its config.json mapped onto our fields; an unsupported model fails here, naming the field)."""
+        if hf.is_hf_dir(config.init_from):
+            model = hf.model_fields(hf.read_config(config.init_from), os.path.join(config.init_from, "config.json"))
+        else:
+            src = checkpoint.read_run_config(config.init_from)
+            if src is None:
+                raise FileNotFoundError(f"config.init_from={config.init_from!r}: no config.json found there or "
+                                        f"above; point init_from at an earlier stage's --workdir or at a Hugging "
+                                        f"Face model directory (config.json + model.safetensors).")
+            model = src["model"]
+        for k, v in model.items():
             if k not in RUNTIME_MODEL_FIELDS:
                 config.model[k] = v
 
@@ -68,21 +76,29 @@ class Run:
     def tokenizer(self, corpus_paths: list[str]):
         """The run's tokenizer, copied to <workdir>/tokenizer.model.
 
-        Order: config.data.tokenizer_path; the init_from workdir's tokenizer; one
-        already in this workdir (resume); else train one on `corpus_paths`.
+        Order: config.data.tokenizer_path; the init_from workdir's tokenizer (for an HF model
+        directory: its tokenizer.model, else its tokenizer.json); one already in this workdir
+        (resume); else train one on `corpus_paths`. A tokenizer.json is copied under the same
+        name, with its tokenizer_config.json beside it: `load_tokenizer` tells the formats apart
+        by content.
         """
         from rlhf_jax.data import tokenizer as tok_lib
 
         c, dest = self.config, os.path.join(self.workdir, "tokenizer.model")
         src = c.data.get("tokenizer_path", "")
         if not src and c.init_from:
-            src = os.path.join(_workdir_of(c.init_from), "tokenizer.model")
-            if not os.path.exists(src):
-                raise FileNotFoundError(f"config.init_from: {src} is missing; set config.data.tokenizer_path.")
+            src = tok_lib.tokenizer_file_in(_workdir_of(c.init_from))
+            if src is None:
+                raise FileNotFoundError(f"config.init_from: no tokenizer.model (or tokenizer.json) in "
+                                        f"{_workdir_of(c.init_from)}; set config.data.tokenizer_path.")
         if src:
             if self.is_main and os.path.abspath(src) != dest:
-                shutil.copyfile(tok_lib.load_tokenizer(src).path, dest + ".tmp")
+                loaded = tok_lib.load_tokenizer(src)
+                shutil.copyfile(loaded.path, dest + ".tmp")
                 os.replace(dest + ".tmp", dest)
+                special = os.path.join(os.path.dirname(loaded.path), "tokenizer_config.json")
+                if loaded.kind == "hf" and os.path.exists(special):
+                    shutil.copyfile(special, os.path.join(self.workdir, "tokenizer_config.json"))
         elif not os.path.exists(dest) and self.is_main:
             tok_lib.train_tokenizer(corpus_paths, dest, vocab_size=c.data.vocab_size,
                                     model_type=c.data.tokenizer_type)
@@ -118,7 +134,10 @@ class Run:
         """Replaces `heads` (top-level params entries) with the init_from checkpoint's."""
         if not self.config.init_from:
             return params
-        loaded = checkpoint.load_params(self.config.init_from, params)
+        if hf.is_hf_dir(self.config.init_from):  # read straight into the shardings of `params`
+            loaded = hf.load_params(self.config.init_from, params)
+        else:
+            loaded = checkpoint.load_params(self.config.init_from, params)
         return {k: (loaded[k] if k in heads else v) for k, v in params.items()}
 
     def restore_or(self, state):
@@ -230,7 +249,7 @@ def _main_thread() -> bool:
 
 
 def _workdir_of(path: str) -> str:
-    """init_from may name a workdir, its checkpoints/ dir or one step dir."""
+    """init_from may name a workdir, its checkpoints/ dir or one step dir (or an HF model directory)."""
     path = os.path.abspath(path)
     for cand in (path, os.path.dirname(path), os.path.dirname(os.path.dirname(path))):
         if os.path.exists(os.path.join(cand, "config.json")):

@@ -208,3 +208,47 @@ def test_sharded_load_on_fsdp_tensor_mesh(case):
     assert q.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor", None)
     assert q.addressable_shards[0].data.shape == (D // 2, HEADS // 2, D // HEADS)
     assert _max_diff_real(ours, case["hf_logits"], case["mask"]) <= ATOL
+
+
+def test_sft_starts_from_an_hf_directory(tmp_path):
+    """config.init_from=<HF dir>: the architecture comes from its config.json, the tokenizer is its
+    tokenizer.json (chat roles as text), and training starts from its weights."""
+    import sys
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from rlhf_jax import checkpoint, config as config_lib
+    from rlhf_jax.data import builtin_text, tokenizer as tok_lib
+    from rlhf_jax.stages import lm
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from configs import sft as sft_cfg
+
+    hf_dir = tmp_path / "neox"
+    ref = _randomize(_hf_model("neox"), seed=4)
+    ref.save_pretrained(str(hf_dir), safe_serialization=True)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tok.train([builtin_text.write_builtin_corpus(str(tmp_path / "corpus.txt"), num_chars=20_000)],
+              trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.save(str(hf_dir / "tokenizer.json"))
+
+    c = sft_cfg.get_config("tiny")
+    c.update(init_from=str(hf_dir), progress=False, num_steps=2, log_every=1, eval_every=2)
+    c.data.chat_template = "hh"
+    c.data.builtin_examples = 64
+    c.optim.update(lr=1e-5, warmup_steps=1)
+    c.checkpoint.update(every=2, use_async=False)
+    out = lm.train_and_evaluate(c, str(tmp_path / "sft"))
+    assert np.isfinite(out["train/loss"]) and np.isfinite(out["eval/loss"])
+
+    run_cfg = json.load(open(tmp_path / "sft" / "config.json"))["model"]
+    assert {k: run_cfg[k] for k in ("rotary_pct", "parallel_residual", "mlp", "vocab_size", "d_model")} == \
+        dict(rotary_pct=0.25, parallel_residual=True, mlp="gelu_exact", vocab_size=V, d_model=D)
+    assert isinstance(tok_lib.load_tokenizer(str(tmp_path / "sft" / "tokenizer.model")), tok_lib.HFTokenizer)
+    model = TransformerLM(config_lib.ModelConfig(**run_cfg))
+    like, _ = parallel.sharded_init(train_state.model_init_fn(model, 8, 0), _mesh(), RULES)
+    trained = checkpoint.load_params(str(tmp_path / "sft"), like)
+    start = ref.gpt_neox.embed_in.weight.detach().numpy()
+    assert np.abs(np.asarray(trained["trunk"]["embed"]) - start).max() < 1e-3  # two tiny steps from HF's weights
