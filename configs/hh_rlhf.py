@@ -48,8 +48,8 @@ TRAIN, TEST = "hh-rlhf/train.jsonl.gz", "hh-rlhf/test.jsonl.gz"  # replace with 
 # Shapes for a from-scratch run; with init_from a Hugging Face directory, its config.json decides.
 MODELS = dict(tiny=dict(d_model=32, n_layers=2, n_heads=2, max_len=128),
               gpt2=dict(d_model=768, n_layers=12, n_heads=12, max_len=1024, position="learned", tie_embeddings=True),
-              pythia160m=dict(d_model=768, n_layers=12, n_heads=12, max_len=2048, position="rope",
-                              tie_embeddings=False))
+              pythia160m=dict(d_model=768, n_layers=12, n_heads=12, max_len=2048, position="rope", rotary_pct=0.25,
+                              mlp="gelu_exact", parallel_residual=True, tie_embeddings=False))
 EPISODES = 1_000_000
 
 

@@ -24,13 +24,20 @@ def tok(tmp_path_factory):
     return tok_lib.train_tokenizer(corpus, str(d / "tok.model"), vocab_size=400)
 
 
-class NoRoleTokenizer:
-    """A tokenizer like an imported Hugging Face one: no role ids."""
+@pytest.fixture(scope="module")
+def gpt2_style_tok(tmp_path_factory):
+    """A tiny GPT-2-style byte-level BPE tokenizer.json: no role ids, bos = eos = <|endoftext|>."""
+    tokenizers = pytest.importorskip("tokenizers", reason="tokenizer.json support needs the tokenizers package")
+    from tokenizers import decoders, models, pre_tokenizers, trainers
 
-    def __init__(self, tok):
-        self._tok = tok
-        self.bos_id, self.eos_id, self.pad_id, self.role_ids = tok.bos_id, tok.eos_id, tok.pad_id, {}
-        self.encode, self.encode_many, self.decode = tok.encode, tok.encode_many, tok.decode
+    d = tmp_path_factory.mktemp("hf_tok")
+    hf = tokenizers.Tokenizer(models.BPE())
+    hf.pre_tokenizer, hf.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    hf.train([builtin_text.write_builtin_corpus(str(d / "corpus.txt"), num_chars=12_000)],
+             trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
+                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    hf.save(str(d / "tokenizer.json"))
+    return tok_lib.load_tokenizer(str(d / "tokenizer.json"))
 
 
 def test_tags_is_the_fixed_role_id_layout(tok):
@@ -71,12 +78,15 @@ def test_plain_and_custom_templates(tok):
     assert chat.template_from_spec(json.loads(json.dumps(custom.spec()))) == custom
 
 
-def test_tags_without_role_ids_names_the_fix(tok):
-    bare = NoRoleTokenizer(tok)
+def test_a_tokenizer_without_role_ids_needs_a_text_template(gpt2_style_tok):
+    tok = gpt2_style_tok
+    assert tok.role_ids == {}
     with pytest.raises(ValueError, match="chat_template='tags' needs a tokenizer with role tokens.*chat_template=hh"):
-        chat.render_dialogue(DIALOGUE, bare)
-    ids, _ = chat.render_dialogue(DIALOGUE[1:], bare, template=chat.HH)
-    assert ids == chat.render_dialogue(DIALOGUE[1:], tok, template=chat.HH)[0]
+        chat.render_dialogue(DIALOGUE, tok)
+    ids, mask = chat.render_dialogue(DIALOGUE[1:], tok, template=chat.HH)
+    assert tok.decode(ids) == "\n\nHuman: add 2 3\n\nAssistant: 5\n\nHuman: and 4?\n\nAssistant: 9"
+    assert [i for i, m in zip(ids, mask) if m] == tok.encode(" 5") + [tok.eos_id] + tok.encode(" 9") + [tok.eos_id]
+    assert chat.HH.end_id(tok) == tok.eos_id
 
 
 def test_bad_template_settings_are_named():

@@ -62,7 +62,7 @@ class ChatTemplate:
 
     def head(self, tok) -> list[int]:
         """Tokens before the first turn; prompt truncation never removes them."""
-        return [] if tok.bos_id is None else [tok.bos_id]
+        return [] if tok.bos_id is None or tok.bos_id < 0 else [tok.bos_id]  # some SentencePiece models have none
 
     def end_id(self, tok) -> int:
         """The token that ends an assistant body: <|end|> (tags) or eos."""
