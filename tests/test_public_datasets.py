@@ -2,13 +2,17 @@
 comparisons become the chat renderings a hand-written reference gives; the TL;DR query is
 shortened by the paper's rule; every malformed line names file:line."""
 
+import gzip
 import json
+import os
 
 import pytest
 
+from tests.conftest import SHARED_DATA
 from rlhf_jax.data import builtin_text, chat, comparisons, lm_datasets, prompts, tldr
 from rlhf_jax.data import tokenizer as tok_lib
 
+HH_DEV = os.path.join(SHARED_DATA, "hh_rlhf_harmless_dev.jsonl.gz")
 POST = {"subreddit": "relationships", "title": "My cat ignores me",
         "post": "She sits by the door.\nShe eats and leaves.\nWhat should I do?"}
 
@@ -165,3 +169,20 @@ def test_tldr_query_reference_strings():
     assert tldr.query(POST) == _query(POST["post"])
     messages, fit = tldr.prompt(POST)
     assert fit(messages, lambda m: True) == messages
+
+
+@pytest.mark.skipif(not os.path.exists(HH_DEV), reason=f"reference data {HH_DEV} is absent")
+def test_a_broken_line_in_the_real_hh_file_names_file_and_line(tok, tmp_path):
+    with gzip.open(HH_DEV, "rt") as f:
+        lines = [next(f) for _ in range(10)]
+    lines[6] = lines[6][:80] + "\n"  # line 7 cut mid-string, as a truncated download would leave it
+    path = str(tmp_path / "hh.jsonl.gz")
+    with gzip.open(path, "wt") as f:
+        f.writelines(lines)
+    with pytest.raises(ValueError, match=r"hh.jsonl.gz:7: invalid JSON .* each line must be one complete JSON object"):
+        lm_datasets.build_sft_dataset(path, tok.path, 64, str(tmp_path / "d"), fmt="hh_rlhf", template=chat.HH)
+    with pytest.raises(ValueError, match=r"hh.jsonl.gz:7: invalid JSON"):
+        comparisons.build_comparison_dataset(path, "hh_rlhf", tok.path, 64, str(tmp_path / "d"), template=chat.HH)
+    source, stats = lm_datasets.build_sft_dataset(path, tok.path, 64, str(tmp_path / "d"), fmt="hh_rlhf",
+                                                  template=chat.HH, line_range=(0, 6))
+    assert stats["examples"] + stats["skipped"] == 6
