@@ -3,6 +3,7 @@
 through KV-cache decoding; export → reload in transformers gives them back; a sharded load equals
 the replicated one."""
 
+import copy
 import json
 import os
 
@@ -63,13 +64,6 @@ def _mesh(**axes):
     return parallel.make_mesh({"data": -1, "fsdp": 1, "tensor": 1, **axes})
 
 
-def _load(hf_dir, mesh, kind="lm"):
-    cfg = hf.model_config(hf_dir, dtype="float32")
-    model = TransformerLM(cfg)
-    like, _ = parallel.sharded_init(train_state.model_init_fn(model, 8, 0), mesh, RULES)
-    return model, hf.load_params(hf_dir, like)
-
-
 def _batch(seed=0, B=3, T=12, pads=(0, 4, 7)):
     rng = np.random.default_rng(seed)
     tokens = rng.integers(1, V, (B, T)).astype(np.int32)
@@ -93,8 +87,7 @@ def case(request, tmp_path_factory):
     # LLaMA is saved in shards, so the safetensors index is read too.
     ref.save_pretrained(hf_dir, safe_serialization=True, **({"max_shard_size": "100KB"} if family == "llama" else {}))
     mesh = _mesh()
-    with parallel.activate(mesh, RULES):
-        model, params = _load(hf_dir, mesh)
+    model, params = hf.load_model(hf_dir, mesh, RULES, dtype="float32")
     tokens, mask = _batch()
     return dict(family=family, ref=ref, dir=hf_dir, model=model, params=params, mesh=mesh, tokens=tokens, mask=mask,
                 hf_logits=_hf_logits(ref, tokens, mask))
@@ -184,7 +177,8 @@ def test_reward_model_exports_as_sequence_classifier(case, tmp_path):
     cfg = json.load(open(os.path.join(out, "config.json")))
     assert cfg["architectures"][0].endswith("ForSequenceClassification") and cfg["num_labels"] == 1
     tokens, mask = case["tokens"][:, ::-1].copy(), case["mask"][:, ::-1].copy()  # right padding, pad id 0
-    ours = _forward(model, params, tokens, mask, heads=("reward",))["rewards"]
+    with parallel.activate(mesh, RULES):
+        ours = jax.jit(lambda p: _forward(model, p, tokens, mask, heads=("reward",))["rewards"])(params)
     last = mask.shape[1] - 1 - np.argmax(mask[:, ::-1], axis=1)
     ours = norm["gain"] * np.asarray(ours)[np.arange(len(last)), last] + norm["bias"]
     rm = transformers.AutoModelForSequenceClassification.from_pretrained(out, pad_token_id=0).eval()
@@ -192,22 +186,46 @@ def test_reward_model_exports_as_sequence_classifier(case, tmp_path):
         theirs = rm(input_ids=torch.tensor(tokens, dtype=torch.long),
                     attention_mask=torch.tensor(mask, dtype=torch.long)).logits[:, 0].numpy()
     np.testing.assert_allclose(theirs + cfg[hf.layout.REWARD_OFFSET_KEY], ours, atol=ATOL)
-    with parallel.activate(mesh, RULES):
-        _, back = _load(out, mesh)
+    back = hf.load_params(out, params)  # a sequence classifier fills reward_head
     np.testing.assert_allclose(back["reward_head"]["kernel"], norm["gain"] * params["reward_head"]["kernel"], atol=1e-6)
     np.testing.assert_allclose(back["reward_head"]["bias"], [norm["gain"] * 0.7 + norm["bias"]], atol=1e-6)
 
 
 def test_sharded_load_on_fsdp_tensor_mesh(case):
-    """On data=2, fsdp=2, tensor=2 each device reads only its block; logits equal HF's."""
+    """On data=2, fsdp=2, tensor=2 each device reads only its block (of GPT-2's [q | k | v] c_attn, NeoX's
+    per-head fused qkv, LLaMA's grouped k/v heads); logits equal HF's."""
     mesh = _mesh(fsdp=2, tensor=2)
+    model, params = hf.load_model(case["dir"], mesh, RULES, dtype="float32")
     with parallel.activate(mesh, RULES):
-        model, params = _load(case["dir"], mesh)
         ours = jax.jit(lambda p: _forward(model, p, case["tokens"], case["mask"])["logits"])(params)
     q = params["trunk"]["block_0"]["attn"]["query"]["kernel"]
     assert q.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor", None)
     assert q.addressable_shards[0].data.shape == (D // 2, HEADS // 2, D // HEADS)
     assert _max_diff_real(ours, case["hf_logits"], case["mask"]) <= ATOL
+
+
+def test_half_precision_checkpoints_load_as_float32(case, tmp_path):
+    """Released checkpoints are often float16 / bfloat16: each loads as its exact float32 value."""
+    for dtype in (torch.float16, torch.bfloat16):
+        d = str(tmp_path / str(dtype))
+        half = copy.deepcopy(case["ref"]).to(dtype)
+        half.save_pretrained(d, safe_serialization=True)
+        _, params = hf.load_model(d, case["mesh"], RULES)
+        want = half.get_input_embeddings().weight.detach().float().numpy()
+        np.testing.assert_array_equal(np.asarray(params["trunk"]["embed"]), want)
+
+
+def test_unsupported_checkpoints_fail_naming_the_field(tmp_path):
+    base = json.loads(transformers.LlamaConfig(hidden_size=D, num_attention_heads=HEADS).to_json_string())
+    for change, field in ((dict(model_type="bert"), "model_type='bert'"),
+                          (dict(rope_parameters={"rope_type": "linear", "factor": 2.0}), "rope_type='linear'"),
+                          (dict(hidden_act="gelu"), "hidden_act='gelu'"),
+                          (dict(attention_bias=True), "attention_bias / mlp_bias")):
+        with pytest.raises(ValueError, match=field):
+            hf.model_fields(dict(base, **change))
+    (tmp_path / "config.json").write_text(json.dumps(base))
+    with pytest.raises(FileNotFoundError, match="neither model.safetensors nor"):
+        hf.load_params(str(tmp_path), {})
 
 
 def test_sft_starts_from_an_hf_directory(tmp_path):

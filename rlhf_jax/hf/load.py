@@ -76,8 +76,8 @@ def _hf_shape(src: layout.Source, shape: tuple[int, ...], hf_shape: tuple[int, .
         got_out, got_in = hf_shape if src.out_first else hf_shape[::-1]
     need_out = n_out if src.out_index is None else int(src.out_index.max()) + 1
     if got_in != n_in or (got_out != need_out if src.out_index is None else got_out < need_out):
-        raise ValueError(f"HF tensor {src.name} has shape {hf_shape}, which does not fit our leaf of shape {shape}; "
-                         f"the model config does not match the checkpoint's config.json.")
+        raise ValueError(f"HF tensor {src.name} has shape {hf_shape}, which does not fit our leaf of shape "
+                         f"{shape}; the model config does not match the checkpoint's config.json.")
     return got_in, got_out
 
 
@@ -138,7 +138,8 @@ def load_params(hf_dir: str, params_like):
         def load(path, leaf):
             key = tuple(getattr(p, "key", getattr(p, "name", p)) for p in path)
             if key == ("reward_head", "bias") and is_rm:
-                return jax.device_put(np.full(leaf.shape, reward_offset(hf_dir), np.float32), leaf.sharding)
+                bias = np.full(leaf.shape, reward_offset(hf_dir), np.float32)
+                return jax.make_array_from_callback(bias.shape, leaf.sharding, lambda idx: bias[idx])
             if key not in table:
                 return leaf
             src, shape = table.pop(key), tuple(leaf.shape)
@@ -150,6 +151,25 @@ def load_params(hf_dir: str, params_like):
         raise ValueError(f"{hf_dir}: our params tree has no place for {sorted('/'.join(k) for k in table)[:5]}; "
                          f"build the model from this checkpoint's config (rlhf_jax.hf.model_config).")
     return out
+
+
+def load_model(hf_dir: str, mesh, rules, **runtime: Any):
+    """(TransformerLM, params) of the HF model in `hf_dir`, sharded on `mesh` by `rules`, with no random
+    init: params hold only what the checkpoint has — trunk and lm_head (absent when tied), or trunk and
+    reward_head for a sequence classifier. `runtime` sets dtype, dropout, remat."""
+    import flax.linen as nn
+
+    from rlhf_jax import parallel, train_state
+    from rlhf_jax.models.gpt import TransformerLM
+
+    model = TransformerLM(model_config(hf_dir, **runtime))
+    with parallel.activate(mesh, rules):
+        abstract = jax.eval_shape(train_state.model_init_fn(model, 8, 0))
+        shardings = parallel.logical_shardings(abstract, mesh, rules)
+    like = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), nn.unbox(abstract), shardings)
+    is_rm = any(a.endswith("ForSequenceClassification") for a in layout.read_config(hf_dir).get("architectures") or [])
+    keep = ("trunk", "reward_head") if is_rm else ("trunk", "lm_head")
+    return model, load_params(hf_dir, {k: v for k, v in like.items() if k in keep})
 
 
 def _resolved(src: layout.Source, reader: TensorReader) -> layout.Source:
