@@ -159,6 +159,14 @@ def test_malformed_line_names_file_and_line(tok, tmp_path, kind, fmt, bad, what)
         build()
 
 
+def test_lengths_too_short_for_the_template_are_named(tok, tmp_path):
+    path = _write_jsonl(tmp_path / "p.jsonl", [GOOD["hh_rlhf"]])
+    with pytest.raises(ValueError, match="max_prompt_len=3 cannot hold the 'hh' template's bos and assistant prefix"):
+        prompts.build_prompt_dataset(path, "hh_rlhf", tok.path, 3, str(tmp_path / "d"), template=chat.HH)
+    with pytest.raises(ValueError, match="max_len=4 cannot hold the 'hh' template's"):
+        comparisons.build_comparison_dataset(path, "hh_rlhf", tok.path, 4, str(tmp_path / "d"), template=chat.HH)
+
+
 def test_unknown_sft_format_is_named(tok, tmp_path):
     path = _write_jsonl(tmp_path / "a.jsonl", [GOOD["tldr"]])
     with pytest.raises(ValueError, match="format 'reddit' is not one of .*config.data.format"):

@@ -253,6 +253,9 @@ def comparison_example(prompt_messages: list[dict[str, str]], responses: list[st
     fit: the format's own prompt shortener (tldr.prompt), tried before cutting from the left.
     """
     end = template.end_id(tok)
+    if max_len < template.min_prompt_len(tok) + 2:
+        raise ValueError(f"max_len={max_len} cannot hold the {template.name!r} template's bos and assistant prefix "
+                         f"({template.min_prompt_len(tok)} tokens) and a response; raise config.data.seq_len.")
     dropped = max(0, len(responses) - num_responses)
     responses = responses[:num_responses]
     prompt = chat.render_prompt(prompt_messages, tok, where, template)  # ... assistant prefix
