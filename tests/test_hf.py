@@ -270,3 +270,16 @@ def test_sft_starts_from_an_hf_directory(tmp_path):
     trained = checkpoint.load_params(str(tmp_path / "sft"), like)
     start = ref.gpt_neox.embed_in.weight.detach().numpy()
     assert np.abs(np.asarray(trained["trunk"]["embed"]) - start).max() < 1e-3  # two tiny steps from HF's weights
+
+    # The CLI: export the SFT run back to an HF directory transformers loads; inspect the source directory.
+    from rlhf_jax import convert
+
+    convert.main(["export", "--workdir", str(tmp_path / "sft"), "--out", str(tmp_path / "out")])
+    again, info = transformers.GPTNeoXForCausalLM.from_pretrained(str(tmp_path / "out"), output_loading_info=True)
+    assert not any(info.values())  # no missing, unexpected or mismatched tensors
+    np.testing.assert_array_equal(again.gpt_neox.embed_in.weight.detach().numpy(), trained["trunk"]["embed"])
+    exported = json.load(open(tmp_path / "out" / "config.json"))
+    assert exported["eos_token_id"] == 0 and os.path.exists(tmp_path / "out" / "tokenizer.json")
+    summary = convert.inspect(str(hf_dir), fsdp=2, tensor=2)
+    assert summary["params"] == ref.num_parameters() and summary["model"]["rotary_pct"] == 0.25
+    assert summary["params_bytes_per_device"] < 4 * summary["params"] / 2  # sharded, not replicated

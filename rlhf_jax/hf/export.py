@@ -89,6 +89,9 @@ def export(params: Mapping, cfg: ModelConfig, out_dir: str, kind: str = "lm", fa
         config.update(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
         name = "tokenizer.json" if getattr(tokenizer, "kind", "sentencepiece") == "hf" else "tokenizer.model"
         shutil.copyfile(tokenizer.path, os.path.join(out_dir, name))
+        special = os.path.join(os.path.dirname(tokenizer.path), "tokenizer_config.json")
+        if name == "tokenizer.json" and os.path.exists(special):
+            shutil.copyfile(special, os.path.join(out_dir, "tokenizer_config.json"))
     save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
