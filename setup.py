@@ -14,6 +14,7 @@ setup(
         "optax>=0.2.8",
         "orbax-checkpoint>=0.12.8",
         "sentencepiece>=0.2.1",
+        "safetensors>=0.8.0",  # Hugging Face checkpoints in and out (numpy only)
         "tensorflow-datasets>=4.9.9",
         "array-record>=0.8",
         "importlib_resources",  # tfds builders defined in package modules need it
@@ -26,7 +27,9 @@ setup(
     ],
     extras_require={
         "test": ["pytest"],
+        # HF tokenizer.json files (rlhf_jax.data.tokenizer.HFTokenizer).
+        "hf": ["tokenizers"],
         # torch is installed before transformers so that no CUDA build is pulled in.
-        "parity": ["torch==2.13.0", "transformers", "safetensors"],
+        "parity": ["torch==2.13.0", "transformers", "tokenizers"],
     },
 )
