@@ -226,6 +226,10 @@ def test_unsupported_checkpoints_fail_naming_the_field(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(base))
     with pytest.raises(FileNotFoundError, match="neither model.safetensors nor"):
         hf.load_params(str(tmp_path), {})
+    odd = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=61, n_embd=D, n_layer=1, n_head=HEADS))
+    odd.save_pretrained(str(tmp_path / "odd"))
+    with pytest.raises(ValueError, match=r"trunk/embed of shape \(61, 64\) cannot be split.*mesh.tensor=1"):
+        hf.load_model(str(tmp_path / "odd"), _mesh(tensor=2), RULES)
 
 
 def test_sft_starts_from_an_hf_directory(tmp_path):

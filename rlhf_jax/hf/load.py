@@ -144,6 +144,7 @@ def load_params(hf_dir: str, params_like):
                 return leaf
             src, shape = table.pop(key), tuple(leaf.shape)
             _hf_shape(src, shape, reader.shape(src.name))
+            _check_divisible(key, shape, leaf.sharding)
             return jax.make_array_from_callback(shape, leaf.sharding, lambda idx: read_block(reader, src, shape, idx))
 
         out = jax.tree_util.tree_map_with_path(load, params_like)
@@ -170,6 +171,16 @@ def load_model(hf_dir: str, mesh, rules, **runtime: Any):
     is_rm = any(a.endswith("ForSequenceClassification") for a in layout.read_config(hf_dir).get("architectures") or [])
     keep = ("trunk", "reward_head") if is_rm else ("trunk", "lm_head")
     return model, load_params(hf_dir, {k: v for k, v in like.items() if k in keep})
+
+
+def _check_divisible(key: tuple[str, ...], shape: tuple[int, ...], sharding) -> None:
+    try:
+        sharding.shard_shape(shape)
+    except ValueError as e:
+        raise ValueError(f"{'/'.join(key)} of shape {shape} cannot be split as {sharding.spec} on mesh "
+                         f"{dict(sharding.mesh.shape)} "
+                         f"(e.g. GPT-2's vocabulary of 50257 over tensor=2). Use mesh axes that divide it, e.g. "
+                         f"--config.mesh.tensor=1 and shard with fsdp instead.") from e
 
 
 def _resolved(src: layout.Source, reader: TensorReader) -> layout.Source:
