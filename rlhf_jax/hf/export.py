@@ -77,7 +77,7 @@ def export(params: Mapping, cfg: ModelConfig, out_dir: str, kind: str = "lm", fa
     tensors = hf_tensors(params, cfg, fam, kind)
     arch = (layout.CAUSAL_LM if kind == "lm" else layout.SEQ_CLS)[fam]
     config = layout.hf_config(cfg, fam, arch)
-    config["dtype"] = "float32"
+    config.update(dtype="float32", torch_dtype="float32")  # the key of transformers >= 5, and of older ones
     if kind == "reward":
         gain, bias = (reward_norm or {}).get("gain", 1.0), (reward_norm or {}).get("bias", 0.0)
         tensors["score.weight"] = tensors["score.weight"] * np.float32(gain)

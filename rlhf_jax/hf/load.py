@@ -145,7 +145,15 @@ def load_params(hf_dir: str, params_like):
             src, shape = table.pop(key), tuple(leaf.shape)
             _hf_shape(src, shape, reader.shape(src.name))
             _check_divisible(key, shape, leaf.sharding)
-            return jax.make_array_from_callback(shape, leaf.sharding, lambda idx: read_block(reader, src, shape, idx))
+            blocks = {}  # devices holding the same block (replicas along data, say) share one read
+
+            def block(idx):
+                k = tuple((sl.start, sl.stop, sl.step) for sl in idx)
+                if k not in blocks:
+                    blocks[k] = read_block(reader, src, shape, idx)
+                return blocks[k]
+
+            return jax.make_array_from_callback(shape, leaf.sharding, block)
 
         out = jax.tree_util.tree_map_with_path(load, params_like)
     if table:
