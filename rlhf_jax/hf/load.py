@@ -81,7 +81,8 @@ def _hf_shape(src: layout.Source, shape: tuple[int, ...], hf_shape: tuple[int, .
     return got_in, got_out
 
 
-def read_block(reader: TensorReader, src: layout.Source, shape: tuple[int, ...], index: tuple[slice, ...]) -> np.ndarray:
+def read_block(reader: TensorReader, src: layout.Source, shape: tuple[int, ...],
+               index: tuple[slice, ...]) -> np.ndarray:
     """Our leaf's block `index` (one slice per axis) read from HF tensor `src.name`, as float32.
 
     Reads the bounding box of the needed HF rows and columns, then picks them out (exact for
@@ -175,7 +176,8 @@ def load_model(hf_dir: str, mesh, rules, **runtime: Any):
     with parallel.activate(mesh, rules):
         abstract = jax.eval_shape(train_state.model_init_fn(model, 8, 0))
         shardings = parallel.logical_shardings(abstract, mesh, rules)
-    like = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), nn.unbox(abstract), shardings)
+    like = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                        nn.unbox(abstract), shardings)
     is_rm = any(a.endswith("ForSequenceClassification") for a in layout.read_config(hf_dir).get("architectures") or [])
     keep = ("trunk", "reward_head") if is_rm else ("trunk", "lm_head")
     return model, load_params(hf_dir, {k: v for k, v in like.items() if k in keep})
