@@ -66,6 +66,11 @@ def read_config(hf_dir: str) -> dict:
         return json.load(f)
 
 
+def is_sequence_classifier(hf: dict) -> bool:
+    """A ...ForSequenceClassification checkpoint (a reward model): its score.weight fills reward_head."""
+    return any(a.endswith("ForSequenceClassification") for a in hf.get("architectures") or [])
+
+
 def family_of(hf: dict, where: str = "config.json") -> str:
     mt = hf.get("model_type")
     if mt not in MODEL_TYPES:

@@ -128,7 +128,7 @@ def load_params(hf_dir: str, params_like):
     cfg = ModelConfig(**layout.model_fields(hf, where))
     with contextlib.ExitStack() as stack:
         reader = TensorReader(hf_dir, stack)
-        is_rm = any(a.endswith("ForSequenceClassification") for a in hf.get("architectures") or [])
+        is_rm = layout.is_sequence_classifier(hf)
         n_labels = len(hf.get("id2label") or {}) or hf.get("num_labels", 1)
         if is_rm and n_labels != 1:
             raise ValueError(f"{where}: a sequence classifier with {n_labels} labels; only num_labels=1 "
@@ -178,7 +178,7 @@ def load_model(hf_dir: str, mesh, rules, **runtime: Any):
         shardings = parallel.logical_shardings(abstract, mesh, rules)
     like = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
                         nn.unbox(abstract), shardings)
-    is_rm = any(a.endswith("ForSequenceClassification") for a in layout.read_config(hf_dir).get("architectures") or [])
+    is_rm = layout.is_sequence_classifier(layout.read_config(hf_dir))
     keep = ("trunk", "reward_head") if is_rm else ("trunk", "lm_head")
     return model, load_params(hf_dir, {k: v for k, v in like.items() if k in keep})
 
