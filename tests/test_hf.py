@@ -215,6 +215,21 @@ def test_half_precision_checkpoints_load_as_float32(case, tmp_path):
         np.testing.assert_array_equal(np.asarray(params["trunk"]["embed"]), want)
 
 
+def test_bare_base_model_with_tied_embeddings_loads(tmp_path):
+    """A checkpoint saved from LlamaModel (no "model." prefix, no head) with tied embeddings loads; its
+    q_proj [heads * head_dim, d] lands as our query kernel [d, heads, head_dim]."""
+    cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=D, num_hidden_layers=1, num_attention_heads=HEADS,
+                                   num_key_value_heads=2, intermediate_size=FF, tie_word_embeddings=True)
+    base = _randomize(transformers.LlamaModel(cfg), seed=6)
+    base.save_pretrained(str(tmp_path), safe_serialization=True)
+    model, params = hf.load_model(str(tmp_path), _mesh(fsdp=2), RULES)
+    assert model.cfg.tie_embeddings and set(params) == {"trunk"}
+    q = base.layers[0].self_attn.q_proj.weight.detach().numpy()
+    np.testing.assert_array_equal(params["trunk"]["block_0"]["attn"]["query"]["kernel"],
+                                  q.T.reshape(D, HEADS, D // HEADS))
+    np.testing.assert_array_equal(params["trunk"]["embed"], base.embed_tokens.weight.detach().numpy())
+
+
 def test_unsupported_checkpoints_fail_naming_the_field(tmp_path):
     base = json.loads(transformers.LlamaConfig(hidden_size=D, num_attention_heads=HEADS).to_json_string())
     for change, field in ((dict(model_type="bert"), "model_type='bert'"),
