@@ -3,30 +3,18 @@ comparisons become the chat renderings a hand-written reference gives; the TL;DR
 shortened by the paper's rule; every malformed line names file:line."""
 
 import gzip
-import json
 import os
 
 import pytest
 
 from tests.conftest import SHARED_DATA
-from rlhf_jax.data import builtin_text, chat, comparisons, lm_datasets, prompts, tldr
-from rlhf_jax.data import tokenizer as tok_lib
+from rlhf_jax.data import chat, comparisons, lm_datasets, prompts, tldr
+from tests.test_comparisons import _write_jsonl, tok  # noqa: F401  (tok: the shared tokenizer fixture)
 
 HH_DEV = os.path.join(SHARED_DATA, "hh_rlhf_harmless_dev.jsonl.gz")
 POST = {"subreddit": "relationships", "title": "My cat ignores me",
         "post": "She sits by the door.\nShe eats and leaves.\nWhat should I do?"}
 
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tok")
-    corpus = builtin_text.write_builtin_corpus(str(d / "corpus.txt"), num_chars=12_000)
-    return tok_lib.train_tokenizer(corpus, str(d / "tok.model"), vocab_size=400)
-
-
-def _write_jsonl(path, lines):
-    path.write_text("".join((ln if isinstance(ln, str) else json.dumps(ln)) + "\n" for ln in lines))
-    return str(path)
 
 
 def _real(row, mask):
