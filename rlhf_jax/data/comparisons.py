@@ -119,11 +119,22 @@ def read_comparisons(path: str, fmt: str, line_range: tuple[int, int] | None = N
 def _read(path, fmt, line_range, skip_invalid, warn: bool = True) -> tuple[list[dict[str, Any]], int]:
     if fmt not in FORMATS:
         raise ValueError(f"comparison format {fmt!r} is not one of {FORMATS}.")
+    return read_records(path, fmt, line_range, skip_invalid, lambda r, w: parse_record(r, fmt, w), "records", warn)
+
+
+def read_records(path: str, fmt: str, line_range, skip_invalid: bool | None, parse, what: str,
+                 warn: bool = True) -> tuple[list[dict[str, Any]], int]:
+    """[{**parse(record, where), "where": where}] for the file's records, and how many were skipped.
+
+    The one reading loop of comparisons, prompts and demonstrations: a DefectiveRecord is skipped
+    (and counted) when skip_invalid, which None makes True for the public formats (SKIP_BY_DEFAULT);
+    any other ValueError names path:line and stops the build.
+    """
     skip = fmt in SKIP_BY_DEFAULT if skip_invalid is None else skip_invalid
     out, skipped = [], 0
     for where, record in read_jsonl_range(path, line_range):
         try:
-            out.append({**parse_record(record, fmt, where), "where": where})
+            out.append({**parse(record, where), "where": where})
         except DefectiveRecord as e:
             if not skip:
                 raise
@@ -131,7 +142,7 @@ def _read(path, fmt, line_range, skip_invalid, warn: bool = True) -> tuple[list[
             if warn:
                 _log.warning("skipped %s", e)
     if not out:
-        raise ValueError(f"{path}: no usable {fmt} records" + (f" in lines {tuple(line_range)}" if line_range else "")
+        raise ValueError(f"{path}: no usable {fmt} {what}" + (f" in lines {tuple(line_range)}" if line_range else "")
                          + (f" ({skipped} skipped as defective)" if skipped else "")
                          + "; write one JSON object per line.")
     return out, skipped

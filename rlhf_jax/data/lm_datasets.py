@@ -134,33 +134,25 @@ def read_demonstrations(path: str, fmt: str = "chat", line_range: tuple[int, int
 
     if fmt not in SFT_FORMATS:
         raise ValueError(f"demonstrations format {fmt!r} is not one of {SFT_FORMATS}; set config.data.format.")
-    skip = fmt in comparisons.SKIP_BY_DEFAULT if skip_invalid is None else skip_invalid
-    out, skipped = [], 0
-    for where, record in comparisons.read_jsonl_range(path, line_range):
-        try:
-            fit = None
-            if fmt == "chat":
-                messages = chat.record_to_messages(record, where)
-            elif fmt == "tldr":
-                messages, fit = tldr.parse_sft(record, where)
-            else:
-                if not isinstance(record, dict) or not isinstance(record.get("chosen"), str):
-                    raise ValueError(f"{where}: an hh_rlhf record needs a string 'chosen' dialogue (got "
-                                     f"{sorted(record) if isinstance(record, dict) else type(record).__name__}).")
-                history, response = comparisons.split_hh_dialogue(record["chosen"], where, "chosen")
-                messages = comparisons.hh_messages(history, where) + [{"role": "assistant", "content": response}]
-            if messages[-1]["role"] == "assistant" and not messages[-1]["content"].strip():
-                raise chat.DefectiveRecord(f"{where}: the response (last assistant content) is empty — remove the "
-                                           f"record or fill it in (skip_invalid=True drops such records).")
-            out.append({"messages": messages, "fit": fit, "where": where})
-        except chat.DefectiveRecord as e:
-            if not skip:
-                raise
-            skipped += 1
-    if not out:
-        raise ValueError(f"{path}: no usable {fmt} demonstrations" + (f" ({skipped} skipped as defective)" if skipped
-                                                                     else "") + "; write one JSON object per line.")
-    return out, skipped
+
+    def parse(record, where):
+        fit = None
+        if fmt == "chat":
+            messages = chat.record_to_messages(record, where)
+        elif fmt == "tldr":
+            messages, fit = tldr.parse_sft(record, where)
+        else:
+            if not isinstance(record, dict) or not isinstance(record.get("chosen"), str):
+                raise ValueError(f"{where}: an hh_rlhf record needs a string 'chosen' dialogue (got "
+                                 f"{sorted(record) if isinstance(record, dict) else type(record).__name__}).")
+            history, response = comparisons.split_hh_dialogue(record["chosen"], where, "chosen")
+            messages = comparisons.hh_messages(history, where) + [{"role": "assistant", "content": response}]
+        if messages[-1]["role"] == "assistant" and not messages[-1]["content"].strip():
+            raise chat.DefectiveRecord(f"{where}: the response (last assistant content) is empty — remove the "
+                                       f"record or fill it in (skip_invalid=True drops such records).")
+        return {"messages": messages, "fit": fit}
+
+    return comparisons.read_records(path, fmt, line_range, skip_invalid, parse, "demonstrations")
 
 
 def write_demonstration_text(path: str, fmt: str, line_range: tuple[int, int] | None, out_path: str) -> str:

@@ -22,7 +22,6 @@ records are errors naming path:line.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 from typing import Any
 
@@ -34,7 +33,6 @@ from rlhf_jax.data.tokenizer import Tokenizer, load_tokenizer
 
 FORMATS = ("prompt", "hh_rlhf", "tldr")
 VERSION = "1.0.0"
-_log = logging.getLogger(__name__)
 
 
 def read_prompts(path: str, fmt: str, line_range: tuple[int, int] | None = None,
@@ -47,24 +45,15 @@ def read_prompts(path: str, fmt: str, line_range: tuple[int, int] | None = None,
 def _read(path, fmt, line_range, skip_invalid) -> tuple[list[dict[str, Any]], int]:
     if fmt not in FORMATS:
         raise ValueError(f"prompt format {fmt!r} is not one of {FORMATS}.")
-    skip = fmt in comparisons.SKIP_BY_DEFAULT if skip_invalid is None else skip_invalid
-    out, skipped = [], 0
-    for where, record in comparisons.read_jsonl_range(path, line_range):
-        try:
-            if fmt == "tldr":
-                messages, fit = tldr.parse_prompt(record, where)
-            else:
-                messages, fit = parse_prompt(record, fmt, where), None
-            out.append({"messages": messages, "fit": fit, "where": where})
-        except comparisons.DefectiveRecord as e:
-            if not skip:
-                raise
-            skipped += 1
-            _log.warning("skipped %s", e)
-    if not out:
-        raise ValueError(f"{path}: no usable {fmt} prompts" + (f" in lines {tuple(line_range)}" if line_range else "")
-                         + "; write one JSON object per line.")
-    return out, skipped
+
+    def parse(record, where):
+        if fmt == "tldr":
+            messages, fit = tldr.parse_prompt(record, where)
+        else:
+            messages, fit = parse_prompt(record, fmt, where), None
+        return {"messages": messages, "fit": fit}
+
+    return comparisons.read_records(path, fmt, line_range, skip_invalid, parse, "prompts")
 
 
 def parse_prompt(record: Any, fmt: str, where: str) -> list[dict[str, str]]:
