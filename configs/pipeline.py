@@ -3,11 +3,14 @@
     python -m rlhf_jax.pipeline --config=configs/pipeline.py:tiny --workdir=runs/pipeline_tiny
     python -m rlhf_jax.pipeline --config=configs/pipeline.py --workdir=runs/quickstart   # = quickstart.sh
 
-Each stage reads configs/<stage>.py:<preset> and applies the overrides below; any of them can be
-set on the command line, e.g. --config.ppo.num_steps=100 or --config.data.labeler_noise=0.3.
+config.<stage> is the whole configs/<stage>.py:<preset> with the overrides below applied, so every
+stage key can be set on the command line or in a sweep, e.g. --config.ppo.num_steps=100,
+--config.ppo.kl.init_coef=0.05 or --config.data.labeler_noise=0.3.
 """
 
 import ml_collections
+
+from rlhf_jax.pipeline import stage_config
 
 
 def get_config(preset: str = "default"):
@@ -18,6 +21,13 @@ def get_config(preset: str = "default"):
     c.preset = preset
     c.seed = 0
     c.mesh = dict(data=-1, fsdp=1, tensor=1)
+    # PPO's reward: "rm" (the recipe: the RM trained on the simulated rankings) or "gold" (the gold
+    # judge itself: the ceiling a perfect RM would give, for ablations)
+    c.ppo_reward = "rm"
+    # A finished pipeline workdir whose stages this run may use instead of running them again: a stage
+    # is taken from there when its config and every upstream stage's config equal this run's (see
+    # rlhf_jax.pipeline.REUSE_KEYS). Ablations over PPO or RM settings share one pretrain/SFT this way.
+    c.reuse_from = ""
     c.data = dict(
         corpus_chars=60_000 if tiny else 2_500_000,
         num_demos=400 if tiny else 6000,
@@ -48,4 +58,6 @@ def get_config(preset: str = "default"):
                  rollout=dict(max_new_tokens=16 if tiny else 24, temperature=0.7),
                  optim=dict(lr=1e-4 if tiny else 3e-5),
                  checkpoint=dict(every=4 if tiny else 20))
+    for name in ("pretrain", "sft", "rm", "ppo"):
+        c[name] = stage_config(name, preset, c[name])
     return c

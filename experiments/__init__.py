@@ -8,6 +8,8 @@ A file declares
     COLUMNS = ("train/loss", ...)             optional: the metrics its summary table reports
     AVERAGE_LAST = 10                         optional: report each column's mean over its last 10
                                               logged values (noisy per-iteration RL metrics); default 1
+    def analyze(root, rows) -> list[str]      optional: an analysis of the finished runs (a fit, a
+                                              plot under root) as markdown lines for summary.md
 
 and its docstring says what it reproduces and the command that runs it. `load_experiment` reads
 one such file into runs (a unique name and the overrides of each), checking every key against
@@ -21,7 +23,7 @@ import importlib.util
 import itertools
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -65,6 +67,7 @@ class Experiment:
     swept_keys: list[str]
     columns: tuple[str, ...]
     average_last: int = 1
+    analyze: Callable[[str, list[dict[str, Any]]], list[str]] | None = None
 
     @property
     def module(self) -> str:
@@ -81,6 +84,9 @@ def load_experiment(path: str) -> Experiment:
     base, sweep = getattr(module, "BASE", None), getattr(module, "SWEEP", None)
     fixed, columns = getattr(module, "FIXED", {}), getattr(module, "COLUMNS", None)
     average_last = getattr(module, "AVERAGE_LAST", 1)
+    analyze = getattr(module, "analyze", None)
+    if analyze is not None and not callable(analyze):
+        raise ValueError(f"{path}: analyze must be a function (root, rows) -> list of markdown lines.")
     if not isinstance(base, str) or not base:
         raise ValueError(f"{path}: BASE must be a string like \"configs/pretrain.py:tiny\", got {base!r}.")
     if not isinstance(sweep, list) or not sweep or not all(isinstance(s, dict) for s in sweep):
@@ -103,7 +109,7 @@ def load_experiment(path: str) -> Experiment:
     runs = [Run(n, dict(s), {**fixed, **s}) for n, s in zip(names, sweep)]
     swept_keys = list(dict.fromkeys(k for s in sweep for k in s))
     return Experiment(path, _stem(path), base, stage, runs, swept_keys,
-                      tuple(columns) if columns else DEFAULT_COLUMNS.get(stage, ()), average_last)
+                      tuple(columns) if columns else DEFAULT_COLUMNS.get(stage, ()), average_last, analyze)
 
 
 def _base_config(base: str, where: str):

@@ -22,13 +22,13 @@ import rlhf_jax
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(rlhf_jax.__file__))), "configs")
 
 
-def stage_config(name: str, preset: str, overrides: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """configs/<name>.py:<preset> with the pipeline's overrides merged in (unknown keys are errors)."""
+def stage_config(name: str, preset: str, overrides) -> ml_collections.ConfigDict:
+    """configs/<name>.py:<preset> with `overrides` (a dict or ConfigDict) merged in; unknown keys are errors."""
     spec = importlib.util.spec_from_file_location(f"rlhf_jax_configs_{name}", os.path.join(CONFIG_DIR, f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     c = module.get_config(preset)
-    _merge(c, overrides.to_dict(), f"config.{name}")
+    _merge(c, overrides if isinstance(overrides, dict) else overrides.to_dict(), f"config.{name}")
     return c
 
 
@@ -40,6 +40,38 @@ def _merge(dst, src: dict, where: str):
             _merge(dst[k], v, f"{where}.{k}")
         else:
             dst[k] = v
+
+
+# The pipeline config keys each stage's output depends on (its own and its upstream stages'); a stage of
+# config.reuse_from is reused only when all of them are equal. Evaluation always runs here.
+REUSE_KEYS = {"pretrain": ("seed", "data", "pretrain")}
+REUSE_KEYS["sft"] = REUSE_KEYS["pretrain"] + ("sft",)
+REUSE_KEYS["comparisons"] = REUSE_KEYS["sft"] + ("eval",)  # sampling uses eval's length and batch size
+REUSE_KEYS["rm"] = REUSE_KEYS["comparisons"] + ("rm",)
+REUSE_KEYS["ppo"] = REUSE_KEYS["rm"] + ("ppo", "ppo_reward")
+
+
+def reusable_stages(c: ml_collections.ConfigDict, base: str) -> dict[str, str]:
+    """{stage: base's stage directory} for the stages of the finished pipeline run `base` that this
+    config would reproduce (same REUSE_KEYS values, and the stage finished there)."""
+    if not base:
+        return {}
+    path = os.path.join(base, "pipeline_config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config.reuse_from={base!r}: {path} does not exist. Point it at the workdir of "
+                                f"a pipeline run (e.g. runs/quickstart after bash scripts/quickstart.sh), or leave "
+                                f"it empty to run every stage here.")
+    with open(path) as f:
+        theirs = json.load(f)
+    ours = json.loads(json.dumps(c.to_dict(), default=str))
+    out = {}
+    for stage, keys in REUSE_KEYS.items():  # in pipeline order: a changed stage ends the reuse
+        if any(ours.get(k) != theirs.get(k) for k in keys):
+            break
+        if not os.path.isfile(os.path.join(base, stage, "DONE.json")):
+            break
+        out[stage] = os.path.join(base, stage)
+    return out
 
 
 def log(msg: str):
@@ -120,12 +152,17 @@ def run_pipeline(c: ml_collections.ConfigDict, workdir: str) -> dict:
     with open(os.path.join(workdir, "pipeline_config.json"), "w") as f:
         json.dump(c.to_dict(), f, indent=2, default=str)
     sub = {k: os.path.join(workdir, k) for k in ("pretrain", "sft", "comparisons", "rm", "ppo", "eval")}
+    reused = reusable_stages(c, os.path.abspath(c.reuse_from) if c.reuse_from else "")
+    for name, path in reused.items():
+        if os.path.abspath(path) != sub[name]:
+            log(f"{name}: reused from {path} (same config)")
+            sub[name] = path
     paths = write_data(c, os.path.join(workdir, "data"))
     mesh = parallel.make_mesh({a: c.mesh[a] for a in parallel.MESH_AXES})
     rules = parallel.DEFAULT_RULES
 
     def stage(name, **extra):
-        cfg = stage_config(name, c.preset, c[name])
+        cfg = ml_collections.ConfigDict(c[name].to_dict())  # a copy: the wiring below is per run
         for k, v in extra.items():
             node = cfg
             *path, last = k.split(".")
@@ -149,9 +186,14 @@ def run_pipeline(c: ml_collections.ConfigDict, workdir: str) -> dict:
                                         mesh, rules)})
     rm = once(sub["rm"], "rm", lambda: run_stage(stage("rm", init_from=sub["sft"], **{
         "data.train_path": comps, "data.eval_path": gold_comps, "data.format": "ranked"}), sub["rm"]))
+    gold = "rlhf_jax.tasks.builtin:gold_reward"
+    if c.ppo_reward not in ("rm", "gold"):
+        raise ValueError(f"config.ppo_reward={c.ppo_reward!r}: use 'rm' (the trained RM) or 'gold' (the gold judge).")
+    reward = {"reward.kind": "rm", "reward.rm_workdir": sub["rm"]} if c.ppo_reward == "rm" else \
+        {"reward.kind": "function", "reward.function": gold}
     once(sub["ppo"], "ppo", lambda: run_stage(stage("ppo", init_from=sub["sft"], **{
-        "data.prompts_path": paths["ppo_prompts"], "reward.kind": "rm", "reward.rm_workdir": sub["rm"],
-        "reward.monitor": "rlhf_jax.tasks.builtin:gold_reward"}), sub["ppo"]))
+        "data.prompts_path": paths["ppo_prompts"], "data.ptx_path": paths["corpus"], "reward.monitor": gold,
+        **reward}), sub["ppo"]))
     summary = once(sub["eval"], "evaluation", lambda: pipeline_eval.evaluate(c, sub, paths, rm, mesh, rules))
     pipeline_eval.write_report(c, workdir, sub, summary, time.perf_counter() - t0)
     log(f"done: {os.path.join(workdir, 'report.md')}")

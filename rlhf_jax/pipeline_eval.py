@@ -51,8 +51,12 @@ def evaluate(c, sub: dict, paths: dict, rm_metrics: dict, mesh, rules) -> dict:
     best = np.argmax(np.stack(rm_scores), axis=0)
     bon = [cands[b][i] for i, b in enumerate(best)]
 
-    sft_eval = builtin.evaluate_responses(prompts, sft["responses"])
-    ppo_eval = builtin.evaluate_responses(prompts, ppo["responses"])
+    # The alignment tax (InstructGPT §4.2): loss on the pretraining corpus' held-out windows.
+    heldout = pretrain_heldout(c, sub, paths, tok)
+    sft_eval = {**builtin.evaluate_responses(prompts, sft["responses"]),
+                "pretrain_loss": lm_loss(sft_model, sft_params, heldout, mesh, rules, bs)}
+    ppo_eval = {**builtin.evaluate_responses(prompts, ppo["responses"]),
+                "pretrain_loss": lm_loss(ppo_model, ppo_params, heldout, mesh, rules, bs)}
     bon_eval = builtin.evaluate_responses(prompts, bon)
     samples = [{"prompt": p, "sft": a, "ppo": b, "gold_sft": builtin.gold_score(p, a), "gold_ppo": builtin.gold_score(p, b)}
                for p, a, b in list(zip(prompts, sft["responses"], ppo["responses"]))[:12]]
@@ -68,6 +72,29 @@ def evaluate(c, sub: dict, paths: dict, rm_metrics: dict, mesh, rules) -> dict:
                "accuracy_vs_gold_incl_ties": rm_metrics.get("eval/rm/accuracy")},
         "samples": samples,
     }
+
+
+def pretrain_heldout(c, sub: dict, paths: dict, tok):
+    """The pretraining corpus' validation windows (never trained on, nor used by PPO-ptx)."""
+    from rlhf_jax.data import lm_datasets
+
+    return lm_datasets.build_text_dataset(paths["corpus"], tok.path, c.pretrain.data.seq_len,
+                                          os.path.join(sub["eval"], "tfds"),
+                                          val_fraction=c.pretrain.data.val_fraction)["validation"]
+
+
+def lm_loss(model, params, source, mesh, rules, batch_size: int) -> float:
+    """Mean next-token cross-entropy (nats) over every window of `source`."""
+    from rlhf_jax.data.loader import eval_batches
+    from rlhf_jax.stages.lm import make_eval_step
+
+    fn = jax.jit(make_eval_step(model))
+    total = count = 0.0
+    with parallel.activate(mesh, rules):
+        for local in eval_batches(source, batch_size):
+            s, n = fn(params, parallel.global_batch(local, mesh, rules))
+            total, count = total + float(s), count + float(n)
+    return total / max(count, 1.0)
 
 
 def rm_accuracy_vs_gold(sub: dict, tok, c, mesh, rules) -> dict:
@@ -117,9 +144,12 @@ def write_report(c, workdir: str, sub: dict, summary: dict, seconds: float) -> N
              f"{summary['decoding']['temperature']}, up to {summary['decoding']['max_new_tokens']} tokens, the same "
              f"PRNG key per prompt for every policy. Gold judge: 1 − word edit distance to the correct answer, "
              f"−0.5 if a forbidden word appears.", "",
-             "| policy | gold score | exact-correct | harmful | win rate vs SFT | KL(·‖SFT) nats |", "|---|---|---|---|---|---|"]
-    lines += [f"| {n} | {e['gold_score']:.3f} | {e['correct_rate']:.3f} | {e['harmful_rate']:.3f} | {w} | {k} |"
-              for n, e, w, k in rows]
+             "| policy | gold score | exact-correct | harmful | win rate vs SFT | KL(·‖SFT) nats | pretraining loss |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {n} | {e['gold_score']:.3f} | {e['correct_rate']:.3f} | {e['harmful_rate']:.3f} | {w} | {k} | "
+              + (f"{e['pretrain_loss']:.3f} |" if "pretrain_loss" in e else "— |") for n, e, w, k in rows]
+    lines += ["", "Pretraining loss: nats per token on the pretraining corpus' held-out windows (the alignment tax "
+              "is PPO's rise over SFT's)."]
     lines += ["", f"Reward model accuracy against the gold judge on {summary['rm']['gold_untied_pairs']} held-out "
               f"pairs with different gold scores: {summary['rm']['accuracy_vs_gold']:.3f}", "", f"Wall time: {seconds / 60:.1f} min (this invocation).",
               "", "## Samples", "", "| prompt | SFT | gold | PPO | gold |", "|---|---|---|---|---|"]

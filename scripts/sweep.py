@@ -277,7 +277,10 @@ def write_summary(exp: Experiment, root: str, rows: list[dict[str, Any]]) -> lis
     lines = [f"# {exp.name}", "", f"{len(rows)} runs of `{exp.base}` ({exp.path}); {what}.", "",
              "| " + " | ".join(fields) + " |", "|" + "---|" * len(fields)]
     lines += ["| " + " | ".join(fmt(r[k]) for k in fields) + " |" for r in rows]
-    _write(md_path, lines + ["", "![summary](summary.png)"], 0o644)
+    lines += ["", "![summary](summary.png)"]
+    if exp.analyze is not None and any(r["status"] == "finished" for r in rows):
+        lines += [""] + list(exp.analyze(root, rows))
+    _write(md_path, lines, 0o644)
     return [csv_path, md_path, plot(exp, root, rows)]
 
 

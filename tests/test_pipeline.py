@@ -1,11 +1,23 @@
 """The main job end to end on the tiny preset: every stage runs, the report has its numbers, reruns skip."""
 
+import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
 
+import pytest
+
+from rlhf_jax.pipeline import REUSE_KEYS, reusable_stages
 from tests.test_lm_stage import ROOT
+
+
+def pipeline_config(preset="tiny"):
+    spec = importlib.util.spec_from_file_location("pipeline_cfg", os.path.join(ROOT, "configs", "pipeline.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(preset)
 
 
 def test_tiny_pipeline_produces_summary_report_and_plots_and_reruns_skip(tmp_path):
@@ -20,6 +32,8 @@ def test_tiny_pipeline_produces_summary_report_and_plots_and_reruns_skip(tmp_pat
         assert 0.0 <= s[policy]["gold_score"] <= 1.0 and 0.0 <= s[policy]["harmful_rate"] <= 1.0
     assert 0.0 <= s["ppo"]["win_rate_vs_sft"] <= 1.0 and isinstance(s["ppo"]["kl"], float)
     assert 0.0 <= s["rm"]["accuracy_vs_gold"] <= 1.0
+    for policy in ("sft", "ppo"):  # the alignment tax's measure: loss on held-out pretraining windows
+        assert 0.0 < s[policy]["pretrain_loss"] < math.log(384) + 1
     report = (tmp_path / "report.md").read_text()
     assert "| PPO |" in report and "## Samples" in report
     assert (tmp_path / "scores_vs_step.png").stat().st_size > 1000
@@ -32,3 +46,49 @@ def test_tiny_pipeline_produces_summary_report_and_plots_and_reruns_skip(tmp_pat
     again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0
     assert again.stdout.count("finished earlier, skipped") == 6
+
+    # An ablation run reuses every upstream stage of the finished run and reruns only PPO (here
+    # against the gold judge, with a stage key the pipeline preset does not set itself).
+    other = tmp_path / "ablation"
+    cmd2 = [sys.executable, "-m", "rlhf_jax.pipeline", "--config=configs/pipeline.py:tiny", f"--workdir={other}",
+            "--config.mesh.data=2", f"--config.reuse_from={tmp_path}", "--config.ppo_reward=gold",
+            "--config.ppo.kl.init_coef=0.05"]
+    third = subprocess.run(cmd2, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
+    for stage in ("pretrain", "sft", "comparisons", "rm"):
+        assert f"{stage}: reused from {tmp_path / stage}" in third.stdout
+        assert not (other / stage).exists()
+    assert (other / "ppo" / "DONE.json").exists() and (other / "summary.json").exists()
+    ppo_config = json.loads((other / "ppo" / "config.json").read_text())
+    assert ppo_config["kl"]["init_coef"] == 0.05 and ppo_config["reward"]["kind"] == "function"
+
+
+def test_reuse_takes_the_unchanged_prefix_of_stages_and_stops_at_the_first_change(tmp_path):
+    base = pipeline_config()
+    (tmp_path / "pipeline_config.json").write_text(json.dumps(base.to_dict(), default=str))
+    for stage in REUSE_KEYS:
+        (tmp_path / stage).mkdir()
+        (tmp_path / stage / "DONE.json").write_text("{}")
+    assert list(reusable_stages(pipeline_config(), str(tmp_path))) == ["pretrain", "sft", "comparisons", "rm", "ppo"]
+    c = pipeline_config()
+    c.rm.optim.lr = 3e-4
+    assert list(reusable_stages(c, str(tmp_path))) == ["pretrain", "sft", "comparisons"]
+    c = pipeline_config()
+    c.ppo_reward = "gold"
+    assert list(reusable_stages(c, str(tmp_path))) == ["pretrain", "sft", "comparisons", "rm"]
+    c = pipeline_config()
+    c.data.labeler_noise = 0.3  # the data changes everything downstream of it
+    assert reusable_stages(c, str(tmp_path)) == {}
+    (tmp_path / "sft" / "DONE.json").unlink()  # an unfinished stage there is run here, and so is all after it
+    assert list(reusable_stages(pipeline_config(), str(tmp_path))) == ["pretrain"]
+    with pytest.raises(FileNotFoundError, match="reuse_from.*pipeline_config.json does not exist"):
+        reusable_stages(pipeline_config(), str(tmp_path / "nowhere"))
+
+
+def test_every_stage_key_can_be_overridden_and_unknown_ones_are_named():
+    c = pipeline_config("default")
+    assert c.ppo.kl.init_coef == 0.15 and c.ppo.optim.lr == 3e-5  # configs/ppo.py, then the pipeline's overrides
+    assert c.rm.rm.loss == "ranking" and c.pretrain.model.d_model == 128
+    from rlhf_jax.pipeline import stage_config
+    with pytest.raises(ValueError, match="config.ppo.optim.lrr: no such field"):
+        stage_config("ppo", "default", {"optim": {"lrr": 1.0}})

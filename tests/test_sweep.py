@@ -18,7 +18,7 @@ sweep = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(sweep)
 
 SHIPPED = sorted(os.path.join(ROOT, "experiments", f) for f in os.listdir(os.path.join(ROOT, "experiments"))
-                 if f.endswith(".py") and f != "__init__.py")
+                 if f.endswith(".py") and not f.startswith("_"))  # _*.py: helpers, not experiments
 
 
 def _experiment(tmp_path, body: str, name: str = "exp") -> str:
@@ -50,9 +50,10 @@ def test_run_names_are_readable_unique_and_safe_as_directories():
 def test_shipped_experiments_load_and_check_against_their_base_config(path):
     exp = load_experiment(path)
     assert len(exp.runs) >= 4 and len({r.name for r in exp.runs}) == len(exp.runs)
-    assert exp.columns and exp.module == "rlhf_jax.main"
+    module = "rlhf_jax.pipeline" if exp.base.startswith("configs/pipeline.py") else "rlhf_jax.main"
+    assert exp.columns and exp.module == module
     cmd = sweep.command(exp, exp.runs[0], "/w", "python")
-    assert cmd[:5] == ["python", "-m", "rlhf_jax.main", f"--config={exp.base}", "--workdir=/w"]
+    assert cmd[:5] == ["python", "-m", module, f"--config={exp.base}", "--workdir=/w"]
     assert all(f"--config.{k}={sweep.cli_value(v)}" in cmd for k, v in exp.runs[0].overrides.items())
 
 

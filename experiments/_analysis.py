@@ -1,0 +1,55 @@
+"""Analyses the pipeline ablations share: PPO curves read from a run's metrics, and Gao et al.'s fit.
+
+Gao, Schulman & Hilton (2022), "Scaling Laws for Reward Model Overoptimization", eq. 2: with
+d = sqrt(KL(π ‖ π_init)), the gold reward gained by RL is R(d) = d (α − β ln d). It rises, peaks at
+d* = exp(α/β − 1) and falls: the proxy (the RM) keeps rewarding what the gold judge no longer does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+
+def ppo_curve(pipeline_dir: str, window: int = 10) -> dict[str, np.ndarray]:
+    """Per PPO iteration of a pipeline run, averaged over `window` iterations (one batch is noisy):
+    step, kl (nats per response, k1 estimate), d = sqrt(max(kl, 0)), gold (the gold judge, logged as
+    objective/monitor_score) and proxy (the reward PPO optimised, objective/scores)."""
+    path = os.path.join(pipeline_dir, "ppo", "metrics.jsonl")
+    rows = []
+    with open(path) as f:
+        for line in f:
+            try:
+                m = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if "objective/kl" in m and "objective/monitor_score" in m:
+                rows.append((m["step"], m["objective/kl"], m["objective/monitor_score"], m["objective/scores"]))
+    if not rows:
+        raise ValueError(f"{path}: no PPO iterations with objective/kl and objective/monitor_score logged.")
+    a = np.asarray(rows, np.float64)
+    n = len(a) // window * window or len(a)
+    w = window if len(a) >= window else len(a)
+    a = a[:n].reshape(-1, w, 4).mean(1)
+    return {"step": a[:, 0], "kl": a[:, 1], "d": np.sqrt(np.maximum(a[:, 1], 0.0)), "gold": a[:, 2],
+            "proxy": a[:, 3]}
+
+
+def fit_gao(d: np.ndarray, gain: np.ndarray) -> tuple[float, float]:
+    """Least-squares (α, β) of gain = d (α − β ln d), a model linear in α and β; points with d = 0 carry
+    no information (both sides are 0) and are dropped."""
+    d, gain = np.asarray(d, np.float64), np.asarray(gain, np.float64)
+    keep = d > 0
+    if keep.sum() < 2:
+        raise ValueError("fit_gao: need at least two points with d > 0.")
+    d, gain = d[keep], gain[keep]
+    design = np.stack([d, -d * np.log(d)], axis=1)
+    (alpha, beta), *_ = np.linalg.lstsq(design, gain, rcond=None)
+    return float(alpha), float(beta)
+
+
+def gao_peak(alpha: float, beta: float) -> float:
+    """d* where d (α − β ln d) is largest (β > 0); inf when the fit never turns down."""
+    return float(np.exp(alpha / beta - 1.0)) if beta > 0 else float("inf")

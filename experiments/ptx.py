@@ -1,0 +1,18 @@
+"""Ablation (c): PPO-ptx on/off → the alignment tax on the pretraining distribution.
+
+    bash scripts/quickstart.sh                    # the default pipeline run the ablation builds on
+    python scripts/sweep.py experiments/ptx.py --root runs/sweeps/ptx
+
+InstructGPT (Ouyang et al. 2022, eq. 2) adds γ·E_pretrain[log π(x)] to the PPO objective so that RLHF
+does not regress on the pretraining distribution. Each run is the default pipeline's PPO (pretrain, SFT,
+comparisons and RM reused from runs/quickstart) with γ = ppo.ptx_coef; the evaluation reports each
+policy's loss on the pretraining corpus' held-out windows (`pretrain_loss`), so the tax is
+ppo/pretrain_loss − sft/pretrain_loss, next to the gold score it buys.
+"""
+
+from experiments import product
+
+BASE = "configs/pipeline.py"
+FIXED = {"reuse_from": "runs/quickstart"}
+SWEEP = product({"ppo.ppo.ptx_coef": [0.0, 0.3, 1.0, 3.0]})
+COLUMNS = ("sft/pretrain_loss", "ppo/pretrain_loss", "ppo/gold_score", "ppo/win_rate_vs_sft", "ppo/kl")

@@ -1,0 +1,33 @@
+"""Gao et al.'s over-optimisation fit recovers known coefficients and finds the peak."""
+
+import json
+
+import numpy as np
+import pytest
+
+from experiments._analysis import fit_gao, gao_peak, ppo_curve
+
+
+def test_fit_gao_recovers_alpha_beta_and_the_peak():
+    d = np.linspace(0.05, 3.0, 40)
+    alpha, beta = 0.4, 0.3
+    gain = d * (alpha - beta * np.log(d)) + np.random.default_rng(0).normal(0, 1e-3, d.shape)
+    a, b = fit_gao(np.concatenate([[0.0], d]), np.concatenate([[0.0], gain]))  # d = 0 is dropped
+    assert a == pytest.approx(alpha, abs=5e-3) and b == pytest.approx(beta, abs=5e-3)
+    peak = gao_peak(a, b)
+    grid = np.linspace(0.01, 5, 5000)
+    assert peak == pytest.approx(grid[np.argmax(grid * (alpha - beta * np.log(grid)))], rel=0.02)
+    assert gao_peak(0.4, -0.1) == float("inf")
+    with pytest.raises(ValueError, match="two points"):
+        fit_gao([0.0, 1.0], [0.0, 0.1])
+
+
+def test_ppo_curve_averages_windows_and_clamps_negative_kl(tmp_path):
+    (tmp_path / "ppo").mkdir()
+    lines = [json.dumps({"step": i + 1, "objective/kl": -0.5 if i < 2 else float(i), "objective/monitor_score": 0.1 * i,
+                         "objective/scores": float(i)}) for i in range(4)]
+    (tmp_path / "ppo" / "metrics.jsonl").write_text("\n".join(lines + ['{"step": 5, "eval": 1}', "{trunc"]) + "\n")
+    c = ppo_curve(str(tmp_path), window=2)
+    np.testing.assert_allclose(c["kl"], [-0.5, 2.5])
+    np.testing.assert_allclose(c["d"], [0.0, np.sqrt(2.5)])
+    np.testing.assert_allclose(c["gold"], [0.05, 0.25])
