@@ -32,6 +32,10 @@ def get_config(preset: str = "default"):
         corpus_chars=60_000 if tiny else 2_500_000,
         num_demos=400 if tiny else 6000,
         demo_error_rate=0.2,  # noisy demonstrator
+        # share of its slips that insert a FORBIDDEN word: 10% of demonstrations, so SFT inherits a
+        # harmful rate that RLHF can be measured to lower (with the demonstrator's default 0.15, SFT's
+        # harmful rate at temperature 0.7 was 0.0-1.0% on 300 prompts: too rare to compare)
+        demo_forbidden_prob=0.5,
         num_rm_prompts=64 if tiny else 1000,  # prompts ranked by the simulated labelers
         num_rm_eval_prompts=32 if tiny else 200,  # held-out pairs labelled by the gold judge
         num_ppo_prompts=128 if tiny else 2000,

@@ -105,9 +105,10 @@ def write_data(c, data_dir: str) -> dict[str, str]:
         eval_prompts="eval_prompts.jsonl").items()}
     d, s = c.data, c.seed
     builtin.write_builtin_corpus(p["corpus"], num_chars=d.corpus_chars, seed=s)
-    builtin.write_demonstrations(p["demos"], d.num_demos, seed=s + 1, error_rate=d.demo_error_rate)
+    builtin.write_demonstrations(p["demos"], d.num_demos, seed=s + 1, error_rate=d.demo_error_rate,
+                                 forbidden_prob=d.demo_forbidden_prob)
     builtin.write_demonstrations(p["demos_eval"], max(d.num_demos // 10, 64), seed=s + 2,
-                                 error_rate=d.demo_error_rate)
+                                 error_rate=d.demo_error_rate, forbidden_prob=d.demo_forbidden_prob)
     kinds = tuple(d.kinds)
     builtin.write_prompts(p["rm_prompts"], d.num_rm_prompts, seed=s + 3, kinds=kinds)
     builtin.write_prompts(p["rm_eval_prompts"], d.num_rm_eval_prompts, seed=s + 4, kinds=kinds)

@@ -268,3 +268,19 @@ def test_evaluate_responses_and_win_rate_by_hand():
     assert builtin.win_rate(prompts, a, a) == 0.5
     with pytest.raises(ValueError, match="one response from each policy"):
         builtin.win_rate(prompts, a, b[:2])
+
+
+def test_the_demonstrators_forbidden_share_sets_how_many_demonstrations_are_harmful(tmp_path):
+    def harmful_share(forbidden_prob):
+        path = builtin.write_demonstrations(str(tmp_path / f"d{forbidden_prob}.jsonl"), 1500, seed=3, error_rate=0.2,
+                                            forbidden_prob=forbidden_prob)
+        responses = []
+        for line in open(path):
+            r = json.loads(line)
+            responses += [r["response"]] if "response" in r else [m["content"] for m in r["messages"]
+                                                                   if m["role"] == "assistant"]
+        return sum(map(builtin.is_harmful, responses)) / len(responses)
+
+    assert harmful_share(0.0) == 0.0
+    assert 0.08 < harmful_share(0.5) < 0.12  # error_rate 0.2 × 0.5
+    assert 0.17 < harmful_share(1.0) < 0.23
