@@ -53,6 +53,7 @@ def evaluate(c, sub: dict, paths: dict, rm_metrics: dict, mesh, rules) -> dict:
 
     # The alignment tax (InstructGPT §4.2): loss on the pretraining corpus' held-out windows.
     heldout = pretrain_heldout(c, sub, paths, tok)
+    base_model, base_params, _ = load_policy(sub["pretrain"], mesh, rules)
     sft_eval = {**builtin.evaluate_responses(prompts, sft["responses"]),
                 "pretrain_loss": lm_loss(sft_model, sft_params, heldout, mesh, rules, bs)}
     ppo_eval = {**builtin.evaluate_responses(prompts, ppo["responses"]),
@@ -63,6 +64,7 @@ def evaluate(c, sub: dict, paths: dict, rm_metrics: dict, mesh, rules) -> dict:
     return {
         "decoding": {"temperature": temp, "max_new_tokens": c.eval.max_new_tokens, "prompts": len(prompts),
                      "same_keys_for_both": True},
+        "pretrained": {"pretrain_loss": lm_loss(base_model, base_params, heldout, mesh, rules, bs)},
         "sft": sft_eval,
         "ppo": {**ppo_eval, "kl": float(np.mean(lp_ppo - lp_sft)),
                 "win_rate_vs_sft": builtin.win_rate(prompts, ppo["responses"], sft["responses"])},
@@ -149,7 +151,7 @@ def write_report(c, workdir: str, sub: dict, summary: dict, seconds: float) -> N
     lines += [f"| {n} | {e['gold_score']:.3f} | {e['correct_rate']:.3f} | {e['harmful_rate']:.3f} | {w} | {k} | "
               + (f"{e['pretrain_loss']:.3f} |" if "pretrain_loss" in e else "— |") for n, e, w, k in rows]
     lines += ["", "Pretraining loss: nats per token on the pretraining corpus' held-out windows (the alignment tax "
-              "is PPO's rise over SFT's)."]
+              f"is PPO's rise over SFT's); the pretrained model's: {summary['pretrained']['pretrain_loss']:.3f}."]
     lines += ["", f"Reward model accuracy against the gold judge on {summary['rm']['gold_untied_pairs']} held-out "
               f"pairs with different gold scores: {summary['rm']['accuracy_vs_gold']:.3f}", "", f"Wall time: {seconds / 60:.1f} min (this invocation).",
               "", "## Samples", "", "| prompt | SFT | gold | PPO | gold |", "|---|---|---|---|---|"]

@@ -32,7 +32,7 @@ def test_tiny_pipeline_produces_summary_report_and_plots_and_reruns_skip(tmp_pat
         assert 0.0 <= s[policy]["gold_score"] <= 1.0 and 0.0 <= s[policy]["harmful_rate"] <= 1.0
     assert 0.0 <= s["ppo"]["win_rate_vs_sft"] <= 1.0 and isinstance(s["ppo"]["kl"], float)
     assert 0.0 <= s["rm"]["accuracy_vs_gold"] <= 1.0
-    for policy in ("sft", "ppo"):  # the alignment tax's measure: loss on held-out pretraining windows
+    for policy in ("pretrained", "sft", "ppo"):  # the alignment tax's measure: loss on held-out pretraining windows
         assert 0.0 < s[policy]["pretrain_loss"] < math.log(384) + 1
     report = (tmp_path / "report.md").read_text()
     assert "| PPO |" in report and "## Samples" in report
