@@ -42,13 +42,24 @@ def _merge(dst, src: dict, where: str):
             dst[k] = v
 
 
-# The pipeline config keys each stage's output depends on (its own and its upstream stages'); a stage of
-# config.reuse_from is reused only when all of them are equal. Evaluation always runs here.
-REUSE_KEYS = {"pretrain": ("seed", "data", "pretrain")}
-REUSE_KEYS["sft"] = REUSE_KEYS["pretrain"] + ("sft",)
-REUSE_KEYS["comparisons"] = REUSE_KEYS["sft"] + ("eval",)  # sampling uses eval's length and batch size
+# The pipeline config keys (dotted) each stage's output depends on, its upstream stages' included; a stage of
+# config.reuse_from is reused only when all of them are equal. Each data file has its own seed offset
+# (write_data), so e.g. more RM prompts leave the corpus and the demonstrations, hence pretrain and SFT, as
+# they were. Evaluation always runs here.
+REUSE_KEYS = {"pretrain": ("seed", "data.corpus_chars", "pretrain")}
+REUSE_KEYS["sft"] = REUSE_KEYS["pretrain"] + ("data.num_demos", "data.demo_error_rate", "data.demo_forbidden_prob",
+                                              "sft")
+REUSE_KEYS["comparisons"] = REUSE_KEYS["sft"] + (
+    "data.num_rm_prompts", "data.num_rm_eval_prompts", "data.k", "data.labeler_noise", "data.sample_temperature",
+    "data.max_prompt_len", "data.kinds", "eval")  # sampling uses eval's length and batch size
 REUSE_KEYS["rm"] = REUSE_KEYS["comparisons"] + ("rm",)
-REUSE_KEYS["ppo"] = REUSE_KEYS["rm"] + ("ppo", "ppo_reward")
+REUSE_KEYS["ppo"] = REUSE_KEYS["rm"] + ("data.num_ppo_prompts", "ppo", "ppo_reward")
+
+
+def _get(tree: dict, dotted: str):
+    for part in dotted.split("."):
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
 
 
 def reusable_stages(c: ml_collections.ConfigDict, base: str) -> dict[str, str]:
@@ -66,7 +77,7 @@ def reusable_stages(c: ml_collections.ConfigDict, base: str) -> dict[str, str]:
     ours = json.loads(json.dumps(c.to_dict(), default=str))
     out = {}
     for stage, keys in REUSE_KEYS.items():  # in pipeline order: a changed stage ends the reuse
-        if any(ours.get(k) != theirs.get(k) for k in keys):
+        if any(_get(ours, k) != _get(theirs, k) for k in keys):
             break
         if not os.path.isfile(os.path.join(base, stage, "DONE.json")):
             break

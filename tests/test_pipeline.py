@@ -77,7 +77,16 @@ def test_reuse_takes_the_unchanged_prefix_of_stages_and_stops_at_the_first_chang
     c.ppo_reward = "gold"
     assert list(reusable_stages(c, str(tmp_path))) == ["pretrain", "sft", "comparisons", "rm"]
     c = pipeline_config()
-    c.data.labeler_noise = 0.3  # the data changes everything downstream of it
+    c.data.labeler_noise = 0.3  # new rankings: the RM and PPO are trained again
+    assert list(reusable_stages(c, str(tmp_path))) == ["pretrain", "sft"]
+    c = pipeline_config()
+    c.data.num_ppo_prompts = 256
+    assert list(reusable_stages(c, str(tmp_path))) == ["pretrain", "sft", "comparisons", "rm"]
+    c = pipeline_config()
+    c.data.corpus_chars = 70_000  # another corpus changes everything downstream of it
+    assert reusable_stages(c, str(tmp_path)) == {}
+    c = pipeline_config()
+    c.seed = 1
     assert reusable_stages(c, str(tmp_path)) == {}
     (tmp_path / "sft" / "DONE.json").unlink()  # an unfinished stage there is run here, and so is all after it
     assert list(reusable_stages(pipeline_config(), str(tmp_path))) == ["pretrain"]
