@@ -36,14 +36,16 @@ def get_config(preset: str = "default"):
         # harmful rate that RLHF can be measured to lower (with the demonstrator's default 0.15, SFT's
         # harmful rate at temperature 0.7 was 0.0-1.0% on 300 prompts: too rare to compare)
         demo_forbidden_prob=0.5,
-        num_rm_prompts=64 if tiny else 1000,  # prompts ranked by the simulated labelers
+        # prompts ranked by the simulated labelers. Measured on one SFT model (seed 0), RM accuracy against
+        # the gold judge on 518 held-out pairs: 1000 prompts 0.575, 3000 0.631, 6000 0.651 (RM 400 steps)
+        num_rm_prompts=64 if tiny else 3000,
         num_rm_eval_prompts=32 if tiny else 200,  # held-out pairs labelled by the gold judge
         num_ppo_prompts=128 if tiny else 2000,
         num_eval_prompts=32 if tiny else 300,
         k=4,  # responses per prompt for the labelers (InstructGPT: 4 to 9)
         labeler_noise=0.65,  # ≈ 75% agreement with gold (InstructGPT labelers: ≈ 73%)
         sample_temperature=1.0,
-        max_prompt_len=64,
+        max_prompt_len=64 if tiny else 32,  # rendered default prompts are at most 28 tokens: no padding to pay for
         kinds=("copy", "reverse", "sort", "add", "subtract", "count", "first", "last"),
     )
     c.eval = dict(temperature=0.7, max_new_tokens=16 if tiny else 24, best_of_n=4, batch_size=32 if tiny else 100)
@@ -55,10 +57,10 @@ def get_config(preset: str = "default"):
                       eval_every=30 if tiny else 500, checkpoint=dict(every=30 if tiny else 500))
     c.sft = dict(num_steps=30 if tiny else 800, batch_size=16 if tiny else 32,
                  data=dict(seq_len=96), eval_every=30 if tiny else 400, checkpoint=dict(every=30 if tiny else 400))
-    c.rm = dict(num_steps=30 if tiny else 400, batch_size=16, data=dict(seq_len=96),
+    c.rm = dict(num_steps=30 if tiny else 400, batch_size=16, data=dict(seq_len=96 if tiny else 64),  # longest: 52
                 eval_every=30 if tiny else 200, eval_batches=0, checkpoint=dict(every=30 if tiny else 200))
     c.ppo = dict(num_steps=4 if tiny else 80, batch_size=16 if tiny else 64,
-                 data=dict(max_prompt_len=64),
+                 data=dict(max_prompt_len=64 if tiny else 32),
                  rollout=dict(max_new_tokens=16 if tiny else 24, temperature=0.7),
                  optim=dict(lr=1e-4 if tiny else 3e-5),
                  checkpoint=dict(every=4 if tiny else 20))
