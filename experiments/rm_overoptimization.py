@@ -3,7 +3,7 @@
     bash scripts/quickstart.sh                    # the default pipeline run the ablation builds on
     python scripts/sweep.py experiments/rm_overoptimization.py --root runs/sweeps/rm_overoptimization
 
-Each run trains the RM on the first N of the 1000 ranked prompts (K=4: 6 pairs each) of the default
+Each run trains the RM on the first N of the 3000 ranked prompts (K=4: 6 pairs each) of the default
 pipeline's comparisons (pretrain, SFT and the comparisons are reused from runs/quickstart), then runs
 PPO against it with a small fixed β so the policy travels far from SFT. Along each PPO run the proxy
 (the RM's normalised score) and the gold judge are logged per iteration; gold gain vs d = sqrt(KL)
@@ -13,9 +13,9 @@ is fitted with R(d) = d (α − β ln d) (Gao et al. 2022, eq. 2; experiments/_a
 from experiments import product
 
 BASE = "configs/pipeline.py"
-FIXED = {"reuse_from": "runs/quickstart", "ppo.kl.kind": "fixed", "ppo.kl.init_coef": 0.02, "ppo.num_steps": 120,
-         "ppo.checkpoint.every": 40}
-SWEEP = product({"rm.data.train_lines": [(0, 125), (0, 250), (0, 500), (0, 1000)]})
+FIXED = {"reuse_from": "runs/quickstart", "ppo.kl.kind": "fixed", "ppo.kl.init_coef": 0.02, "ppo.num_steps": 100,
+         "ppo.checkpoint.every": 50}
+SWEEP = product({"rm.data.train_lines": [(0, 300), (0, 1000), (0, 3000)]})
 COLUMNS = ("rm/accuracy_vs_gold", "ppo/kl", "ppo/gold_score", "ppo/win_rate_vs_sft")
 WINDOW = 10  # PPO iterations averaged per point: one 64-episode batch is noisy
 
