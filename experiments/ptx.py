@@ -14,6 +14,6 @@ from experiments import product
 
 BASE = "configs/pipeline.py"
 FIXED = {"reuse_from": "runs/quickstart"}
-SWEEP = product({"ppo.ppo.ptx_coef": [0.0, 0.3, 1.0, 3.0]})
+SWEEP = product({"ppo.ppo.ptx_coef": [0.0, 1.0, 3.0]})
 COLUMNS = ("pretrained/pretrain_loss", "sft/pretrain_loss", "ppo/pretrain_loss", "ppo/gold_score", "ppo/win_rate_vs_sft",
            "ppo/kl")
