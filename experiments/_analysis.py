@@ -16,7 +16,8 @@ import numpy as np
 def ppo_curve(pipeline_dir: str, window: int = 10) -> dict[str, np.ndarray]:
     """Per PPO iteration of a pipeline run, averaged over `window` iterations (one batch is noisy):
     step, kl (nats per response, k1 estimate), d = sqrt(max(kl, 0)), gold (the gold judge, logged as
-    objective/monitor_score) and proxy (the reward PPO optimised, objective/scores)."""
+    objective/monitor_score) and proxy (the reward PPO optimised, objective/scores). proxy_init is the
+    first iteration's proxy alone: its rollouts come from the initial (SFT) policy, at d = 0."""
     path = os.path.join(pipeline_dir, "ppo", "metrics.jsonl")
     rows = []
     with open(path) as f:
@@ -30,11 +31,12 @@ def ppo_curve(pipeline_dir: str, window: int = 10) -> dict[str, np.ndarray]:
     if not rows:
         raise ValueError(f"{path}: no PPO iterations with objective/kl and objective/monitor_score logged.")
     a = np.asarray(rows, np.float64)
+    proxy_init = np.asarray(a[0, 3])
     n = len(a) // window * window or len(a)
     w = window if len(a) >= window else len(a)
     a = a[:n].reshape(-1, w, 4).mean(1)
     return {"step": a[:, 0], "kl": a[:, 1], "d": np.sqrt(np.maximum(a[:, 1], 0.0)), "gold": a[:, 2],
-            "proxy": a[:, 3]}
+            "proxy": a[:, 3], "proxy_init": proxy_init}
 
 
 def fit_gao(d: np.ndarray, gain: np.ndarray) -> tuple[float, float]:

@@ -7,7 +7,10 @@ Each run trains the RM on the first N of the 3000 ranked prompts (K=4: 6 pairs e
 pipeline's comparisons (pretrain, SFT and the comparisons are reused from runs/quickstart), then runs
 PPO against it with a small fixed β so the policy travels far from SFT. Along each PPO run the proxy
 (the RM's normalised score) and the gold judge are logged per iteration; gold gain vs d = sqrt(KL)
-is fitted with R(d) = d (α − β ln d) (Gao et al. 2022, eq. 2; experiments/_analysis.py).
+is fitted with R(d) = d (α − β ln d) (Gao et al. 2022, eq. 2; experiments/_analysis.py). Gains are
+measured from the SFT policy at d = 0: gold from its score on the held-out prompts (same temperature
+as the rollouts; one 64-episode batch is too noisy to anchor on), proxy from PPO's first iteration,
+whose rollouts are the SFT policy's.
 """
 
 from experiments import product
@@ -21,6 +24,7 @@ WINDOW = 10  # PPO iterations averaged per point: one 64-episode batch is noisy
 
 
 def analyze(root, rows):
+    import json
     import os
 
     import matplotlib
@@ -33,23 +37,29 @@ def analyze(root, rows):
 
     done = [r for r in rows if r["status"] == "finished"]
     lines = ["## Over-optimisation: gold gain vs d = sqrt(KL) along PPO, fit R(d) = d (α − β ln d)", "",
-             f"Points: means of {WINDOW} PPO iterations (64 episodes each) on the training prompts; gain = gold "
-             "score − the first window's.", "",
+             f"Points: means of {WINDOW} PPO iterations (64 episodes each) on the training prompts. Gold gain = gold "
+             "score − the SFT policy's on the held-out prompts (same temperature); proxy gain = RM score − PPO's "
+             "first iteration's (the SFT policy's rollouts). The fit passes through d = 0.", "",
              "| comparisons (prompts) | RM acc. vs gold | α | β | peak d* | gold gain at the end | proxy gain at the end |",
              "|---|---|---|---|---|---|---|"]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for i, r in enumerate(done):
-        c = ppo_curve(os.path.join(root, r["run"]), WINDOW)
-        gain, proxy = c["gold"] - c["gold"][0], c["proxy"] - c["proxy"][0]
-        alpha, beta = fit_gao(c["d"], gain)
+        run = os.path.join(root, r["run"])
+        c = ppo_curve(run, WINDOW)
+        with open(os.path.join(run, "summary.json")) as f:
+            sft_gold = json.load(f)["sft"]["gold_score"]
+        d = np.concatenate([[0.0], c["d"]])
+        gain = np.concatenate([[0.0], c["gold"] - sft_gold])
+        proxy = np.concatenate([[0.0], c["proxy"] - c["proxy_init"]])
+        alpha, beta = fit_gao(d, gain)
         n = r["rm.data.train_lines"]
         n = n[1] - n[0] if isinstance(n, (list, tuple)) else n
         lines.append(f"| {n} | {r['rm/accuracy_vs_gold']:.3f} | {alpha:.3f} | {beta:.3f} | {gao_peak(alpha, beta):.2f} "
                      f"| {gain[-1]:+.3f} | {proxy[-1]:+.3f} |")
-        grid = np.linspace(max(c["d"].min(), 1e-3), c["d"].max(), 100)
-        axes[0].plot(c["d"], gain, "o", color=f"C{i}", ms=3, label=f"{n} prompts")
+        grid = np.linspace(1e-3, d.max(), 100)
+        axes[0].plot(d, gain, "o", color=f"C{i}", ms=3, label=f"{n} prompts")
         axes[0].plot(grid, grid * (alpha - beta * np.log(grid)), "-", color=f"C{i}")
-        axes[1].plot(c["d"], proxy, "o-", color=f"C{i}", ms=3, label=f"{n} prompts")
+        axes[1].plot(d, proxy, "o-", color=f"C{i}", ms=3, label=f"{n} prompts")
     axes[0].set_title("gold gain (points) and fit (lines)", fontsize=9)
     axes[1].set_title("proxy (RM) gain", fontsize=9)
     for ax in axes:
