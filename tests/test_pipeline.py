@@ -63,6 +63,14 @@ def test_tiny_pipeline_produces_summary_report_and_plots_and_reruns_skip(tmp_pat
     assert ppo_config["kl"]["init_coef"] == 0.05 and ppo_config["reward"]["kind"] == "function"
 
 
+def test_every_data_key_is_tied_to_the_stages_that_read_it():
+    # A data key missing from REUSE_KEYS would let a changed setting reuse stale stages; only the
+    # evaluation (which always runs) may read a key no stage does.
+    tied = {k for keys in REUSE_KEYS.values() for k in keys}
+    untied = {f"data.{k}" for k in pipeline_config().data} - tied
+    assert untied == {"data.num_eval_prompts"}
+
+
 def test_reuse_takes_the_unchanged_prefix_of_stages_and_stops_at_the_first_change(tmp_path):
     base = pipeline_config()
     (tmp_path / "pipeline_config.json").write_text(json.dumps(base.to_dict(), default=str))
