@@ -79,10 +79,21 @@ def reusable_stages(c: ml_collections.ConfigDict, base: str) -> dict[str, str]:
     for stage, keys in REUSE_KEYS.items():  # in pipeline order: a changed stage ends the reuse
         if any(_get(ours, k) != _get(theirs, k) for k in keys):
             break
-        if not os.path.isfile(os.path.join(base, stage, "DONE.json")):
+        where = stage_dirs(base).get(stage, os.path.join(base, stage))
+        if not os.path.isfile(os.path.join(where, "DONE.json")):
             break
-        out[stage] = os.path.join(base, stage)
+        out[stage] = where
     return out
+
+
+def stage_dirs(workdir: str) -> dict[str, str]:
+    """{stage: directory} a pipeline run used, from <workdir>/stages.json: a stage it reused lives in another
+    run's workdir, so reusing from a run that itself reused stages finds them there. {} for older runs."""
+    path = os.path.join(workdir, "stages.json")
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
 
 
 def log(msg: str):
@@ -169,6 +180,8 @@ def run_pipeline(c: ml_collections.ConfigDict, workdir: str) -> dict:
         if os.path.abspath(path) != sub[name]:
             log(f"{name}: reused from {path} (same config)")
             sub[name] = path
+    with open(os.path.join(workdir, "stages.json"), "w") as f:
+        json.dump(sub, f, indent=2)
     paths = write_data(c, os.path.join(workdir, "data"))
     mesh = parallel.make_mesh({a: c.mesh[a] for a in parallel.MESH_AXES})
     rules = parallel.DEFAULT_RULES

@@ -59,6 +59,7 @@ def test_tiny_pipeline_produces_summary_report_and_plots_and_reruns_skip(tmp_pat
         assert f"{stage}: reused from {tmp_path / stage}" in third.stdout
         assert not (other / stage).exists()
     assert (other / "ppo" / "DONE.json").exists() and (other / "summary.json").exists()
+    assert json.loads((other / "stages.json").read_text())["rm"] == str(tmp_path / "rm")
     ppo_config = json.loads((other / "ppo" / "config.json").read_text())
     assert ppo_config["kl"]["init_coef"] == 0.05 and ppo_config["reward"]["kind"] == "function"
 
@@ -100,6 +101,25 @@ def test_reuse_takes_the_unchanged_prefix_of_stages_and_stops_at_the_first_chang
     assert list(reusable_stages(pipeline_config(), str(tmp_path))) == ["pretrain"]
     with pytest.raises(FileNotFoundError, match="reuse_from.*pipeline_config.json does not exist"):
         reusable_stages(pipeline_config(), str(tmp_path / "nowhere"))
+
+
+def test_reuse_follows_a_run_that_itself_reused_stages(tmp_path):
+    # base ran every stage; mid reused base's pretrain and ran the rest: a run reusing mid finds the
+    # pretrain in base (mid/stages.json), so chains of ablations do not pretrain again.
+    base, mid = tmp_path / "base", tmp_path / "mid"
+    for run in (base, mid):
+        run.mkdir()
+        (run / "pipeline_config.json").write_text(json.dumps(pipeline_config().to_dict(), default=str))
+    (base / "pretrain").mkdir()
+    (base / "pretrain" / "DONE.json").write_text("{}")
+    for stage in ("sft", "comparisons", "rm", "ppo"):
+        (mid / stage).mkdir()
+        (mid / stage / "DONE.json").write_text("{}")
+    stages = {s: str(mid / s) for s in ("sft", "comparisons", "rm", "ppo")} | {"pretrain": str(base / "pretrain")}
+    (mid / "stages.json").write_text(json.dumps(stages))
+    assert reusable_stages(pipeline_config(), str(mid)) == stages
+    (mid / "stages.json").unlink()  # without the record, mid's own (missing) pretrain ends the reuse
+    assert reusable_stages(pipeline_config(), str(mid)) == {}
 
 
 def test_every_stage_key_can_be_overridden_and_unknown_ones_are_named():
