@@ -23,10 +23,13 @@ def get_config(preset: str = "default"):
 
     # monitor: a second Python score logged as objective/monitor_score (e.g. the built-in gold judge)
     c.reward = dict(kind="rm", rm_workdir="", function="", monitor="")
-    c.rollout = dict(max_new_tokens=32, temperature=0.7, top_k=0, top_p=1.0, stop_token="end", eos_after=0)
+    # samples_per_prompt: episodes per prompt in an iteration (batch_size / samples_per_prompt distinct prompts)
+    c.rollout = dict(max_new_tokens=32, temperature=0.7, top_k=0, top_p=1.0, stop_token="end", eos_after=0,
+                     samples_per_prompt=1)
     c.ppo = dict(epochs=4, num_minibatches=4, clip_range=0.2, clip_range_value=0.2, vf_coef=0.1,
                  gamma=1.0, lam=0.95, entropy_coef=0.0, whiten_rewards=False, score_clip=0.0,
-                 missing_eos_penalty=None, ptx_coef=0.0, ptx_batch_size=8, critic="shared")
+                 missing_eos_penalty=None, ptx_coef=0.0, ptx_batch_size=8, critic="shared",
+                 score_baseline="none")  # none | loo: minus the mean score of the prompt's other samples
     # lm-human-preferences: adaptive KL, β0 = 0.15, target 6 nats, horizon 10,000 episodes.
     c.kl = dict(kind="adaptive", init_coef=0.15, target=6.0, horizon=10000, estimator="k1")
     # lm-human-preferences: TF-style Adam, lr 1e-5 (here larger: small models), eps 1e-5, linear anneal to 0.

@@ -113,6 +113,21 @@ def compute_rewards(scores: Array, logprobs: Array, ref_logprobs: Array, mask: A
     return rewards, kl, non_score_reward
 
 
+def leave_one_out_scores(scores: Array, group: int) -> Array:
+    """Scores minus the mean score of the other samples of the same prompt (RLOO's baseline: Kool et
+    al. 2019; Ahmadian et al. 2024). scores [B] hold `group` consecutive samples per prompt; the result
+    is unbiased (each baseline ignores its own sample) and removes the between-prompt spread of the
+    score, which otherwise dominates the advantage of a small batch.
+
+        b_i = (Σ_j s_j − s_i) / (k − 1),   s_i − b_i = k / (k − 1) · (s_i − mean_j s_j)
+    """
+    if group < 2 or scores.shape[0] % group:
+        raise ValueError(f"leave_one_out_scores: group={group} must be >= 2 and divide the {scores.shape[0]} "
+                         f"scores (rollout.samples_per_prompt must divide batch_size).")
+    s = scores.reshape(-1, group)
+    return ((s - s.mean(axis=1, keepdims=True)) * group / (group - 1)).reshape(scores.shape)
+
+
 # --- advantages --------------------------------------------------------------------------------------------------
 
 def gae(rewards: Array, values: Array, mask: Array, gamma: float, lam: float) -> tuple[Array, Array]:

@@ -65,3 +65,25 @@ def test_ppo_ptx_and_a_critic_initialised_from_the_reward_model(tmp_path):
         saved = m.restore(m.latest_step(), args=ocp.args.Composite(params=ocp.args.StandardRestore()))["params"]
     assert set(saved) == {"policy", "critic"}
     assert set(saved["critic"]) >= {"trunk", "value_head", "reward_head"}
+
+
+def test_ppo_with_several_samples_per_prompt_and_a_leave_one_out_baseline(tmp_path):
+    # The RLOO-style variant: 4 samples of each of 4 prompts per iteration, each score minus the mean of
+    # its prompt's other samples; it must still raise the verifiable reward.
+    c = config(num_steps=16, batch_size=16, **{"optim.lr": 1e-2, "kl.init_coef": 0.01, "checkpoint.every": 100,
+                                               "rollout.samples_per_prompt": 4, "ppo.score_baseline": "loo"})
+    ppo.train_and_evaluate(c, str(tmp_path))
+    m = by_step(read_metrics(str(tmp_path)))
+    scores = [m[s]["objective/scores"] for s in sorted(m)]
+    assert np.mean(scores[-3:]) > np.mean(scores[:3]) + 0.1, scores
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"rollout.samples_per_prompt": 3}, "samples_per_prompt=3 must be >= 1 and divide batch_size=8"),
+    ({"ppo.score_baseline": "loo"}, "score_baseline='loo' needs config.rollout.samples_per_prompt >= 2"),
+    ({"ppo.score_baseline": "mean"}, "score_baseline='mean': use 'none' or 'loo'"),
+    ({"ppo.num_minibatches": 3}, "batch_size=8 episodes do not split into ppo.num_minibatches=3"),
+])
+def test_ppo_batch_settings_that_do_not_fit_are_named(tmp_path, kw, match):
+    with pytest.raises(ValueError, match=match):
+        ppo.train_and_evaluate(config(num_steps=1, batch_size=8, **kw), str(tmp_path))

@@ -306,3 +306,12 @@ def test_truncation_after_the_first_stop_token_at_or_after_truncate_after():
     out, found = jax.jit(rl.truncate_after_stop_token, static_argnums=(1, 2, 3))(tokens, EOS, 2, PAD)
     np.testing.assert_array_equal(out, [[5, EOS, 6, EOS, PAD, PAD], [5, 6, 7, 8, EOS, PAD], [EOS, 5, 6, 7, 8, 9]])
     np.testing.assert_array_equal(found, [True, True, False])
+
+
+def test_leave_one_out_scores_subtract_the_mean_of_the_other_samples_of_the_prompt():
+    scores = jnp.asarray([1.0, 2.0, 6.0, 0.0, 0.0, 3.0])  # two prompts, three samples each
+    want = [1 - 4, 2 - 3.5, 6 - 1.5, 0 - 1.5, 0 - 1.5, 3 - 0]  # by hand: s_i − mean of the other two
+    np.testing.assert_allclose(rl.leave_one_out_scores(scores, 3), want, rtol=1e-6)
+    np.testing.assert_allclose(rl.leave_one_out_scores(scores, 3).reshape(2, 3).sum(1), 0.0, atol=1e-6)
+    with pytest.raises(ValueError, match="group=4 must be >= 2 and divide the 6 scores"):
+        rl.leave_one_out_scores(scores, 4)

@@ -1,9 +1,11 @@
 """Stage 4: PPO against a reward model with a per-token KL penalty to the frozen SFT policy.
 
 One iteration (Ziegler et al. 2019, as in lm-human-preferences; InstructGPT §3.5):
-  1. rollout  — sample a response per prompt with the KV cache (jitted);
+  1. rollout  — sample a response per prompt with the KV cache (jitted), or
+                rollout.samples_per_prompt of them;
   2. score    — policy log-probs and values, reference log-probs, and the score:
-                a trained RM (normalised) or a Python reward function;
+                a trained RM (normalised) or a Python reward function; with
+                ppo.score_baseline="loo", minus the mean of its prompt's other samples;
   3. rewards  — r_t = −β·KL_t on each response token, + score on the last one;
   4. update   — E epochs × M minibatches of clipped PPO (advantages by GAE and
                 whitened per minibatch, as lm-human-preferences), optional PPO-ptx;
@@ -161,6 +163,7 @@ def rollout_metrics(r, kl_coef) -> dict[str, float]:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     run = Run(config, workdir)
     c = run.config
+    group = ppo_setup.check_batch(c)  # samples per prompt
     tok, prompts, ptx_source = ppo_setup.datasets(run)
     run.write_config()
     model = TransformerLM(config_lib.model_config(c))
@@ -190,7 +193,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     from rlhf_jax.data.loader import BatchLoader
 
-    loader = BatchLoader(prompts, c.batch_size, seed=c.seed)
+    loader = BatchLoader(prompts, c.batch_size // group, seed=c.seed)
     ptx_loader = BatchLoader(ptx_source, c.ppo.ptx_batch_size * updates_per_iter, seed=c.seed + 1) \
         if ptx_source is not None else None
     writer = run.metric_writer(start)
@@ -203,10 +206,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     with parallel.activate(run.mesh, run.rules):
         for it in range(start, c.num_steps):
             t0 = time.perf_counter()
-            local = loader.get_batch(it)
-            batch = parallel.global_batch({"prompt": local["prompt_tokens"], "prompt_mask": local["prompt_mask"]},
+            local = loader.get_batch(it)  # each prompt `group` times in a row: the samples of one prompt
+            batch = parallel.global_batch({"prompt": np.repeat(local["prompt_tokens"], group, axis=0),
+                                           "prompt_mask": np.repeat(local["prompt_mask"], group, axis=0)},
                                           run.mesh, run.rules)
-            keys = ppo_setup.sample_keys(c.seed, it, loader, run)
+            keys = ppo_setup.sample_keys(c.seed, it, c.batch_size, run)
             gen = rollout_fn(state.params["policy"], batch["prompt"], batch["prompt_mask"], keys)
             batch.update(response=gen["tokens"], response_mask=gen["mask"])
             jax.block_until_ready(gen)
@@ -220,8 +224,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 scores = jnp.where(gen["ended"], scores, c.ppo.missing_eos_penalty)
             if c.ppo.score_clip > 0:
                 scores = jnp.clip(scores, -c.ppo.score_clip, c.ppo.score_clip)
+            # The RM score PPO maximises; objective/scores logs the raw one.
+            centred = rl.leave_one_out_scores(scores, group) if c.ppo.score_baseline == "loo" else scores
             kl_coef = float(jax.device_get(state.extras["kl_coef"]))  # read before `state` is donated
-            rewards, kl, non_score = reward_fn_jit(scores, scored["logprobs"], scored["ref_logprobs"],
+            rewards, kl, non_score = reward_fn_jit(centred, scored["logprobs"], scored["ref_logprobs"],
                                                    batch["response_mask"], kl_coef)
             rollout = {**batch, "logprobs": scored["logprobs"], "values": scored["values"], "rewards": rewards,
                        "kl": kl}

@@ -136,9 +136,29 @@ def function_scores(fn, tok, batch, run: Run):
     return jax.device_put(scores, parallel.batch_sharding(run.mesh, run.rules, 1))
 
 
-def sample_keys(seed: int, iteration: int, loader, run: Run):
-    """One PRNG key per episode, from (seed, global episode index): independent of batching and topology."""
-    B = loader.global_batch_size
+def check_batch(c) -> int:
+    """rollout.samples_per_prompt, checked against batch_size, ppo.num_minibatches, the process count and
+    ppo.score_baseline."""
+    k, B, base, M = c.rollout.samples_per_prompt, c.batch_size, c.ppo.score_baseline, c.ppo.num_minibatches
+    if M < 1 or B % M:
+        raise ValueError(f"config.batch_size={B} episodes do not split into ppo.num_minibatches={M} equal "
+                         f"minibatches; pick num_minibatches dividing batch_size (e.g. 4 with 64).")
+    if k < 1 or B % k or (B // k) % jax.process_count():
+        raise ValueError(f"config.rollout.samples_per_prompt={k} must be >= 1 and divide batch_size={B} into a "
+                         f"number of prompts that divides by the {jax.process_count()} process(es); e.g. "
+                         f"samples_per_prompt=4 with batch_size=64.")
+    if base not in ("none", "loo"):
+        raise ValueError(f"config.ppo.score_baseline={base!r}: use 'none' or 'loo' (leave-one-out mean of the "
+                         f"prompt's other samples).")
+    if base == "loo" and k < 2:
+        raise ValueError("config.ppo.score_baseline='loo' needs config.rollout.samples_per_prompt >= 2 (a "
+                         "prompt's other samples are its baseline).")
+    return k
+
+
+def sample_keys(seed: int, iteration: int, B: int, run: Run):
+    """One PRNG key per episode (B per iteration), from (seed, global episode index): independent of
+    batching and topology."""
     p, n = jax.process_index(), jax.process_count()
     idx = iteration * B + np.arange(p * B // n, (p + 1) * B // n)
     base = jax.random.PRNGKey(seed)
