@@ -17,7 +17,6 @@ def evaluate(c, sub: dict, paths: dict, rm_metrics: dict, mesh, rules) -> dict:
     from rlhf_jax.data import prompts as prompt_data
     from rlhf_jax.evaluation import generate, load_policy, response_logprobs
     from rlhf_jax.pipeline import _settings
-    from rlhf_jax.stages.rm import load_reward_model, score_sequences
     from rlhf_jax.tasks import builtin
 
     sft_model, sft_params, tok = load_policy(sub["sft"], mesh, rules)
@@ -35,20 +34,9 @@ def evaluate(c, sub: dict, paths: dict, rm_metrics: dict, mesh, rules) -> dict:
     lp_sft = response_logprobs(sft_model, sft_params, ppo, kl_temp, mesh, rules, bs)
 
     # Best-of-n against the RM: n SFT samples per prompt, keep the one the RM scores highest.
-    rm_model, rm_params, norm = load_reward_model(sub["rm"], mesh, rules)
-    score = jax.jit(lambda p, t, m: score_sequences(p, rm_model, norm, t, m))
-    cands, rm_scores = [], []
-    with parallel.activate(mesh, rules):
-        for j in range(c.eval.best_of_n):
-            s = sft if j == 0 else generate(sft_model, sft_params, tok, source, settings, mesh, rules,
-                                            seed=c.seed + 200 + j, batch_size=bs)
-            cands.append(s["responses"])
-            t = np.concatenate([s["prompt"], s["response"]], 1)
-            m = np.concatenate([s["prompt_mask"], s["response_mask"]], 1)
-            rm_scores.append(np.concatenate([np.asarray(jax.device_get(score(rm_params, jnp.asarray(t[i:i + bs]),
-                                                                                jnp.asarray(m[i:i + bs]))))
-                                             for i in range(0, len(t), bs)]))
-    best = np.argmax(np.stack(rm_scores), axis=0)
+    cands, rm_scores = sft_samples_scored_by_rm(c, sub, sft_model, sft_params, tok, source, c.eval.best_of_n,
+                                                mesh, rules, first=sft)
+    best = np.argmax(rm_scores, axis=0)
     bon = [cands[b][i] for i, b in enumerate(best)]
 
     # The alignment tax (InstructGPT §4.2): loss on the pretraining corpus' held-out windows.
@@ -74,6 +62,62 @@ def evaluate(c, sub: dict, paths: dict, rm_metrics: dict, mesh, rules) -> dict:
                "accuracy_vs_gold_incl_ties": rm_metrics.get("eval/rm/accuracy")},
         "samples": samples,
     }
+
+
+def sft_samples_scored_by_rm(c, sub: dict, model, params, tok, source, n: int, mesh, rules, first=None):
+    """(responses [n][N], RM scores [n, N]) of n SFT samples per prompt of `source` at the evaluation
+    settings; sample 0 is `first` when given (the evaluation's SFT sample), sample j's key seed + 200 + j."""
+    from rlhf_jax.evaluation import generate
+    from rlhf_jax.pipeline import _settings
+    from rlhf_jax.stages.rm import load_reward_model, score_sequences
+
+    rm_model, rm_params, norm = load_reward_model(sub["rm"], mesh, rules)
+    score = jax.jit(lambda p, t, m: score_sequences(p, rm_model, norm, t, m))
+    settings, bs = _settings(c, tok, c.eval.temperature), c.eval.batch_size
+    cands, rm_scores = [], []
+    with parallel.activate(mesh, rules):
+        for j in range(n):
+            s = first if j == 0 and first is not None else generate(
+                model, params, tok, source, settings, mesh, rules,
+                seed=c.seed + (100 if j == 0 else 200 + j), batch_size=bs)
+            cands.append(s["responses"])
+            t = np.concatenate([s["prompt"], s["response"]], 1)
+            m = np.concatenate([s["prompt_mask"], s["response_mask"]], 1)
+            rm_scores.append(np.concatenate([np.asarray(jax.device_get(score(rm_params, jnp.asarray(t[i:i + bs]),
+                                                                                jnp.asarray(m[i:i + bs]))))
+                                             for i in range(0, len(t), bs)]))
+    return cands, np.stack(rm_scores)
+
+
+def best_of_n_curve(rm_scores, gold, ns) -> list[dict]:
+    """Best-of-n by the RM and by the gold judge (the oracle), for each n in `ns`, from [N_max, P] score
+    matrices of the same samples; sample 0 is the SFT baseline the win rates compare against (ties half).
+    The RM's curve peaking while the oracle's rises is over-optimisation (Gao et al. 2022, best-of-n)."""
+    rm_scores, gold = np.asarray(rm_scores, np.float64), np.asarray(gold, np.float64)
+    if rm_scores.shape != gold.shape or max(ns) > len(gold) or min(ns) < 1:
+        raise ValueError(f"best_of_n_curve: scores {rm_scores.shape} and gold {gold.shape} must match, with every "
+                         f"n in {tuple(ns)} between 1 and the {len(gold)} samples.")
+    cols = np.arange(gold.shape[1])
+    win = lambda g: float(np.mean((np.sign(g - gold[0]) + 1) / 2))
+    out = []
+    for n in ns:
+        by_rm = gold[np.argmax(rm_scores[:n], axis=0), cols]
+        oracle = gold[:n].max(axis=0)
+        out.append({"n": int(n), "gold_by_rm": float(by_rm.mean()), "win_by_rm": win(by_rm),
+                    "gold_oracle": float(oracle.mean()), "win_oracle": win(oracle)})
+    return out
+
+
+def within_prompt_correlation(a, b) -> float:
+    """Mean over prompts (columns of the [n, P] matrices) of the correlation across a prompt's samples;
+    prompts where either is constant are left out (nan if all are). E.g. RM score against response
+    length: an RM that prefers shorter answers whatever they say has a negative one."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    keep = (a.std(axis=0) > 0) & (b.std(axis=0) > 0)
+    if not keep.any():
+        return float("nan")
+    a, b = a[:, keep] - a[:, keep].mean(0), b[:, keep] - b[:, keep].mean(0)
+    return float(np.mean((a * b).sum(0) / np.sqrt((a * a).sum(0) * (b * b).sum(0))))
 
 
 def pretrain_heldout(c, sub: dict, paths: dict, tok):

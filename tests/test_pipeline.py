@@ -129,3 +129,36 @@ def test_every_stage_key_can_be_overridden_and_unknown_ones_are_named():
     from rlhf_jax.pipeline import stage_config
     with pytest.raises(ValueError, match="config.ppo.optim.lrr: no such field"):
         stage_config("ppo", "default", {"optim": {"lrr": 1.0}})
+
+
+def test_best_of_n_curve_picks_by_rm_and_by_gold_and_compares_with_sample_zero():
+    from rlhf_jax.pipeline_eval import best_of_n_curve
+
+    # 3 samples of 2 prompts; sample 0 is the baseline. The RM prefers sample 2 on prompt 0 (worse by gold)
+    # and sample 1 on prompt 1 (better by gold).
+    gold = [[0.5, 0.0], [1.0, 1.0], [0.0, 0.5]]
+    rm = [[0.0, 0.0], [0.1, 0.9], [0.9, 0.2]]
+    one, two, three = best_of_n_curve(rm, gold, [1, 2, 3])
+    assert one == {"n": 1, "gold_by_rm": 0.25, "win_by_rm": 0.5, "gold_oracle": 0.25, "win_oracle": 0.5}
+    assert two == {"n": 2, "gold_by_rm": 1.0, "win_by_rm": 1.0, "gold_oracle": 1.0, "win_oracle": 1.0}
+    assert three["gold_by_rm"] == 0.5 and three["win_by_rm"] == 0.5  # prompt 0 lost, prompt 1 won
+    assert three["gold_oracle"] == 1.0 and three["win_oracle"] == 1.0
+    with pytest.raises(ValueError, match="between 1 and the 3 samples"):
+        best_of_n_curve(rm, gold, [4])
+
+
+def test_best_of_n_script_names_a_directory_that_is_not_a_finished_run(tmp_path):
+    out = subprocess.run([sys.executable, "scripts/best_of_n.py", str(tmp_path)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode != 0 and "is not a finished pipeline run" in out.stderr
+
+
+def test_within_prompt_correlation_is_taken_across_each_prompts_samples():
+    from rlhf_jax.pipeline_eval import within_prompt_correlation
+
+    # prompt 0: RM falls as length rises (−1); prompt 1: rises with it (+1); prompt 2: constant length, left out.
+    rm = [[3.0, 0.0, 5.0], [2.0, 1.0, 1.0], [1.0, 2.0, 0.0]]
+    length = [[1, 1, 4], [2, 2, 4], [3, 3, 4]]
+    assert within_prompt_correlation(rm, length) == pytest.approx(0.0)
+    assert within_prompt_correlation(rm, [[1, 3, 4], [2, 2, 4], [3, 1, 4]]) == pytest.approx(-1.0)
+    assert math.isnan(within_prompt_correlation(rm, [[4, 4, 4]] * 3))

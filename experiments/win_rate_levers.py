@@ -1,0 +1,32 @@
+"""What moves PPO's win rate over SFT: a stronger SFT recipe, a noisier demonstrator, and PPO's variance levers.
+
+    bash scripts/quickstart.sh                    # the default pipeline run the sweep builds on
+    python scripts/sweep.py experiments/win_rate_levers.py --root runs/sweeps/win_rate_levers
+    python scripts/best_of_n.py runs/sweeps/win_rate_levers/<run>   # the RM's best-of-n ceiling of a run
+
+Each run is the whole pipeline at seed 0, its pretrained model taken from runs/quickstart; the runs
+that change the SFT recipe train SFT, the comparisons and the RM themselves (about 6 minutes each on
+2 CPU cores, the sweep about 45). The levers, cumulative: a longer, faster SFT (lr 1e-3, sequences of
+64 tokens, 1,200 steps), 20,000 demonstrations instead of 6,000, a demonstrator that slips on half its
+demonstrations (default 0.2); then, on that SFT and RM, PPO with a 3x learning rate, a critic initialised
+from the RM, 4 samples per prompt with a leave-one-out baseline, 256 episodes per iteration, and the
+gold judge as the reward (the ceiling).
+"""
+
+BASE = "configs/pipeline.py"
+FIXED = {"reuse_from": "runs/quickstart"}
+_SFT = {"sft.optim.lr": 1e-3, "sft.data.seq_len": 64, "sft.num_steps": 1200}
+_SFT20K = {**_SFT, "data.num_demos": 20000}
+_NOISY = {**_SFT20K, "data.demo_error_rate": 0.5}
+SWEEP = [
+    _SFT,
+    _SFT20K,
+    _NOISY,
+    {**_NOISY, "ppo.optim.lr": 1e-4},
+    {**_NOISY, "ppo.ppo.critic": "reward_model"},
+    {**_NOISY, "ppo.rollout.samples_per_prompt": 4, "ppo.ppo.score_baseline": "loo"},
+    {**_NOISY, "ppo.batch_size": 256, "ppo.num_steps": 20, "ppo.checkpoint.every": 5},
+    {**_NOISY, "ppo_reward": "gold"},
+]
+COLUMNS = ("sft/gold_score", "sft/harmful_rate", "rm/accuracy_vs_gold", "ppo/gold_score", "ppo/harmful_rate",
+           "ppo/kl", "ppo/win_rate_vs_sft", "best_of_4_sft_by_rm/win_rate_vs_sft")
