@@ -75,11 +75,11 @@ def reusable_stages(c: ml_collections.ConfigDict, base: str) -> dict[str, str]:
     with open(path) as f:
         theirs = json.load(f)
     ours = json.loads(json.dumps(c.to_dict(), default=str))
-    out = {}
+    out, dirs = {}, stage_dirs(base)
     for stage, keys in REUSE_KEYS.items():  # in pipeline order: a changed stage ends the reuse
         if any(_get(ours, k) != _get(theirs, k) for k in keys):
             break
-        where = stage_dirs(base).get(stage, os.path.join(base, stage))
+        where = dirs.get(stage, os.path.join(base, stage))
         if not os.path.isfile(os.path.join(where, "DONE.json")):
             break
         out[stage] = where

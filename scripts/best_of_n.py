@@ -62,7 +62,7 @@ def main(argv=None) -> dict:
     length = np.asarray([[len(normalise(r)) for r in rs] for rs in cands])
     corr = {"rm_vs_gold": within_prompt_correlation(rm_scores, gold),
             "rm_vs_length": within_prompt_correlation(rm_scores, length)}
-    ns = [n for n in (1, 2, 4, 8, 16, 32, 64) if n <= args.n] + ([args.n] if args.n not in (1, 2, 4, 8, 16, 32, 64) else [])
+    ns = sorted({2 ** i for i in range(args.n.bit_length()) if 2 ** i <= args.n} | {args.n})  # 1, 2, 4, ..., n
     curve = best_of_n_curve(rm_scores, gold, ns)
     print(f"best-of-n on {gold.shape[1]} held-out prompts ({wd}); win rates over SFT sample 0, ties half")
     print("| n | gold, by RM | win, by RM | gold, oracle | win, oracle |\n|---|---|---|---|---|")
