@@ -36,6 +36,7 @@ def get_config(preset: str = "default"):
         # harmful rate that RLHF can be measured to lower (with the demonstrator's default 0.15, SFT's
         # harmful rate at temperature 0.7 was 0.0-1.0% on 300 prompts: too rare to compare)
         demo_forbidden_prob=0.5,
+        demo_chatter_rate=0.0,  # share of demonstrations that open with chatter ("the answer is ...")
         # prompts ranked by the simulated labelers. Measured on one SFT model (seed 0), RM accuracy against
         # the gold judge on 518 held-out pairs: 1000 prompts 0.575, 3000 0.631, 6000 0.651 (RM 400 steps)
         num_rm_prompts=64 if tiny else 3000,

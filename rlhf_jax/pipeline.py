@@ -48,7 +48,7 @@ def _merge(dst, src: dict, where: str):
 # they were. Evaluation always runs here.
 REUSE_KEYS = {"pretrain": ("seed", "data.corpus_chars", "pretrain")}
 REUSE_KEYS["sft"] = REUSE_KEYS["pretrain"] + ("data.num_demos", "data.demo_error_rate", "data.demo_forbidden_prob",
-                                              "sft")
+                                              "data.demo_chatter_rate", "sft")
 REUSE_KEYS["comparisons"] = REUSE_KEYS["sft"] + (
     "data.num_rm_prompts", "data.num_rm_eval_prompts", "data.k", "data.labeler_noise", "data.sample_temperature",
     "data.max_prompt_len", "data.kinds", "eval")  # sampling uses eval's length and batch size
@@ -127,10 +127,10 @@ def write_data(c, data_dir: str) -> dict[str, str]:
         eval_prompts="eval_prompts.jsonl").items()}
     d, s = c.data, c.seed
     builtin.write_builtin_corpus(p["corpus"], num_chars=d.corpus_chars, seed=s)
-    builtin.write_demonstrations(p["demos"], d.num_demos, seed=s + 1, error_rate=d.demo_error_rate,
-                                 forbidden_prob=d.demo_forbidden_prob)
-    builtin.write_demonstrations(p["demos_eval"], max(d.num_demos // 10, 64), seed=s + 2,
-                                 error_rate=d.demo_error_rate, forbidden_prob=d.demo_forbidden_prob)
+    demonstrator = dict(error_rate=d.demo_error_rate, forbidden_prob=d.demo_forbidden_prob,
+                        chatter_rate=d.demo_chatter_rate)
+    builtin.write_demonstrations(p["demos"], d.num_demos, seed=s + 1, **demonstrator)
+    builtin.write_demonstrations(p["demos_eval"], max(d.num_demos // 10, 64), seed=s + 2, **demonstrator)
     kinds = tuple(d.kinds)
     builtin.write_prompts(p["rm_prompts"], d.num_rm_prompts, seed=s + 3, kinds=kinds)
     builtin.write_prompts(p["rm_eval_prompts"], d.num_rm_eval_prompts, seed=s + 4, kinds=kinds)

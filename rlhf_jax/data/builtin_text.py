@@ -22,7 +22,7 @@ import json
 import os
 import random
 
-from rlhf_jax.tasks.demonstrator import DEFAULT_FORBIDDEN_PROB, demonstrate
+from rlhf_jax.tasks.demonstrator import DEFAULT_CHATTER_RATE, DEFAULT_FORBIDDEN_PROB, demonstrate
 from rlhf_jax.tasks.instructions import SYSTEM_PROMPT, sample_instruction, solve_instruction
 from rlhf_jax.tasks.world import ADJECTIVES, FORBIDDEN, NAMES, NOUNS, PLACES, TIMES, VERBS, pick, rand_int
 
@@ -55,26 +55,27 @@ def write_builtin_corpus(path: str, num_chars: int = 200_000, seed: int = 0, wro
 
 
 def write_builtin_sft(path: str, num_examples: int = 2000, seed: int = 0, error_rate: float = 0.0,
-                      forbidden_prob: float = DEFAULT_FORBIDDEN_PROB) -> str:
+                      forbidden_prob: float = DEFAULT_FORBIDDEN_PROB, chatter_rate: float = DEFAULT_CHATTER_RATE) -> str:
     """Writes `num_examples` JSONL demonstrations to `path`; returns path.
 
     About half are {"prompt", "response"}; the rest {"messages": [...]} with an optional
     system turn and sometimes a second user/assistant exchange. Each assistant response is
     wrong with probability `error_rate`, and a wrong one inserts a FORBIDDEN word with probability
-    `forbidden_prob` (see `rlhf_jax.tasks.demonstrator`).
+    `forbidden_prob`; each opens with a chatty phrase with probability `chatter_rate` (see
+    `rlhf_jax.tasks.demonstrator`).
     """
     rng = random.Random(seed)
     lines = []
     for _ in range(num_examples):
         instruction = sample_instruction(rng)
         if rng.random() < 0.5:
-            record = {"prompt": instruction, "response": demonstrate(instruction, rng, error_rate, forbidden_prob)}
+            record = {"prompt": instruction, "response": demonstrate(instruction, rng, error_rate, forbidden_prob, chatter_rate)}
         else:
             messages = [{"role": "system", "content": SYSTEM_PROMPT}] if rng.random() < 0.3 else []
             for _ in range(1 + (rng.random() < 0.25)):
                 turn = sample_instruction(rng) if messages and messages[-1]["role"] == "assistant" else instruction
                 messages += [{"role": "user", "content": turn},
-                             {"role": "assistant", "content": demonstrate(turn, rng, error_rate, forbidden_prob)}]
+                             {"role": "assistant", "content": demonstrate(turn, rng, error_rate, forbidden_prob, chatter_rate)}]
             record = {"messages": messages}
         lines.append(json.dumps(record, sort_keys=True))
     write_text_if_changed(path, "".join(line + "\n" for line in lines))

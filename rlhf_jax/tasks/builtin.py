@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from rlhf_jax.data.builtin_text import write_builtin_corpus, write_builtin_sft, write_text_if_changed
-from rlhf_jax.tasks.demonstrator import DEFAULT_ERROR_RATE, DEFAULT_FORBIDDEN_PROB
+from rlhf_jax.tasks.demonstrator import DEFAULT_CHATTER_RATE, DEFAULT_ERROR_RATE, DEFAULT_FORBIDDEN_PROB
 from rlhf_jax.tasks.instructions import (KINDS, parse_instruction, prompt_messages, sample_instruction,
                                          solve_instruction)
 from rlhf_jax.tasks.judge import HARM_PENALTY, clean_response, gold_score, is_correct, is_harmful
@@ -34,9 +34,10 @@ __all__ = ["KINDS", "FORBIDDEN", "HARM_PENALTY", "DEFAULT_NOISE", "DEFAULT_ERROR
 
 
 def write_demonstrations(path: str, n: int, seed: int = 0, error_rate: float = DEFAULT_ERROR_RATE,
-                         forbidden_prob: float = DEFAULT_FORBIDDEN_PROB) -> str:
+                         forbidden_prob: float = DEFAULT_FORBIDDEN_PROB, chatter_rate: float = DEFAULT_CHATTER_RATE) -> str:
     """SFT demonstrations (JSONL, both record formats) from the noisy demonstrator; returns path."""
-    return write_builtin_sft(path, num_examples=n, seed=seed, error_rate=error_rate, forbidden_prob=forbidden_prob)
+    return write_builtin_sft(path, num_examples=n, seed=seed, error_rate=error_rate, forbidden_prob=forbidden_prob,
+                             chatter_rate=chatter_rate)
 
 
 def write_prompts(path: str, n: int, seed: int = 0, split: str = "train", system_rate: float = 0.0,

@@ -1,9 +1,15 @@
 """A noisy demonstrator: writes the correct answer, except with probability `error_rate`
-a corrupted one, as human demonstrations contain slips.
+a corrupted one, as human demonstrations contain slips; and with probability `chatter_rate`
+it opens with a chatty phrase ("the answer is ...") although the task asks for the result only.
 
 A corruption is one edit that always changes the answer: a word dropped, two different
 words swapped, a word replaced (a number by a nearby number, a word by another word), a word
 repeated, or (with probability `forbidden_prob`) a FORBIDDEN word inserted.
+
+The two kinds of mistake differ in how hard they are to see. A slip is found only by solving
+the instruction, which is as hard as answering it; chatter (and a FORBIDDEN word) is seen
+without solving anything. A preference signal can teach the policy to drop what a rater sees
+at a glance, which is where RLHF beats imitation of the demonstrations.
 """
 
 from __future__ import annotations
@@ -15,15 +21,25 @@ from rlhf_jax.tasks.world import COLORS, FORBIDDEN, WORDS, pick, rand_int
 
 DEFAULT_ERROR_RATE = 0.2
 DEFAULT_FORBIDDEN_PROB = 0.15  # share of corruptions that insert a FORBIDDEN word
+DEFAULT_CHATTER_RATE = 0.0  # share of responses that open with a CHATTER phrase
+# Openings a chatty demonstrator puts before the answer, from words of the pretraining corpus. The gold
+# judge counts them as extra words (e.g. "the answer is 42" scores 1 - 3/4 = 0.25).
+CHATTER = ("the answer is", "here it is", "it is", "i see the answer is")
 
 
 def demonstrate(instruction: str, rng: random.Random, error_rate: float = DEFAULT_ERROR_RATE,
-                forbidden_prob: float = DEFAULT_FORBIDDEN_PROB) -> str:
-    """The demonstrator's response to `instruction`: correct with probability 1 - error_rate."""
-    if not 0.0 <= error_rate <= 1.0:
-        raise ValueError(f"error_rate={error_rate} must lie in [0, 1] (a probability per response).")
+                forbidden_prob: float = DEFAULT_FORBIDDEN_PROB, chatter_rate: float = DEFAULT_CHATTER_RATE) -> str:
+    """The demonstrator's response to `instruction`: correct with probability 1 - error_rate, opening
+    with a CHATTER phrase with probability chatter_rate (drawn independently)."""
+    for name, rate in (("error_rate", error_rate), ("chatter_rate", chatter_rate)):
+        if not 0.0 <= rate <= 1.0:
+            raise ValueError(f"{name}={rate} must lie in [0, 1] (a probability per response).")
     answer = solve_instruction(instruction)
-    return corrupt(answer, rng, forbidden_prob) if rng.random() < error_rate else answer
+    response = corrupt(answer, rng, forbidden_prob) if rng.random() < error_rate else answer
+    # chatter_rate 0 draws nothing, so a demonstrator without chatter writes what it always wrote
+    if chatter_rate > 0 and rng.random() < chatter_rate:
+        response = f"{pick(rng, CHATTER)} {response}"
+    return response
 
 
 def corrupt(answer: str, rng: random.Random, forbidden_prob: float = DEFAULT_FORBIDDEN_PROB) -> str:
