@@ -5,8 +5,8 @@ An instruction is one line, "kind: arguments":
     copy: fox rain lamp            -> fox rain lamp
     reverse: fox rain lamp         -> lamp rain fox
     sort: 12 3 7  |  sort: fox apple  -> 3 7 12  |  apple fox   (numbers by value, then words)
-    add: 12 30                     -> 42
-    subtract: 30 12                -> 18                        (never negative)
+    add: 7 5                       -> 12                        (operands 0-9)
+    subtract: 8 3                  -> 5                         (operands 0-9, never negative)
     count: fox rain lamp           -> 3
     first: fox rain lamp           -> fox
     last: fox rain lamp            -> lamp
@@ -30,6 +30,10 @@ KINDS = ("copy", "reverse", "sort", "add", "subtract", "count", "first", "last",
 SPLITS = ("train", "eval")
 EVAL_FRACTION = 0.1  # share of all instances (by hash) reserved for evaluation
 SYSTEM_PROMPT = "Answer with the result only."
+# Arithmetic operands are single digits: the default 4-layer model learns sums over 100 operand pairs
+# from its demonstrations (with operands up to 49, SFT was exactly right on 3% of held-out sums and
+# differences, so SFT and PPO tied at a score of 0 on most of them and arithmetic measured nothing).
+MAX_OPERAND = 9
 
 _COLOR_FACT = re.compile(r"the (\w+) is (\w+)\.")
 _COLOR_QUESTION = re.compile(r"what color is the (\w+)\?")
@@ -118,7 +122,7 @@ def prompt_messages(instruction: str, system: bool = False) -> list[dict[str, st
 def _draw(rng: random.Random, kinds: tuple[str, ...]) -> str:
     kind = pick(rng, kinds)
     if kind in ("add", "subtract"):
-        a, b = rand_int(rng, 50), rand_int(rng, 50)
+        a, b = rand_int(rng, MAX_OPERAND + 1), rand_int(rng, MAX_OPERAND + 1)
         return f"{kind}: {max(a, b)} {min(a, b)}" if kind == "subtract" else f"{kind}: {a} {b}"
     if kind == "context":
         return _context_question(rng)
