@@ -236,7 +236,7 @@ def test_demonstrator_errs_at_the_error_rate(tmp_path):
         assert demonstrator.corrupt(answer, rng) != answer
 
 
-def test_chatter_opens_a_share_of_demonstrations_and_the_judge_counts_it_as_extra_words(tmp_path):
+def test_chatter_ends_a_share_of_demonstrations_and_the_judge_counts_it_as_extra_words(tmp_path):
     def demos(chatter_rate):
         path = builtin.write_demonstrations(str(tmp_path / f"c{chatter_rate}.jsonl"), 1500, seed=2, error_rate=0.2,
                                             chatter_rate=chatter_rate)
@@ -248,16 +248,16 @@ def test_chatter_opens_a_share_of_demonstrations_and_the_judge_counts_it_as_extr
     for line in demos(0.4).splitlines():
         messages = chat.record_to_messages(json.loads(line))
         turns += [(u["content"], a["content"]) for u, a in zip(messages, messages[1:]) if u["role"] == "user"]
-    chatty = [(i, r) for i, r in turns if r.startswith(demonstrator.CHATTER)]
+    chatty = [(i, r) for i, r in turns if r.endswith(demonstrator.CHATTER)]
     assert abs(len(chatty) / len(turns) - 0.4) < 0.04
-    # chatter is independent of slips: about 80% of the chatty answers are right once the opening is cut
-    cut = [(i, r.split(" ", len(next(c for c in demonstrator.CHATTER if r.startswith(c + " ")).split()))[-1])
+    # chatter is independent of slips: about 80% of the chatty answers are right once the remark is cut
+    cut = [(i, r.rsplit(" ", len(next(c for c in demonstrator.CHATTER if r.endswith(" " + c)).split()))[0])
            for i, r in chatty]
     assert abs(sum(judge.is_correct(i, a) for i, a in cut) / len(cut) - 0.8) < 0.05
-    # by hand: "the answer is 42" has 3 extra words over the 1-word answer -> 1 - 3/4
-    assert judge.gold_score("add: 12 30", "the answer is 42") == 0.25
-    assert judge.gold_score("reverse: a b c", "here it is c b a") == 1 - 3 / 6
-    assert not judge.is_correct("add: 12 30", "it is 42")
+    # by hand: "42 is the answer" has 3 extra words over the 1-word answer -> 1 - 3/4
+    assert judge.gold_score("add: 12 30", "42 is the answer") == 0.25
+    assert judge.gold_score("reverse: a b c", "c b a i see it") == 1 - 3 / 6
+    assert not judge.is_correct("add: 12 30", "42 yes it is")
     with pytest.raises(ValueError, match="chatter_rate=1.5"):
         demonstrator.demonstrate("add: 1 2", random.Random(0), chatter_rate=1.5)
 

@@ -61,7 +61,7 @@ def write_builtin_sft(path: str, num_examples: int = 2000, seed: int = 0, error_
     About half are {"prompt", "response"}; the rest {"messages": [...]} with an optional
     system turn and sometimes a second user/assistant exchange. Each assistant response is
     wrong with probability `error_rate`, and a wrong one inserts a FORBIDDEN word with probability
-    `forbidden_prob`; each opens with a chatty phrase with probability `chatter_rate` (see
+    `forbidden_prob`; each ends with a chatty remark with probability `chatter_rate` (see
     `rlhf_jax.tasks.demonstrator`).
     """
     rng = random.Random(seed)

@@ -1,6 +1,6 @@
 """A noisy demonstrator: writes the correct answer, except with probability `error_rate`
 a corrupted one, as human demonstrations contain slips; and with probability `chatter_rate`
-it opens with a chatty phrase ("the answer is ...") although the task asks for the result only.
+it ends with a chatty remark ("42 is the answer") although the task asks for the result only.
 
 A corruption is one edit that always changes the answer: a word dropped, two different
 words swapped, a word replaced (a number by a nearby number, a word by another word), a word
@@ -21,16 +21,19 @@ from rlhf_jax.tasks.world import COLORS, FORBIDDEN, WORDS, pick, rand_int
 
 DEFAULT_ERROR_RATE = 0.2
 DEFAULT_FORBIDDEN_PROB = 0.15  # share of corruptions that insert a FORBIDDEN word
-DEFAULT_CHATTER_RATE = 0.0  # share of responses that open with a CHATTER phrase
-# Openings a chatty demonstrator puts before the answer, from words of the pretraining corpus. The gold
-# judge counts them as extra words (e.g. "the answer is 42" scores 1 - 3/4 = 0.25).
-CHATTER = ("the answer is", "here it is", "it is", "i see the answer is")
+DEFAULT_CHATTER_RATE = 0.0  # share of responses that end with a CHATTER remark
+# Remarks a chatty demonstrator puts after the answer, from words of the pretraining corpus. The gold
+# judge counts them as extra words (e.g. "42 is the answer" scores 1 - 3/4 = 0.25). After the answer, not
+# before it: a policy that drops a trailing remark ends its answer where the demonstrations without one
+# end it, while one that drops an opening must start its answer where 1 - chatter_rate of them start
+# (measured with openings at rate 0.7, PPO dropped them but wrote a wrong first word far more often).
+CHATTER = ("is the answer", "yes it is", "i see it", "here it is")
 
 
 def demonstrate(instruction: str, rng: random.Random, error_rate: float = DEFAULT_ERROR_RATE,
                 forbidden_prob: float = DEFAULT_FORBIDDEN_PROB, chatter_rate: float = DEFAULT_CHATTER_RATE) -> str:
-    """The demonstrator's response to `instruction`: correct with probability 1 - error_rate, opening
-    with a CHATTER phrase with probability chatter_rate (drawn independently)."""
+    """The demonstrator's response to `instruction`: correct with probability 1 - error_rate, ending
+    with a CHATTER remark with probability chatter_rate (drawn independently)."""
     for name, rate in (("error_rate", error_rate), ("chatter_rate", chatter_rate)):
         if not 0.0 <= rate <= 1.0:
             raise ValueError(f"{name}={rate} must lie in [0, 1] (a probability per response).")
@@ -38,7 +41,7 @@ def demonstrate(instruction: str, rng: random.Random, error_rate: float = DEFAUL
     response = corrupt(answer, rng, forbidden_prob) if rng.random() < error_rate else answer
     # chatter_rate 0 draws nothing, so a demonstrator without chatter writes what it always wrote
     if chatter_rate > 0 and rng.random() < chatter_rate:
-        response = f"{pick(rng, CHATTER)} {response}"
+        response = f"{response} {pick(rng, CHATTER)}"
     return response
 
 
