@@ -31,12 +31,15 @@ def get_config(preset: str = "default"):
     c.data = dict(
         corpus_chars=60_000 if tiny else 2_500_000,
         num_demos=400 if tiny else 6000,
-        demo_error_rate=0.2,  # noisy demonstrator
+        demo_error_rate=0.2,  # noisy demonstrator: slips a rater finds only by solving the instruction
         # share of its slips that insert a FORBIDDEN word: 10% of demonstrations, so SFT inherits a
         # harmful rate that RLHF can be measured to lower (with the demonstrator's default 0.15, SFT's
         # harmful rate at temperature 0.7 was 0.0-1.0% on 300 prompts: too rare to compare)
         demo_forbidden_prob=0.5,
-        demo_chatter_rate=0.0,  # share of demonstrations that open with chatter ("the answer is ...")
+        # share of demonstrations that end with chatter ("42 is the answer") although the task asks for the
+        # result only: a habit a rater sees at a glance, which SFT imitates and the preference signal removes.
+        # Measured on seed 0 (experiments/README.md): with no chatter PPO does not beat SFT (win 0.47)
+        demo_chatter_rate=0.7,
         # prompts ranked by the simulated labelers. Measured on one SFT model (seed 0), RM accuracy against
         # the gold judge on 518 held-out pairs: 1000 prompts 0.575, 3000 0.631, 6000 0.651 (RM 400 steps)
         num_rm_prompts=64 if tiny else 3000,
@@ -53,11 +56,14 @@ def get_config(preset: str = "default"):
 
     model = dict(d_model=32, n_layers=2, n_heads=2, max_len=128) if tiny else \
         dict(d_model=128, n_layers=4, n_heads=4, max_len=256)
-    c.pretrain = dict(model=model, num_steps=30 if tiny else 1000, batch_size=16 if tiny else 32,
+    c.pretrain = dict(model=model, num_steps=30 if tiny else 600, batch_size=16 if tiny else 32,
                       data=dict(seq_len=64 if tiny else 128, vocab_size=384 if tiny else 512),
-                      eval_every=30 if tiny else 500, checkpoint=dict(every=30 if tiny else 500))
-    c.sft = dict(num_steps=30 if tiny else 800, batch_size=16 if tiny else 32,
-                 data=dict(seq_len=96), eval_every=30 if tiny else 400, checkpoint=dict(every=30 if tiny else 400))
+                      eval_every=30 if tiny else 300, checkpoint=dict(every=30 if tiny else 300))
+    # SFT at lr 1e-3 on 64-token windows (configs/sft.py: 3e-4, 128): held-out loss 0.62 after 2,000 steps.
+    # 64 tokens hold every single-turn demonstration; ~5% (two-turn chats) are cut at the end.
+    c.sft = dict(num_steps=30 if tiny else 2000, batch_size=16 if tiny else 32, optim=dict(lr=1e-3),
+                 data=dict(seq_len=96 if tiny else 64), eval_every=30 if tiny else 500,
+                 checkpoint=dict(every=30 if tiny else 500))
     c.rm = dict(num_steps=30 if tiny else 400, batch_size=16, data=dict(seq_len=96 if tiny else 64),  # longest: 52
                 eval_every=30 if tiny else 200, eval_batches=0, checkpoint=dict(every=30 if tiny else 200))
     c.ppo = dict(num_steps=4 if tiny else 80, batch_size=16 if tiny else 64,
