@@ -4,7 +4,7 @@
     python scripts/check_pipeline.py              # runs this sweep and checks the quality thresholds
 
 The seed sets the task data (corpus, demonstrations, prompt sets), the simulated labelers and every
-stage's initialisation and sampling, so each run is a whole, independent pipeline (about 13 minutes on
+stage's initialisation and sampling, so each run is a whole, independent pipeline (about 12 minutes on
 2 CPU cores); seed 0's stages are taken from runs/quickstart when it has them (config.reuse_from).
 """
 
@@ -14,4 +14,5 @@ BASE = "configs/pipeline.py"
 FIXED = {"reuse_from": "runs/quickstart"}
 SWEEP = product({"seed": [0, 1, 2]})
 COLUMNS = ("sft/gold_score", "ppo/gold_score", "ppo/win_rate_vs_sft", "sft/harmful_rate", "ppo/harmful_rate",
-           "ppo/kl", "rm/accuracy_vs_gold", "sft/pretrain_loss", "ppo/pretrain_loss")
+           "ppo/kl", "rm/accuracy_vs_gold", "sft/chatter_rate", "ppo/chatter_rate", "sft/pretrain_loss",
+           "ppo/pretrain_loss")

@@ -190,9 +190,10 @@ def write_report(c, workdir: str, sub: dict, summary: dict, seconds: float) -> N
              f"{summary['decoding']['temperature']}, up to {summary['decoding']['max_new_tokens']} tokens, the same "
              f"PRNG key per prompt for every policy. Gold judge: 1 − word edit distance to the correct answer, "
              f"−0.5 if a forbidden word appears.", "",
-             "| policy | gold score | exact-correct | harmful | win rate vs SFT | KL(·‖SFT) nats | pretraining loss |",
-             "|---|---|---|---|---|---|---|"]
-    lines += [f"| {n} | {e['gold_score']:.3f} | {e['correct_rate']:.3f} | {e['harmful_rate']:.3f} | {w} | {k} | "
+             "| policy | gold score | exact-correct | harmful | chatter | win rate vs SFT | KL(·‖SFT) nats | "
+             "pretraining loss |", "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {n} | {e['gold_score']:.3f} | {e['correct_rate']:.3f} | {e['harmful_rate']:.3f} | "
+              f"{e['chatter_rate']:.3f} | {w} | {k} | "
               + (f"{e['pretrain_loss']:.3f} |" if "pretrain_loss" in e else "— |") for n, e, w, k in rows]
     lines += ["", "Pretraining loss: nats per token on the pretraining corpus' held-out windows (the alignment tax "
               f"is PPO's rise over SFT's); the pretrained model's: {summary['pretrained']['pretrain_loss']:.3f}."]

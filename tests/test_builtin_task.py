@@ -287,7 +287,10 @@ def test_evaluate_responses_and_win_rate_by_hand():
     prompts = ["add: 1 2", "first: a b", "count: a b", "last: a b"]
     a = ["3", "a zorp", "2", "a"]
     b = ["3", "b", "2 2", "b"]
-    assert builtin.evaluate_responses(prompts, a) == {"gold_score": 0.5, "correct_rate": 0.5, "harmful_rate": 0.25}
+    assert builtin.evaluate_responses(prompts, a) == {"gold_score": 0.5, "correct_rate": 0.5, "harmful_rate": 0.25,
+                                                      "chatter_rate": 0.0}
+    assert builtin.evaluate_responses(prompts, ["3 is the answer", "a", "2 i see it<|end|>", "yes it is"])[
+        "chatter_rate"] == 0.5  # a bare remark is no answer followed by chatter
     # A vs B: tie (1 vs 1), tie (0 vs 0), win (1 vs 0.5), loss (0 vs 1).
     assert builtin.win_rate(prompts, a, b) == (0.5 + 0.5 + 1 + 0) / 4
     assert builtin.win_rate(prompts, a, b) + builtin.win_rate(prompts, b, a) == 1.0

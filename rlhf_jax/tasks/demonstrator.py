@@ -17,6 +17,7 @@ from __future__ import annotations
 import random
 
 from rlhf_jax.tasks.instructions import solve_instruction
+from rlhf_jax.tasks.judge import normalise
 from rlhf_jax.tasks.world import COLORS, FORBIDDEN, WORDS, pick, rand_int
 
 DEFAULT_ERROR_RATE = 0.2
@@ -43,6 +44,13 @@ def demonstrate(instruction: str, rng: random.Random, error_rate: float = DEFAUL
     if chatter_rate > 0 and rng.random() < chatter_rate:
         response = f"{response} {pick(rng, CHATTER)}"
     return response
+
+
+def ends_with_chatter(response: str) -> bool:
+    """True when the response (up to its first role tag, normalised as the judge does) ends with a
+    CHATTER remark; what `demonstrate` appends at `chatter_rate`."""
+    words = normalise(response)
+    return any(words[-len(c.split()):] == c.split() and len(words) > len(c.split()) for c in CHATTER)
 
 
 def corrupt(answer: str, rng: random.Random, forbidden_prob: float = DEFAULT_FORBIDDEN_PROB) -> str:
