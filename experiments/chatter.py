@@ -9,12 +9,13 @@ the instruction) and, independently, ends `data.demo_chatter_rate` of them with 
 Each run retrains SFT, the comparisons, the RM and PPO on its own demonstrations (pretraining is
 reused from runs/quickstart: the corpus does not depend on the rate); the rate-0.7 run is the
 default and reuses everything. The question: does PPO beat SFT because the preference signal removes
-what a rater sees (chatter, forbidden words), or does it also fix slips (exact-correct rate with the
-remark cut off)?
+what a rater sees (chatter, forbidden words), or does it also fix slips (answer_correct_rate: exact-correct
+with the remark cut off)?
 """
 
 BASE = "configs/pipeline.py"
 FIXED = {"reuse_from": "runs/quickstart"}
 SWEEP = [{"data.demo_chatter_rate": r} for r in (0.0, 0.35, 0.7)]
 COLUMNS = ("ppo/win_rate_vs_sft", "sft/gold_score", "ppo/gold_score", "sft/chatter_rate", "ppo/chatter_rate",
-           "sft/harmful_rate", "ppo/harmful_rate", "rm/accuracy_vs_gold", "ppo/kl")
+           "sft/answer_correct_rate", "ppo/answer_correct_rate", "sft/harmful_rate", "ppo/harmful_rate",
+           "rm/accuracy_vs_gold", "ppo/kl")

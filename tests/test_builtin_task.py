@@ -288,9 +288,10 @@ def test_evaluate_responses_and_win_rate_by_hand():
     a = ["3", "a zorp", "2", "a"]
     b = ["3", "b", "2 2", "b"]
     assert builtin.evaluate_responses(prompts, a) == {"gold_score": 0.5, "correct_rate": 0.5, "harmful_rate": 0.25,
-                                                      "chatter_rate": 0.0}
-    assert builtin.evaluate_responses(prompts, ["3 is the answer", "a", "2 i see it<|end|>", "yes it is"])[
-        "chatter_rate"] == 0.5  # a bare remark is no answer followed by chatter
+                                                      "chatter_rate": 0.0, "answer_correct_rate": 0.5}
+    chatty = builtin.evaluate_responses(prompts, ["3 is the answer", "a", "3 i see it<|end|>", "yes it is"])
+    # a bare remark is no answer followed by chatter; "3 i see it" is a wrong count with a remark
+    assert (chatty["chatter_rate"], chatty["correct_rate"], chatty["answer_correct_rate"]) == (0.5, 0.25, 0.5)
     # A vs B: tie (1 vs 1), tie (0 vs 0), win (1 vs 0.5), loss (0 vs 1).
     assert builtin.win_rate(prompts, a, b) == (0.5 + 0.5 + 1 + 0) / 4
     assert builtin.win_rate(prompts, a, b) + builtin.win_rate(prompts, b, a) == 1.0

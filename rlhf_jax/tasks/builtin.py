@@ -21,7 +21,7 @@ import numpy as np
 
 from rlhf_jax.data.builtin_text import write_builtin_corpus, write_builtin_sft, write_text_if_changed
 from rlhf_jax.tasks.demonstrator import (DEFAULT_CHATTER_RATE, DEFAULT_ERROR_RATE, DEFAULT_FORBIDDEN_PROB,
-                                         ends_with_chatter)
+                                         ends_with_chatter, without_chatter)
 from rlhf_jax.tasks.instructions import (KINDS, parse_instruction, prompt_messages, sample_instruction,
                                          solve_instruction)
 from rlhf_jax.tasks.judge import HARM_PENALTY, clean_response, gold_score, is_correct, is_harmful
@@ -74,15 +74,18 @@ def gold_reward(prompts: Sequence[str], responses: Sequence[str], tokens, mask) 
 
 
 def evaluate_responses(prompts: Sequence[str], responses: Sequence[str]) -> dict[str, float]:
-    """Means over the responses: "gold_score" in [0, 1], "correct_rate", "harmful_rate", and
-    "chatter_rate" (ending with a remark after the answer, the chatty demonstrator's habit)."""
+    """Means over the responses: "gold_score" in [0, 1], "correct_rate", "harmful_rate",
+    "chatter_rate" (ending with a remark after the answer, the chatty demonstrator's habit) and
+    "answer_correct_rate" (exact-correct once such a remark is cut off: the slips alone)."""
     if not prompts or len(prompts) != len(responses):
         raise ValueError(f"evaluate_responses: need one response per prompt, got {len(prompts)} prompts and "
                          f"{len(responses)} responses.")
     return {"gold_score": float(np.mean([gold_score(p, r) for p, r in zip(prompts, responses)])),
             "correct_rate": float(np.mean([is_correct(p, r) for p, r in zip(prompts, responses)])),
             "harmful_rate": float(np.mean([is_harmful(r) for r in responses])),
-            "chatter_rate": float(np.mean([ends_with_chatter(r) for r in responses]))}
+            "chatter_rate": float(np.mean([ends_with_chatter(r) for r in responses])),
+            "answer_correct_rate": float(np.mean([is_correct(p, without_chatter(r))
+                                                  for p, r in zip(prompts, responses)]))}
 
 
 def win_rate(prompts: Sequence[str], responses_a: Sequence[str], responses_b: Sequence[str]) -> float:

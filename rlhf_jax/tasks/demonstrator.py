@@ -29,6 +29,7 @@ DEFAULT_CHATTER_RATE = 0.0  # share of responses that end with a CHATTER remark
 # end it, while one that drops an opening must start its answer where 1 - chatter_rate of them start
 # (measured with openings at rate 0.7, PPO dropped them but wrote a wrong first word far more often).
 CHATTER = ("is the answer", "yes it is", "i see it", "here it is")
+_CHATTER_WORDS = tuple(remark.split() for remark in CHATTER)
 
 
 def demonstrate(instruction: str, rng: random.Random, error_rate: float = DEFAULT_ERROR_RATE,
@@ -46,11 +47,20 @@ def demonstrate(instruction: str, rng: random.Random, error_rate: float = DEFAUL
     return response
 
 
-def ends_with_chatter(response: str) -> bool:
-    """True when the response (up to its first role tag, normalised as the judge does) ends with a
-    CHATTER remark; what `demonstrate` appends at `chatter_rate`."""
+def without_chatter(response: str) -> str:
+    """The response (up to its first role tag, normalised as the judge does) with a trailing CHATTER
+    remark cut off, if it has one after at least one word of answer."""
     words = normalise(response)
-    return any(words[-len(c.split()):] == c.split() and len(words) > len(c.split()) for c in CHATTER)
+    for remark in _CHATTER_WORDS:
+        if len(words) > len(remark) and words[-len(remark):] == remark:
+            return " ".join(words[:-len(remark)])
+    return " ".join(words)
+
+
+def ends_with_chatter(response: str) -> bool:
+    """True when the response ends with a CHATTER remark after its answer (what `demonstrate`
+    appends at `chatter_rate`)."""
+    return without_chatter(response) != " ".join(normalise(response))
 
 
 def corrupt(answer: str, rng: random.Random, forbidden_prob: float = DEFAULT_FORBIDDEN_PROB) -> str:
