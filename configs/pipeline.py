@@ -38,7 +38,7 @@ def get_config(preset: str = "default"):
         demo_forbidden_prob=0.5,
         # share of demonstrations that end with chatter ("42 is the answer") although the task asks for the
         # result only: a habit a rater sees at a glance, which SFT imitates and the preference signal removes.
-        # Measured on seed 0 (experiments/README.md): with no chatter PPO does not beat SFT (win 0.47)
+        # Measured on seed 0 (experiments/chatter.py): with no chatter PPO ties SFT (win 0.502); at 0.7, 0.693
         demo_chatter_rate=0.7,
         # prompts ranked by the simulated labelers. Measured on one SFT model (seed 0), RM accuracy against
         # the gold judge on 518 held-out pairs: 1000 prompts 0.575, 3000 0.631, 6000 0.651 (RM 400 steps)
@@ -60,7 +60,7 @@ def get_config(preset: str = "default"):
                       data=dict(seq_len=64 if tiny else 128, vocab_size=384 if tiny else 512),
                       eval_every=30 if tiny else 300, checkpoint=dict(every=30 if tiny else 300))
     # SFT at lr 1e-3 on 64-token windows (configs/sft.py: 3e-4, 128): held-out loss 0.62 after 2,000 steps.
-    # 64 tokens hold every single-turn demonstration; ~5% (two-turn chats) are cut at the end.
+    # About 5% of demonstrations (two-turn chats, context questions) exceed 64 tokens and are cut at the end.
     c.sft = dict(num_steps=30 if tiny else 2000, batch_size=16 if tiny else 32, optim=dict(lr=1e-3),
                  data=dict(seq_len=96 if tiny else 64), eval_every=30 if tiny else 500,
                  checkpoint=dict(every=30 if tiny else 500))
