@@ -30,9 +30,10 @@ KINDS = ("copy", "reverse", "sort", "add", "subtract", "count", "first", "last",
 SPLITS = ("train", "eval")
 EVAL_FRACTION = 0.1  # share of all instances (by hash) reserved for evaluation
 SYSTEM_PROMPT = "Answer with the result only."
-# Arithmetic operands are single digits, 100 operand pairs a small model can learn from its demonstrations
-# (SFT on the default preset: about a quarter of held-out sums exactly right; with operands up to 49, SFT was exactly right on 3% of held-out sums and
-# differences, so SFT and PPO tied at a score of 0 on most of them and arithmetic measured nothing).
+# Arithmetic operands are single digits: 100 operand pairs, which a small model can learn from its
+# demonstrations (default preset: SFT exactly right on about a quarter of held-out sums). With operands
+# up to 49, SFT was exactly right on 3% of held-out sums and differences, so SFT and PPO tied at a
+# score of 0 on most of them and arithmetic measured nothing.
 MAX_OPERAND = 9
 
 _COLOR_FACT = re.compile(r"the (\w+) is (\w+)\.")
