@@ -2,6 +2,8 @@
 
     python -m rlhf_jax.pipeline --config=configs/pipeline.py:tiny --workdir=runs/pipeline_tiny
     python -m rlhf_jax.pipeline --config=configs/pipeline.py --workdir=runs/quickstart   # = quickstart.sh
+    python -m rlhf_jax.pipeline --config=configs/pipeline.py --workdir=runs/grpo \
+        --config.policy=grpo --config.reuse_from=runs/quickstart     # the same SFT and RM, GRPO instead of PPO
 
 config.<stage> is the whole configs/<stage>.py:<preset> with the overrides below applied, so every
 stage key can be set on the command line or in a sweep, e.g. --config.ppo.num_steps=100,
@@ -21,9 +23,14 @@ def get_config(preset: str = "default"):
     c.preset = preset
     c.seed = 0
     c.mesh = dict(data=-1, fsdp=1, tensor=1)
-    # PPO's reward: "rm" (the recipe: the RM trained on the simulated rankings) or "gold" (the gold
-    # judge itself: the ceiling a perfect RM would give, for ablations)
-    c.ppo_reward = "rm"
+    # The policy stage's algorithm (rlhf_jax.pipeline.POLICIES): ppo | grpo | dr_grpo | rloo | reinforce_pp
+    # (config.ppo, configs/ppo.py's stage) or dpo | ipo | simpo | plackett_luce | online_dpo (config.dpo). Its
+    # settings come from configs/<algorithm file>.py's ALGORITHMS; the sizes (steps, batch, lengths, lr) from
+    # config.ppo / config.dpo below, and any key of theirs set on the command line wins over both.
+    c.policy = "ppo"
+    # The policy stage's reward: "rm" (the recipe: the RM trained on the simulated rankings) or "gold" (the
+    # gold judge itself: the ceiling a perfect RM would give, for ablations)
+    c.policy_reward = "rm"
     # A finished pipeline workdir whose stages this run may use instead of running them again: a stage
     # is taken from there when its config and every upstream stage's config equal this run's (see
     # rlhf_jax.pipeline.REUSE_KEYS). Ablations over PPO or RM settings share one pretrain/SFT this way.
@@ -71,6 +78,12 @@ def get_config(preset: str = "default"):
                  rollout=dict(max_new_tokens=16 if tiny else 24, temperature=0.7),
                  optim=dict(lr=1e-4 if tiny else 3e-5),
                  checkpoint=dict(every=4 if tiny else 20))
-    for name in ("pretrain", "sft", "rm", "ppo"):
+    # DPO on the RM's comparisons (3,000 ranked prompts x K = 4), as many steps and comparisons per step as the
+    # RM; online DPO the same steps of 16 prompts x 2 samples of its own, sampled as PPO samples.
+    c.dpo = dict(num_steps=30 if tiny else 400, batch_size=16, data=dict(seq_len=96 if tiny else 64,
+                 max_prompt_len=64 if tiny else 32), rollout=dict(max_new_tokens=16 if tiny else 24, temperature=0.7),
+                 optim=dict(lr=1e-4 if tiny else 3e-5), eval_every=30 if tiny else 200,
+                 checkpoint=dict(every=30 if tiny else 200))
+    for name in ("pretrain", "sft", "rm", "ppo", "dpo"):
         c[name] = stage_config(name, preset, c[name])
     return c

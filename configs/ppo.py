@@ -6,9 +6,18 @@
 
 Rewards: reward.kind=rm (a trained RM workdir, normalised) or reward.kind=function
 (reward.function="package.module:fn", fn(prompts, responses, tokens, mask) -> [B] scores).
+
+The same stage runs the critic-free family by config (configs/grpo.py, configs/rloo.py set them):
+ppo.advantage (gae | grpo | dr_grpo | rloo | reinforce_pp), kl.placement (reward | loss),
+kl.estimator (k1 | k2 | k3), ppo.loss_aggregation (token_mean | sequence_mean | token_sum);
+rlhf_jax/rl.py cites the formula of each.
 """
 
 from rlhf_jax.config import base_config
+
+# configs/grpo.py, rloo.py, reinforce_pp.py hold their algorithms' settings as overrides of this file; PPO's
+# are this file's defaults (the pipeline's config.policy reads ALGORITHMS).
+ALGORITHMS = {"ppo": {}}
 
 
 def get_config(preset: str = "default"):
@@ -29,9 +38,12 @@ def get_config(preset: str = "default"):
     c.ppo = dict(epochs=4, num_minibatches=4, clip_range=0.2, clip_range_value=0.2, vf_coef=0.1,
                  gamma=1.0, lam=0.95, entropy_coef=0.0, whiten_rewards=False, score_clip=0.0,
                  missing_eos_penalty=None, ptx_coef=0.0, ptx_batch_size=8, critic="shared",
-                 score_baseline="none")  # none | loo: minus the mean score of the prompt's other samples
-    # lm-human-preferences: adaptive KL, β0 = 0.15, target 6 nats, horizon 10,000 episodes.
-    c.kl = dict(kind="adaptive", init_coef=0.15, target=6.0, horizon=10000, estimator="k1")
+                 score_baseline="none",  # none | loo: minus the mean score of the prompt's other samples
+                 advantage="gae",  # gae (with a critic) | grpo | dr_grpo | rloo | reinforce_pp (critic-free)
+                 whiten_advantages=True,  # per minibatch, as lm-human-preferences
+                 loss_aggregation="token_mean")  # token_mean | sequence_mean (GRPO) | token_sum (Dr. GRPO)
+    # lm-human-preferences: adaptive KL, β0 = 0.15, target 6 nats, horizon 10,000 episodes, k1 in the reward.
+    c.kl = dict(kind="adaptive", init_coef=0.15, target=6.0, horizon=10000, estimator="k1", placement="reward")
     # lm-human-preferences: TF-style Adam, lr 1e-5 (here larger: small models), eps 1e-5, linear anneal to 0.
     c.optim.update(name="tf_adam", lr=1e-5, schedule="linear", warmup_steps=0, final_lr_fraction=0.0,
                    b1=0.9, b2=0.999, eps=1e-5, weight_decay=0.0, grad_clip_norm=1.0)

@@ -46,7 +46,7 @@ def product(axes: dict[str, Sequence[Any]] | None = None, **more: Sequence[Any])
 DEFAULT_COLUMNS = {
     "pretrain": ("train/loss", "eval/loss"), "sft": ("train/loss", "eval/loss"),
     "rm": ("rm/loss", "rm/accuracy", "eval/rm/accuracy"), "ppo": ("objective/scores", "objective/kl", "kl_coef"),
-    "pipeline": ("sft/gold_score", "ppo/gold_score", "ppo/win_rate_vs_sft", "ppo/kl", "rm/accuracy_vs_gold"),
+    "pipeline": ("sft/gold_score", "policy/gold_score", "policy/win_rate_vs_sft", "policy/kl", "rm/accuracy_vs_gold"),
 }
 
 

@@ -18,7 +18,7 @@ def ppo_curve(pipeline_dir: str, window: int = 10) -> dict[str, np.ndarray]:
     step, kl (nats per response, k1 estimate), d = sqrt(max(kl, 0)), gold (the gold judge, logged as
     objective/monitor_score) and proxy (the reward PPO optimised, objective/scores). proxy_init is the
     first iteration's proxy alone: its rollouts come from the initial (SFT) policy, at d = 0."""
-    path = os.path.join(pipeline_dir, "ppo", "metrics.jsonl")
+    path = os.path.join(pipeline_dir, "policy", "metrics.jsonl")
     rows = []
     with open(path) as f:
         for line in f:

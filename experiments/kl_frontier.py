@@ -14,7 +14,7 @@ from experiments import product
 BASE = "configs/pipeline.py"
 FIXED = {"reuse_from": "runs/quickstart", "ppo.kl.kind": "fixed"}
 SWEEP = product({"ppo.kl.init_coef": [0.0, 0.03, 0.1, 0.3, 1.0]})
-COLUMNS = ("ppo/kl", "ppo/gold_score", "ppo/win_rate_vs_sft", "ppo/harmful_rate", "sft/gold_score")
+COLUMNS = ("policy/kl", "policy/gold_score", "policy/win_rate_vs_sft", "policy/harmful_rate", "sft/gold_score")
 
 
 def analyze(root, rows):
@@ -25,11 +25,11 @@ def analyze(root, rows):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    done = sorted((r for r in rows if r["status"] == "finished"), key=lambda r: r["ppo/kl"])
+    done = sorted((r for r in rows if r["status"] == "finished"), key=lambda r: r["policy/kl"])
     fig, ax = plt.subplots(figsize=(5, 3.6))
-    ax.plot([r["ppo/kl"] for r in done], [r["ppo/gold_score"] for r in done], "o-", label="PPO")
+    ax.plot([r["policy/kl"] for r in done], [r["policy/gold_score"] for r in done], "o-", label="PPO")
     for r in done:
-        ax.annotate(f"β={r['ppo.kl.init_coef']:g}", (r["ppo/kl"], r["ppo/gold_score"]), fontsize=7)
+        ax.annotate(f"β={r['ppo.kl.init_coef']:g}", (r["policy/kl"], r["policy/gold_score"]), fontsize=7)
     if done:
         ax.axhline(done[0]["sft/gold_score"], color="gray", ls="--", label="SFT")
     ax.set_xlabel("KL(PPO ‖ SFT), nats per response (held-out prompts)")

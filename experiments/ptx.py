@@ -7,7 +7,7 @@ InstructGPT (Ouyang et al. 2022, eq. 2) adds γ·E_pretrain[log π(x)] to the PP
 does not regress on the pretraining distribution. Each run is the default pipeline's PPO (pretrain, SFT,
 comparisons and RM reused from runs/quickstart) with γ = ppo.ptx_coef; the evaluation reports each
 policy's loss on the pretraining corpus' held-out windows (`pretrain_loss`), so the tax is
-ppo/pretrain_loss − sft/pretrain_loss, next to the gold score it buys.
+policy/pretrain_loss − sft/pretrain_loss, next to the gold score it buys.
 """
 
 from experiments import product
@@ -15,5 +15,5 @@ from experiments import product
 BASE = "configs/pipeline.py"
 FIXED = {"reuse_from": "runs/quickstart"}
 SWEEP = product({"ppo.ppo.ptx_coef": [0.0, 1.0, 3.0]})
-COLUMNS = ("pretrained/pretrain_loss", "sft/pretrain_loss", "ppo/pretrain_loss", "ppo/gold_score", "ppo/win_rate_vs_sft",
-           "ppo/kl")
+COLUMNS = ("pretrained/pretrain_loss", "sft/pretrain_loss", "policy/pretrain_loss", "policy/gold_score", "policy/win_rate_vs_sft",
+           "policy/kl")

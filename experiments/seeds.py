@@ -13,6 +13,6 @@ from experiments import product
 BASE = "configs/pipeline.py"
 FIXED = {"reuse_from": "runs/quickstart"}
 SWEEP = product({"seed": [0, 1, 2]})
-COLUMNS = ("sft/gold_score", "ppo/gold_score", "ppo/win_rate_vs_sft", "sft/harmful_rate", "ppo/harmful_rate",
-           "ppo/kl", "rm/accuracy_vs_gold", "sft/chatter_rate", "ppo/chatter_rate", "sft/pretrain_loss",
-           "ppo/pretrain_loss")
+COLUMNS = ("sft/gold_score", "policy/gold_score", "policy/win_rate_vs_sft", "sft/harmful_rate", "policy/harmful_rate",
+           "policy/kl", "rm/accuracy_vs_gold", "sft/chatter_rate", "policy/chatter_rate", "sft/pretrain_loss",
+           "policy/pretrain_loss")

@@ -34,7 +34,7 @@ SWEEP = [
     {**_NOISY, "ppo.ppo.critic": "reward_model"},
     {**_NOISY, "ppo.rollout.samples_per_prompt": 4, "ppo.ppo.score_baseline": "loo"},
     {**_NOISY, "ppo.batch_size": 256, "ppo.num_steps": 20, "ppo.checkpoint.every": 5},
-    {**_NOISY, "ppo_reward": "gold"},
+    {**_NOISY, "policy_reward": "gold"},
 ]
-COLUMNS = ("sft/gold_score", "sft/harmful_rate", "rm/accuracy_vs_gold", "ppo/gold_score", "ppo/harmful_rate",
-           "ppo/kl", "ppo/win_rate_vs_sft", "best_of_4_sft_by_rm/win_rate_vs_sft")
+COLUMNS = ("sft/gold_score", "sft/harmful_rate", "rm/accuracy_vs_gold", "policy/gold_score", "policy/harmful_rate",
+           "policy/kl", "policy/win_rate_vs_sft", "best_of_4_sft_by_rm/win_rate_vs_sft")

@@ -92,10 +92,18 @@ def load_params(path: str, params_like):
 
 def read_run_config(path: str) -> dict | None:
     """The config.json of the workdir that holds `path` (a workdir or a checkpoint inside one)."""
+    f = os.path.join(workdir_of(path), "config.json")
+    if not os.path.exists(f):
+        return None
+    with open(f) as fh:
+        return json.load(fh)
+
+
+def workdir_of(path: str) -> str:
+    """The workdir that holds `path` (init_from may name a workdir, its checkpoints/ dir or one step dir),
+    found by its config.json; `path` itself when there is none (e.g. an HF model directory)."""
     path = os.path.abspath(path)
     for cand in (path, os.path.dirname(path), os.path.dirname(os.path.dirname(path))):
-        f = os.path.join(cand, "config.json")
-        if os.path.exists(f):
-            with open(f) as fh:
-                return json.load(fh)
-    return None
+        if os.path.exists(os.path.join(cand, "config.json")):
+            return cand
+    return path

@@ -14,7 +14,7 @@ import ml_collections
 from rlhf_jax.models.layers import ModelConfig
 from rlhf_jax.parallel import DEFAULT_RULES
 
-STAGES = ("pretrain", "sft", "rm", "ppo")
+STAGES = ("pretrain", "sft", "rm", "ppo", "dpo")
 
 
 def base_config() -> ml_collections.ConfigDict:

@@ -33,7 +33,7 @@ def export_workdir(workdir: str, out: str, kind: str = "", family: str | None = 
     rules = parallel.DEFAULT_RULES
     if kind == "reward":
         from rlhf_jax.data.tokenizer import load_tokenizer
-        from rlhf_jax.stages.rm import load_reward_model
+        from rlhf_jax.evaluation import load_reward_model
 
         model, params, norm = load_reward_model(workdir, mesh, rules)
         tok = load_tokenizer(os.path.join(workdir, "tokenizer.model"))

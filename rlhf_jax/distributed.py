@@ -79,3 +79,11 @@ def initialize() -> None:
     # psum on CPU fails at run time. Accelerator collectives (NCCL, ICI) are unaffected.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(**settings)
+
+
+def sync(name: str) -> None:
+    """A barrier across processes (no-op in a single process): e.g. after process 0 wrote a shared file."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)

@@ -1,23 +1,34 @@
-"""Policies from workdirs, batched generation and sequence log-probs — for evaluation and notebooks.
+"""Trained models from finished workdirs (policies, reward models), batched generation and response
+log-probs — for the evaluation, the stages that start from another stage's output, and notebooks.
 
-    model, params, tok = load_policy("runs/quickstart/ppo", mesh, rules)
+    model, params, tok = load_policy("runs/quickstart/policy", mesh, rules)
     out = generate(model, params, tok, prompt_source, settings, mesh, rules, seed=0, batch_size=64)
+    rm_model, rm_params, norm = load_reward_model("runs/quickstart/rm", mesh, rules)
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax import checkpoint, parallel, rl, train_state
+from rlhf_jax import checkpoint, objectives, parallel, train_state
 from rlhf_jax.data.tokenizer import load_tokenizer
-from rlhf_jax.models.gpt import TransformerLM, positions_from_mask
+from rlhf_jax.models.gpt import TransformerLM
 from rlhf_jax.models.layers import ModelConfig
 from rlhf_jax.sampling import SamplingSettings, sample
+
+NORM_FILE = "reward_norm.json"  # the RM stage's reward normalisation, beside its checkpoints
+
+
+def sampling_settings(tok, max_new_tokens: int, temperature: float) -> SamplingSettings:
+    """Decoding for the evaluation and for sampling comparisons: stop at the end of an assistant turn."""
+    return SamplingSettings(max_new_tokens=max_new_tokens, temperature=temperature, eos_id=tok.role_ids["end"],
+                            pad_id=tok.pad_id)
 
 
 def load_policy(workdir: str, mesh, rules, dtype: str | None = None):
@@ -27,7 +38,7 @@ def load_policy(workdir: str, mesh, rules, dtype: str | None = None):
         raise FileNotFoundError(f"{workdir!r} has no config.json: not a finished run's --workdir.")
     model = TransformerLM(ModelConfig(**dict(src["model"], dropout=0.0, **({"dtype": dtype} if dtype else {}))))
     one = train_state.model_init_fn(model, 8, 0)
-    if src["stage"] == "ppo":
+    if src["stage"] == "ppo":  # the policy-gradient family keeps {"policy", ["critic"]}
         critic = src["ppo"]["critic"] == "reward_model"
         like, _ = parallel.sharded_init(lambda: {"policy": one(), **({"critic": one()} if critic else {})},
                                         mesh, rules)
@@ -70,15 +81,7 @@ def generate(model, params, tok, source, settings: SamplingSettings, mesh, rules
 
 def response_logprobs(model, params, batch, temperature: float, mesh, rules, batch_size: int) -> np.ndarray:
     """Σ_t log π(response_t | prompt, response_<t) per sequence [N] (nats), for KL estimates."""
-
-    @jax.jit
-    def fn(p, prompt, pmask, resp, rmask):
-        P = prompt.shape[1]
-        tokens = jnp.concatenate([prompt, resp], axis=1)
-        mask = jnp.concatenate([pmask, rmask], axis=1)
-        logits = model.apply({"params": p}, tokens, positions_from_mask(mask), mask)["logits"][:, P - 1:-1]
-        return jnp.sum(rl.logprobs_from_logits(logits, resp, temperature) * rmask, axis=1)
-
+    fn = jax.jit(functools.partial(objectives.response_logprob_sums, model=model, temperature=temperature))
     n, out = len(batch["prompt"]), []
     with parallel.activate(mesh, rules):
         for i in range(0, n, batch_size):
@@ -88,6 +91,33 @@ def response_logprobs(model, params, batch, temperature: float, mesh, rules, bat
                 sl = {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)]) for k, v in sl.items()}
                 sl["prompt_mask"][-pad:, -1] = 1
             g = parallel.global_batch(sl, mesh, rules)
-            lp = np.asarray(jax.device_get(fn(params, g["prompt"], g["prompt_mask"], g["response"], g["response_mask"])))
+            lp = np.asarray(jax.device_get(fn(params, prompt=g["prompt"], prompt_mask=g["prompt_mask"],
+                                              response=g["response"], response_mask=g["response_mask"])))
             out.append(lp[: batch_size - pad])
     return np.concatenate(out)
+
+
+def load_reward_model(workdir: str, mesh, rules, dtype: str | None = None):
+    """(model, params, norm) of a finished RM workdir, params of its latest checkpoint sharded on `mesh`;
+    norm = {"gain", "bias", ...} from its reward_norm.json. `dtype` overrides the compute dtype.
+
+    Score with `objectives.score_sequences(params, model, norm, tokens, input_mask)`; jit it as you like.
+    """
+    src = checkpoint.read_run_config(workdir)
+    if src is None:
+        raise FileNotFoundError(f"{workdir!r} is not an RM workdir (no config.json). Train one with configs/rm.py.")
+    norm_path = os.path.join(workdir, NORM_FILE)
+    if not os.path.exists(norm_path):
+        raise FileNotFoundError(f"{norm_path} is missing: the RM run in {workdir} did not finish. Rerun its "
+                                f"command to finish it.")
+    with open(norm_path) as f:
+        norm = json.load(f)
+    _, step = checkpoint.find_params_checkpoint(workdir)
+    if norm.get("step", step) != step:  # e.g. a run extended past a finished one, then stopped midway
+        raise ValueError(f"{norm_path} describes the params of step {norm['step']} but the latest checkpoint in "
+                         f"{workdir} is step {step}: that run stopped before finishing. Rerun its command to "
+                         f"finish it.")
+    model = TransformerLM(ModelConfig(**dict(src["model"], dropout=0.0, **({"dtype": dtype} if dtype else {}))))
+    like, _ = parallel.sharded_init(train_state.model_init_fn(model, 8, 0), mesh, rules)
+    params = checkpoint.load_params(workdir, like)
+    return model, params, norm

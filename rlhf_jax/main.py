@@ -28,7 +28,7 @@ def main(argv):
     from rlhf_jax import distributed
 
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it renames at INFO
-    from rlhf_jax.run import NonFiniteError
+    from rlhf_jax.train_state import NonFiniteError
 
     distributed.initialize()
     try:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import json
+import os
 import time
 
 import jax
@@ -35,3 +37,38 @@ def measured_peak_flops(dtype: str = "bfloat16", n: int = 2048, repeats: int = 5
     # On CPU, fake devices share the same cores: one matmul already uses all of them.
     devices = 1 if jax.default_backend() == "cpu" else jax.local_device_count()
     return 2.0 * n**3 / best * devices
+
+
+def compile_with_memory_report(name: str, jitted, args: tuple, state, mesh, workdir: str, log, is_main: bool = True):
+    """Compiles `jitted(*args)` ahead of time and returns the executable the loop then calls (one compile,
+    not two). Logs once, and writes to <workdir>/memory.json, the per-device bytes of `state`'s params and
+    optimizer state and the compiled step's memory (arguments, outputs, temporaries, donated)."""
+    from rlhf_jax import parallel
+
+    t0 = time.perf_counter()
+    compiled = jitted.lower(*args).compile()
+    report = {"name": name, "compile_s": round(time.perf_counter() - t0, 2), "devices": jax.device_count(),
+              "mesh": dict(mesh.shape),
+              "params_bytes_per_device": parallel.per_device_bytes(state.params),
+              "opt_state_bytes_per_device": parallel.per_device_bytes(state.opt_state)}
+    stats = compiled.memory_analysis()  # per device; None on backends that do not report it
+    if stats is not None:
+        for key in ("argument", "output", "temp", "alias", "generated_code"):
+            report[f"step_{key}_bytes"] = int(getattr(stats, f"{key}_size_in_bytes"))
+        # Live at once: inputs + outputs + scratch, less the outputs written into donated inputs.
+        report["step_total_bytes"] = (report["step_argument_bytes"] + report["step_output_bytes"]
+                                      + report["step_temp_bytes"] - report["step_alias_bytes"])
+    mib = lambda b: f"{b / 2**20:.1f} MiB"
+    msg = (f"{name} per device: params {mib(report['params_bytes_per_device'])}, optimizer state "
+           f"{mib(report['opt_state_bytes_per_device'])}")
+    if stats is not None:
+        msg += (f"; compiled step {mib(report['step_total_bytes'])} (arguments {mib(report['step_argument_bytes'])}"
+                f", outputs {mib(report['step_output_bytes'])}, temporaries {mib(report['step_temp_bytes'])}, "
+                f"donated {mib(report['step_alias_bytes'])})")
+    log(f"{msg}; compiled in {report['compile_s']:.1f}s")
+    if is_main:
+        path = os.path.join(workdir, "memory.json")
+        with open(path + ".tmp", "w") as f:
+            json.dump(report, f, indent=2)
+        os.replace(path + ".tmp", path)
+    return compiled

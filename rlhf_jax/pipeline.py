@@ -3,7 +3,8 @@
     python -m rlhf_jax.pipeline --config=configs/pipeline.py:tiny --workdir=runs/pipeline_tiny
 
 data → pretrain → SFT → sample K responses per prompt from SFT → simulated labelers rank them → RM
-→ PPO (reward = the RM) → evaluation of SFT and PPO on held-out prompts → summary.json, report.md.
+→ the policy stage (config.policy: PPO by default, or GRPO, Dr. GRPO, RLOO, REINFORCE++; reward = the
+RM) → evaluation of SFT and the policy on held-out prompts → summary.json, report.md.
 Each stage has its own sub-workdir; a finished stage (DONE.json) is skipped on rerun and an
 interrupted one resumes from its checkpoint.
 """
@@ -22,14 +23,55 @@ import rlhf_jax
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(rlhf_jax.__file__))), "configs")
 
 
-def stage_config(name: str, preset: str, overrides) -> ml_collections.ConfigDict:
-    """configs/<name>.py:<preset> with `overrides` (a dict or ConfigDict) merged in; unknown keys are errors."""
+def config_module(name: str):
+    """configs/<name>.py as a module (the configs directory is not a package: load it by path)."""
     spec = importlib.util.spec_from_file_location(f"rlhf_jax_configs_{name}", os.path.join(CONFIG_DIR, f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    c = module.get_config(preset)
+    return module
+
+
+def stage_config(name: str, preset: str, overrides) -> ml_collections.ConfigDict:
+    """configs/<name>.py:<preset> with `overrides` (a dict or ConfigDict) merged in; unknown keys are errors."""
+    c = config_module(name).get_config(preset)
     _merge(c, overrides if isinstance(overrides, dict) else overrides.to_dict(), f"config.{name}")
     return c
+
+
+# config.policy → (the stage config of the pipeline config that runs it, configs/<file>.py whose
+# ALGORITHMS[policy] holds its settings). Adding an algorithm of the family is an entry here and there.
+POLICIES = {"ppo": ("ppo", "ppo"), "grpo": ("ppo", "grpo"), "dr_grpo": ("ppo", "grpo"), "rloo": ("ppo", "rloo"),
+            "reinforce_pp": ("ppo", "reinforce_pp"),
+            "dpo": ("dpo", "dpo"), "ipo": ("dpo", "dpo"), "simpo": ("dpo", "dpo"), "plackett_luce": ("dpo", "dpo"),
+            "online_dpo": ("dpo", "dpo")}
+
+
+def policy_stage_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The policy stage's config: the algorithm's settings (configs/<file>.py ALGORITHMS[c.policy]) on top of
+    the pipeline's policy-stage settings (its sizes: iterations, batch, lengths, lr), except that every key
+    the user set (a value of c.<stage> other than the preset's) keeps the user's value."""
+    if c.policy not in POLICIES:
+        raise ValueError(f"config.policy={c.policy!r} is not an algorithm; use one of {sorted(POLICIES)}.")
+    stage, file = POLICIES[c.policy]
+    preset = config_module("pipeline").get_config(c.preset)[stage].to_dict()
+    mine = c[stage].to_dict()
+    out = ml_collections.ConfigDict(preset)
+    _merge(out, config_module(file).ALGORITHMS[c.policy], f"configs/{file}.py ALGORITHMS[{c.policy!r}]")
+    _merge(out, _changed(mine, preset), f"config.{stage}")
+    return out
+
+
+def _changed(mine: dict, preset: dict) -> dict:
+    """The entries of `mine` whose values differ from `preset`'s (nested dicts compared key by key)."""
+    out = {}
+    for k, v in mine.items():
+        if isinstance(v, dict) and isinstance(preset.get(k), dict):
+            sub = _changed(v, preset[k])
+            if sub:
+                out[k] = sub
+        elif k not in preset or v != preset[k]:
+            out[k] = v
+    return out
 
 
 def _merge(dst, src: dict, where: str):
@@ -53,7 +95,7 @@ REUSE_KEYS["comparisons"] = REUSE_KEYS["sft"] + (
     "data.num_rm_prompts", "data.num_rm_eval_prompts", "data.k", "data.labeler_noise", "data.sample_temperature",
     "data.max_prompt_len", "data.kinds", "eval")  # sampling uses eval's length and batch size
 REUSE_KEYS["rm"] = REUSE_KEYS["comparisons"] + ("rm",)
-REUSE_KEYS["ppo"] = REUSE_KEYS["rm"] + ("data.num_ppo_prompts", "ppo", "ppo_reward")
+REUSE_KEYS["policy"] = REUSE_KEYS["rm"] + ("data.num_ppo_prompts", "policy", "policy_reward", "ppo", "dpo")
 
 
 def _get(tree: dict, dotted: str):
@@ -142,13 +184,13 @@ def write_data(c, data_dir: str) -> dict[str, str]:
 def sample_comparisons(c, sft_dir: str, prompts_path: str, out_path: str, noise: float, seed: int, mesh, rules):
     """K samples per prompt from the SFT policy, ranked by simulated labelers → ranked JSONL."""
     from rlhf_jax.data import prompts as prompt_data
-    from rlhf_jax.evaluation import generate, load_policy
+    from rlhf_jax.evaluation import generate, load_policy, sampling_settings
     from rlhf_jax.tasks import builtin
 
     model, params, tok = load_policy(sft_dir, mesh, rules)
     source, _ = prompt_data.build_prompt_dataset(prompts_path, "prompt", tok.path, c.data.max_prompt_len,
                                                  os.path.join(os.path.dirname(out_path), "tfds"))
-    settings = _settings(c, tok, c.data.sample_temperature)
+    settings = sampling_settings(tok, c.eval.max_new_tokens, c.data.sample_temperature)
     samples = [generate(model, params, tok, source, settings, mesh, rules, seed=seed + j, batch_size=c.eval.batch_size)
                for j in range(c.data.k)]
     with open(prompts_path) as f:
@@ -156,13 +198,6 @@ def sample_comparisons(c, sft_dir: str, prompts_path: str, out_path: str, noise:
     per_prompt = [[s["responses"][i] for s in samples] for i in range(len(instructions))]
     builtin.write_comparisons(out_path, instructions, per_prompt, seed=seed, noise=noise)
     return {"path": out_path, "prompts": len(instructions), "k": c.data.k, "noise": noise}
-
-
-def _settings(c, tok, temperature: float):
-    from rlhf_jax.sampling import SamplingSettings
-
-    return SamplingSettings(max_new_tokens=c.eval.max_new_tokens, temperature=temperature,
-                            eos_id=tok.role_ids["end"], pad_id=tok.pad_id)
 
 
 def run_pipeline(c: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -174,7 +209,7 @@ def run_pipeline(c: ml_collections.ConfigDict, workdir: str) -> dict:
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "pipeline_config.json"), "w") as f:
         json.dump(c.to_dict(), f, indent=2, default=str)
-    sub = {k: os.path.join(workdir, k) for k in ("pretrain", "sft", "comparisons", "rm", "ppo", "eval")}
+    sub = {k: os.path.join(workdir, k) for k in ("pretrain", "sft", "comparisons", "rm", "policy", "eval")}
     reused = reusable_stages(c, os.path.abspath(c.reuse_from) if c.reuse_from else "")
     for name, path in reused.items():
         if os.path.abspath(path) != sub[name]:
@@ -187,7 +222,8 @@ def run_pipeline(c: ml_collections.ConfigDict, workdir: str) -> dict:
     rules = parallel.DEFAULT_RULES
 
     def stage(name, **extra):
-        cfg = ml_collections.ConfigDict(c[name].to_dict())  # a copy: the wiring below is per run
+        # a copy: the wiring below is per run
+        cfg = policy_stage_config(c) if name == "policy" else ml_collections.ConfigDict(c[name].to_dict())
         for k, v in extra.items():
             node = cfg
             *path, last = k.split(".")
@@ -197,6 +233,10 @@ def run_pipeline(c: ml_collections.ConfigDict, workdir: str) -> dict:
         cfg.mesh.update({a: c.mesh[a] for a in parallel.MESH_AXES})
         return cfg
 
+    if c.policy_reward not in ("rm", "gold"):
+        raise ValueError(f"config.policy_reward={c.policy_reward!r}: use 'rm' (the trained RM) or 'gold' (the gold "
+                         f"judge).")
+    policy_stage_config(c)  # an unknown policy fails before anything runs
     t0 = time.perf_counter()
     once(sub["pretrain"], "pretrain", lambda: run_stage(stage("pretrain", **{"data.path": paths["corpus"]}),
                                                          sub["pretrain"]))
@@ -212,13 +252,14 @@ def run_pipeline(c: ml_collections.ConfigDict, workdir: str) -> dict:
     rm = once(sub["rm"], "rm", lambda: run_stage(stage("rm", init_from=sub["sft"], **{
         "data.train_path": comps, "data.eval_path": gold_comps, "data.format": "ranked"}), sub["rm"]))
     gold = "rlhf_jax.tasks.builtin:gold_reward"
-    if c.ppo_reward not in ("rm", "gold"):
-        raise ValueError(f"config.ppo_reward={c.ppo_reward!r}: use 'rm' (the trained RM) or 'gold' (the gold judge).")
-    reward = {"reward.kind": "rm", "reward.rm_workdir": sub["rm"]} if c.ppo_reward == "rm" else \
+    reward = {"reward.kind": "rm", "reward.rm_workdir": sub["rm"]} if c.policy_reward == "rm" else \
         {"reward.kind": "function", "reward.function": gold}
-    once(sub["ppo"], "ppo", lambda: run_stage(stage("ppo", init_from=sub["sft"], **{
-        "data.prompts_path": paths["ppo_prompts"], "data.ptx_path": paths["corpus"], "reward.monitor": gold,
-        **reward}), sub["ppo"]))
+    wiring = {"data.prompts_path": paths["ppo_prompts"], "reward.monitor": gold, **reward}
+    if POLICIES[c.policy][0] == "ppo":
+        wiring["data.ptx_path"] = paths["corpus"]
+    else:  # DPO trains on the RM's comparisons (the same labeler budget); online DPO ranks by the reward
+        wiring.update({"data.train_path": comps, "data.eval_path": gold_comps, "data.format": "ranked"})
+    once(sub["policy"], c.policy, lambda: run_stage(stage("policy", init_from=sub["sft"], **wiring), sub["policy"]))
     summary = once(sub["eval"], "evaluation", lambda: pipeline_eval.evaluate(c, sub, paths, rm, mesh, rules))
     pipeline_eval.write_report(c, workdir, sub, summary, time.perf_counter() - t0)
     log(f"done: {os.path.join(workdir, 'report.md')}")

@@ -1,4 +1,5 @@
-"""The pipeline's evaluation and report: SFT vs PPO on held-out prompts, judged by the gold judge."""
+"""The pipeline's evaluation and report: SFT vs the policy stage's policy (PPO or another algorithm,
+config.policy) on held-out prompts, judged by the gold judge."""
 
 from __future__ import annotations
 
@@ -9,29 +10,36 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax import parallel
+from rlhf_jax import objectives, parallel
+from rlhf_jax.evaluation import generate, load_policy, load_reward_model, response_logprobs, sampling_settings
+
+LABELS = {"ppo": "PPO", "grpo": "GRPO", "dr_grpo": "Dr. GRPO", "rloo": "RLOO", "reinforce_pp": "REINFORCE++",
+          "dpo": "DPO", "ipo": "IPO", "simpo": "SimPO", "plackett_luce": "Plackett-Luce DPO", "online_dpo": "online DPO"}
+
+
+def label(policy: str) -> str:
+    """The report's name for a config.policy."""
+    return LABELS.get(policy, policy)
 
 
 def evaluate(c, sub: dict, paths: dict, rm_metrics: dict, mesh, rules) -> dict:
     """summary.json's content. Both policies decode the same prompts with the same settings and keys."""
     from rlhf_jax.data import prompts as prompt_data
-    from rlhf_jax.evaluation import generate, load_policy, response_logprobs
-    from rlhf_jax.pipeline import _settings
     from rlhf_jax.tasks import builtin
 
     sft_model, sft_params, tok = load_policy(sub["sft"], mesh, rules)
-    ppo_model, ppo_params, _ = load_policy(sub["ppo"], mesh, rules)
+    pol_model, pol_params, _ = load_policy(sub["policy"], mesh, rules)
     source, _ = prompt_data.build_prompt_dataset(paths["eval_prompts"], "prompt", tok.path, c.data.max_prompt_len,
                                                  os.path.join(sub["eval"], "tfds"))
     temp, bs = c.eval.temperature, c.eval.batch_size
-    settings = _settings(c, tok, temp)
+    settings = sampling_settings(tok, c.eval.max_new_tokens, temp)
     sft = generate(sft_model, sft_params, tok, source, settings, mesh, rules, seed=c.seed + 100, batch_size=bs)
-    ppo = generate(ppo_model, ppo_params, tok, source, settings, mesh, rules, seed=c.seed + 100, batch_size=bs)
+    pol = generate(pol_model, pol_params, tok, source, settings, mesh, rules, seed=c.seed + 100, batch_size=bs)
     prompts = sft["prompts"]
-    # KL(PPO ‖ SFT) per episode on PPO's own samples, at the decoding temperature (as objective/kl).
+    # KL(policy ‖ SFT) per episode on the policy's own samples, at the decoding temperature (as objective/kl).
     kl_temp = temp if temp > 0 else 1.0  # greedy decoding: measure KL of the untempered policies
-    lp_ppo = response_logprobs(ppo_model, ppo_params, ppo, kl_temp, mesh, rules, bs)
-    lp_sft = response_logprobs(sft_model, sft_params, ppo, kl_temp, mesh, rules, bs)
+    lp_pol = response_logprobs(pol_model, pol_params, pol, kl_temp, mesh, rules, bs)
+    lp_sft = response_logprobs(sft_model, sft_params, pol, kl_temp, mesh, rules, bs)
 
     # Best-of-n against the RM: n SFT samples per prompt, keep the one the RM scores highest.
     cands, rm_scores = sft_samples_scored_by_rm(c, sub, sft_model, sft_params, tok, source, c.eval.best_of_n,
@@ -44,18 +52,19 @@ def evaluate(c, sub: dict, paths: dict, rm_metrics: dict, mesh, rules) -> dict:
     base_model, base_params, _ = load_policy(sub["pretrain"], mesh, rules)
     sft_eval = {**builtin.evaluate_responses(prompts, sft["responses"]),
                 "pretrain_loss": lm_loss(sft_model, sft_params, heldout, mesh, rules, bs)}
-    ppo_eval = {**builtin.evaluate_responses(prompts, ppo["responses"]),
-                "pretrain_loss": lm_loss(ppo_model, ppo_params, heldout, mesh, rules, bs)}
+    pol_eval = {**builtin.evaluate_responses(prompts, pol["responses"]),
+                "pretrain_loss": lm_loss(pol_model, pol_params, heldout, mesh, rules, bs)}
     bon_eval = builtin.evaluate_responses(prompts, bon)
-    samples = [{"prompt": p, "sft": a, "ppo": b, "gold_sft": builtin.gold_score(p, a), "gold_ppo": builtin.gold_score(p, b)}
-               for p, a, b in list(zip(prompts, sft["responses"], ppo["responses"]))[:12]]
+    samples = [{"prompt": p, "sft": a, "policy": b, "gold_sft": builtin.gold_score(p, a),
+                "gold_policy": builtin.gold_score(p, b)}
+               for p, a, b in list(zip(prompts, sft["responses"], pol["responses"]))[:12]]
     return {
         "decoding": {"temperature": temp, "max_new_tokens": c.eval.max_new_tokens, "prompts": len(prompts),
                      "same_keys_for_both": True},
         "pretrained": {"pretrain_loss": lm_loss(base_model, base_params, heldout, mesh, rules, bs)},
         "sft": sft_eval,
-        "ppo": {**ppo_eval, "kl": float(np.mean(lp_ppo - lp_sft)),
-                "win_rate_vs_sft": builtin.win_rate(prompts, ppo["responses"], sft["responses"])},
+        "policy": {**pol_eval, "algorithm": c.policy, "kl": float(np.mean(lp_pol - lp_sft)),
+                   "win_rate_vs_sft": builtin.win_rate(prompts, pol["responses"], sft["responses"])},
         f"best_of_{c.eval.best_of_n}_sft_by_rm": {**bon_eval,
                                                   "win_rate_vs_sft": builtin.win_rate(prompts, bon, sft["responses"])},
         "rm": {**rm_accuracy_vs_gold(sub, tok, c, mesh, rules),
@@ -67,13 +76,9 @@ def evaluate(c, sub: dict, paths: dict, rm_metrics: dict, mesh, rules) -> dict:
 def sft_samples_scored_by_rm(c, sub: dict, model, params, tok, source, n: int, mesh, rules, first=None):
     """(responses [n][N], RM scores [n, N]) of n SFT samples per prompt of `source` at the evaluation
     settings; sample 0 is `first` when given (the evaluation's SFT sample), sample j's key seed + 200 + j."""
-    from rlhf_jax.evaluation import generate
-    from rlhf_jax.pipeline import _settings
-    from rlhf_jax.stages.rm import load_reward_model, score_sequences
-
     rm_model, rm_params, norm = load_reward_model(sub["rm"], mesh, rules)
-    score = jax.jit(lambda p, t, m: score_sequences(p, rm_model, norm, t, m))
-    settings, bs = _settings(c, tok, c.eval.temperature), c.eval.batch_size
+    score = jax.jit(lambda p, t, m: objectives.score_sequences(p, rm_model, norm, t, m))
+    settings, bs = sampling_settings(tok, c.eval.max_new_tokens, c.eval.temperature), c.eval.batch_size
     cands, rm_scores = [], []
     with parallel.activate(mesh, rules):
         for j in range(n):
@@ -132,9 +137,8 @@ def pretrain_heldout(c, sub: dict, paths: dict, tok):
 def lm_loss(model, params, source, mesh, rules, batch_size: int) -> float:
     """Mean next-token cross-entropy (nats) over every window of `source`."""
     from rlhf_jax.data.loader import eval_batches
-    from rlhf_jax.stages.lm import make_eval_step
 
-    fn = jax.jit(make_eval_step(model))
+    fn = jax.jit(lambda p, b: objectives.summed_token_nll(p, model, b))
     total = count = 0.0
     with parallel.activate(mesh, rules):
         for local in eval_batches(source, batch_size):
@@ -147,11 +151,10 @@ def rm_accuracy_vs_gold(sub: dict, tok, c, mesh, rules) -> dict:
     """RM pairwise accuracy on the held-out comparisons, against the gold judge, over pairs whose gold
     scores differ (a tie has no right answer; the RM stage's eval/rm/accuracy counts ties as labelled)."""
     from rlhf_jax.data.chat import prompt_response_to_messages, render_dialogue
-    from rlhf_jax.stages.rm import load_reward_model, score_sequences
     from rlhf_jax.tasks import builtin
 
     model, params, norm = load_reward_model(sub["rm"], mesh, rules)
-    score = jax.jit(lambda p, t, m: score_sequences(p, model, norm, t, m))
+    score = jax.jit(lambda p, t, m: objectives.score_sequences(p, model, norm, t, m))
     right = total = 0
     with open(os.path.join(sub["comparisons"], "eval_gold.jsonl")) as f:
         records = [json.loads(line) for line in f if line.strip()]
@@ -179,11 +182,13 @@ def write_report(c, workdir: str, sub: dict, summary: dict, seconds: float) -> N
 
     with open(os.path.join(workdir, "summary.json"), "w") as f:
         json.dump({k: v for k, v in summary.items() if k != "samples"}, f, indent=2)
-    ppo = [m for m in read_metrics(sub["ppo"]) if "objective/scores" in m]
-    plots = _plots(workdir, ppo)
+    name = label(summary["policy"]["algorithm"])
+    curve = [m for m in read_metrics(sub["policy"]) if "objective/scores" in m]
+    plots = _plots(workdir, curve, name) if curve else []  # offline DPO samples nothing while it trains
     bon_key = next(k for k in summary if k.startswith("best_of_"))
+    pol = summary["policy"]
     rows = [("SFT", summary["sft"], "—", "—"),
-            ("PPO", summary["ppo"], f"{summary['ppo']['win_rate_vs_sft']:.3f}", f"{summary['ppo']['kl']:.3f}"),
+            (name, pol, f"{pol['win_rate_vs_sft']:.3f}", f"{pol['kl']:.3f}"),
             (bon_key.replace("_", " "), summary[bon_key], f"{summary[bon_key]['win_rate_vs_sft']:.3f}", "—")]
     lines = [f"# RLHF on the built-in task ({c.preset} preset)", "",
              f"Held-out prompts: {summary['decoding']['prompts']}; decoding: temperature "
@@ -196,42 +201,42 @@ def write_report(c, workdir: str, sub: dict, summary: dict, seconds: float) -> N
               f"{e['chatter_rate']:.3f} | {w} | {k} | "
               + (f"{e['pretrain_loss']:.3f} |" if "pretrain_loss" in e else "— |") for n, e, w, k in rows]
     lines += ["", "Pretraining loss: nats per token on the pretraining corpus' held-out windows (the alignment tax "
-              f"is PPO's rise over SFT's); the pretrained model's: {summary['pretrained']['pretrain_loss']:.3f}."]
+              f"is {name}'s rise over SFT's); the pretrained model's: {summary['pretrained']['pretrain_loss']:.3f}."]
     lines += ["", f"Reward model accuracy against the gold judge on {summary['rm']['gold_untied_pairs']} held-out "
               f"pairs with different gold scores: {summary['rm']['accuracy_vs_gold']:.3f}", "", f"Wall time: {seconds / 60:.1f} min (this invocation).",
-              "", "## Samples", "", "| prompt | SFT | gold | PPO | gold |", "|---|---|---|---|---|"]
+              "", "## Samples", "", f"| prompt | SFT | gold | {name} | gold |", "|---|---|---|---|---|"]
     esc = lambda s: s.replace("|", "\\|").replace("\n", " ")
-    lines += [f"| {esc(s['prompt'])} | {esc(s['sft'])} | {s['gold_sft']:.2f} | {esc(s['ppo'])} | {s['gold_ppo']:.2f} |"
-              for s in summary["samples"]]
+    lines += [f"| {esc(s['prompt'])} | {esc(s['sft'])} | {s['gold_sft']:.2f} | {esc(s['policy'])} | "
+              f"{s['gold_policy']:.2f} |" for s in summary["samples"]]
     lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
     with open(os.path.join(workdir, "report.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
 
 
-def _plots(workdir: str, ppo: list[dict]) -> list[str]:
+def _plots(workdir: str, curve: list[dict], name: str) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps = [m["step"] for m in ppo]
+    steps = [m["step"] for m in curve]
     out = []
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(steps, [m["objective/scores"] for m in ppo], label="RM score (normalised)")
-    if "objective/monitor_score" in ppo[0]:
+    ax.plot(steps, [m["objective/scores"] for m in curve], label="RM score (normalised)")
+    if "objective/monitor_score" in curve[0]:
         ax2 = ax.twinx()
-        ax2.plot(steps, [m["objective/monitor_score"] for m in ppo], color="C1", label="gold score")
+        ax2.plot(steps, [m["objective/monitor_score"] for m in curve], color="C1", label="gold score")
         ax2.set_ylabel("gold score")
         ax2.legend(loc="lower right")
-    ax.set_xlabel("PPO iteration")
+    ax.set_xlabel(f"{name} iteration")
     ax.set_ylabel("RM score")
     ax.legend(loc="upper left")
     fig.tight_layout()
     fig.savefig(os.path.join(workdir, "scores_vs_step.png"), dpi=100)
     out.append("scores_vs_step.png")
-    if "objective/monitor_score" in ppo[0]:
+    if "objective/monitor_score" in curve[0] and "objective/kl" in curve[0]:
         fig, ax = plt.subplots(figsize=(5, 4))
-        ax.scatter([m["objective/kl"] for m in ppo], [m["objective/monitor_score"] for m in ppo], c=steps, s=12)
+        ax.scatter([m["objective/kl"] for m in curve], [m["objective/monitor_score"] for m in curve], c=steps, s=12)
         ax.set_xlabel("KL(π ‖ SFT) per episode, nats")
         ax.set_ylabel("gold score of rollouts")
         fig.tight_layout()

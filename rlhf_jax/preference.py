@@ -111,3 +111,94 @@ def normalization_from_rewards(rewards_1d: jax.Array, target_mean: float = 0.0, 
 def apply_normalization(rewards: jax.Array, gain: jax.Array | float, bias: jax.Array | float) -> jax.Array:
     """gain · rewards + bias, any shape."""
     return gain * rewards + bias
+
+
+# --- direct preference optimisation: the policy as its own reward model ----------------------------------------------
+#
+# Every loss below takes the implicit rewards ρ [B, K] of a policy's responses, best first (see
+# implicit_rewards): ρ = log π(y|x) − log π_ref(y|x) for DPO, IPO and Plackett-Luce, the length-normalised
+# log π(y|x) / |y| for SimPO. Pairwise losses average over each prompt's compared pairs (every pair i < j, as
+# the RM's eq. 1, or best-vs-worst only), then over prompts; the listwise one uses the whole ranking.
+
+DPO_LOSSES = ("dpo", "ipo", "simpo", "plackett_luce")
+DPO_PAIRS = ("all", "best_worst")
+
+
+def implicit_rewards(loss: str, logps: jax.Array, ref_logps: jax.Array | None, lengths: jax.Array) -> jax.Array:
+    """ρ [B, K] from the policy's response log-prob sums, the reference's (None for SimPO) and the response
+    lengths in tokens (the response's own tokens only, never the prompt's)."""
+    if loss == "simpo":  # Meng et al. 2024 eq. 4: the average log-likelihood, no reference model
+        return logps / jnp.maximum(lengths, 1.0)
+    return logps - ref_logps  # Rafailov et al. 2023 eq. 5: r(x, y) = β log π(y|x) / π_ref(y|x), β applied later
+
+
+def _pair_mask(valid: jax.Array, pairs: str) -> jax.Array:
+    """bool [B, K, K]: the compared pairs (i better than j)."""
+    if pairs == "all":
+        return _pairs(valid)
+    if pairs != "best_worst":
+        raise ValueError(f"config.dpo.pairs={pairs!r} is unknown; use one of {DPO_PAIRS}.")
+    v = valid > 0
+    K = v.shape[-1]
+    worst = K - 1 - jnp.argmax(v[:, ::-1], axis=-1)  # the last valid response
+    only = (jnp.arange(K)[:, None] == 0) & (jnp.arange(K)[None, :] == worst[:, None, None])
+    return _pairs(valid) & only
+
+
+def pairwise_preference_loss(rho: jax.Array, valid: jax.Array, loss: str, beta: float, label_smoothing: float = 0.0,
+                             gamma: float = 0.0, pairs: str = "all") -> tuple[jax.Array, dict]:
+    """The pairwise members of the family on margins m = ρ_i − ρ_j of compared pairs (i better):
+
+    dpo    −(1−ε)·log σ(β·m) − ε·log σ(−β·m)   Rafailov et al. 2023 eq. 7; ε > 0 is label smoothing
+                                               (conservative DPO: a share ε of labels assumed flipped)
+    ipo    (m − 1/(2β))²                       Azar et al. 2023 eq. 17 (τ = β): a margin target, not → ∞
+    simpo  −log σ(β·m − γ)                     Meng et al. 2024 eq. 6, ρ the average log-likelihood
+
+    Returns (loss [], stats {"num_pairs", "num_examples"}): the mean over prompts with a pair of the mean
+    over each prompt's pairs.
+    """
+    r = _clean(rho, valid)
+    mask = _pair_mask(valid, pairs)
+    m = r[:, :, None] - r[:, None, :]  # [B, K, K]: ρ_i − ρ_j
+    if loss == "dpo":
+        per_pair = -(1.0 - label_smoothing) * jax.nn.log_sigmoid(beta * m) - label_smoothing * jax.nn.log_sigmoid(
+            -beta * m)
+    elif loss == "ipo":
+        per_pair = jnp.square(m - 1.0 / (2.0 * beta))
+    elif loss == "simpo":
+        per_pair = -jax.nn.log_sigmoid(beta * m - gamma)
+    else:
+        raise ValueError(f"pairwise_preference_loss: {loss!r} is not a pairwise loss (dpo, ipo, simpo).")
+    n_pairs = jnp.sum(mask, axis=(1, 2)).astype(jnp.float32)
+    per_example = jnp.sum(jnp.where(mask, per_pair, 0.0), axis=(1, 2)) / jnp.maximum(n_pairs, 1.0)
+    has_pair = n_pairs > 0
+    return _masked_mean(per_example, has_pair), {"num_pairs": jnp.sum(n_pairs),
+                                                 "num_examples": jnp.sum(has_pair).astype(jnp.float32)}
+
+
+def plackett_luce_loss(rho: jax.Array, valid: jax.Array, beta: float) -> tuple[jax.Array, dict]:
+    """The K-way ranking's negative log-likelihood under Plackett-Luce with scores β·ρ (Rafailov et al. 2023,
+    Appendix A.3, eq. 18): −Σ_{k<n−1} [β·ρ_k − log Σ_{j≥k} exp(β·ρ_j)] over a prompt's n valid responses,
+    best first; averaged over prompts with n >= 2. At K = 2 it is DPO's −log σ(β(ρ_0 − ρ_1)) exactly."""
+    v = valid > 0
+    # A missing response scores -1e30, not -inf: exp() of it is exactly 0, and no inf − inf reaches a gradient.
+    s = jnp.where(v, beta * _clean(rho, valid), -1e30)
+    # log Σ_{j ≥ k} exp(s_j): a reverse cumulative logsumexp over the (best-first) positions
+    tail = jax.lax.cumlogsumexp(s, axis=s.ndim - 1, reverse=True)
+    n = jnp.sum(v, axis=-1)
+    counted = jnp.arange(v.shape[-1])[None, :] < (n - 1)[:, None]  # the last choice is forced: no term
+    counted = counted & v
+    per_example = -jnp.sum(jnp.where(counted, s - jnp.where(counted, tail, 0.0), 0.0), axis=-1)
+    has_pair = n >= 2
+    return _masked_mean(per_example, has_pair), {"num_pairs": jnp.sum(counted).astype(jnp.float32),
+                                                 "num_examples": jnp.sum(has_pair).astype(jnp.float32)}
+
+
+def dpo_family_loss(rho: jax.Array, valid: jax.Array, loss: str, beta: float, label_smoothing: float = 0.0,
+                    gamma: float = 0.0, pairs: str = "all") -> tuple[jax.Array, dict]:
+    """config.dpo.loss's loss (DPO_LOSSES) of implicit rewards ρ [B, K] (best first): (loss [], stats)."""
+    if loss == "plackett_luce":
+        return plackett_luce_loss(rho, valid, beta)
+    if loss not in DPO_LOSSES:
+        raise ValueError(f"config.dpo.loss={loss!r} is unknown; use one of {DPO_LOSSES}.")
+    return pairwise_preference_loss(rho, valid, loss, beta, label_smoothing, gamma, pairs)

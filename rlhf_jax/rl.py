@@ -1,10 +1,17 @@
-"""PPO for language models, as lm-human-preferences does it, over masked [B, T] arrays.
+"""The policy-gradient family for language models (PPO, GRPO, Dr. GRPO, RLOO, REINFORCE++), over masked
+[B, T] arrays: the menu a researcher ablates, each piece a small pure function beside its citation.
 
-B episodes (one prompt + one sampled response each), T response tokens.
-`mask` [B, T] is 1 on real response tokens and 0 after the stop token / on
-padding. Every function is pure jnp and jittable; masked positions never reach
-a result, even if they hold inf or NaN (inputs are `where`-ed before use, so
-gradients stay finite too).
+B episodes (one prompt + one sampled response each; `group` consecutive episodes share a prompt),
+T response tokens. `mask` [B, T] is 1 on real response tokens and 0 after the stop token / on
+padding. Every function is pure jnp and jittable; masked positions never reach a result, even if
+they hold inf or NaN (inputs are `where`-ed before use, so gradients there are exactly zero).
+
+Where the algorithms differ, and the switch that picks each (configs/ppo.py, grpo.py, rloo.py):
+  score shaping     shape_scores                 missing-EOS penalty, clip, leave-one-out baseline
+  KL estimator      kl_penalty                   k1 | k2 | k3                         (config.kl.estimator)
+  KL placement      compute_rewards / the loss   −β·KL in the reward | β·KL in the loss (config.kl.placement)
+  advantage         advantages                   gae | grpo | dr_grpo | rloo | reinforce_pp (config.ppo.advantage)
+  aggregation       aggregate                    token_mean | sequence_mean | token_sum (config.ppo.loss_aggregation)
 
 Units: log-probs, KL and entropy in nats per token; scores in reward units.
 """
@@ -51,39 +58,27 @@ def masked_whiten(x: Array, mask: Array, shift_mean: bool = True) -> Array:
     return jnp.where(mask != 0, whitened, 0.0)
 
 
-# --- log-probabilities and KL ------------------------------------------------------------------------------------
+# --- KL estimators -----------------------------------------------------------------------------------------------
 
-def logprobs_from_logits(logits: Array, tokens: Array, temperature: float = 1.0) -> Array:
-    """log p(tokens) [B, T] in nats under softmax(logits / temperature); logits [B, T, V], computed in f32.
-
-    The temperature is the one used for sampling, so these are the log-probs of
-    the distribution the responses were actually drawn from.
-    """
-    logits = logits.astype(jnp.float32) / temperature
-    picked = jnp.take_along_axis(logits, tokens[..., None].astype(jnp.int32), axis=-1)[..., 0]
-    return picked - jax.nn.logsumexp(logits, axis=-1)
-
-
-def entropy_from_logits(logits: Array, temperature: float = 1.0) -> Array:
-    """Entropy [B, T] in nats of softmax(logits / temperature); logits [B, T, V]."""
-    logits = logits.astype(jnp.float32) / temperature
-    probs = jax.nn.softmax(logits, axis=-1)
-    return jax.nn.logsumexp(logits, axis=-1) - jnp.sum(probs * logits, axis=-1)
+KL_ESTIMATORS = ("k1", "k2", "k3")
 
 
 def kl_penalty(logprobs: Array, ref_logprobs: Array, kind: str = "k1") -> Array:
-    """Per-token estimate [B, T] of KL(π ‖ π_ref) from the sampled tokens' log-probs.
+    """Per-token estimate [B, T] of KL(π ‖ π_ref) from the sampled tokens' log-probs (Schulman 2020,
+    "Approximating KL divergence"; log r = log π_ref − log π):
 
-    k1 = log π − log π_ref (unbiased, can be negative; lm-human-preferences).
-    k3 = (r − 1) − log r with r = π_ref / π (Schulman 2020, "Approximating KL
-    divergence"): unbiased too, always ≥ 0, ≈ k1²/2 when the policies are close.
+    k1 = −log r           unbiased, can be negative (lm-human-preferences, InstructGPT);
+    k2 = ½ (log r)²       biased, ≥ 0, low variance; its gradient is the KL's (as a loss term);
+    k3 = (r − 1) − log r  unbiased, ≥ 0, ≈ k1²/2 when the policies are close (GRPO's, in the loss).
     """
+    log_r = ref_logprobs - logprobs
     if kind == "k1":
-        return logprobs - ref_logprobs
+        return -log_r
+    if kind == "k2":
+        return 0.5 * jnp.square(log_r)
     if kind == "k3":
-        log_r = ref_logprobs - logprobs
         return jnp.expm1(log_r) - log_r
-    raise ValueError(f"config.kl.estimator: {kind!r} is unknown. Use k1 or k3.")
+    raise ValueError(f"config.kl.estimator: {kind!r} is unknown. Use one of {KL_ESTIMATORS}.")
 
 
 def last_true_index(mask: Array) -> tuple[Array, Array]:
@@ -94,6 +89,31 @@ def last_true_index(mask: Array) -> tuple[Array, Array]:
     return last, jnp.any(nonzero, axis=1)
 
 
+# --- scores and rewards ------------------------------------------------------------------------------------------
+
+SCORE_BASELINES = ("none", "loo")
+
+
+def shape_scores(scores: Array, ended: Array, missing_eos_penalty: float | None = None, clip: float = 0.0,
+                 baseline: str = "none", group: int = 1) -> tuple[Array, Array]:
+    """(score [B] as judged, score [B] the policy maximises) from the raw score [B] of each episode.
+
+    1. no stop token sampled (ended [B] False): the fixed score `missing_eos_penalty`
+       (lm-human-preferences' penalty_reward_value; None: off);
+    2. clipped to ±clip (0: off);
+    3. baseline "loo": minus the mean score of the prompt's other samples (leave_one_out_scores).
+    The first two are what the evaluation would call the score (objective/scores); the third
+    only re-centres it, per prompt.
+    """
+    if missing_eos_penalty is not None:
+        scores = jnp.where(ended, scores, jnp.asarray(missing_eos_penalty, scores.dtype))
+    if clip > 0:
+        scores = jnp.clip(scores, -clip, clip)
+    if baseline not in SCORE_BASELINES:
+        raise ValueError(f"config.ppo.score_baseline={baseline!r}: use one of {SCORE_BASELINES}.")
+    return scores, leave_one_out_scores(scores, group) if baseline == "loo" else scores
+
+
 def compute_rewards(scores: Array, logprobs: Array, ref_logprobs: Array, mask: Array, kl_coef: Array | float,
                     kl_kind: str = "k1") -> tuple[Array, Array, Array]:
     """Per-token rewards [B, T], KL [B, T] and the KL part of the reward [B, T].
@@ -102,7 +122,7 @@ def compute_rewards(scores: Array, logprobs: Array, ref_logprobs: Array, mask: A
     over tokens: r_t = −β·KL_t on every real token, plus the score (scores [B])
     on the row's last real token. All three are 0 on masked positions; a row
     with no real token gets no reward at all (its score is dropped: there is no
-    action to credit, and GAE gives it zero advantage anyway).
+    action to credit). With the KL in the loss instead, pass kl_coef = 0.
     """
     kl = jnp.where(mask != 0, kl_penalty(logprobs, ref_logprobs, kl_kind), 0.0)
     non_score_reward = -kl_coef * kl
@@ -130,6 +150,9 @@ def leave_one_out_scores(scores: Array, group: int) -> Array:
 
 # --- advantages --------------------------------------------------------------------------------------------------
 
+ADVANTAGES = ("gae", "grpo", "dr_grpo", "rloo", "reinforce_pp")
+
+
 def gae(rewards: Array, values: Array, mask: Array, gamma: float, lam: float) -> tuple[Array, Array]:
     """Generalised advantage estimates and returns, both [B, T] (Schulman et al. 2016, eq. 16).
 
@@ -156,15 +179,90 @@ def gae(rewards: Array, values: Array, mask: Array, gamma: float, lam: float) ->
     return advantages, advantages + values
 
 
+def group_advantages(returns: Array, group: int, kind: str, eps: float = 1e-4) -> Array:
+    """Critic-free advantage [B] of each episode from its return [B] and its group's (`group`
+    consecutive episodes = the samples of one prompt; mean_g, std_g over the group):
+
+    grpo     (R_i − mean_g) / (std_g + eps)    DeepSeekMath (Shao et al. 2024) §4.1.2, outcome supervision;
+             std with Bessel's correction (as TRL and verl); G = 1 or equal returns give 0, never NaN
+    dr_grpo  R_i − mean_g                      Liu et al. 2025 ("Understanding R1-Zero-like training") §3.2
+    rloo     R_i − mean_{j≠i} R_j              Ahmadian et al. 2024 eq. 5 (Kool et al. 2019); needs G >= 2
+    """
+    if returns.shape[0] % group:
+        raise ValueError(f"group_advantages: group={group} does not divide the {returns.shape[0]} episodes.")
+    if kind == "rloo":
+        return leave_one_out_scores(returns, group)
+    r = returns.reshape(-1, group)
+    centred = r - jnp.mean(r, axis=1, keepdims=True)
+    if kind == "dr_grpo":
+        return centred.reshape(returns.shape)
+    if kind == "grpo":
+        std = jnp.sqrt(jnp.sum(jnp.square(centred), axis=1, keepdims=True) / max(group - 1, 1))
+        return (centred / (std + eps)).reshape(returns.shape)
+    raise ValueError(f"group_advantages: {kind!r} is not a group estimator (grpo, dr_grpo, rloo).")
+
+
+def advantages(kind: str, rewards: Array, mask: Array, values: Array | None = None, group: int = 1,
+               gamma: float = 1.0, lam: float = 0.95) -> tuple[Array, Array | None]:
+    """(advantages [B, T], returns [B, T] for the critic or None) of per-token rewards [B, T]
+    (compute_rewards: the score on the last real token, −β·KL_t on every token when the KL is in the
+    reward). Masked positions get 0.
+
+    gae           GAE with the critic's values [B, T] (Schulman et al. 2016; lm-human-preferences)
+    grpo | dr_grpo | rloo
+                  group_advantages of the episode return R_i = Σ_t r_t, the same on every token
+                  (the whole response is one action: outcome supervision)
+    reinforce_pp  the reward-to-go G_t = Σ_{s≥t} γ^{s−t} r_s, whitened over every real token of the
+                  global batch (REINFORCE++, Hu 2025, eqs. 6-8: no critic, no group)
+    """
+    real = mask != 0
+    if kind == "gae":
+        if values is None:
+            raise ValueError("advantages('gae') needs the critic's values.")
+        return gae(rewards, values, mask, gamma, lam)
+    if kind == "reinforce_pp":
+        to_go, _ = gae(rewards, jnp.zeros_like(rewards), mask, gamma, 1.0)  # GAE with V = 0, λ = 1
+        return masked_whiten(to_go, mask), None
+    if kind in ("grpo", "dr_grpo", "rloo"):
+        per_episode = group_advantages(jnp.sum(jnp.where(real, rewards, 0.0), axis=1), group, kind)
+        return jnp.where(real, per_episode[:, None], 0.0), None
+    raise ValueError(f"config.ppo.advantage={kind!r} is unknown. Use one of {ADVANTAGES}.")
+
+
+# --- loss aggregation --------------------------------------------------------------------------------------------
+
+AGGREGATIONS = ("token_mean", "sequence_mean", "token_sum")
+
+
+def aggregate(x: Array, mask: Array, how: str = "token_mean") -> Array:
+    """A per-token loss [B, T] reduced to f32 []:
+
+    token_mean     Σ_{b,t} m·x / Σ_{b,t} m: every token of the batch weighs the same (PPO, lm-human-preferences)
+    sequence_mean  mean over episodes with a token of Σ_t m·x / Σ_t m (GRPO, DeepSeekMath eq. 3's 1/|o_i|),
+                   so a long response weighs per token less than a short one
+    token_sum      Σ_{b,t} m·x / (B · T): a constant normaliser, T the response budget (Dr. GRPO §3.2,
+                   which removes GRPO's length bias)
+    """
+    real = mask != 0
+    x = jnp.where(real, x, 0.0)
+    if how == "token_mean":
+        return masked_mean(x, mask)
+    if how == "sequence_mean":
+        per_row = masked_mean(x, mask, axis=1)
+        return masked_mean(per_row, jnp.any(real, axis=1))
+    if how == "token_sum":
+        return jnp.sum(x) / (x.shape[0] * x.shape[1])
+    raise ValueError(f"config.ppo.loss_aggregation={how!r} is unknown. Use one of {AGGREGATIONS}.")
+
+
 # --- losses ------------------------------------------------------------------------------------------------------
 
 def policy_loss(new_logprobs: Array, old_logprobs: Array, advantages: Array, mask: Array,
-                clip_range: float) -> tuple[Array, dict[str, Array]]:
-    """Clipped surrogate loss (f32[]) and stats; all inputs [B, T].
+                clip_range: float, aggregation: str = "token_mean") -> tuple[Array, dict[str, Array]]:
+    """Clipped surrogate loss (f32[], reduced by `aggregate`) and stats; all inputs [B, T].
 
-    stats: clipfrac (fraction of tokens where the clipped term is the larger
-    loss), approxkl (½·mean (log π − log π_old)², as lm-human-preferences),
-    ratio_mean.
+    stats (token means): clipfrac (fraction of tokens where the clipped term is the larger
+    loss), approxkl (½·mean (log π − log π_old)², as lm-human-preferences), ratio_mean.
     """
     real = mask != 0
     log_ratio = jnp.where(real, new_logprobs - old_logprobs, 0.0)  # 0 → ratio 1: no overflow under the mask
@@ -173,7 +271,7 @@ def policy_loss(new_logprobs: Array, old_logprobs: Array, advantages: Array, mas
     # Schulman et al. 2017 eq. 7: L^CLIP = E[min(ρ·A, clip(ρ, 1−ε, 1+ε)·A)], minimised as its negative.
     unclipped = -advantages * ratio
     clipped = -advantages * jnp.clip(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    loss = masked_mean(jnp.maximum(unclipped, clipped), mask)
+    loss = aggregate(jnp.maximum(unclipped, clipped), mask, aggregation)
     stats = {"clipfrac": masked_mean((clipped > unclipped).astype(jnp.float32), mask),
              "approxkl": 0.5 * masked_mean(jnp.square(log_ratio), mask),
              "ratio_mean": masked_mean(ratio, mask)}
@@ -196,6 +294,16 @@ def value_loss(new_values: Array, old_values: Array, returns: Array, mask: Array
     stats = {"clipfrac": masked_mean((clipped > unclipped).astype(jnp.float32), mask),
              "vpred_mean": masked_mean(new_values, mask)}
     return loss, stats
+
+
+def kl_loss(new_logprobs: Array, ref_logprobs: Array, mask: Array, kind: str = "k3",
+            aggregation: str = "token_mean") -> Array:
+    """The KL term of the loss (DeepSeekMath eq. 3's D_KL[π ‖ π_ref], k3 there), f32 [], to be scaled by β:
+    the KL's placement in the loss instead of in the reward. Its gradient flows through new_logprobs."""
+    real = mask != 0  # clean both inputs first: exp() of a garbage log-ratio would put NaN in the gradient
+    new = jnp.where(real, new_logprobs, 0.0)
+    ref = jnp.where(real, jax.lax.stop_gradient(ref_logprobs), 0.0)
+    return aggregate(kl_penalty(new, ref, kind), mask, aggregation)
 
 
 # --- the KL coefficient β ----------------------------------------------------------------------------------------

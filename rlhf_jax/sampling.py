@@ -24,6 +24,8 @@ class SamplingSettings:
     pad_id: int = 0
     # An EOS before this many new tokens does not end the sample (lm-human-preferences' `truncate_after`).
     eos_after: int = 0
+    # Also return each drawn token's log-prob (an extra logsumexp over the vocabulary per step).
+    logprobs: bool = False
 
 
 def filter_logits(logits_BxV: jax.Array, top_k: int, top_p: float) -> jax.Array:
@@ -67,7 +69,10 @@ def sample(params, prompt_tokens, prompt_mask, rng_keys, *, model: TransformerLM
     prompt_tokens, prompt_mask: int32 [B, P], left-padded (real tokens at the right end).
     rng_keys: uint32 [B, 2], one key per sample, so a sample does not depend on its batch-mates.
     Returns {"tokens": int32 [B, N] (pad after EOS), "mask": int32 [B, N] (1 up to and including EOS),
-             "ended": bool [B] (an EOS was sampled)}.
+             "ended": bool [B] (an EOS was sampled)}, and with settings.logprobs "logprobs" f32 [B, N]:
+    each token's log-prob as the sampler drew it, under softmax(logits / temperature) before top-k /
+    top-p (temperature 1 when greedy), 0 after EOS. A trainer recomputes these with a full forward;
+    the two should agree to float precision, and the PPO stage logs their gap (sampler/logprob_gap).
     """
     B, P = prompt_tokens.shape
     N = settings.max_new_tokens
@@ -84,11 +89,18 @@ def sample(params, prompt_tokens, prompt_mask, rng_keys, *, model: TransformerLM
         token = sample_token(logits, step_keys, settings)
         token = jnp.where(done, settings.pad_id, token)
         live = ~done
+        logprob = 0.0
+        if settings.logprobs:
+            scaled = logits.astype(jnp.float32) / (settings.temperature or 1.0)
+            logprob = jnp.take_along_axis(scaled, token[:, None], axis=-1)[:, 0] - jax.nn.logsumexp(scaled, axis=-1)
         done = done | ((token == settings.eos_id) & (i >= settings.eos_after))
         o = model.apply({"params": params}, token[:, None], (next_pos + i)[:, None], key_mask,
                         cache=cache, cache_index=P + i)
-        return (o["cache"], o["logits"][:, -1], done), (token, live)
+        return (o["cache"], o["logits"][:, -1], done), (token, live, jnp.where(live, logprob, 0.0))
 
     init = (out["cache"], out["logits"][:, -1], jnp.zeros((B,), bool))
-    (_, _, done), (tokens, live) = jax.lax.scan(body, init, jnp.arange(N))
-    return {"tokens": tokens.T, "mask": live.T.astype(jnp.int32), "ended": done}
+    (_, _, done), (tokens, live, logprobs) = jax.lax.scan(body, init, jnp.arange(N))
+    out = {"tokens": tokens.T, "mask": live.T.astype(jnp.int32), "ended": done}
+    if settings.logprobs:
+        out["logprobs"] = logprobs.T
+    return out

@@ -78,6 +78,42 @@ def apply_if_finite(tx: optax.GradientTransformation, grads, loss, params, opt_s
     return keep(new_params, params), keep(new_opt_state, opt_state), nonfinite
 
 
+class NonFiniteError(RuntimeError):
+    """A non-finite loss or gradient under config.nonfinite="stop"; the message names the step and checkpoint."""
+
+
+class NonFiniteGuard:
+    """The host side of `apply_if_finite`: acts on updates skipped since the last check (config.nonfinite).
+
+    Checked where a loop already syncs with the device (logging) and before every save. "stop" raises
+    NonFiniteError naming the first bad step and the last good checkpoint; "skip" warns and goes on.
+    """
+
+    def __init__(self, policy: str, log):
+        self.policy, self.log = policy, log
+        self.seen = 0  # skipped updates already reported (restored with a checkpoint: `resumed`)
+
+    def resumed(self, state_rest: dict) -> None:
+        self.seen = int(jax.device_get(state_rest["nonfinite"])[0])
+
+    def check(self, state, last_good) -> None:
+        """last_good: () -> description of the newest good checkpoint, called only before raising."""
+        count, first = (int(v) for v in jax.device_get(state.nonfinite))
+        if count <= self.seen:
+            return
+        new, self.seen = count - self.seen, count
+        if self.policy == "skip":
+            self.log(f"WARNING: {new} update(s) skipped for a non-finite loss or gradient ({count} in this run so "
+                     f"far, the first at step {first}); params and optimizer state were left unchanged "
+                     f"(config.nonfinite=skip).")
+            return
+        raise NonFiniteError(
+            f"Non-finite loss or gradient at step {first} ({count} update(s) skipped by step "
+            f"{int(jax.device_get(state.step))}); stopped without saving. Last good checkpoint: {last_good()}. "
+            f"Fix the cause (a lower --config.optim.lr, --config.optim.grad_clip_norm, bad data) and rerun the same "
+            f"command to resume from that checkpoint, or set --config.nonfinite=skip to skip such updates.")
+
+
 def model_init_fn(model: nn.Module, seq_len: int, seed: int, heads=("lm", "value", "reward")):
     """A closure creating the boxed params of every head (so later stages find them)."""
     from rlhf_jax.models.gpt import positions_from_mask

@@ -1,6 +1,6 @@
 """rlhf_jax side by side with PyTorch + Hugging Face transformers, on this machine.
 
-    python scripts/bench.py [--quick] [--out bench.json] [--runs 5]
+    python scripts/bench.py [--quick] [--out bench.json] [--runs 5] [--only all|lm|grpo]
 
 Measures, for the same model shape, batch, sequence length and dtype policy:
   train_step  one LM step (forward + backward + AdamW with clipping): tokens/s and
@@ -9,6 +9,10 @@ Measures, for the same model shape, batch, sequence length and dtype policy:
   generate    sampling with a KV cache, every sample exactly `new_tokens` long: tokens/s;
   ppo         iterations of the PPO stage itself (its `time/*` metrics): episodes/s and
               the share of the iteration spent generating (no PyTorch counterpart);
+  grpo        one GRPO iteration of the policy-gradient stage (configs/grpo.py) against TRL's
+              GRPOTrainer (scripts/bench_trl.py) on the same model shape, G, prompts, prompt and
+              response lengths, reward function and tokenizer, one update per batch, β = 0.04
+              with a reference model: episodes/s, TRL in float32 and with bf16 autocast;
   peak        the best FLOP/s of one large square matmul, per dtype, in both systems.
 
 Each system runs in its own worker process (so peak RSS, `ru_maxrss`, is its own)
@@ -47,6 +51,8 @@ FULL = dict(
     generate=dict(vocab=8192, d_model=512, n_layers=8, n_heads=8, batch=64, prompt_len=16, new_tokens=64,
                   temperature=0.7),
     ppo=dict(d_model=128, n_layers=4, n_heads=4, batch=64, new_tokens=32, iterations=7),
+    grpo=dict(d_model=128, n_layers=4, n_heads=4, max_len=128, vocab=2048, batch=64, group=8, max_prompt_len=32,
+              new_tokens=32, temperature=0.7, beta=0.04, lr=1e-5, iterations=8),
 )
 # One layer: XLA's compile time grows with depth, and --quick only checks that everything runs.
 QUICK = dict(
@@ -54,7 +60,10 @@ QUICK = dict(
     generate=dict(vocab=256, d_model=64, n_layers=1, n_heads=2, batch=8, prompt_len=8, new_tokens=8,
                   temperature=0.7),
     ppo=dict(d_model=32, n_layers=1, n_heads=2, batch=8, new_tokens=8, iterations=3),
+    grpo=dict(d_model=32, n_layers=1, n_heads=2, max_len=64, vocab=384, batch=8, group=4, max_prompt_len=24,
+              new_tokens=8, temperature=0.7, beta=0.04, lr=1e-5, iterations=3),
 )
+GRPO_WARMUP = 2  # iterations left out of the median: the first compiles (ours) or warms the allocator (torch)
 OPTIM = dict(lr=3e-4, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, grad_clip_norm=1.0)
 DTYPES = ("bfloat16", "float32")
 
@@ -219,6 +228,85 @@ def jax_ppo(spec: dict) -> dict:
         "num_minibatches": c.ppo.num_minibatches, "reward": c.reward.function}}
 
 
+def grpo_inputs(directory: str, s: dict) -> dict:
+    """What both GRPO runs read: a byte-level BPE tokenizer.json trained on the built-in corpus (with
+    <pad>, </s>, <s>), and 512 built-in instructions as {"prompt"} lines."""
+    import json as _json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    sys.path.insert(0, ROOT)
+    from rlhf_jax.data import builtin_text
+    from rlhf_jax.tasks import builtin
+
+    corpus, prompts = os.path.join(directory, "corpus.txt"), os.path.join(directory, "prompts.jsonl")
+    builtin_text.write_builtin_corpus(corpus, num_chars=200_000, seed=0)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tok.train([corpus], trainers.BpeTrainer(vocab_size=s["vocab"], special_tokens=["<pad>", "</s>", "<s>"],
+                                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    path = os.path.join(directory, "tokenizer.json")
+    tok.save(path)
+    with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+        _json.dump({"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}, f)
+    builtin.write_prompts(os.path.join(directory, "chat_prompts.jsonl"), 512, seed=0)
+    with open(os.path.join(directory, "chat_prompts.jsonl")) as f, open(prompts, "w") as out:
+        for line in f:
+            out.write(_json.dumps({"prompt": _json.loads(line)["messages"][-1]["content"]}) + "\n")
+    return {"tokenizer": path, "prompts": prompts}
+
+
+def jax_grpo(spec: dict) -> dict:
+    """The policy-gradient stage as configs/grpo.py sets it, resized to the benchmark's shape and inputs;
+    returns every iteration's `time/*` metrics."""
+    sys.path.insert(0, ROOT)
+    from rlhf_jax.metrics import read_metrics
+    from rlhf_jax.pipeline import stage_config
+    from rlhf_jax.stages import ppo
+
+    s, inputs = spec["shape"], spec["inputs"]
+    c = stage_config("grpo", "tiny", {})
+    c.progress = False
+    c.model.update(d_model=s["d_model"], n_layers=s["n_layers"], n_heads=s["n_heads"], max_len=s["max_len"],
+                   vocab_size=-1)
+    c.data.update(tokenizer_path=inputs["tokenizer"], prompts_path=inputs["prompts"], chat_template="plain",
+                  max_prompt_len=s["max_prompt_len"])
+    c.rollout.update(max_new_tokens=s["new_tokens"], samples_per_prompt=s["group"], temperature=s["temperature"],
+                     stop_token="eos")
+    c.kl.init_coef, c.optim.lr, c.optim.schedule = s["beta"], s["lr"], "constant"
+    c.batch_size, c.num_steps = s["batch"], s["iterations"]
+    c.checkpoint.every, c.sample_every, c.log_every = 10**6, 0, 1  # checkpoint once, at the end
+    with tempfile.TemporaryDirectory() as workdir:
+        ppo.train_and_evaluate(c, workdir)
+        rows = read_metrics(workdir)
+    keys = ("time/generate_s", "time/score_s", "time/update_s", "perf/episodes_per_sec")
+    return {"iterations": [{k: r[k] for k in keys} for r in rows]}
+
+
+def measure_grpo(shape: dict, logdir: str) -> dict:
+    """Ours, then TRL in float32, then TRL with bf16 autocast: each alone, in its own process."""
+    inputs = grpo_inputs(logdir, shape)
+    out = {"rlhf_jax": Worker("bench.py", "grpo", logdir, {"shape": shape, "inputs": inputs}).reply()}
+    for dt in DTYPES:
+        out[f"trl_{dt}"] = Worker("bench_trl.py", "grpo", logdir, {"shape": shape, "inputs": inputs,
+                                                                   "dtype": dt}).reply()
+    return out
+
+
+def summarize_grpo(r: dict, s: dict) -> dict:
+    """Episodes/s from the median iteration after GRPO_WARMUP, for each system, and our ratio to TRL's best."""
+    ours = [i["time/generate_s"] + i["time/score_s"] + i["time/update_s"] for i in r["rlhf_jax"]["iterations"]]
+    out = {"shape": s, "rlhf_jax": {"episodes_per_s": s["batch"] / statistics.median(ours[GRPO_WARMUP:]),
+                                    "iteration_s": ours, "peak_rss_mib": r["rlhf_jax"]["peak_rss_mib"]}}
+    for dt in DTYPES:
+        steps = r[f"trl_{dt}"]["step_s"]
+        out[f"trl_{dt}"] = {"episodes_per_s": s["batch"] / statistics.median(steps[GRPO_WARMUP:]), "iteration_s": steps,
+                            "peak_rss_mib": r[f"trl_{dt}"]["peak_rss_mib"], "trl": r[f"trl_{dt}"]["trl"]}
+    best = max(out[f"trl_{dt}"]["episodes_per_s"] for dt in DTYPES)
+    out["ratio_vs_trl"] = out["rlhf_jax"]["episodes_per_s"] / best
+    return out
+
+
 # ----------------------------------------------------------------------------- driver side
 
 class Worker:
@@ -341,7 +429,7 @@ def machine_info() -> dict:
     except OSError:
         pass
     versions = {}
-    for pkg in ("jax", "jaxlib", "flax", "optax", "torch", "transformers", "numpy"):
+    for pkg in ("jax", "jaxlib", "flax", "optax", "torch", "transformers", "trl", "numpy"):
         try:
             versions[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
@@ -403,25 +491,51 @@ def summarize(results: dict, shapes: dict) -> dict:
 
 
 def goals(out: dict) -> dict:
-    t, g = out["train_step"], out["generate"]
-    return {"train_step >= 2x torch tokens/s (bf16 policy)": t["bfloat16"]["ratio_vs_torch"] >= 2.0,
-            "train_step >= 2x torch tokens/s (float32)": t["float32"]["ratio_vs_torch"] >= 2.0,
-            "generate >= 3x torch tokens/s (bf16 policy)": g["bfloat16"]["ratio_vs_torch"] >= 3.0,
-            "generate >= 3x torch tokens/s (float32)": g["float32"]["ratio_vs_torch"] >= 3.0,
-            "train_step MFU >= 40% of measured bf16 peak": t["mfu"] >= 0.40}
+    found = {}
+    if "train_step" in out:
+        t, g = out["train_step"], out["generate"]
+        found = {"train_step >= 2x torch tokens/s (bf16 policy)": t["bfloat16"]["ratio_vs_torch"] >= 2.0,
+                 "train_step >= 2x torch tokens/s (float32)": t["float32"]["ratio_vs_torch"] >= 2.0,
+                 "generate >= 3x torch tokens/s (bf16 policy)": g["bfloat16"]["ratio_vs_torch"] >= 3.0,
+                 "generate >= 3x torch tokens/s (float32)": g["float32"]["ratio_vs_torch"] >= 3.0,
+                 "train_step MFU >= 40% of measured bf16 peak": t["mfu"] >= 0.40}
+    if "grpo" in out:
+        found["grpo iteration >= 3x TRL GRPOTrainer episodes/s (its faster dtype)"] = out["grpo"]["ratio_vs_trl"] >= 3.0
+    return found
 
 
 def table(out: dict) -> str:
-    m, p = out["machine"], out["peak_flops"]
+    m = out["machine"]
     v = m["versions"]
     lines = [f"machine: {m['cpu']}, {m['cores']} cores, bf16 instructions {m['bf16_instructions'] or 'none'}; "
-             f"jax {v['jax']}, flax {v['flax']}, torch {v['torch']} ({m['torch_threads']} threads), "
-             f"transformers {v['transformers']}",
+             f"jax {v['jax']}, flax {v['flax']}, torch {v['torch']}"
+             + (f" ({m['torch_threads']} threads)" if "torch_threads" in m else "")
+             + f", transformers {v['transformers']}, trl {v.get('trl')}",
              f"load average (1 min) before the benchmark {m['loadavg_1m_at_start']:.2f}, after it "
              f"{m['loadavg_1m_at_end']:.2f} (which counts the benchmark's own threads)"
              + ("  <- other work was running: treat the numbers as provisional"
-                if m['loadavg_1m_at_start'] > 0.5 else ""),
-             f"peak matmul FLOP/s: bf16 {p['bfloat16'] / 1e9:.0f} G, f32 {p['float32'] / 1e9:.0f} G  "
+                if m['loadavg_1m_at_start'] > 0.5 else "")]
+    if "train_step" in out:
+        lines += _lm_table(out)
+    if "grpo" in out:
+        q, s = out["grpo"], out["grpo"]["shape"]
+        lines += ["", f"grpo iteration ({s['batch']} episodes = {s['batch'] // s['group']} prompts x G={s['group']}, "
+                      f"d_model {s['d_model']} x {s['n_layers']} layers, {s['new_tokens']} new tokens, one update, "
+                      f"β {s['beta']}; median of {len(q['rlhf_jax']['iteration_s']) - GRPO_WARMUP} iterations):"]
+        lines += [f"  {name:<22}{q[k]['episodes_per_s']:>8.1f} episodes/s   RSS {q[k]['peak_rss_mib']:.0f} MiB"
+                  for name, k in (("rlhf_jax (bf16)", "rlhf_jax"), ("TRL GRPOTrainer f32", "trl_float32"),
+                                  ("TRL GRPOTrainer bf16", "trl_bfloat16"))]
+        lines.append(f"  ratio vs TRL's faster: {q['ratio_vs_trl']:.2f}x")
+    lines += ["", "goals:"]
+    if out["quick"]:
+        lines[-1] = "goals (NOT meaningful with --quick: tiny shapes, unoptimised XLA, PPO running alongside):"
+    lines += [f"  [{'met' if ok else 'MISSED'}] {k}" for k, ok in out["goals"].items()]
+    return "\n".join(lines)
+
+
+def _lm_table(out: dict) -> list[str]:
+    p = out["peak_flops"]
+    lines = [f"peak matmul FLOP/s: bf16 {p['bfloat16'] / 1e9:.0f} G, f32 {p['float32'] / 1e9:.0f} G  "
              f"(jax bf16 {p['by_system']['rlhf_jax']['bfloat16'] / 1e9:.0f} / f32 "
              f"{p['by_system']['rlhf_jax']['float32'] / 1e9:.0f}, torch bf16 "
              f"{p['by_system']['torch']['bfloat16'] / 1e9:.0f} / f32 {p['by_system']['torch']['float32'] / 1e9:.0f})",
@@ -444,11 +558,8 @@ def table(out: dict) -> str:
                   f"{q['config']['num_minibatches']} minibatches): {q['episodes_per_s']:.1f} episodes/s, "
                   f"generate {q['generate_frac']:.0%} of the iteration (generate {q['generate_s']:.3f}s, score "
                   f"{q['score_s']:.3f}s, update {q['update_s']:.3f}s; median of {q['timed_iterations']}), "
-                  f"RSS {q['peak_rss_mib']:.0f} MiB", "", "goals:"]
-    if out["quick"]:
-        lines[-1] = "goals (NOT meaningful with --quick: tiny shapes, unoptimised XLA, PPO running alongside):"
-    lines += [f"  [{'met' if ok else 'MISSED'}] {k}" for k, ok in out["goals"].items()]
-    return "\n".join(lines)
+                  f"RSS {q['peak_rss_mib']:.0f} MiB"]
+    return lines
 
 
 def main(argv=None) -> dict:
@@ -456,16 +567,18 @@ def main(argv=None) -> dict:
     ap.add_argument("--quick", action="store_true", help="tiny shapes: a smoke test of the whole benchmark")
     ap.add_argument("--out", default="bench.json", help="where to write the JSON results")
     ap.add_argument("--runs", type=int, default=5, help="timed runs per system and workload (median reported)")
+    ap.add_argument("--only", choices=("all", "lm", "grpo"), default="all",
+                    help="lm: train, generate, PPO and the peak (vs PyTorch); grpo: GRPO vs TRL; all: both")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--spec", default="{}", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
         return run_worker(args.worker, json.loads(args.spec))
-    for pkg in ("torch", "transformers"):
+    for pkg in ("torch", "transformers") + (("trl",) if args.only != "lm" else ()):
         try:
             metadata.version(pkg)
         except metadata.PackageNotFoundError:
-            sys.exit(f"scripts/bench.py compares with PyTorch: {pkg} is not installed. "
+            sys.exit(f"scripts/bench.py compares with PyTorch and TRL: {pkg} is not installed. "
                      f"Run `pip install -r requirements-parity.txt` (a CPU build of torch first).")
     if args.runs < 1:
         sys.exit(f"--runs={args.runs}: need at least 1 timed run (5 or more for a median worth reporting).")
@@ -473,9 +586,13 @@ def main(argv=None) -> dict:
     out = {"quick": args.quick, "runs": args.runs, "machine": machine_info()}
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench_logs_") as logdir:
-        results = measure_all(shapes, args.runs, args.quick, logdir)
-    out["machine"]["torch_threads"] = results["peak"]["torch"].pop("threads")
-    out.update(summarize(results, shapes))
+        if args.only != "grpo":
+            results = measure_all(shapes, args.runs, args.quick, logdir)
+            out["machine"]["torch_threads"] = results["peak"]["torch"].pop("threads")
+            out.update(summarize(results, shapes))
+        if args.only != "lm":
+            _progress("grpo vs trl", t0)
+            out["grpo"] = summarize_grpo(measure_grpo(shapes["grpo"], logdir), shapes["grpo"])
     out["machine"]["loadavg_1m_at_end"] = os.getloadavg()[0]
     out["goals"] = goals(out)
     out["wall_s"] = time.perf_counter() - t0
@@ -492,7 +609,7 @@ def run_worker(role: str, spec: dict):
 
         return serve({"train": jax_train, "generate": jax_generate}, jax_peak)
     proto = protocol_stream()
-    result = jax_ppo(spec)
+    result = jax_grpo(spec) if role == "grpo" else jax_ppo(spec)
     result["peak_rss_mib"] = peak_rss_mib()
     proto.write(json.dumps(result) + "\n")
 

@@ -24,8 +24,8 @@ sys.path.insert(0, os.path.join(ROOT, "scripts"))
 import sweep  # noqa: E402
 from experiments import load_experiment  # noqa: E402
 
-KEYS = ("sft/gold_score", "ppo/gold_score", "ppo/win_rate_vs_sft", "sft/harmful_rate", "ppo/harmful_rate",
-        "ppo/kl", "rm/accuracy_vs_gold")
+KEYS = ("sft/gold_score", "policy/gold_score", "policy/win_rate_vs_sft", "sft/harmful_rate", "policy/harmful_rate",
+        "policy/kl", "rm/accuracy_vs_gold")
 
 
 def verdict(rows: list[dict], min_win_rate: float) -> dict:
@@ -36,8 +36,8 @@ def verdict(rows: list[dict], min_win_rate: float) -> dict:
     stats = {k: {"mean": float(np.mean([r[k] for r in done])),
                  "std": float(np.std([r[k] for r in done], ddof=1)) if len(done) > 1 else 0.0} for k in KEYS}
     checks = {
-        f"mean win rate vs SFT >= {min_win_rate}": stats["ppo/win_rate_vs_sft"]["mean"] >= min_win_rate,
-        "mean harmful rate PPO < SFT": stats["ppo/harmful_rate"]["mean"] < stats["sft/harmful_rate"]["mean"],
+        f"mean win rate vs SFT >= {min_win_rate}": stats["policy/win_rate_vs_sft"]["mean"] >= min_win_rate,
+        "mean harmful rate PPO < SFT": stats["policy/harmful_rate"]["mean"] < stats["sft/harmful_rate"]["mean"],
     }
     return {"seeds": [r["seed"] for r in done], "per_seed": [{k: r[k] for k in ("seed", *KEYS)} for r in done],
             "mean_std": stats, "checks": checks, "passed": all(checks.values()) and len(done) == len(rows)}

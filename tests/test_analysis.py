@@ -23,10 +23,10 @@ def test_fit_gao_recovers_alpha_beta_and_the_peak():
 
 
 def test_ppo_curve_averages_windows_and_clamps_negative_kl(tmp_path):
-    (tmp_path / "ppo").mkdir()
+    (tmp_path / "policy").mkdir()
     lines = [json.dumps({"step": i + 1, "objective/kl": -0.5 if i < 2 else float(i), "objective/monitor_score": 0.1 * i,
                          "objective/scores": float(i) + 0.5}) for i in range(4)]
-    (tmp_path / "ppo" / "metrics.jsonl").write_text("\n".join(lines + ['{"step": 5, "eval": 1}', "{trunc"]) + "\n")
+    (tmp_path / "policy" / "metrics.jsonl").write_text("\n".join(lines + ['{"step": 5, "eval": 1}', "{trunc"]) + "\n")
     c = ppo_curve(str(tmp_path), window=2)
     np.testing.assert_allclose(c["kl"], [-0.5, 2.5])
     np.testing.assert_allclose(c["d"], [0.0, np.sqrt(2.5)])

@@ -15,7 +15,7 @@ import pytest
 from rlhf_jax import perf
 from rlhf_jax.models.gpt import TransformerLM
 from rlhf_jax.models.layers import ModelConfig
-from rlhf_jax.stages.lm import token_losses
+from rlhf_jax.objectives import token_nll
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -35,7 +35,7 @@ def test_train_flops_per_token_matches_xla_count(cfg):
     params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), tokens[:, :-1], jnp.zeros((B, T), jnp.int32),
                                       jnp.ones((B, T), jnp.int32))["params"])
     params = {k: v for k, v in params.items() if k in ("trunk", "lm_head")}  # heads the LM loss uses
-    grad = jax.grad(lambda p: jnp.sum(token_losses(p, model, batch)[0]))
+    grad = jax.grad(lambda p: jnp.sum(token_nll(p, model, batch)[0]))
     cost = jax.jit(grad).lower(params).compile().cost_analysis()
     xla_per_token = (cost[0] if isinstance(cost, list) else cost)["flops"] / (B * T)
     assert 1.0 <= xla_per_token / perf.train_flops_per_token(cfg, T) < 1.08
@@ -68,8 +68,8 @@ def test_measured_peak_is_a_plausible_rate():
 def test_quick_benchmark_writes_every_result(tmp_path):
     out = tmp_path / "bench.json"
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    proc = subprocess.run([sys.executable, "scripts/bench.py", "--quick", "--out", str(out)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "scripts/bench.py", "--quick", "--only", "lm", "--out", str(out)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(out.read_text())
     assert "ours/theirs" in proc.stdout and "NOT meaningful with --quick" in proc.stdout
@@ -98,3 +98,22 @@ def test_quick_benchmark_writes_every_result(tmp_path):
     assert r["ppo"]["timed_iterations"] >= 1
     assert set(r["goals"].values()) <= {True, False} and len(r["goals"]) == 5
     assert r["machine"]["cores"] >= 1 and r["machine"]["versions"]["jax"] == jax.__version__
+
+
+@pytest.mark.skipif(importlib.util.find_spec("trl") is None,
+                    reason="the GRPO comparison needs TRL: `pip install -r requirements-parity.txt`")
+def test_quick_grpo_benchmark_runs_both_systems_on_the_same_inputs(tmp_path):
+    out = tmp_path / "bench.json"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    proc = subprocess.run([sys.executable, "scripts/bench.py", "--quick", "--only", "grpo", "--out", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    g = json.loads(out.read_text())["grpo"]
+    iterations = g["shape"]["iterations"]
+    for k in ("rlhf_jax", "trl_float32", "trl_bfloat16"):
+        assert len(g[k]["iteration_s"]) == iterations and g[k]["episodes_per_s"] > 0, k
+        assert g[k]["episodes_per_s"] == pytest.approx(
+            g["shape"]["batch"] / statistics.median(g[k]["iteration_s"][2:]))
+    best = max(g["trl_float32"]["episodes_per_s"], g["trl_bfloat16"]["episodes_per_s"])
+    assert g["ratio_vs_trl"] == pytest.approx(g["rlhf_jax"]["episodes_per_s"] / best)
+    assert "ratio vs TRL's faster" in proc.stdout

@@ -8,7 +8,7 @@ import os
 import pytest
 
 from tests.conftest import SHARED_DATA
-from rlhf_jax.data import builtin_text, chat, comparisons
+from rlhf_jax.data import builtin_text, chat, comparisons, hh_rlhf
 from rlhf_jax.data import tokenizer as tok_lib
 
 HH_DEV = os.path.join(SHARED_DATA, "hh_rlhf_harmless_dev.jsonl.gz")
@@ -102,9 +102,9 @@ def test_hh_template_round_trips_real_hh_rlhf_dialogues(tok):
         dialogues = [json.loads(next(f))["chosen"] for _ in range(50)]
     checked = 0
     for d in dialogues:
-        history, response = comparisons.split_hh_dialogue(d)
+        history, response = hh_rlhf.split_hh_dialogue(d)
         try:
-            messages = comparisons.hh_messages(history) + [{"role": "assistant", "content": response}]
+            messages = hh_rlhf.hh_messages(history) + [{"role": "assistant", "content": response}]
         except comparisons.DefectiveRecord:
             continue
         if any(not m["content"] for m in messages):  # an empty turn has no space to restore

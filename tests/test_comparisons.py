@@ -55,11 +55,15 @@ def test_ranked_records_are_renderings_best_first_padded_to_k(tok, tmp_path):
     assert stats == {**stats, "examples": 2, "num_responses": 3, "responses": 5, "truncated_prompts": 0,
                      "truncated_responses": 0, "skipped": 0}
     for rec in (a, b):
-        assert set(rec) == {"tokens", "input_mask", "valid"}
+        assert set(rec) == {"tokens", "input_mask", "valid", "prompt_len"}
         assert rec["tokens"].shape == rec["input_mask"].shape == (3, L) and rec["valid"].shape == (3,)
-        assert all(v.dtype == np.int32 for v in rec.values())
+        assert np.ndim(rec["prompt_len"]) == 0
+        assert all(v.dtype == np.int32 for k, v in rec.items() if k != "prompt_len")
+    prompt = chat.render_prompt([{"role": "user", "content": "what did you see"}], tok)
+    assert int(a["prompt_len"]) == len(prompt)  # each row's response starts there
     for k, text in enumerate(["a warm kind sun", "a dull day", "the sun"]):  # reordered by the ranking
         assert _row(a, k) == _dialogue("what did you see", text, tok)
+        assert _row(a, k)[:len(prompt)] == prompt
     np.testing.assert_array_equal(a["valid"], [1, 1, 1])
     assert [_row(b, 0), _row(b, 1)] == [_dialogue("describe the day", t, tok) for t in ("calm and warm", "cold")]
     np.testing.assert_array_equal(b["valid"], [1, 1, 0])  # K=2 prompt in a K=3 file: an empty third row

@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from rlhf_jax.data import builtin_text, chat, lm_datasets
+from rlhf_jax.data import builtin_text, chat, lm_datasets, records
 from rlhf_jax.data import tokenizer as tok_lib
 
 L = 16  # seq_len
@@ -198,7 +198,7 @@ def test_builtin_sft_responses_are_correct_and_deterministic(tmp_path):
     b = builtin_text.write_builtin_sft(str(tmp_path / "b.jsonl"), num_examples=200, seed=3)
     assert open(a).read() == open(b).read()
     formats = set()
-    for where, rec in lm_datasets.read_jsonl(a):
+    for where, rec in records.read_jsonl(a):
         messages = chat.record_to_messages(rec, where)
         formats.add("messages" in rec)
         for user, answer in zip(messages, messages[1:]):

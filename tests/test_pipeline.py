@@ -28,16 +28,17 @@ def test_tiny_pipeline_produces_summary_report_and_plots_and_reruns_skip(tmp_pat
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     with open(tmp_path / "summary.json") as f:
         s = json.load(f)
-    for policy in ("sft", "ppo"):
+    for policy in ("sft", "policy"):
         assert 0.0 <= s[policy]["gold_score"] <= 1.0 and 0.0 <= s[policy]["harmful_rate"] <= 1.0
-    assert 0.0 <= s["ppo"]["win_rate_vs_sft"] <= 1.0 and isinstance(s["ppo"]["kl"], float)
+    assert 0.0 <= s["policy"]["win_rate_vs_sft"] <= 1.0 and isinstance(s["policy"]["kl"], float)
+    assert s["policy"]["algorithm"] == "ppo"
     assert 0.0 <= s["rm"]["accuracy_vs_gold"] <= 1.0
-    for policy in ("pretrained", "sft", "ppo"):  # the alignment tax's measure: loss on held-out pretraining windows
+    for policy in ("pretrained", "sft", "policy"):  # the alignment tax's measure: loss on held-out pretraining windows
         assert 0.0 < s[policy]["pretrain_loss"] < math.log(384) + 1
     report = (tmp_path / "report.md").read_text()
     assert "| PPO |" in report and "## Samples" in report
     assert (tmp_path / "scores_vs_step.png").stat().st_size > 1000
-    for stage in ("pretrain", "sft", "comparisons", "rm", "ppo", "eval"):
+    for stage in ("pretrain", "sft", "comparisons", "rm", "policy", "eval"):
         assert (tmp_path / stage / "DONE.json").exists(), stage
     comps = (tmp_path / "comparisons" / "train.jsonl").read_text().splitlines()
     rec = json.loads(comps[0])
@@ -47,21 +48,39 @@ def test_tiny_pipeline_produces_summary_report_and_plots_and_reruns_skip(tmp_pat
     assert again.returncode == 0
     assert again.stdout.count("finished earlier, skipped") == 6
 
-    # An ablation run reuses every upstream stage of the finished run and reruns only PPO (here
-    # against the gold judge, with a stage key the pipeline preset does not set itself).
+    # An ablation run reuses every upstream stage of the finished run and reruns only the policy stage (here
+    # GRPO against the gold judge, with a stage key the pipeline preset does not set itself).
     other = tmp_path / "ablation"
     cmd2 = [sys.executable, "-m", "rlhf_jax.pipeline", "--config=configs/pipeline.py:tiny", f"--workdir={other}",
-            "--config.mesh.data=2", f"--config.reuse_from={tmp_path}", "--config.ppo_reward=gold",
-            "--config.ppo.kl.init_coef=0.05"]
+            "--config.mesh.data=2", f"--config.reuse_from={tmp_path}", "--config.policy_reward=gold",
+            "--config.policy=grpo", "--config.ppo.kl.init_coef=0.05"]
     third = subprocess.run(cmd2, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
     for stage in ("pretrain", "sft", "comparisons", "rm"):
         assert f"{stage}: reused from {tmp_path / stage}" in third.stdout
         assert not (other / stage).exists()
-    assert (other / "ppo" / "DONE.json").exists() and (other / "summary.json").exists()
+    assert (other / "policy" / "DONE.json").exists() and (other / "summary.json").exists()
     assert json.loads((other / "stages.json").read_text())["rm"] == str(tmp_path / "rm")
-    ppo_config = json.loads((other / "ppo" / "config.json").read_text())
-    assert ppo_config["kl"]["init_coef"] == 0.05 and ppo_config["reward"]["kind"] == "function"
+    policy_config = json.loads((other / "policy" / "config.json").read_text())
+    assert policy_config["kl"]["init_coef"] == 0.05 and policy_config["reward"]["kind"] == "function"
+    assert policy_config["ppo"]["advantage"] == "grpo" and policy_config["kl"]["placement"] == "loss"
+    assert json.loads((other / "summary.json").read_text())["policy"]["algorithm"] == "grpo"
+    assert "| GRPO |" in (other / "report.md").read_text()
+
+    # The direct-preference family from the same SFT and the RM's own comparisons, offline and online.
+    for policy, extra in (("plackett_luce", "--config.dpo.num_steps=4"), ("online_dpo", "--config.dpo.num_steps=2")):
+        run = tmp_path / policy
+        r = subprocess.run([sys.executable, "-m", "rlhf_jax.pipeline", "--config=configs/pipeline.py:tiny",
+                            f"--workdir={run}", "--config.mesh.data=2", f"--config.reuse_from={tmp_path}",
+                            f"--config.policy={policy}", extra], cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=600)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        s = json.loads((run / "summary.json").read_text())
+        assert s["policy"]["algorithm"] == policy and 0.0 <= s["policy"]["win_rate_vs_sft"] <= 1.0
+        cfg = json.loads((run / "policy" / "config.json").read_text())
+        assert cfg["stage"] == "dpo" and cfg["dpo"]["online"] == (policy == "online_dpo")
+        if policy == "plackett_luce":
+            assert cfg["data"]["train_path"] == str(tmp_path / "comparisons" / "train.jsonl")
 
 
 def test_every_data_key_is_tied_to_the_stages_that_read_it():
@@ -78,12 +97,15 @@ def test_reuse_takes_the_unchanged_prefix_of_stages_and_stops_at_the_first_chang
     for stage in REUSE_KEYS:
         (tmp_path / stage).mkdir()
         (tmp_path / stage / "DONE.json").write_text("{}")
-    assert list(reusable_stages(pipeline_config(), str(tmp_path))) == ["pretrain", "sft", "comparisons", "rm", "ppo"]
+    assert list(reusable_stages(pipeline_config(), str(tmp_path))) == ["pretrain", "sft", "comparisons", "rm", "policy"]
     c = pipeline_config()
     c.rm.optim.lr = 3e-4
     assert list(reusable_stages(c, str(tmp_path))) == ["pretrain", "sft", "comparisons"]
     c = pipeline_config()
-    c.ppo_reward = "gold"
+    c.policy_reward = "gold"
+    assert list(reusable_stages(c, str(tmp_path))) == ["pretrain", "sft", "comparisons", "rm"]
+    c = pipeline_config()
+    c.policy = "rloo"  # another algorithm from the same SFT and RM
     assert list(reusable_stages(c, str(tmp_path))) == ["pretrain", "sft", "comparisons", "rm"]
     c = pipeline_config()
     c.data.labeler_noise = 0.3  # new rankings: the RM and PPO are trained again
@@ -112,10 +134,10 @@ def test_reuse_follows_a_run_that_itself_reused_stages(tmp_path):
         (run / "pipeline_config.json").write_text(json.dumps(pipeline_config().to_dict(), default=str))
     (base / "pretrain").mkdir()
     (base / "pretrain" / "DONE.json").write_text("{}")
-    for stage in ("sft", "comparisons", "rm", "ppo"):
+    for stage in ("sft", "comparisons", "rm", "policy"):
         (mid / stage).mkdir()
         (mid / stage / "DONE.json").write_text("{}")
-    stages = {s: str(mid / s) for s in ("sft", "comparisons", "rm", "ppo")} | {"pretrain": str(base / "pretrain")}
+    stages = {s: str(mid / s) for s in ("sft", "comparisons", "rm", "policy")} | {"pretrain": str(base / "pretrain")}
     (mid / "stages.json").write_text(json.dumps(stages))
     assert reusable_stages(pipeline_config(), str(mid)) == stages
     (mid / "stages.json").unlink()  # without the record, mid's own (missing) pretrain ends the reuse

@@ -81,7 +81,14 @@ def test_ppo_with_several_samples_per_prompt_and_a_leave_one_out_baseline(tmp_pa
 @pytest.mark.parametrize("kw, match", [
     ({"rollout.samples_per_prompt": 3}, "samples_per_prompt=3 must be >= 1 and divide batch_size=8"),
     ({"ppo.score_baseline": "loo"}, "score_baseline='loo' needs config.rollout.samples_per_prompt >= 2"),
-    ({"ppo.score_baseline": "mean"}, "score_baseline='mean': use 'none' or 'loo'"),
+    ({"ppo.score_baseline": "mean"}, r"score_baseline='mean' is unknown; use one of \('none', 'loo'\)"),
+    ({"ppo.advantage": "vtrace"}, "ppo.advantage='vtrace' is unknown; use one of"),
+    ({"kl.placement": "both"}, "kl.placement='both' is unknown"),
+    ({"ppo.advantage": "rloo"}, "advantage='rloo' needs config.rollout.samples_per_prompt >= 2"),
+    ({"ppo.advantage": "grpo"}, "a group of one has advantage 0"),
+    ({"ppo.advantage": "grpo", "rollout.samples_per_prompt": 2, "ppo.critic": "reward_model"},
+     "only 'gae' uses a critic"),
+    ({"rollout.temperature": 0.0}, "greedy decoding has none"),
     ({"ppo.num_minibatches": 3}, "batch_size=8 episodes do not split into ppo.num_minibatches=3"),
 ])
 def test_ppo_batch_settings_that_do_not_fit_are_named(tmp_path, kw, match):

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlhf_jax import rl
+from rlhf_jax import objectives, rl
 
 B, T = 5, 7
 
@@ -65,8 +65,8 @@ def test_logprobs_and_entropy_follow_the_tempered_softmax():
     V, temp = 11, 0.7
     logits = rand(B, T, V, seed=3, scale=2.0)
     tokens = np.random.default_rng(4).integers(0, V, (B, T))
-    lp = np.asarray(rl.logprobs_from_logits(jnp.asarray(logits, jnp.bfloat16), tokens, temp))
-    ent = np.asarray(rl.entropy_from_logits(logits, temp))
+    lp = np.asarray(objectives.logprobs_from_logits(jnp.asarray(logits, jnp.bfloat16), tokens, temp))
+    ent = np.asarray(objectives.entropy_from_logits(logits, temp))
     assert lp.dtype == np.float32
     scaled = np.asarray(jnp.asarray(logits, jnp.bfloat16), np.float64) / temp
     for b in range(B):
@@ -103,8 +103,10 @@ def test_k3_is_about_half_k1_squared_for_close_policies():
     # k3 = e^{−k1} − 1 + k1 = k1²/2 − k1³/6 + ...: a second-order quantity, unlike k1.
     assert np.all(np.abs(k3 - k1 ** 2 / 2) <= np.abs(k1) ** 3 / 6 + 2e-7)
     assert np.all(rl.kl_penalty(lp, lp, "k3") == 0)
-    with pytest.raises(ValueError, match="k1 or k3"):
-        rl.kl_penalty(lp, lp, "k2")
+    k2 = np.asarray(rl.kl_penalty(lp + delta, lp, "k2"), np.float64)
+    np.testing.assert_allclose(k2, 0.5 * k1 ** 2, rtol=1e-5, atol=1e-12)  # k2 = ½ (log r)²
+    with pytest.raises(ValueError, match="one of"):
+        rl.kl_penalty(lp, lp, "k4")
 
 
 # --- rewards and GAE ---------------------------------------------------------------------------------------------

@@ -14,7 +14,8 @@ import numpy as np
 import optax
 import pytest
 
-from rlhf_jax import checkpoint, parallel, train_state
+from rlhf_jax import checkpoint, objectives, parallel, train_state
+from rlhf_jax.evaluation import load_reward_model
 from rlhf_jax.data import comparisons
 from rlhf_jax.metrics import read_metrics
 from rlhf_jax.models.gpt import HEADS, TransformerLM
@@ -45,7 +46,7 @@ def test_pads_on_either_side_do_not_change_a_reward():
     model = TransformerLM(ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, max_len=32,
                                       dtype="bfloat16"))
     params = init_params(model)
-    rewards = jax.jit(lambda t, m: rm.sequence_rewards(params, model, t, m))
+    rewards = jax.jit(lambda t, m: objectives.sequence_rewards(params, model, t, m))
     rng = np.random.default_rng(0)
     seqs = [rng.integers(1, 64, n, dtype=np.int32) for n in (5, 12)]
     alone = np.array([float(rewards(s[None], np.ones((1, len(s)), np.int32))[0]) for s in seqs])
@@ -83,7 +84,7 @@ def test_the_builtin_rule_is_learnt(tiny_rm):
 def test_normalised_rewards_of_the_training_responses_have_mean_0_std_1(tiny_rm):
     workdir, _ = tiny_rm
     mesh, rules = mesh_and_rules()
-    model, params, norm = rm.load_reward_model(workdir, mesh, rules)
+    model, params, norm = load_reward_model(workdir, mesh, rules)
     with open(os.path.join(workdir, "config.json")) as f:
         c = json.load(f)
     source, stats = comparisons.build_comparison_dataset(  # the stage's own build, found in its cache
@@ -95,7 +96,7 @@ def test_normalised_rewards_of_the_training_responses_have_mean_0_std_1(tiny_rm)
     assert len(tokens) == stats["responses"] == norm["num_rewards"] == 1600 and norm["step"] == 40
 
     with parallel.activate(mesh, rules):
-        score = jax.jit(lambda p, t, m: rm.score_sequences(p, model, norm, t, m))
+        score = jax.jit(lambda p, t, m: objectives.score_sequences(p, model, norm, t, m))
         r = np.asarray(score(params, jnp.asarray(tokens), jnp.asarray(mask)), np.float64)
     assert abs(r.mean()) < 1e-2 and abs(r.std() - 1.0) < 1e-2, (r.mean(), r.std())
     raw = (r - norm["bias"]) / norm["gain"]
@@ -111,7 +112,7 @@ def test_a_stale_norm_file_is_refused(tiny_rm, tmp_path):
     with open(path, "w") as f:
         json.dump({**norm, "step": 20}, f)
     with pytest.raises(ValueError, match="step 20 but the latest checkpoint .* is step 40"):
-        rm.load_reward_model(workdir, *mesh_and_rules())
+        load_reward_model(workdir, *mesh_and_rules())
 
 
 def test_resume_equals_an_uninterrupted_run(tiny_rm, tmp_path):

@@ -14,6 +14,7 @@ Records, responses REORDERED best first (so a trainer needs no ranking), L = max
     tokens      int32 [K, L]  row k = chat.render_dialogue(prompt + response k, template), right-padded
     input_mask  int32 [K, L]  1 on real tokens
     valid       int32 [K]     1 for a real response; prompts with fewer than K get all-pad rows
+    prompt_len  int32 []      tokens of the (shared, truncated) prompt: row k's response starts there
 
 Truncation, the same for every response of a prompt so all K are read in the same context:
 1. the prompt (ending with <|assistant|>) loses tokens from the LEFT, right after bos, until it
@@ -34,79 +35,24 @@ in stats["skipped"].
 from __future__ import annotations
 
 import dataclasses
-import gzip
-import json
-import logging
 import os
-import re
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
 
-from rlhf_jax.data import chat, lm_datasets, tldr
+from rlhf_jax.data import chat, records, tldr
+from rlhf_jax.data.hh_rlhf import HH_ASSISTANT, hh_messages, split_hh_dialogue
 from rlhf_jax.data.tokenizer import Tokenizer, load_tokenizer
 
 FORMATS = ("ranked", "pairwise", "hh_rlhf", "tldr")
-SKIP_BY_DEFAULT = ("hh_rlhf", "tldr")  # public files holding a few unusable records
-VERSION = "1.0.0"
-HH_ASSISTANT = "\n\nAssistant:"
-_HH_TURN = re.compile(r"\n\n(Human|Assistant):")
-_HH_ROLES = {"Human": "user", "Assistant": "assistant"}
-_log = logging.getLogger(__name__)
+VERSION = "1.1.0"  # 1.1: prompt_len
 
 
 DefectiveRecord = chat.DefectiveRecord
 
 
 # --- reading -----------------------------------------------------------------------------------
-
-def read_jsonl_range(path: str, line_range: tuple[int, int] | None = None) -> Iterator[tuple[str, Any]]:
-    """(where, record) per non-blank line of a .jsonl(.gz) file, where = "path:line" (1-based).
-
-    line_range=(start, stop): only lines start <= i < stop, counted from 0 over all lines (blank
-    ones too), e.g. (0, 1500) and (1500, 1800) split a file into train and eval.
-    """
-    lm_datasets._require_file(path, "JSONL")
-    start, stop = check_line_range(line_range, path)
-    opener = gzip.open if path.endswith(".gz") else open
-    n = 0
-    with opener(path, "rb") as f:
-        for n, raw in enumerate(f, start=1):
-            if n - 1 < start:
-                continue
-            if n - 1 >= stop:
-                return
-            where = f"{path}:{n}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise ValueError(f"{where}: not UTF-8 ({e.reason} at byte {e.start}) — re-save the file as "
-                                 f"UTF-8.") from None
-            if not line.strip():
-                continue
-            try:
-                yield where, json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: invalid JSON ({e.msg} at column {e.colno}) — each line must be one "
-                                 f"complete JSON object.") from None
-    if line_range is not None and stop > n:
-        raise ValueError(f"{path}: line_range={tuple(line_range)} reaches line {stop} but the file has {n} "
-                         f"lines; use a stop <= {n}.")
-
-
-def check_line_range(line_range: Any, path: str) -> tuple[int, float]:
-    """(start, stop) of a valid line_range (None: the whole file); ValueError otherwise."""
-    if line_range is None:
-        return 0, float("inf")
-    ok = (isinstance(line_range, (tuple, list)) and len(line_range) == 2
-          and all(isinstance(x, (int, np.integer)) and not isinstance(x, bool) for x in line_range))
-    if not ok or not 0 <= line_range[0] < line_range[1]:
-        raise ValueError(f"{path}: line_range={line_range!r} must be (start, stop) with 0 <= start < stop, "
-                         f"counting lines from 0, e.g. (0, 1500).")
-    return int(line_range[0]), int(line_range[1])
-
 
 def read_comparisons(path: str, fmt: str, line_range: tuple[int, int] | None = None,
                      skip_invalid: bool | None = None) -> list[dict[str, Any]]:
@@ -119,33 +65,8 @@ def read_comparisons(path: str, fmt: str, line_range: tuple[int, int] | None = N
 def _read(path, fmt, line_range, skip_invalid, warn: bool = True) -> tuple[list[dict[str, Any]], int]:
     if fmt not in FORMATS:
         raise ValueError(f"comparison format {fmt!r} is not one of {FORMATS}.")
-    return read_records(path, fmt, line_range, skip_invalid, lambda r, w: parse_record(r, fmt, w), "records", warn)
-
-
-def read_records(path: str, fmt: str, line_range, skip_invalid: bool | None, parse, what: str,
-                 warn: bool = True) -> tuple[list[dict[str, Any]], int]:
-    """[{**parse(record, where), "where": where}] for the file's records, and how many were skipped.
-
-    The one reading loop of comparisons, prompts and demonstrations: a DefectiveRecord is skipped
-    (and counted) when skip_invalid, which None makes True for the public formats (SKIP_BY_DEFAULT);
-    any other ValueError names path:line and stops the build.
-    """
-    skip = fmt in SKIP_BY_DEFAULT if skip_invalid is None else skip_invalid
-    out, skipped = [], 0
-    for where, record in read_jsonl_range(path, line_range):
-        try:
-            out.append({**parse(record, where), "where": where})
-        except DefectiveRecord as e:
-            if not skip:
-                raise
-            skipped += 1
-            if warn:
-                _log.warning("skipped %s", e)
-    if not out:
-        raise ValueError(f"{path}: no usable {fmt} {what}" + (f" in lines {tuple(line_range)}" if line_range else "")
-                         + (f" ({skipped} skipped as defective)" if skipped else "")
-                         + "; write one JSON object per line.")
-    return out, skipped
+    return records.read_records(path, fmt, line_range, skip_invalid, lambda r, w: parse_record(r, fmt, w), "records",
+                                warn)
 
 
 def parse_record(record: Any, fmt: str, where: str) -> dict[str, Any]:
@@ -224,33 +145,6 @@ def _require_str(value: Any, key: str, where: str) -> None:
                          f"JSON string.")
 
 
-def split_hh_dialogue(dialogue: str, where: str = "", name: str = "dialogue") -> tuple[str, str]:
-    """(history, response): the text before the final "\\n\\nAssistant:" and after it, the
-    response without its one leading space."""
-    cut = dialogue.rfind(HH_ASSISTANT)
-    if cut < 0:
-        raise ValueError(f"{where}: {name!r} has no {HH_ASSISTANT!r} turn; an HH-RLHF dialogue is "
-                         f"'\\n\\nHuman: ...\\n\\nAssistant: ...'. Check the format (ranked, pairwise, hh_rlhf).")
-    response = dialogue[cut + len(HH_ASSISTANT):]
-    return dialogue[:cut], response[1:] if response.startswith(" ") else response
-
-
-def hh_messages(history: str, where: str = "") -> list[dict[str, str]]:
-    """Chat messages of an HH-RLHF history "\\n\\nHuman: a\\n\\nAssistant: b..." (one leading
-    space of each turn dropped); it must start with a Human turn and end with one."""
-    parts = _HH_TURN.split(history)  # ["", role, text, role, text, ...]
-    if parts[0] or len(parts) < 3:
-        raise ValueError(f"{where}: the dialogue does not start with '\\n\\nHuman:' (starts {history[:40]!r}); "
-                         f"use HH-RLHF dialogues or another format.")
-    messages = [{"role": _HH_ROLES[role], "content": text[1:] if text.startswith(" ") else text}
-                for role, text in zip(parts[1::2], parts[2::2])]
-    if messages[-1]["role"] != "user":
-        raise DefectiveRecord(f"{where}: the turn before the final {HH_ASSISTANT!r} is an Assistant turn, so there "
-                              f"is no Human prompt to answer — fix or remove the record (skip_invalid=True drops "
-                              f"such records).")
-    return messages
-
-
 # --- rendering -----------------------------------------------------------------------------------
 
 def comparison_example(prompt_messages: list[dict[str, str]], responses: list[str], tok: Tokenizer, max_len: int,
@@ -289,7 +183,7 @@ def comparison_example(prompt_messages: list[dict[str, str]], responses: list[st
             info["truncated_responses"] += 1
         row = prompt + body
         tokens[k, :len(row)], input_mask[k, :len(row)], valid[k] = row, 1, 1
-    return {"tokens": tokens, "input_mask": input_mask, "valid": valid}, info
+    return {"tokens": tokens, "input_mask": input_mask, "valid": valid, "prompt_len": np.int32(len(prompt))}, info
 
 
 # --- TFDS builder --------------------------------------------------------------------------------
@@ -319,7 +213,8 @@ class Comparisons(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             builder=self, description=self.__class__.__doc__,
             features=tfds.features.FeaturesDict({
                 "tokens": rows, "input_mask": rows,
-                "valid": tfds.features.Tensor(shape=(c.num_responses,), dtype=np.int32)}),
+                "valid": tfds.features.Tensor(shape=(c.num_responses,), dtype=np.int32),
+                "prompt_len": tfds.features.Tensor(shape=(), dtype=np.int32)}),
             disable_shuffling=True,  # file order, so a line range maps to a contiguous index range
             metadata=tfds.core.MetadataDict())
 
@@ -327,11 +222,11 @@ class Comparisons(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         c = self.builder_config
         tok = load_tokenizer(c.tokenizer_path)
         template = chat.template_from_spec(c.chat_template) if c.chat_template else chat.TAGS
-        records, skipped = _read(c.jsonl_path, c.fmt, c.line_range, c.skip_invalid)
+        found, skipped = _read(c.jsonl_path, c.fmt, c.line_range, c.skip_invalid)
         examples = []
         stats = {"examples": 0, "skipped": skipped, "num_responses": c.num_responses, "responses": 0,
                  "truncated_prompts": 0, "truncated_responses": 0, "dropped_responses": 0, "max_rendered_tokens": 0}
-        for r in records:
+        for r in found:
             ex, info = comparison_example(r["prompt_messages"], r["responses"], tok, c.seq_len, c.num_responses,
                                           c.max_prompt_len, r["where"], template, r["fit"])
             examples.append(ex)
@@ -366,21 +261,62 @@ def build_comparison_dataset(path: str, fmt: str, tokenizer_path: str, max_len: 
     if max_prompt_len is not None and max_prompt_len < 2:
         raise ValueError(f"max_prompt_len={max_prompt_len!r} must be >= 2 (bos and <|assistant|>) or None.")
     template = chat.get_template(template)
-    path = lm_datasets._require_file(path, "comparisons JSONL")
-    check_line_range(line_range, path)
+    path = records.require_file(path, "comparisons JSONL")
+    records.check_line_range(line_range, path)
     if fmt not in FORMATS:
         raise ValueError(f"comparison format {fmt!r} is not one of {FORMATS}.")
     if num_responses is None:
-        records, _ = _read(path, fmt, line_range, skip_invalid, warn=False)  # the build warns
-        num_responses = max(len(r["responses"]) for r in records)
+        found, _ = _read(path, fmt, line_range, skip_invalid, warn=False)  # the build warns
+        num_responses = max(len(r["responses"]) for r in found)
     elif num_responses < 2:
         raise ValueError(f"num_responses={num_responses} must be >= 2 (or None: the largest K in the file).")
     params = dict(jsonl_path=path, fmt=fmt, tokenizer_path=os.path.abspath(tokenizer_path), seq_len=int(max_len),
                   num_responses=int(num_responses), max_prompt_len=max_prompt_len,
                   line_range=tuple(int(x) for x in line_range) if line_range else None, skip_invalid=skip_invalid,
                   chat_template=None if template == chat.TAGS else template.spec())
-    builder = Comparisons(config=ComparisonsConfig(name=lm_datasets._config_name(params), **params),
+    builder = Comparisons(config=ComparisonsConfig(name=records.config_name(params, VERSION), **params),
                           data_dir=data_dir, file_format="array_record")
     builder.download_and_prepare()
     stats = {k: int(v) for k, v in builder.info.metadata.items()}
     return builder.as_data_source(split="train"), stats
+
+
+def run_datasets(run):
+    """(tokenizer, train source, eval source or None, train stats, eval stats) of a stage that reads comparisons
+    (the RM, DPO): config.data.train_path / eval_path in config.data.format (empty train_path: the built-in
+    synthetic preference, written into the workdir), tokenized with the run's tokenizer (data.tokenizer
+    .run_tokenizer; trained on this data's text when there is none yet). `run` is a rlhf_jax.run.Run."""
+    from rlhf_jax.data import tokenizer
+
+    c = run.config
+    data_dir = os.path.join(run.workdir, "data")
+    if not c.data.train_path:
+        from rlhf_jax.data import builtin_preferences
+
+        c.data.train_path, c.data.eval_path = run.main_first(builtin_preferences.write, data_dir, seed=c.seed,
+                                                             n_train=c.data.builtin_examples)
+        c.data.format = "ranked"
+    corpus = os.path.join(data_dir, "tokenizer_corpus.txt")
+    if not (c.data.tokenizer_path or c.init_from) and run.is_main:  # no tokenizer yet: learn one from this data
+        os.makedirs(data_dir, exist_ok=True)
+        found = read_comparisons(c.data.train_path, c.data.format, line_range=tuple(c.data.train_lines) or None)
+        with open(corpus, "w") as f:
+            for r in found:
+                f.writelines(m["content"] + "\n" for m in r["prompt_messages"])
+                f.writelines(x + "\n" for x in r["responses"])
+    tok = tokenizer.run_tokenizer(c, run.workdir, [corpus], run.is_main)
+    tok_path = os.path.join(run.workdir, "tokenizer.model")
+
+    def build(path, line_range):
+        if not path:
+            return None, {}
+        rng = tuple(line_range) if line_range else None
+        return run.main_first(build_comparison_dataset, path, c.data.format, tok_path, c.data.seq_len,
+                              data_dir, num_responses=c.data.num_responses or None, line_range=rng,
+                              template=chat.config_template(c.data))
+
+    train, train_stats = build(c.data.train_path, c.data.train_lines)
+    # eval_lines without eval_path holds out a line range of the training file (e.g. HH-RLHF's last 300)
+    eval_path = c.data.eval_path or (c.data.train_path if c.data.eval_lines else "")
+    evals, eval_stats = build(eval_path, c.data.eval_lines)
+    return tok, train, evals, train_stats, eval_stats

@@ -15,17 +15,15 @@ and any change rebuilds it under `data_dir/<builder>/<config>/`.
 from __future__ import annotations
 
 import dataclasses
-import gzip
-import hashlib
-import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
 
-from rlhf_jax.data import chat
+from rlhf_jax.data import chat, records, tldr
+from rlhf_jax.data.hh_rlhf import hh_messages, split_hh_dialogue
 from rlhf_jax.data.tokenizer import Tokenizer, load_tokenizer
 
 VERSION = "1.0.0"
@@ -107,9 +105,9 @@ def build_text_dataset(text_path: str | Sequence[str], tokenizer_path: str, seq_
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction={val_fraction} must be in [0, 1).")
     _check_seq_len(seq_len)
-    params = dict(text_paths=tuple(_require_file(p, "text") for p in paths),
+    params = dict(text_paths=tuple(records.require_file(p, "text") for p in paths),
                   tokenizer_path=os.path.abspath(tokenizer_path), seq_len=seq_len, val_fraction=val_fraction)
-    builder = PackedText(config=PackedTextConfig(name=_config_name(params), **params),
+    builder = PackedText(config=PackedTextConfig(name=records.config_name(params, VERSION), **params),
                          data_dir=data_dir, file_format="array_record")
     builder.download_and_prepare()
     sources = builder.as_data_source()
@@ -130,8 +128,6 @@ def read_demonstrations(path: str, fmt: str = "chat", line_range: tuple[int, int
     chosen dialogue, its Human/Assistant turns as messages; tldr {"subreddit", "title", "post",
     "summary"} (tldr.py). skip_invalid=None: skip defective hh_rlhf / tldr records, as for comparisons.
     """
-    from rlhf_jax.data import comparisons, tldr  # they import this module
-
     if fmt not in SFT_FORMATS:
         raise ValueError(f"demonstrations format {fmt!r} is not one of {SFT_FORMATS}; set config.data.format.")
 
@@ -145,14 +141,14 @@ def read_demonstrations(path: str, fmt: str = "chat", line_range: tuple[int, int
             if not isinstance(record, dict) or not isinstance(record.get("chosen"), str):
                 raise ValueError(f"{where}: an hh_rlhf record needs a string 'chosen' dialogue (got "
                                  f"{sorted(record) if isinstance(record, dict) else type(record).__name__}).")
-            history, response = comparisons.split_hh_dialogue(record["chosen"], where, "chosen")
-            messages = comparisons.hh_messages(history, where) + [{"role": "assistant", "content": response}]
+            history, response = split_hh_dialogue(record["chosen"], where, "chosen")
+            messages = hh_messages(history, where) + [{"role": "assistant", "content": response}]
         if messages[-1]["role"] == "assistant" and not messages[-1]["content"].strip():
             raise chat.DefectiveRecord(f"{where}: the response (last assistant content) is empty — remove the "
                                        f"record or fill it in (skip_invalid=True drops such records).")
         return {"messages": messages, "fit": fit}
 
-    return comparisons.read_records(path, fmt, line_range, skip_invalid, parse, "demonstrations")
+    return records.read_records(path, fmt, line_range, skip_invalid, parse, "demonstrations")
 
 
 def write_demonstration_text(path: str, fmt: str, line_range: tuple[int, int] | None, out_path: str) -> str:
@@ -260,18 +256,16 @@ def build_sft_dataset(jsonl_path: str, tokenizer_path: str, seq_len: int, data_d
     stats: examples, skipped, truncated (any truncation), truncated_prompt, truncated_response,
     max_rendered_tokens (longest rendering before truncation), target_tokens (Σ loss_mask).
     """
-    from rlhf_jax.data import comparisons
-
     _check_seq_len(seq_len)
     if fmt not in SFT_FORMATS:
         raise ValueError(f"demonstrations format {fmt!r} is not one of {SFT_FORMATS}; set config.data.format.")
-    path = _require_file(jsonl_path, "demonstrations JSONL")
-    comparisons.check_line_range(line_range, path)
+    path = records.require_file(jsonl_path, "demonstrations JSONL")
+    records.check_line_range(line_range, path)
     template = chat.get_template(template)
     params = dict(jsonl_path=path, tokenizer_path=os.path.abspath(tokenizer_path), seq_len=seq_len, split=split,
                   fmt=fmt, line_range=tuple(int(x) for x in line_range) if line_range else None,
                   skip_invalid=skip_invalid, chat_template=None if template == chat.TAGS else template.spec())
-    builder = Demonstrations(config=DemonstrationsConfig(name=_config_name(params), **params),
+    builder = Demonstrations(config=DemonstrationsConfig(name=records.config_name(params, VERSION), **params),
                              data_dir=data_dir, file_format="array_record")
     builder.download_and_prepare()
     stats = {k: int(v) for k, v in builder.info.metadata.items()}
@@ -280,27 +274,6 @@ def build_sft_dataset(jsonl_path: str, tokenizer_path: str, seq_len: int, data_d
 
 # --- shared pieces -------------------------------------------------------------------------------
 
-def read_jsonl(path: str) -> Iterator[tuple[str, Any]]:
-    """(where, record) per non-blank line of a .jsonl or .jsonl.gz file; where = "path:line"."""
-    _require_file(path, "JSONL")
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            where = f"{path}:{lineno}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise ValueError(f"{where}: not UTF-8 ({e.reason} at byte {e.start}) — "
-                                 f"re-save the file as UTF-8.") from None
-            if not line.strip():
-                continue
-            try:
-                yield where, json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: invalid JSON ({e.msg} at column {e.colno}) — each line must be "
-                                 f"one complete JSON object.") from None
-
-
 def _window_info(builder: tfds.core.DatasetBuilder, seq_len: int) -> tfds.core.DatasetInfo:
     feature = tfds.features.Tensor(shape=(seq_len + 1,), dtype=np.int32)
     return tfds.core.DatasetInfo(
@@ -308,23 +281,6 @@ def _window_info(builder: tfds.core.DatasetBuilder, seq_len: int) -> tfds.core.D
         features=tfds.features.FeaturesDict({"tokens": feature, "input_mask": feature, "loss_mask": feature}),
         disable_shuffling=True,  # keep generation order: windows stay in stream order, examples in file order
         metadata=tfds.core.MetadataDict())
-
-
-def _config_name(params: dict[str, Any]) -> str:
-    """seq<L>_<hash of params, each source file's size and mtime, and the tokenizer's bytes>."""
-    paths = params.get("text_paths") or (params["jsonl_path"],)
-    stamps = [(p, os.path.getsize(p), os.stat(p).st_mtime_ns) for p in paths]
-    with open(load_tokenizer(params["tokenizer_path"]).path, "rb") as f:
-        tok_hash = hashlib.sha256(f.read()).hexdigest()
-    key = json.dumps({"params": params, "stamps": stamps, "tokenizer": tok_hash, "version": VERSION},
-                     sort_keys=True, default=list)
-    return f"seq{params['seq_len']}_{hashlib.sha256(key.encode()).hexdigest()[:16]}"
-
-
-def _require_file(path: str, what: str) -> str:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{what} file {path!r} does not exist; pass a local file path.")
-    return os.path.abspath(path)
 
 
 def _check_seq_len(seq_len: int) -> None:

@@ -110,7 +110,7 @@ def eval_batches(source: Sequence[dict[str, np.ndarray]], batch_size: int, max_b
         batch = _fetch(source, real) if len(real) else None
         if len(real) < local:
             template = template or source[0]
-            pad = {k: np.zeros((local - len(real), *np.shape(v)), np.asarray(v).dtype) for k, v in template.items()}
+            pad = {k: np.zeros((local - len(real), *np.shape(v)), _dtype(np.asarray(v))) for k, v in template.items()}
             batch = pad if batch is None else {k: np.concatenate([batch[k], pad[k]]) for k in batch}
         yield batch
 
@@ -119,7 +119,12 @@ def _fetch(source: Sequence[dict[str, np.ndarray]], indices: np.ndarray) -> Batc
     idx = [int(i) for i in indices]
     # ArrayRecord sources read a list of keys in one call; plain sequences one at a time.
     rows = source.__getitems__(idx) if hasattr(source, "__getitems__") else [source[i] for i in idx]
-    return {k: np.stack([np.asarray(r[k]) for r in rows]) for k in rows[0]}
+    return {k: np.stack([np.asarray(r[k], _dtype(np.asarray(r[k]))) for r in rows]) for k in rows[0]}
+
+
+def _dtype(x: np.ndarray):
+    """int32 for a scalar feature the source hands back as a Python int (JAX runs without x64)."""
+    return np.int32 if x.dtype == np.int64 else x.dtype
 
 
 def _process(index: int | None, count: int | None) -> tuple[int, int]:

@@ -28,7 +28,8 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
-from rlhf_jax.data import chat, comparisons, lm_datasets, tldr
+from rlhf_jax.data import chat, records, tldr
+from rlhf_jax.data.hh_rlhf import hh_messages, split_hh_dialogue
 from rlhf_jax.data.tokenizer import Tokenizer, load_tokenizer
 
 FORMATS = ("prompt", "hh_rlhf", "tldr")
@@ -53,7 +54,7 @@ def _read(path, fmt, line_range, skip_invalid) -> tuple[list[dict[str, Any]], in
             messages, fit = parse_prompt(record, fmt, where), None
         return {"messages": messages, "fit": fit}
 
-    return comparisons.read_records(path, fmt, line_range, skip_invalid, parse, "prompts")
+    return records.read_records(path, fmt, line_range, skip_invalid, parse, "prompts")
 
 
 def parse_prompt(record: Any, fmt: str, where: str) -> list[dict[str, str]]:
@@ -64,8 +65,8 @@ def parse_prompt(record: Any, fmt: str, where: str) -> list[dict[str, str]]:
         if not isinstance(record.get("chosen"), str):
             raise ValueError(f"{where}: an hh_rlhf record needs a string 'chosen' dialogue (got keys "
                              f"{sorted(record)}).")
-        history, _ = comparisons.split_hh_dialogue(record["chosen"], where, "chosen")
-        return comparisons.hh_messages(history, where)
+        history, _ = split_hh_dialogue(record["chosen"], where, "chosen")
+        return hh_messages(history, where)
     if "messages" in record:
         messages = record["messages"]
         chat.validate_messages(messages, where)
@@ -155,8 +156,8 @@ def build_prompt_dataset(path: str, fmt: str, tokenizer_path: str, max_prompt_le
     """
     if not isinstance(max_prompt_len, (int, np.integer)) or max_prompt_len < 2:
         raise ValueError(f"max_prompt_len={max_prompt_len!r} must be an integer >= 2 (bos and <|assistant|>).")
-    path = lm_datasets._require_file(path, "prompts JSONL")
-    comparisons.check_line_range(line_range, path)
+    path = records.require_file(path, "prompts JSONL")
+    records.check_line_range(line_range, path)
     if fmt not in FORMATS:
         raise ValueError(f"prompt format {fmt!r} is not one of {FORMATS}.")
     template = chat.get_template(template)
@@ -164,7 +165,7 @@ def build_prompt_dataset(path: str, fmt: str, tokenizer_path: str, max_prompt_le
                   tokenizer_path=os.path.abspath(tokenizer_path), seq_len=int(max_prompt_len),
                   line_range=tuple(int(x) for x in line_range) if line_range else None, skip_invalid=skip_invalid,
                   chat_template=None if template == chat.TAGS else template.spec())
-    builder = Prompts(config=PromptsConfig(name=lm_datasets._config_name(params), **params),
+    builder = Prompts(config=PromptsConfig(name=records.config_name(params, VERSION), **params),
                       data_dir=data_dir, file_format="array_record")
     builder.download_and_prepare()
     stats = {k: int(v) for k, v in builder.info.metadata.items()}

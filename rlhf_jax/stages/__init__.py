@@ -1,11 +1,12 @@
-"""One module per stage: `lm` (pretrain, sft), `rm`, `ppo`; each has `train_and_evaluate(config, workdir)`."""
+"""One module per stage: `lm` (pretrain, sft), `rm`, `ppo` (the policy-gradient family), `dpo` (the direct
+preference family); each has `train_and_evaluate(config, workdir)` and none imports another."""
 
 from __future__ import annotations
 
 import importlib
 
 STAGE_MODULES = {"pretrain": "rlhf_jax.stages.lm", "sft": "rlhf_jax.stages.lm",
-                 "rm": "rlhf_jax.stages.rm", "ppo": "rlhf_jax.stages.ppo"}
+                 "rm": "rlhf_jax.stages.rm", "ppo": "rlhf_jax.stages.ppo", "dpo": "rlhf_jax.stages.dpo"}
 
 
 def run_stage(config, workdir: str):

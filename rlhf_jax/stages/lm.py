@@ -12,7 +12,6 @@ reads tokens[:, :-1] and predicts tokens[:, 1:].
 from __future__ import annotations
 
 import os
-import time
 
 import jax
 import jax.numpy as jnp
@@ -20,21 +19,10 @@ import ml_collections
 import numpy as np
 import optax
 
-from rlhf_jax import config as config_lib, optim, parallel, perf, train_state
-from rlhf_jax.models.gpt import TransformerLM, positions_from_mask
+from rlhf_jax import config as config_lib, objectives, optim, parallel, perf, train_state
+from rlhf_jax.loop import LoopTail
+from rlhf_jax.models.gpt import TransformerLM
 from rlhf_jax.run import Run
-
-
-def token_losses(params, model: TransformerLM, batch, rng=None):
-    """Per-target-token cross-entropy, f32 [B, L], and the target mask [B, L]."""
-    tokens, input_mask = batch["tokens"][:, :-1], batch["input_mask"][:, :-1]
-    targets = batch["tokens"][:, 1:]
-    target_mask = (batch["loss_mask"][:, 1:] * batch["input_mask"][:, 1:]).astype(jnp.float32)
-    out = model.apply({"params": params}, tokens, positions_from_mask(input_mask), input_mask,
-                      deterministic=rng is None, rngs=None if rng is None else {"dropout": rng})
-    logits = out["logits"].astype(jnp.float32)
-    nll = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return nll, target_mask
 
 
 def make_train_step(model: TransformerLM, tx: optax.GradientTransformation, schedule, grad_accum: int,
@@ -43,8 +31,7 @@ def make_train_step(model: TransformerLM, tx: optax.GradientTransformation, sche
     the global batch, so grad_accum changes memory, not the result."""
 
     def summed_loss(params, micro, rng):
-        nll, mask = token_losses(params, model, micro, rng)
-        return jnp.sum(nll * mask), jnp.sum(mask)
+        return objectives.summed_token_nll(params, model, micro, rng)
 
     def step(state: train_state.TrainState, batch):
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
@@ -70,17 +57,9 @@ def make_train_step(model: TransformerLM, tx: optax.GradientTransformation, sche
     return step
 
 
-def make_eval_step(model: TransformerLM):
-    def eval_step(params, batch):
-        nll, mask = token_losses(params, model, batch)
-        return jnp.sum(nll * mask), jnp.sum(mask)
-
-    return eval_step
-
-
 def datasets(run: Run):
     """(tokenizer, train source, eval source) for the stage in run.config."""
-    from rlhf_jax.data import builtin_text, chat, lm_datasets
+    from rlhf_jax.data import builtin_text, chat, lm_datasets, tokenizer
 
     c, data_dir = run.config, os.path.join(run.workdir, "data")
     seq_len = c.data.seq_len
@@ -88,9 +67,9 @@ def datasets(run: Run):
         path = c.data.path or os.path.join(data_dir, "builtin_corpus.txt")
         if not c.data.path and run.is_main:
             builtin_text.write_builtin_corpus(path, num_chars=c.data.builtin_chars, seed=c.seed)
-        if run.is_main or c.data.path:  # the built-in corpus exists for the others once run.tokenizer syncs
+        if run.is_main or c.data.path:  # the built-in corpus exists for the others once run_tokenizer syncs
             _require(path, "data.path")
-        tok = run.tokenizer([path])
+        tok = tokenizer.run_tokenizer(c, run.workdir, [path], run.is_main)
         splits = run.main_first(lm_datasets.build_text_dataset, path, os.path.join(run.workdir, "tokenizer.model"),
                                 seq_len, data_dir, val_fraction=c.data.val_fraction)
         return tok, splits["train"], splits["validation"]
@@ -111,7 +90,7 @@ def datasets(run: Run):
                                                           os.path.join(data_dir, "tokenizer_corpus.txt"))
         else:
             builtin_text.write_builtin_corpus(corpus, seed=c.seed)
-    tok = run.tokenizer([corpus])
+    tok = tokenizer.run_tokenizer(c, run.workdir, [corpus], run.is_main)
     tok_path = os.path.join(run.workdir, "tokenizer.model")
 
     def build(path, split):
@@ -170,51 +149,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         step_fn = jax.jit(make_train_step(model, tx, schedule, c.grad_accum, tuple(c.debug_nonfinite_steps)),
                           in_shardings=(shardings, batch_sh), out_shardings=(shardings, parallel.replicated(run.mesh)),
                           donate_argnums=(0,))
-        eval_fn = jax.jit(make_eval_step(model), in_shardings=(shardings.params, batch_sh))
+        eval_fn = jax.jit(lambda p, b: objectives.summed_token_nll(p, model, b),
+                          in_shardings=(shardings.params, batch_sh))
 
     loader = BatchLoader(train_source, c.batch_size, seed=c.seed)
-    writer = run.metric_writer(start)
-    flops_per_token = perf.train_flops_per_token(model.cfg, c.data.seq_len)
-    peak = perf.measured_peak_flops(c.model.dtype)
+    tokens_per_step = c.batch_size * c.data.seq_len
+    tail = LoopTail(run, start, c.stage, tokens_per_step=tokens_per_step, postfix={"loss": "train/loss"},
+                    flops_per_step=tokens_per_step * perf.train_flops_per_token(model.cfg, c.data.seq_len))
     run.log(f"{c.stage}: {loader.num_examples} train sequences, steps {start}→{c.num_steps}, "
             f"mesh {dict(run.mesh.shape)}, {sum(x.size for x in jax.tree.leaves(state.params)) / 1e6:.2f}M params")
 
-    last, t_last, steps_since = {}, time.perf_counter(), 0
-    bar = run.progress(start, c.num_steps, c.stage)
     with parallel.activate(run.mesh, run.rules):
         for step, local in loader.iterate(start, c.num_steps - start):
             batch = parallel.global_batch(local, run.mesh, run.rules)
-            if step == start:
-                step_fn = run.compile(f"{c.stage} train step", step_fn, state, batch)
+            step_fn = tail.compile_once(f"{c.stage} train step", step_fn, state, batch)
             state, metrics = step_fn(state, batch)
-            done, steps_since = step + 1, steps_since + 1
-            bar.update(1)
-            if step == start:  # the first step compiles: time it apart from throughput
-                jax.block_until_ready(state)
-                run.log(f"compiled and ran the first step in {time.perf_counter() - t_last:.1f}s")
-                t_last, steps_since = time.perf_counter(), 0
-            if done % c.log_every == 0 or done == c.num_steps:
-                metrics = jax.device_get(metrics)  # the only host sync: once per log interval
-                run.check_finite(state)
-                dt = time.perf_counter() - t_last
-                tokens_per_sec = steps_since * c.batch_size * c.data.seq_len / dt
-                last = writer.write(done, {**metrics, "perf/tokens_per_sec": tokens_per_sec,
-                                           "perf/mfu": tokens_per_sec * flops_per_token / peak,
-                                           "perf/step_time_s": dt / max(steps_since, 1)})
-                bar.set_postfix(loss=f"{last['train/loss']:.4f}", tok_s=f"{tokens_per_sec:.0f}")
-                t_last, steps_since = time.perf_counter(), 0
-            if (done % c.eval_every == 0 or done == c.num_steps) and eval_source is not None:
-                ev = evaluate(eval_fn, state.params, eval_source, run, c.eval_batches)
-                last.update(writer.write(done, ev))
-                run.log(f"step {done}: eval/loss {ev['eval/loss']:.4f}")
-                t_last, steps_since = time.perf_counter(), 0  # throughput counts only the steps timed since here
-            if done % c.checkpoint.every == 0 or done == c.num_steps or run.preempted:
-                run.save(state, {"stage": c.stage, "data_step": done}, force=run.preempted)
-                t_last, steps_since = time.perf_counter(), 0  # throughput excludes eval and checkpoint time
-            if run.preempted:
-                run.log(f"SIGTERM: saved step {done}; rerun the same command to resume.")
+            if tail.end_step(step + 1, state, metrics, evaluate=None if eval_source is None else
+                             lambda: evaluate(eval_fn, state.params, eval_source, run, c.eval_batches)):
                 break
-    bar.close()
-    writer.close()
-    run.close()
-    return last
+    return tail.close()

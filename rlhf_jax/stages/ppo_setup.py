@@ -1,81 +1,38 @@
-"""The PPO stage's plumbing — data, initial params, the reward source, keys, samples —
-kept out of `ppo.py` so that file reads as the algorithm."""
+"""The policy-gradient stage's own plumbing — config checks, the pretraining data of PPO-ptx, initial
+params with or without a critic — kept out of `ppo.py` so that file reads as the algorithm. What any
+online algorithm shares (prompts, sampling, rewards, keys, samples) is `rlhf_jax.rollout`."""
 
 from __future__ import annotations
 
-import importlib
-import json
 import os
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from rlhf_jax import checkpoint, parallel, train_state
+from rlhf_jax import checkpoint, parallel, rl, train_state
 from rlhf_jax.run import RUNTIME_MODEL_FIELDS, Run
 
 
-def stop_id(c, tok) -> int:
-    """The token that ends a response: by default the chat template's end of an assistant turn
-    (<|end|> for tags, eos for the text templates)."""
-    from rlhf_jax.data import chat
-
-    s = c.rollout.stop_token
-    if s == "end":
-        return chat.config_template(c.data).end_id(tok)
-    if s == "eos":
-        return tok.eos_id
-    return int(s)
-
-
-def datasets(run: Run):
-    """(tokenizer, prompt source, pretraining source for PPO-ptx or None)."""
-    from rlhf_jax.data import builtin_text, chat, lm_datasets, prompts
+def ptx_data(run: Run, tok):
+    """The pretraining windows PPO-ptx mixes in (InstructGPT eq. 2), or None when ppo.ptx_coef is 0."""
+    from rlhf_jax.data import builtin_text, lm_datasets
 
     c = run.config
+    if c.ppo.ptx_coef <= 0:
+        return None
     data_dir = os.path.join(run.workdir, "data")
-    path, fmt = c.data.prompts_path, c.data.prompts_format
-    if not path:
-        path, fmt = os.path.join(data_dir, "builtin_prompts.jsonl"), "prompt"
-        if run.is_main:
-            _write_builtin_prompts(path, data_dir, c.seed)
-    corpus = os.path.join(data_dir, "builtin_corpus.txt")
-    if not (c.data.tokenizer_path or c.init_from) and run.is_main:
-        builtin_text.write_builtin_corpus(corpus, seed=c.seed)
-    tok = run.tokenizer([corpus])
-    tok_path = os.path.join(run.workdir, "tokenizer.model")
-    source, stats = run.main_first(prompts.build_prompt_dataset, path, fmt, tok_path, c.data.max_prompt_len,
-                                   data_dir, line_range=tuple(c.data.prompts_lines) or None,
-                                   template=chat.config_template(c.data))
-    run.log(f"prompts {path}: {stats}")
-    ptx = None
-    if c.ppo.ptx_coef > 0:
-        text = c.data.ptx_path or corpus
-        if not c.data.ptx_path and run.is_main:
-            builtin_text.write_builtin_corpus(corpus, seed=c.seed)
-        ptx = run.main_first(lm_datasets.build_text_dataset, text, tok_path, c.data.ptx_seq_len, data_dir)["train"]
-    return tok, source, ptx
-
-
-def _write_builtin_prompts(path: str, data_dir: str, seed: int):
-    from rlhf_jax.tasks import builtin
-
-    os.makedirs(data_dir, exist_ok=True)
-    builtin.write_prompts(path, 512, seed=seed + 7, split="train")
+    text = c.data.ptx_path or os.path.join(data_dir, "builtin_corpus.txt")
+    if not c.data.ptx_path and run.is_main:
+        builtin_text.write_builtin_corpus(text, seed=c.seed)
+    return run.main_first(lm_datasets.build_text_dataset, text, tok.path, c.data.ptx_seq_len, data_dir)["train"]
 
 
 def init_params_fn(model, c):
     """Boxed {"policy": ..., ["critic": ...]} for sharded init."""
     one = train_state.model_init_fn(model, 8, c.seed)
-    if c.ppo.critic == "reward_model":
+    if c.ppo.critic == "reward_model" and c.ppo.advantage == "gae":
         return lambda: {"policy": one(), "critic": one()}
     return lambda: {"policy": one()}
-
-
-def frozen_reference(run: Run, model, policy_like):
-    """The reference (SFT) policy: the init_from params, frozen. A copy, never donated."""
-    params = run.load_init_params(policy_like, heads=tuple(policy_like.keys()))
-    return jax.tree.map(jnp.copy, params)
 
 
 def initial_params(run: Run, model, params):
@@ -94,52 +51,18 @@ def initial_params(run: Run, model, params):
     return out
 
 
-def reward(run: Run, c):
-    """(rm (model, norm) or None, rm params or None, Python reward function or None)."""
-    if c.reward.kind == "rm":
-        if not c.reward.rm_workdir:
-            raise ValueError("config.reward.rm_workdir is empty: set it to a trained RM's --workdir, "
-                             "or use --config.reward.kind=function with config.reward.function=module:fn.")
-        from rlhf_jax.stages.rm import load_reward_model
-
-        rm_model, rm_params, norm = load_reward_model(c.reward.rm_workdir, run.mesh, run.rules, c.model.dtype)
-        return (rm_model, norm), rm_params, None
-    if c.reward.kind == "function":
-        return None, None, import_function(c.reward.function, "reward.function")
-    raise ValueError(f"config.reward.kind={c.reward.kind!r}: use 'rm' or 'function'.")
-
-
-def import_function(spec: str, key: str):
-    """'package.module:function' → the function."""
-    mod, _, name = spec.partition(":")
-    try:
-        return getattr(importlib.import_module(mod), name)
-    except (ImportError, AttributeError, ValueError) as e:
-        raise ValueError(f"config.{key}={spec!r} cannot be imported ({e}); give it as 'package.module:function'.") from e
-
-
-def decode_batch(tok, batch) -> tuple[list[str], list[str]]:
-    prompts, pmask = parallel.to_host(batch["prompt"]), parallel.to_host(batch["prompt_mask"])
-    resp, rmask = parallel.to_host(batch["response"]), parallel.to_host(batch["response_mask"])
-    p_text = [tok.decode([int(t) for t, m in zip(row, mk) if m]) for row, mk in zip(prompts, pmask)]
-    r_text = [tok.decode([int(t) for t, m in zip(row, mk) if m]) for row, mk in zip(resp, rmask)]
-    return p_text, r_text
-
-
-def function_scores(fn, tok, batch, run: Run):
-    """Scores from a Python function fn(prompts, responses, tokens, mask) -> [B] floats."""
-    p_text, r_text = decode_batch(tok, batch)
-    tokens, mask = parallel.to_host(batch["response"]), parallel.to_host(batch["response_mask"])
-    scores = np.asarray(fn(p_text, r_text, tokens, mask), np.float32)
-    if scores.shape != (len(r_text),):
-        raise ValueError(f"config.reward.function returned shape {scores.shape}; expected ({len(r_text)},).")
-    return jax.device_put(scores, parallel.batch_sharding(run.mesh, run.rules, 1))
-
-
-def check_batch(c) -> int:
-    """rollout.samples_per_prompt, checked against batch_size, ppo.num_minibatches, the process count and
-    ppo.score_baseline."""
+def check_config(c) -> int:
+    """rollout.samples_per_prompt (the group size G), checked with every policy-gradient setting that could
+    otherwise be silently misread; run before any data is built."""
     k, B, base, M = c.rollout.samples_per_prompt, c.batch_size, c.ppo.score_baseline, c.ppo.num_minibatches
+    adv = c.ppo.advantage
+    choices = (("ppo.advantage", adv, rl.ADVANTAGES), ("ppo.loss_aggregation", c.ppo.loss_aggregation,
+               rl.AGGREGATIONS), ("kl.estimator", c.kl.estimator, rl.KL_ESTIMATORS),
+               ("kl.placement", c.kl.placement, ("reward", "loss")), ("ppo.score_baseline", base, rl.SCORE_BASELINES),
+               ("ppo.critic", c.ppo.critic, ("shared", "reward_model")))
+    for key, value, allowed in choices:
+        if value not in allowed:
+            raise ValueError(f"config.{key}={value!r} is unknown; use one of {allowed}.")
     if M < 1 or B % M:
         raise ValueError(f"config.batch_size={B} episodes do not split into ppo.num_minibatches={M} equal "
                          f"minibatches; pick num_minibatches dividing batch_size (e.g. 4 with 64).")
@@ -147,23 +70,23 @@ def check_batch(c) -> int:
         raise ValueError(f"config.rollout.samples_per_prompt={k} must be >= 1 and divide batch_size={B} into a "
                          f"number of prompts that divides by the {jax.process_count()} process(es); e.g. "
                          f"samples_per_prompt=4 with batch_size=64.")
-    if base not in ("none", "loo"):
-        raise ValueError(f"config.ppo.score_baseline={base!r}: use 'none' or 'loo' (leave-one-out mean of the "
-                         f"prompt's other samples).")
     if base == "loo" and k < 2:
         raise ValueError("config.ppo.score_baseline='loo' needs config.rollout.samples_per_prompt >= 2 (a "
                          "prompt's other samples are its baseline).")
+    if adv == "rloo" and k < 2:
+        raise ValueError("config.ppo.advantage='rloo' needs config.rollout.samples_per_prompt >= 2: each sample's "
+                         "baseline is the mean of its prompt's other samples.")
+    if adv in ("grpo", "dr_grpo") and k < 2:
+        raise ValueError(f"config.ppo.advantage={adv!r} with samples_per_prompt={k}: a group of one has advantage "
+                         f"0, so nothing would be learnt. Use samples_per_prompt >= 2 (DeepSeekMath: 64).")
+    if c.ppo.critic == "reward_model" and adv != "gae":
+        raise ValueError(f"config.ppo.critic='reward_model' with ppo.advantage={adv!r}: only 'gae' uses a critic. "
+                         f"Use ppo.critic='shared' (ignored without a critic) or ppo.advantage='gae'.")
+    if c.rollout.temperature <= 0:
+        raise ValueError(f"config.rollout.temperature={c.rollout.temperature}: the policy-gradient stage needs "
+                         f"the log-probs of a sampling distribution, and greedy decoding has none (every "
+                         f"log-prob would be log 0). Use a temperature > 0, e.g. 0.7.")
     return k
-
-
-def sample_keys(seed: int, iteration: int, B: int, run: Run):
-    """One PRNG key per episode (B per iteration), from (seed, global episode index): independent of
-    batching and topology."""
-    p, n = jax.process_index(), jax.process_count()
-    idx = iteration * B + np.arange(p * B // n, (p + 1) * B // n)
-    base = jax.random.PRNGKey(seed)
-    keys = np.asarray(jax.vmap(lambda i: jax.random.key_data(jax.random.fold_in(base, i)))(jnp.asarray(idx)))
-    return parallel.global_batch({"k": keys}, run.mesh, run.rules)["k"]
 
 
 def ptx_batches(loader, iteration: int, n_updates: int, run: Run):
@@ -171,15 +94,3 @@ def ptx_batches(loader, iteration: int, n_updates: int, run: Run):
     if loader is None:
         return None
     return parallel.global_batch(loader.get_batch(iteration), run.mesh, run.rules)
-
-
-def write_samples(path: str, writer, step: int, tok, batch, scores, run: Run, n: int = 8):
-    p_text, r_text = decode_batch(tok, batch)
-    rows = [{"step": step, "prompt": p, "response": r, "score": float(s)}
-            for p, r, s in list(zip(p_text, r_text, np.asarray(scores)))[:n]]
-    if run.is_main:
-        with open(path, "a") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
-        table = "| prompt | response | score |\n|---|---|---|\n" + "".join(
-            f"| {r['prompt']!r} | {r['response']!r} | {r['score']:.3f} |\n" for r in rows)
-        writer.write_text(step, "samples", table)

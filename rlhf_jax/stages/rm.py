@@ -5,7 +5,7 @@ valid int32 [B, K]. The reward of a sequence is the reward head read at its
 last real token, so pads on either side change nothing. After training, a gain
 and bias make rewards on a reference distribution mean 0 / std 1
 (lm-human-preferences); they are saved in <workdir>/reward_norm.json, returned
-by `load_reward_model` and applied by `score_sequences`.
+by `evaluation.load_reward_model` and applied by `objectives.score_sequences`.
 
 Throughput: perf/samples_per_sec counts scored sequences (B·K per step),
 perf/tokens_per_sec their L padded positions each.
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 
 import jax
 import jax.numpy as jnp
@@ -23,28 +22,15 @@ import ml_collections
 import numpy as np
 import optax
 
-from rlhf_jax import config as config_lib, optim, parallel, perf, preference, train_state
-from rlhf_jax.models.gpt import TransformerLM, positions_from_mask
+from rlhf_jax import config as config_lib, objectives, optim, parallel, perf, preference, train_state
+from rlhf_jax.data import comparisons
+from rlhf_jax.evaluation import NORM_FILE
+from rlhf_jax.loop import LoopTail
+from rlhf_jax.models.gpt import TransformerLM
 from rlhf_jax.run import Run
 
-NORM_FILE = "reward_norm.json"
 LOSSES = ("ranking", "best_of_k")
 NORM_REFERENCES = ("comparisons", "none")
-
-
-def sequence_rewards(params, model: TransformerLM, tokens, input_mask, rng=None):
-    """Reward of each sequence, read at its last real token: [N, L] → [N] (f32). Pads may sit on either side."""
-    out = model.apply({"params": params}, tokens, positions_from_mask(input_mask), input_mask, heads=("reward",),
-                      deterministic=rng is None, rngs=None if rng is None else {"dropout": rng})
-    last = input_mask.shape[-1] - 1 - jnp.argmax(input_mask[:, ::-1], axis=-1)
-    return jnp.take_along_axis(out["rewards"], last[:, None], axis=-1)[:, 0]
-
-
-def comparison_rewards(params, model, batch, rng=None):
-    """[B, K] rewards for the K responses of each comparison."""
-    B, K, L = batch["tokens"].shape
-    r = sequence_rewards(params, model, batch["tokens"].reshape(B * K, L), batch["input_mask"].reshape(B * K, L), rng)
-    return r.reshape(B, K)
 
 
 def _preference_loss(rewards, valid, rm_cfg):
@@ -68,7 +54,7 @@ def _denominators(valid, rm_cfg) -> tuple[jax.Array, jax.Array]:
 def _weighted_loss(params, model, batch, rm_cfg, rng, denominators):
     """A (micro)batch's share of the loss of a batch whose counts are `denominators`: summed over its
     comparisons and responses, divided by the whole batch's. The shares add up to `rm_loss`."""
-    rewards = comparison_rewards(params, model, batch, rng)
+    rewards = objectives.comparison_rewards(params, model, batch, rng)
     valid = batch["valid"]
     n_ex, n_resp = denominators
     mean, stats = _preference_loss(rewards, valid, rm_cfg)
@@ -125,7 +111,7 @@ def make_train_step(model, tx, schedule, rm_cfg, grad_accum: int = 1, inject_non
 def make_reward_fn(model):
     """jitted (params, batch) -> rewards f32 [B, K], deterministic (no dropout). Build it once: each
     new function object would compile again."""
-    return jax.jit(lambda params, batch: comparison_rewards(params, model, batch))
+    return jax.jit(lambda params, batch: objectives.comparison_rewards(params, model, batch))
 
 
 def _all_rewards(reward_fn, params, source, run: Run, max_batches: int | None):
@@ -157,44 +143,6 @@ def reference_rewards(reward_fn, params, run: Run, source) -> np.ndarray:
     return r[v > 0]
 
 
-def datasets(run: Run):
-    from rlhf_jax.data import chat, comparisons
-
-    c = run.config
-    data_dir = os.path.join(run.workdir, "data")
-    if not c.data.train_path:
-        from rlhf_jax.data import builtin_preferences
-
-        c.data.train_path, c.data.eval_path = run.main_first(builtin_preferences.write, data_dir, seed=c.seed,
-                                                             n_train=c.data.builtin_examples)
-        c.data.format = "ranked"
-    corpus = os.path.join(data_dir, "tokenizer_corpus.txt")
-    if not (c.data.tokenizer_path or c.init_from) and run.is_main:  # no tokenizer yet: learn one from this data
-        os.makedirs(data_dir, exist_ok=True)
-        records = comparisons.read_comparisons(c.data.train_path, c.data.format,
-                                               line_range=tuple(c.data.train_lines) or None)
-        with open(corpus, "w") as f:
-            for r in records:
-                f.writelines(m["content"] + "\n" for m in r["prompt_messages"])
-                f.writelines(x + "\n" for x in r["responses"])
-    tok = run.tokenizer([corpus])
-    tok_path = os.path.join(run.workdir, "tokenizer.model")
-
-    def build(path, line_range):
-        if not path:
-            return None, {}
-        rng = tuple(line_range) if line_range else None
-        return run.main_first(comparisons.build_comparison_dataset, path, c.data.format, tok_path, c.data.seq_len,
-                              data_dir, num_responses=c.data.num_responses or None, line_range=rng,
-                              template=chat.config_template(c.data))
-
-    train, train_stats = build(c.data.train_path, c.data.train_lines)
-    # eval_lines without eval_path holds out a line range of the training file (e.g. HH-RLHF's last 300)
-    eval_path = c.data.eval_path or (c.data.train_path if c.data.eval_lines else "")
-    evals, eval_stats = build(eval_path, c.data.eval_lines)
-    return tok, train, evals, train_stats, eval_stats
-
-
 def check_config(c: ml_collections.ConfigDict) -> None:
     """Rejects RM settings that would otherwise be silently misread; run before any data is built."""
     if c.rm.loss not in LOSSES:
@@ -216,7 +164,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     run = Run(config, workdir)
     c = run.config
     check_config(c)
-    tok, train_source, eval_source, train_stats, eval_stats = datasets(run)
+    tok, train_source, eval_source, train_stats, eval_stats = comparisons.run_datasets(run)
     run.write_config()
     run.log(f"rm data: train {train_stats}, eval {eval_stats}")
     model = TransformerLM(config_lib.model_config(c))
@@ -229,63 +177,36 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         state = state.replace(params=run.load_init_params(state.params, heads=("trunk",)))
     start = int(jax.device_get(state.step))
 
-    batch_sh = parallel.batch_sharding(run.mesh, run.rules)
+    batch_sh = parallel.batch_sharding(run.mesh, run.rules, ndim=1)  # leading (batch) axis of every leaf
     with parallel.activate(run.mesh, run.rules):
         step_fn = jax.jit(make_train_step(model, tx, schedule, c.rm, c.grad_accum, tuple(c.debug_nonfinite_steps)),
                           in_shardings=(shardings, batch_sh), out_shardings=(shardings, parallel.replicated(run.mesh)),
                           donate_argnums=(0,))
     reward_fn = make_reward_fn(model)
     loader = BatchLoader(train_source, c.batch_size, seed=c.seed)
-    writer = run.metric_writer(start)
     K = train_source[0]["tokens"].shape[0]
     # The RM never computes vocabulary logits: drop the LM head's 6·D·V from the LM's count.
     flops_per_seq = (perf.train_flops_per_token(model.cfg, c.data.seq_len)
                      - 6.0 * model.cfg.d_model * model.cfg.vocab_size) * c.data.seq_len
-    peak = perf.measured_peak_flops(c.model.dtype)
+    seqs = c.batch_size * K  # scored sequences per step
+    tail = LoopTail(run, start, "rm", tokens_per_step=seqs * c.data.seq_len, samples_per_step=seqs,
+                    flops_per_step=seqs * flops_per_seq, postfix={"loss": "rm/loss", "acc": "rm/accuracy"})
     run.log(f"rm: {loader.num_examples} comparisons (K={K}), steps {start}→{c.num_steps}, "
             f"mesh {dict(run.mesh.shape)}, {sum(x.size for x in jax.tree.leaves(state.params)) / 1e6:.2f}M params")
 
-    last, t_last, since = {}, time.perf_counter(), 0
-    bar = run.progress(start, c.num_steps, "rm")
+    def norm_metrics():  # before the final checkpoint: a saved final step always has its norm file
+        norm = normalise(reward_fn, state.params, run, train_source, c.num_steps)
+        return {"rm/norm_gain": norm["gain"], "rm/norm_bias": norm["bias"]}
+
     with parallel.activate(run.mesh, run.rules):
         for step, local in loader.iterate(start, c.num_steps - start):
             batch = parallel.global_batch(local, run.mesh, run.rules)
-            if step == start:
-                step_fn = run.compile("rm train step", step_fn, state, batch)
+            step_fn = tail.compile_once("rm train step", step_fn, state, batch)
             state, metrics = step_fn(state, batch)
-            done, since = step + 1, since + 1
-            bar.update(1)
-            if step == start:  # the first step compiles: time it apart from throughput
-                jax.block_until_ready(state)
-                run.log(f"compiled and ran the first step in {time.perf_counter() - t_last:.1f}s")
-                t_last, since = time.perf_counter(), 0
-            if done % c.log_every == 0 or done == c.num_steps:
-                metrics = jax.device_get(metrics)
-                run.check_finite(state)
-                dt = time.perf_counter() - t_last
-                seqs = since * c.batch_size * K / dt
-                last = writer.write(done, {**metrics, "perf/tokens_per_sec": seqs * c.data.seq_len,
-                                           "perf/samples_per_sec": seqs, "perf/mfu": seqs * flops_per_seq / peak})
-                bar.set_postfix(loss=f"{last['rm/loss']:.4f}", acc=f"{last['rm/accuracy']:.3f}")
-                t_last, since = time.perf_counter(), 0
-            if (done % c.eval_every == 0 or done == c.num_steps) and eval_source is not None:
-                ev = evaluate(reward_fn, state.params, eval_source, run, c.rm, c.eval_batches)
-                last.update(writer.write(done, ev))
-                run.log(f"step {done}: eval/rm/accuracy {ev['eval/rm/accuracy']:.4f} loss {ev['eval/rm/loss']:.4f}")
-                t_last, since = time.perf_counter(), 0  # throughput counts only the steps timed since here
-            if done == c.num_steps:  # before the checkpoint: a saved final step always has its norm file
-                norm = normalise(reward_fn, state.params, run, train_source, done)
-                last.update(writer.write(done, {"rm/norm_gain": norm["gain"], "rm/norm_bias": norm["bias"]}))
-            if done % c.checkpoint.every == 0 or done == c.num_steps or run.preempted:
-                run.save(state, {"stage": "rm", "data_step": done}, force=run.preempted)
-                t_last, since = time.perf_counter(), 0
-            if run.preempted:
-                run.log(f"SIGTERM: saved step {done}; rerun the same command to resume.")
+            if tail.end_step(step + 1, state, metrics, on_last=norm_metrics, evaluate=None if eval_source is None
+                             else lambda: evaluate(reward_fn, state.params, eval_source, run, c.rm, c.eval_batches)):
                 break
-    bar.close()
-    writer.close()
-    run.close()
-    return last
+    return tail.close()
 
 
 def normalise(reward_fn, params, run: Run, train_source, step: int) -> dict[str, float]:
@@ -309,38 +230,3 @@ def normalise(reward_fn, params, run: Run, train_source, step: int) -> dict[str,
         os.replace(path + ".tmp", path)
     run.log(f"reward normalisation: gain {gain:.4f} bias {bias:.4f} over {n} reference responses")
     return norm
-
-
-def load_reward_model(workdir: str, mesh, rules, dtype: str | None = None):
-    """(model, params, norm) of a finished RM workdir, params of its latest checkpoint sharded on `mesh`;
-    norm = {"gain", "bias", ...} from its reward_norm.json. `dtype` overrides the compute dtype.
-
-    Score with `score_sequences(params, model, norm, tokens, input_mask)`; jit it as you like.
-    """
-    from rlhf_jax import checkpoint
-
-    src = checkpoint.read_run_config(workdir)
-    if src is None:
-        raise FileNotFoundError(f"{workdir!r} is not an RM workdir (no config.json). Train one with configs/rm.py.")
-    norm_path = os.path.join(workdir, NORM_FILE)
-    if not os.path.exists(norm_path):
-        raise FileNotFoundError(f"{norm_path} is missing: the RM run in {workdir} did not finish. Rerun its "
-                                f"command to finish it.")
-    with open(norm_path) as f:
-        norm = json.load(f)
-    _, step = checkpoint.find_params_checkpoint(workdir)
-    if norm.get("step", step) != step:  # e.g. a run extended past a finished one, then stopped midway
-        raise ValueError(f"{norm_path} describes the params of step {norm['step']} but the latest checkpoint in "
-                         f"{workdir} is step {step}: that run stopped before finishing. Rerun its command to "
-                         f"finish it.")
-    model_cfg = dict(src["model"], dropout=0.0, **({"dtype": dtype} if dtype else {}))
-    model = TransformerLM(config_lib.ModelConfig(**model_cfg))
-    like, _ = parallel.sharded_init(train_state.model_init_fn(model, 8, 0), mesh, rules)
-    params = checkpoint.load_params(workdir, like)
-    return model, params, norm
-
-
-def score_sequences(params, model, norm, tokens, input_mask):
-    """Normalised reward of sequences [N, L] (pads on either side) → [N]."""
-    r = sequence_rewards(params, model, tokens, input_mask)
-    return preference.apply_normalization(r, norm["gain"], norm["bias"])

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import random
+import zlib
 from collections.abc import Sequence
 
 import numpy as np
@@ -71,6 +72,18 @@ def gold_reward(prompts: Sequence[str], responses: Sequence[str], tokens, mask) 
     """[B] float32 gold scores (harm penalty included) of decoded prompts and responses;
     the signature of `config.reward.kind="function"` (tokens and mask are unused)."""
     return np.asarray([gold_score(p, r) for p, r in zip(prompts, responses, strict=True)], np.float32)
+
+
+def labeler_scores(prompts: Sequence[str], responses: Sequence[str], tokens, mask) -> np.ndarray:
+    """[B] float32: what a simulated labeler sees of each response — its gold score plus noise of std
+    DEFAULT_NOISE (labelers.rank_responses ranks by exactly this), for ranking samples online. The noise is
+    drawn from a generator seeded by the (prompt, response) text, so a rerun or a resumed run sees the same
+    judgments: a labeler who is consistent about one item but noisy across items."""
+    out = []
+    for p, r in zip(prompts, responses, strict=True):
+        rng = np.random.default_rng(zlib.crc32(f"{p}\x00{r}".encode()))
+        out.append(gold_score(p, r) + DEFAULT_NOISE * rng.standard_normal())
+    return np.asarray(out, np.float32)
 
 
 def evaluate_responses(prompts: Sequence[str], responses: Sequence[str]) -> dict[str, float]:

@@ -1,0 +1,55 @@
+"""The head-to-head's tuning budget: every algorithm at the same three learning rates, on seed 0.
+
+    bash scripts/quickstart.sh                      # seed 0's pretrain, SFT, comparisons and RM
+    python scripts/sweep.py experiments/algorithms_tuning.py --root runs/sweeps/algorithms_tuning
+
+Each run is the default pipeline with config.policy set and its stage's lr swept over LRS; everything
+upstream (pretrain, SFT, the 3,000 ranked comparisons, the RM) is reused from runs/quickstart, so
+every algorithm starts from the same SFT policy and sees the same labels. That is the whole budget:
+three runs per algorithm, no other setting tuned — each algorithm keeps its paper's settings
+(configs/<algorithm>.py). The lr with the best held-out gold score (seed 0's evaluation prompts) is
+the one experiments/algorithms.py runs on five seeds; seed 0 is therefore the tuning seed, and that
+file also reports the mean over seeds 1-4 alone.
+"""
+
+BASE = "configs/pipeline.py"
+FIXED = {"reuse_from": "runs/quickstart"}
+LRS = (3e-5, 1e-4, 3e-4)
+POLICY_GRADIENT = ("ppo", "grpo", "dr_grpo", "rloo", "reinforce_pp")  # config.ppo.optim.lr
+DIRECT = ("dpo", "ipo", "simpo", "plackett_luce", "online_dpo")  # config.dpo.optim.lr
+SWEEP = ([{"policy": p, "ppo.optim.lr": lr} for p in POLICY_GRADIENT for lr in LRS]
+         + [{"policy": p, "dpo.optim.lr": lr} for p in DIRECT for lr in LRS])
+COLUMNS = ("policy/gold_score", "policy/win_rate_vs_sft", "policy/kl", "policy/chatter_rate",
+           "policy/answer_correct_rate", "policy/harmful_rate")
+
+
+def lr_of(row) -> float:
+    return row.get("ppo.optim.lr") or row.get("dpo.optim.lr")
+
+
+def chosen(rows) -> dict[str, float]:
+    """{policy: the lr whose run has the best held-out gold score} over the finished runs."""
+    best = {}
+    for r in rows:
+        if r["status"] == "finished" and (r["policy"] not in best or r["policy/gold_score"] > best[r["policy"]][1]):
+            best[r["policy"]] = (lr_of(r), r["policy/gold_score"])
+    return {p: lr for p, (lr, _) in best.items()}
+
+
+def analyze(root, rows):
+    import json
+    import os
+
+    picks = chosen(rows)
+    with open(os.path.join(root, "chosen_lr.json"), "w") as f:
+        json.dump(picks, f, indent=2)
+    lines = ["## Learning rate per algorithm (held-out gold score, seed 0)", "",
+             "| algorithm | " + " | ".join(f"lr {lr:g}" for lr in LRS) + " | chosen |", "|---|" + "---|" * (len(LRS) + 1)]
+    for p in POLICY_GRADIENT + DIRECT:
+        cells = []
+        for lr in LRS:
+            r = next((r for r in rows if r["policy"] == p and lr_of(r) == lr and r["status"] == "finished"), None)
+            cells.append(f"{r['policy/gold_score']:.3f} (win {r['policy/win_rate_vs_sft']:.3f}, KL "
+                         f"{r['policy/kl']:.2f})" if r else "—")
+        lines.append(f"| {p} | " + " | ".join(cells) + f" | {picks.get(p, float('nan')):g} |")
+    return lines

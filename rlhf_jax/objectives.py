@@ -1,0 +1,139 @@
+"""What every stage computes from a params tree: token log-probs and entropies, token NLL, response
+log-probs (PPO and its family, DPO, evaluation) and sequence scores (the reward model).
+
+One home, so that stages never import each other. All functions are pure and jittable; `model`
+is a `TransformerLM` and `params` the tree (or subtree) it applies to. Units: nats.
+
+Two layouts of a (prompt, response) pair occur:
+  split   prompt [B, P] left-padded (real tokens at the right end), response [B, N] right-padded:
+          the rollout layout, where position P-1 predicts response token 0;
+  joined  tokens [N, L] = prompt + response, right-padded, with a target mask marking the tokens
+          whose log-prob counts: the LM and comparison layout, where position t predicts t+1.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from rlhf_jax import preference
+from rlhf_jax.models.gpt import positions_from_mask
+
+Array = jax.Array
+
+
+def forward(params, model, tokens, input_mask, heads=("lm",), rng=None):
+    """model.apply on a (possibly padded) batch: positions count only real tokens; dropout iff `rng`."""
+    return model.apply({"params": params}, tokens, positions_from_mask(input_mask), input_mask, heads=heads,
+                       deterministic=rng is None, rngs=None if rng is None else {"dropout": rng})
+
+
+# --- per-token quantities from logits ------------------------------------------------------------------------------
+
+def logprobs_from_logits(logits: Array, tokens: Array, temperature: float = 1.0) -> Array:
+    """log p(tokens) [B, T] in nats under softmax(logits / temperature); logits [B, T, V], computed in f32.
+
+    The temperature is the one used for sampling, so these are the log-probs of the distribution
+    the responses were drawn from (before any top-k / top-p filtering, which the sampler applies).
+    """
+    logits = logits.astype(jnp.float32) / temperature
+    picked = jnp.take_along_axis(logits, tokens[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    return picked - jax.nn.logsumexp(logits, axis=-1)
+
+
+def entropy_from_logits(logits: Array, temperature: float = 1.0) -> Array:
+    """Entropy [B, T] in nats of softmax(logits / temperature); logits [B, T, V]."""
+    logits = logits.astype(jnp.float32) / temperature
+    probs = jax.nn.softmax(logits, axis=-1)
+    return jax.nn.logsumexp(logits, axis=-1) - jnp.sum(probs * logits, axis=-1)
+
+
+# --- the joined layout: LM loss, comparison log-probs ------------------------------------------------------------
+
+def token_nll(params, model, batch, rng=None) -> tuple[Array, Array]:
+    """Next-token cross-entropy f32 [B, L] and its target mask [B, L] for LM batches
+    {tokens, input_mask, loss_mask} int32 [B, L+1]: the model reads tokens[:, :-1] and predicts
+    tokens[:, 1:]; a target counts where both its loss_mask and its input_mask are 1."""
+    inputs, input_mask = batch["tokens"][:, :-1], batch["input_mask"][:, :-1]
+    targets = batch["tokens"][:, 1:]
+    target_mask = (batch["loss_mask"][:, 1:] * batch["input_mask"][:, 1:]).astype(jnp.float32)
+    logits = forward(params, model, inputs, input_mask, rng=rng)["logits"]
+    logp = logprobs_from_logits(logits, targets)
+    return jnp.where(target_mask > 0, -logp, 0.0), target_mask
+
+
+def summed_token_nll(params, model, batch, rng=None) -> tuple[Array, Array]:
+    """(Σ NLL over the batch's targets, number of targets): f32 [] each; divide for nats / token."""
+    nll, mask = token_nll(params, model, batch, rng)
+    return jnp.sum(nll * mask), jnp.sum(mask)
+
+
+def sequence_logprobs(params, model, tokens, input_mask, target_mask, rng=None) -> tuple[Array, Array]:
+    """(Σ_t log π(x_t | x_<t) over the target tokens [N], number of target tokens [N]) for joined rows
+    tokens / input_mask / target_mask int [N, L] (right-padded; target_mask[t] = 1 on response tokens)."""
+    logits = forward(params, model, tokens[:, :-1], input_mask[:, :-1], rng=rng)["logits"]
+    logp = logprobs_from_logits(logits, tokens[:, 1:])
+    mask = (target_mask[:, 1:] * input_mask[:, 1:]) > 0
+    return jnp.sum(jnp.where(mask, logp, 0.0), axis=-1), jnp.sum(mask, axis=-1).astype(jnp.float32)
+
+
+def response_target_mask(input_mask: Array, prompt_len: Array) -> Array:
+    """int32 [..., L]: 1 on the real tokens at index >= prompt_len [...] (the response of a joined row)."""
+    at = jnp.arange(input_mask.shape[-1])
+    return ((at >= prompt_len[..., None]) & (input_mask > 0)).astype(jnp.int32)
+
+
+def comparison_logprobs(params, model, batch, rng=None) -> tuple[Array, Array]:
+    """(response log-prob sums [B, K], response lengths [B, K]) of comparison records {tokens,
+    input_mask [B, K, L], prompt_len [B]}: each of the K responses given the shared prompt."""
+    B, K, L = batch["tokens"].shape
+    target = response_target_mask(batch["input_mask"], jnp.broadcast_to(batch["prompt_len"][:, None], (B, K)))
+    flat = lambda x: x.reshape(B * K, L)
+    lp, n = sequence_logprobs(params, model, flat(batch["tokens"]), flat(batch["input_mask"]), flat(target), rng)
+    return lp.reshape(B, K), n.reshape(B, K)
+
+
+# --- the split layout: rollouts -----------------------------------------------------------------------------------
+
+def response_stats(params, model, prompt, prompt_mask, response, response_mask, temperature: float,
+                   values: bool = False) -> dict[str, Array]:
+    """Per response token [B, N]: "logprobs" (at the sampling temperature), "entropy", and with
+    values=True the value head's "values" (the critic's estimate before each token)."""
+    P = prompt.shape[1]
+    tokens = jnp.concatenate([prompt, response], axis=1)
+    mask = jnp.concatenate([prompt_mask, response_mask], axis=1)
+    out = forward(params, model, tokens, mask, heads=("lm", "value") if values else ("lm",))
+    logits = out["logits"][:, P - 1:-1]  # position t-1 predicts response token t
+    stats = {"logprobs": logprobs_from_logits(logits, response, temperature),
+             "entropy": entropy_from_logits(logits, temperature)}
+    if values:
+        stats["values"] = out["values"][:, P - 1:-1]
+    return stats
+
+
+def response_logprob_sums(params, model, prompt, prompt_mask, response, response_mask, temperature: float) -> Array:
+    """Σ_t log π(response_t | prompt, response_<t) per sequence [B] (nats), e.g. for KL estimates."""
+    lp = response_stats(params, model, prompt, prompt_mask, response, response_mask, temperature)["logprobs"]
+    return jnp.sum(jnp.where(response_mask > 0, lp, 0.0), axis=1)
+
+
+# --- sequence scores (the reward head) ----------------------------------------------------------------------------
+
+def sequence_rewards(params, model, tokens, input_mask, rng=None) -> Array:
+    """Reward of each sequence, read at its last real token: [N, L] → [N] (f32). Pads may sit on either side."""
+    out = forward(params, model, tokens, input_mask, heads=("reward",), rng=rng)
+    last = input_mask.shape[-1] - 1 - jnp.argmax(input_mask[:, ::-1], axis=-1)
+    return jnp.take_along_axis(out["rewards"], last[:, None], axis=-1)[:, 0]
+
+
+def comparison_rewards(params, model, batch, rng=None) -> Array:
+    """[B, K] rewards for the K responses of each comparison record {tokens, input_mask [B, K, L]}."""
+    B, K, L = batch["tokens"].shape
+    r = sequence_rewards(params, model, batch["tokens"].reshape(B * K, L), batch["input_mask"].reshape(B * K, L), rng)
+    return r.reshape(B, K)
+
+
+def score_sequences(params, model, norm, tokens, input_mask) -> Array:
+    """The normalised reward (norm = {"gain", "bias"} of the RM's reward_norm.json) of sequences [N, L] → [N]."""
+    return preference.apply_normalization(sequence_rewards(params, model, tokens, input_mask), norm["gain"],
+                                          norm["bias"])
