@@ -143,7 +143,8 @@ def log(msg: str):
 
 
 def once(workdir: str, name: str, fn):
-    """Runs fn() unless <workdir>/DONE.json exists; stores and returns its result (a JSON dict)."""
+    """Runs fn() unless <workdir>/DONE.json exists; stores and returns its result (a JSON dict), with the
+    stage's wall time as "wall_s" (seconds, setup and compilation included)."""
     done = os.path.join(workdir, "DONE.json")
     if os.path.exists(done):
         log(f"{name}: finished earlier, skipped ({workdir})")
@@ -151,7 +152,8 @@ def once(workdir: str, name: str, fn):
             return json.load(f)
     log(f"{name}: running in {workdir}")
     os.makedirs(workdir, exist_ok=True)
-    result = fn()
+    t0 = time.perf_counter()
+    result = {**fn(), "wall_s": time.perf_counter() - t0}
     with open(done + ".tmp", "w") as f:
         json.dump(result, f, indent=2, default=float)
     os.replace(done + ".tmp", done)

@@ -64,6 +64,7 @@ def evaluate(c, sub: dict, paths: dict, rm_metrics: dict, mesh, rules) -> dict:
         "pretrained": {"pretrain_loss": lm_loss(base_model, base_params, heldout, mesh, rules, bs)},
         "sft": sft_eval,
         "policy": {**pol_eval, "algorithm": c.policy, "kl": float(np.mean(lp_pol - lp_sft)),
+                   "wall_s": stage_wall_s(sub["policy"]),
                    "win_rate_vs_sft": builtin.win_rate(prompts, pol["responses"], sft["responses"])},
         f"best_of_{c.eval.best_of_n}_sft_by_rm": {**bon_eval,
                                                   "win_rate_vs_sft": builtin.win_rate(prompts, bon, sft["responses"])},
@@ -71,6 +72,12 @@ def evaluate(c, sub: dict, paths: dict, rm_metrics: dict, mesh, rules) -> dict:
                "accuracy_vs_gold_incl_ties": rm_metrics.get("eval/rm/accuracy")},
         "samples": samples,
     }
+
+
+def stage_wall_s(stage_dir: str) -> float | None:
+    """The wall time a pipeline stage took (its DONE.json's "wall_s"; None for runs older than that record)."""
+    with open(os.path.join(stage_dir, "DONE.json")) as f:
+        return json.load(f).get("wall_s")
 
 
 def sft_samples_scored_by_rm(c, sub: dict, model, params, tok, source, n: int, mesh, rules, first=None):

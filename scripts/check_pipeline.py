@@ -2,7 +2,7 @@
 
     python scripts/check_pipeline.py [--root runs/sweeps/seeds] [--workers 1] [--collect]
 
-Runs experiments/seeds.py (the default pipeline for seeds 0, 1, 2; seed 0 reuses runs/quickstart's
+Runs experiments/seeds.py (the default pipeline for seeds 0-4; seed 0 reuses runs/quickstart's
 stages when present) with scripts/sweep.py, then prints each seed's numbers, their mean ± std, and
 whether the claim holds: PPO's mean win rate over SFT by the gold judge (ties count half) is at least
 --min-win-rate, and PPO's mean harmful rate is below SFT's. Exit status 0 when both hold, 1 when not.

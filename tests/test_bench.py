@@ -65,6 +65,7 @@ def test_measured_peak_is_a_plausible_rate():
 
 @pytest.mark.skipif(importlib.util.find_spec("torch") is None or importlib.util.find_spec("transformers") is None,
                     reason="the PyTorch comparison needs `pip install -r requirements-parity.txt`")
+@pytest.mark.slow
 def test_quick_benchmark_writes_every_result(tmp_path):
     out = tmp_path / "bench.json"
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
@@ -102,6 +103,7 @@ def test_quick_benchmark_writes_every_result(tmp_path):
 
 @pytest.mark.skipif(importlib.util.find_spec("trl") is None,
                     reason="the GRPO comparison needs TRL: `pip install -r requirements-parity.txt`")
+@pytest.mark.slow
 def test_quick_grpo_benchmark_runs_both_systems_on_the_same_inputs(tmp_path):
     out = tmp_path / "bench.json"
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}

@@ -11,6 +11,7 @@ import pytest
 from rlhf_jax.metrics import read_metrics
 from rlhf_jax.stages import lm
 from tests.test_lm_stage import ROOT, pretrain_cfg, tiny
+from tests.conftest import with_device_count
 
 
 def _cmd(workdir, steps):
@@ -19,8 +20,9 @@ def _cmd(workdir, steps):
             "--config.eval_every=100000", "--config.progress=False"]
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_exits_zero_and_the_same_command_resumes(tmp_path):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    env = dict(os.environ, XLA_FLAGS=with_device_count(os.environ["XLA_FLAGS"], 2))
     proc = subprocess.Popen(_cmd(tmp_path, 3000), cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     metrics = tmp_path / "metrics.jsonl"

@@ -94,6 +94,7 @@ def _kill_soak():
     return mod
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_points_always_resumes_from_the_last_complete_checkpoint(tmp_path):
     """5 SIGKILLs at seeded random moments of one run (async checkpoints every 3 steps, so some land mid-save);
     each relaunch must resume from the newest complete checkpoint, and the end result must equal, bit for bit,

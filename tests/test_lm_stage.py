@@ -19,6 +19,7 @@ from rlhf_jax.stages import lm
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from configs import pretrain as pretrain_cfg, sft as sft_cfg  # noqa: E402
+from tests.conftest import with_device_count
 
 
 def tiny(cfg_module, **overrides):
@@ -99,7 +100,7 @@ def test_pretrain_then_sft_from_its_workdir(tmp_path):
 
 
 def _main(*args, cwd=ROOT):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env = dict(os.environ, XLA_FLAGS=with_device_count(os.environ["XLA_FLAGS"], 8))
     return subprocess.run([sys.executable, "-m", "rlhf_jax.main", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=300)
 

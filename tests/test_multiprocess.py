@@ -19,6 +19,7 @@ import pytest
 
 from rlhf_jax import distributed
 from rlhf_jax.metrics import read_metrics
+from tests.conftest import with_device_count
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MESH_2x2x2 = ("--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2")
@@ -33,7 +34,7 @@ def _free_port() -> int:
 
 def _env(devices: int, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RLHF_JAX_")}
-    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **extra)
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=with_device_count(os.environ["XLA_FLAGS"], devices), **extra)
     return env
 
 
@@ -110,6 +111,7 @@ def pretrain_runs(tmp_path_factory):
     return base / "two", base / "one", outs
 
 
+@pytest.mark.slow
 def test_pretrain_on_two_processes_logs_what_one_process_logs(pretrain_runs):
     two, one, outs = pretrain_runs
     _assert_same_metrics(two, one)
@@ -118,6 +120,7 @@ def test_pretrain_on_two_processes_logs_what_one_process_logs(pretrain_runs):
     assert "mesh {'data': 2, 'fsdp': 2, 'tensor': 2}" in outs[0] and "pretrain:" not in outs[1]
 
 
+@pytest.mark.slow
 def test_checkpoint_of_two_processes_resumes_on_four_devices_with_another_mesh(pretrain_runs, tmp_path):
     two, one, _ = pretrain_runs
     resumed = tmp_path / "resumed"
@@ -133,6 +136,7 @@ def test_checkpoint_of_two_processes_resumes_on_four_devices_with_another_mesh(p
     assert [m["step"] for m in read_metrics(str(resumed)) if "train/loss" in m] == [1, 2, 3, 4, 5, 6]
 
 
+@pytest.mark.slow
 def test_reward_model_on_two_processes_logs_what_one_process_logs(tmp_path):
     overrides = ["--config.num_steps=3", "--config.log_every=1", "--config.eval_every=3", "--config.eval_batches=2",
                  "--config.checkpoint.every=3", *MESH_2x2x2]
@@ -144,6 +148,7 @@ def test_reward_model_on_two_processes_logs_what_one_process_logs(tmp_path):
     assert np.isclose(norm[0]["gain"], norm[1]["gain"], rtol=1e-4) and norm[0]["num_rewards"] == norm[1]["num_rewards"]
 
 
+@pytest.mark.slow
 def test_ppo_on_two_processes_logs_what_one_process_logs(tmp_path):
     # Two iterations: the second sees a policy that moved, so KL, kl_coef and the update all get compared.
     # float32: the KL is a small difference of log-probs, so the ~1e-7 that the all-reduce order (gloo

@@ -11,6 +11,7 @@ import pytest
 
 from rlhf_jax.pipeline import REUSE_KEYS, reusable_stages
 from tests.test_lm_stage import ROOT
+from tests.conftest import with_device_count
 
 
 def pipeline_config(preset="tiny"):
@@ -20,8 +21,9 @@ def pipeline_config(preset="tiny"):
     return module.get_config(preset)
 
 
+@pytest.mark.slow
 def test_tiny_pipeline_produces_summary_report_and_plots_and_reruns_skip(tmp_path):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    env = dict(os.environ, XLA_FLAGS=with_device_count(os.environ["XLA_FLAGS"], 2))
     cmd = [sys.executable, "-m", "rlhf_jax.pipeline", "--config=configs/pipeline.py:tiny", f"--workdir={tmp_path}",
            "--config.mesh.data=2"]
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)

@@ -49,6 +49,7 @@ def _model_of(workdir):
 
 
 @pytest.mark.skipif(not os.path.exists(HH_DEV), reason=f"reference data {HH_DEV} is absent")
+@pytest.mark.slow
 def test_hh_recipe_runs_sft_rm_ppo_from_a_gpt2_checkpoint(tmp_path):
     hf_dir = _hf_dir(tmp_path, "gpt2")
     data = {"data.train_path": HH_DEV, "data.train_lines": (0, 48)}
@@ -67,6 +68,7 @@ def test_hh_recipe_runs_sft_rm_ppo_from_a_gpt2_checkpoint(tmp_path):
     assert _finite(ppo) and "objective/scores" in ppo and "objective/kl" in ppo
 
 
+@pytest.mark.slow
 def test_tldr_recipe_runs_sft_ppo_from_a_pythia_shaped_checkpoint(tmp_path):
     hf_dir = _hf_dir(tmp_path, "neox")
     posts, comps = _tldr_files(tmp_path)

@@ -12,6 +12,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from experiments import load_experiment, product, run_names  # noqa: E402
+from tests.conftest import with_device_count
 
 _spec = importlib.util.spec_from_file_location("sweep_script", os.path.join(ROOT, "scripts", "sweep.py"))
 sweep = importlib.util.module_from_spec(_spec)
@@ -127,10 +128,11 @@ SWEEP = product({"optim.lr": [1e-3, 3e-3]}, seed=[0, 1])
 '''
 
 
+@pytest.mark.slow
 def test_local_sweep_runs_two_at_a_time_summarises_and_skips_finished_runs_on_rerun(tmp_path):
     path, root = _experiment(tmp_path, QUICK, "quick"), tmp_path / "sweeps" / "quick"
     env = {k: v for k, v in os.environ.items() if not k.startswith("RLHF_JAX_")}
-    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=with_device_count(os.environ["XLA_FLAGS"], 1))
     cmd = [sys.executable, "scripts/sweep.py", path, "--root", str(root), "--workers", "2"]
     first = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stdout + first.stderr

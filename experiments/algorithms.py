@@ -1,0 +1,155 @@
+"""The head-to-head: PPO, GRPO, Dr. GRPO, RLOO, DPO, IPO, SimPO, Plackett-Luce DPO and online DPO on the
+default pipeline, from one SFT policy and one set of comparisons per seed, judged by the gold judge.
+
+    python scripts/check_pipeline.py                  # seeds 0-4 of the default pipeline (PPO): the bases
+    python scripts/sweep.py experiments/algorithms_tuning.py --root runs/sweeps/algorithms_tuning   # lr, seed 0
+    python scripts/sweep.py experiments/algorithms.py --root runs/sweeps/algorithms
+
+Per seed, every algorithm reuses that seed's pretrain, SFT, the 3,000 ranked comparisons and the RM
+(config.reuse_from: seed 0's tuning run at the chosen lr, seeds 1-4 experiments/seeds.py's runs), so
+all of them start from the same SFT policy with the same labeler budget: the policy-gradient family
+optimises the RM trained on those rankings, the DPO family trains on the rankings themselves, online
+DPO ranks its own samples by that RM. Each algorithm keeps its paper's settings (configs/<algorithm>.py)
+at the learning rate experiments/algorithms_tuning.py chose for it on seed 0 (three lrs each, the whole
+tuning budget). Best-of-4 SFT samples by the RM comes with every pipeline's evaluation. The
+verifiable-reward column: PPO and GRPO trained against the gold judge itself (config.policy_reward=gold),
+the ceiling a perfect reward gives. analyze() reports mean ± std over the 5 seeds, a 95% t-interval, the
+mean over seeds 1-4 (untouched by the tuning), and a plot of gold score against KL.
+"""
+
+SEEDS = (0, 1, 2, 3, 4)
+# experiments/algorithms_tuning.py's choice (runs/sweeps/algorithms_tuning/chosen_lr.json): the lr of the
+# best held-out gold score on seed 0 among 3e-5, 1e-4, 3e-4.
+CHOSEN_LR = {}
+POLICY_GRADIENT = ("ppo", "grpo", "dr_grpo", "rloo")
+DIRECT = ("dpo", "ipo", "simpo", "plackett_luce", "online_dpo")
+GOLD_REWARD = ("ppo", "grpo")  # trained against the gold judge itself
+TUNING_ROOT, SEEDS_ROOT = "runs/sweeps/algorithms_tuning", "runs/sweeps/seeds"
+
+
+def _lr_key(policy: str) -> str:
+    return "ppo.optim.lr" if policy in POLICY_GRADIENT else "dpo.optim.lr"
+
+
+def _base(policy: str, seed: int) -> str:
+    """Where a run's stages come from: seed 0's tuning run of this algorithm (whose policy stage it
+    reuses too), or the seed's default pipeline run."""
+    if seed == 0:
+        lr = CHOSEN_LR[policy]
+        return f"{TUNING_ROOT}/policy={policy},{_lr_key(policy)}={lr:g}"
+    return f"{SEEDS_ROOT}/seed={seed}"
+
+
+BASE = "configs/pipeline.py"
+SWEEP = [{"policy": p, "seed": s, _lr_key(p): CHOSEN_LR[p], "reuse_from": _base(p, s)}
+         for s in SEEDS for p in POLICY_GRADIENT + DIRECT if p in CHOSEN_LR]
+SWEEP += [{"policy": p, "seed": s, _lr_key(p): CHOSEN_LR[p], "policy_reward": "gold",
+           "reuse_from": f"{SEEDS_ROOT}/seed={s}" if s else "runs/quickstart"}
+          for s in SEEDS for p in GOLD_REWARD if p in CHOSEN_LR]
+COLUMNS = ("policy/gold_score", "policy/correct_rate", "policy/answer_correct_rate", "policy/chatter_rate",
+           "policy/harmful_rate", "policy/win_rate_vs_sft", "policy/kl", "policy/wall_s", "sft/gold_score",
+           "best_of_4_sft_by_rm/gold_score", "best_of_4_sft_by_rm/win_rate_vs_sft",
+           "best_of_4_sft_by_rm/chatter_rate", "best_of_4_sft_by_rm/harmful_rate",
+           "best_of_4_sft_by_rm/correct_rate", "best_of_4_sft_by_rm/answer_correct_rate")
+METRICS = (("gold_score", "gold"), ("correct_rate", "exact-correct"), ("answer_correct_rate", "answer-correct"),
+           ("chatter_rate", "chatter"), ("harmful_rate", "harmful"), ("win_rate_vs_sft", "win rate vs SFT"),
+           ("kl", "KL(π ‖ SFT)"), ("wall_s", "policy stage wall time, s"))
+
+
+def _t975(n: int) -> float:
+    """The 97.5% quantile of Student's t with n − 1 degrees of freedom (a two-sided 95% interval)."""
+    from scipy import stats
+
+    return float(stats.t.ppf(0.975, n - 1))
+
+
+def aggregate(rows) -> dict[str, dict[str, dict[str, float]]]:
+    """{row label: {metric: {"mean", "std", "lo", "hi", "n", "mean_1_4"}}} over seeds, for every algorithm,
+    the gold-reward runs and best-of-4 by the RM (from the PPO runs' evaluations)."""
+    import numpy as np
+
+    groups = {}
+    for r in rows:
+        if r["status"] != "finished":
+            continue
+        label = r["policy"] + (" (gold reward)" if r.get("policy_reward") == "gold" else "")
+        groups.setdefault(label, []).append({m: r[f"policy/{m}"] for m, _ in METRICS} | {"seed": r["seed"]})
+        if r["policy"] == "ppo" and r.get("policy_reward") != "gold":
+            groups.setdefault("best_of_4_by_rm", []).append(
+                {m: r.get(f"best_of_4_sft_by_rm/{m}", float("nan")) for m, _ in METRICS} | {"seed": r["seed"]})
+            groups.setdefault("sft", []).append({"gold_score": r["sft/gold_score"], "seed": r["seed"]})
+    out = {}
+    for label, runs in groups.items():
+        out[label] = {}
+        for m, _ in METRICS:
+            x = np.asarray([run.get(m) if isinstance(run.get(m), (int, float)) else np.nan for run in runs], float)
+            later = np.asarray([v for v, run in zip(x, runs) if run["seed"] != 0], float)
+            ok = x[np.isfinite(x)]
+            if not len(ok):
+                continue
+            mean, std = float(ok.mean()), float(ok.std(ddof=1)) if len(ok) > 1 else 0.0
+            half = _t975(len(ok)) * std / np.sqrt(len(ok)) if len(ok) > 1 else float("nan")
+            out[label][m] = {"mean": mean, "std": std, "lo": mean - half, "hi": mean + half, "n": len(ok),
+                             "mean_1_4": float(np.nanmean(later)) if len(later) else float("nan")}
+    return out
+
+
+def separated(a: dict, b: dict) -> bool:
+    """Whether two 95% intervals do not overlap: the only case the analysis calls a difference."""
+    return a["hi"] < b["lo"] or b["hi"] < a["lo"]
+
+
+def analyze(root, rows):
+    import json
+    import os
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stats = aggregate(rows)
+    with open(os.path.join(root, "aggregate.json"), "w") as f:
+        json.dump(stats, f, indent=1)
+    order = [p for p in POLICY_GRADIENT + DIRECT if p in stats] + ["best_of_4_by_rm"] + \
+        [f"{p} (gold reward)" for p in GOLD_REWARD if f"{p} (gold reward)" in stats]
+    lines = ["## Head-to-head on the gold judge (mean ± std over seeds; [95% t-interval]; seeds 1-4 mean)", "",
+             "| algorithm | lr | " + " | ".join(name for _, name in METRICS) + " |", "|---|---|" + "---|" * len(METRICS)]
+    for label in order:
+        s = stats.get(label, {})
+        lr = CHOSEN_LR.get(label.split(" ")[0], "")
+        cells = []
+        for m, _ in METRICS:
+            if m not in s:
+                cells.append("—")
+                continue
+            v = s[m]
+            cells.append(f"{v['mean']:.3f} ± {v['std']:.3f} [{v['lo']:.3f}, {v['hi']:.3f}]; {v['mean_1_4']:.3f}"
+                         if m != "wall_s" else f"{v['mean']:.0f} ± {v['std']:.0f}")
+        lines.append(f"| {label} (n={s.get('gold_score', {}).get('n', 0)}) | {lr:g} | " if lr else
+                     f"| {label} (n={s.get('gold_score', {}).get('n', 0)}) | — | ")
+        lines[-1] += " | ".join(cells) + " |"
+    if "sft" in stats:
+        g = stats["sft"]["gold_score"]
+        lines += ["", f"SFT gold score: {g['mean']:.3f} ± {g['std']:.3f} [{g['lo']:.3f}, {g['hi']:.3f}]."]
+    # Pairs whose gold-score intervals separate: the differences this experiment can call.
+    labels = [x for x in order if "gold_score" in stats.get(x, {})]
+    calls = [f"{a} > {b}" if stats[a]["gold_score"]["mean"] > stats[b]["gold_score"]["mean"] else f"{b} > {a}"
+             for i, a in enumerate(labels) for b in labels[i + 1:] if separated(stats[a]["gold_score"],
+                                                                                 stats[b]["gold_score"])]
+    lines += ["", "Gold-score differences whose 95% intervals separate: " + ("; ".join(calls) or "none") + "."]
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for i, label in enumerate(x for x in order if "kl" in stats.get(x, {})):
+        g, k = stats[label]["gold_score"], stats[label]["kl"]
+        ax.errorbar(k["mean"], g["mean"], xerr=k["std"], yerr=g["std"], fmt="os^vD<>ph*"[i % 11], color=f"C{i % 10}",
+                    label=label, capsize=2, ms=6)
+    if "sft" in stats:
+        ax.axhline(stats["sft"]["gold_score"]["mean"], color="gray", ls="--", lw=1, label="SFT")
+    ax.set_xlabel("KL(π ‖ SFT), nats per response (held-out prompts)")
+    ax.set_ylabel("gold score (held-out prompts)")
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(os.path.join(root, "gold_vs_kl.png"), dpi=120)
+    plt.close(fig)
+    return lines + ["", "![gold vs KL](gold_vs_kl.png)"]
