@@ -168,6 +168,26 @@ def test_labelers_agree_with_gold_about_three_quarters_of_the_time():
     assert labelers.pairwise_agreement([1.0, 0.5, 0.5, 0.0], [3, 1, 2, 0]) == (0, 5)
 
 
+def test_online_labeler_scores_are_gold_plus_the_labelers_noise_and_repeatable():
+    # The scores online DPO ranks by when config.reward.function is builtin:labeler_scores.
+    data = _sft_like(300, seed=6)
+    prompts = [p for p, rs, _ in data for _ in rs]
+    responses = [r for _, rs, _ in data for r in rs]
+    noisy = builtin.labeler_scores(prompts, responses, None, None)
+    gold = builtin.gold_reward(prompts, responses, None, None)
+    noise = noisy - gold
+    assert abs(noise.mean()) < 0.05 and abs(noise.std() - labelers.DEFAULT_NOISE) < 0.05
+    np.testing.assert_array_equal(noisy, builtin.labeler_scores(prompts, responses, None, None))  # a rerun agrees
+    # ranking each prompt's samples by these scores agrees with gold as often as the offline labelers do
+    agree = compared = start = 0
+    for p, rs, _ in data:
+        s = noisy[start:start + len(rs)]
+        g = gold[start:start + len(rs)]
+        a, c = labelers.pairwise_agreement(list(g), [int(j) for j in np.argsort(-s, kind="stable")])
+        agree, compared, start = agree + a, compared + c, start + len(rs)
+    assert abs(agree / compared - 0.75) < 0.06
+
+
 def test_rankings_are_deterministic_given_the_rng():
     responses = ["2 5 9", "2 9", "9 5 2", "zorp", "2 5 9 9"]
     a = [labelers.rank_responses("sort: 9 2 5", responses, np.random.default_rng(3)) for _ in range(2)]

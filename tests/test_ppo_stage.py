@@ -94,3 +94,34 @@ def test_ppo_with_several_samples_per_prompt_and_a_leave_one_out_baseline(tmp_pa
 def test_ppo_batch_settings_that_do_not_fit_are_named(tmp_path, kw, match):
     with pytest.raises(ValueError, match=match):
         ppo.train_and_evaluate(config(num_steps=1, batch_size=8, **kw), str(tmp_path))
+
+
+TOKENIZER_SIZE = 384  # the tiny presets' tokenizer
+
+
+def only_tokenizer_ids(prompts, responses, tokens, mask):
+    """A reward that fails the run if a sampled id is outside the tokenizer (a padded vocabulary row)."""
+    real = np.asarray(tokens)[np.asarray(mask) > 0]
+    assert real.size and real.max() < TOKENIZER_SIZE, f"sampled id {real.max()} >= {TOKENIZER_SIZE}"
+    return even_token_share(prompts, responses, tokens, mask)
+
+
+def test_a_padded_vocabulary_samples_and_scores_only_tokenizer_ids(tmp_path):
+    # 512 embedding rows for a 384-piece tokenizer, as Pythia pads 50,277 tokens to 50,304: the extra rows'
+    # logits are masked, so nothing samples, decodes or scores an id the tokenizer does not have.
+    from rlhf_jax import checkpoint
+    from rlhf_jax.stages import lm, rm
+    import configs.pretrain as pretrain_cfg
+    import configs.rm as rm_cfg
+
+    lm.train_and_evaluate(tiny(pretrain_cfg, num_steps=3, **{"model.vocab_size": 512}), str(tmp_path / "pt"))
+    saved = checkpoint.read_run_config(str(tmp_path / "pt"))["model"]
+    assert (saved["vocab_size"], saved["token_vocab"]) == (512, TOKENIZER_SIZE)
+    rm.train_and_evaluate(tiny(rm_cfg, num_steps=2, init_from=str(tmp_path / "pt")), str(tmp_path / "rm"))
+    out = ppo.train_and_evaluate(config(num_steps=3, init_from=str(tmp_path / "pt"), **{
+        "reward.function": "tests.test_ppo_stage:only_tokenizer_ids"}), str(tmp_path / "fn"))
+    assert np.isfinite(out["objective/entropy"]) and np.isfinite(out["objective/kl"])
+    out = ppo.train_and_evaluate(config(num_steps=2, init_from=str(tmp_path / "pt"), **{
+        "reward.kind": "rm", "reward.rm_workdir": str(tmp_path / "rm"),
+        "reward.monitor": "tests.test_ppo_stage:only_tokenizer_ids"}), str(tmp_path / "with_rm"))
+    assert np.isfinite(out["objective/scores"]) and 0.0 <= out["objective/monitor_score"] <= 1.0

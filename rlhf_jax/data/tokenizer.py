@@ -229,6 +229,8 @@ def run_tokenizer(c, workdir: str, corpus_paths: list[str], is_main: bool = True
     elif c.model.vocab_size < tok.vocab_size:
         raise ValueError(f"config.model.vocab_size={c.model.vocab_size} < tokenizer size {tok.vocab_size}; "
                          f"set it to -1 to size it from the tokenizer.")
+    if c.model.vocab_size > tok.vocab_size:  # padded rows are masked out of every softmax (ModelConfig)
+        c.model.token_vocab = tok.vocab_size
     return tok
 
 

@@ -97,6 +97,9 @@ class TransformerLM(nn.Module):
         out = {"hidden": hidden, "cache": cache}
         if "lm" in heads:
             logits = self.trunk.attend(hidden) if self.cfg.tie_embeddings else self.lm_head(hidden)
+            if 0 < self.cfg.token_vocab < self.cfg.vocab_size:  # padding rows: probability exactly 0
+                # -1e9, not -inf: exp() of it is 0, and 0 · logit stays 0 in the entropy (0 · -inf is NaN)
+                logits = jnp.where(jnp.arange(self.cfg.vocab_size) < self.cfg.token_vocab, logits, -1e9)
             out["logits"] = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
         if "value" in heads:
             out["values"] = self.value_head(hidden)

@@ -24,6 +24,10 @@ class ModelConfig:
     """Hyper-parameters of the decoder; covers the GPT-2, NeoX and LLaMA families."""
 
     vocab_size: int = 512
+    # Ids the tokenizer can produce (0: all of vocab_size). A padded vocabulary (Pythia: 50,304 rows for
+    # 50,277 tokens; ours: rounded up to a multiple of 128) gets the logits above it masked, so no stage
+    # samples or scores an id the tokenizer cannot decode.
+    token_vocab: int = 0
     d_model: int = 128
     n_layers: int = 4
     n_heads: int = 4
