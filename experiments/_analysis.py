@@ -55,3 +55,35 @@ def fit_gao(d: np.ndarray, gain: np.ndarray) -> tuple[float, float]:
 def gao_peak(alpha: float, beta: float) -> float:
     """d* where d (α − β ln d) is largest (β > 0); inf when the fit never turns down."""
     return float(np.exp(alpha / beta - 1.0)) if beta > 0 else float("inf")
+
+
+def policy_stage_seconds(run_dir: str) -> float | None:
+    """Wall seconds of a pipeline run's policy stage: its DONE.json's wall_s, else (runs from before that
+    record) the gap between the "<policy>: running" and "evaluation: running" lines of the sweep.log of the
+    run that trained it (stages.json says which run that was, when this one reused it). None if unknown."""
+    import re
+
+    where = os.path.join(run_dir, "policy")
+    stages = os.path.join(run_dir, "stages.json")
+    if os.path.isfile(stages):
+        with open(stages) as f:
+            where = json.load(f).get("policy", where)
+    done = os.path.join(where, "DONE.json")
+    if os.path.isfile(done):
+        with open(done) as f:
+            wall = json.load(f).get("wall_s")
+        if wall is not None:
+            return float(wall)
+    log = os.path.join(os.path.dirname(where), "sweep.log")
+    if not os.path.isfile(log):
+        return None
+    stamp = lambda line: sum(int(x) * m for x, m in zip(line[1:9].split(":"), (3600, 60, 1)))
+    start = end = None
+    with open(log) as f:
+        for line in f:
+            if re.match(r"\[\d\d:\d\d:\d\d\] pipeline: ", line):
+                if line.rstrip().endswith(f"running in {where}"):
+                    start = stamp(line)
+                elif start is not None and "pipeline: evaluation: running in" in line:
+                    end = stamp(line)
+    return None if start is None or end is None else float((end - start) % 86400)

@@ -63,17 +63,24 @@ def _t975(n: int) -> float:
     return float(stats.t.ppf(0.975, n - 1))
 
 
-def aggregate(rows) -> dict[str, dict[str, dict[str, float]]]:
+def aggregate(rows, root: str = "") -> dict[str, dict[str, dict[str, float]]]:
     """{row label: {metric: {"mean", "std", "lo", "hi", "n", "mean_1_4"}}} over seeds, for every algorithm,
     the gold-reward runs and best-of-4 by the RM (from the PPO runs' evaluations)."""
+    import os
+
     import numpy as np
+
+    from experiments._analysis import policy_stage_seconds
 
     groups = {}
     for r in rows:
         if r["status"] != "finished":
             continue
         label = r["policy"] + (" (gold reward)" if r.get("policy_reward") == "gold" else "")
-        groups.setdefault(label, []).append({m: r[f"policy/{m}"] for m, _ in METRICS} | {"seed": r["seed"]})
+        values = {m: r[f"policy/{m}"] for m, _ in METRICS}
+        if not isinstance(values.get("wall_s"), (int, float)) and root:
+            values["wall_s"] = policy_stage_seconds(os.path.join(root, r["run"]))
+        groups.setdefault(label, []).append(values | {"seed": r["seed"]})
         if r["policy"] == "ppo" and r.get("policy_reward") != "gold":
             groups.setdefault("best_of_4_by_rm", []).append(
                 {m: r.get(f"best_of_4_sft_by_rm/{m}", float("nan")) for m, _ in METRICS} | {"seed": r["seed"]})
@@ -108,7 +115,7 @@ def analyze(root, rows):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    stats = aggregate(rows)
+    stats = aggregate(rows, root)
     with open(os.path.join(root, "aggregate.json"), "w") as f:
         json.dump(stats, f, indent=1)
     order = [p for p in POLICY_GRADIENT + DIRECT if p in stats] + ["best_of_4_by_rm"] + \

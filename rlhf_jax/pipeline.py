@@ -117,6 +117,10 @@ def reusable_stages(c: ml_collections.ConfigDict, base: str) -> dict[str, str]:
     with open(path) as f:
         theirs = json.load(f)
     ours = json.loads(json.dumps(c.to_dict(), default=str))
+    # A key added to the code since that run was written ran there as its default: fill it in, so that a
+    # new setting whose default keeps the old behaviour does not make every earlier run unusable.
+    preset = config_module("pipeline").get_config(theirs.get("preset", c.preset))
+    theirs = _with_missing(theirs, json.loads(json.dumps(preset.to_dict(), default=str)))
     out, dirs = {}, stage_dirs(base)
     for stage, keys in REUSE_KEYS.items():  # in pipeline order: a changed stage ends the reuse
         if any(_get(ours, k) != _get(theirs, k) for k in keys):
@@ -125,6 +129,17 @@ def reusable_stages(c: ml_collections.ConfigDict, base: str) -> dict[str, str]:
         if not os.path.isfile(os.path.join(where, "DONE.json")):
             break
         out[stage] = where
+    return out
+
+
+def _with_missing(config: dict, defaults: dict) -> dict:
+    """`config` with every key it lacks taken from `defaults` (nested dicts key by key)."""
+    out = dict(config)
+    for k, v in defaults.items():
+        if k not in out:
+            out[k] = v
+        elif isinstance(v, dict) and isinstance(out[k], dict):
+            out[k] = _with_missing(out[k], v)
     return out
 
 

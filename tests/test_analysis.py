@@ -33,3 +33,20 @@ def test_ppo_curve_averages_windows_and_clamps_negative_kl(tmp_path):
     np.testing.assert_allclose(c["gold"], [0.05, 0.25])
     np.testing.assert_allclose(c["proxy"], [1.0, 3.0])
     np.testing.assert_allclose(c["proxy_init"], 0.5)  # iteration 1 alone: the initial policy
+
+
+def test_policy_stage_seconds_from_the_record_or_from_the_log_of_the_run_that_trained_it(tmp_path):
+    from experiments._analysis import policy_stage_seconds
+
+    trained, reusing = tmp_path / "trained", tmp_path / "reusing"
+    (trained / "policy").mkdir(parents=True)
+    (trained / "policy" / "DONE.json").write_text("{}")  # a run from before DONE.json held wall_s
+    (trained / "sweep.log").write_text(
+        f"[23:59:30] pipeline: rm: finished earlier, skipped (x)\n[23:59:50] pipeline: grpo: running in "
+        f"{trained / 'policy'}\nnoise\n[00:00:36] pipeline: evaluation: running in {trained / 'eval'}\n")
+    reusing.mkdir()
+    (reusing / "stages.json").write_text(json.dumps({"policy": str(trained / "policy")}))
+    assert policy_stage_seconds(str(trained)) == policy_stage_seconds(str(reusing)) == 46.0  # across midnight
+    (trained / "policy" / "DONE.json").write_text(json.dumps({"wall_s": 12.5}))
+    assert policy_stage_seconds(str(reusing)) == 12.5
+    assert policy_stage_seconds(str(tmp_path / "nowhere")) is None

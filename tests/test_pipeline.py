@@ -121,6 +121,14 @@ def test_reuse_takes_the_unchanged_prefix_of_stages_and_stops_at_the_first_chang
     c = pipeline_config()
     c.seed = 1
     assert reusable_stages(c, str(tmp_path)) == {}
+    # A run written before a key existed ran with that key's default: it is still reused ...
+    older = base.to_dict()
+    del older["ppo"]["ppo"]["loss_aggregation"], older["pretrain"]["model"]["token_vocab"], older["policy"]
+    (tmp_path / "pipeline_config.json").write_text(json.dumps(older, default=str))
+    assert list(reusable_stages(pipeline_config(), str(tmp_path))) == ["pretrain", "sft", "comparisons", "rm", "policy"]
+    c = pipeline_config()
+    c.ppo.ppo.loss_aggregation = "token_sum"  # ... unless this run sets it otherwise
+    assert list(reusable_stages(c, str(tmp_path))) == ["pretrain", "sft", "comparisons", "rm"]
     (tmp_path / "sft" / "DONE.json").unlink()  # an unfinished stage there is run here, and so is all after it
     assert list(reusable_stages(pipeline_config(), str(tmp_path))) == ["pretrain"]
     with pytest.raises(FileNotFoundError, match="reuse_from.*pipeline_config.json does not exist"):
