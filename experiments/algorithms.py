@@ -20,7 +20,8 @@ mean over seeds 1-4 (untouched by the tuning), and a plot of gold score against 
 SEEDS = (0, 1, 2, 3, 4)
 # experiments/algorithms_tuning.py's choice (runs/sweeps/algorithms_tuning/chosen_lr.json): the lr of the
 # best held-out gold score on seed 0 among 3e-5, 1e-4, 3e-4.
-CHOSEN_LR = {}
+CHOSEN_LR = {"ppo": 3e-5, "grpo": 3e-5, "dr_grpo": 1e-4, "rloo": 1e-4, "dpo": 3e-5, "ipo": 3e-5, "simpo": 3e-5,
+             "plackett_luce": 1e-4, "online_dpo": 3e-5}
 POLICY_GRADIENT = ("ppo", "grpo", "dr_grpo", "rloo")
 DIRECT = ("dpo", "ipo", "simpo", "plackett_luce", "online_dpo")
 GOLD_REWARD = ("ppo", "grpo")  # trained against the gold judge itself

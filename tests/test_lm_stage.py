@@ -128,3 +128,11 @@ def test_batch_not_divisible_by_data_shards_is_rejected(tmp_path):
     c = tiny(pretrain_cfg, batch_size=12)  # mesh.data=8
     with pytest.raises(ValueError, match="config.batch_size=12 is not divisible by the 8"):
         lm.train_and_evaluate(c, str(tmp_path))
+
+
+def test_a_workdir_that_is_a_file_is_named_before_anything_runs(tmp_path):
+    not_a_dir = tmp_path / "runs_file"
+    not_a_dir.write_text("notes")
+    with pytest.raises(NotADirectoryError, match="is an existing file, not a directory"):
+        lm.train_and_evaluate(tiny(pretrain_cfg), str(not_a_dir))
+    assert not_a_dir.read_text() == "notes"  # nothing lost
