@@ -15,11 +15,11 @@ also with a _tiny suffix. Formats as configs/rm.py: ranked, pairwise, hh_rlhf, t
 built-in synthetic preference with a known rule (configs/rm.py:tiny's data).
 
 The papers' settings, by loss (config.dpo.*):
-  dpo            β = 0.1 (Rafailov et al. 2023 §6: "β = 0.1" for dialogue and summarisation); label
+  dpo            β = 0.1 (Rafailov et al. 2023's default); label
                  smoothing 0 (> 0 is conservative DPO); pairs: every pair of a K-way ranking, weighted as
                  the RM's eq. 1 (1/C(K,2) per prompt), so DPO sees what the RM saw
-  ipo            τ = β = 0.1 (Azar et al. 2023; the margin target 1/(2τ) = 5 nats)
-  simpo          β = 2.0, γ = 1.0 (Meng et al. 2024, Table 7's ranges β 2-2.5, γ/β 0.5); no reference model
+  ipo            τ = β = 0.1 (as TRL's default; Azar et al. 2023 sweep τ): a margin target 1/(2τ) = 5 nats
+  simpo          β = 2.0, γ = 1.0 (Meng et al. 2024 tune β in about 2-2.5 with γ/β near 0.5); no reference model
   plackett_luce  β = 0.1, the whole K-way ranking (Rafailov et al. 2023, Appendix A.3)
   online_dpo     DPO on online.samples_per_prompt = 2 samples of the current policy per prompt, ranked by
                  config.reward, one update each (Guo et al. 2024's OAIF: two responses, an annotator's choice)

@@ -13,7 +13,7 @@ Presets: default, tiny (seconds; a verifiable reward), dr_grpo, dr_grpo_tiny. Th
 configs/ppo.py (stages/ppo.py); only ALGORITHMS[...] differs, and `config.policy` of the pipeline
 applies it on top of the pipeline's own policy-stage sizes.
 
-GRPO, as DeepSeekMath §2.2 (eq. 3) and §4.2 ("Training Setting") state it:
+GRPO, as DeepSeekMath states it (its eq. 3, and the training setting of its RL experiments):
   - advantage: each output's reward minus its group's mean, over the group's std (outcome supervision),
     the same on every token; G outputs per question (theirs: 64; here 8 of a 64-episode batch);
   - KL in the loss, not the reward: β·D_KL(π ‖ π_ref) with the unbiased k3 estimator, β = 0.04;
@@ -21,7 +21,7 @@ GRPO, as DeepSeekMath §2.2 (eq. 3) and §4.2 ("Training Setting") state it:
   - one policy update per batch of rollouts ("a single update following each exploration stage");
   - clip ε = 0.2 (the paper leaves ε unstated; 0.2 as PPO and TRL's GRPOConfig).
   Their learning rate (1e-6, for a 7B model) is not carried over: the lr is a size setting.
-Dr. GRPO (§3.2 of "Understanding R1-Zero-Like Training") removes the two normalisations that bias GRPO:
+Dr. GRPO ("Understanding R1-Zero-Like Training") removes the two normalisations that bias GRPO:
 no division by the group std, and a token sum over a constant (the response budget) instead of 1/|o_i|.
 Its paper trains with β = 0; here β stays GRPO's, so the two presets differ in exactly those two terms.
 """

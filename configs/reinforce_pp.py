@@ -6,7 +6,7 @@ whole batch instead of estimated by a value function.
     python -m rlhf_jax.pipeline --config=configs/pipeline.py --config.policy=reinforce_pp \
         --workdir=runs/reinforce_pp_pipeline --config.reuse_from=runs/quickstart
 
-Presets: default, tiny. As the paper states it (§3): the token-level KL penalty stays in the reward
+Presets: default, tiny. As the paper states it: the token-level KL penalty stays in the reward
 (r_t = −β·KL_t, plus the score at the end of the response), the advantage is the reward-to-go
 Σ_{s≥t} γ^{s−t} r_s with γ = 1, whitened over every token of the global batch (no group, so one
 sample per prompt suffices), and PPO's clipped surrogate with its mini-batch updates stays (4 epochs

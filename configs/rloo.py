@@ -7,7 +7,7 @@ Human Feedback in LLMs"): the policy-gradient stage with a leave-one-out baselin
     python -m rlhf_jax.pipeline --config=configs/pipeline.py --config.policy=rloo --workdir=runs/rloo_pipeline \
         --config.reuse_from=runs/quickstart
 
-Presets: default, tiny. As the paper states it (§3, eq. 5-6):
+Presets: default, tiny. As the paper states it:
   - the whole response is one action: its reward is the RM score minus β·Σ_t (log π − log π_ref), the
     sequence-level k1 KL kept in the reward (as InstructGPT), and its advantage that reward minus the
     mean reward of the prompt's other k − 1 samples; k = 4 (the paper's larger setting; it also runs 2);

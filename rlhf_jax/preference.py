@@ -127,9 +127,9 @@ DPO_PAIRS = ("all", "best_worst")
 def implicit_rewards(loss: str, logps: jax.Array, ref_logps: jax.Array | None, lengths: jax.Array) -> jax.Array:
     """ρ [B, K] from the policy's response log-prob sums, the reference's (None for SimPO) and the response
     lengths in tokens (the response's own tokens only, never the prompt's)."""
-    if loss == "simpo":  # Meng et al. 2024 eq. 4: the average log-likelihood, no reference model
+    if loss == "simpo":  # Meng et al. 2024: the average log-likelihood, no reference model
         return logps / jnp.maximum(lengths, 1.0)
-    return logps - ref_logps  # Rafailov et al. 2023 eq. 5: r(x, y) = β log π(y|x) / π_ref(y|x), β applied later
+    return logps - ref_logps  # Rafailov et al. 2023: r(x, y) = β log π(y|x) / π_ref(y|x), β applied later
 
 
 def _pair_mask(valid: jax.Array, pairs: str) -> jax.Array:
@@ -151,8 +151,8 @@ def pairwise_preference_loss(rho: jax.Array, valid: jax.Array, loss: str, beta: 
 
     dpo    −(1−ε)·log σ(β·m) − ε·log σ(−β·m)   Rafailov et al. 2023 eq. 7; ε > 0 is label smoothing
                                                (conservative DPO: a share ε of labels assumed flipped)
-    ipo    (m − 1/(2β))²                       Azar et al. 2023 eq. 17 (τ = β): a margin target, not → ∞
-    simpo  −log σ(β·m − γ)                     Meng et al. 2024 eq. 6, ρ the average log-likelihood
+    ipo    (m − 1/(2β))²                       Azar et al. 2023 (τ = β): a margin target, not → ∞
+    simpo  −log σ(β·m − γ)                     Meng et al. 2024, ρ the average log-likelihood
 
     Returns (loss [], stats {"num_pairs", "num_examples"}): the mean over prompts with a pair of the mean
     over each prompt's pairs.
@@ -178,7 +178,7 @@ def pairwise_preference_loss(rho: jax.Array, valid: jax.Array, loss: str, beta: 
 
 def plackett_luce_loss(rho: jax.Array, valid: jax.Array, beta: float) -> tuple[jax.Array, dict]:
     """The K-way ranking's negative log-likelihood under Plackett-Luce with scores β·ρ (Rafailov et al. 2023,
-    Appendix A.3, eq. 18): −Σ_{k<n−1} [β·ρ_k − log Σ_{j≥k} exp(β·ρ_j)] over a prompt's n valid responses,
+    Appendix A.3): −Σ_{k<n−1} [β·ρ_k − log Σ_{j≥k} exp(β·ρ_j)] over a prompt's n valid responses,
     best first; averaged over prompts with n >= 2. At K = 2 it is DPO's −log σ(β(ρ_0 − ρ_1)) exactly."""
     v = valid > 0
     # A missing response scores -1e30, not -inf: exp() of it is exactly 0, and no inf − inf reaches a gradient.

@@ -183,10 +183,10 @@ def group_advantages(returns: Array, group: int, kind: str, eps: float = 1e-4) -
     """Critic-free advantage [B] of each episode from its return [B] and its group's (`group`
     consecutive episodes = the samples of one prompt; mean_g, std_g over the group):
 
-    grpo     (R_i − mean_g) / (std_g + eps)    DeepSeekMath (Shao et al. 2024) §4.1.2, outcome supervision;
+    grpo     (R_i − mean_g) / (std_g + eps)    DeepSeekMath (Shao et al. 2024), outcome supervision;
              std with Bessel's correction (as TRL and verl); G = 1 or equal returns give 0, never NaN
-    dr_grpo  R_i − mean_g                      Liu et al. 2025 ("Understanding R1-Zero-like training") §3.2
-    rloo     R_i − mean_{j≠i} R_j              Ahmadian et al. 2024 eq. 5 (Kool et al. 2019); needs G >= 2
+    dr_grpo  R_i − mean_g                      Liu et al. 2025 ("Understanding R1-Zero-like training")
+    rloo     R_i − mean_{j≠i} R_j              Ahmadian et al. 2024 (Kool et al. 2019); needs G >= 2
     """
     if returns.shape[0] % group:
         raise ValueError(f"group_advantages: group={group} does not divide the {returns.shape[0]} episodes.")
@@ -213,7 +213,7 @@ def advantages(kind: str, rewards: Array, mask: Array, values: Array | None = No
                   group_advantages of the episode return R_i = Σ_t r_t, the same on every token
                   (the whole response is one action: outcome supervision)
     reinforce_pp  the reward-to-go G_t = Σ_{s≥t} γ^{s−t} r_s, whitened over every real token of the
-                  global batch (REINFORCE++, Hu 2025, eqs. 6-8: no critic, no group)
+                  global batch (REINFORCE++, Hu 2025: no critic, no group)
     """
     real = mask != 0
     if kind == "gae":
@@ -240,7 +240,7 @@ def aggregate(x: Array, mask: Array, how: str = "token_mean") -> Array:
     token_mean     Σ_{b,t} m·x / Σ_{b,t} m: every token of the batch weighs the same (PPO, lm-human-preferences)
     sequence_mean  mean over episodes with a token of Σ_t m·x / Σ_t m (GRPO, DeepSeekMath eq. 3's 1/|o_i|),
                    so a long response weighs per token less than a short one
-    token_sum      Σ_{b,t} m·x / (B · T): a constant normaliser, T the response budget (Dr. GRPO §3.2,
+    token_sum      Σ_{b,t} m·x / (B · T): a constant normaliser, T the response budget (Dr. GRPO,
                    which removes GRPO's length bias)
     """
     real = mask != 0

@@ -1,5 +1,5 @@
 """The direct-preference family vs hand-written references of the published formulas (DPO eq. 7 with label
-smoothing, IPO eq. 17, SimPO eq. 6, Plackett-Luce, DPO appendix A.3 eq. 18), on random implicit rewards
+smoothing, IPO, SimPO, Plackett-Luce of the DPO paper's appendix A.3), on random implicit rewards
 with ragged rankings; Plackett-Luce at K = 2 is DPO; SimPO's length normalisation counts response tokens
 only; padded responses and tokens never contribute."""
 

@@ -21,7 +21,7 @@ def reference_group_advantages(returns, group, kind, eps=1e-4):
         r = [float(x) for x in returns[start:start + group]]
         mean = sum(r) / len(r)
         for i, ri in enumerate(r):
-            if kind == "grpo":  # DeepSeekMath §4.1.2: (r_i − mean(r)) / std(r), sample std as TRL / verl
+            if kind == "grpo":  # DeepSeekMath: (r_i − mean(r)) / std(r), sample std as TRL / verl
                 std = (sum((x - mean) ** 2 for x in r) / (len(r) - 1)) ** 0.5 if len(r) > 1 else 0.0
                 out.append((ri - mean) / (std + eps))
             elif kind == "dr_grpo":  # Liu et al. 2025: r_i − mean(r)
