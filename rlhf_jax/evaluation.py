@@ -106,6 +106,16 @@ def load_reward_model(workdir: str, mesh, rules, dtype: str | None = None):
     src = checkpoint.read_run_config(workdir)
     if src is None:
         raise FileNotFoundError(f"{workdir!r} is not an RM workdir (no config.json). Train one with configs/rm.py.")
+    norm = load_reward_norm(workdir)
+    model = TransformerLM(ModelConfig(**dict(src["model"], dropout=0.0, **({"dtype": dtype} if dtype else {}))))
+    like, _ = parallel.sharded_init(train_state.model_init_fn(model, 8, 0), mesh, rules)
+    params = checkpoint.load_params(workdir, like)
+    return model, params, norm
+
+
+def load_reward_norm(workdir: str) -> dict:
+    """{"gain", "bias", ...} of a finished RM workdir (its reward_norm.json), checked to describe the params
+    of its latest checkpoint."""
     norm_path = os.path.join(workdir, NORM_FILE)
     if not os.path.exists(norm_path):
         raise FileNotFoundError(f"{norm_path} is missing: the RM run in {workdir} did not finish. Rerun its "
@@ -117,7 +127,4 @@ def load_reward_model(workdir: str, mesh, rules, dtype: str | None = None):
         raise ValueError(f"{norm_path} describes the params of step {norm['step']} but the latest checkpoint in "
                          f"{workdir} is step {step}: that run stopped before finishing. Rerun its command to "
                          f"finish it.")
-    model = TransformerLM(ModelConfig(**dict(src["model"], dropout=0.0, **({"dtype": dtype} if dtype else {}))))
-    like, _ = parallel.sharded_init(train_state.model_init_fn(model, 8, 0), mesh, rules)
-    params = checkpoint.load_params(workdir, like)
-    return model, params, norm
+    return norm

@@ -113,6 +113,14 @@ def apply_normalization(rewards: jax.Array, gain: jax.Array | float, bias: jax.A
     return gain * rewards + bias
 
 
+def fold_normalization(head: dict, gain: jax.Array | float, bias: jax.Array | float) -> dict:
+    """A scalar head {"kernel" [D, 1], "bias" [1]} whose output is gain · (that head's output) + bias:
+    gain·(h·w + b) + bias = h·(gain·w) + (gain·b + bias). A critic started from the RM (InstructGPT) gets
+    the RM's normalisation folded into its value head, so its first values are in the units of the
+    normalised score it is trained to predict."""
+    return {"kernel": gain * head["kernel"], "bias": gain * head["bias"] + bias}
+
+
 # --- direct preference optimisation: the policy as its own reward model ----------------------------------------------
 #
 # Every loss below takes the implicit rewards ρ [B, K] of a policy's responses, best first (see

@@ -2,6 +2,8 @@
 # Sets up .venv with pinned versions and runs the test suite (CPU, 8 fake devices).
 #   bash scripts/test.sh [--fast] [pytest args...]
 # --fast leaves out the end-to-end and multi-process tests (pytest -m "not slow").
+# Test files run on RLHF_JAX_TEST_WORKERS pytest-xdist workers (default 2; 1 runs them in this process),
+# a file at a time per worker, so a module's fixtures are built once; all share one compilation cache.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$ROOT/scripts/setup_env.sh"
@@ -10,5 +12,9 @@ ARGS=()
 if [ "${1:-}" = "--fast" ]; then
   shift
   ARGS=(-m "not slow")
+fi
+WORKERS="${RLHF_JAX_TEST_WORKERS:-2}"
+if [ "$WORKERS" != "1" ]; then
+  ARGS+=(-n "$WORKERS" --dist loadfile)
 fi
 python -m pytest -q -ra --durations=15 tests ${ARGS[@]+"${ARGS[@]}"} "$@"

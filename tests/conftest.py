@@ -1,12 +1,15 @@
 """Tests run on CPU with 8 fake devices, so sharding is exercised without accelerators.
 
-Compiled programs are shared across tests and the processes they start through JAX's persistent
-compilation cache, in one directory per test run (RLHF_JAX_TEST_CACHE to reuse one across runs):
-many tests compile the same tiny step again (a resume test runs the same config three times).
+Compiled programs are shared across tests, the xdist workers and the processes tests start through
+JAX's persistent compilation cache, in one directory per test run, removed at its end
+(RLHF_JAX_TEST_CACHE names one to keep and reuse across runs): many tests compile the same tiny
+step again (a resume test runs the same config three times). xdist workers inherit the directory
+from the controlling process, which sets it here before they start.
 `-m "not slow"` leaves out the end-to-end and multi-process tests (scripts/test.sh --fast).
 """
 
 import os
+import shutil
 import tempfile
 
 DEVICES_FLAG = "--xla_force_host_platform_device_count"
@@ -21,8 +24,12 @@ def with_device_count(flags: str, n: int) -> str:
 # Must be set before JAX initialises its backends. Any other XLA flag the machine sets is kept.
 os.environ["XLA_FLAGS"] = with_device_count(os.environ.get("XLA_FLAGS", ""), 8)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
-                      os.environ.get("RLHF_JAX_TEST_CACHE") or tempfile.mkdtemp(prefix="rlhf_jax_test_xla_cache_"))
+_OWN_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    if os.environ.get("RLHF_JAX_TEST_CACHE"):
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ["RLHF_JAX_TEST_CACHE"]
+    else:
+        _OWN_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="rlhf_jax_test_xla_cache_")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
@@ -31,3 +38,8 @@ SHARED_DATA = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: end-to-end or multi-process (left out by scripts/test.sh --fast)")
+
+
+def pytest_unconfigure(config):
+    if _OWN_CACHE:  # only the process that made the directory (never an xdist worker, which inherited it)
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)

@@ -103,6 +103,29 @@ def test_normalised_rewards_of_the_training_responses_have_mean_0_std_1(tiny_rm)
     assert abs(raw.mean()) > 0.1 or abs(raw.std() - 1.0) > 0.1  # the raw rewards were not already normalised
 
 
+def test_a_critic_started_from_the_rm_values_the_last_token_at_the_normalised_score(tiny_rm):
+    # InstructGPT starts PPO's value function from the RM; the RM's normalisation is folded into the value head,
+    # so the critic's first value at each sequence's last token is the score PPO is given there.
+    from types import SimpleNamespace
+    from rlhf_jax.stages import ppo_setup
+
+    workdir, _ = tiny_rm
+    model, params, norm = load_reward_model(workdir, *mesh_and_rules())
+    assert abs(norm["gain"] - 1.0) > 1e-3 and abs(norm["bias"]) > 1e-3  # a fold that did nothing would show
+    with open(os.path.join(workdir, "config.json")) as f:
+        arch = ml_collections.ConfigDict(json.load(f)["model"])
+    run = SimpleNamespace(config=SimpleNamespace(reward=SimpleNamespace(rm_workdir=workdir), model=arch),
+                          load_init_params=lambda p, heads: p)
+    critic = ppo_setup.initial_params(run, model, {"policy": params, "critic": params})["critic"]
+    tokens = jax.random.randint(jax.random.key(0), (6, 12), 1, model.cfg.vocab_size)
+    mask = (jnp.arange(12)[None, :] < jnp.array([12, 9, 5, 12, 3, 7])[:, None]).astype(jnp.int32)  # ragged
+    values = objectives.forward(critic, model, tokens, mask, heads=("value",))["values"]
+    last = mask.sum(1) - 1
+    got = np.asarray(jnp.take_along_axis(values, last[:, None], 1)[:, 0])
+    want = np.asarray(objectives.score_sequences(params, model, norm, tokens, mask))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_a_stale_norm_file_is_refused(tiny_rm, tmp_path):
     workdir = str(tmp_path / "rm")
     shutil.copytree(tiny_rm[0], workdir)

@@ -9,7 +9,7 @@ import os
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax import checkpoint, parallel, rl, train_state
+from rlhf_jax import checkpoint, evaluation, parallel, preference, rl, train_state
 from rlhf_jax.run import RUNTIME_MODEL_FIELDS, Run
 
 
@@ -37,7 +37,8 @@ def init_params_fn(model, c):
 
 def initial_params(run: Run, model, params):
     """Policy trunk + LM head from init_from; a zero value head (lm-human-preferences).
-    With ppo.critic="reward_model", the critic starts as the RM with its reward head as value head (InstructGPT)."""
+    With ppo.critic="reward_model", the critic starts as the RM with its reward head as value head (InstructGPT),
+    the RM's normalisation folded in: its first value at the last token is the normalised score PPO optimises."""
     out = {"policy": run.load_init_params(params["policy"], heads=("trunk", "lm_head"))}
     if "critic" in params:
         rm_dir = run.config.reward.rm_workdir
@@ -46,8 +47,10 @@ def initial_params(run: Run, model, params):
             raise ValueError("config.ppo.critic='reward_model' needs the RM to have the policy's architecture; "
                              "use ppo.critic='shared' or train the RM from the same SFT workdir.")
         critic = checkpoint.load_params(rm_dir, params["critic"])
-        # A copy, not an alias: the train state is donated, and one buffer must not back two leaves.
-        out["critic"] = {**critic, "value_head": jax.tree.map(jnp.copy, critic["reward_head"])}
+        norm = evaluation.load_reward_norm(rm_dir)
+        # New arrays, not an alias: the train state is donated, and one buffer must not back two leaves.
+        out["critic"] = {**critic, "value_head": preference.fold_normalization(
+            critic["reward_head"], jnp.float32(norm["gain"]), jnp.float32(norm["bias"]))}
     return out
 
 
