@@ -59,7 +59,9 @@ def get_config(preset: str = "default"):
         max_prompt_len=64 if tiny else 32,  # rendered default prompts are at most 28 tokens: no padding to pay for
         kinds=("copy", "reverse", "sort", "add", "subtract", "count", "first", "last"),
     )
-    c.eval = dict(temperature=0.7, max_new_tokens=16 if tiny else 24, best_of_n=4, batch_size=32 if tiny else 100)
+    # few_shot: solved training instances before each held-out instruction for the pretrained model's prompted row
+    c.eval = dict(temperature=0.7, max_new_tokens=16 if tiny else 24, best_of_n=4, batch_size=32 if tiny else 100,
+                  few_shot=2)
 
     model = dict(d_model=32, n_layers=2, n_heads=2, max_len=128) if tiny else \
         dict(d_model=128, n_layers=4, n_heads=4, max_len=256)

@@ -93,7 +93,7 @@ REUSE_KEYS["sft"] = REUSE_KEYS["pretrain"] + ("data.num_demos", "data.demo_error
                                               "data.demo_chatter_rate", "sft")
 REUSE_KEYS["comparisons"] = REUSE_KEYS["sft"] + (
     "data.num_rm_prompts", "data.num_rm_eval_prompts", "data.k", "data.labeler_noise", "data.sample_temperature",
-    "data.max_prompt_len", "data.kinds", "eval")  # sampling uses eval's length and batch size
+    "data.max_prompt_len", "data.kinds", "eval.max_new_tokens", "eval.batch_size")  # sampling uses these
 REUSE_KEYS["rm"] = REUSE_KEYS["comparisons"] + ("rm",)
 REUSE_KEYS["policy"] = REUSE_KEYS["rm"] + ("data.num_ppo_prompts", "policy", "policy_reward", "ppo", "dpo")
 

@@ -55,6 +55,8 @@ def evaluate(c, sub: dict, paths: dict, rm_metrics: dict, mesh, rules) -> dict:
     pol_eval = {**builtin.evaluate_responses(prompts, pol["responses"]),
                 "pretrain_loss": lm_loss(pol_model, pol_params, heldout, mesh, rules, bs)}
     bon_eval = builtin.evaluate_responses(prompts, bon)
+    prompted = prompted_baselines(c, sub, paths, base_model, base_params, tok, source, settings, prompts,
+                                  sft["responses"], mesh, rules)
     samples = [{"prompt": p, "sft": a, "policy": b, "gold_sft": builtin.gold_score(p, a),
                 "gold_policy": builtin.gold_score(p, b)}
                for p, a, b in list(zip(prompts, sft["responses"], pol["responses"]))[:12]]
@@ -62,6 +64,7 @@ def evaluate(c, sub: dict, paths: dict, rm_metrics: dict, mesh, rules) -> dict:
         "decoding": {"temperature": temp, "max_new_tokens": c.eval.max_new_tokens, "prompts": len(prompts),
                      "same_keys_for_both": True},
         "pretrained": {"pretrain_loss": lm_loss(base_model, base_params, heldout, mesh, rules, bs)},
+        **prompted,
         "sft": sft_eval,
         "policy": {**pol_eval, "algorithm": c.policy, "kl": float(np.mean(lp_pol - lp_sft)),
                    "wall_s": stage_wall_s(sub["policy"]),
@@ -72,6 +75,34 @@ def evaluate(c, sub: dict, paths: dict, rm_metrics: dict, mesh, rules) -> dict:
                "accuracy_vs_gold_incl_ties": rm_metrics.get("eval/rm/accuracy")},
         "samples": samples,
     }
+
+
+def prompted_baselines(c, sub, paths, model, params, tok, source, settings, prompts, sft_responses, mesh, rules):
+    """{"gpt_zero_shot": ..., "gpt_few_shot": ...}: the pretrained model, never fine-tuned, given the held-out
+    instruction alone and after c.eval.few_shot solved training instances of its kind (GPT-3's prompting,
+    InstructGPT Figure 1's "GPT" and "GPT (prompted)"), decoded and judged like SFT and the policy. The
+    few-shot prompts may be up to (few_shot + 1) × data.max_prompt_len tokens, capped so that prompt and
+    response fit the pretraining window (positions the model never trained on would say nothing about
+    prompting); the longest lose their first examples, never the instruction."""
+    from rlhf_jax.data import prompts as prompt_data
+    from rlhf_jax.tasks import builtin
+
+    k, P = c.eval.few_shot, c.data.max_prompt_len
+    window = c.pretrain.data.seq_len - c.eval.max_new_tokens
+    path = builtin.write_few_shot_prompts(paths["eval_prompts"], os.path.join(sub["eval"], f"eval_prompts_{k}shot.jsonl"),
+                                          k, seed=c.seed + 7)
+    few, _ = prompt_data.build_prompt_dataset(path, "prompt", tok.path, max(P, min((k + 1) * P, window)),
+                                              os.path.join(sub["eval"], "tfds"))
+    out = {}
+    for name, src, shots in (("gpt_zero_shot", source, 0), ("gpt_few_shot", few, k)):
+        g = generate(model, params, tok, src, settings, mesh, rules, seed=c.seed + 100, batch_size=c.eval.batch_size)
+        if [builtin.parse_instruction(p) for p in g["prompts"]] != [builtin.parse_instruction(p) for p in prompts]:
+            raise RuntimeError(f"the {shots}-shot prompts of {path} do not end with the held-out instructions of "
+                               f"{paths['eval_prompts']} in the same order; delete {sub['eval']} and rerun.")
+        out[name] = {**builtin.evaluate_responses(prompts, g["responses"]), "shots": shots,
+                     "prompt_tokens_mean": float(np.mean(np.sum(g["prompt_mask"], 1))),
+                     "win_rate_vs_sft": builtin.win_rate(prompts, g["responses"], sft_responses)}
+    return out
 
 
 def stage_wall_s(stage_dir: str) -> float | None:
@@ -194,7 +225,10 @@ def write_report(c, workdir: str, sub: dict, summary: dict, seconds: float) -> N
     plots = _plots(workdir, curve, name) if curve else []  # offline DPO samples nothing while it trains
     bon_key = next(k for k in summary if k.startswith("best_of_"))
     pol = summary["policy"]
-    rows = [("SFT", summary["sft"], "—", "—"),
+    rows = [("GPT zero-shot", summary["gpt_zero_shot"], f"{summary['gpt_zero_shot']['win_rate_vs_sft']:.3f}", "—"),
+            (f"GPT {summary['gpt_few_shot']['shots']}-shot", summary["gpt_few_shot"],
+             f"{summary['gpt_few_shot']['win_rate_vs_sft']:.3f}", "—")] if "gpt_zero_shot" in summary else []
+    rows += [("SFT", summary["sft"], "—", "—"),
             (name, pol, f"{pol['win_rate_vs_sft']:.3f}", f"{pol['kl']:.3f}"),
             (bon_key.replace("_", " "), summary[bon_key], f"{summary[bon_key]['win_rate_vs_sft']:.3f}", "—")]
     lines = [f"# RLHF on the built-in task ({c.preset} preset)", "",

@@ -334,3 +334,25 @@ def test_the_demonstrators_forbidden_share_sets_how_many_demonstrations_are_harm
     assert harmful_share(0.0) == 0.0
     assert 0.08 < harmful_share(0.5) < 0.12  # error_rate 0.2 × 0.5
     assert 0.17 < harmful_share(1.0) < 0.23
+
+
+def test_few_shot_prompts_prepend_solved_training_instances_of_the_same_kind_and_never_an_evaluation_one(tmp_path):
+    src = builtin.write_prompts(str(tmp_path / "eval.jsonl"), 60, seed=3, split="eval")
+    dst = builtin.write_few_shot_prompts(src, str(tmp_path / "few.jsonl"), k=3, seed=1)
+    held_out = {r["messages"][-1]["content"] for r in _jsonl(src)}
+    kinds = set()
+    for orig, few in zip(_jsonl(src), _jsonl(dst), strict=True):
+        orig, few = orig["messages"], few["messages"]
+        shots = few[:-len(orig)]
+        assert few[-len(orig):] == orig and [m["role"] for m in shots] == ["user", "assistant"] * 3
+        instruction = orig[-1]["content"]
+        kinds.add(instructions.kind_of(instruction))
+        for question, answer in zip(shots[::2], shots[1::2]):
+            q = question["content"]
+            assert instructions.split_of(q) == "train" and q not in held_out  # no evaluation instance, anywhere
+            assert instructions.kind_of(q) == instructions.kind_of(instruction)
+            assert builtin.gold_score(q, answer["content"]) == 1.0  # solved correctly
+        assert len({m["content"] for m in shots[::2]}) == 3
+    assert len(kinds) >= 5
+    assert builtin.write_few_shot_prompts(src, str(tmp_path / "again.jsonl"), k=3, seed=1) and \
+        (tmp_path / "again.jsonl").read_text() == (tmp_path / "few.jsonl").read_text()

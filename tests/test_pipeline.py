@@ -35,10 +35,15 @@ def test_tiny_pipeline_produces_summary_report_and_plots_and_reruns_skip(tmp_pat
     assert 0.0 <= s["policy"]["win_rate_vs_sft"] <= 1.0 and isinstance(s["policy"]["kl"], float)
     assert s["policy"]["algorithm"] == "ppo"
     assert 0.0 <= s["rm"]["accuracy_vs_gold"] <= 1.0
+    # InstructGPT Figure 1's prompted baselines: the pretrained model zero-shot and few-shot, judged alike
+    assert s["gpt_zero_shot"]["shots"] == 0 and s["gpt_few_shot"]["shots"] == 2
+    assert s["gpt_few_shot"]["prompt_tokens_mean"] > s["gpt_zero_shot"]["prompt_tokens_mean"]
+    for row in ("gpt_zero_shot", "gpt_few_shot"):
+        assert 0.0 <= s[row]["gold_score"] <= 1.0 and 0.0 <= s[row]["win_rate_vs_sft"] <= 1.0
     for policy in ("pretrained", "sft", "policy"):  # the alignment tax's measure: loss on held-out pretraining windows
         assert 0.0 < s[policy]["pretrain_loss"] < math.log(384) + 1
     report = (tmp_path / "report.md").read_text()
-    assert "| PPO |" in report and "## Samples" in report
+    assert "| PPO |" in report and "| GPT 2-shot |" in report and "## Samples" in report
     assert (tmp_path / "scores_vs_step.png").stat().st_size > 1000
     for stage in ("pretrain", "sft", "comparisons", "rm", "policy", "eval"):
         assert (tmp_path / stage / "DONE.json").exists(), stage
@@ -109,6 +114,12 @@ def test_reuse_takes_the_unchanged_prefix_of_stages_and_stops_at_the_first_chang
     c = pipeline_config()
     c.policy = "rloo"  # another algorithm from the same SFT and RM
     assert list(reusable_stages(c, str(tmp_path))) == ["pretrain", "sft", "comparisons", "rm"]
+    c = pipeline_config()
+    c.eval.few_shot = 4  # only the evaluation reads it, and it always runs
+    assert list(reusable_stages(c, str(tmp_path))) == ["pretrain", "sft", "comparisons", "rm", "policy"]
+    c = pipeline_config()
+    c.eval.max_new_tokens = 20  # the comparisons' samples are this long
+    assert list(reusable_stages(c, str(tmp_path))) == ["pretrain", "sft"]
     c = pipeline_config()
     c.data.labeler_noise = 0.3  # new rankings: the RM and PPO are trained again
     assert list(reusable_stages(c, str(tmp_path))) == ["pretrain", "sft"]

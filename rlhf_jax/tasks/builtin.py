@@ -23,7 +23,7 @@ import numpy as np
 from rlhf_jax.data.builtin_text import write_builtin_corpus, write_builtin_sft, write_text_if_changed
 from rlhf_jax.tasks.demonstrator import (DEFAULT_CHATTER_RATE, DEFAULT_ERROR_RATE, DEFAULT_FORBIDDEN_PROB,
                                          ends_with_chatter, without_chatter)
-from rlhf_jax.tasks.instructions import (KINDS, parse_instruction, prompt_messages, sample_instruction,
+from rlhf_jax.tasks.instructions import (KINDS, kind_of, parse_instruction, prompt_messages, sample_instruction,
                                          solve_instruction)
 from rlhf_jax.tasks.judge import HARM_PENALTY, clean_response, gold_score, is_correct, is_harmful
 from rlhf_jax.tasks.labelers import DEFAULT_NOISE, pairwise_agreement, rank_responses, write_comparisons
@@ -32,7 +32,7 @@ from rlhf_jax.tasks.world import FORBIDDEN
 __all__ = ["KINDS", "FORBIDDEN", "HARM_PENALTY", "DEFAULT_NOISE", "DEFAULT_ERROR_RATE", "write_builtin_corpus",
            "write_demonstrations", "write_prompts", "write_comparisons", "rank_responses", "pairwise_agreement",
            "parse_instruction", "solve_instruction", "clean_response", "gold_score", "is_correct", "is_harmful",
-           "gold_reward", "evaluate_responses", "win_rate"]
+           "gold_reward", "evaluate_responses", "win_rate", "few_shot_messages", "write_few_shot_prompts"]
 
 
 def write_demonstrations(path: str, n: int, seed: int = 0, error_rate: float = DEFAULT_ERROR_RATE,
@@ -64,6 +64,33 @@ def write_prompts(path: str, n: int, seed: int = 0, split: str = "train", system
     if len(lines) < n:
         raise ValueError(f"write_prompts: found only {len(lines)} distinct {split!r} prompts, asked for {n}; "
                          f"ask for fewer.")
+    write_text_if_changed(path, "".join(line + "\n" for line in lines))
+    return path
+
+
+def few_shot_messages(messages: list[dict[str, str]], k: int, rng: random.Random) -> list[dict[str, str]]:
+    """GPT-3-style few-shot prompting (Brown et al. 2020): k solved instances of the prompt's instruction kind,
+    drawn from the "train" split (never an evaluation instance), as earlier user / assistant turns, then
+    the prompt itself. The answers are the correct ones (solve_instruction), not the noisy demonstrator's."""
+    instruction = messages[-1]["content"]
+    kind, shots, seen = kind_of(instruction), [], {instruction}
+    while len(shots) < 2 * k:
+        example = sample_instruction(rng, "train", (kind,))
+        if example not in seen:
+            seen.add(example)
+            shots += [{"role": "user", "content": example}, {"role": "assistant", "content": solve_instruction(example)}]
+    return shots + messages
+
+
+def write_few_shot_prompts(src: str, path: str, k: int, seed: int = 0) -> str:
+    """The prompts of `src` (write_prompts' JSONL) as k-shot prompts (few_shot_messages), in the same order;
+    returns path. Each prompt's examples come from a generator seeded by `seed` and its line number."""
+    lines = []
+    with open(src) as f:
+        for i, line in enumerate(f):
+            messages = json.loads(line)["messages"]
+            shots = few_shot_messages(messages, k, random.Random(seed * 1_000_003 + i))
+            lines.append(json.dumps({"messages": shots}))
     write_text_if_changed(path, "".join(line + "\n" for line in lines))
     return path
 
