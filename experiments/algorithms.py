@@ -102,6 +102,33 @@ def aggregate(rows, root: str = "") -> dict[str, dict[str, dict[str, float]]]:
     return out
 
 
+def paired_vs(rows, reference: str = "ppo", metrics=("gold_score", "win_rate_vs_sft")) -> dict:
+    """{label: {metric: {"mean", "lo", "hi", "n"}}}: the per-seed difference (label − reference) with a 95%
+    t-interval. Every algorithm of a seed starts from that seed's SFT policy and comparisons, so the
+    difference cancels what the seed changes for all of them (the SFT policy's own quality, mostly),
+    which the unpaired intervals carry."""
+    import numpy as np
+
+    by = {}
+    for r in rows:
+        if r["status"] == "finished":
+            label = r["policy"] + (" (gold reward)" if r.get("policy_reward") == "gold" else "")
+            by.setdefault(label, {})[r["seed"]] = r
+    out = {}
+    for label, runs in by.items():
+        if label == reference:
+            continue
+        out[label] = {}
+        for m in metrics:
+            d = np.asarray([runs[s][f"policy/{m}"] - by[reference][s][f"policy/{m}"]
+                            for s in sorted(runs) if s in by.get(reference, {})], float)
+            if len(d) > 1:
+                half = _t975(len(d)) * d.std(ddof=1) / np.sqrt(len(d))
+                out[label][m] = {"mean": float(d.mean()), "lo": float(d.mean() - half),
+                                 "hi": float(d.mean() + half), "n": len(d)}
+    return out
+
+
 def separated(a: dict, b: dict) -> bool:
     """Whether two 95% intervals do not overlap: the only case the analysis calls a difference."""
     return a["hi"] < b["lo"] or b["hi"] < a["lo"]
@@ -146,6 +173,21 @@ def analyze(root, rows):
              for i, a in enumerate(labels) for b in labels[i + 1:] if separated(stats[a]["gold_score"],
                                                                                  stats[b]["gold_score"])]
     lines += ["", "Gold-score differences whose 95% intervals separate: " + ("; ".join(calls) or "none") + "."]
+    wins = [x for x in order if "win_rate_vs_sft" in stats.get(x, {})]
+    calls = [f"{a} > {b}" if stats[a]["win_rate_vs_sft"]["mean"] > stats[b]["win_rate_vs_sft"]["mean"] else
+             f"{b} > {a}" for i, a in enumerate(wins) for b in wins[i + 1:]
+             if separated(stats[a]["win_rate_vs_sft"], stats[b]["win_rate_vs_sft"])]
+    lines += ["", "Win-rate differences whose 95% intervals separate: " + ("; ".join(calls) or "none") + "."]
+    paired = paired_vs(rows)
+    with open(os.path.join(root, "paired_vs_ppo.json"), "w") as f:
+        json.dump(paired, f, indent=1)
+    lines += ["", "### Paired by seed: each algorithm minus PPO on the same seed (mean [95% t-interval])", "",
+              "| algorithm | Δ gold | Δ win rate vs SFT |", "|---|---|---|"]
+    fmt = lambda v: (f"{v['mean']:+.3f} [{v['lo']:+.3f}, {v['hi']:+.3f}]" + (" *" if v["lo"] > 0 or v["hi"] < 0
+                                                                               else "")) if v else "—"
+    lines += [f"| {x} (n={paired[x].get('gold_score', {}).get('n', 0)}) | {fmt(paired[x].get('gold_score'))} | "
+              f"{fmt(paired[x].get('win_rate_vs_sft'))} |" for x in order if x in paired]
+    lines += ["", "\\* the interval excludes 0: a difference from PPO this experiment can call."]
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for i, label in enumerate(x for x in order if "kl" in stats.get(x, {})):
