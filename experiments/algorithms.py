@@ -102,7 +102,8 @@ def aggregate(rows, root: str = "") -> dict[str, dict[str, dict[str, float]]]:
     return out
 
 
-def paired_vs(rows, reference: str = "ppo", metrics=("gold_score", "win_rate_vs_sft")) -> dict:
+def paired_vs(rows, reference: str = "ppo", metrics=("gold_score", "win_rate_vs_sft", "answer_correct_rate",
+                                                     "chatter_rate", "kl")) -> dict:
     """{label: {metric: {"mean", "lo", "hi", "n"}}}: the per-seed difference (label − reference) with a 95%
     t-interval. Every algorithm of a seed starts from that seed's SFT policy and comparisons, so the
     difference cancels what the seed changes for all of them (the SFT policy's own quality, mostly),
@@ -182,11 +183,12 @@ def analyze(root, rows):
     with open(os.path.join(root, "paired_vs_ppo.json"), "w") as f:
         json.dump(paired, f, indent=1)
     lines += ["", "### Paired by seed: each algorithm minus PPO on the same seed (mean [95% t-interval])", "",
-              "| algorithm | Δ gold | Δ win rate vs SFT |", "|---|---|---|"]
+              "| algorithm | Δ gold | Δ win rate vs SFT | Δ answer-correct | Δ chatter | Δ KL |", "|---|---|---|---|---|---|"]
     fmt = lambda v: (f"{v['mean']:+.3f} [{v['lo']:+.3f}, {v['hi']:+.3f}]" + (" *" if v["lo"] > 0 or v["hi"] < 0
                                                                                else "")) if v else "—"
-    lines += [f"| {x} (n={paired[x].get('gold_score', {}).get('n', 0)}) | {fmt(paired[x].get('gold_score'))} | "
-              f"{fmt(paired[x].get('win_rate_vs_sft'))} |" for x in order if x in paired]
+    lines += [f"| {x} (n={paired[x].get('gold_score', {}).get('n', 0)}) | "
+              + " | ".join(fmt(paired[x].get(m)) for m in ("gold_score", "win_rate_vs_sft", "answer_correct_rate",
+                                                           "chatter_rate", "kl")) + " |" for x in order if x in paired]
     lines += ["", "\\* the interval excludes 0: a difference from PPO this experiment can call."]
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
