@@ -3,9 +3,11 @@
 Batch records (responses best-first): tokens, input_mask int32 [B, K, L];
 valid int32 [B, K]. The reward of a sequence is the reward head read at its
 last real token, so pads on either side change nothing. After training, a gain
-and bias make rewards on a reference distribution mean 0 / std 1
+and bias make rewards on a reference distribution (config.rm.normalize_on: the
+training responses, or fresh samples of the initial policy) mean 0 / std 1
 (lm-human-preferences); they are saved in <workdir>/reward_norm.json, returned
 by `evaluation.load_reward_model` and applied by `objectives.score_sequences`.
+rm.normalize_before also normalises the fresh reward head before training.
 
 Throughput: perf/samples_per_sec counts scored sequences (B·K per step),
 perf/tokens_per_sec their L padded positions each.
@@ -22,7 +24,8 @@ import ml_collections
 import numpy as np
 import optax
 
-from rlhf_jax import config as config_lib, objectives, optim, parallel, perf, preference, train_state
+from rlhf_jax import config as config_lib, objectives, optim, parallel, perf, preference, rollout as rollouts, \
+    train_state
 from rlhf_jax.data import comparisons
 from rlhf_jax.evaluation import NORM_FILE
 from rlhf_jax.loop import LoopTail
@@ -30,7 +33,7 @@ from rlhf_jax.models.gpt import TransformerLM
 from rlhf_jax.run import Run
 
 LOSSES = ("ranking", "best_of_k")
-NORM_REFERENCES = ("comparisons", "none")
+NORM_REFERENCES = ("comparisons", "policy_samples", "none")
 
 
 def _preference_loss(rewards, valid, rm_cfg):
@@ -143,12 +146,57 @@ def reference_rewards(reward_fn, params, run: Run, source) -> np.ndarray:
     return r[v > 0]
 
 
+def policy_sample_rewards_fn(run: Run, model, params):
+    """rewards(rm_params, draw) → f32 [M]: the RM's raw rewards of M = rm.normalize_samples (rounded up to whole
+    batches of batch_size) fresh responses of the initial policy — init_from's trunk and LM head — to the
+    prompts of config.data, sampled with config.rollout (lm-human-preferences train_reward.py:191-199, 212).
+    Each `draw` takes its own prompts and sampling keys, so the samples before and after training differ."""
+    from rlhf_jax.data.loader import BatchLoader
+
+    c = run.config
+    tok, prompts = rollouts.prompt_data(run)
+    policy = run.frozen_init_params(params, heads=("trunk", "lm_head"))
+    B, n_batches = c.batch_size, -(-c.rm.normalize_samples // c.batch_size)
+    with parallel.activate(run.mesh, run.rules):
+        rollout_fn = jax.jit(rollouts.make_rollout_fn(model, c, tok))
+        score_fn = jax.jit(lambda p, tokens, mask: objectives.sequence_rewards(p, model, tokens, mask))
+
+    def rewards(rm_params, draw: int) -> np.ndarray:
+        seed = c.seed + 1000 * (draw + 1)
+        loader, out = BatchLoader(prompts, B, seed=seed), []
+        with parallel.activate(run.mesh, run.rules):
+            for i in range(n_batches):
+                batch = rollouts.prompt_batch(loader, i, 1, run)
+                gen = rollout_fn(policy, batch["prompt"], batch["prompt_mask"], rollouts.sample_keys(seed, i, B, run))
+                tokens, mask = rollouts.joined({**batch, "response": gen["tokens"], "response_mask": gen["mask"]})
+                out.append(parallel.to_host(score_fn(rm_params, tokens, mask)))
+        return np.concatenate(out)
+
+    return rewards
+
+
 def check_config(c: ml_collections.ConfigDict) -> None:
     """Rejects RM settings that would otherwise be silently misread; run before any data is built."""
     if c.rm.loss not in LOSSES:
         raise ValueError(f"config.rm.loss={c.rm.loss!r} is not a loss. Use one of {LOSSES}.")
     if c.rm.normalize_on not in NORM_REFERENCES:
         raise ValueError(f"config.rm.normalize_on={c.rm.normalize_on!r} is unknown. Use one of {NORM_REFERENCES}.")
+    if c.rm.normalize_before and c.rm.normalize_on == "none":
+        raise ValueError("config.rm.normalize_before=True needs a reference: set rm.normalize_on to "
+                         "'policy_samples' (lm-human-preferences) or 'comparisons'.")
+    if c.rm.normalize_on == "policy_samples":
+        if not c.init_from:
+            raise ValueError("config.rm.normalize_on='policy_samples' samples the initial policy: set "
+                             "config.init_from to the SFT (or pretrain) workdir.")
+        if c.rm.normalize_samples <= 0:
+            raise ValueError(f"config.rm.normalize_samples={c.rm.normalize_samples} must be positive (e.g. 256).")
+        if c.rollout.temperature <= 0:
+            raise ValueError(f"config.rollout.temperature={c.rollout.temperature}: the normalisation samples the "
+                             f"policy as PPO does; use PPO's rollout temperature (e.g. 0.7).")
+        if c.model.position == "learned" and c.data.max_prompt_len + c.rollout.max_new_tokens > c.model.max_len:
+            raise ValueError(f"config.data.max_prompt_len + rollout.max_new_tokens = {c.data.max_prompt_len} + "
+                             f"{c.rollout.max_new_tokens} exceeds model.max_len={c.model.max_len}; lower them to "
+                             f"PPO's (the policy samples must be what PPO will score).")
     if c.rm.center_coef < 0:
         raise ValueError(f"config.rm.center_coef={c.rm.center_coef} must be >= 0 (0 disables the penalty).")
     if c.model.position == "learned" and c.data.seq_len > c.model.max_len:
@@ -173,8 +221,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     state, shardings = train_state.create(train_state.model_init_fn(model, c.data.seq_len, c.seed), tx,
                                           run.mesh, run.rules, c.seed)
     state, meta = run.restore_or(state)
+    reward_fn = make_reward_fn(model)
+    if c.rm.normalize_on == "policy_samples":
+        reference = policy_sample_rewards_fn(run, model, state.params)
+    else:
+        reference = lambda params, draw: reference_rewards(reward_fn, params, run, train_source)
     if meta is None:  # trunk from the earlier stage; the reward head stays freshly initialised
         state = state.replace(params=run.load_init_params(state.params, heads=("trunk",)))
+        if c.rm.normalize_before:
+            state = state.replace(params=normalise_head(state.params, reference(state.params, 0), run))
     start = int(jax.device_get(state.step))
 
     batch_sh = parallel.batch_sharding(run.mesh, run.rules, ndim=1)  # leading (batch) axis of every leaf
@@ -182,7 +237,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         step_fn = jax.jit(make_train_step(model, tx, schedule, c.rm, c.grad_accum, tuple(c.debug_nonfinite_steps)),
                           in_shardings=(shardings, batch_sh), out_shardings=(shardings, parallel.replicated(run.mesh)),
                           donate_argnums=(0,))
-    reward_fn = make_reward_fn(model)
     loader = BatchLoader(train_source, c.batch_size, seed=c.seed)
     K = train_source[0]["tokens"].shape[0]
     # The RM never computes vocabulary logits: drop the LM head's 6·D·V from the LM's count.
@@ -195,7 +249,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             f"mesh {dict(run.mesh.shape)}, {sum(x.size for x in jax.tree.leaves(state.params)) / 1e6:.2f}M params")
 
     def norm_metrics():  # before the final checkpoint: a saved final step always has its norm file
-        norm = normalise(reward_fn, state.params, run, train_source, c.num_steps)
+        norm = normalise(reference, state.params, run, c.num_steps)
         return {"rm/norm_gain": norm["gain"], "rm/norm_bias": norm["bias"]}
 
     with parallel.activate(run.mesh, run.rules):
@@ -209,17 +263,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     return tail.close()
 
 
-def normalise(reward_fn, params, run: Run, train_source, step: int) -> dict[str, float]:
+def normalise_head(params, rewards: np.ndarray, run: Run):
+    """params with the reward head rescaled so `rewards` (its raw rewards of the reference) become mean 0 /
+    std 1: lm-human-preferences' normalize_before (train_reward.py:232-234; target 0 / 1 for best-of-K labels,
+    :155-156), folded into the head instead of a separate trainable gain and bias."""
+    gain, bias = preference.normalization_from_rewards(jnp.asarray(rewards))
+    head = params["reward_head"]
+    new = preference.fold_normalization(head, gain, bias)
+    run.log(f"reward normalisation before training: gain {float(gain):.4f} bias {float(bias):.4f} over "
+            f"{rewards.size} reference responses")
+    return {**params, "reward_head": jax.tree.map(lambda x, old: jax.device_put(x, old.sharding), new, head)}
+
+
+def normalise(reference, params, run: Run, step: int) -> dict[str, float]:
     """Gain/bias so rewards on the reference distribution have mean 0, std 1; written to reward_norm.json
-    with the step of the params it describes.
+    with the step of the params it describes. reference(params, draw) → raw rewards [M].
 
     Reference (config.rm.normalize_on): "comparisons" — every response of the RM training set, which in the
-    InstructGPT pipeline are samples of the initial (SFT) policy; "none" — gain 1, bias 0.
+    InstructGPT pipeline are samples of the initial (SFT) policy; "policy_samples" — rm.normalize_samples fresh
+    samples of the initial policy at config.rollout's temperature (lm-human-preferences normalize_after,
+    train_reward.py:252-254); "none" — gain 1, bias 0.
     """
     if run.config.rm.normalize_on == "none":
         gain, bias, n = 1.0, 0.0, 0
     else:
-        r = reference_rewards(reward_fn, params, run, train_source)
+        r = reference(params, 1)
         gain, bias = (float(x) for x in preference.normalization_from_rewards(jnp.asarray(r)))
         n = int(r.size)
     norm = {"gain": gain, "bias": bias, "reference": run.config.rm.normalize_on, "num_rewards": n, "step": step}
