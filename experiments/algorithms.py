@@ -194,10 +194,13 @@ def analyze(root, rows):
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for i, label in enumerate(x for x in order if "kl" in stats.get(x, {})):
         g, k = stats[label]["gold_score"], stats[label]["kl"]
-        ax.errorbar(k["mean"], g["mean"], xerr=k["std"], yerr=g["std"], fmt="os^vD<>ph*"[i % 11], color=f"C{i % 10}",
+        ax.errorbar(k["mean"], g["mean"], xerr=k["std"], yerr=g["std"], fmt="os^vD<>ph*P"[i % 11], color=plt.cm.tab20(i % 20),
                     label=label, capsize=2, ms=6)
     if "sft" in stats:
         ax.axhline(stats["sft"]["gold_score"]["mean"], color="gray", ls="--", lw=1, label="SFT")
+    if "gold_score" in stats.get("best_of_4_by_rm", {}):
+        ax.axhline(stats["best_of_4_by_rm"]["gold_score"]["mean"], color="gray", ls=":", lw=1,
+                   label="best of 4 SFT samples by RM")
     ax.set_xlabel("KL(π ‖ SFT), nats per response (held-out prompts)")
     ax.set_ylabel("gold score (held-out prompts)")
     ax.legend(fontsize=6, ncol=2)
