@@ -26,6 +26,11 @@ def tiny(cfg_module, **overrides):
     c = cfg_module.get_config("tiny")
     c.progress = False
     c.mesh.data = 8
+    return override(c, **overrides)
+
+
+def override(c, **overrides):
+    """c with each dotted key ("optim.lr") set to its value."""
     for k, v in overrides.items():
         node = c
         *path, last = k.split(".")

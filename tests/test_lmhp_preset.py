@@ -11,7 +11,7 @@ import pytest
 from rlhf_jax import optim, rl
 from rlhf_jax.metrics import read_metrics
 from rlhf_jax.stages import ppo
-from tests.test_lm_stage import by_step, tiny
+from tests.test_lm_stage import by_step, override, tiny
 
 import configs.ppo as ppo_cfg
 import configs.rm as rm_cfg
@@ -131,13 +131,7 @@ def tiny_lmhp(cfg_module, **overrides):
     c.data.vocab_size = base.data.vocab_size
     c.data.max_prompt_len, c.rollout.max_new_tokens = 48, 12  # + 12 fits max_len 64
     c.batch_size, c.checkpoint.every = 8, 100
-    for key, v in overrides.items():
-        *path, last = key.split(".")
-        node = c
-        for p in path:
-            node = node[p]
-        node[last] = v
-    return c
+    return override(c, **overrides)
 
 
 @pytest.mark.slow
