@@ -107,7 +107,7 @@ def test_a_critic_started_from_the_rm_values_the_last_token_at_the_normalised_sc
     # InstructGPT starts PPO's value function from the RM; the RM's normalisation is folded into the value head,
     # so the critic's first value at each sequence's last token is the score PPO is given there.
     from types import SimpleNamespace
-    from rlhf_jax.stages import ppo_setup
+    from rlhf_jax import ppo_setup
 
     workdir, _ = tiny_rm
     model, params, norm = load_reward_model(workdir, *mesh_and_rules())

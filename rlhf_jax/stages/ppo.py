@@ -30,7 +30,7 @@ from rlhf_jax import config as config_lib, objectives, optim, parallel, rl, roll
 from rlhf_jax.loop import LoopTail
 from rlhf_jax.models.gpt import TransformerLM
 from rlhf_jax.run import Run
-from rlhf_jax.stages import ppo_setup
+from rlhf_jax import ppo_setup
 
 
 def policy_stats(params, model, batch, temperature, critic: bool):
