@@ -51,7 +51,9 @@ def get_config(preset: str = "default"):
     c.rollout = dict(max_new_tokens=32, temperature=0.7, top_k=0, top_p=1.0, stop_token="end", eos_after=0)
     # online: what ranks the samples — a trained RM, or a Python score (the built-in simulated labelers:
     # rlhf_jax.tasks.builtin:labeler_scores; the gold judge: rlhf_jax.tasks.builtin:gold_reward)
-    c.reward = dict(kind="rm", rm_workdir="", function="", monitor="")
+    # aggregate: how an RM ensemble's members make one reward (preference.aggregate_rewards): mean | lcb
+    # (mean − lcb_coef·std) | min; a single RM is its own mean.
+    c.reward = dict(kind="rm", rm_workdir="", function="", monitor="", aggregate="mean", lcb_coef=1.0)
     c.batch_size, c.num_steps = 16, 500  # comparisons (online: prompts, each with K samples) per step, steps
     c.optim.update(lr=1e-5, warmup_steps=20, weight_decay=0.0, final_lr_fraction=0.0)
     c.eval_every, c.log_every, c.eval_batches = 250, 25, 0

@@ -59,7 +59,9 @@ def get_config(preset: str = "default"):
     c.data.ptx_seq_len = 64
 
     # monitor: a second Python score logged as objective/monitor_score (e.g. the built-in gold judge)
-    c.reward = dict(kind="rm", rm_workdir="", function="", monitor="")
+    # aggregate: how an RM ensemble's members make one reward (preference.aggregate_rewards): mean | lcb
+    # (mean − lcb_coef·std) | min; a single RM is its own mean.
+    c.reward = dict(kind="rm", rm_workdir="", function="", monitor="", aggregate="mean", lcb_coef=1.0)
     # samples_per_prompt: episodes per prompt in an iteration (batch_size / samples_per_prompt distinct prompts)
     c.rollout = dict(max_new_tokens=32, temperature=0.7, top_k=0, top_p=1.0, stop_token="end", eos_after=0,
                      samples_per_prompt=1)

@@ -16,6 +16,9 @@ rm.normalize_samples fresh samples of the initial policy (init_from) to the prom
 (empty: the built-in prompts), drawn with config.rollout as PPO draws them; none. rm.normalize_before also
 normalises the fresh reward head on the same reference before training.
 
+Ensembles (Coste et al. 2023): --config.rm.ensemble_size=4 trains 4 RMs in one jitted step (vmapped over a
+member axis), each normalised on its own; PPO / online DPO combine them by --config.reward.aggregate=mean|lcb|min.
+
 Formats: ranked {"prompt","responses","ranking"}, pairwise {"prompt","chosen","rejected"}, tldr (OpenAI
 summarize-from-feedback comparisons), hh_rlhf {"chosen","rejected"} dialogues. Empty train_path: a built-in synthetic
 preference with a known rule (tests, tiny).
@@ -36,8 +39,11 @@ def get_config(preset: str = "default"):
     c.data.builtin_examples = 2000
     c.data.seq_len = 128  # prompt + response tokens; longer examples are truncated (prompt from the left)
     c.model.update(d_model=128, n_layers=4, n_heads=4, max_len=256)
+    # ensemble_size E > 1: E RMs in one vmapped step, member i = the RM of seed + i (each its own reward-head
+    # init and data order); bootstrap: each member (or the one RM) trains on a bootstrap resample of the
+    # comparisons drawn with its seed.
     c.rm = dict(loss="ranking", margin=0.0, center_coef=0.0, normalize_on="comparisons", normalize_samples=256,
-                normalize_before=False)
+                normalize_before=False, ensemble_size=1, bootstrap=False)
     # rm.normalize_on="policy_samples" only: the prompts and sampling settings (keys as in configs/ppo.py).
     c.data.prompts_path, c.data.prompts_format, c.data.prompts_lines, c.data.max_prompt_len = "", "prompt", (), 64
     c.rollout = dict(max_new_tokens=32, temperature=0.7, top_k=0, top_p=1.0, stop_token="end", eos_after=0)

@@ -13,10 +13,11 @@ import os
 import numpy as np
 
 
-def ppo_curve(pipeline_dir: str, window: int = 10) -> dict[str, np.ndarray]:
+def ppo_curve(pipeline_dir: str, window: int = 10, proxy_key: str = "objective/scores") -> dict[str, np.ndarray]:
     """Per PPO iteration of a pipeline run, averaged over `window` iterations (one batch is noisy):
     step, kl (nats per response, k1 estimate), d = sqrt(max(kl, 0)), gold (the gold judge, logged as
-    objective/monitor_score) and proxy (the reward PPO optimised, objective/scores). proxy_init is the
+    objective/monitor_score) and proxy (`proxy_key`: the reward PPO optimised, objective/scores, or e.g. an RM
+    ensemble's members' mean, objective/rm_mean). proxy_init is the
     first iteration's proxy alone: its rollouts come from the initial (SFT) policy, at d = 0."""
     path = os.path.join(pipeline_dir, "policy", "metrics.jsonl")
     rows = []
@@ -27,7 +28,7 @@ def ppo_curve(pipeline_dir: str, window: int = 10) -> dict[str, np.ndarray]:
             except json.JSONDecodeError:
                 continue
             if "objective/kl" in m and "objective/monitor_score" in m:
-                rows.append((m["step"], m["objective/kl"], m["objective/monitor_score"], m["objective/scores"]))
+                rows.append((m["step"], m["objective/kl"], m["objective/monitor_score"], m[proxy_key]))
     if not rows:
         raise ValueError(f"{path}: no PPO iterations with objective/kl and objective/monitor_score logged.")
     a = np.asarray(rows, np.float64)

@@ -36,6 +36,9 @@ def export_workdir(workdir: str, out: str, kind: str = "", family: str | None = 
         from rlhf_jax.evaluation import load_reward_model
 
         model, params, norm = load_reward_model(workdir, mesh, rules)
+        if norm["ensemble_size"] > 1:
+            raise ValueError(f"{workdir!r} is an ensemble of {norm['ensemble_size']} reward models; a Hugging Face "
+                             f"checkpoint holds one. Export a single RM (rm.ensemble_size=1).")
         tok = load_tokenizer(os.path.join(workdir, "tokenizer.model"))
     else:
         from rlhf_jax.evaluation import load_policy

@@ -99,29 +99,32 @@ def response_logprobs(model, params, batch, temperature: float, mesh, rules, bat
 
 def load_reward_model(workdir: str, mesh, rules, dtype: str | None = None):
     """(model, params, norm) of a finished RM workdir, params of its latest checkpoint sharded on `mesh`;
-    norm = {"gain", "bias", ...} from its reward_norm.json. `dtype` overrides the compute dtype.
+    norm = {"gain", "bias", "ensemble_size", ...} from its reward_norm.json. `dtype` overrides the compute dtype.
+    An ensemble (rm.ensemble_size = E > 1) has params with a leading member axis and E gains and biases.
 
-    Score with `objectives.score_sequences(params, model, norm, tokens, input_mask)`; jit it as you like.
+    Score with `objectives.score_sequences(params, model, norm, tokens, input_mask)` (an ensemble's members
+    combined by its `aggregate`) or `objectives.member_scores` ([E, N]); jit it as you like.
     """
     src = checkpoint.read_run_config(workdir)
     if src is None:
         raise FileNotFoundError(f"{workdir!r} is not an RM workdir (no config.json). Train one with configs/rm.py.")
     norm = load_reward_norm(workdir)
     model = TransformerLM(ModelConfig(**dict(src["model"], dropout=0.0, **({"dtype": dtype} if dtype else {}))))
-    like, _ = parallel.sharded_init(train_state.model_init_fn(model, 8, 0), mesh, rules)
-    params = checkpoint.load_params(workdir, like)
+    members = norm["ensemble_size"]
+    init = train_state.ensemble_init_fn(model, 8, 0, members) if members > 1 else train_state.model_init_fn(model, 8, 0)
+    params = checkpoint.load_params(workdir, parallel.abstract_params(init, mesh, rules))
     return model, params, norm
 
 
 def load_reward_norm(workdir: str) -> dict:
-    """{"gain", "bias", ...} of a finished RM workdir (its reward_norm.json), checked to describe the params
-    of its latest checkpoint."""
+    """{"gain", "bias", "ensemble_size", ...} of a finished RM workdir (its reward_norm.json), checked to
+    describe the params of its latest checkpoint."""
     norm_path = os.path.join(workdir, NORM_FILE)
     if not os.path.exists(norm_path):
         raise FileNotFoundError(f"{norm_path} is missing: the RM run in {workdir} did not finish. Rerun its "
                                 f"command to finish it.")
     with open(norm_path) as f:
-        norm = json.load(f)
+        norm = {"ensemble_size": 1, **json.load(f)}
     _, step = checkpoint.find_params_checkpoint(workdir)
     if norm.get("step", step) != step:  # e.g. a run extended past a finished one, then stopped midway
         raise ValueError(f"{norm_path} describes the params of step {norm['step']} but the latest checkpoint in "

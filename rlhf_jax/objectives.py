@@ -133,7 +133,25 @@ def comparison_rewards(params, model, batch, rng=None) -> Array:
     return r.reshape(B, K)
 
 
-def score_sequences(params, model, norm, tokens, input_mask) -> Array:
-    """The normalised reward (norm = {"gain", "bias"} of the RM's reward_norm.json) of sequences [N, L] → [N]."""
-    return preference.apply_normalization(sequence_rewards(params, model, tokens, input_mask), norm["gain"],
-                                          norm["bias"])
+def over_members(fn, members: int):
+    """fn(params, *args) → x as (params, *args) → [E, ...]: vmapped over the leading member axis of an
+    ensemble's params (members > 1), or x[None] of a single model's (members <= 1: an ensemble of one)."""
+    if members > 1:
+        return lambda params, *args: jax.vmap(lambda p: fn(p, *args))(params)
+    return lambda params, *args: fn(params, *args)[None]
+
+
+def member_scores(params, model, norm, tokens, input_mask) -> Array:
+    """Each member's normalised reward of sequences [N, L] → [E, N] (f32). norm is the RM's reward_norm.json:
+    {"gain", "bias"} floats for one RM (E = 1), lists of E for an ensemble ("ensemble_size": E)."""
+    raw = over_members(lambda p: sequence_rewards(p, model, tokens, input_mask),
+                       norm.get("ensemble_size", 1))(params)
+    gain = jnp.asarray(norm["gain"], jnp.float32).reshape(-1, 1)
+    bias = jnp.asarray(norm["bias"], jnp.float32).reshape(-1, 1)
+    return preference.apply_normalization(raw, gain, bias)
+
+
+def score_sequences(params, model, norm, tokens, input_mask, aggregate: str = "mean", lcb_coef: float = 1.0) -> Array:
+    """The normalised reward of sequences [N, L] → [N]: a single RM's score, or an ensemble's members'
+    combined by `aggregate` (preference.aggregate_rewards: mean | lcb | min)."""
+    return preference.aggregate_rewards(member_scores(params, model, norm, tokens, input_mask), aggregate, lcb_coef)

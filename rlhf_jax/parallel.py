@@ -31,6 +31,8 @@ DEFAULT_RULES = (
     ("kv", None),
     ("length", None),
 )
+# A name no rule lists is unsharded: e.g. "ensemble", the member axis of an RM ensemble, so that each
+# member shards like one model.
 
 
 def mesh_shape(requested: dict[str, int], num_devices: int) -> tuple[int, ...]:
@@ -91,9 +93,20 @@ def sharded_init(init_fn: Callable[[], Any], mesh: Mesh, rules):
     return tree, shardings
 
 
-def batch_sharding(mesh: Mesh, rules, ndim: int = 2) -> NamedSharding:
-    """Sharding of a batch-major array: leading axis over the mesh axes `batch` maps to."""
-    axes = nn.logical_to_mesh_axes(("batch",) + (None,) * (ndim - 1), rules)
+def abstract_params(init_fn: Callable[[], Any], mesh: Mesh, rules):
+    """ShapeDtypeStructs, carrying their shardings, of the unboxed tree `init_fn` would build: a target to
+    restore a checkpoint into, with nothing allocated."""
+    with activate(mesh, rules):
+        abstract = jax.eval_shape(init_fn)
+        shardings = logical_shardings(abstract, mesh, rules)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.unbox(abstract),
+                        shardings)
+
+
+def batch_sharding(mesh: Mesh, rules, ndim: int = 2, lead: int = 0) -> NamedSharding:
+    """Sharding of a batch-major array: axis `lead` (after `lead` unsharded leading axes, e.g. an
+    ensemble's members) over the mesh axes `batch` maps to."""
+    axes = nn.logical_to_mesh_axes((None,) * lead + ("batch",) + (None,) * (ndim - 1 - lead), rules)
     return NamedSharding(mesh, axes)
 
 
@@ -108,9 +121,9 @@ def data_parallel_size(mesh: Mesh, rules) -> int:
     return math.prod(mesh.shape[a] for a in axes)
 
 
-def global_batch(local: dict[str, np.ndarray], mesh: Mesh, rules) -> dict[str, jax.Array]:
-    """Builds global arrays from this process's rows (multi-host safe)."""
-    return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, rules, v.ndim), v)
+def global_batch(local: dict[str, np.ndarray], mesh: Mesh, rules, lead: int = 0) -> dict[str, jax.Array]:
+    """Builds global arrays from this process's rows (multi-host safe); the rows are axis `lead`."""
+    return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, rules, v.ndim, lead), v)
             for k, v in local.items()}
 
 

@@ -42,12 +42,15 @@ def initial_params(run: Run, model, params):
     out = {"policy": run.load_init_params(params["policy"], heads=("trunk", "lm_head"))}
     if "critic" in params:
         rm_dir = run.config.reward.rm_workdir
+        norm = evaluation.load_reward_norm(rm_dir)
+        if norm["ensemble_size"] > 1:
+            raise ValueError(f"config.ppo.critic='reward_model' starts the critic from one RM, but {rm_dir} is an "
+                             f"ensemble of {norm['ensemble_size']}; use ppo.critic='shared'.")
         arch = lambda m: {k: v for k, v in (m or {}).items() if k not in RUNTIME_MODEL_FIELDS}
         if arch((checkpoint.read_run_config(rm_dir) or {}).get("model")) != arch(run.config.model.to_dict()):
             raise ValueError("config.ppo.critic='reward_model' needs the RM to have the policy's architecture; "
                              "use ppo.critic='shared' or train the RM from the same SFT workdir.")
         critic = checkpoint.load_params(rm_dir, params["critic"])
-        norm = evaluation.load_reward_norm(rm_dir)
         # New arrays, not an alias: the train state is donated, and one buffer must not back two leaves.
         out["critic"] = {**critic, "value_head": preference.fold_normalization(
             critic["reward_head"], jnp.float32(norm["gain"]), jnp.float32(norm["bias"]))}

@@ -121,6 +121,46 @@ def fold_normalization(head: dict, gain: jax.Array | float, bias: jax.Array | fl
     return {"kernel": gain * head["kernel"], "bias": gain * head["bias"] + bias}
 
 
+# --- reward-model ensembles -------------------------------------------------------------------------------------------
+#
+# An ensemble's scores are [E, N]: E members (each normalised on its own), N sequences. A single RM is an
+# ensemble of one, for which every aggregate below is its score.
+
+AGGREGATES = ("mean", "lcb", "min")
+
+
+def aggregate_rewards(scores: jax.Array, how: str = "mean", lcb_coef: float = 1.0) -> jax.Array:
+    """The reward a policy optimises from an ensemble's scores [E, N] → [N] (f32).
+
+    mean: (1/E) Σ_e r_e — Coste et al. 2023's mean optimisation; Eisenstein et al. 2023's mean.
+    lcb:  mean − λ·std_e r_e (population std over members; λ = lcb_coef) — a lower confidence bound, the
+          uncertainty penalty of Eisenstein et al. 2023 ("mean minus std"); Coste et al.'s UWO subtracts
+          λ·variance instead.
+    min:  min_e r_e — worst-case optimisation (Coste et al. 2023, WCO).
+    """
+    r = jnp.asarray(scores, jnp.float32)
+    if how == "mean":
+        return jnp.mean(r, axis=0)
+    if how == "lcb":
+        return jnp.mean(r, axis=0) - lcb_coef * jnp.std(r, axis=0)
+    if how == "min":
+        return jnp.min(r, axis=0)
+    raise ValueError(f"reward.aggregate={how!r}: use one of {AGGREGATES}.")
+
+
+def ranking_disagreement(rewards: jax.Array, valid: jax.Array) -> jax.Array:
+    """Mean pairwise disagreement of an ensemble's rewards [E, B, K] (valid [B, K]): over member pairs a < b
+    and compared response pairs i < j, the share where a and b order i and j differently (f32 []; 0 for E = 1).
+    Scale-free, so it compares members before their normalisation."""
+    E = rewards.shape[0]
+    order = jnp.sign(rewards[:, :, :, None] - rewards[:, :, None, :])  # [E, B, K, K]
+    pairs = _pairs(valid)  # [B, K, K]
+    members = jnp.arange(E)[:, None] < jnp.arange(E)[None, :]  # [E, E]: a < b
+    differ = (order[:, None] != order[None, :]) & pairs & members[:, :, None, None, None]
+    count = jnp.sum(members) * jnp.sum(pairs)
+    return jnp.sum(differ) / jnp.maximum(count, 1)
+
+
 # --- direct preference optimisation: the policy as its own reward model ----------------------------------------------
 #
 # Every loss below takes the implicit rewards ρ [B, K] of a policy's responses, best first (see

@@ -79,6 +79,12 @@ def prompt_batch(loader, iteration: int, group: int, run: Run):
 
 def reward(run: Run, c):
     """(rm (model, norm) or None, rm params or None, Python reward function or None)."""
+    from rlhf_jax.preference import AGGREGATES
+
+    if c.reward.aggregate not in AGGREGATES:
+        raise ValueError(f"config.reward.aggregate={c.reward.aggregate!r}: use one of {AGGREGATES}.")
+    if c.reward.lcb_coef < 0:
+        raise ValueError(f"config.reward.lcb_coef={c.reward.lcb_coef} must be >= 0 (the reward is mean − λ·std).")
     if c.reward.kind == "rm":
         if not c.reward.rm_workdir:
             raise ValueError("config.reward.rm_workdir is empty: set it to a trained RM's --workdir, "
@@ -86,10 +92,33 @@ def reward(run: Run, c):
         from rlhf_jax.evaluation import load_reward_model
 
         rm_model, rm_params, norm = load_reward_model(c.reward.rm_workdir, run.mesh, run.rules, c.model.dtype)
+        if c.reward.aggregate != "mean" and norm["ensemble_size"] == 1:
+            raise ValueError(f"config.reward.aggregate={c.reward.aggregate!r} combines an RM ensemble's members, but "
+                             f"{c.reward.rm_workdir} is one RM (for which it equals its score). Train an ensemble "
+                             f"(--config.rm.ensemble_size=4) or use reward.aggregate='mean'.")
+        run.log(f"reward: {c.reward.rm_workdir}" + (f", {c.reward.aggregate} of an ensemble of {norm['ensemble_size']}"
+                                                    if norm["ensemble_size"] > 1 else ""))
         return (rm_model, norm), rm_params, None
+    if c.reward.aggregate != "mean":
+        raise ValueError(f"config.reward.aggregate={c.reward.aggregate!r} applies to an RM ensemble; "
+                         f"reward.kind={c.reward.kind!r} has none. Use reward.aggregate='mean'.")
     if c.reward.kind == "function":
         return None, None, import_function(c.reward.function, "reward.function")
     raise ValueError(f"config.reward.kind={c.reward.kind!r}: use 'rm' or 'function'.")
+
+
+def rm_score_fn(rm, c):
+    """(rm_params, tokens, mask [N, L]) → (reward [N]: the RM's normalised score, or its ensemble members'
+    combined by config.reward.aggregate; the members' mean [N] and std [N], std 0 for one RM)."""
+    from rlhf_jax import objectives, preference
+
+    rm_model, norm = rm
+
+    def score(rm_params, tokens, mask):
+        s = objectives.member_scores(rm_params, rm_model, norm, tokens, mask)
+        return preference.aggregate_rewards(s, c.reward.aggregate, c.reward.lcb_coef), s.mean(0), s.std(0)
+
+    return score
 
 
 def import_function(spec: str, key: str):

@@ -34,18 +34,26 @@ class TrainState:
 
 
 def create(init_params: Callable[[], Any], tx: optax.GradientTransformation, mesh, rules, seed: int,
-           extras: dict | None = None) -> tuple[TrainState, TrainState]:
+           extras: dict | None = None, members: int = 0) -> tuple[TrainState, TrainState]:
     """Sharded train state and its shardings; `init_params()` returns boxed (logically annotated) params.
 
     The optimizer state is built from the boxed params, so its moments inherit the
     params' logical axes and shard exactly like them (FSDP shards them too).
+
+    members > 0: an ensemble (`ensemble_init_fn` params, leading member axis): the optimizer state and the
+    RNG get that axis too — member i's are those of a single model of seed + i — so a member's update,
+    vmapped, is exactly that model's (gradient clipping, step counts and dropout per member).
     """
     extras = extras or {}
 
     def init():
         params = init_params()
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                          rng=jax.random.key_data(jax.random.PRNGKey(seed)),
+        if members:
+            opt_state = jax.vmap(tx.init)(params)
+            rng = jnp.stack([jax.random.key_data(jax.random.PRNGKey(seed + i)) for i in range(members)])
+        else:
+            opt_state, rng = tx.init(params), jax.random.key_data(jax.random.PRNGKey(seed))
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state, rng=rng,
                           extras={k: jnp.asarray(v) for k, v in extras.items()},
                           nonfinite=jnp.array([0, -1], jnp.int32))
 
@@ -122,5 +130,21 @@ def model_init_fn(model: nn.Module, seq_len: int, seed: int, heads=("lm", "value
         tokens = jnp.zeros((1, seq_len), jnp.int32)
         mask = jnp.ones((1, seq_len), jnp.int32)
         return model.init(jax.random.PRNGKey(seed), tokens, positions_from_mask(mask), mask, heads=heads)["params"]
+
+    return init
+
+
+ENSEMBLE_AXIS = "ensemble"  # the logical name of an ensemble's member axis (no rule lists it: unsharded)
+
+
+def ensemble_init_fn(model: nn.Module, seq_len: int, seed: int, members: int, heads=("lm", "value", "reward")):
+    """Boxed params of `members` models stacked on a leading "ensemble" axis; member i is initialised exactly
+    as `model_init_fn(..., seed + i)`. Every other axis keeps its logical name, so a member shards like one
+    model."""
+    inits = [model_init_fn(model, seq_len, seed + i, heads) for i in range(members)]
+
+    def init():
+        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[f() for f in inits])
+        return flax.core.meta.add_axis(stacked, 0, {nn.PARTITION_NAME: ENSEMBLE_AXIS})
 
     return init

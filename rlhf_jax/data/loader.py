@@ -89,6 +89,29 @@ class BatchLoader:
             return self._perms[epoch]
 
 
+class Resampled(Sequence):
+    """`source` seen through `indices` (a bootstrap resample, a subset): row i is source[indices[i]]."""
+
+    def __init__(self, source: Sequence[dict[str, np.ndarray]], indices: np.ndarray):
+        self.source, self.indices = source, np.asarray(indices, np.int64)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        return self.source[int(self.indices[i])]
+
+    def __getitems__(self, idx: list[int]) -> list[dict[str, np.ndarray]]:
+        return _rows(self.source, [int(self.indices[i]) for i in idx])
+
+
+def bootstrap(source: Sequence[dict[str, np.ndarray]], seed: int) -> Resampled:
+    """A bootstrap resample of `source`: as many rows, drawn uniformly with replacement (seeded), e.g. one
+    ensemble member's training set (Efron's bootstrap; each member sees about 63% of the distinct rows)."""
+    n = len(source)
+    return Resampled(source, np.random.default_rng([seed, 0xB007]).integers(0, n, n))
+
+
 def eval_batches(source: Sequence[dict[str, np.ndarray]], batch_size: int, max_batches: int | None = None,
                  process_index: int | None = None, process_count: int | None = None) -> Iterator[Batch]:
     """Every example once, in order, as this process's rows of global batches of `batch_size`.
@@ -116,10 +139,13 @@ def eval_batches(source: Sequence[dict[str, np.ndarray]], batch_size: int, max_b
 
 
 def _fetch(source: Sequence[dict[str, np.ndarray]], indices: np.ndarray) -> Batch:
-    idx = [int(i) for i in indices]
-    # ArrayRecord sources read a list of keys in one call; plain sequences one at a time.
-    rows = source.__getitems__(idx) if hasattr(source, "__getitems__") else [source[i] for i in idx]
+    rows = _rows(source, [int(i) for i in indices])
     return {k: np.stack([np.asarray(r[k], _dtype(np.asarray(r[k]))) for r in rows]) for k in rows[0]}
+
+
+def _rows(source: Sequence[dict[str, np.ndarray]], idx: list[int]) -> list[dict[str, np.ndarray]]:
+    # ArrayRecord sources read a list of keys in one call; plain sequences one at a time.
+    return source.__getitems__(idx) if hasattr(source, "__getitems__") else [source[i] for i in idx]
 
 
 def _dtype(x: np.ndarray):

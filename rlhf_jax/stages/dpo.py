@@ -223,8 +223,7 @@ def online_loop(run: Run, tail: LoopTail, state, ref_params, step_fn, model, tok
     loader = BatchLoader(prompts, c.batch_size, seed=c.seed)  # batch_size comparisons per step, as offline
     rollout_fn = jax.jit(rollouts.make_rollout_fn(model, c, tok))
     rm, rm_params, reward_fn = rollouts.reward(run, c)
-    score_fn = None if rm is None else jax.jit(
-        lambda p, b: objectives.score_sequences(p, rm[0], rm[1], *rollouts.joined(b)))
+    score_fn = None if rm is None else jax.jit(lambda p, b: rollouts.rm_score_fn(rm, c)(p, *rollouts.joined(b))[0])
     monitor_fn = rollouts.import_function(c.reward.monitor, "reward.monitor") if c.reward.monitor else None
     rank_fn = jax.jit(lambda batch, scores: best_first(batch, scores, K))
     run.log(f"online dpo ({c.dpo.loss}, β {c.dpo.beta}): {loader.num_examples} prompts, {c.batch_size} "

@@ -81,14 +81,15 @@ def pg_loss(params, model, mb, ptx, kl_coef, c):
 def make_score_fn(model, c, rm):
     """(params, ref_params, rm_params, batch) → log-probs, entropy, [values], ref log-probs, [RM score]."""
 
+    rm_score = None if rm is None else rollouts.rm_score_fn(rm, c)
+
     def score(params, ref_params, rm_params, batch):
         out = policy_stats(params, model, batch, c.rollout.temperature, c.ppo.advantage == "gae")
         out["ref_logprobs"] = objectives.response_stats(ref_params, model, batch["prompt"], batch["prompt_mask"],
                                                         batch["response"], batch["response_mask"],
                                                         c.rollout.temperature)["logprobs"]
         if rm is not None:
-            rm_model, norm = rm
-            out["scores"] = objectives.score_sequences(rm_params, rm_model, norm, *rollouts.joined(batch))
+            out["scores"], out["rm_mean"], out["rm_std"] = rm_score(rm_params, *rollouts.joined(batch))
         return out
 
     return score
@@ -229,6 +230,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             scored = score_fn(state.params, ref_params, rm_params, batch)
             raw_scores = scored.pop("scores") if reward_fn is None else \
                 rollouts.function_scores(reward_fn, tok, batch, run)
+            members = {k: scored.pop(k) for k in ("rm_mean", "rm_std") if k in scored}
             kl_coef = float(jax.device_get(state.extras["kl_coef"]))  # read before `state` is donated
             adv = advantage_fn(raw_scores, gen["ended"], scored, gen["logprobs"], batch["response_mask"], kl_coef)
             rollout = {**batch, "logprobs": scored["logprobs"], "ref_logprobs": scored["ref_logprobs"],
@@ -251,6 +253,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 stats["objective/monitor_score"] = float(np.mean(parallel.to_host(
                     rollouts.function_scores(monitor_fn, tok, batch, run))))
 
+            # The RM's members' mean and spread (an ensemble's: what lcb / min trade off; one RM's: its score, 0)
+            stats.update({f"objective/{k}": float(np.mean(parallel.to_host(v))) for k, v in members.items()})
             done = it + 1
             gen_tokens = float(host["response_mask"].sum())
             m = {**rollout_metrics(host, kl_coef), **stats,

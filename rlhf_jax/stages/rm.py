@@ -9,6 +9,13 @@ training responses, or fresh samples of the initial policy) mean 0 / std 1
 by `evaluation.load_reward_model` and applied by `objectives.score_sequences`.
 rm.normalize_before also normalises the fresh reward head before training.
 
+An ensemble (rm.ensemble_size = E > 1) is E reward models trained in one jitted step: params, optimizer
+state, RNG and batch carry a leading member axis ("ensemble", unsharded: each member shards like one RM)
+and one member's update is vmapped over it. Member i is exactly the single RM of seed + i — its reward
+head's initialisation, its data order (and, with rm.bootstrap, its resample of the comparisons), its
+dropout — with the trunk every member starts from init_from. Each member is normalised on its own
+(reward_norm.json holds E gains and biases); the policy stages combine members by reward.aggregate.
+
 Throughput: perf/samples_per_sec counts scored sequences (B·K per step),
 perf/tokens_per_sec their L padded positions each.
 """
@@ -81,44 +88,75 @@ def batch_metrics(rewards, valid, loss, prefix):
     return {f"{prefix}/loss": loss, **{f"{prefix}/{k}": v for k, v in m.items()}}
 
 
-def make_train_step(model, tx, schedule, rm_cfg, grad_accum: int = 1, inject_nonfinite: tuple[int, ...] = ()):
-    """step(state, batch) -> (state, metrics). The batch is cut into `grad_accum` microbatches whose
-    losses are weighted by the whole batch's counts, so grad_accum changes memory, not the result."""
+def _make_update(model, tx, rm_cfg, grad_accum: int, inject_nonfinite: tuple[int, ...]):
+    """One RM's update: (params, opt_state, rng, nonfinite, step, batch) → (params, opt_state, nonfinite,
+    {"loss", "rewards" [B, K], "grad_norm"}). The batch is cut into `grad_accum` microbatches whose losses
+    are weighted by the whole batch's counts, so grad_accum changes memory, not the result."""
 
-    def step(state: train_state.TrainState, batch):
-        rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    def update(params, opt_state, rng_data, nonfinite, step, batch):
+        rng = jax.random.fold_in(jax.random.wrap_key_data(rng_data), step)
         denominators = _denominators(batch["valid"], rm_cfg)
         micro = jax.tree.map(lambda x: x.reshape(grad_accum, -1, *x.shape[1:]), batch)
         grad_fn = jax.value_and_grad(_weighted_loss, has_aux=True)
 
         def accumulate(carry, xs):
             i, mb = xs
-            (loss, (rewards, _)), grads = grad_fn(state.params, model, mb, rm_cfg, jax.random.fold_in(rng, i),
-                                                  denominators)
+            (loss, (rewards, _)), grads = grad_fn(params, model, mb, rm_cfg, jax.random.fold_in(rng, i), denominators)
             g, total = carry
             return (jax.tree.map(jnp.add, g, grads), total + loss), rewards
 
-        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        zeros = jax.tree.map(jnp.zeros_like, params)
         (grads, loss), rewards = jax.lax.scan(accumulate, (zeros, jnp.zeros((), jnp.float32)),
                                               (jnp.arange(grad_accum), micro))
         rewards = rewards.reshape(batch["valid"].shape)  # [A, B/A, K] → [B, K], rows in batch order
         params, opt_state, nonfinite = train_state.apply_if_finite(
-            tx, grads, loss, state.params, state.opt_state, state.nonfinite, state.step, inject_nonfinite)
-        metrics = batch_metrics(rewards, batch["valid"], loss, "rm")
-        metrics.update({"rm/grad_norm": optax.tree.norm(grads), "rm/lr": schedule(state.step)})
+            tx, grads, loss, params, opt_state, nonfinite, step, inject_nonfinite)
+        return params, opt_state, nonfinite, {"loss": loss, "rewards": rewards, "grad_norm": optax.tree.norm(grads)}
+
+    return update
+
+
+def make_train_step(model, tx, schedule, rm_cfg, grad_accum: int = 1, inject_nonfinite: tuple[int, ...] = (),
+                    members: int = 0):
+    """step(state, batch) -> (state, metrics) of one RM, or (members > 1) of an ensemble: the update vmapped
+    over the member axis of params, optimizer state, RNG and batch [E, B, K, L]. An update skipped for a
+    non-finite loss is skipped for that member alone and counted in state.nonfinite like one RM's."""
+    update = _make_update(model, tx, rm_cfg, grad_accum, inject_nonfinite)
+
+    def step(state: train_state.TrainState, batch):
+        if members > 1:
+            params, opt_state, nf, out = jax.vmap(update, in_axes=(0, 0, 0, None, None, 0))(
+                state.params, state.opt_state, state.rng, state.nonfinite, state.step, batch)
+            # Each member returns [count, first] from the shared counter: add their new skips; the first bad
+            # step is this one if any member set it (max: the others kept -1 or the same earlier step).
+            nonfinite = jnp.stack([state.nonfinite[0] + jnp.sum(nf[:, 0] - state.nonfinite[0]), jnp.max(nf[:, 1])])
+            metrics = {}
+            for e in range(members):
+                metrics.update(batch_metrics(out["rewards"][e], batch["valid"][e], out["loss"][e], f"rm/member_{e}"))
+                metrics[f"rm/member_{e}/grad_norm"] = out["grad_norm"][e]
+            # rm/<metric>: the members' mean (each member sees its own batch)
+            for key in [k.split("/", 2)[2] for k in metrics if k.startswith("rm/member_0/")]:
+                metrics[f"rm/{key}"] = jnp.mean(jnp.stack([metrics[f"rm/member_{e}/{key}"] for e in range(members)]))
+        else:
+            params, opt_state, nonfinite, out = update(state.params, state.opt_state, state.rng, state.nonfinite,
+                                                       state.step, batch)
+            metrics = batch_metrics(out["rewards"], batch["valid"], out["loss"], "rm")
+            metrics["rm/grad_norm"] = out["grad_norm"]
+        metrics["rm/lr"] = schedule(state.step)
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state, nonfinite=nonfinite), metrics
 
     return step
 
 
-def make_reward_fn(model):
-    """jitted (params, batch) -> rewards f32 [B, K], deterministic (no dropout). Build it once: each
-    new function object would compile again."""
-    return jax.jit(lambda params, batch: objectives.comparison_rewards(params, model, batch))
+def make_reward_fn(model, members: int = 0):
+    """jitted (params, batch) -> rewards f32 [E, B, K] of each member (E = 1 for one RM), deterministic
+    (no dropout). Build it once: each new function object would compile again."""
+    return jax.jit(objectives.over_members(lambda params, batch: objectives.comparison_rewards(params, model, batch),
+                                           members))
 
 
 def _all_rewards(reward_fn, params, source, run: Run, max_batches: int | None):
-    """(rewards f32 [N, K], valid [N, K]) of the comparisons in `source`, padding rows included."""
+    """(rewards f32 [E, N, K], valid [N, K]) of the comparisons in `source`, padding rows included."""
     from rlhf_jax.data.loader import eval_batches
 
     rewards, valid = [], []
@@ -127,7 +165,7 @@ def _all_rewards(reward_fn, params, source, run: Run, max_batches: int | None):
             batch = parallel.global_batch(local, run.mesh, run.rules)
             rewards.append(parallel.to_host(reward_fn(params, batch)))
             valid.append(parallel.to_host(batch["valid"]))
-    return np.concatenate(rewards), np.concatenate(valid)
+    return np.concatenate(rewards, axis=1), np.concatenate(valid)
 
 
 def evaluate(reward_fn, params, source, run: Run, rm_cfg, max_batches: int):
@@ -135,19 +173,27 @@ def evaluate(reward_fn, params, source, run: Run, rm_cfg, max_batches: int):
     rewards of every comparison are gathered first, then reduced once)."""
     r, v = _all_rewards(reward_fn, params, source, run, max_batches or None)
     keep = v.sum(1) >= 2  # padding rows of the last batch
-    r, v = jnp.asarray(r[keep]), jnp.asarray(v[keep])
-    loss, _ = _preference_loss(r, v, rm_cfg)
-    return {k: float(x) for k, x in batch_metrics(r, v, loss, "eval/rm").items()}
+    r, v = jnp.asarray(r[:, keep]), jnp.asarray(v[keep])
+    out = {}
+    if r.shape[0] > 1:  # an ensemble: each member, then eval/rm/* of the members' mean reward
+        for e in range(r.shape[0]):
+            out.update(batch_metrics(r[e], v, _preference_loss(r[e], v, rm_cfg)[0], f"eval/rm/member_{e}"))
+        out["eval/rm/member_accuracy_mean"] = jnp.mean(jnp.stack([out[f"eval/rm/member_{e}/accuracy"]
+                                                                  for e in range(r.shape[0])]))
+        out["eval/rm/disagreement"] = preference.ranking_disagreement(r, v)
+    mean = jnp.mean(r, axis=0)
+    out.update(batch_metrics(mean, v, _preference_loss(mean, v, rm_cfg)[0], "eval/rm"))
+    return {k: float(x) for k, x in out.items()}
 
 
 def reference_rewards(reward_fn, params, run: Run, source) -> np.ndarray:
-    """Rewards f32 [M] of every valid response in `source` (the reference distribution for normalisation)."""
+    """Rewards f32 [E, M] of every valid response in `source` (the reference distribution for normalisation)."""
     r, v = _all_rewards(reward_fn, params, source, run, None)
-    return r[v > 0]
+    return r[:, v > 0]
 
 
-def policy_sample_rewards_fn(run: Run, model, params):
-    """rewards(rm_params, draw) → f32 [M]: the RM's raw rewards of M = rm.normalize_samples (rounded up to whole
+def policy_sample_rewards_fn(run: Run, model, params, members: int = 0):
+    """rewards(rm_params, draw) → f32 [E, M]: the RM's (each member's) raw rewards of M = rm.normalize_samples (rounded up to whole
     batches of batch_size) fresh responses of the initial policy — init_from's trunk and LM head — to the
     prompts of config.data, sampled with config.rollout (lm-human-preferences train_reward.py:191-199, 212).
     Each `draw` takes its own prompts and sampling keys, so the samples before and after training differ."""
@@ -155,11 +201,13 @@ def policy_sample_rewards_fn(run: Run, model, params):
 
     c = run.config
     tok, prompts = rollouts.prompt_data(run)
-    policy = run.frozen_init_params(params, heads=("trunk", "lm_head"))
+    policy = run.frozen_init_params(params, heads=("trunk", "lm_head")) if members <= 1 else \
+        _init_from_params(run, model, ("trunk", "lm_head"))
     B, n_batches = c.batch_size, -(-c.rm.normalize_samples // c.batch_size)
     with parallel.activate(run.mesh, run.rules):
         rollout_fn = jax.jit(rollouts.make_rollout_fn(model, c, tok))
-        score_fn = jax.jit(lambda p, tokens, mask: objectives.sequence_rewards(p, model, tokens, mask))
+        score_fn = jax.jit(objectives.over_members(lambda p, tokens, mask: objectives.sequence_rewards(
+            p, model, tokens, mask), members))
 
     def rewards(rm_params, draw: int) -> np.ndarray:
         seed = c.seed + 1000 * (draw + 1)
@@ -170,9 +218,28 @@ def policy_sample_rewards_fn(run: Run, model, params):
                 gen = rollout_fn(policy, batch["prompt"], batch["prompt_mask"], rollouts.sample_keys(seed, i, B, run))
                 tokens, mask = rollouts.joined({**batch, "response": gen["tokens"], "response_mask": gen["mask"]})
                 out.append(parallel.to_host(score_fn(rm_params, tokens, mask)))
-        return np.concatenate(out)
+        return np.concatenate(out, axis=1)
 
     return rewards
+
+
+def _init_from_params(run: Run, model, heads: tuple[str, ...]):
+    """{head: params} of one model from init_from, read into a single model's shardings (for an ensemble,
+    whose own params have a member axis)."""
+    c = run.config
+    like = parallel.abstract_params(train_state.model_init_fn(model, c.data.seq_len, c.seed), run.mesh, run.rules)
+    loaded = run.load_init_params(like, heads=heads)
+    return {k: loaded[k] for k in heads}
+
+
+def ensemble_from_init(run: Run, model, params, shardings):
+    """An ensemble's params with every member's trunk set to init_from's (the reward heads keep their own
+    initialisations): one copy read, broadcast over the member axis into the ensemble's shardings."""
+    trunk = _init_from_params(run, model, ("trunk",))["trunk"]
+    E = jax.tree.leaves(params["reward_head"])[0].shape[0]
+    stacked = jax.jit(lambda t: jax.tree.map(lambda x: jnp.broadcast_to(x, (E, *x.shape)), t),
+                      out_shardings=shardings["trunk"])(trunk)
+    return {**params, "trunk": stacked}
 
 
 def check_config(c: ml_collections.ConfigDict) -> None:
@@ -197,6 +264,8 @@ def check_config(c: ml_collections.ConfigDict) -> None:
             raise ValueError(f"config.data.max_prompt_len + rollout.max_new_tokens = {c.data.max_prompt_len} + "
                              f"{c.rollout.max_new_tokens} exceeds model.max_len={c.model.max_len}; lower them to "
                              f"PPO's (the policy samples must be what PPO will score).")
+    if not isinstance(c.rm.ensemble_size, int) or c.rm.ensemble_size < 1:
+        raise ValueError(f"config.rm.ensemble_size={c.rm.ensemble_size!r} must be a positive integer (1: one RM).")
     if c.rm.center_coef < 0:
         raise ValueError(f"config.rm.center_coef={c.rm.center_coef} must be >= 0 (0 disables the penalty).")
     if c.model.position == "learned" and c.data.seq_len > c.model.max_len:
@@ -218,43 +287,58 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     model = TransformerLM(config_lib.model_config(c))
     total = c.optim.total_steps if c.optim.total_steps > 0 else c.num_steps
     tx, schedule = optim.make_optimizer(c.optim, total)
-    state, shardings = train_state.create(train_state.model_init_fn(model, c.data.seq_len, c.seed), tx,
-                                          run.mesh, run.rules, c.seed)
+    E = c.rm.ensemble_size if c.rm.ensemble_size > 1 else 0  # 0: one RM, params without a member axis
+    init = train_state.ensemble_init_fn(model, c.data.seq_len, c.seed, E) if E else \
+        train_state.model_init_fn(model, c.data.seq_len, c.seed)
+    state, shardings = train_state.create(init, tx, run.mesh, run.rules, c.seed, members=E)
     state, meta = run.restore_or(state)
-    reward_fn = make_reward_fn(model)
+    reward_fn = make_reward_fn(model, E)
     if c.rm.normalize_on == "policy_samples":
-        reference = policy_sample_rewards_fn(run, model, state.params)
+        reference = policy_sample_rewards_fn(run, model, state.params, E)
     else:
         reference = lambda params, draw: reference_rewards(reward_fn, params, run, train_source)
     if meta is None:  # trunk from the earlier stage; the reward head stays freshly initialised
-        state = state.replace(params=run.load_init_params(state.params, heads=("trunk",)))
+        if not E:
+            state = state.replace(params=run.load_init_params(state.params, heads=("trunk",)))
+        elif c.init_from:
+            state = state.replace(params=ensemble_from_init(run, model, state.params, shardings.params))
         if c.rm.normalize_before:
             state = state.replace(params=normalise_head(state.params, reference(state.params, 0), run))
     start = int(jax.device_get(state.step))
 
-    batch_sh = parallel.batch_sharding(run.mesh, run.rules, ndim=1)  # leading (batch) axis of every leaf
+    lead = 1 if E else 0  # an ensemble's batch is [E, B, K, L]: member i's rows are its own loader's
+    batch_sh = parallel.batch_sharding(run.mesh, run.rules, ndim=lead + 1, lead=lead)
     with parallel.activate(run.mesh, run.rules):
-        step_fn = jax.jit(make_train_step(model, tx, schedule, c.rm, c.grad_accum, tuple(c.debug_nonfinite_steps)),
+        step_fn = jax.jit(make_train_step(model, tx, schedule, c.rm, c.grad_accum, tuple(c.debug_nonfinite_steps),
+                                          members=E),
                           in_shardings=(shardings, batch_sh), out_shardings=(shardings, parallel.replicated(run.mesh)),
                           donate_argnums=(0,))
-    loader = BatchLoader(train_source, c.batch_size, seed=c.seed)
+    loaders = [BatchLoader(member_source(train_source, c, i), c.batch_size, seed=c.seed + i) for i in range(E or 1)]
     K = train_source[0]["tokens"].shape[0]
     # The RM never computes vocabulary logits: drop the LM head's 6·D·V from the LM's count.
     flops_per_seq = (perf.train_flops_per_token(model.cfg, c.data.seq_len)
                      - 6.0 * model.cfg.d_model * model.cfg.vocab_size) * c.data.seq_len
-    seqs = c.batch_size * K  # scored sequences per step
+    seqs = c.batch_size * K * (E or 1)  # scored sequences per step, every member's
     tail = LoopTail(run, start, "rm", tokens_per_step=seqs * c.data.seq_len, samples_per_step=seqs,
                     flops_per_step=seqs * flops_per_seq, postfix={"loss": "rm/loss", "acc": "rm/accuracy"})
-    run.log(f"rm: {loader.num_examples} comparisons (K={K}), steps {start}→{c.num_steps}, "
-            f"mesh {dict(run.mesh.shape)}, {sum(x.size for x in jax.tree.leaves(state.params)) / 1e6:.2f}M params")
+    run.log(f"rm: {loaders[0].num_examples} comparisons (K={K}), steps {start}→{c.num_steps}, "
+            f"{f'an ensemble of {E}, ' if E else ''}mesh {dict(run.mesh.shape)}, "
+            f"{sum(x.size for x in jax.tree.leaves(state.params)) / 1e6:.2f}M params")
 
     def norm_metrics():  # before the final checkpoint: a saved final step always has its norm file
         norm = normalise(reference, state.params, run, c.num_steps)
+        if E:
+            return {**{f"rm/member_{e}/norm_gain": g for e, g in enumerate(norm["gain"])},
+                    **{f"rm/member_{e}/norm_bias": b for e, b in enumerate(norm["bias"])}}
         return {"rm/norm_gain": norm["gain"], "rm/norm_bias": norm["bias"]}
 
+    iterators = [loader.iterate(start, c.num_steps - start) for loader in loaders]
     with parallel.activate(run.mesh, run.rules):
-        for step, local in loader.iterate(start, c.num_steps - start):
-            batch = parallel.global_batch(local, run.mesh, run.rules)
+        for members_batches in zip(*iterators):
+            step = members_batches[0][0]
+            local = members_batches[0][1] if not E else \
+                {k: np.stack([b[k] for _, b in members_batches]) for k in members_batches[0][1]}
+            batch = parallel.global_batch(local, run.mesh, run.rules, lead=lead)
             step_fn = tail.compile_once("rm train step", step_fn, state, batch)
             state, metrics = step_fn(state, batch)
             if tail.end_step(step + 1, state, metrics, on_last=norm_metrics, evaluate=None if eval_source is None
@@ -263,15 +347,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     return tail.close()
 
 
+def member_source(source, c, member: int):
+    """The comparisons member `member` trains on: all of them, or (rm.bootstrap) a bootstrap resample drawn
+    with seed + member — for a single RM (member 0), the resample of its seed."""
+    from rlhf_jax.data.loader import bootstrap
+
+    return bootstrap(source, c.seed + member) if c.rm.bootstrap else source
+
+
+def _normalizations(rewards: np.ndarray) -> tuple[jax.Array, jax.Array]:
+    """(gain [E], bias [E]) making each member's raw rewards of the reference [E, M] mean 0 / std 1."""
+    return jax.vmap(preference.normalization_from_rewards)(jnp.asarray(rewards))
+
+
 def normalise_head(params, rewards: np.ndarray, run: Run):
-    """params with the reward head rescaled so `rewards` (its raw rewards of the reference) become mean 0 /
-    std 1: lm-human-preferences' normalize_before (train_reward.py:232-234; target 0 / 1 for best-of-K labels,
-    :155-156), folded into the head instead of a separate trainable gain and bias."""
-    gain, bias = preference.normalization_from_rewards(jnp.asarray(rewards))
+    """params with the reward head rescaled so `rewards` [E, M] (its raw rewards of the reference; each
+    member's for an ensemble) become mean 0 / std 1: lm-human-preferences' normalize_before
+    (train_reward.py:232-234; target 0 / 1 for best-of-K labels, :155-156), folded into the head instead of
+    a separate trainable gain and bias."""
+    gain, bias = _normalizations(rewards)
     head = params["reward_head"]
-    new = preference.fold_normalization(head, gain, bias)
-    run.log(f"reward normalisation before training: gain {float(gain):.4f} bias {float(bias):.4f} over "
-            f"{rewards.size} reference responses")
+    if rewards.shape[0] > 1:
+        new = jax.vmap(preference.fold_normalization)(head, gain, bias)
+    else:
+        new = preference.fold_normalization(head, gain[0], bias[0])
+    run.log(f"reward normalisation before training: gain {np.round(np.asarray(gain), 4).tolist()} bias "
+            f"{np.round(np.asarray(bias), 4).tolist()} over {rewards.shape[1]} reference responses")
     return {**params, "reward_head": jax.tree.map(lambda x, old: jax.device_put(x, old.sharding), new, head)}
 
 
@@ -282,19 +383,26 @@ def normalise(reference, params, run: Run, step: int) -> dict[str, float]:
     Reference (config.rm.normalize_on): "comparisons" — every response of the RM training set, which in the
     InstructGPT pipeline are samples of the initial (SFT) policy; "policy_samples" — rm.normalize_samples fresh
     samples of the initial policy at config.rollout's temperature (lm-human-preferences normalize_after,
-    train_reward.py:252-254); "none" — gain 1, bias 0.
+    train_reward.py:252-254); "none" — gain 1, bias 0. An ensemble's E members each get their own
+    (lists of E gains and biases, "ensemble_size": E).
     """
-    if run.config.rm.normalize_on == "none":
-        gain, bias, n = 1.0, 0.0, 0
+    c = run.config
+    E = c.rm.ensemble_size
+    if c.rm.normalize_on == "none":
+        gain, bias, n = [1.0] * E, [0.0] * E, 0
     else:
         r = reference(params, 1)
-        gain, bias = (float(x) for x in preference.normalization_from_rewards(jnp.asarray(r)))
-        n = int(r.size)
-    norm = {"gain": gain, "bias": bias, "reference": run.config.rm.normalize_on, "num_rewards": n, "step": step}
+        gain, bias = (np.asarray(x, np.float64).tolist() for x in _normalizations(r))
+        n = int(r.shape[1])
+    if E == 1:
+        gain, bias = gain[0], bias[0]
+    norm = {"gain": gain, "bias": bias, "ensemble_size": E, "reference": c.rm.normalize_on, "num_rewards": n,
+            "step": step}
     if run.is_main:
         path = os.path.join(run.workdir, NORM_FILE)
         with open(path + ".tmp", "w") as f:
             json.dump(norm, f, indent=2)
         os.replace(path + ".tmp", path)
-    run.log(f"reward normalisation: gain {gain:.4f} bias {bias:.4f} over {n} reference responses")
+    run.log(f"reward normalisation: gain {np.round(gain, 4).tolist()} bias {np.round(bias, 4).tolist()} over {n} "
+            f"reference responses")
     return norm
