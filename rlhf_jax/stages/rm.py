@@ -201,8 +201,7 @@ def policy_sample_rewards_fn(run: Run, model, params, members: int = 0):
 
     c = run.config
     tok, prompts = rollouts.prompt_data(run)
-    policy = run.frozen_init_params(params, heads=("trunk", "lm_head")) if members <= 1 else \
-        _init_from_params(run, model, ("trunk", "lm_head"))
+    policy = _init_from_params(run, model, ("trunk", "lm_head"))  # one model's, also for an ensemble
     B, n_batches = c.batch_size, -(-c.rm.normalize_samples // c.batch_size)
     with parallel.activate(run.mesh, run.rules):
         rollout_fn = jax.jit(rollouts.make_rollout_fn(model, c, tok))
@@ -224,12 +223,12 @@ def policy_sample_rewards_fn(run: Run, model, params, members: int = 0):
 
 
 def _init_from_params(run: Run, model, heads: tuple[str, ...]):
-    """{head: params} of one model from init_from, read into a single model's shardings (for an ensemble,
-    whose own params have a member axis)."""
+    """{head: params} of one model from init_from, read into a single model's shardings (new arrays: none
+    backs the donated train state, and an ensemble's own params have a member axis)."""
     c = run.config
     like = parallel.abstract_params(train_state.model_init_fn(model, c.data.seq_len, c.seed), run.mesh, run.rules)
     loaded = run.load_init_params(like, heads=heads)
-    return {k: loaded[k] for k in heads}
+    return {k: loaded[k] for k in heads if k in loaded}  # a tied LM head has no params of its own
 
 
 def ensemble_from_init(run: Run, model, params, shardings):
