@@ -82,3 +82,18 @@ def test_batch_not_divisible_is_a_clear_error():
     mesh = parallel.make_mesh(dict(data=4, fsdp=2, tensor=1))
     with pytest.raises(ValueError, match="config.batch_size=12 is not divisible by the 8"):
         parallel.check_batch(12, mesh, parallel.DEFAULT_RULES)
+
+
+def test_restore_target_is_built_inside_or_outside_an_active_mesh():
+    # A stage loads an RM while its own mesh is active (online DPO does); the restore target must not depend on
+    # whether one is.
+    model = TransformerLM(CFG)
+    mesh = parallel.make_mesh({"data": 2, "fsdp": 2, "tensor": 1}, jax.devices()[:4])
+    init = train_state.model_init_fn(model, 12, 0)
+    outside = parallel.abstract_params(init, mesh, parallel.DEFAULT_RULES)
+    with parallel.activate(mesh, parallel.DEFAULT_RULES):
+        inside = parallel.abstract_params(init, mesh, parallel.DEFAULT_RULES)
+    assert jax.tree.structure(inside) == jax.tree.structure(outside)
+    for a, b in zip(jax.tree.leaves(inside), jax.tree.leaves(outside)):
+        assert a.shape == b.shape and a.dtype == b.dtype and a.sharding == b.sharding
+    assert any(not x.sharding.is_fully_replicated for x in jax.tree.leaves(inside))
