@@ -85,7 +85,9 @@ def analyze(root, rows):
         proxy = np.concatenate([[0.0], c["proxy"] - c["proxy_init"]])
         alpha, beta = fit_gao(d, gain)
         peak = gao_peak(alpha, beta)
-        at_peak = peak * (alpha - beta * np.log(peak)) if np.isfinite(peak) and peak > 0 else float("nan")
+        if not (0 < peak <= d.max()):  # a fit still rising at the last point has no peak in what was observed
+            peak = float("nan")
+        at_peak = peak * (alpha - beta * np.log(peak)) if np.isfinite(peak) else float("nan")
         n, label = r["rm.data.train_lines"][1], _label(r)
         row = dict(n=n, seed=r["seed"], label=label, acc=r["rm/accuracy_vs_gold"], alpha=alpha, beta=beta, peak=peak,
                    at_peak=at_peak, gold=r["policy/gold_score"], win=r["policy/win_rate_vs_sft"], kl=r["policy/kl"],
@@ -112,7 +114,8 @@ def analyze(root, rows):
     lines = ["## RM ensembles vs one RM: gold gain vs d = sqrt(KL) along PPO, fit R(d) = d (α − β ln d)", "",
              f"Points: means of {WINDOW} PPO iterations. Gold gain = gold score − the SFT policy's (held-out prompts, "
              "same temperature); proxy = the RM members' mean normalised score, gain from PPO's first iteration. "
-             "Final gold / win rate: the held-out evaluation after 100 iterations.", "",
+             "Final gold / win rate: the held-out evaluation after 100 iterations. Peak d*: the fit's maximum, "
+             "n/a where it lies beyond the last observed d (the fit still rising).", "",
              "| prompts | seed | reward | RM acc. vs gold | α | β | peak d* | fitted gold gain at d* | final KL | "
              "final gold | win rate vs SFT | proxy gain at the end |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for t in sorted(table, key=lambda t: (t["n"], t["seed"], [_label(v) for v in VARIANTS].index(t["label"]))):
@@ -125,7 +128,10 @@ def analyze(root, rows):
                   "peak d* | final KL |", "|---|---|---|---|---|---|---|"]
         for (n, label), v in sorted(multi.items(), key=lambda kv: (kv[0][0], [_label(x) for x in VARIANTS].index(kv[0][1]))):
             f = lambda key: f"{np.mean([x[key] for x in v]):.3f} ± {np.std([x[key] for x in v], ddof=1):.3f}"
-            lines.append(f"| {n} | {label} | {len(v)} | {f('gold')} | {f('win')} | {f('peak')} | {f('kl')} |")
+            peaks = [x["peak"] for x in v if np.isfinite(x["peak"])]
+            peak = f"{np.mean(peaks):.2f} ± {np.std(peaks, ddof=1):.2f}" if len(peaks) > 1 else "n/a"
+            peak += f" ({len(peaks)} in range)" if len(peaks) < len(v) else ""
+            lines.append(f"| {n} | {label} | {len(v)} | {f('gold')} | {f('win')} | {peak} | {f('kl')} |")
     with open(os.path.join(root, "rm_ensembles.json"), "w") as f:
         json.dump(table, f, indent=2, default=float)
     return lines + ["", "![RM ensembles](rm_ensembles.png)"]
