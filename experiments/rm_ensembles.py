@@ -132,6 +132,14 @@ def analyze(root, rows):
             peak = f"{np.mean(peaks):.2f} ± {np.std(peaks, ddof=1):.2f}" if len(peaks) > 1 else "n/a"
             peak += f" ({len(peaks)} in range)" if len(peaks) < len(v) else ""
             lines.append(f"| {n} | {label} | {len(v)} | {f('gold')} | {f('win')} | {peak} | {f('kl')} |")
+        lines += ["", "Paired by seed: final gold minus one RM's on the same seed.", "",
+                  "| prompts | reward | per seed | mean |", "|---|---|---|---|"]
+        single = {(t["n"], t["seed"]): t["gold"] for t in table if t["label"] == "one RM"}
+        for (n, label), v in sorted(multi.items(), key=lambda kv: (kv[0][0], [_label(x) for x in VARIANTS].index(kv[0][1]))):
+            diffs = [x["gold"] - single[n, x["seed"]] for x in sorted(v, key=lambda x: x["seed"])
+                     if label != "one RM" and (n, x["seed"]) in single]
+            if diffs:
+                lines.append(f"| {n} | {label} | {', '.join(f'{d:+.3f}' for d in diffs)} | {np.mean(diffs):+.3f} |")
     with open(os.path.join(root, "rm_ensembles.json"), "w") as f:
         json.dump(table, f, indent=2, default=float)
     return lines + ["", "![RM ensembles](rm_ensembles.png)"]

@@ -97,9 +97,10 @@ def abstract_params(init_fn: Callable[[], Any], mesh: Mesh, rules):
     """ShapeDtypeStructs, carrying their shardings, of the unboxed tree `init_fn` would build: a target to
     restore a checkpoint into, with nothing allocated."""
     with activate(mesh, rules):
-        shardings = logical_shardings(jax.eval_shape(init_fn), mesh, rules)
+        abstract = jax.eval_shape(init_fn)
+        shardings = logical_shardings(abstract, mesh, rules)
         # Unboxed under tracing: unboxing abstract leaves eagerly fails when a mesh is already active.
-        unboxed = jax.eval_shape(lambda: nn.unbox(init_fn()))
+        unboxed = jax.eval_shape(nn.unbox, abstract)
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), unboxed, shardings)
 
 
