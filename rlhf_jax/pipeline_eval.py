@@ -55,8 +55,13 @@ def evaluate(c, sub: dict, paths: dict, rm_metrics: dict, mesh, rules) -> dict:
     pol_eval = {**builtin.evaluate_responses(prompts, pol["responses"]),
                 "pretrain_loss": lm_loss(pol_model, pol_params, heldout, mesh, rules, bs)}
     bon_eval = builtin.evaluate_responses(prompts, bon)
-    prompted = prompted_baselines(c, sub, paths, base_model, base_params, tok, source, settings, prompts,
-                                  sft["responses"], mesh, rules)
+    prompted, prompted_responses = prompted_baselines(c, sub, paths, base_model, base_params, tok, source, settings,
+                                                      prompts, sft["responses"], mesh, rules)
+    # Every row's responses, so that runs can be judged against one another afterwards (e.g. every model size's
+    # policies against the largest model's SFT: experiments/model_size.py).
+    with open(os.path.join(sub["eval"], "responses.json"), "w") as f:
+        json.dump({"prompts": prompts, **prompted_responses, "sft": sft["responses"], "policy": pol["responses"],
+                   f"best_of_{c.eval.best_of_n}_sft_by_rm": bon}, f)
     samples = [{"prompt": p, "sft": a, "policy": b, "gold_sft": builtin.gold_score(p, a),
                 "gold_policy": builtin.gold_score(p, b)}
                for p, a, b in list(zip(prompts, sft["responses"], pol["responses"]))[:12]]
@@ -93,7 +98,7 @@ def prompted_baselines(c, sub, paths, model, params, tok, source, settings, prom
                                           k, seed=c.seed + 7)
     few, _ = prompt_data.build_prompt_dataset(path, "prompt", tok.path, max(P, min((k + 1) * P, window)),
                                               os.path.join(sub["eval"], "tfds"))
-    out = {}
+    out, responses = {}, {}
     for name, src, shots in (("gpt_zero_shot", source, 0), ("gpt_few_shot", few, k)):
         g = generate(model, params, tok, src, settings, mesh, rules, seed=c.seed + 100, batch_size=c.eval.batch_size)
         if [builtin.parse_instruction(p) for p in g["prompts"]] != [builtin.parse_instruction(p) for p in prompts]:
@@ -102,7 +107,8 @@ def prompted_baselines(c, sub, paths, model, params, tok, source, settings, prom
         out[name] = {**builtin.evaluate_responses(prompts, g["responses"]), "shots": shots,
                      "prompt_tokens_mean": float(np.mean(np.sum(g["prompt_mask"], 1))),
                      "win_rate_vs_sft": builtin.win_rate(prompts, g["responses"], sft_responses)}
-    return out
+        responses[name] = g["responses"]
+    return out, responses
 
 
 def stage_wall_s(stage_dir: str) -> float | None:

@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from rlhf_jax.pipeline import REUSE_KEYS, reusable_stages
+from rlhf_jax.tasks import builtin
 from tests.test_lm_stage import ROOT
 from tests.conftest import with_device_count
 
@@ -42,6 +43,11 @@ def test_tiny_pipeline_produces_summary_report_and_plots_and_reruns_skip(tmp_pat
         assert 0.0 <= s[row]["gold_score"] <= 1.0 and 0.0 <= s[row]["win_rate_vs_sft"] <= 1.0
     for policy in ("pretrained", "sft", "policy"):  # the alignment tax's measure: loss on held-out pretraining windows
         assert 0.0 < s[policy]["pretrain_loss"] < math.log(384) + 1
+    # every row's responses are kept, in the prompts' order, for judging runs against one another afterwards
+    responses = json.loads((tmp_path / "eval" / "responses.json").read_text())
+    assert set(responses) == {"prompts", "gpt_zero_shot", "gpt_few_shot", "sft", "policy", "best_of_4_sft_by_rm"}
+    assert all(len(v) == s["decoding"]["prompts"] for v in responses.values())
+    assert builtin.win_rate(responses["prompts"], responses["policy"], responses["sft"]) == s["policy"]["win_rate_vs_sft"]
     report = (tmp_path / "report.md").read_text()
     assert "| PPO |" in report and "| GPT 2-shot |" in report and "## Samples" in report
     assert (tmp_path / "scores_vs_step.png").stat().st_size > 1000
