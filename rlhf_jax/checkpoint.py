@@ -90,6 +90,23 @@ def load_params(path: str, params_like):
     return out["params"]
 
 
+def load_base_params(path: str, params_like):
+    """An earlier stage's params as the start of this one: with LoRA there, its adapters merged into its
+    weights (W + (alpha / r) · A @ B); with LoRA here, the adapters of `params_like` (fresh) kept as they are.
+    So this stage's base, and hence its reference policy, is the earlier stage's model as it ran."""
+    from rlhf_jax import lora
+    from rlhf_jax.models.layers import LoraConfig, ModelConfig
+
+    saved = LoraConfig(**((read_run_config(path) or {}).get("model") or {}).get("lora", {}))
+    target = lora.without_adapters(params_like)
+    if saved.rank:
+        target = lora.with_saved_adapters(target, saved)
+    loaded = load_params(path, target)
+    if saved.rank:
+        loaded = lora.merged(loaded, ModelConfig(lora=saved))
+    return lora.with_adapters_of(loaded, params_like)
+
+
 def read_run_config(path: str) -> dict | None:
     """The config.json of the workdir that holds `path` (a workdir or a checkpoint inside one)."""
     f = os.path.join(workdir_of(path), "config.json")

@@ -11,7 +11,7 @@ import os
 
 import ml_collections
 
-from rlhf_jax.models.layers import ModelConfig
+from rlhf_jax.models.layers import LORA_TARGETS, ModelConfig
 from rlhf_jax.parallel import DEFAULT_RULES
 
 STAGES = ("pretrain", "sft", "rm", "ppo", "dpo")
@@ -77,6 +77,23 @@ def _fail(key: str, why: str, fix: str):
     raise ValueError(f"config.{key}: {why}. {fix}")
 
 
+def _check_lora(lora, mlp: str) -> None:
+    if lora.rank < 0:
+        _fail("model.lora.rank", f"{lora.rank} is negative", "Use 0 (LoRA off) or a rank such as 4, 8 or 16.")
+    if lora.rank == 0:
+        return
+    if lora.alpha <= 0:
+        _fail("model.lora.alpha", f"{lora.alpha} must be positive", "Use e.g. alpha = rank (scale 1).")
+    targets = tuple(lora.targets)
+    unknown = [t for t in targets if t not in LORA_TARGETS]
+    if unknown or not targets:
+        _fail("model.lora.targets", f"{unknown or 'none'} {'are' if len(unknown) > 1 else 'is'} not a projection "
+              f"LoRA can adapt", f"Use a non-empty subset of {LORA_TARGETS}.")
+    if "gate" in targets and mlp != "swiglu":
+        _fail("model.lora.targets", f"'gate' exists only with model.mlp='swiglu' (this model's is {mlp!r})",
+              "Drop 'gate' from the targets.")
+
+
 def validate(c: ml_collections.ConfigDict) -> None:
     """Rejects impossible values with a message naming the key and the fix."""
     if c.stage not in STAGES:
@@ -97,6 +114,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     if m.position == "rope" and (m.d_model // m.n_heads) * m.rotary_pct < 2:
         _fail("model.rotary_pct", f"{m.rotary_pct} rotates fewer than 2 of the {m.d_model // m.n_heads} head dims",
               "Raise rotary_pct or the head size (d_model / n_heads).")
+    _check_lora(m.lora, m.mlp)
     if not 0.0 <= m.dropout < 1.0:
         _fail("model.dropout", f"{m.dropout} is outside [0, 1)", "Use e.g. 0.0 or 0.1.")
     if c.optim.name not in ("adamw", "adam", "tf_adam"):

@@ -16,14 +16,16 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax import preference
+from rlhf_jax import lora, preference
 from rlhf_jax.models.gpt import positions_from_mask
 
 Array = jax.Array
 
 
 def forward(params, model, tokens, input_mask, heads=("lm",), rng=None):
-    """model.apply on a (possibly padded) batch: positions count only real tokens; dropout iff `rng`."""
+    """model.apply on a (possibly padded) batch: positions count only real tokens; dropout iff `rng`.
+    With LoRA on, only the adapters (and scalar heads) get gradients (rlhf_jax/lora.py)."""
+    params = lora.stop_frozen_gradients(params, model.cfg)
     return model.apply({"params": params}, tokens, positions_from_mask(input_mask), input_mask, heads=heads,
                        deterministic=rng is None, rngs=None if rng is None else {"dropout": rng})
 

@@ -50,7 +50,7 @@ def initial_params(run: Run, model, params):
         if arch((checkpoint.read_run_config(rm_dir) or {}).get("model")) != arch(run.config.model.to_dict()):
             raise ValueError("config.ppo.critic='reward_model' needs the RM to have the policy's architecture; "
                              "use ppo.critic='shared' or train the RM from the same SFT workdir.")
-        critic = checkpoint.load_params(rm_dir, params["critic"])
+        critic = checkpoint.load_base_params(rm_dir, params["critic"])
         # New arrays, not an alias: the train state is donated, and one buffer must not back two leaves.
         out["critic"] = {**critic, "value_head": preference.fold_normalization(
             critic["reward_head"], jnp.float32(norm["gain"]), jnp.float32(norm["bias"]))}

@@ -22,9 +22,10 @@ from tqdm import tqdm
 from rlhf_jax import checkpoint, config as config_lib, distributed, hf, parallel, train_state
 from rlhf_jax.metrics import MetricWriter
 
-# Model fields a stage may change when it starts from an earlier stage's params;
-# everything else describes the architecture and is taken from that stage.
-RUNTIME_MODEL_FIELDS = ("dropout", "dtype", "remat")
+# Model fields a stage may change when it starts from an earlier stage's params (LoRA adapters are the
+# stage's own: its base weights are that stage's params); everything else describes the architecture
+# and is taken from that stage.
+RUNTIME_MODEL_FIELDS = ("dropout", "dtype", "remat", "lora")
 
 
 class Run:
@@ -100,7 +101,7 @@ class Run:
         if hf.is_hf_dir(self.config.init_from):  # read straight into the shardings of `params`
             loaded = hf.load_params(self.config.init_from, params)
         else:
-            loaded = checkpoint.load_params(self.config.init_from, params)
+            loaded = checkpoint.load_base_params(self.config.init_from, params)
         return {k: (loaded[k] if k in heads else v) for k, v in params.items()}
 
     def frozen_init_params(self, params_like, heads: tuple[str, ...]):

@@ -3,7 +3,8 @@
 Policies (pretrain / SFT / PPO) become the family's ...ForCausalLM (GPT2LMHeadModel for GPT-2);
 reward models become ...ForSequenceClassification with num_labels=1.
 
-Preserved: every trunk and LM-head weight, so HF logits equal ours (tested to 1e-4 in f32);
+Preserved: every trunk and LM-head weight, so HF logits equal ours (tested to 1e-4 in f32), with LoRA
+adapters merged into the weights they adapt;
 the tokenizer's bos/eos/pad ids go into config.json and its file is copied beside the weights.
 Not preserved: the value head; optimizer state; our chat template. For a reward model, HF's score
 layer has no bias: the score weight is our reward kernel times the normalisation gain, and the
@@ -26,6 +27,7 @@ import jax
 import numpy as np
 from safetensors.numpy import save_file
 
+from rlhf_jax import lora
 from rlhf_jax.hf import layout
 from rlhf_jax.models.layers import ModelConfig
 
@@ -34,6 +36,7 @@ KINDS = ("lm", "reward")
 
 def hf_tensors(params: Mapping, cfg: ModelConfig, family: str, kind: str = "lm") -> dict[str, np.ndarray]:
     """HF tensor name → float32 array for our `params` (trunk + lm_head, or trunk + reward_head)."""
+    params = lora.merged(params, cfg)  # LoRA adapters folded into their weights: W + (alpha / r) · A @ B
     table = layout.weight_table(cfg, family, lm_head=kind == "lm", reward_head=kind == "reward")
     groups: dict[str, list[tuple[layout.Source, np.ndarray]]] = {}
     for path, src in table.items():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -17,6 +18,31 @@ import jax.numpy as jnp
 
 Dtype = Any
 P = nn.with_logical_partitioning
+
+# The projections LoRA can adapt: attention's query / key / value / out and the MLP's gate (SwiGLU) / up / down.
+LORA_TARGETS = ("query", "key", "value", "out", "gate", "up", "down")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """Low-rank adapters (Hu et al. 2021): W x + (alpha / rank) · B A x on the `targets` projections.
+
+    rank 0 turns LoRA off (no adapter params). The paper adapts query and value; alpha = rank gives scale 1.
+    """
+
+    rank: int = 0
+    alpha: float = 8.0
+    targets: tuple[str, ...] = ("query", "value")
+
+    def __post_init__(self):
+        object.__setattr__(self, "targets", tuple(self.targets))  # a list from JSON or the command line
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def adapts(self, name: str) -> bool:
+        return self.rank > 0 and name in self.targets
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +72,11 @@ class ModelConfig:
     dropout: float = 0.0
     dtype: str = "bfloat16"  # compute dtype; params are always float32
     remat: str = "none"  # "none" | "full" | "dots" (save matmul outputs)
+    lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
+
+    def __post_init__(self):
+        if isinstance(self.lora, dict):  # from a config dict or a run's config.json
+            object.__setattr__(self, "lora", LoraConfig(**self.lora))
 
     @property
     def head_dim(self) -> int:
@@ -109,7 +140,11 @@ def _mixed_einsum(eq: str, dtype: Dtype, out_dtype: Dtype):
 
 
 class Dense(nn.Module):
-    """y = x @ W (+ b) over the last axis; `axes` names W's logical axes (in, *out)."""
+    """y = x @ W (+ b) over the last axis; `axes` names W's logical axes (in, *out).
+
+    With `lora` adapting this module's name: y = x @ W + (alpha / r) · (x @ A) @ B (+ b), A = `lora_a` [in, r],
+    B = `lora_b` [r, *out] (Hu et al. 2021 eq. 3).
+    """
 
     features: Sequence[int]
     axes: Sequence[str | None]
@@ -117,17 +152,40 @@ class Dense(nn.Module):
     dtype: Dtype
     kernel_init: Any = nn.initializers.normal(0.02)
     out_dtype: Dtype | None = None  # e.g. float32 for logits
+    lora: LoraConfig = LoraConfig()
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         shape = (x.shape[-1], *self.features)
         w = self.param("kernel", P(self.kernel_init, tuple(self.axes)), shape, jnp.float32)
         letters = "abcdefgh"[: len(self.features)]
+        eq = f"...z,z{letters}->...{letters}"
         out_dtype = jnp.dtype(self.out_dtype or self.dtype)
+        if not self.use_bias and not self.lora.adapts(self.name):
+            return matmul(eq, x, w, self.dtype, out_dtype)
+        y = matmul(eq, x, w, self.dtype, jnp.float32)
+        if self.lora.adapts(self.name):
+            y = y + lora_delta(self, "lora", x, eq, w.shape, self.axes, 1, self.lora, self.dtype)
         if not self.use_bias:
-            return matmul(f"...z,z{letters}->...{letters}", x, w, self.dtype, out_dtype)
+            return y.astype(out_dtype)
         b = self.param("bias", P(nn.initializers.zeros, tuple(self.axes[1:])), tuple(self.features), jnp.float32)
-        return _add_bias(matmul(f"...z,z{letters}->...{letters}", x, w, self.dtype, jnp.float32), b, out_dtype)
+        return _add_bias(y, b, out_dtype)
+
+
+def lora_delta(module: nn.Module, prefix: str, x: jax.Array, eq: str, shape, axes, n_in: int, lora: LoraConfig,
+               dtype: Dtype) -> jax.Array:
+    """(alpha / r) · (x @ A) @ B in f32, for a weight W of `shape` (n_in input dims, then output dims) that `eq`
+    applies to x. Creates `{prefix}_a` [*in, r] ~ N(0, 1 / fan_in) and `{prefix}_b` [r, *out] = 0, so the adapted
+    layer starts equal to W; their logical axes are W's, with the rank axis unsharded."""
+    r, fan_in = lora.rank, math.prod(shape[:n_in])
+    a = module.param(f"{prefix}_a", P(nn.initializers.normal(fan_in ** -0.5), (*axes[:n_in], None)),
+                     (*shape[:n_in], r), jnp.float32)
+    b = module.param(f"{prefix}_b", P(nn.initializers.zeros, (None, *axes[n_in:])), (r, *shape[n_in:]), jnp.float32)
+    inputs, out = eq.split("->")
+    x_sub, w_sub = inputs.split(",")
+    in_sub, out_sub = w_sub[:n_in], w_sub[n_in:]
+    xa = matmul(f"{x_sub},{in_sub}r->{x_sub[:-n_in]}r", x, a, dtype)
+    return lora.scale * matmul(f"{x_sub[:-n_in]}r,r{out_sub}->{out}", xa, b, dtype, jnp.float32)
 
 
 def _add_bias(y_f32: jax.Array, b: jax.Array, dtype: Dtype) -> jax.Array:
@@ -194,9 +252,9 @@ class Attention(nn.Module):
     def __call__(self, x, positions, key_mask, cache=None, cache_index=None, deterministic=True):
         cfg, dt = self.cfg, self.cfg.compute_dtype
         h, kvh, hd = cfg.n_heads, cfg.kv_heads, cfg.head_dim
-        q = Dense((h, hd), ("embed", "heads", "kv"), cfg.use_bias, dt, name="query")(x)
-        k = Dense((kvh, hd), ("embed", "heads", "kv"), cfg.use_bias, dt, name="key")(x)
-        v = Dense((kvh, hd), ("embed", "heads", "kv"), cfg.use_bias, dt, name="value")(x)
+        q = Dense((h, hd), ("embed", "heads", "kv"), cfg.use_bias, dt, lora=cfg.lora, name="query")(x)
+        k = Dense((kvh, hd), ("embed", "heads", "kv"), cfg.use_bias, dt, lora=cfg.lora, name="key")(x)
+        v = Dense((kvh, hd), ("embed", "heads", "kv"), cfg.use_bias, dt, lora=cfg.lora, name="value")(x)
         if cfg.position == "rope":
             q, k = (rotary(q, positions, cfg.rope_theta, cfg.rotary_dim),
                     rotary(k, positions, cfg.rope_theta, cfg.rotary_dim))
@@ -231,10 +289,16 @@ class Attention(nn.Module):
         out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
         w = self.param("out", P(nn.initializers.normal(0.02 / (2 * cfg.n_layers) ** 0.5), ("heads", "kv", "embed")),
                        (h, hd, cfg.d_model), jnp.float32)
-        if not cfg.use_bias:
+        if not cfg.use_bias and not cfg.lora.adapts("out"):
             return matmul("bthd,hde->bte", out, w, dt), cache
+        y = matmul("bthd,hde->bte", out, w, dt, jnp.float32)
+        if cfg.lora.adapts("out"):
+            y = y + lora_delta(self, "out_lora", out, "bthd,hde->bte", w.shape, ("heads", "kv", "embed"), 2,
+                               cfg.lora, dt)
+        if not cfg.use_bias:
+            return y.astype(dt), cache
         b = self.param("out_bias", P(nn.initializers.zeros, ("embed",)), (cfg.d_model,), jnp.float32)
-        return _add_bias(matmul("bthd,hde->bte", out, w, dt, jnp.float32), b, dt), cache
+        return _add_bias(y, b, dt), cache
 
 
 class MLP(nn.Module):
@@ -245,14 +309,14 @@ class MLP(nn.Module):
         cfg, dt = self.cfg, self.cfg.compute_dtype
         out_init = nn.initializers.normal(0.02 / (2 * cfg.n_layers) ** 0.5)
         if cfg.mlp == "swiglu":
-            gate = Dense((cfg.ff_dim,), ("embed", "mlp"), cfg.use_bias, dt, name="gate")(x)
-            up = Dense((cfg.ff_dim,), ("embed", "mlp"), cfg.use_bias, dt, name="up")(x)
+            gate = Dense((cfg.ff_dim,), ("embed", "mlp"), cfg.use_bias, dt, lora=cfg.lora, name="gate")(x)
+            up = Dense((cfg.ff_dim,), ("embed", "mlp"), cfg.use_bias, dt, lora=cfg.lora, name="up")(x)
             hidden = nn.silu(gate.astype(jnp.float32)).astype(dt) * up
         else:
-            up = Dense((cfg.ff_dim,), ("embed", "mlp"), cfg.use_bias, dt, name="up")(x)
+            up = Dense((cfg.ff_dim,), ("embed", "mlp"), cfg.use_bias, dt, lora=cfg.lora, name="up")(x)
             hidden = nn.gelu(up.astype(jnp.float32), approximate=cfg.mlp == "gelu").astype(dt)
         hidden = nn.with_logical_constraint(hidden, ("batch", "length", "mlp"))
-        return Dense((cfg.d_model,), ("mlp", "embed"), cfg.use_bias, dt, out_init, name="down")(hidden)
+        return Dense((cfg.d_model,), ("mlp", "embed"), cfg.use_bias, dt, out_init, lora=cfg.lora, name="down")(hidden)
 
 
 class Block(nn.Module):

@@ -29,7 +29,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from rlhf_jax import config as config_lib, objectives, optim, parallel, preference, rollout as rollouts, train_state
+from rlhf_jax import config as config_lib, lora, objectives, optim, parallel, preference, rollout as rollouts, train_state
 from rlhf_jax.loop import LoopTail
 from rlhf_jax.models.gpt import TransformerLM
 from rlhf_jax.run import Run
@@ -80,9 +80,11 @@ def online_logps(params, model, batch, rng=None):
 
 
 def implicit(params, ref_params, model, batch, d, logps_fn, rng=None):
-    """(ρ [B, K], the policy's log-prob sums [B, K]) of a batch (preference.implicit_rewards)."""
+    """(ρ [B, K], the policy's log-prob sums [B, K]) of a batch (preference.implicit_rewards); ref_params None:
+    the policy with its LoRA adapters off."""
     logps, lengths = logps_fn(params, model, batch, rng)
-    ref = None if d.loss == "simpo" else jax.lax.stop_gradient(logps_fn(ref_params, model, batch)[0])
+    ref = None if d.loss == "simpo" else \
+        jax.lax.stop_gradient(logps_fn(lora.reference(params, ref_params), model, batch)[0])
     return preference.implicit_rewards(d.loss, logps, ref, lengths), logps
 
 
@@ -180,9 +182,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     updates = c.online.updates_per_iteration if c.dpo.online else 1
     total = c.optim.total_steps if c.optim.total_steps > 0 else c.num_steps
     tx, schedule = optim.make_optimizer(c.optim, total * updates)
+    tx = lora.optimizer(tx, model.cfg)  # with LoRA on: the adapters only
     state, shardings = train_state.create(train_state.model_init_fn(model, c.data.seq_len, c.seed), tx,
                                           run.mesh, run.rules, c.seed)
-    ref_params = run.frozen_init_params(state.params, heads=("trunk", "lm_head")) if c.dpo.loss != "simpo" else None
+    # None with SimPO (no reference) and with LoRA (the reference is the policy, adapters off: lora.reference)
+    ref_params = None if c.dpo.loss == "simpo" or c.model.lora.rank else \
+        run.frozen_init_params(state.params, heads=("trunk", "lm_head"))
     state, meta = run.restore_or(state)
     if meta is None:
         state = state.replace(params=run.load_init_params(state.params))

@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from rlhf_jax import config as config_lib, objectives, optim, parallel, perf, train_state
+from rlhf_jax import config as config_lib, lora, objectives, optim, parallel, perf, train_state
 from rlhf_jax.loop import LoopTail
 from rlhf_jax.models.gpt import TransformerLM
 from rlhf_jax.run import Run
@@ -136,6 +136,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     model = TransformerLM(config_lib.model_config(c))
     total_steps = c.optim.total_steps if c.optim.total_steps > 0 else c.num_steps
     tx, schedule = optim.make_optimizer(c.optim, total_steps)
+    tx = lora.optimizer(tx, model.cfg)  # with LoRA on: the adapters only
 
     init = train_state.model_init_fn(model, c.data.seq_len, c.seed)
     state, shardings = train_state.create(init, tx, run.mesh, run.rules, c.seed)

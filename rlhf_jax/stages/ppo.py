@@ -26,7 +26,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from rlhf_jax import config as config_lib, objectives, optim, parallel, rl, rollout as rollouts, train_state
+from rlhf_jax import config as config_lib, lora, objectives, optim, parallel, rl, rollout as rollouts, train_state
 from rlhf_jax.loop import LoopTail
 from rlhf_jax.models.gpt import TransformerLM
 from rlhf_jax.run import Run
@@ -79,13 +79,15 @@ def pg_loss(params, model, mb, ptx, kl_coef, c):
 
 
 def make_score_fn(model, c, rm):
-    """(params, ref_params, rm_params, batch) → log-probs, entropy, [values], ref log-probs, [RM score]."""
+    """(params, ref_params, rm_params, batch) → log-probs, entropy, [values], ref log-probs, [RM score];
+    ref_params None: the policy with its LoRA adapters off."""
 
     rm_score = None if rm is None else rollouts.rm_score_fn(rm, c)
 
     def score(params, ref_params, rm_params, batch):
         out = policy_stats(params, model, batch, c.rollout.temperature, c.ppo.advantage == "gae")
-        out["ref_logprobs"] = objectives.response_stats(ref_params, model, batch["prompt"], batch["prompt_mask"],
+        ref = lora.reference(params["policy"], ref_params)
+        out["ref_logprobs"] = objectives.response_stats(ref, model, batch["prompt"], batch["prompt_mask"],
                                                         batch["response"], batch["response_mask"],
                                                         c.rollout.temperature)["logprobs"]
         if rm is not None:
@@ -186,12 +188,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # optim.total_steps counts iterations here (-1: num_steps); the lr anneals over every minibatch update.
     iterations = c.optim.total_steps if c.optim.total_steps > 0 else c.num_steps
     tx, schedule = optim.make_optimizer(c.optim, iterations * updates_per_iter)
+    tx = lora.optimizer(tx, model.cfg)  # with LoRA on: the adapters and the value head only
 
     init_params = ppo_setup.init_params_fn(model, c)
     state, shardings = train_state.create(init_params, tx, run.mesh, run.rules, c.seed,
                                           extras={"kl_coef": jnp.float32(c.kl.init_coef)})
     policy_heads = tuple(state.params["policy"])
-    ref_params = run.frozen_init_params(state.params["policy"], heads=policy_heads)
+    # With LoRA the reference is the policy with its adapters off (lora.reference): no copy.
+    ref_params = None if c.model.lora.rank else run.frozen_init_params(state.params["policy"], heads=policy_heads)
     state, meta = run.restore_or(state)
     if meta is None:
         state = state.replace(params=ppo_setup.initial_params(run, model, state.params))

@@ -31,7 +31,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from rlhf_jax import config as config_lib, objectives, optim, parallel, perf, preference, rollout as rollouts, \
+from rlhf_jax import config as config_lib, lora, objectives, optim, parallel, perf, preference, rollout as rollouts, \
     train_state
 from rlhf_jax.data import comparisons
 from rlhf_jax.evaluation import NORM_FILE
@@ -286,6 +286,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     model = TransformerLM(config_lib.model_config(c))
     total = c.optim.total_steps if c.optim.total_steps > 0 else c.num_steps
     tx, schedule = optim.make_optimizer(c.optim, total)
+    tx = lora.optimizer(tx, model.cfg)  # with LoRA on: the adapters and the reward head only
     E = c.rm.ensemble_size if c.rm.ensemble_size > 1 else 0  # 0: one RM, params without a member axis
     init = train_state.ensemble_init_fn(model, c.data.seq_len, c.seed, E) if E else \
         train_state.model_init_fn(model, c.data.seq_len, c.seed)

@@ -1,0 +1,179 @@
+"""LoRA (Hu et al. 2021): the adapted layer is x @ W + (alpha / r) · x @ A @ B; at init it is the base model
+exactly; only the adapters train and hold optimizer state; the reference (adapters off) stays the base model
+exactly through training; merging (as the HF export does) gives the adapted model's logits; bad settings fail
+naming the key."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rlhf_jax import config as config_lib, lora, objectives, optim, train_state
+from rlhf_jax.models.gpt import TransformerLM, positions_from_mask
+from rlhf_jax.models.layers import Dense, LoraConfig, ModelConfig
+from tests.test_lm_stage import override, tiny
+
+import configs.sft as sft_cfg
+
+ALL = ("query", "key", "value", "out", "up", "down")
+BASE = ModelConfig(vocab_size=40, d_model=16, n_layers=2, n_heads=2, max_len=16, dtype="float32")
+ADAPTED = dataclasses.replace(BASE, lora=LoraConfig(rank=4, alpha=8.0, targets=ALL))
+
+
+def init(cfg, seed=0, T=6):
+    t = jnp.ones((1, T), jnp.int32)
+    boxed = TransformerLM(cfg).init(jax.random.PRNGKey(seed), t, positions_from_mask(t), t,
+                                    heads=("lm", "value", "reward"))["params"]
+    return boxed, jax.tree.map(lambda x: x.value, boxed, is_leaf=lambda x: hasattr(x, "names"))
+
+
+def randomise_adapters(params, seed=1):
+    """Nonzero lora_b (init has B = 0), so the adapters change the output."""
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+    keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+    out = [0.3 * jax.random.normal(k, x.shape) if str(path[-1].key).endswith("lora_b") else x
+           for k, (path, x) in zip(keys, leaves)]
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def lm_batch(seed=0, B=3, T=7):
+    rng = np.random.default_rng(seed)
+    tokens = jnp.asarray(rng.integers(1, 40, (B, T)), jnp.int32)
+    mask = jnp.ones((B, T), jnp.int32).at[1, :2].set(0)
+    return {"tokens": tokens, "input_mask": mask, "loss_mask": mask}
+
+
+def logits(cfg, params, batch):
+    return objectives.forward(params, TransformerLM(cfg), batch["tokens"], batch["input_mask"])["logits"]
+
+
+def leaves_by_path(tree):
+    return {"/".join(str(k.key) for k in p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def test_adapted_dense_equals_hand_reference():
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 3, 8))
+    layer = Dense((5,), ("embed", "mlp"), True, jnp.float32, lora=LoraConfig(rank=2, alpha=3.0, targets=("up",)),
+                  name="up")
+    p = jax.tree.map(lambda v: v.value, layer.init(jax.random.PRNGKey(1), x)["params"],
+                     is_leaf=lambda v: hasattr(v, "names"))
+    assert set(p) == {"kernel", "bias", "lora_a", "lora_b"}
+    assert p["lora_a"].shape == (8, 2) and p["lora_b"].shape == (2, 5) and not np.any(p["lora_b"])
+    p["lora_b"] = jax.random.normal(jax.random.PRNGKey(2), (2, 5))
+    W, b, A, B = (np.asarray(p[k], np.float64) for k in ("kernel", "bias", "lora_a", "lora_b"))
+    xn = np.asarray(x, np.float64)
+    want = xn @ W + b + (3.0 / 2) * (xn @ A) @ B
+    np.testing.assert_allclose(layer.apply({"params": p}, x), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_at_init_the_adapted_model_is_the_base_model_exactly(dtype):
+    base_cfg, cfg = (dataclasses.replace(c, dtype=dtype) for c in (BASE, ADAPTED))
+    _, params = init(cfg)
+    _, base = init(base_cfg)
+    assert leaves_by_path(lora.without_adapters(params)).keys() == leaves_by_path(base).keys()
+    # adding adapters leaves the base weights' initialisation (per param name) unchanged
+    for k, v in leaves_by_path(base).items():
+        np.testing.assert_array_equal(leaves_by_path(params)[k], v, err_msg=k)
+    batch = lm_batch()
+    np.testing.assert_array_equal(logits(cfg, params, batch), logits(base_cfg, base, batch))
+
+
+def test_merging_the_adapters_gives_the_adapted_model():
+    _, params = init(ADAPTED)
+    params = randomise_adapters(params)
+    batch = lm_batch()
+    adapted = logits(ADAPTED, params, batch)
+    assert np.abs(adapted - logits(BASE, lora.without_adapters(params), batch)).max() > 1e-2  # B matters
+    np.testing.assert_allclose(logits(BASE, lora.merged(params, ADAPTED), batch), adapted, atol=1e-5)
+
+
+def adam(weight_decay=0.1):
+    c = config_lib.base_config().optim
+    c.update(lr=1e-2, warmup_steps=0, schedule="constant", weight_decay=weight_decay)
+    return optim.make_optimizer(c, 10)[0]
+
+
+def nll(params, cfg, batch):
+    total, n = objectives.summed_token_nll(params, TransformerLM(cfg), batch)
+    return total / n
+
+
+def test_only_adapters_get_gradients_and_optimizer_state():
+    boxed, params = init(ADAPTED)
+    params = randomise_adapters(params)  # with B = 0, A's gradient would be 0 too
+    grads = leaves_by_path(jax.grad(nll)(params, ADAPTED, lm_batch()))
+    adapters = [k for k in grads if lora.is_adapter(k.split("/")[-1])]
+    assert len(adapters) == 2 * len(ALL) * BASE.n_layers
+    for k, g in grads.items():
+        if k in adapters:
+            assert np.abs(g).max() > 0, k
+        else:
+            assert not np.any(g), k  # frozen: the trunk, the embeddings, the norms, the biases
+
+    def state_bytes(tx):
+        state = tx.init(boxed)
+        return sum(x.nbytes for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.floating))
+
+    trainable = sum(x.nbytes for p, x in jax.tree_util.tree_flatten_with_path(params)[0] if lora.is_trainable(p))
+    heads = sum(x.nbytes for x in jax.tree.leaves({k: params[k] for k in lora.TRAINED_HEADS}))
+    adapter_bytes = sum(grads[k].nbytes for k in adapters)
+    assert trainable == adapter_bytes + heads
+    full = sum(x.nbytes for x in jax.tree.leaves(params))
+    assert state_bytes(adam()) == 2 * full  # Adam's m and v for every leaf
+    assert state_bytes(lora.optimizer(adam(), ADAPTED)) == 2 * trainable  # ... for the trainable leaves alone
+
+
+def test_the_reference_stays_the_base_model_through_training():
+    boxed, params = init(ADAPTED)
+    start = params
+    tx = lora.optimizer(adam(), ADAPTED)
+    opt_state = tx.init(params)
+    batch = lm_batch()
+    nonfinite = jnp.array([0, -1], jnp.int32)
+
+    @jax.jit
+    def step(params, opt_state, nonfinite, batch):
+        loss, grads = jax.value_and_grad(nll)(params, ADAPTED, batch)
+        return train_state.apply_if_finite(tx, grads, loss, params, opt_state, nonfinite, 0)
+
+    for i in range(5):
+        params, opt_state, nonfinite = step(params, opt_state, nonfinite, lm_batch(seed=i))
+    assert nll(params, ADAPTED, batch) < nll(start, ADAPTED, batch)  # the adapters learnt
+    now, before = leaves_by_path(params), leaves_by_path(start)
+    for k in now:
+        if not lora.is_adapter(k.split("/")[-1]) and k.split("/")[0] not in lora.TRAINED_HEADS:
+            np.testing.assert_array_equal(now[k], before[k], err_msg=k)  # frozen, weight decay included
+    ref = logits(ADAPTED, lora.adapters_off(params), batch)
+    np.testing.assert_array_equal(ref, logits(BASE, lora.without_adapters(start), batch))
+    assert np.abs(logits(ADAPTED, params, batch) - ref).max() > 1e-3
+    # what the stages call with ref_params=None
+    np.testing.assert_array_equal(logits(ADAPTED, lora.reference(params, None), batch), ref)
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"model.lora.rank": -1}, r"config.model.lora.rank: -1 is negative"),
+    ({"model.lora.rank": 4, "model.lora.targets": ("query", "qkv")},
+     r"config.model.lora.targets: \['qkv'\] is not a projection LoRA can adapt. Use a non-empty subset of"),
+    ({"model.lora.rank": 4, "model.lora.targets": ()}, r"config.model.lora.targets: none"),
+    ({"model.lora.rank": 4, "model.lora.targets": ("gate",)}, r"'gate' exists only with model.mlp='swiglu'"),
+    ({"model.lora.rank": 4, "model.lora.alpha": 0.0}, r"config.model.lora.alpha: 0.0 must be positive"),
+])
+def test_bad_lora_settings_fail_naming_the_key(kw, match):
+    with pytest.raises(ValueError, match=match):
+        config_lib.validate(tiny(sft_cfg, **kw))
+
+
+def test_lora_keys_are_in_every_stages_model_config():
+    import configs.dpo, configs.pretrain, configs.ppo, configs.rm
+
+    for module in (configs.pretrain, sft_cfg, configs.rm, configs.ppo, configs.dpo):
+        c = module.get_config("tiny")
+        assert c.model.lora.to_dict() == {"rank": 0, "alpha": 8.0, "targets": ("query", "value")}
+        config_lib.validate(override(c, **{"model.lora.rank": 4}))
+        assert config_lib.model_config(c).lora == LoraConfig(rank=4)
+    c.lock()  # as rlhf_jax.main locks it: an unknown key fails
+    with pytest.raises(KeyError, match="Did you mean \"rank\""):
+        override(c, **{"model.lora.rnak": 4})
