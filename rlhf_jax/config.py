@@ -77,7 +77,7 @@ def _fail(key: str, why: str, fix: str):
     raise ValueError(f"config.{key}: {why}. {fix}")
 
 
-def _check_lora(lora, mlp: str) -> None:
+def _check_lora(lora, mlp: str, tied: bool) -> None:
     if lora.rank < 0:
         _fail("model.lora.rank", f"{lora.rank} is negative", "Use 0 (LoRA off) or a rank such as 4, 8 or 16.")
     if lora.rank == 0:
@@ -92,6 +92,9 @@ def _check_lora(lora, mlp: str) -> None:
     if "gate" in targets and mlp != "swiglu":
         _fail("model.lora.targets", f"'gate' exists only with model.mlp='swiglu' (this model's is {mlp!r})",
               "Drop 'gate' from the targets.")
+    if "lm_head" in targets and tied:
+        _fail("model.lora.targets", "'lm_head' exists only with untied embeddings (this model ties them)",
+              "Set model.tie_embeddings=False (a model trained from scratch) or drop 'lm_head'.")
 
 
 def validate(c: ml_collections.ConfigDict) -> None:
@@ -114,7 +117,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     if m.position == "rope" and (m.d_model // m.n_heads) * m.rotary_pct < 2:
         _fail("model.rotary_pct", f"{m.rotary_pct} rotates fewer than 2 of the {m.d_model // m.n_heads} head dims",
               "Raise rotary_pct or the head size (d_model / n_heads).")
-    _check_lora(m.lora, m.mlp)
+    _check_lora(m.lora, m.mlp, m.tie_embeddings)
     if not 0.0 <= m.dropout < 1.0:
         _fail("model.dropout", f"{m.dropout} is outside [0, 1)", "Use e.g. 0.0 or 0.1.")
     if c.optim.name not in ("adamw", "adam", "tf_adam"):

@@ -160,6 +160,7 @@ def test_the_reference_stays_the_base_model_through_training():
     ({"model.lora.rank": 4, "model.lora.targets": ()}, r"config.model.lora.targets: none"),
     ({"model.lora.rank": 4, "model.lora.targets": ("gate",)}, r"'gate' exists only with model.mlp='swiglu'"),
     ({"model.lora.rank": 4, "model.lora.alpha": 0.0}, r"config.model.lora.alpha: 0.0 must be positive"),
+    ({"model.lora.rank": 4, "model.lora.targets": ("lm_head",)}, r"'lm_head' exists only with untied embeddings"),
 ])
 def test_bad_lora_settings_fail_naming_the_key(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -177,3 +178,57 @@ def test_lora_keys_are_in_every_stages_model_config():
     c.lock()  # as rlhf_jax.main locks it: an unknown key fails
     with pytest.raises(KeyError, match="Did you mean \"rank\""):
         override(c, **{"model.lora.rnak": 4})
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_export_merges_the_adapters_into_the_hf_checkpoint(family, tmp_path):
+    torch = pytest.importorskip("torch", reason="parity tests need torch: pip install torch==2.13.0 (CPU build)")
+    transformers = pytest.importorskip("transformers", reason="pip install -r requirements-parity.txt")
+    from rlhf_jax import hf
+
+    arch = {"gpt2": {}, "llama": dict(position="rope", norm="rmsnorm", mlp="swiglu", use_bias=False,
+                                      tie_embeddings=False, n_kv_heads=1)}[family]
+    targets = ALL + (("gate", "lm_head") if family == "llama" else ())
+    cfg = dataclasses.replace(ADAPTED, **arch, lora=LoraConfig(rank=4, alpha=8.0, targets=targets))
+    _, params = init(cfg)
+    params = randomise_adapters(params)
+    batch = lm_batch()
+    ours = logits(cfg, params, batch)
+    assert np.abs(ours - logits(dataclasses.replace(cfg, lora=LoraConfig()), lora.without_adapters(params),
+                                batch)).max() > 1e-2  # the adapters change the logits
+    out = hf.export(params, cfg, str(tmp_path / family))
+    again = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    tokens, mask = (np.asarray(batch[k]) for k in ("tokens", "input_mask"))
+    with torch.no_grad():
+        theirs = again(input_ids=torch.tensor(tokens, dtype=torch.long),
+                       attention_mask=torch.tensor(mask, dtype=torch.long),
+                       position_ids=torch.tensor(np.asarray(positions_from_mask(mask)), dtype=torch.long)).logits
+    diff = np.abs(theirs.float().numpy() - np.asarray(ours))[mask > 0].max()
+    assert diff <= 1e-4, diff
+
+
+@pytest.mark.slow
+def test_ppo_with_lora_raises_a_verifiable_reward(tmp_path):
+    """tests/test_ppo_stage.py's task with rank-4 adapters on query, value and the (untied) output layer: the
+    score rises, the first KL is exactly 0 (the policy starts as its reference), and the checkpoint holds the
+    adapters beside the frozen weights."""
+    import orbax.checkpoint as ocp
+
+    from rlhf_jax.metrics import read_metrics
+    from rlhf_jax.stages import ppo
+    from tests.test_lm_stage import by_step
+    from tests.test_ppo_stage import config
+
+    c = config(**{"num_steps": 32, "batch_size": 16, "optim.lr": 1e-2, "kl.init_coef": 0.01, "checkpoint.every": 100,
+                  "model.tie_embeddings": False, "model.lora.rank": 4,
+                  "model.lora.targets": ("query", "value", "lm_head")})
+    ppo.train_and_evaluate(c, str(tmp_path))
+    m = by_step(read_metrics(str(tmp_path)))
+    scores = [m[s]["objective/scores"] for s in sorted(m)]
+    assert np.mean(scores[-3:]) > np.mean(scores[:3]) + 0.15, scores
+    assert m[1]["objective/kl"] == 0.0
+    with ocp.CheckpointManager(str(tmp_path / "checkpoints"), item_names=("params",)) as mngr:
+        saved = mngr.restore(mngr.latest_step(), args=ocp.args.Composite(params=ocp.args.StandardRestore()))
+    policy = saved["params"]["policy"]
+    assert {"kernel", "lora_a", "lora_b"} <= set(policy["lm_head"])
+    assert np.abs(policy["lm_head"]["lora_b"]).max() > 0

@@ -85,7 +85,7 @@ class TransformerLM(nn.Module):
         self.trunk = Trunk(cfg)
         if not cfg.tie_embeddings:
             self.lm_head = Dense((cfg.vocab_size,), ("embed", "vocab"), False, cfg.compute_dtype,
-                                 out_dtype=jnp.float32)
+                                 out_dtype=jnp.float32, lora=cfg.lora)
         # Value head starts at zero (lm-human-preferences); reward head ~ N(0, 1/sqrt(D+1)).
         self.value_head = ScalarHead(nn.initializers.zeros)
         self.reward_head = ScalarHead(nn.initializers.normal(1.0 / (cfg.d_model + 1) ** 0.5))

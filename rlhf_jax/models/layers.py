@@ -19,8 +19,9 @@ import jax.numpy as jnp
 Dtype = Any
 P = nn.with_logical_partitioning
 
-# The projections LoRA can adapt: attention's query / key / value / out and the MLP's gate (SwiGLU) / up / down.
-LORA_TARGETS = ("query", "key", "value", "out", "gate", "up", "down")
+# The projections LoRA can adapt: attention's query / key / value / out, the MLP's gate (SwiGLU) / up / down,
+# and the untied output layer (lm_head), the one place an adapter shifts each token's logit directly.
+LORA_TARGETS = ("query", "key", "value", "out", "gate", "up", "down", "lm_head")
 
 
 @dataclasses.dataclass(frozen=True)
