@@ -232,3 +232,44 @@ def test_ppo_with_lora_raises_a_verifiable_reward(tmp_path):
     policy = saved["params"]["policy"]
     assert {"kernel", "lora_a", "lora_b"} <= set(policy["lm_head"])
     assert np.abs(policy["lm_head"]["lora_b"]).max() > 0
+
+
+@pytest.mark.slow
+def test_a_later_stage_starts_from_an_earlier_lora_run_merged_and_dpo_trains_adapters(tmp_path):
+    """SFT with LoRA, then DPO with its own adapters from it: DPO's base (its reference) is the SFT model as it
+    ran (adapters merged), so at the first step the policy is its reference (every implicit reward exactly 0)."""
+    from rlhf_jax import checkpoint, parallel
+    from rlhf_jax.metrics import read_metrics
+    from rlhf_jax.stages import dpo, lm
+    from tests.test_lm_stage import by_step
+
+    import configs.dpo as dpo_cfg
+
+    sft = str(tmp_path / "sft")
+    lm.train_and_evaluate(tiny(sft_cfg, num_steps=4, **{"model.lora.rank": 4, "optim.lr": 1e-2,
+                                                        "model.lora.targets": ("query", "value", "up", "down")}), sft)
+    sft_model = TransformerLM(config_lib.model_config(override(config_lib.base_config(), **{
+        f"model.{k}": v for k, v in checkpoint.read_run_config(sft)["model"].items()})))
+    mesh = parallel.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+    rules = parallel.DEFAULT_RULES
+    sft_params = checkpoint.load_params(sft, parallel.abstract_params(
+        train_state.model_init_fn(sft_model, 8, 0), mesh, rules))
+    assert np.abs(sft_params["trunk"]["block_0"]["mlp"]["up"]["lora_b"]).max() > 0  # SFT trained its adapters
+
+    later = TransformerLM(dataclasses.replace(sft_model.cfg, lora=LoraConfig(rank=2, targets=("key",))))
+    fresh, _ = parallel.sharded_init(train_state.model_init_fn(later, 8, 1), mesh, rules)
+    loaded = checkpoint.load_base_params(sft, fresh)
+    assert set(loaded["trunk"]["block_0"]["attn"]["key"]) == {"kernel", "bias", "lora_a", "lora_b"}
+    assert "lora_a" not in loaded["trunk"]["block_0"]["attn"]["query"]
+    np.testing.assert_array_equal(loaded["trunk"]["block_0"]["attn"]["key"]["lora_a"],
+                                  fresh["trunk"]["block_0"]["attn"]["key"]["lora_a"])
+    batch = lm_batch()
+    f32 = lambda cfg: dataclasses.replace(cfg, dtype="float32")  # the runs compute in bf16: compare without rounding
+    np.testing.assert_allclose(logits(f32(later.cfg), loaded, batch), logits(f32(sft_model.cfg), sft_params, batch),
+                               atol=1e-5)
+
+    c = tiny(dpo_cfg, num_steps=4, eval_every=4, log_every=1, init_from=sft, **{"model.lora.rank": 2})
+    dpo.train_and_evaluate(c, str(tmp_path / "dpo"))
+    m = by_step(read_metrics(str(tmp_path / "dpo")))
+    assert m[1]["rewards/chosen"] == 0.0 and m[1]["rewards/rejected"] == 0.0
+    assert m[4]["rewards/margins"] != 0.0 and np.isfinite(m[4]["eval/loss"])
