@@ -101,7 +101,10 @@ def abstract_params(init_fn: Callable[[], Any], mesh: Mesh, rules):
         shardings = logical_shardings(abstract, mesh, rules)
         # Unboxed under tracing: unboxing abstract leaves eagerly fails when a mesh is already active.
         unboxed = jax.eval_shape(nn.unbox, abstract)
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), unboxed, shardings)
+    # `shardings` is a prefix of `unboxed`: an empty subtree there (optax's MaskedNode, the state a masked
+    # optimizer keeps for a frozen leaf under LoRA) has one sharding here, and stays as it is.
+    return jax.tree.map(lambda s, x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s) if hasattr(x, "shape") else x,
+                        shardings, unboxed)
 
 
 def batch_sharding(mesh: Mesh, rules, ndim: int = 2, lead: int = 0) -> NamedSharding:

@@ -153,6 +153,24 @@ def test_the_reference_stays_the_base_model_through_training():
     np.testing.assert_array_equal(logits(ADAPTED, lora.reference(params, None), batch), ref)
 
 
+def test_a_lora_run_resumes_from_its_checkpoint_as_if_uninterrupted(tmp_path):
+    """The masked optimizer's state (empty for frozen leaves) saves and restores; the resumed run's steps equal
+    an uninterrupted run's."""
+    from rlhf_jax.stages import lm
+    from tests.test_lm_stage import by_step, read_metrics
+
+    lora_keys = {"model.lora.rank": 4, "model.lora.targets": ("query", "value", "up"), "optim.total_steps": 6,
+                 "checkpoint.every": 3, "eval_every": 1000, "log_every": 1}
+    full = tiny(sft_cfg, num_steps=6, **lora_keys)
+    lm.train_and_evaluate(full, str(tmp_path / "full"))
+    lm.train_and_evaluate(tiny(sft_cfg, num_steps=3, **lora_keys), str(tmp_path / "resumed"))
+    lm.train_and_evaluate(full, str(tmp_path / "resumed"))  # the same command again: resumes at step 3
+    a, b = by_step(read_metrics(str(tmp_path / "full"))), by_step(read_metrics(str(tmp_path / "resumed")))
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
+    for step in (4, 6):
+        assert a[step]["train/loss"] == pytest.approx(b[step]["train/loss"], rel=1e-6), step
+
+
 @pytest.mark.parametrize("kw, match", [
     ({"model.lora.rank": -1}, r"config.model.lora.rank: -1 is negative"),
     ({"model.lora.rank": 4, "model.lora.targets": ("query", "qkv")},
