@@ -151,10 +151,14 @@ def check_batch(global_batch_size: int, mesh: Mesh, rules, name: str = "config.b
 
 
 def per_device_bytes(tree) -> int:
-    """Bytes of `tree` held by the first local device (to check FSDP actually shards)."""
+    """Bytes of `tree` held by the first local device (to check FSDP actually shards). Abstract leaves
+    (ShapeDtypeStructs with a sharding, e.g. from `abstract_params`) count the shard they would have."""
     dev = jax.local_devices()[0]
     total = 0
     for leaf in jax.tree.leaves(tree):
+        if isinstance(leaf, jax.ShapeDtypeStruct):
+            shape = leaf.sharding.shard_shape(leaf.shape) if leaf.sharding is not None else leaf.shape
+            total += math.prod(shape) * leaf.dtype.itemsize
         for shard in getattr(leaf, "addressable_shards", []):
             if shard.device == dev:
                 total += shard.data.nbytes

@@ -40,7 +40,7 @@ class Run:
         if config.init_from:
             if not hf.is_hf_dir(config.init_from):
                 checkpoint.find_params_checkpoint(config.init_from)  # fail now, not after building data
-            self._adopt_model_config(config)
+            adopt_model_config(config)
         self.config = config
         self.mesh = parallel.make_mesh({a: config.mesh[a] for a in parallel.MESH_AXES})
         self.rules = parallel.rules_from_config(config.mesh.rules)
@@ -54,22 +54,6 @@ class Run:
         self._prev_handler = signal.signal(signal.SIGTERM, self._on_sigterm) if _main_thread() else None
 
     # --- config -------------------------------------------------------------------------------
-    def _adopt_model_config(self, config):
-        """The architecture comes from init_from: an earlier stage's config.json, or an HF model's
-        (its config.json mapped onto our fields; an unsupported model fails here, naming the field)."""
-        if hf.is_hf_dir(config.init_from):
-            model = hf.model_fields(hf.read_config(config.init_from), os.path.join(config.init_from, "config.json"))
-        else:
-            src = checkpoint.read_run_config(config.init_from)
-            if src is None:
-                raise FileNotFoundError(f"config.init_from={config.init_from!r}: no config.json found there or "
-                                        f"above; point init_from at an earlier stage's --workdir or at a Hugging "
-                                        f"Face model directory (config.json + model.safetensors).")
-            model = src["model"]
-        for k, v in model.items():
-            if k not in RUNTIME_MODEL_FIELDS:
-                config.model[k] = v
-
     def write_config(self):
         if self.is_main:
             with open(os.path.join(self.workdir, "config.json"), "w") as f:
@@ -163,6 +147,23 @@ class Run:
         self._release()
         if self.preempted:
             raise SystemExit(0)
+
+
+def adopt_model_config(config) -> None:
+    """Sets config.model's architecture from init_from: an earlier stage's config.json, or an HF model's
+    (its config.json mapped onto our fields; an unsupported model fails here, naming the field)."""
+    if hf.is_hf_dir(config.init_from):
+        model = hf.model_fields(hf.read_config(config.init_from), os.path.join(config.init_from, "config.json"))
+    else:
+        src = checkpoint.read_run_config(config.init_from)
+        if src is None:
+            raise FileNotFoundError(f"config.init_from={config.init_from!r}: no config.json found there or "
+                                    f"above; point init_from at an earlier stage's --workdir or at a Hugging "
+                                    f"Face model directory (config.json + model.safetensors).")
+        model = src["model"]
+    for k, v in model.items():
+        if k not in RUNTIME_MODEL_FIELDS:
+            config.model[k] = v
 
 
 def _main_thread() -> bool:

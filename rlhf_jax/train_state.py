@@ -44,6 +44,18 @@ def create(init_params: Callable[[], Any], tx: optax.GradientTransformation, mes
     RNG get that axis too — member i's are those of a single model of seed + i — so a member's update,
     vmapped, is exactly that model's (gradient clipping, step counts and dropout per member).
     """
+    return parallel.sharded_init(_state_init_fn(init_params, tx, seed, extras, members), mesh, rules)
+
+
+def abstract_state(init_params: Callable[[], Any], tx: optax.GradientTransformation, mesh, rules, seed: int,
+                   extras: dict | None = None, members: int = 0) -> tuple[TrainState, TrainState]:
+    """What `create` would build, as ShapeDtypeStructs carrying their shardings, and those shardings: nothing
+    is allocated (rlhf_jax/plan.py compiles a stage's step from these)."""
+    abstract = parallel.abstract_params(_state_init_fn(init_params, tx, seed, extras, members), mesh, rules)
+    return abstract, jax.tree.map(lambda x: x.sharding, abstract)
+
+
+def _state_init_fn(init_params, tx, seed: int, extras: dict | None, members: int) -> Callable[[], TrainState]:
     extras = extras or {}
 
     def init():
@@ -57,7 +69,7 @@ def create(init_params: Callable[[], Any], tx: optax.GradientTransformation, mes
                           extras={k: jnp.asarray(v) for k, v in extras.items()},
                           nonfinite=jnp.array([0, -1], jnp.int32))
 
-    return parallel.sharded_init(init, mesh, rules)
+    return init
 
 
 def apply_if_finite(tx: optax.GradientTransformation, grads, loss, params, opt_state, nonfinite, step,

@@ -57,6 +57,15 @@ def make_train_step(model: TransformerLM, tx: optax.GradientTransformation, sche
     return step
 
 
+def jit_train_step(model, tx, schedule, c, shardings, mesh, rules):
+    """The stage's jitted step with its shardings; the state is donated. rlhf_jax/plan.py compiles this same
+    function from shapes, so the planner measures the step the stage runs."""
+    with parallel.activate(mesh, rules):
+        return jax.jit(make_train_step(model, tx, schedule, c.grad_accum, tuple(c.debug_nonfinite_steps)),
+                       in_shardings=(shardings, parallel.batch_sharding(mesh, rules)),
+                       out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=(0,))
+
+
 def datasets(run: Run):
     """(tokenizer, train source, eval source) for the stage in run.config."""
     from rlhf_jax.data import builtin_text, chat, lm_datasets, tokenizer
@@ -146,10 +155,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     start = int(jax.device_get(state.step))
 
     batch_sh = parallel.batch_sharding(run.mesh, run.rules)
+    step_fn = jit_train_step(model, tx, schedule, c, shardings, run.mesh, run.rules)
     with parallel.activate(run.mesh, run.rules):
-        step_fn = jax.jit(make_train_step(model, tx, schedule, c.grad_accum, tuple(c.debug_nonfinite_steps)),
-                          in_shardings=(shardings, batch_sh), out_shardings=(shardings, parallel.replicated(run.mesh)),
-                          donate_argnums=(0,))
         eval_fn = jax.jit(lambda p, b: objectives.summed_token_nll(p, model, b),
                           in_shardings=(shardings.params, batch_sh))
 

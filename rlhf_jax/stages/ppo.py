@@ -164,6 +164,16 @@ def make_update_fn(model, tx, c):
     return update
 
 
+def jit_functions(model, tx, c, tok, rm, group: int, shardings, mesh, rules):
+    """The iteration's jitted functions (rollout, score, advantage, update; the update donates the state).
+    rlhf_jax/plan.py compiles these same functions from shapes."""
+    with parallel.activate(mesh, rules):
+        return (jax.jit(rollouts.make_rollout_fn(model, c, tok)), jax.jit(make_score_fn(model, c, rm)),
+                jax.jit(make_advantage_fn(c, group)),
+                jax.jit(make_update_fn(model, tx, c), donate_argnums=(0,),
+                        out_shardings=(shardings, parallel.replicated(mesh))))
+
+
 def rollout_metrics(r, kl_coef) -> dict[str, float]:
     mask = r["response_mask"].astype(np.float32)
     kl = np.sum(r["kl"] * mask, axis=1)
@@ -203,12 +213,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     monitor_fn = rollouts.import_function(c.reward.monitor, "reward.monitor") if c.reward.monitor else None
     start = int(jax.device_get(state.step))
 
-    rep = parallel.replicated(run.mesh)
-    with parallel.activate(run.mesh, run.rules):
-        rollout_fn = jax.jit(rollouts.make_rollout_fn(model, c, tok))
-        score_fn = jax.jit(make_score_fn(model, c, rm))
-        advantage_fn = jax.jit(make_advantage_fn(c, group))
-        update_fn = jax.jit(make_update_fn(model, tx, c), donate_argnums=(0,), out_shardings=(shardings, rep))
+    rollout_fn, score_fn, advantage_fn, update_fn = jit_functions(model, tx, c, tok, rm, group, shardings, run.mesh,
+                                                                  run.rules)
 
     from rlhf_jax.data.loader import BatchLoader
 

@@ -148,6 +148,18 @@ def make_train_step(model, tx, schedule, rm_cfg, grad_accum: int = 1, inject_non
     return step
 
 
+def jit_train_step(model, tx, schedule, c, shardings, mesh, rules):
+    """The stage's jitted step with its shardings (an ensemble's batch sharded after its member axis); the
+    state is donated. rlhf_jax/plan.py compiles this same function from shapes."""
+    E = c.rm.ensemble_size if c.rm.ensemble_size > 1 else 0
+    batch_sh = parallel.batch_sharding(mesh, rules, ndim=2 if E else 1, lead=1 if E else 0)
+    with parallel.activate(mesh, rules):
+        return jax.jit(make_train_step(model, tx, schedule, c.rm, c.grad_accum, tuple(c.debug_nonfinite_steps),
+                                       members=E),
+                       in_shardings=(shardings, batch_sh), out_shardings=(shardings, parallel.replicated(mesh)),
+                       donate_argnums=(0,))
+
+
 def make_reward_fn(model, members: int = 0):
     """jitted (params, batch) -> rewards f32 [E, B, K] of each member (E = 1 for one RM), deterministic
     (no dropout). Build it once: each new function object would compile again."""
@@ -307,12 +319,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     start = int(jax.device_get(state.step))
 
     lead = 1 if E else 0  # an ensemble's batch is [E, B, K, L]: member i's rows are its own loader's
-    batch_sh = parallel.batch_sharding(run.mesh, run.rules, ndim=lead + 1, lead=lead)
-    with parallel.activate(run.mesh, run.rules):
-        step_fn = jax.jit(make_train_step(model, tx, schedule, c.rm, c.grad_accum, tuple(c.debug_nonfinite_steps),
-                                          members=E),
-                          in_shardings=(shardings, batch_sh), out_shardings=(shardings, parallel.replicated(run.mesh)),
-                          donate_argnums=(0,))
+    step_fn = jit_train_step(model, tx, schedule, c, shardings, run.mesh, run.rules)
     loaders = [BatchLoader(member_source(train_source, c, i), c.batch_size, seed=c.seed + i) for i in range(E or 1)]
     K = train_source[0]["tokens"].shape[0]
     # The RM never computes vocabulary logits: drop the LM head's 6·D·V from the LM's count.
