@@ -12,7 +12,8 @@ and what `compiled.memory_analysis()` says of each compiled function: arguments,
 (activations, gradients, KV cache) and the outputs written into donated inputs (alias).
 
 PPO holds four models at once: the policy and the critic (a separate model with ppo.critic=reward_model,
-else a value head on the policy) with their optimizer state, the frozen reference policy and the RM
+else a value head on the policy) with their optimizer state, the frozen reference policy (none with LoRA,
+model.lora.rank > 0: the policy with its adapters off; optimizer state then only for the adapters) and the RM
 (reward.kind=rm; assumed the policy's architecture, one RM, not an ensemble). Its iteration runs three
 compiled functions one after another: the rollout (sampling with the KV cache), the scoring (policy,
 critic, reference and RM forwards) and the update (E × M minibatch steps). A function's peak is its own
@@ -54,8 +55,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 
-from rlhf_jax import config as config_lib, optim, parallel, ppo_setup, train_state  # noqa: E402
+from rlhf_jax import config as config_lib, lora, optim, parallel, ppo_setup, train_state  # noqa: E402
 from rlhf_jax.models.gpt import TransformerLM  # noqa: E402
+from rlhf_jax.models.layers import LoraConfig  # noqa: E402
 
 GIB = 2**30
 
@@ -128,6 +130,7 @@ def _lm(c, model, mesh, rules):
     from rlhf_jax.stages import lm
 
     tx, schedule = optim.make_optimizer(c.optim, c.optim.total_steps if c.optim.total_steps > 0 else c.num_steps)
+    tx = lora.optimizer(tx, model.cfg)  # as the stage builds it: with LoRA, the adapters' state only
     state, shardings = train_state.abstract_state(train_state.model_init_fn(model, c.data.seq_len, c.seed), tx,
                                                   mesh, rules, c.seed)
     batch = {k: _batch((c.batch_size, c.data.seq_len + 1), mesh, rules) for k in ("tokens", "input_mask", "loss_mask")}
@@ -142,6 +145,7 @@ def _rm(c, model, mesh, rules):
 
     E = c.rm.ensemble_size if c.rm.ensemble_size > 1 else 0
     tx, schedule = optim.make_optimizer(c.optim, c.optim.total_steps if c.optim.total_steps > 0 else c.num_steps)
+    tx = lora.optimizer(tx, model.cfg)  # as the stage builds it: with LoRA, the adapters' state only
     init = train_state.ensemble_init_fn(model, c.data.seq_len, c.seed, E) if E else \
         train_state.model_init_fn(model, c.data.seq_len, c.seed)
     state, shardings = train_state.abstract_state(init, tx, mesh, rules, c.seed, members=E)
@@ -162,12 +166,15 @@ def _ppo(c, model, mesh, rules):
     updates = c.ppo.epochs * c.ppo.num_minibatches
     iterations = c.optim.total_steps if c.optim.total_steps > 0 else c.num_steps
     tx, _ = optim.make_optimizer(c.optim, iterations * updates)
+    tx = lora.optimizer(tx, model.cfg)
     state, shardings = train_state.abstract_state(ppo_setup.init_params_fn(model, c), tx, mesh, rules, c.seed,
                                                   extras={"kl_coef": jnp.float32(c.kl.init_coef)})
-    frozen = {"reference": state.params["policy"]}  # the stage's copy of the initial policy: same shapes
+    # The stage's copy of the initial policy (same shapes); with LoRA none: the reference is the policy with its
+    # adapters off (rlhf_jax/lora.py), and only the adapters and value head hold optimizer state.
+    frozen = {} if c.model.lora.rank else {"reference": state.params["policy"]}
     rm = None
     if c.reward.kind == "rm":
-        rm_model = TransformerLM(dataclasses.replace(model.cfg, dropout=0.0))
+        rm_model = TransformerLM(dataclasses.replace(model.cfg, dropout=0.0, lora=LoraConfig()))
         rm = (rm_model, {"gain": 1.0, "bias": 0.0, "ensemble_size": 1})
         frozen["rm"] = parallel.abstract_params(train_state.model_init_fn(rm_model, 8, 0), mesh, rules)
     rollout_fn, score_fn, advantage_fn, update_fn = ppo.jit_functions(model, tx, c, ShapeOnlyTokenizer(), rm, group,
@@ -179,7 +186,8 @@ def _ppo(c, model, mesh, rules):
     with parallel.activate(mesh, rules):
         gen = shard(jax.eval_shape(rollout_fn, state.params["policy"], batch["prompt"], batch["prompt_mask"], keys))
         scored_batch = {**batch, "response": gen["tokens"], "response_mask": gen["mask"]}
-        scored = shard(jax.eval_shape(score_fn, state.params, frozen["reference"], frozen.get("rm"), scored_batch))
+        scored = shard(jax.eval_shape(score_fn, state.params, frozen.get("reference"), frozen.get("rm"),
+                                   scored_batch))
         scored = {k: v for k, v in scored.items() if k not in ("scores", "rm_mean", "rm_std")}
         adv = shard(jax.eval_shape(advantage_fn, _batch((B,), mesh, rules, jnp.float32), gen["ended"], scored,
                                    gen["logprobs"], gen["mask"], c.kl.init_coef))
@@ -196,7 +204,8 @@ def _ppo(c, model, mesh, rules):
     functions = {
         "rollout": (_compile(rollout_fn, mesh, rules, state.params["policy"], batch["prompt"], batch["prompt_mask"],
                              keys), ("params/policy",)),
-        "score": (_compile(score_fn, mesh, rules, state.params, frozen["reference"], frozen.get("rm"), scored_batch),
+        "score": (_compile(score_fn, mesh, rules, state.params, frozen.get("reference"), frozen.get("rm"),
+                           scored_batch),
                   (*trained, "reference", "rm")),
         "update": (_compile(update_fn, mesh, rules, state, rollout, ptx), (*trained, "state rest")),
     }

@@ -90,3 +90,14 @@ def test_the_command_compiles_for_the_devices_it_is_given(tmp_path):
     report = json.loads(out.read_text())
     assert report["devices"] == 4 and report["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
     assert report["fits"] is True and "fits in 0.5 GiB" in proc.stdout
+
+
+def test_lora_drops_the_reference_copy_and_the_base_weights_optimizer_state():
+    shape = {"model.vocab_size": 384, "model.d_model": 64, "reward.kind": "rm", "reward.rm_workdir": "unused",
+             "mesh.data": 2, "mesh.fsdp": 4}
+    full = plan.plan(tiny(ppo_cfg, **shape))
+    adapted = plan.plan(tiny(ppo_cfg, **shape, **{"model.lora.rank": 4}))
+    assert adapted["frozen_bytes"] == pytest.approx(full["frozen_bytes"] / 2, rel=0.01)  # the RM alone
+    assert adapted["params_bytes"] > full["params_bytes"]  # the adapters are added to the weights...
+    assert adapted["opt_state_bytes"] < full["opt_state_bytes"] / 5  # ...and only they (and the head) get Adam moments
+    assert adapted["total_bytes"] < full["total_bytes"]
