@@ -26,7 +26,7 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "test": ["pytest", "pytest-xdist"],
+        "test": ["pytest", "pytest-xdist", "nbclient", "nbformat", "ipykernel"],  # ipykernel: the notebook test's kernel
         # HF tokenizer.json files (rlhf_jax.data.tokenizer.HFTokenizer).
         "hf": ["tokenizers"],
         # torch is installed before transformers so that no CUDA build is pulled in.

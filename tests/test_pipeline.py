@@ -22,13 +22,24 @@ def pipeline_config(preset="tiny"):
     return module.get_config(preset)
 
 
-@pytest.mark.slow
-def test_tiny_pipeline_produces_summary_report_and_plots_and_reruns_skip(tmp_path):
-    env = dict(os.environ, XLA_FLAGS=with_device_count(os.environ["XLA_FLAGS"], 2))
-    cmd = [sys.executable, "-m", "rlhf_jax.pipeline", "--config=configs/pipeline.py:tiny", f"--workdir={tmp_path}",
-           "--config.mesh.data=2"]
-    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+TINY_CMD = [sys.executable, "-m", "rlhf_jax.pipeline", "--config=configs/pipeline.py:tiny", "--config.mesh.data=2"]
+TINY_ENV = dict(os.environ, XLA_FLAGS=with_device_count(os.environ["XLA_FLAGS"], 2))
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One finished tiny pipeline run, shared by the tests of this module (its workdir)."""
+    workdir = tmp_path_factory.mktemp("tiny_pipeline")
+    r = subprocess.run(TINY_CMD + [f"--workdir={workdir}"], cwd=ROOT, env=TINY_ENV, capture_output=True, text=True,
+                       timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return workdir
+
+
+@pytest.mark.slow
+def test_tiny_pipeline_produces_summary_report_and_plots_and_reruns_skip(tiny_run):
+    tmp_path, env = tiny_run, TINY_ENV
+    cmd = TINY_CMD + [f"--workdir={tmp_path}"]
     with open(tmp_path / "summary.json") as f:
         s = json.load(f)
     for policy in ("sft", "policy"):
@@ -94,6 +105,31 @@ def test_tiny_pipeline_produces_summary_report_and_plots_and_reruns_skip(tmp_pat
         assert cfg["stage"] == "dpo" and cfg["dpo"]["online"] == (policy == "online_dpo")
         if policy == "plackett_luce":
             assert cfg["data"]["train_path"] == str(tmp_path / "comparisons" / "train.jsonl")
+
+
+@pytest.mark.slow
+def test_the_colab_notebook_runs_top_to_bottom_and_shows_the_plots(tiny_run):
+    """experiments/colab.ipynb executed by a Jupyter kernel, as in Colab. Its pipeline cell gets the finished tiny
+    run of this module as its workdir (the same preset; its stages skip, as a rerun of the cell would), so the
+    suite trains the tiny pipeline once; every other cell runs in full, the hand-driven SFT steps included."""
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    nb = nbformat.read(os.path.join(ROOT, "experiments", "colab.ipynb"), as_version=4)
+    old = os.environ.get("RLHF_JAX_NOTEBOOK_WORKDIR")
+    os.environ["RLHF_JAX_NOTEBOOK_WORKDIR"] = str(tiny_run)  # the kernel inherits this process's environment
+    try:
+        nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
+                                resources={"metadata": {"path": ROOT}}).execute()
+    finally:
+        if old is None:
+            del os.environ["RLHF_JAX_NOTEBOOK_WORKDIR"]
+        else:
+            os.environ["RLHF_JAX_NOTEBOOK_WORKDIR"] = old
+    outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    assert sum("image/png" in o.get("data", {}) for o in outputs) == 2  # scores_vs_step.png and gold_vs_kl.png
+    text = "".join(o.get("text", "") for o in outputs)
+    assert "train/loss over 20 steps" in text and "RM accuracy vs the gold judge" in text
 
 
 def test_every_data_key_is_tied_to_the_stages_that_read_it():
