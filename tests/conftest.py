@@ -5,7 +5,8 @@ JAX's persistent compilation cache, in one directory per test run, removed at it
 (RLHF_JAX_TEST_CACHE names one to keep and reuse across runs): many tests compile the same tiny
 step again (a resume test runs the same config three times). xdist workers inherit the directory
 from the controlling process, which sets it here before they start.
-`-m "not slow"` leaves out the end-to-end and multi-process tests (scripts/test.sh --fast).
+`-m "not slow"` leaves out the end-to-end and multi-process tests and those that train until a learning
+outcome shows (scripts/test.sh --fast); the full suite runs them all.
 """
 
 import os
@@ -37,7 +38,8 @@ SHARED_DATA = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: end-to-end or multi-process (left out by scripts/test.sh --fast)")
+    config.addinivalue_line("markers", "slow: end to end, multi-process, or training to a learning outcome "
+                                       "(left out by scripts/test.sh --fast)")
 
 
 def pytest_unconfigure(config):

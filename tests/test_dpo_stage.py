@@ -12,6 +12,7 @@ from tests.test_lm_stage import by_step, tiny
 import configs.dpo as dpo_cfg
 
 
+@pytest.mark.slow
 def test_dpo_tiny_learns_the_builtin_rule_as_an_implicit_reward_model(tmp_path):
     out = dpo.train_and_evaluate(tiny(dpo_cfg), str(tmp_path))
     m = by_step(read_metrics(str(tmp_path)))

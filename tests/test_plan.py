@@ -20,6 +20,7 @@ import configs.sft as sft_cfg
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 def test_planned_bytes_match_the_memory_json_of_a_real_run_on_the_same_mesh(tmp_path):
     mesh = {"mesh.data": 2, "mesh.fsdp": 4}
     c = tiny(pretrain_cfg, num_steps=1, log_every=1, eval_every=1000, **mesh)
@@ -48,6 +49,7 @@ def test_fsdp_over_more_devices_lowers_the_per_device_params_and_the_verdict_fol
     assert plan.plan(tiny(sft_cfg, **shape, **{"mesh.data": 1, "mesh.fsdp": 8}), hbm_gib=just_under)["fits"] is False
 
 
+@pytest.mark.slow
 def test_ppo_counts_policy_critic_their_optimizer_state_reference_and_rm():
     c = tiny(ppo_cfg, **{"model.vocab_size": 384, "reward.kind": "rm", "reward.rm_workdir": "unused",
                          "ppo.critic": "reward_model", "mesh.data": 2, "mesh.fsdp": 4})
@@ -81,6 +83,7 @@ def test_fake_devices_replace_only_the_device_count_flag(monkeypatch):
     assert os.environ["JAX_PLATFORMS"] == "cpu"
 
 
+@pytest.mark.slow
 def test_the_command_compiles_for_the_devices_it_is_given(tmp_path):
     out = tmp_path / "plan.json"
     cmd = [sys.executable, "-m", "rlhf_jax.plan", "--config=configs/sft.py:tiny", "--devices=4",
@@ -92,6 +95,7 @@ def test_the_command_compiles_for_the_devices_it_is_given(tmp_path):
     assert report["fits"] is True and "fits in 0.5 GiB" in proc.stdout
 
 
+@pytest.mark.slow
 def test_lora_drops_the_reference_copy_and_the_base_weights_optimizer_state():
     shape = {"model.vocab_size": 384, "model.d_model": 64, "reward.kind": "rm", "reward.rm_workdir": "unused",
              "mesh.data": 2, "mesh.fsdp": 4}

@@ -23,6 +23,7 @@ def saved_params(workdir, step=None):
                          args=ocp.args.Composite(params=ocp.args.StandardRestore()))["params"]
 
 
+@pytest.mark.slow
 def test_grpo_tiny_raises_a_verifiable_reward_and_never_trains_the_value_head(tmp_path):
     c = tiny(grpo_cfg, num_steps=20, **REWARD, **{"optim.lr": 1e-2, "checkpoint.every": 1, "checkpoint.keep": 30})
     ppo.train_and_evaluate(c, str(tmp_path))

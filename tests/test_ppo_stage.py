@@ -20,6 +20,7 @@ def config(**kw):
     return tiny(ppo_cfg, **{"reward.function": "tests.test_ppo_stage:even_token_share", **kw})
 
 
+@pytest.mark.slow
 def test_ppo_raises_a_verifiable_reward(tmp_path):
     c = config(num_steps=16, batch_size=16, **{"optim.lr": 1e-2, "kl.init_coef": 0.01, "checkpoint.every": 100})
     ppo.train_and_evaluate(c, str(tmp_path))
@@ -45,6 +46,7 @@ def test_ppo_resume_equals_an_uninterrupted_run(tmp_path):
         assert a[4][key] == pytest.approx(b[4][key], rel=1e-5, abs=1e-7), key
 
 
+@pytest.mark.slow
 def test_ppo_ptx_and_a_critic_initialised_from_the_reward_model(tmp_path):
     from rlhf_jax.stages import lm, rm
     import configs.pretrain as pretrain_cfg
@@ -106,6 +108,7 @@ def only_tokenizer_ids(prompts, responses, tokens, mask):
     return even_token_share(prompts, responses, tokens, mask)
 
 
+@pytest.mark.slow
 def test_a_padded_vocabulary_samples_and_scores_only_tokenizer_ids(tmp_path):
     # 512 embedding rows for a 384-piece tokenizer, as Pythia pads 50,277 tokens to 50,304: the extra rows'
     # logits are masked, so nothing samples, decodes or scores an id the tokenizer does not have.

@@ -38,6 +38,7 @@ def _finite(metrics):
 
 @pytest.mark.skipif(not os.path.exists(HH_DEV), reason=f"reference data {HH_DEV} is absent (the HH-RLHF "
                                                         f"harmless-base test sample under ../shared/data)")
+@pytest.mark.slow
 def test_hh_rlhf_file_trains_sft_and_rm(tmp_path):
     sft = _run(hh_recipe, "tiny_sft", tmp_path / "sft", **{"data.train_path": HH_DEV, "data.train_lines": (0, 64),
                                                            "num_steps": 6, "log_every": 3, "model.n_layers": 1})
@@ -70,6 +71,7 @@ def _tldr_files(d):
     return paths["train.jsonl"], paths["comparisons.jsonl.gz"]
 
 
+@pytest.mark.slow
 def test_tldr_recipe_trains_sft_and_ppo_on_tldr_files(tmp_path):
     posts, comps = _tldr_files(tmp_path)
     sft = _run(tldr_recipe, "tiny_sft", tmp_path / "sft", **{"data.train_path": posts, "num_steps": 4, "log_every": 2,
