@@ -223,7 +223,7 @@ def jax_ppo(spec: dict) -> dict:
     keys = ("time/generate_s", "time/score_s", "time/update_s", "perf/episodes_per_sec",
             "perf/rollout_tokens_per_sec", "time/generate_frac")
     return {"iterations": [{k: r[k] for k in keys} for r in rows], "config": {
-        "model": dict(c.model), "batch_size": c.batch_size, "max_prompt_len": c.data.max_prompt_len,
+        "model": c.model.to_dict(), "batch_size": c.batch_size, "max_prompt_len": c.data.max_prompt_len,
         "max_new_tokens": c.rollout.max_new_tokens, "epochs": c.ppo.epochs,
         "num_minibatches": c.ppo.num_minibatches, "reward": c.reward.function}}
 
