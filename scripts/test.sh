@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Sets up .venv with pinned versions and runs the test suite (CPU, 8 fake devices).
 #   bash scripts/test.sh [--fast] [pytest args...]
-# --fast leaves out the end-to-end and multi-process tests and those training to a learning outcome
-# (pytest -m "not slow").
+# --fast leaves out the end-to-end and multi-process tests, those training to a learning outcome and those
+# running whole stages more than once, e.g. resume-equals-uninterrupted (pytest -m "not slow").
 # Test files run on RLHF_JAX_TEST_WORKERS pytest-xdist workers (default 2; 1 runs them in this process),
 # a file at a time per worker, so a module's fixtures are built once; all share one compilation cache.
 set -euo pipefail

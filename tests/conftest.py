@@ -5,8 +5,9 @@ JAX's persistent compilation cache, in one directory per test run, removed at it
 (RLHF_JAX_TEST_CACHE names one to keep and reuse across runs): many tests compile the same tiny
 step again (a resume test runs the same config three times). xdist workers inherit the directory
 from the controlling process, which sets it here before they start.
-`-m "not slow"` leaves out the end-to-end and multi-process tests and those that train until a learning
-outcome shows (scripts/test.sh --fast); the full suite runs them all.
+`-m "not slow"` leaves out the end-to-end and multi-process tests, those that train until a learning
+outcome shows, and those that run whole stages more than once (resume-equals-uninterrupted, a stage started
+from another's workdir) (scripts/test.sh --fast); the full suite runs them all.
 """
 
 import os
@@ -44,8 +45,16 @@ SHARED_DATA = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: end to end, multi-process, or training to a learning outcome "
-                                       "(left out by scripts/test.sh --fast)")
+    config.addinivalue_line("markers", "slow: end to end, multi-process, training to a learning outcome, or whole "
+                                       "stages run more than once (left out by scripts/test.sh --fast)")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Files holding slow tests run first (each file keeps its own order). The xdist workers take a file at a
+    time from the front of this order, so the long files start early and the short ones fill in at the end,
+    instead of one worker finishing a long file alone while the other sits idle."""
+    heavy = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in heavy)  # a stable sort: the collection order otherwise
 
 
 def pytest_unconfigure(config):

@@ -36,6 +36,7 @@ def test_every_loss_trains(tmp_path, preset):
     assert np.isfinite(out["eval/loss"]) and out["eval/rewards/accuracies"] > 0.6, out
 
 
+@pytest.mark.slow
 def test_dpo_resume_equals_an_uninterrupted_run(tmp_path):
     full = tiny(dpo_cfg, num_steps=6, eval_every=3, **{"checkpoint.every": 3, "optim.total_steps": 6, "log_every": 3})
     dpo.train_and_evaluate(full, str(tmp_path / "full"))
@@ -47,6 +48,7 @@ def test_dpo_resume_equals_an_uninterrupted_run(tmp_path):
         assert a[6][key] == pytest.approx(b[6][key], rel=1e-5, abs=1e-7), key
 
 
+@pytest.mark.slow
 def test_online_dpo_raises_a_verifiable_score(tmp_path):
     c = tiny(dpo_cfg, num_steps=20, **{  # 8 prompts x 4 samples, ranked by the score
         "reward.function": "tests.test_ppo_stage:even_token_share", "optim.lr": 1e-2, "log_every": 1,

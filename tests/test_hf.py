@@ -247,6 +247,7 @@ def test_unsupported_checkpoints_fail_naming_the_field(tmp_path):
         hf.load_model(str(tmp_path / "odd"), _mesh(tensor=2), RULES)
 
 
+@pytest.mark.slow
 def test_sft_starts_from_an_hf_directory(tmp_path):
     """config.init_from=<HF dir>: the architecture comes from its config.json, the tokenizer is its
     tokenizer.json (chat roles as text), and training starts from its weights."""

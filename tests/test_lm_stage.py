@@ -90,6 +90,7 @@ def test_resume_equals_an_uninterrupted_run(tmp_path):
     assert a[10]["eval/loss"] == pytest.approx(b[10]["eval/loss"], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_pretrain_then_sft_from_its_workdir(tmp_path):
     pre = lm.train_and_evaluate(tiny(pretrain_cfg), str(tmp_path / "pt"))
     assert np.isfinite(pre["eval/loss"])

@@ -153,6 +153,7 @@ def test_the_reference_stays_the_base_model_through_training():
     np.testing.assert_array_equal(logits(ADAPTED, lora.reference(params, None), batch), ref)
 
 
+@pytest.mark.slow
 def test_a_lora_run_resumes_from_its_checkpoint_as_if_uninterrupted(tmp_path):
     """The masked optimizer's state (empty for frozen leaves) saves and restores; the resumed run's steps equal
     an uninterrupted run's."""

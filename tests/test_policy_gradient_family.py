@@ -47,6 +47,7 @@ def test_grpo_tiny_raises_a_verifiable_reward_and_never_trains_the_value_head(tm
     assert not np.allclose(first["policy"]["trunk"]["embed"], final["policy"]["trunk"]["embed"])
 
 
+@pytest.mark.slow
 def test_grpo_resume_equals_an_uninterrupted_run(tmp_path):
     full = tiny(grpo_cfg, num_steps=4, **REWARD, **{"checkpoint.every": 2, "optim.total_steps": 4})
     ppo.train_and_evaluate(full, str(tmp_path / "full"))

@@ -35,6 +35,7 @@ def test_ppo_raises_a_verifiable_reward(tmp_path):
     assert (tmp_path / "samples.jsonl").exists()
 
 
+@pytest.mark.slow
 def test_ppo_resume_equals_an_uninterrupted_run(tmp_path):
     full = config(num_steps=4, **{"checkpoint.every": 2, "optim.total_steps": 4})
     ppo.train_and_evaluate(full, str(tmp_path / "full"))

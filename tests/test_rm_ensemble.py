@@ -79,6 +79,7 @@ def ensemble_and_singles(tmp_path_factory):
     return ens, out, singles
 
 
+@pytest.mark.slow
 def test_an_ensemble_trained_in_one_step_equals_single_rms_of_its_seeds(ensemble_and_singles):
     ens, out, singles = ensemble_and_singles
     mesh, rules = mesh_and_rules()
@@ -107,6 +108,7 @@ def test_an_ensemble_trained_in_one_step_equals_single_rms_of_its_seeds(ensemble
     np.testing.assert_allclose([out[f"eval/rm/member_{e}/accuracy"] for e in range(E)], single_acc, atol=2e-3)
 
 
+@pytest.mark.slow
 def test_each_member_is_normalised_on_the_reference_responses(ensemble_and_singles):
     ens, _, _ = ensemble_and_singles
     mesh, rules = mesh_and_rules()
@@ -127,6 +129,7 @@ def test_each_member_is_normalised_on_the_reference_responses(ensemble_and_singl
     assert len(set(np.round(norm["gain"], 4))) == E  # each member its own gain
 
 
+@pytest.mark.slow
 def test_the_policy_reward_is_the_aggregate_of_the_single_rms_scores(ensemble_and_singles, tmp_path):
     from rlhf_jax.run import Run
 
@@ -153,6 +156,7 @@ def test_the_policy_reward_is_the_aggregate_of_the_single_rms_scores(ensemble_an
         rollouts.reward(Run(c, str(tmp_path / "ppo")), c)
 
 
+@pytest.mark.slow
 def test_ensemble_resume_equals_an_uninterrupted_run(ensemble_and_singles, tmp_path):
     ens, _, _ = ensemble_and_singles
     with open(os.path.join(ens, "config.json")) as f:

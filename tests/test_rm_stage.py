@@ -72,6 +72,7 @@ def tiny_rm(tmp_path_factory):
     return workdir, rm.train_and_evaluate(tiny(rm_cfg), workdir)
 
 
+@pytest.mark.slow
 def test_the_builtin_rule_is_learnt(tiny_rm):
     workdir, out = tiny_rm
     assert out["eval/rm/accuracy"] >= 0.95, out  # over all 200 held-out comparisons (1,200 pairs)
@@ -138,6 +139,7 @@ def test_a_stale_norm_file_is_refused(tiny_rm, tmp_path):
         load_reward_model(workdir, *mesh_and_rules())
 
 
+@pytest.mark.slow
 def test_resume_equals_an_uninterrupted_run(tiny_rm, tmp_path):
     full_dir, _ = tiny_rm  # the tiny preset: 40 steps, checkpoints every 20
     half = tiny(rm_cfg, num_steps=20, **{"optim.total_steps": 40})
@@ -174,6 +176,7 @@ def test_unknown_rm_loss_fails_before_any_work(tmp_path):
 
 # --- init_from ---------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_init_from_an_lm_workdir_loads_the_trunk_and_keeps_a_fresh_reward_head(tmp_path):
     lm.train_and_evaluate(tiny(pretrain_cfg, num_steps=2), str(tmp_path / "pt"))  # seed 0
     # One step whose learning rate is 0 (the warmup starts there): the checkpoint holds the initial params.
