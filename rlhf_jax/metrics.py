@@ -23,6 +23,26 @@ def _scalar(v: Any) -> Any:
     return v if not isinstance(v, float) or math.isfinite(v) else str(v)
 
 
+def _summary_writer_class():
+    """tensorboardX's SummaryWriter (no TensorFlow needed), imported without PyTorch.
+
+    tensorboardX imports torch whenever it is installed (as on Colab, or with the [parity] extra), only to
+    accept torch tensors; we log Python floats, and that import costs ~2 s of every run's start. While
+    tensorboardX loads, `import torch` fails as if torch were absent; a torch already imported is left alone.
+    """
+    import sys
+
+    if "tensorboardX" in sys.modules or "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+        return SummaryWriter
+    sys.modules["torch"] = None  # type: ignore[assignment]  # makes `import torch` raise ImportError
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
+
+
 class MetricWriter:
     def __init__(self, workdir: str, resume_step: int = 0, tensorboard: bool = True):
         self.enabled = jax.process_index() == 0
@@ -37,9 +57,7 @@ class MetricWriter:
             with open(self.path, "w") as f:
                 f.writelines(keep)
         if tensorboard:
-            from tensorboardX import SummaryWriter  # no TensorFlow needed
-
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=resume_step + 1)
+            self._tb = _summary_writer_class()(os.path.join(workdir, "tensorboard"), purge_step=resume_step + 1)
 
     def write(self, step: int, metrics: dict[str, Any]) -> dict[str, Any]:
         record = {"step": int(step), **{k: _scalar(v) for k, v in metrics.items()}}

@@ -64,3 +64,43 @@ def test_init_from_without_checkpoint_names_the_path(tmp_path):
     c = tiny(pretrain_cfg, init_from=str(tmp_path / "empty"))
     with pytest.raises(FileNotFoundError, match="no finished checkpoint"):
         lm.train_and_evaluate(c, str(tmp_path / "run"))
+
+
+def test_only_arrays_big_enough_are_split_among_their_replicas_and_all_restore_exactly(tmp_path, monkeypatch):
+    # Replica-parallel saving slices each replicated shard on device (a compiled program per shape); a tiny
+    # model's hundreds of small arrays are written whole by one replica instead, a big one is still split.
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from rlhf_jax import checkpoint
+
+    mesh = jax.make_mesh((8,), ("data",))
+    replicated = NamedSharding(mesh, P())
+    big_rows = 8 * checkpoint.MIN_REPLICA_PARALLEL_SLICE_BYTES // (4 * 256)  # 1 MiB for each of 8 replicas
+    params = {"big": jnp.arange(big_rows * 256, dtype=jnp.float32).reshape(big_rows, 256),
+              **{f"small{i}": jnp.full((4, 8), float(i)) for i in range(5)}}
+    params = jax.device_put(params, replicated)
+    state = {"step": jax.device_put(jnp.int32(3), replicated)}
+    sliced = []
+    real_slice = jax.lax.slice_in_dim
+    monkeypatch.setattr(jax.lax, "slice_in_dim", lambda x, *a, **k: sliced.append(x.shape) or real_slice(x, *a, **k))
+    ckpt = checkpoint.Checkpointer(str(tmp_path), keep=1, use_async=False)
+    ckpt.save(3, params, state, {"stage": "test"})
+    ckpt.wait()
+    assert sliced and {s[0] for s in sliced} == {big_rows}  # only the big array's shards were sliced
+    got, got_state, meta = ckpt.restore(3, params, state)
+    ckpt.close()
+    for k in params:
+        np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(params[k]))
+    assert int(got_state["step"]) == 3 and meta["stage"] == "test"
+
+
+def test_the_metric_writer_does_not_import_torch(tmp_path):
+    # tensorboardX imports torch when it is installed, ~2 s of every run's start; we log floats only.
+    code = ("import sys; from rlhf_jax.metrics import MetricWriter; w = MetricWriter(sys.argv[1]); "
+            "w.write(1, {'loss': 0.5}); w.close(); assert 'torch' not in sys.modules, 'torch was imported'")
+    subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, check=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert os.listdir(tmp_path / "tensorboard")
+    assert read_metrics(str(tmp_path)) == [{"step": 1, "loss": 0.5}]
