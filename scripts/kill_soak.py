@@ -38,8 +38,11 @@ def command(workdir: str, steps: int) -> list[str]:
 
 
 def environment(cache_dir: str) -> dict[str, str]:
-    # Two fake devices keep the data-parallel path; the compilation cache makes each relaunch cheap.
-    return dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
+    # Two fake devices keep the data-parallel path (any other XLA flag set here is kept); the compilation
+    # cache makes each relaunch cheap.
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+             if not f.startswith("--xla_force_host_platform_device_count")]
+    return dict(os.environ, XLA_FLAGS=" ".join(flags + ["--xla_force_host_platform_device_count=2"]), JAX_PLATFORMS="cpu",
                 JAX_COMPILATION_CACHE_DIR=cache_dir, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
 

@@ -16,6 +16,7 @@ from rlhf_jax import perf
 from rlhf_jax.models.gpt import TransformerLM
 from rlhf_jax.models.layers import ModelConfig
 from rlhf_jax.objectives import token_nll
+from tests.conftest import with_device_count
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -68,7 +69,7 @@ def test_measured_peak_is_a_plausible_rate():
 @pytest.mark.slow
 def test_quick_benchmark_writes_every_result(tmp_path):
     out = tmp_path / "bench.json"
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = dict(os.environ, XLA_FLAGS=with_device_count(os.environ["XLA_FLAGS"], None))  # one CPU device
     proc = subprocess.run([sys.executable, "scripts/bench.py", "--quick", "--only", "lm", "--out", str(out)], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -106,7 +107,7 @@ def test_quick_benchmark_writes_every_result(tmp_path):
 @pytest.mark.slow
 def test_quick_grpo_benchmark_runs_both_systems_on_the_same_inputs(tmp_path):
     out = tmp_path / "bench.json"
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = dict(os.environ, XLA_FLAGS=with_device_count(os.environ["XLA_FLAGS"], None))  # one CPU device
     proc = subprocess.run([sys.executable, "scripts/bench.py", "--quick", "--only", "grpo", "--out", str(out)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
