@@ -24,6 +24,7 @@ import orbax.checkpoint as ocp
 # others are written whole by one replica. The bytes on disk are the same either way.
 MIN_REPLICA_PARALLEL_SLICE_BYTES = 1 << 20
 
+
 def _register_array_handler():
     from absl import logging
 

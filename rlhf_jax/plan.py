@@ -29,7 +29,7 @@ from __future__ import annotations
 import os
 import sys
 
-DEVICES_FLAG = "--xla_force_host_platform_device_count"
+from rlhf_jax.xla_flags import with_device_count
 
 
 def use_fake_cpu_devices(argv: list[str]) -> None:
@@ -41,8 +41,7 @@ def use_fake_cpu_devices(argv: list[str]) -> None:
             n = arg.split("=", 1)[1]
         elif arg == "--devices" and i + 1 < len(argv):
             n = argv[i + 1]
-    kept = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(DEVICES_FLAG)]
-    os.environ["XLA_FLAGS"] = " ".join(kept + [f"{DEVICES_FLAG}={n}"])
+    os.environ["XLA_FLAGS"] = with_device_count(os.environ.get("XLA_FLAGS", ""), n)
     os.environ["JAX_PLATFORMS"] = "cpu"  # on an accelerator host too: the devices planned for are fake
 
 

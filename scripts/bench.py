@@ -43,6 +43,8 @@ import time
 from importlib import metadata
 from typing import Callable
 
+from rlhf_jax.xla_flags import with_device_count
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # GPT-2-like shape: d_model >= 512 so the MFU figure is about matmuls, not overheads.
@@ -317,8 +319,7 @@ class Worker:
         fd, self.log = tempfile.mkstemp(prefix=f"{script}.{role}.", suffix=".log", dir=logdir)
         env = dict(os.environ)
         # One real CPU device: a fake device count (the test suite's) would shard the step.
-        env["XLA_FLAGS"] = " ".join([f for f in env.get("XLA_FLAGS", "").split()
-                                     if not f.startswith("--xla_force_host_platform_device_count")] + [extra_xla_flags])
+        env["XLA_FLAGS"] = f'{with_device_count(env.get("XLA_FLAGS", ""), None)} {extra_xla_flags}'.strip()
         env["JAX_PLATFORMS"] = "cpu"
         env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])
         cmd = [sys.executable, os.path.join(ROOT, "scripts", script), "--worker", role, "--spec", json.dumps(spec or {})]

@@ -26,6 +26,8 @@ import subprocess
 import sys
 import time
 
+from rlhf_jax.xla_flags import with_device_count
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIRST_STEP = "compiled and ran the first step"
 
@@ -40,9 +42,7 @@ def command(workdir: str, steps: int) -> list[str]:
 def environment(cache_dir: str) -> dict[str, str]:
     # Two fake devices keep the data-parallel path (any other XLA flag set here is kept); the compilation
     # cache makes each relaunch cheap.
-    flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
-             if not f.startswith("--xla_force_host_platform_device_count")]
-    return dict(os.environ, XLA_FLAGS=" ".join(flags + ["--xla_force_host_platform_device_count=2"]), JAX_PLATFORMS="cpu",
+    return dict(os.environ, XLA_FLAGS=with_device_count(os.environ.get("XLA_FLAGS", ""), 2), JAX_PLATFORMS="cpu",
                 JAX_COMPILATION_CACHE_DIR=cache_dir, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
 

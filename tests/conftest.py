@@ -14,16 +14,7 @@ import os
 import shutil
 import tempfile
 
-DEVICES_FLAG = "--xla_force_host_platform_device_count"
-OPT_LEVEL_FLAG = "--xla_backend_optimization_level"
-
-
-def with_device_count(flags: str, n: int | None) -> str:
-    """`flags` (XLA_FLAGS) with the fake device count set to n (None: the machine's own devices), whatever
-    else it holds."""
-    kept = [f for f in flags.split() if not f.startswith(DEVICES_FLAG)]
-    return " ".join(kept + ([f"{DEVICES_FLAG}={n}"] if n is not None else []))
-
+from rlhf_jax.xla_flags import with_device_count  # imports no JAX; the tests' subprocesses use it too
 
 # Must be set before JAX initialises its backends. Any other XLA flag the machine sets is kept.
 os.environ["XLA_FLAGS"] = with_device_count(os.environ.get("XLA_FLAGS", ""), 8)
@@ -31,14 +22,10 @@ os.environ["XLA_FLAGS"] = with_device_count(os.environ.get("XLA_FLAGS", ""), 8)
 # skips LLVM's optimisation passes, and XLA:CPU's older elemental emitters compile fusions faster than its
 # MLIR fusion emitters (a tiny PPO update: 3.1 s -> 1.7 s). The HLO is the same either way, so the numerics
 # are the same up to instruction selection; a flag the machine sets itself is kept as it is.
-COMPILE_SPEED_FLAGS = {OPT_LEVEL_FLAG: "0", "--xla_cpu_use_fusion_emitters": "false"}
-
-
-def with_compile_speed_flags(flags: str) -> str:
-    return " ".join([flags] + [f"{f}={v}" for f, v in COMPILE_SPEED_FLAGS.items() if f not in flags]).strip()
-
-
-os.environ["XLA_FLAGS"] = with_compile_speed_flags(os.environ["XLA_FLAGS"])
+COMPILE_SPEED_FLAGS = {"--xla_backend_optimization_level": "0", "--xla_cpu_use_fusion_emitters": "false"}
+for flag, value in COMPILE_SPEED_FLAGS.items():
+    if flag not in os.environ["XLA_FLAGS"]:
+        os.environ["XLA_FLAGS"] += f" {flag}={value}"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _OWN_CACHE = None
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:

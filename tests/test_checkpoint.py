@@ -101,6 +101,7 @@ def test_the_metric_writer_does_not_import_torch(tmp_path):
     # tensorboardX imports torch when it is installed, ~2 s of every run's start; we log floats only.
     code = ("import sys; from rlhf_jax.metrics import MetricWriter; w = MetricWriter(sys.argv[1]); "
             "w.write(1, {'loss': 0.5}); w.close(); assert 'torch' not in sys.modules, 'torch was imported'")
-    subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, check=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, check=True,
+                   env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert os.listdir(tmp_path / "tensorboard")
     assert read_metrics(str(tmp_path)) == [{"step": 1, "loss": 0.5}]
