@@ -74,7 +74,7 @@ def generate(model, params, tok, source, settings: SamplingSettings, mesh, rules
             out["response_mask"].append(r["mask"][real])
             start += int(real.sum())
     res = {k: np.concatenate(v) for k, v in out.items()}
-    res["prompts"] = [tok.decode(row[m > 0].tolist()) for row, m in zip(res["prompt"], res["prompt_mask"])]
+    res["prompts"] = [tok.decode_markup(row[m > 0].tolist()) for row, m in zip(res["prompt"], res["prompt_mask"])]
     res["responses"] = [tok.decode(row[m > 0].tolist()) for row, m in zip(res["response"], res["response_mask"])]
     return res
 

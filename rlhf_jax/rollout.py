@@ -133,7 +133,7 @@ def import_function(spec: str, key: str):
 def decode_batch(tok, batch) -> tuple[list[str], list[str]]:
     prompts, pmask = parallel.to_host(batch["prompt"]), parallel.to_host(batch["prompt_mask"])
     resp, rmask = parallel.to_host(batch["response"]), parallel.to_host(batch["response_mask"])
-    p_text = [tok.decode([int(t) for t, m in zip(row, mk) if m]) for row, mk in zip(prompts, pmask)]
+    p_text = [tok.decode_markup([int(t) for t, m in zip(row, mk) if m]) for row, mk in zip(prompts, pmask)]
     r_text = [tok.decode([int(t) for t, m in zip(row, mk) if m]) for row, mk in zip(resp, rmask)]
     return p_text, r_text
 

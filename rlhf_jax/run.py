@@ -31,6 +31,8 @@ RUNTIME_MODEL_FIELDS = ("dropout", "dtype", "remat", "lora")
 class Run:
     def __init__(self, config: ml_collections.ConfigDict, workdir: str):
         config = ml_collections.ConfigDict(config.to_dict())  # our own unlocked copy
+        if config.init_from and os.path.exists(config.init_from):
+            adopt_model_config(config)  # init_from's architecture, so settings such as LoRA's are checked on it
         config_lib.validate(config)
         self.workdir = os.path.abspath(workdir)
         if os.path.exists(self.workdir) and not os.path.isdir(self.workdir):
@@ -40,7 +42,6 @@ class Run:
         if config.init_from:
             if not hf.is_hf_dir(config.init_from):
                 checkpoint.find_params_checkpoint(config.init_from)  # fail now, not after building data
-            adopt_model_config(config)
         self.config = config
         self.mesh = parallel.make_mesh({a: config.mesh[a] for a in parallel.MESH_AXES})
         self.rules = parallel.rules_from_config(config.mesh.rules)

@@ -103,6 +103,10 @@ class Tokenizer:
         """Text of `ids`; pad ids are dropped, bos/eos render as nothing, role tags as their text."""
         return self._sp.decode([int(i) for i in ids if int(i) != self.pad_id])
 
+    def decode_markup(self, ids: Iterable[int]) -> str:
+        """`decode`: role tags already render as their text."""
+        return self.decode(ids)
+
     def id_to_piece(self, i: int) -> str:
         return self._sp.id_to_piece(int(i))
 
@@ -182,6 +186,10 @@ class HFTokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         """Text of `ids`; pad ids are dropped and special tokens render as nothing."""
         return self._tok.decode([int(i) for i in ids if int(i) != self.pad_id], skip_special_tokens=True)
+
+    def decode_markup(self, ids: Iterable[int]) -> str:
+        """Text of `ids` with every special token as its text (a chat prompt's markers), pad ids too."""
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
 
     def id_to_piece(self, i: int) -> str:
         return self._tok.id_to_token(int(i))

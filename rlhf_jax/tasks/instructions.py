@@ -100,13 +100,20 @@ def solve_instruction(instruction: str) -> str:
     return str(sum(numbers) if kind == "add" else numbers[0] - sum(numbers[1:]))
 
 
+# ChatML's user turn (SmolLM2, Qwen) as a prompt decodes with its markers (tokenizer.decode_markup).
+CHATML_USER, CHATML_END = "<|im_start|>user\n", "<|im_end|>"
+
+
 def parse_instruction(prompt: str) -> str:
     """The instruction in a prompt: the last user turn of a decoded chat prompt such as
-    "<|system|>...<|end|><|user|>sort: 3 1<|end|><|assistant|>" -> "sort: 3 1"; text with
+    "<|system|>...<|end|><|user|>sort: 3 1<|end|><|assistant|>" or
+    "<|im_start|>user\nsort: 3 1<|im_end|>\n<|im_start|>assistant\n" (ChatML) -> "sort: 3 1"; text with
     no role tags is taken as the instruction itself (stripped)."""
+    if CHATML_USER in prompt:
+        return prompt.rsplit(CHATML_USER, 1)[1].split(CHATML_END, 1)[0].strip()
     user, end = ROLE_PIECES["user"], ROLE_PIECES["end"]
     if user not in prompt:
-        if any(tag in prompt for tag in ROLE_PIECES.values()):
+        if any(tag in prompt for tag in (*ROLE_PIECES.values(), "<|im_start|>")):
             raise ValueError(f"prompt {prompt!r:.160} has role tags but no {user} turn; the built-in task "
                              f"reads the instruction from the last user turn (if the prompt was cut from the "
                              f"left, raise data.max_prompt_len).")
