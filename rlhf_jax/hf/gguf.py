@@ -201,13 +201,21 @@ def tokenizer_config(reader) -> dict:
     return out
 
 
-def convert(gguf_path: str, out_dir: str) -> str:
-    """Writes the HF directory of `gguf_path` into `out_dir` (atomically: a finished directory or none)."""
+def convert(gguf_path: str, out_dir: str, layers: int = 0) -> str:
+    """Writes the HF directory of `gguf_path` into `out_dir` (atomically: a finished directory or none).
+    `layers` > 0 keeps only the first `layers` blocks (and the embedding and final norm): a cut of the real
+    model for smoke tests that must compile in seconds, not the model itself."""
     from safetensors.numpy import save_file
 
     reader = read(gguf_path)
     config = hf_config(reader)
     tensors = hf_tensors(reader, config)
+    if layers:
+        if not 0 < layers <= config["num_hidden_layers"]:
+            raise ValueError(f"layers={layers}: the model has {config['num_hidden_layers']} blocks; keep 1 to that.")
+        config["num_hidden_layers"] = layers
+        tensors = {k: v for k, v in tensors.items()
+                   if not k.startswith("model.layers.") or int(k.split(".")[2]) < layers}
     tok = byte_level_tokenizer(reader)
     tmp = f"{out_dir.rstrip('/')}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -218,6 +226,7 @@ def convert(gguf_path: str, out_dir: str) -> str:
                       ("gguf_source.json", {"gguf": os.path.abspath(gguf_path), "sha256": _sha256(gguf_path),
                                             "name": str(field(reader, "general.name", "")),
                                             "quantisation": sorted({t.tensor_type.name for t in reader.tensors}),
+                                            "layers_kept": layers or config["num_hidden_layers"],
                                             "note": "dequantised weights: the GGUF's approximation of the "
                                                     "released model"})):
         with open(os.path.join(tmp, name), "w") as f:

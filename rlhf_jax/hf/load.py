@@ -101,9 +101,14 @@ def read_block(reader: TensorReader, src: layout.Source, shape: tuple[int, ...],
         block = np.asarray(sl[c0:c1, r0:r1]).T
     else:
         block = np.asarray(sl[r0:r1, c0:c1])
-    block = block[np.ix_(rows - r0, cols - c0)]
+    if not (_is_range(rows, r0, r1) and _is_range(cols, c0, c1)):  # contiguous (the usual case): no copy
+        block = block[np.ix_(rows - r0, cols - c0)]
     sub_shape = tuple(len(range(*s.indices(n))) for s, n in zip(index, shape))
     return block.astype(np.float32).reshape(sub_shape)
+
+
+def _is_range(idx: np.ndarray, start: int, stop: int) -> bool:
+    return len(idx) == stop - start and bool((idx == np.arange(start, stop)).all())
 
 
 def model_config(hf_dir: str, **runtime: Any) -> ModelConfig:
