@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from tests.test_lm_stage import ROOT
+from tests.helpers import ROOT
 
 _spec = importlib.util.spec_from_file_location("check_pipeline", os.path.join(ROOT, "scripts", "check_pipeline.py"))
 check = importlib.util.module_from_spec(_spec)

@@ -10,7 +10,7 @@ import pytest
 
 from rlhf_jax.metrics import read_metrics
 from rlhf_jax.stages import lm
-from tests.test_lm_stage import ROOT, pretrain_cfg, tiny
+from tests.helpers import ROOT, pretrain_cfg, tiny
 from tests.conftest import with_device_count
 
 

@@ -7,7 +7,7 @@ import pytest
 
 from rlhf_jax.metrics import read_metrics
 from rlhf_jax.stages import dpo
-from tests.test_lm_stage import by_step, tiny
+from tests.helpers import by_step, tiny
 
 import configs.dpo as dpo_cfg
 

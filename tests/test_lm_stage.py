@@ -15,29 +15,8 @@ from rlhf_jax.models.gpt import HEADS, TransformerLM, positions_from_mask
 from rlhf_jax.models.layers import ModelConfig
 from rlhf_jax import objectives
 from rlhf_jax.stages import lm
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from configs import pretrain as pretrain_cfg, sft as sft_cfg  # noqa: E402
 from tests.conftest import with_device_count
-
-
-def tiny(cfg_module, **overrides):
-    c = cfg_module.get_config("tiny")
-    c.progress = False
-    c.mesh.data = 8
-    return override(c, **overrides)
-
-
-def override(c, **overrides):
-    """c with each dotted key ("optim.lr") set to its value."""
-    for k, v in overrides.items():
-        node = c
-        *path, last = k.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = v
-    return c
+from tests.helpers import ROOT, by_step, pretrain_cfg, sft_cfg, tiny
 
 
 def test_sft_loss_counts_only_response_tokens_against_a_hand_reference():
@@ -67,13 +46,6 @@ def test_sft_loss_counts_only_response_tokens_against_a_hand_reference():
     assert n == 6
     np.testing.assert_allclose(got, total / n, rtol=1e-5)
     assert np.all(np.asarray(mask)[0, :2] == 0)  # prompt targets are masked out
-
-
-def by_step(records):
-    out = {}
-    for r in records:
-        out.setdefault(r["step"], {}).update(r)
-    return out
 
 
 def test_resume_equals_an_uninterrupted_run(tmp_path):

@@ -11,7 +11,7 @@ import pytest
 from rlhf_jax import optim, rl
 from rlhf_jax.metrics import read_metrics
 from rlhf_jax.stages import ppo
-from tests.test_lm_stage import by_step, override, tiny
+from tests.helpers import by_step, override, tiny
 
 import configs.ppo as ppo_cfg
 import configs.rm as rm_cfg
@@ -123,7 +123,7 @@ def test_preset_whitens_rewards_and_penalises_a_response_without_the_stop_token(
 
 
 def tiny_lmhp(cfg_module, **overrides):
-    """The lm_human_preferences preset at the tests' tiny sizes (tests/test_lm_stage.py:tiny's)."""
+    """The lm_human_preferences preset at the tests' tiny sizes (tests/helpers.py:tiny's)."""
     base = tiny(cfg_module)
     c = cfg_module.get_config("lm_human_preferences")
     c.progress, c.mesh.data = False, 8

@@ -13,7 +13,7 @@ import pytest
 from rlhf_jax import config as config_lib, lora, objectives, optim, train_state
 from rlhf_jax.models.gpt import TransformerLM, positions_from_mask
 from rlhf_jax.models.layers import Dense, LoraConfig, ModelConfig
-from tests.test_lm_stage import override, tiny
+from tests.helpers import override, tiny
 
 import configs.sft as sft_cfg
 
@@ -158,7 +158,8 @@ def test_a_lora_run_resumes_from_its_checkpoint_as_if_uninterrupted(tmp_path):
     """The masked optimizer's state (empty for frozen leaves) saves and restores; the resumed run's steps equal
     an uninterrupted run's."""
     from rlhf_jax.stages import lm
-    from tests.test_lm_stage import by_step, read_metrics
+    from rlhf_jax.metrics import read_metrics
+    from tests.helpers import by_step
 
     lora_keys = {"model.lora.rank": 4, "model.lora.targets": ("query", "value", "up"), "optim.total_steps": 6,
                  "checkpoint.every": 3, "eval_every": 1000, "log_every": 1}
@@ -235,7 +236,7 @@ def test_ppo_with_lora_raises_a_verifiable_reward(tmp_path):
 
     from rlhf_jax.metrics import read_metrics
     from rlhf_jax.stages import ppo
-    from tests.test_lm_stage import by_step
+    from tests.helpers import by_step
     from tests.test_ppo_stage import config
 
     c = config(**{"num_steps": 32, "batch_size": 16, "optim.lr": 1e-2, "kl.init_coef": 0.01, "checkpoint.every": 100,
@@ -260,7 +261,7 @@ def test_a_later_stage_starts_from_an_earlier_lora_run_merged_and_dpo_trains_ada
     from rlhf_jax import checkpoint, parallel
     from rlhf_jax.metrics import read_metrics
     from rlhf_jax.stages import dpo, lm
-    from tests.test_lm_stage import by_step
+    from tests.helpers import by_step
 
     import configs.dpo as dpo_cfg
 

@@ -11,7 +11,7 @@ import pytest
 
 from rlhf_jax.pipeline import REUSE_KEYS, reusable_stages
 from rlhf_jax.tasks import builtin
-from tests.test_lm_stage import ROOT
+from tests.helpers import ROOT
 from tests.conftest import with_device_count
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from rlhf_jax import plan
 from rlhf_jax.stages import lm
-from tests.test_lm_stage import tiny
+from tests.helpers import tiny
 
 import configs.ppo as ppo_cfg
 import configs.pretrain as pretrain_cfg

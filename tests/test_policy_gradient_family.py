@@ -8,7 +8,7 @@ import pytest
 
 from rlhf_jax.metrics import read_metrics
 from rlhf_jax.stages import ppo
-from tests.test_lm_stage import by_step, tiny
+from tests.helpers import by_step, tiny
 
 import configs.grpo as grpo_cfg
 import configs.reinforce_pp as reinforce_pp_cfg

@@ -5,7 +5,7 @@ import pytest
 
 from rlhf_jax.metrics import read_metrics
 from rlhf_jax.stages import ppo
-from tests.test_lm_stage import by_step, tiny
+from tests.helpers import by_step, tiny
 
 import configs.ppo as ppo_cfg
 

@@ -16,7 +16,7 @@ from rlhf_jax.data import comparisons
 from rlhf_jax.evaluation import load_reward_model
 from rlhf_jax.metrics import read_metrics
 from rlhf_jax.stages import rm
-from tests.test_lm_stage import by_step, tiny
+from tests.helpers import by_step, tiny
 from tests.test_rm_stage import mesh_and_rules
 
 import configs.ppo as ppo_cfg

@@ -21,7 +21,7 @@ from rlhf_jax.metrics import read_metrics
 from rlhf_jax.models.gpt import HEADS, TransformerLM
 from rlhf_jax.models.layers import ModelConfig
 from rlhf_jax.stages import lm, rm
-from tests.test_lm_stage import by_step, tiny
+from tests.helpers import by_step, tiny
 
 import configs.pretrain as pretrain_cfg
 import configs.rm as rm_cfg
