@@ -26,7 +26,7 @@ no division by the group std, and a token sum over a constant (the response budg
 Its paper trains with β = 0; here β stays GRPO's, so the two presets differ in exactly those two terms.
 """
 
-from rlhf_jax.pipeline import stage_config
+from rlhf_jax.config import stage_config
 
 _GRPO = dict(ppo=dict(advantage="grpo", loss_aggregation="sequence_mean", whiten_advantages=False, epochs=1,
                       num_minibatches=1, score_baseline="none", critic="shared"),

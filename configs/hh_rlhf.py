@@ -40,7 +40,7 @@ the 128-token PPO response is this recipe's choice.
 
 import ml_collections
 
-from rlhf_jax.pipeline import stage_config
+from rlhf_jax.config import stage_config
 
 SIZES = ("tiny", "gpt2", "pythia160m")
 STAGES = ("sft", "rm", "ppo")

@@ -12,7 +12,7 @@ stage key can be set on the command line or in a sweep, e.g. --config.ppo.num_st
 
 import ml_collections
 
-from rlhf_jax.pipeline import stage_config
+from rlhf_jax.config import stage_config
 
 
 def get_config(preset: str = "default"):

@@ -14,7 +14,7 @@ sample per prompt suffices), and PPO's clipped surrogate with its mini-batch upd
 paper's point is the estimator, and keeping PPO's KL makes the two differ in the critic alone.
 """
 
-from rlhf_jax.pipeline import stage_config
+from rlhf_jax.config import stage_config
 
 ALGORITHMS = {
     "reinforce_pp": dict(ppo=dict(advantage="reinforce_pp", loss_aggregation="token_mean", whiten_advantages=False,

@@ -16,7 +16,7 @@ Presets: default, tiny. As the paper states it:
   - β = 0.05, fixed (TRL's RLOOConfig default; the paper tunes β per task).
 """
 
-from rlhf_jax.pipeline import stage_config
+from rlhf_jax.config import stage_config
 
 ALGORITHMS = {
     "rloo": dict(ppo=dict(advantage="rloo", loss_aggregation="token_sum", whiten_advantages=False, epochs=1,

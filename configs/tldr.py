@@ -39,7 +39,7 @@ openai/lm-human-preferences launch.py: query 500, response 75, PPO lr 2e-6, batc
 
 import ml_collections
 
-from rlhf_jax.pipeline import stage_config
+from rlhf_jax.config import stage_config
 
 SIZES = ("tiny", "gpt2", "pythia160m")
 STAGES = ("sft", "rm", "ppo")

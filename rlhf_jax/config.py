@@ -1,12 +1,15 @@
-"""The config fields every stage shares, and the checks that run before anything else.
+"""The config fields every stage shares, the checks that run before anything else, and config composition.
 
 Stage configs in `configs/` start from `base_config()` and add their own
 fields; the dict is then locked, so an unknown `--config.x=y` fails at start.
+A config built on another (configs/grpo.py on configs/ppo.py, a pipeline's stages) is
+`stage_config(name, preset, overrides)`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 
 import ml_collections
@@ -15,6 +18,7 @@ from rlhf_jax.models.layers import LORA_TARGETS, ModelConfig
 from rlhf_jax.parallel import DEFAULT_RULES
 
 STAGES = ("pretrain", "sft", "rm", "ppo", "dpo")
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -142,3 +146,29 @@ def validate(c: ml_collections.ConfigDict) -> None:
     from rlhf_jax.data import chat
 
     chat.config_template(c.data)  # an unknown chat_template or chat_custom key fails here, naming the fix
+
+
+def config_module(name: str):
+    """configs/<name>.py as a module (the configs directory is not a package: load it by path)."""
+    spec = importlib.util.spec_from_file_location(f"rlhf_jax_configs_{name}", os.path.join(CONFIG_DIR, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def stage_config(name: str, preset: str, overrides) -> ml_collections.ConfigDict:
+    """configs/<name>.py:<preset> with `overrides` (a dict or ConfigDict) merged in; unknown keys are errors."""
+    c = config_module(name).get_config(preset)
+    merge_config(c, overrides if isinstance(overrides, dict) else overrides.to_dict(), f"config.{name}")
+    return c
+
+
+def merge_config(dst, src: dict, where: str):
+    """Sets every (nested) key of `src` in `dst`; a key `dst` lacks is an error naming `where`.key."""
+    for k, v in src.items():
+        if k not in dst:
+            raise ValueError(f"{where}.{k}: no such field in the {where.split('.')[-1]} stage config.")
+        if isinstance(v, dict):
+            merge_config(dst[k], v, f"{where}.{k}")
+        else:
+            dst[k] = v

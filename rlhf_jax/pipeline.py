@@ -11,32 +11,13 @@ interrupted one resumes from its checkpoint.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import time
 
 import ml_collections
 
-import rlhf_jax
-
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(rlhf_jax.__file__))), "configs")
-
-
-def config_module(name: str):
-    """configs/<name>.py as a module (the configs directory is not a package: load it by path)."""
-    spec = importlib.util.spec_from_file_location(f"rlhf_jax_configs_{name}", os.path.join(CONFIG_DIR, f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def stage_config(name: str, preset: str, overrides) -> ml_collections.ConfigDict:
-    """configs/<name>.py:<preset> with `overrides` (a dict or ConfigDict) merged in; unknown keys are errors."""
-    c = config_module(name).get_config(preset)
-    _merge(c, overrides if isinstance(overrides, dict) else overrides.to_dict(), f"config.{name}")
-    return c
-
+from rlhf_jax.config import config_module, merge_config
 
 # config.policy → (the stage config of the pipeline config that runs it, configs/<file>.py whose
 # ALGORITHMS[policy] holds its settings). Adding an algorithm of the family is an entry here and there.
@@ -56,8 +37,8 @@ def policy_stage_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     preset = config_module("pipeline").get_config(c.preset)[stage].to_dict()
     mine = c[stage].to_dict()
     out = ml_collections.ConfigDict(preset)
-    _merge(out, config_module(file).ALGORITHMS[c.policy], f"configs/{file}.py ALGORITHMS[{c.policy!r}]")
-    _merge(out, _changed(mine, preset), f"config.{stage}")
+    merge_config(out, config_module(file).ALGORITHMS[c.policy], f"configs/{file}.py ALGORITHMS[{c.policy!r}]")
+    merge_config(out, _changed(mine, preset), f"config.{stage}")
     return out
 
 
@@ -72,16 +53,6 @@ def _changed(mine: dict, preset: dict) -> dict:
         elif k not in preset or v != preset[k]:
             out[k] = v
     return out
-
-
-def _merge(dst, src: dict, where: str):
-    for k, v in src.items():
-        if k not in dst:
-            raise ValueError(f"{where}.{k}: no such field in the {where.split('.')[-1]} stage config.")
-        if isinstance(v, dict):
-            _merge(dst[k], v, f"{where}.{k}")
-        else:
-            dst[k] = v
 
 
 # The pipeline config keys (dotted) each stage's output depends on, its upstream stages' included; a stage of

@@ -263,7 +263,7 @@ def jax_grpo(spec: dict) -> dict:
     returns every iteration's `time/*` metrics."""
     sys.path.insert(0, ROOT)
     from rlhf_jax.metrics import read_metrics
-    from rlhf_jax.pipeline import stage_config
+    from rlhf_jax.config import stage_config
     from rlhf_jax.stages import ppo
 
     s, inputs = spec["shape"], spec["inputs"]

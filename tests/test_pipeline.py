@@ -211,7 +211,7 @@ def test_every_stage_key_can_be_overridden_and_unknown_ones_are_named():
     c = pipeline_config("default")
     assert c.ppo.kl.init_coef == 0.15 and c.ppo.optim.lr == 3e-5  # configs/ppo.py, then the pipeline's overrides
     assert c.rm.rm.loss == "ranking" and c.pretrain.model.d_model == 128
-    from rlhf_jax.pipeline import stage_config
+    from rlhf_jax.config import stage_config
     with pytest.raises(ValueError, match="config.ppo.optim.lrr: no such field"):
         stage_config("ppo", "default", {"optim": {"lrr": 1.0}})
 
