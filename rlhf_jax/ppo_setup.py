@@ -15,7 +15,8 @@ from rlhf_jax.run import RUNTIME_MODEL_FIELDS, Run
 
 def ptx_data(run: Run, tok):
     """The pretraining windows PPO-ptx mixes in (InstructGPT eq. 2), or None when ppo.ptx_coef is 0."""
-    from rlhf_jax.data import builtin_text, lm_datasets
+    from rlhf_jax.data import lm_datasets
+    from rlhf_jax.tasks import builtin_text
 
     c = run.config
     if c.ppo.ptx_coef <= 0:

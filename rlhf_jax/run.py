@@ -2,9 +2,9 @@
 checkpointer (resume / init_from / save) and the SIGTERM guard.
 
 The loop itself stays in the stage module, readable top to bottom; its shared tail (logging,
-evaluation, checkpoints, preemption) is `rlhf_jax.loop.LoopTail`. Tokenizers come from
-`data.tokenizer.run_tokenizer`, the memory report from `perf.compile_with_memory_report`, the
-non-finite policy from `train_state.NonFiniteGuard`.
+evaluation, checkpoints, preemption) is `rlhf_jax.loop.LoopTail`. The run's tokenizer is
+`Run.tokenizer` (it sizes config.model.vocab_size), the memory report `perf.compile_with_memory_report`,
+the non-finite policy `train_state.NonFiniteGuard`.
 """
 
 from __future__ import annotations
@@ -76,6 +76,48 @@ class Run:
         finally:
             absl.logging.set_verbosity(verbosity)
         return out
+
+    def tokenizer(self, corpus_paths: list[str]):
+        """This run's tokenizer, copied to <workdir>/tokenizer.model; sizes config.model.vocab_size when it is -1.
+
+        Order: config.data.tokenizer_path; the init_from workdir's tokenizer (for an HF model
+        directory: its tokenizer.model, else its tokenizer.json); one already in this workdir
+        (resume); else train one on `corpus_paths`. A tokenizer.json is copied under the same
+        name, with its tokenizer_config.json beside it: `load_tokenizer` tells the formats apart
+        by content. Process 0 writes; every process then loads the copy.
+        """
+        import shutil
+
+        from rlhf_jax.data.tokenizer import load_tokenizer, tokenizer_file_in, train_tokenizer
+
+        c, workdir = self.config, self.workdir
+        dest = os.path.join(workdir, "tokenizer.model")
+        src = c.data.get("tokenizer_path", "")
+        if not src and c.init_from:
+            src = tokenizer_file_in(checkpoint.workdir_of(c.init_from))
+            if src is None:
+                raise FileNotFoundError(f"config.init_from: no tokenizer.model (or tokenizer.json) in "
+                                        f"{checkpoint.workdir_of(c.init_from)}; set config.data.tokenizer_path.")
+        if src:
+            if self.is_main and os.path.abspath(src) != dest:
+                loaded = load_tokenizer(src)
+                shutil.copyfile(loaded.path, dest + ".tmp")
+                os.replace(dest + ".tmp", dest)
+                special = os.path.join(os.path.dirname(loaded.path), "tokenizer_config.json")
+                if loaded.kind == "hf" and os.path.exists(special):
+                    shutil.copyfile(special, os.path.join(workdir, "tokenizer_config.json"))
+        elif not os.path.exists(dest) and self.is_main:
+            train_tokenizer(corpus_paths, dest, vocab_size=c.data.vocab_size, model_type=c.data.tokenizer_type)
+        distributed.sync("tokenizer")
+        tok = load_tokenizer(dest)
+        if c.model.vocab_size <= 0:  # size the embedding from the tokenizer, padded for sharding
+            c.model.vocab_size = -(-tok.vocab_size // 128) * 128
+        elif c.model.vocab_size < tok.vocab_size:
+            raise ValueError(f"config.model.vocab_size={c.model.vocab_size} < tokenizer size {tok.vocab_size}; "
+                             f"set it to -1 to size it from the tokenizer.")
+        if c.model.vocab_size > tok.vocab_size:  # padded rows are masked out of every softmax (ModelConfig)
+            c.model.token_vocab = tok.vocab_size
+        return tok
 
     # --- params and state ----------------------------------------------------------------------
     def load_init_params(self, params, heads=("trunk", "lm_head")):

@@ -238,7 +238,7 @@ def grpo_inputs(directory: str, s: dict) -> dict:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     sys.path.insert(0, ROOT)
-    from rlhf_jax.data import builtin_text
+    from rlhf_jax.tasks import builtin_text
     from rlhf_jax.tasks import builtin
 
     corpus, prompts = os.path.join(directory, "corpus.txt"), os.path.join(directory, "prompts.jsonl")

@@ -9,7 +9,8 @@ import re
 import numpy as np
 import pytest
 
-from rlhf_jax.data import builtin_text, chat
+from rlhf_jax.data import chat
+from rlhf_jax.tasks import builtin_text
 from rlhf_jax.data import tokenizer as tok_lib
 from rlhf_jax.tasks import builtin, demonstrator, instructions, judge, labelers
 from rlhf_jax.tasks.world import FORBIDDEN

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from tests.conftest import SHARED_DATA
-from rlhf_jax.data import builtin_text, chat, comparisons, prompts
+from rlhf_jax.data import chat, comparisons, prompts
+from rlhf_jax.tasks import builtin_text
 from rlhf_jax.data import tokenizer as tok_lib
 
 HH_DEV = os.path.join(SHARED_DATA, "hh_rlhf_harmless_dev.jsonl.gz")

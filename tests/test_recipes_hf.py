@@ -23,7 +23,7 @@ def _hf_dir(tmp_path, family: str) -> str:
     """A randomly initialised GPT-2 or GPT-NeoX (Pythia-shaped) model with a byte-level BPE tokenizer.json."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from rlhf_jax.data import builtin_text
+    from rlhf_jax.tasks import builtin_text
 
     T = transformers
     torch.manual_seed(0)

@@ -5,7 +5,7 @@ import pickle
 
 import pytest
 
-from rlhf_jax.data import builtin_text
+from rlhf_jax.tasks import builtin_text
 from rlhf_jax.data import tokenizer as tok_lib
 from tests.conftest import SHARED_DATA
 

@@ -20,7 +20,6 @@ comparisons the same with eval/ (rewards/accuracies there is the implicit reward
 
 from __future__ import annotations
 
-import os
 import time
 
 import jax
@@ -29,7 +28,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from rlhf_jax import config as config_lib, lora, objectives, optim, parallel, preference, rollout as rollouts, train_state
+from rlhf_jax import comparison_data, config as config_lib, lora, objectives, optim, parallel, preference, rollout as rollouts, train_state
 from rlhf_jax.loop import LoopTail
 from rlhf_jax.models.gpt import TransformerLM
 from rlhf_jax.run import Run
@@ -159,7 +158,6 @@ def evaluate(implicit_fn, params, ref_params, source, run: Run) -> dict[str, flo
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Runs (or resumes) the DPO stage; returns the last logged metrics."""
-    from rlhf_jax.data import chat, comparisons
     from rlhf_jax.data.loader import BatchLoader
 
     run = Run(config, workdir)
@@ -169,13 +167,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         tok, prompts = rollouts.prompt_data(run)
         train_source, eval_source = None, None
         if c.data.eval_path:  # held-out comparisons to measure the implicit reward model on
-            eval_source, _ = run.main_first(comparisons.build_comparison_dataset, c.data.eval_path, c.data.format,
-                                            tok.path, c.data.seq_len, os.path.join(run.workdir, "data"),
-                                            num_responses=c.data.num_responses or None,
-                                            line_range=tuple(c.data.eval_lines) or None,
-                                            template=chat.config_template(c.data))
+            eval_source, _ = comparison_data.build(run, c.data.eval_path, c.data.eval_lines)
     else:
-        tok, train_source, eval_source, train_stats, eval_stats = comparisons.run_datasets(run)
+        tok, train_source, eval_source, train_stats, eval_stats = comparison_data.datasets(run)
         run.log(f"dpo data: train {train_stats}, eval {eval_stats}")
     run.write_config()
     model = TransformerLM(config_lib.model_config(c))

@@ -68,7 +68,8 @@ def jit_train_step(model, tx, schedule, c, shardings, mesh, rules):
 
 def datasets(run: Run):
     """(tokenizer, train source, eval source) for the stage in run.config."""
-    from rlhf_jax.data import builtin_text, chat, lm_datasets, tokenizer
+    from rlhf_jax.data import chat, lm_datasets
+    from rlhf_jax.tasks import builtin_text
 
     c, data_dir = run.config, os.path.join(run.workdir, "data")
     seq_len = c.data.seq_len
@@ -76,9 +77,9 @@ def datasets(run: Run):
         path = c.data.path or os.path.join(data_dir, "builtin_corpus.txt")
         if not c.data.path and run.is_main:
             builtin_text.write_builtin_corpus(path, num_chars=c.data.builtin_chars, seed=c.seed)
-        if run.is_main or c.data.path:  # the built-in corpus exists for the others once run_tokenizer syncs
+        if run.is_main or c.data.path:  # the built-in corpus exists for the others once run.tokenizer syncs
             _require(path, "data.path")
-        tok = tokenizer.run_tokenizer(c, run.workdir, [path], run.is_main)
+        tok = run.tokenizer([path])
         splits = run.main_first(lm_datasets.build_text_dataset, path, os.path.join(run.workdir, "tokenizer.model"),
                                 seq_len, data_dir, val_fraction=c.data.val_fraction)
         return tok, splits["train"], splits["validation"]
@@ -99,7 +100,7 @@ def datasets(run: Run):
                                                           os.path.join(data_dir, "tokenizer_corpus.txt"))
         else:
             builtin_text.write_builtin_corpus(corpus, seed=c.seed)
-    tok = tokenizer.run_tokenizer(c, run.workdir, [corpus], run.is_main)
+    tok = run.tokenizer([corpus])
     tok_path = os.path.join(run.workdir, "tokenizer.model")
 
     def build(path, split):

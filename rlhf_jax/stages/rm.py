@@ -31,9 +31,8 @@ import ml_collections
 import numpy as np
 import optax
 
-from rlhf_jax import config as config_lib, lora, objectives, optim, parallel, perf, preference, rollout as rollouts, \
-    train_state
-from rlhf_jax.data import comparisons
+from rlhf_jax import comparison_data, config as config_lib, lora, objectives, optim, parallel, perf, preference, \
+    rollout as rollouts, train_state
 from rlhf_jax.evaluation import NORM_FILE
 from rlhf_jax.loop import LoopTail
 from rlhf_jax.models.gpt import TransformerLM
@@ -292,7 +291,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     run = Run(config, workdir)
     c = run.config
     check_config(c)
-    tok, train_source, eval_source, train_stats, eval_stats = comparisons.run_datasets(run)
+    tok, train_source, eval_source, train_stats, eval_stats = comparison_data.datasets(run)
     run.write_config()
     run.log(f"rm data: train {train_stats}, eval {eval_stats}")
     model = TransformerLM(config_lib.model_config(c))

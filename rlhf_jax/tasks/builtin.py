@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from rlhf_jax.data.builtin_text import write_builtin_corpus, write_builtin_sft, write_text_if_changed
+from rlhf_jax.tasks.builtin_text import write_builtin_corpus, write_builtin_sft, write_text_if_changed
 from rlhf_jax.tasks.demonstrator import (DEFAULT_CHATTER_RATE, DEFAULT_ERROR_RATE, DEFAULT_FORBIDDEN_PROB,
                                          ends_with_chatter, without_chatter)
 from rlhf_jax.tasks.instructions import (KINDS, kind_of, parse_instruction, prompt_messages, sample_instruction,

@@ -1,7 +1,7 @@
 """The built-in corpus and demonstrations, generated offline and deterministically.
 
-So the tiny presets and the tests run without any external file. Both describe the world
-of `rlhf_jax.tasks` (its vocabulary and instruction kinds):
+So the tiny presets and the tests run without any external file. Both describe the task's
+world (`world`'s vocabulary, `instructions`' kinds):
 
 - `write_builtin_corpus`: English-like text from a small grammar (subjects, verbs, objects,
   numbers, sums, dialogue, paragraphs) with worked examples of the instructions — some with
