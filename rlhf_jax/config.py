@@ -148,6 +148,15 @@ def validate(c: ml_collections.ConfigDict) -> None:
     chat.config_template(c.data)  # an unknown chat_template or chat_custom key fails here, naming the fix
 
 
+def check_seq_len(c: ml_collections.ConfigDict) -> None:
+    """data.seq_len (where a stage has one) fits a learned position table; run once init_from's architecture
+    is known (rlhf_jax.run.Run)."""
+    seq_len = c.data.get("seq_len")
+    if seq_len and c.model.position == "learned" and seq_len > c.model.max_len:
+        _fail("data.seq_len", f"{seq_len} exceeds model.max_len={c.model.max_len}, the learned position table",
+              "Lower data.seq_len (or raise model.max_len when training from scratch).")
+
+
 def config_module(name: str):
     """configs/<name>.py as a module (the configs directory is not a package: load it by path)."""
     spec = importlib.util.spec_from_file_location(f"rlhf_jax_configs_{name}", os.path.join(CONFIG_DIR, f"{name}.py"))

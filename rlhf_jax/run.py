@@ -14,18 +14,32 @@ import os
 import signal
 import time
 
+from typing import Any, Callable, NamedTuple
+
 import jax
 import jax.numpy as jnp
 import ml_collections
+import optax
 from tqdm import tqdm
 
-from rlhf_jax import checkpoint, config as config_lib, distributed, hf, parallel, train_state
+from rlhf_jax import checkpoint, config as config_lib, distributed, hf, lora, optim, parallel, train_state
 from rlhf_jax.metrics import MetricWriter
+from rlhf_jax.models.gpt import TransformerLM
 
 # Model fields a stage may change when it starts from an earlier stage's params (LoRA adapters are the
 # stage's own: its base weights are that stage's params); everything else describes the architecture
 # and is taken from that stage.
 RUNTIME_MODEL_FIELDS = ("dropout", "dtype", "remat", "lora")
+
+
+class StageSetup(NamedTuple):
+    """`Run.setup_state`'s result: the model, the optimizer, its learning-rate schedule (update → lr), the fresh
+    train state and its shardings."""
+    model: TransformerLM
+    tx: optax.GradientTransformation
+    schedule: Callable[[Any], Any]
+    state: train_state.TrainState
+    shardings: train_state.TrainState
 
 
 class Run:
@@ -41,6 +55,7 @@ class Run:
             if not hf.is_hf_dir(config.init_from):
                 checkpoint.find_params_checkpoint(config.init_from)  # fail now, not after building data
             adopt_model_config(config)
+        config_lib.check_seq_len(config)  # against init_from's position table, when it has one
         self.config = config
         self.mesh = parallel.make_mesh({a: config.mesh[a] for a in parallel.MESH_AXES})
         self.rules = parallel.rules_from_config(config.mesh.rules)
@@ -135,10 +150,31 @@ class Run:
         ratio): a copy, so no buffer is shared with a train state that is donated."""
         return jax.tree.map(jnp.copy, self.load_init_params(params_like, heads=heads))
 
-    def restore_or(self, state):
-        """(state, meta) from the latest checkpoint of this workdir, or (state, None) for a fresh run."""
+    def setup_state(self, init: Callable | None = None, *, updates_per_step: int = 1, members: int = 0,
+                    extras: dict | None = None) -> StageSetup:
+        """What every stage builds once its data has sized the vocabulary: config.json (the config is final),
+        the model, the optimizer (its schedule over optim.total_steps, -1: num_steps, times updates_per_step
+        updates; with LoRA on it trains the adapters and the heads only) and the sharded train state, fresh
+        (`restore_or` then resumes or starts it). init(model) → boxed params; default: every head of one model.
+        members, extras: train_state.create's."""
+        c = self.config
+        self.write_config()
+        model = TransformerLM(config_lib.model_config(c))
+        total = c.optim.total_steps if c.optim.total_steps > 0 else c.num_steps
+        tx, schedule = optim.make_optimizer(c.optim, total * updates_per_step)
+        tx = lora.optimizer(tx, model.cfg)
+        params = init(model) if init is not None else train_state.model_init_fn(model, c.data.seq_len, c.seed)
+        state, shardings = train_state.create(params, tx, self.mesh, self.rules, c.seed, extras=extras,
+                                              members=members)
+        return StageSetup(model, tx, schedule, state, shardings)
+
+    def restore_or(self, state, init_heads: tuple[str, ...] = ()):
+        """(state, meta) from the latest checkpoint of this workdir, or, for a fresh run, (state with `init_heads`
+        from init_from, None)."""
         step = self.ckpt.latest_step()
         if step is None:
+            if init_heads:
+                state = state.replace(params=self.load_init_params(state.params, heads=init_heads))
             return state, None
         params, rest, meta = self.ckpt.restore(step, state.params, state.rest())
         self.log(f"resumed from {self.ckpt.directory}/{step}")

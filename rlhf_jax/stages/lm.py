@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from rlhf_jax import config as config_lib, lora, objectives, optim, parallel, perf, train_state
+from rlhf_jax import objectives, parallel, perf, train_state
 from rlhf_jax.loop import LoopTail
 from rlhf_jax.models.gpt import TransformerLM
 from rlhf_jax.run import Run
@@ -30,22 +30,13 @@ def make_train_step(model: TransformerLM, tx: optax.GradientTransformation, sche
     """step(state, batch) -> (state, metrics). Gradients are averaged over all target tokens of
     the global batch, so grad_accum changes memory, not the result."""
 
-    def summed_loss(params, micro, rng):
+    def summed_loss(params, micro, rng):  # (summed NLL, target tokens): divided by the batch's tokens below
         return objectives.summed_token_nll(params, model, micro, rng)
 
     def step(state: train_state.TrainState, batch):
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-        micro = jax.tree.map(lambda x: x.reshape(grad_accum, -1, *x.shape[1:]), batch)
-        grad_fn = jax.value_and_grad(summed_loss, has_aux=True)
-
-        def accumulate(carry, xs):
-            i, mb = xs
-            (loss_sum, count), grads = grad_fn(state.params, mb, jax.random.fold_in(rng, i))
-            g, l, c = carry
-            return (jax.tree.map(jnp.add, g, grads), l + loss_sum, c + count), None
-
-        zeros = jax.tree.map(jnp.zeros_like, state.params)
-        (grads, loss_sum, count), _ = jax.lax.scan(accumulate, (zeros, 0.0, 0.0), (jnp.arange(grad_accum), micro))
+        loss_sum, grads, counts = train_state.accumulate_grads(summed_loss, state.params, batch, rng, grad_accum)
+        count = jnp.sum(counts)
         denom = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / denom, grads)
         params, opt_state, nonfinite = train_state.apply_if_finite(
@@ -140,19 +131,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     run = Run(config, workdir)
     c = run.config
     tok, train_source, eval_source = datasets(run)
-    if c.data.seq_len > c.model.max_len and c.model.position == "learned":
-        raise ValueError(f"config.data.seq_len={c.data.seq_len} exceeds model.max_len={c.model.max_len}.")
-    run.write_config()
-    model = TransformerLM(config_lib.model_config(c))
-    total_steps = c.optim.total_steps if c.optim.total_steps > 0 else c.num_steps
-    tx, schedule = optim.make_optimizer(c.optim, total_steps)
-    tx = lora.optimizer(tx, model.cfg)  # with LoRA on: the adapters only
-
-    init = train_state.model_init_fn(model, c.data.seq_len, c.seed)
-    state, shardings = train_state.create(init, tx, run.mesh, run.rules, c.seed)
-    state, meta = run.restore_or(state)
-    if meta is None:
-        state = state.replace(params=run.load_init_params(state.params))
+    model, tx, schedule, state, shardings = run.setup_state()
+    state, _ = run.restore_or(state, init_heads=("trunk", "lm_head"))
     start = int(jax.device_get(state.step))
 
     batch_sh = parallel.batch_sharding(run.mesh, run.rules)
