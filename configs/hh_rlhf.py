@@ -41,6 +41,7 @@ the 128-token PPO response is this recipe's choice.
 import ml_collections
 
 from rlhf_jax.config import stage_config
+from rlhf_jax.errors import ConfigError
 
 SIZES = ("tiny", "gpt2", "pythia160m")
 STAGES = ("sft", "rm", "ppo")
@@ -56,8 +57,8 @@ EPISODES = 1_000_000
 def get_config(preset: str = "gpt2_sft"):
     size, _, stage = preset.rpartition("_")
     if size not in SIZES or stage not in STAGES:
-        raise ValueError(f"configs/hh_rlhf.py: unknown preset {preset!r}; use <size>_<stage> with size in {SIZES} "
-                         f"and stage in {STAGES}, e.g. gpt2_sft.")
+        raise ConfigError(f"configs/hh_rlhf.py: unknown preset {preset!r}; use <size>_<stage> with size in {SIZES} "
+                          f"and stage in {STAGES}, e.g. gpt2_sft.")
     tiny = size == "tiny"
     o = ml_collections.ConfigDict()
     o.data = dict(chat_template="hh")

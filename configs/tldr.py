@@ -40,6 +40,7 @@ openai/lm-human-preferences launch.py: query 500, response 75, PPO lr 2e-6, batc
 import ml_collections
 
 from rlhf_jax.config import stage_config
+from rlhf_jax.errors import ConfigError
 
 SIZES = ("tiny", "gpt2", "pythia160m")
 STAGES = ("sft", "rm", "ppo")
@@ -56,8 +57,8 @@ EPISODES = 1_000_000
 def get_config(preset: str = "pythia160m_sft"):
     size, _, stage = preset.rpartition("_")
     if size not in SIZES or stage not in STAGES:
-        raise ValueError(f"configs/tldr.py: unknown preset {preset!r}; use <size>_<stage> with size in {SIZES} "
-                         f"and stage in {STAGES}, e.g. pythia160m_sft.")
+        raise ConfigError(f"configs/tldr.py: unknown preset {preset!r}; use <size>_<stage> with size in {SIZES} "
+                          f"and stage in {STAGES}, e.g. pythia160m_sft.")
     tiny = size == "tiny"
     o = ml_collections.ConfigDict()
     o.data = dict(chat_template="plain")

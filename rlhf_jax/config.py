@@ -14,6 +14,7 @@ import os
 
 import ml_collections
 
+from rlhf_jax.errors import ConfigError
 from rlhf_jax.models.layers import LORA_TARGETS, ModelConfig
 from rlhf_jax.parallel import DEFAULT_RULES
 
@@ -78,7 +79,7 @@ def model_config(c: ml_collections.ConfigDict) -> ModelConfig:
 
 
 def _fail(key: str, why: str, fix: str):
-    raise ValueError(f"config.{key}: {why}. {fix}")
+    raise ConfigError(f"config.{key}: {why}. {fix}")
 
 
 def _check_lora(lora, mlp: str, tied: bool) -> None:
@@ -176,7 +177,7 @@ def merge_config(dst, src: dict, where: str):
     """Sets every (nested) key of `src` in `dst`; a key `dst` lacks is an error naming `where`.key."""
     for k, v in src.items():
         if k not in dst:
-            raise ValueError(f"{where}.{k}: no such field in the {where.split('.')[-1]} stage config.")
+            raise ConfigError(f"{where}.{k}: no such field in the {where.split('.')[-1]} stage config.")
         if isinstance(v, dict):
             merge_config(dst[k], v, f"{where}.{k}")
         else:

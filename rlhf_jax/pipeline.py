@@ -18,6 +18,7 @@ import time
 import ml_collections
 
 from rlhf_jax.config import config_module, merge_config
+from rlhf_jax.errors import ConfigError, MissingFileError
 
 # config.policy → (the stage config of the pipeline config that runs it, configs/<file>.py whose
 # ALGORITHMS[policy] holds its settings). Adding an algorithm of the family is an entry here and there.
@@ -32,7 +33,7 @@ def policy_stage_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     the pipeline's policy-stage settings (its sizes: iterations, batch, lengths, lr), except that every key
     the user set (a value of c.<stage> other than the preset's) keeps the user's value."""
     if c.policy not in POLICIES:
-        raise ValueError(f"config.policy={c.policy!r} is not an algorithm; use one of {sorted(POLICIES)}.")
+        raise ConfigError(f"config.policy={c.policy!r} is not an algorithm; use one of {sorted(POLICIES)}.")
     stage, file = POLICIES[c.policy]
     preset = config_module("pipeline").get_config(c.preset)[stage].to_dict()
     mine = c[stage].to_dict()
@@ -82,9 +83,9 @@ def reusable_stages(c: ml_collections.ConfigDict, base: str) -> dict[str, str]:
         return {}
     path = os.path.join(base, "pipeline_config.json")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"config.reuse_from={base!r}: {path} does not exist. Point it at the workdir of "
-                                f"a pipeline run (e.g. runs/quickstart after bash scripts/quickstart.sh), or leave "
-                                f"it empty to run every stage here.")
+        raise MissingFileError(f"config.reuse_from={base!r}: {path} does not exist. Point it at the workdir of "
+                               f"a pipeline run (e.g. runs/quickstart after bash scripts/quickstart.sh), or leave "
+                               f"it empty to run every stage here.")
     with open(path) as f:
         theirs = json.load(f)
     ours = json.loads(json.dumps(c.to_dict(), default=str))
@@ -222,8 +223,8 @@ def run_pipeline(c: ml_collections.ConfigDict, workdir: str) -> dict:
         return cfg
 
     if c.policy_reward not in ("rm", "gold"):
-        raise ValueError(f"config.policy_reward={c.policy_reward!r}: use 'rm' (the trained RM) or 'gold' (the gold "
-                         f"judge).")
+        raise ConfigError(f"config.policy_reward={c.policy_reward!r}: use 'rm' (the trained RM) or 'gold' (the gold "
+                          f"judge).")
     policy_stage_config(c)  # an unknown policy fails before anything runs
     t0 = time.perf_counter()
     once(sub["pretrain"], "pretrain", lambda: run_stage(stage("pretrain", **{"data.path": paths["corpus"]}),
@@ -255,22 +256,24 @@ def run_pipeline(c: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 def main(argv):
-    from absl import logging
+    from absl import app, logging
 
     from rlhf_jax import distributed
 
     if len(argv) > 1:
-        raise ValueError(f"Unexpected arguments: {argv[1:]}")
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)
     distributed.initialize()
     run_pipeline(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":
-    from absl import app, flags
+    from absl import flags
     from ml_collections import config_flags
+
+    from rlhf_jax import cli
 
     _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/pipeline.py:<preset>", lock_config=True)
     _WORKDIR = flags.DEFINE_string("workdir", "runs/pipeline", "Directory for every stage's sub-workdir.")
     flags.mark_flags_as_required(["config"])
-    app.run(main)
+    cli.run(main)

@@ -9,11 +9,11 @@ the non-finite policy `train_state.NonFiniteGuard`.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
 import time
-
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -23,6 +23,7 @@ import optax
 from tqdm import tqdm
 
 from rlhf_jax import checkpoint, config as config_lib, distributed, hf, lora, optim, parallel, train_state
+from rlhf_jax.errors import ConfigError, MissingFileError, WorkdirError
 from rlhf_jax.metrics import MetricWriter
 from rlhf_jax.models.gpt import TransformerLM
 
@@ -48,12 +49,11 @@ class Run:
         config_lib.validate(config)
         self.workdir = os.path.abspath(workdir)
         if os.path.exists(self.workdir) and not os.path.isdir(self.workdir):
-            raise NotADirectoryError(f"--workdir={workdir!r} is an existing file, not a directory. Pass a new or "
-                                     f"existing directory for this run's checkpoints and metrics.")
+            raise WorkdirError(f"--workdir={workdir!r} is an existing file, not a directory. Pass a new or "
+                               f"existing directory for this run's checkpoints and metrics.")
         os.makedirs(self.workdir, exist_ok=True)
         if config.init_from:
-            if not hf.is_hf_dir(config.init_from):
-                checkpoint.find_params_checkpoint(config.init_from)  # fail now, not after building data
+            check_init_from(config.init_from)  # fail now, not after building data
             adopt_model_config(config)
         config_lib.check_seq_len(config)  # against init_from's position table, when it has one
         self.config = config
@@ -63,10 +63,16 @@ class Run:
         parallel.check_batch(config.batch_size // config.grad_accum, self.mesh, self.rules,
                              "config.batch_size / config.grad_accum (the microbatch)")
         self.is_main = jax.process_index() == 0
-        self.ckpt = checkpoint.Checkpointer(self.workdir, config.checkpoint.keep, config.checkpoint.use_async)
         self.preempted = False
         self.nonfinite = train_state.NonFiniteGuard(config.nonfinite, self.log)
         self._prev_handler = signal.signal(signal.SIGTERM, self._on_sigterm) if _main_thread() else None
+
+    @functools.cached_property
+    def ckpt(self) -> checkpoint.Checkpointer:
+        """This workdir's checkpoints, opened on first use (`restore_or`), after the checks a stage runs first:
+        orbax starts a thread there, which would fail loudly at exit if the run stopped before it finished."""
+        c = self.config.checkpoint
+        return checkpoint.Checkpointer(self.workdir, c.keep, c.use_async)
 
     # --- config -------------------------------------------------------------------------------
     def write_config(self):
@@ -108,11 +114,14 @@ class Run:
         c, workdir = self.config, self.workdir
         dest = os.path.join(workdir, "tokenizer.model")
         src = c.data.get("tokenizer_path", "")
+        if src and not os.path.exists(src):
+            raise MissingFileError(f"config.data.tokenizer_path={src!r} does not exist. Point it at a tokenizer.model "
+                                   f"or tokenizer.json (or leave it empty to use init_from's or train one).")
         if not src and c.init_from:
             src = tokenizer_file_in(checkpoint.workdir_of(c.init_from))
             if src is None:
-                raise FileNotFoundError(f"config.init_from: no tokenizer.model (or tokenizer.json) in "
-                                        f"{checkpoint.workdir_of(c.init_from)}; set config.data.tokenizer_path.")
+                raise MissingFileError(f"config.init_from: no tokenizer.model (or tokenizer.json) in "
+                                       f"{checkpoint.workdir_of(c.init_from)}; set config.data.tokenizer_path.")
         if src:
             if self.is_main and os.path.abspath(src) != dest:
                 loaded = load_tokenizer(src)
@@ -128,8 +137,8 @@ class Run:
         if c.model.vocab_size <= 0:  # size the embedding from the tokenizer, padded for sharding
             c.model.vocab_size = -(-tok.vocab_size // 128) * 128
         elif c.model.vocab_size < tok.vocab_size:
-            raise ValueError(f"config.model.vocab_size={c.model.vocab_size} < tokenizer size {tok.vocab_size}; "
-                             f"set it to -1 to size it from the tokenizer.")
+            raise ConfigError(f"config.model.vocab_size={c.model.vocab_size} < tokenizer size {tok.vocab_size}; "
+                              f"set it to -1 to size it from the tokenizer.")
         if c.model.vocab_size > tok.vocab_size:  # padded rows are masked out of every softmax (ModelConfig)
             c.model.token_vocab = tok.vocab_size
         return tok
@@ -211,7 +220,8 @@ class Run:
             tqdm.write(f"[{time.strftime('%H:%M:%S')}] {msg}")
 
     def _release(self):
-        self.ckpt.close()
+        if "ckpt" in self.__dict__:  # opened
+            self.ckpt.close()
         if self._prev_handler is not None:
             signal.signal(signal.SIGTERM, self._prev_handler)
             self._prev_handler = None
@@ -227,6 +237,21 @@ class Run:
             raise SystemExit(0)
 
 
+def check_init_from(path: str) -> None:
+    """init_from holds params: a Hugging Face model directory with its weights, or a run's finished checkpoint."""
+    if hf.is_hf_dir(path):
+        return
+    config_json = os.path.join(path, "config.json")
+    if os.path.isfile(config_json):
+        with open(config_json) as f:
+            if "model_type" in json.load(f):  # a Hugging Face model's config, not a run's
+                raise MissingFileError(
+                    f"config.init_from={path!r}: the Hugging Face model's weights are missing: its config.json has "
+                    f"neither model.safetensors nor model.safetensors.index.json (with its shards) beside it. Copy "
+                    f"the weight files there, or point init_from at a complete model directory.")
+    checkpoint.find_params_checkpoint(path)
+
+
 def adopt_model_config(config) -> None:
     """Sets config.model's architecture from init_from: an earlier stage's config.json, or an HF model's
     (its config.json mapped onto our fields; an unsupported model fails here, naming the field)."""
@@ -235,9 +260,9 @@ def adopt_model_config(config) -> None:
     else:
         src = checkpoint.read_run_config(config.init_from)
         if src is None:
-            raise FileNotFoundError(f"config.init_from={config.init_from!r}: no config.json found there or "
-                                    f"above; point init_from at an earlier stage's --workdir or at a Hugging "
-                                    f"Face model directory (config.json + model.safetensors).")
+            raise MissingFileError(f"config.init_from={config.init_from!r}: no config.json found there or "
+                                   f"above; point init_from at an earlier stage's --workdir or at a Hugging "
+                                   f"Face model directory (config.json + model.safetensors).")
         model = src["model"]
     for k, v in model.items():
         if k not in RUNTIME_MODEL_FIELDS:

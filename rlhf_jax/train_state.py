@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import optax
 
 from rlhf_jax import parallel
+from rlhf_jax.errors import UserError
 
 
 @flax.struct.dataclass
@@ -120,7 +121,7 @@ def apply_if_finite(tx: optax.GradientTransformation, grads, loss, params, opt_s
     return keep(new_params, params), keep(new_opt_state, opt_state), nonfinite
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(UserError, RuntimeError):
     """A non-finite loss or gradient under config.nonfinite="stop"; the message names the step and checkpoint."""
 
 

@@ -1,9 +1,8 @@
-"""Pretrain / SFT stages end to end: loss reference, resume, init_from, clear errors."""
+"""Pretrain / SFT stages end to end: loss reference, resume, init_from, clear errors (the command line's:
+tests/test_cli.py)."""
 
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -15,8 +14,7 @@ from rlhf_jax.models.gpt import HEADS, TransformerLM, positions_from_mask
 from rlhf_jax.models.layers import ModelConfig
 from rlhf_jax import objectives
 from rlhf_jax.stages import lm
-from tests.conftest import with_device_count
-from tests.helpers import ROOT, by_step, pretrain_cfg, sft_cfg, tiny
+from tests.helpers import by_step, pretrain_cfg, sft_cfg, tiny
 
 
 def test_sft_loss_counts_only_response_tokens_against_a_hand_reference():
@@ -75,23 +73,6 @@ def test_pretrain_then_sft_from_its_workdir(tmp_path):
         saved = json.load(f)
     assert saved["model"]["d_model"] == 32 and saved["init_from"].endswith("pt")
     assert os.path.exists(tmp_path / "sft" / "tokenizer.model")
-
-
-def _main(*args, cwd=ROOT):
-    env = dict(os.environ, XLA_FLAGS=with_device_count(os.environ["XLA_FLAGS"], 8))
-    return subprocess.run([sys.executable, "-m", "rlhf_jax.main", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
-
-
-def test_unknown_config_key_fails_at_start(tmp_path):
-    r = _main("--config=configs/pretrain.py:tiny", f"--workdir={tmp_path}", "--config.optim.lrr=1")
-    assert r.returncode != 0 and "lrr" in r.stderr
-
-
-def test_missing_data_file_names_the_key_and_path(tmp_path):
-    r = _main("--config=configs/pretrain.py:tiny", f"--workdir={tmp_path}", "--config.data.path=/nope/corpus.txt")
-    assert r.returncode != 0
-    assert "config.data.path" in r.stderr and "/nope/corpus.txt" in r.stderr
 
 
 def test_malformed_jsonl_line_names_file_and_line(tmp_path):

@@ -29,6 +29,7 @@ import numpy as np
 import optax
 
 from rlhf_jax import comparison_data, lora, objectives, parallel, preference, rollout as rollouts, train_state
+from rlhf_jax.errors import ConfigError
 from rlhf_jax.loop import LoopTail
 from rlhf_jax.run import Run
 
@@ -36,26 +37,26 @@ from rlhf_jax.run import Run
 def check_config(c: ml_collections.ConfigDict) -> None:
     d = c.dpo
     if d.loss not in preference.DPO_LOSSES:
-        raise ValueError(f"config.dpo.loss={d.loss!r} is unknown; use one of {preference.DPO_LOSSES}.")
+        raise ConfigError(f"config.dpo.loss={d.loss!r} is unknown; use one of {preference.DPO_LOSSES}.")
     if d.pairs not in preference.DPO_PAIRS:
-        raise ValueError(f"config.dpo.pairs={d.pairs!r} is unknown; use one of {preference.DPO_PAIRS}.")
+        raise ConfigError(f"config.dpo.pairs={d.pairs!r} is unknown; use one of {preference.DPO_PAIRS}.")
     if d.beta <= 0:
-        raise ValueError(f"config.dpo.beta={d.beta} must be > 0 (DPO: 0.1; SimPO: about 2).")
+        raise ConfigError(f"config.dpo.beta={d.beta} must be > 0 (DPO: 0.1; SimPO: about 2).")
     if not 0.0 <= d.label_smoothing < 0.5:
-        raise ValueError(f"config.dpo.label_smoothing={d.label_smoothing} must be in [0, 0.5) (the share of "
-                         f"labels taken as flipped).")
+        raise ConfigError(f"config.dpo.label_smoothing={d.label_smoothing} must be in [0, 0.5) (the share of "
+                          f"labels taken as flipped).")
     if d.online:
         if c.online.samples_per_prompt < 2:
-            raise ValueError(f"config.online.samples_per_prompt={c.online.samples_per_prompt} must be >= 2: a "
-                             f"prompt's samples are ranked against each other.")
+            raise ConfigError(f"config.online.samples_per_prompt={c.online.samples_per_prompt} must be >= 2: a "
+                              f"prompt's samples are ranked against each other.")
         if c.grad_accum != 1:
-            raise ValueError("config.grad_accum must be 1 with config.dpo.online=True: each iteration's "
-                             "batch is its own samples.")
+            raise ConfigError("config.grad_accum must be 1 with config.dpo.online=True: each iteration's "
+                              "batch is its own samples.")
         if c.online.updates_per_iteration < 1:
-            raise ValueError(f"config.online.updates_per_iteration={c.online.updates_per_iteration} must be >= 1.")
+            raise ConfigError(f"config.online.updates_per_iteration={c.online.updates_per_iteration} must be >= 1.")
         if c.rollout.temperature <= 0:
-            raise ValueError(f"config.rollout.temperature={c.rollout.temperature}: online DPO samples its pairs; "
-                             f"greedy decoding would give K equal responses. Use e.g. 0.7.")
+            raise ConfigError(f"config.rollout.temperature={c.rollout.temperature}: online DPO samples its pairs; "
+                              f"greedy decoding would give K equal responses. Use e.g. 0.7.")
 
 
 # --- log-probs of the K responses of each prompt, in the two layouts -------------------------------------------------

@@ -20,6 +20,7 @@ import numpy as np
 import optax
 
 from rlhf_jax import objectives, parallel, perf, train_state
+from rlhf_jax.errors import MissingFileError
 from rlhf_jax.loop import LoopTail
 from rlhf_jax.models.gpt import TransformerLM
 from rlhf_jax.run import Run
@@ -110,7 +111,7 @@ def datasets(run: Run):
 
 def _require(path: str, key: str):
     if not os.path.exists(path):
-        raise FileNotFoundError(f"config.{key}: {path!r} does not exist. Pass a local file with --config.{key}=...")
+        raise MissingFileError(f"config.{key}: {path!r} does not exist. Pass a local file with --config.{key}=...")
 
 
 def evaluate(eval_fn, params, source, run: Run, max_batches: int) -> dict[str, float]:

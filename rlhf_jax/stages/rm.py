@@ -32,6 +32,7 @@ import numpy as np
 import optax
 
 from rlhf_jax import comparison_data, objectives, parallel, perf, preference, rollout as rollouts, train_state
+from rlhf_jax.errors import ConfigError
 from rlhf_jax.evaluation import NORM_FILE
 from rlhf_jax.loop import LoopTail
 from rlhf_jax.run import Run
@@ -239,29 +240,29 @@ def ensemble_from_init(run: Run, model, params, shardings):
 def check_config(c: ml_collections.ConfigDict) -> None:
     """Rejects RM settings that would otherwise be silently misread; run before any data is built."""
     if c.rm.loss not in LOSSES:
-        raise ValueError(f"config.rm.loss={c.rm.loss!r} is not a loss. Use one of {LOSSES}.")
+        raise ConfigError(f"config.rm.loss={c.rm.loss!r} is not a loss. Use one of {LOSSES}.")
     if c.rm.normalize_on not in NORM_REFERENCES:
-        raise ValueError(f"config.rm.normalize_on={c.rm.normalize_on!r} is unknown. Use one of {NORM_REFERENCES}.")
+        raise ConfigError(f"config.rm.normalize_on={c.rm.normalize_on!r} is unknown. Use one of {NORM_REFERENCES}.")
     if c.rm.normalize_before and c.rm.normalize_on == "none":
-        raise ValueError("config.rm.normalize_before=True needs a reference: set rm.normalize_on to "
-                         "'policy_samples' (lm-human-preferences) or 'comparisons'.")
+        raise ConfigError("config.rm.normalize_before=True needs a reference: set rm.normalize_on to "
+                          "'policy_samples' (lm-human-preferences) or 'comparisons'.")
     if c.rm.normalize_on == "policy_samples":
         if not c.init_from:
-            raise ValueError("config.rm.normalize_on='policy_samples' samples the initial policy: set "
-                             "config.init_from to the SFT (or pretrain) workdir.")
+            raise ConfigError("config.rm.normalize_on='policy_samples' samples the initial policy: set "
+                              "config.init_from to the SFT (or pretrain) workdir.")
         if c.rm.normalize_samples <= 0:
-            raise ValueError(f"config.rm.normalize_samples={c.rm.normalize_samples} must be positive (e.g. 256).")
+            raise ConfigError(f"config.rm.normalize_samples={c.rm.normalize_samples} must be positive (e.g. 256).")
         if c.rollout.temperature <= 0:
-            raise ValueError(f"config.rollout.temperature={c.rollout.temperature}: the normalisation samples the "
-                             f"policy as PPO does; use PPO's rollout temperature (e.g. 0.7).")
+            raise ConfigError(f"config.rollout.temperature={c.rollout.temperature}: the normalisation samples the "
+                              f"policy as PPO does; use PPO's rollout temperature (e.g. 0.7).")
         if c.model.position == "learned" and c.data.max_prompt_len + c.rollout.max_new_tokens > c.model.max_len:
-            raise ValueError(f"config.data.max_prompt_len + rollout.max_new_tokens = {c.data.max_prompt_len} + "
-                             f"{c.rollout.max_new_tokens} exceeds model.max_len={c.model.max_len}; lower them to "
-                             f"PPO's (the policy samples must be what PPO will score).")
+            raise ConfigError(f"config.data.max_prompt_len + rollout.max_new_tokens = {c.data.max_prompt_len} + "
+                              f"{c.rollout.max_new_tokens} exceeds model.max_len={c.model.max_len}; lower them to "
+                              f"PPO's (the policy samples must be what PPO will score).")
     if not isinstance(c.rm.ensemble_size, int) or c.rm.ensemble_size < 1:
-        raise ValueError(f"config.rm.ensemble_size={c.rm.ensemble_size!r} must be a positive integer (1: one RM).")
+        raise ConfigError(f"config.rm.ensemble_size={c.rm.ensemble_size!r} must be a positive integer (1: one RM).")
     if c.rm.center_coef < 0:
-        raise ValueError(f"config.rm.center_coef={c.rm.center_coef} must be >= 0 (0 disables the penalty).")
+        raise ConfigError(f"config.rm.center_coef={c.rm.center_coef} must be >= 0 (0 disables the penalty).")
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
