@@ -81,7 +81,8 @@ def get_config(preset: str = "pythia160m_sft"):
         o.data.update(prompts_format="tldr", prompts_path="" if tiny else SFT_TRAIN, max_prompt_len=48 if tiny else 513)
         o.rollout = dict(max_new_tokens=16 if tiny else 53, temperature=0.7, stop_token="end")  # end: eos under plain
         o.ppo = dict(epochs=4, num_minibatches=1, vf_coef=0.1, clip_range=0.2, clip_range_value=0.2, gamma=1.0,
-                     lam=0.95, whiten_rewards=True, missing_eos_penalty=-1.0, critic="shared" if tiny else "reward_model")
+                     lam=0.95, whiten_rewards=True, missing_eos_penalty=-1.0,
+                     critic="shared" if tiny else "reward_model")
         o.kl = dict(kind="fixed", init_coef=0.05)
         o.optim = dict(adamw, schedule="linear")
         o.batch_size, o.num_steps = (8, 4) if tiny else (512, EPISODES // 512)

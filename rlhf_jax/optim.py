@@ -9,12 +9,13 @@ pytree that shards like the params it mirrors.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+
 from rlhf_jax.errors import ConfigError
 
 Schedule = Callable[[jax.Array | int], jax.Array]

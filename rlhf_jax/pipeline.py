@@ -190,9 +190,8 @@ def sample_comparisons(c, sft_dir: str, prompts_path: str, out_path: str, noise:
 
 
 def run_pipeline(c: ml_collections.ConfigDict, workdir: str) -> dict:
-    from rlhf_jax import parallel
+    from rlhf_jax import parallel, pipeline_eval
     from rlhf_jax.stages import run_stage
-    from rlhf_jax import pipeline_eval
 
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)

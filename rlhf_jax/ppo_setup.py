@@ -1,6 +1,7 @@
 """The policy-gradient stage's own plumbing — config checks, the pretraining data of PPO-ptx, initial
-params with or without a critic — kept out of `stages/ppo.py` so that file reads as the algorithm (and out of `stages/`, which holds stages only). What any
-online algorithm shares (prompts, sampling, rewards, keys, samples) is `rlhf_jax.rollout`."""
+params with or without a critic — kept out of `stages/ppo.py` so that file reads as the algorithm (and out of
+`stages/`, which holds stages only). What any online algorithm shares (prompts, sampling, rewards, keys,
+samples) is `rlhf_jax.rollout`."""
 
 from __future__ import annotations
 

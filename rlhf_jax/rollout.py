@@ -128,7 +128,8 @@ def import_function(spec: str, key: str):
     try:
         return getattr(importlib.import_module(mod), name)
     except (ImportError, AttributeError, ValueError) as e:
-        raise ValueError(f"config.{key}={spec!r} cannot be imported ({e}); give it as 'package.module:function'.") from e
+        raise ValueError(f"config.{key}={spec!r} cannot be imported ({e}); give it as "
+                         f"'package.module:function'.") from e
 
 
 def decode_batch(tok, batch) -> tuple[list[str], list[str]]:

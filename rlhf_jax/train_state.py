@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax
 import flax.linen as nn
@@ -29,7 +30,7 @@ class TrainState:
         return {"step": self.step, "opt_state": self.opt_state, "rng": self.rng, "extras": self.extras,
                 "nonfinite": self.nonfinite}
 
-    def with_rest(self, rest: dict) -> "TrainState":
+    def with_rest(self, rest: dict) -> TrainState:
         return self.replace(step=rest["step"], opt_state=rest["opt_state"], rng=rest["rng"], extras=rest["extras"],
                             nonfinite=rest["nonfinite"])
 

@@ -40,10 +40,20 @@ import tempfile
 import time
 from importlib import metadata
 
-from bench_harness import Worker, machine_info, peak_rss_mib, progress, protocol_stream, serve, side_by_side, \
-    start_pair
-from bench_workloads import DTYPES, FULL, GRPO_WARMUP, QUICK, grpo_inputs, jax_generate, jax_grpo, jax_model, \
-    jax_peak, jax_ppo, jax_train
+from bench_harness import Worker, machine_info, peak_rss_mib, progress, protocol_stream, serve, side_by_side, start_pair
+from bench_workloads import (
+    DTYPES,
+    FULL,
+    GRPO_WARMUP,
+    QUICK,
+    grpo_inputs,
+    jax_generate,
+    jax_grpo,
+    jax_model,
+    jax_peak,
+    jax_ppo,
+    jax_train,
+)
 
 
 def measure_grpo(shape: dict, logdir: str) -> dict:

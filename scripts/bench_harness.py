@@ -18,8 +18,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from importlib import metadata
-from typing import Callable
 
 from rlhf_jax.xla_flags import with_device_count
 
@@ -90,7 +90,8 @@ class Worker:
         env["XLA_FLAGS"] = f'{with_device_count(env.get("XLA_FLAGS", ""), None)} {extra_xla_flags}'.strip()
         env["JAX_PLATFORMS"] = "cpu"
         env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])
-        cmd = [sys.executable, os.path.join(ROOT, "scripts", script), "--worker", role, "--spec", json.dumps(spec or {})]
+        cmd = [sys.executable, os.path.join(ROOT, "scripts", script), "--worker", role,
+               "--spec", json.dumps(spec or {})]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=fd, text=True,
                                      cwd=ROOT, env=env)
         os.close(fd)
@@ -128,7 +129,8 @@ def start_pair(logdir: str, extra_xla_flags: str = "") -> dict[str, Worker]:
 
 
 def side_by_side(workers: dict[str, Worker], task: str, spec: dict, runs: int, pause_s: float = 0.3) -> dict:
-    """One workload on both systems: each builds and warms up alone, then timed runs alternate (who goes first flips)."""
+    """One workload on both systems: each builds and warms up alone, then timed runs alternate (who goes first
+    flips)."""
     load = [os.getloadavg()[0]]
     ready = {k: w.ask("setup", task=task, spec=spec) for k, w in workers.items()}
     runs_of = {k: [] for k in workers}

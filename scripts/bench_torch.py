@@ -12,7 +12,7 @@ import argparse
 import contextlib
 import os
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from bench_harness import serve
 from bench_workloads import DTYPES, OPTIM, tokens_for

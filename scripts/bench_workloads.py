@@ -10,7 +10,7 @@ import functools
 import os
 import sys
 import tempfile
-from typing import Callable
+from collections.abc import Callable
 
 from bench_harness import ROOT
 
@@ -153,8 +153,7 @@ def grpo_inputs(directory: str, s: dict) -> dict:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     sys.path.insert(0, ROOT)
-    from rlhf_jax.tasks import builtin_text
-    from rlhf_jax.tasks import builtin
+    from rlhf_jax.tasks import builtin, builtin_text
 
     corpus, prompts = os.path.join(directory, "corpus.txt"), os.path.join(directory, "prompts.jsonl")
     builtin_text.write_builtin_corpus(corpus, num_chars=200_000, seed=0)
@@ -177,8 +176,8 @@ def jax_grpo(spec: dict) -> dict:
     """The policy-gradient stage as configs/grpo.py sets it, resized to the benchmark's shape and inputs;
     returns every iteration's `time/*` metrics."""
     sys.path.insert(0, ROOT)
-    from rlhf_jax.metrics import read_metrics
     from rlhf_jax.config import stage_config
+    from rlhf_jax.metrics import read_metrics
     from rlhf_jax.stages import ppo
 
     s, inputs = spec["shape"], spec["inputs"]

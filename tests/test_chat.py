@@ -7,10 +7,9 @@ import os
 
 import pytest
 
-from tests.conftest import SHARED_DATA
-from rlhf_jax.data import chat, comparisons, hh_rlhf
+from rlhf_jax.data import chat, comparisons, hh_rlhf, tokenizer as tok_lib
 from rlhf_jax.tasks import builtin_text
-from rlhf_jax.data import tokenizer as tok_lib
+from tests.conftest import SHARED_DATA
 
 HH_DEV = os.path.join(SHARED_DATA, "hh_rlhf_harmless_dev.jsonl.gz")
 DIALOGUE = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "add 2 3"},

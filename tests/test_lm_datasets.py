@@ -8,9 +8,8 @@ import os
 import numpy as np
 import pytest
 
-from rlhf_jax.data import chat, lm_datasets, records
+from rlhf_jax.data import chat, lm_datasets, records, tokenizer as tok_lib
 from rlhf_jax.tasks import builtin_text
-from rlhf_jax.data import tokenizer as tok_lib
 
 L = 16  # seq_len
 

@@ -9,10 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from rlhf_jax import objectives
 from rlhf_jax.metrics import read_metrics
 from rlhf_jax.models.gpt import HEADS, TransformerLM, positions_from_mask
 from rlhf_jax.models.layers import ModelConfig
-from rlhf_jax import objectives
 from rlhf_jax.stages import lm
 from tests.helpers import by_step, pretrain_cfg, sft_cfg, tiny
 

@@ -250,8 +250,8 @@ def build_comparison_dataset(path: str, fmt: str, tokenizer_path: str, max_len: 
     """Builds (or reuses, keyed by a hash of the arguments and the files) the comparisons in `path`.
 
     max_len: tokens per response row (L); num_responses: K, default the largest K in the file
-    (range); max_prompt_len: optional cap on prompt tokens; template: the chat template. Returns (source, stats): source is a
-    random-access sequence of records; stats counts examples, skipped, responses,
+    (range); max_prompt_len: optional cap on prompt tokens; template: the chat template. Returns (source, stats):
+    source is a random-access sequence of records; stats counts examples, skipped, responses,
     truncated_prompts (examples), truncated_responses, dropped_responses, max_rendered_tokens
     and gives num_responses (K).
     """

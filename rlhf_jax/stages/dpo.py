@@ -5,8 +5,8 @@ the frozen SFT policy (Rafailov et al. 2023): DPO, IPO, SimPO and the K-way Plac
 Offline (default): the comparisons the RM reads, in any of its formats (ranked K-way, pairwise, hh_rlhf,
 tldr), as [B, K, L] records best first. Online (config.dpo.online=True; Guo et al. 2024, "Direct Language
 Model Alignment from Online AI Feedback"): each iteration samples online.samples_per_prompt responses for
-each of batch_size prompts from the current policy, ranks them by config.reward (a trained RM, or a Python score such as the
-built-in simulated labelers or the gold judge), and takes online.updates_per_iteration DPO steps on them.
+each of batch_size prompts from the current policy, ranks them by config.reward (a trained RM, or a Python score
+such as the built-in simulated labelers or the gold judge), and takes online.updates_per_iteration DPO steps on them.
 Either way one jitted step computes the policy's and the reference's log-probs of every response
 (the reference once per batch, never trained) and the loss:
 

@@ -77,10 +77,11 @@ def datasets(run: Run):
         return tok, splits["train"], splits["validation"]
     train_path, eval_path = c.data.train_path, c.data.eval_path
     if not train_path:
-        train_path, eval_path = os.path.join(data_dir, "builtin_sft_train.jsonl"), os.path.join(data_dir, "builtin_sft_eval.jsonl")
+        train_path, eval_path = (os.path.join(data_dir, f"builtin_sft_{split}.jsonl") for split in ("train", "eval"))
         if run.is_main:
-            builtin_text.write_builtin_sft(train_path, num_examples=c.data.builtin_examples, seed=c.seed)
-            builtin_text.write_builtin_sft(eval_path, num_examples=max(c.data.builtin_examples // 10, 64), seed=c.seed + 1)
+            n = c.data.builtin_examples
+            builtin_text.write_builtin_sft(train_path, num_examples=n, seed=c.seed)
+            builtin_text.write_builtin_sft(eval_path, num_examples=max(n // 10, 64), seed=c.seed + 1)
     _require(train_path, "data.train_path")
     fmt = c.data.format if c.data.train_path else "chat"  # the built-in demonstrations are chat records
     lines = {"train": tuple(c.data.train_lines) or None, "eval": tuple(c.data.eval_lines) or None}
@@ -142,6 +143,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         eval_fn = jax.jit(lambda p, b: objectives.summed_token_nll(p, model, b),
                           in_shardings=(shardings.params, batch_sh))
 
+    evaluate_at = None if eval_source is None else \
+        lambda params: lambda: evaluate(eval_fn, params, eval_source, run, c.eval_batches)  # params → evaluate()
     loader = BatchLoader(train_source, c.batch_size, seed=c.seed)
     tokens_per_step = c.batch_size * c.data.seq_len
     tail = LoopTail(run, start, c.stage, tokens_per_step=tokens_per_step, postfix={"loss": "train/loss"},
@@ -154,7 +157,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             batch = parallel.global_batch(local, run.mesh, run.rules)
             step_fn = tail.compile_once(f"{c.stage} train step", step_fn, state, batch)
             state, metrics = step_fn(state, batch)
-            if tail.end_step(step + 1, state, metrics, evaluate=None if eval_source is None else
-                             lambda: evaluate(eval_fn, state.params, eval_source, run, c.eval_batches)):
+            if tail.end_step(step + 1, state, metrics, evaluate=evaluate_at and evaluate_at(state.params)):
                 break
     return tail.close()

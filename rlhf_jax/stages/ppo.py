@@ -26,10 +26,9 @@ import ml_collections
 import numpy as np
 import optax
 
-from rlhf_jax import lora, objectives, parallel, rl, rollout as rollouts, train_state
+from rlhf_jax import lora, objectives, parallel, ppo_setup, rl, rollout as rollouts, train_state
 from rlhf_jax.loop import LoopTail
 from rlhf_jax.run import Run
-from rlhf_jax import ppo_setup
 
 
 def policy_stats(params, model, batch, temperature, critic: bool):

@@ -189,9 +189,10 @@ def reference_rewards(reward_fn, params, run: Run, source) -> np.ndarray:
 
 
 def policy_sample_rewards_fn(run: Run, model, params, members: int = 0):
-    """rewards(rm_params, draw) → f32 [E, M]: the RM's (each member's) raw rewards of M = rm.normalize_samples (rounded up to whole
-    batches of batch_size) fresh responses of the initial policy — init_from's trunk and LM head — to the
-    prompts of config.data, sampled with config.rollout (lm-human-preferences train_reward.py:191-199, 212).
+    """rewards(rm_params, draw) → f32 [E, M]: the RM's (each member's) raw rewards of M = rm.normalize_samples
+    (rounded up to whole batches of batch_size) fresh responses of the initial policy — init_from's trunk and LM
+    head — to the prompts of config.data, sampled with config.rollout (lm-human-preferences
+    train_reward.py:191-199, 212).
     Each `draw` takes its own prompts and sampling keys, so the samples before and after training differ."""
     from rlhf_jax.data.loader import BatchLoader
 
@@ -305,6 +306,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             f"{f'an ensemble of {E}, ' if E else ''}mesh {dict(run.mesh.shape)}, "
             f"{sum(x.size for x in jax.tree.leaves(state.params)) / 1e6:.2f}M params")
 
+    evaluate_at = None if eval_source is None else \
+        lambda params: lambda: evaluate(reward_fn, params, eval_source, run, c.rm, c.eval_batches)  # → evaluate()
     # At the last step, before the final checkpoint: a saved final step always has its norm file.
     norm_metrics = lambda: normalization_metrics(normalise(reference, state.params, run, c.num_steps))
     iterators = [loader.iterate(start, c.num_steps - start) for loader in loaders]
@@ -316,8 +319,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             batch = parallel.global_batch(local, run.mesh, run.rules, lead=lead)
             step_fn = tail.compile_once("rm train step", step_fn, state, batch)
             state, metrics = step_fn(state, batch)
-            if tail.end_step(step + 1, state, metrics, on_last=norm_metrics, evaluate=None if eval_source is None
-                             else lambda: evaluate(reward_fn, state.params, eval_source, run, c.rm, c.eval_batches)):
+            if tail.end_step(step + 1, state, metrics, on_last=norm_metrics,
+                             evaluate=evaluate_at and evaluate_at(state.params)):
                 break
     return tail.close()
 
