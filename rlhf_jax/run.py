@@ -1,5 +1,6 @@
 """What every stage's run holds and nothing more: the validated config, the workdir, the mesh, the
-checkpointer (resume / init_from / save) and the SIGTERM guard.
+checkpointer (resume / init_from / save) and the SIGTERM guard; and the preamble every stage shares once its
+data is built: `setup_state` (config.json, model, optimizer, sharded train state), then `restore_or`.
 
 The loop itself stays in the stage module, readable top to bottom; its shared tail (logging,
 evaluation, checkpoints, preemption) is `rlhf_jax.loop.LoopTail`. The run's tokenizer is
@@ -164,17 +165,17 @@ class Run:
                     extras: dict | None = None) -> StageSetup:
         """What every stage builds once its data has sized the vocabulary: config.json (the config is final),
         the model, the optimizer (its schedule over optim.total_steps, -1: num_steps, times updates_per_step
-        updates; with LoRA on it trains the adapters and the heads only) and the sharded train state, fresh
-        (`restore_or` then resumes or starts it). init(model) → boxed params; default: every head of one model.
-        members, extras: train_state.create's."""
+        updates; with LoRA on, lora.optimizer's trainable leaves only: the adapters and the heads) and the sharded
+        train state, fresh (`restore_or` then resumes or starts it). init(model) → a function giving the boxed
+        params; default: every head of one model. members, extras: train_state.create's."""
         c = self.config
         self.write_config()
         model = TransformerLM(config_lib.model_config(c))
         total = c.optim.total_steps if c.optim.total_steps > 0 else c.num_steps
         tx, schedule = optim.make_optimizer(c.optim, total * updates_per_step)
         tx = lora.optimizer(tx, model.cfg)
-        params = init(model) if init is not None else train_state.model_init_fn(model, c.data.seq_len, c.seed)
-        state, shardings = train_state.create(params, tx, self.mesh, self.rules, c.seed, extras=extras,
+        init_params = init(model) if init is not None else train_state.model_init_fn(model, c.data.seq_len, c.seed)
+        state, shardings = train_state.create(init_params, tx, self.mesh, self.rules, c.seed, extras=extras,
                                               members=members)
         return StageSetup(model, tx, schedule, state, shardings)
 
