@@ -26,7 +26,8 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "test": ["pytest", "pytest-xdist", "nbclient", "nbformat", "ipykernel"],  # ipykernel: the notebook test's kernel
+        # ipykernel: the notebook test's kernel; ruff: lint and format check (pyproject.toml)
+        "test": ["pytest", "pytest-xdist", "nbclient", "nbformat", "ipykernel", "ruff"],
         # HF tokenizer.json files (rlhf_jax.data.tokenizer.HFTokenizer).
         "hf": ["tokenizers"],
         # torch is installed before transformers so that no CUDA build is pulled in.

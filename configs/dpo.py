@@ -26,6 +26,7 @@ The papers' settings, by loss (config.dpo.*):
 """
 
 from rlhf_jax.config import base_config, tiny_preset
+from rlhf_jax.errors import ConfigError
 
 ALGORITHMS = {
     "dpo": dict(dpo=dict(loss="dpo", beta=0.1)),
@@ -70,8 +71,8 @@ def get_config(preset: str = "default"):
         c.eval_every, c.log_every = 100, 25
         name = "dpo"
     if name not in ALGORITHMS:
-        raise ValueError(f"configs/dpo.py: unknown preset {preset!r}; use default, tiny, hh_rlhf or one of "
-                         f"{sorted(ALGORITHMS)} (optionally with _tiny).")
+        raise ConfigError(f"configs/dpo.py: unknown preset {preset!r}; use default, tiny, hh_rlhf or one of "
+                          f"{sorted(ALGORITHMS)} (optionally with _tiny).")
     for group, values in ALGORITHMS[name].items():
         c[group].update(values)
     if tiny:

@@ -26,7 +26,8 @@ no division by the group std, and a token sum over a constant (the response budg
 Its paper trains with β = 0; here β stays GRPO's, so the two presets differ in exactly those two terms.
 """
 
-from rlhf_jax.pipeline import stage_config
+from rlhf_jax.config import stage_config
+from rlhf_jax.errors import ConfigError
 
 _GRPO = dict(ppo=dict(advantage="grpo", loss_aggregation="sequence_mean", whiten_advantages=False, epochs=1,
                       num_minibatches=1, score_baseline="none", critic="shared"),
@@ -42,7 +43,7 @@ def get_config(preset: str = "default"):
     tiny = preset == "tiny" or preset.endswith("_tiny")
     name = preset.removesuffix("_tiny") if preset not in ("default", "tiny") else "grpo"
     if name not in ALGORITHMS:
-        raise ValueError(f"configs/grpo.py: unknown preset {preset!r}; use default, tiny, dr_grpo or dr_grpo_tiny.")
+        raise ConfigError(f"configs/grpo.py: unknown preset {preset!r}; use default, tiny, dr_grpo or dr_grpo_tiny.")
     overrides = dict(ALGORITHMS[name])
     if tiny:  # 4 prompts x 4 samples per iteration
         overrides.update(rollout=dict(samples_per_prompt=4), batch_size=16)

@@ -40,7 +40,8 @@ the 128-token PPO response is this recipe's choice.
 
 import ml_collections
 
-from rlhf_jax.pipeline import stage_config
+from rlhf_jax.config import stage_config
+from rlhf_jax.errors import ConfigError
 
 SIZES = ("tiny", "gpt2", "pythia160m")
 STAGES = ("sft", "rm", "ppo")
@@ -56,12 +57,13 @@ EPISODES = 1_000_000
 def get_config(preset: str = "gpt2_sft"):
     size, _, stage = preset.rpartition("_")
     if size not in SIZES or stage not in STAGES:
-        raise ValueError(f"configs/hh_rlhf.py: unknown preset {preset!r}; use <size>_<stage> with size in {SIZES} "
-                         f"and stage in {STAGES}, e.g. gpt2_sft.")
+        raise ConfigError(f"configs/hh_rlhf.py: unknown preset {preset!r}; use <size>_<stage> with size in {SIZES} "
+                          f"and stage in {STAGES}, e.g. gpt2_sft.")
     tiny = size == "tiny"
     o = ml_collections.ConfigDict()
     o.data = dict(chat_template="hh")
-    adamw = dict(name="adamw", lr=1e-3 if tiny else 3e-6, eps=1e-5, warmup_steps=0, final_lr_fraction=0.0, weight_decay=0.0)
+    adamw = dict(name="adamw", lr=1e-3 if tiny else 3e-6, eps=1e-5, warmup_steps=0, final_lr_fraction=0.0,
+                 weight_decay=0.0)
     if stage == "sft":
         o.data.update(format="hh_rlhf", train_path="" if tiny else TRAIN, eval_path="" if tiny else TEST,
                       seq_len=96 if tiny else 512)
@@ -78,7 +80,8 @@ def get_config(preset: str = "gpt2_sft"):
         o.data.update(prompts_format="hh_rlhf", prompts_path="" if tiny else TRAIN, max_prompt_len=48 if tiny else 256)
         o.rollout = dict(max_new_tokens=16 if tiny else 128, temperature=0.7, stop_token="end")  # end: eos under hh
         o.ppo = dict(epochs=4, num_minibatches=1, vf_coef=0.1, clip_range=0.2, clip_range_value=0.2, gamma=1.0,
-                     lam=0.95, whiten_rewards=True, missing_eos_penalty=-1.0, critic="shared" if tiny else "reward_model")
+                     lam=0.95, whiten_rewards=True, missing_eos_penalty=-1.0,
+                     critic="shared" if tiny else "reward_model")
         o.kl = dict(kind="fixed", init_coef=0.05)
         o.optim = dict(adamw, schedule="linear")
         o.batch_size, o.num_steps = (8, 4) if tiny else (512, EPISODES // 512)

@@ -12,12 +12,13 @@ stage key can be set on the command line or in a sweep, e.g. --config.ppo.num_st
 
 import ml_collections
 
-from rlhf_jax.pipeline import stage_config
+from rlhf_jax.config import stage_config
+from rlhf_jax.errors import ConfigError
 
 
 def get_config(preset: str = "default"):
     if preset not in ("default", "tiny"):
-        raise ValueError(f"configs/pipeline.py: unknown preset {preset!r}; use tiny or default.")
+        raise ConfigError(f"configs/pipeline.py: unknown preset {preset!r}; use tiny or default.")
     tiny = preset == "tiny"
     c = ml_collections.ConfigDict()
     c.preset = preset

@@ -42,6 +42,7 @@ not per iteration (train_policy.py:172-173); the RM's normalisation gain and bia
 """
 
 from rlhf_jax.config import base_config
+from rlhf_jax.errors import ConfigError
 
 # configs/grpo.py, rloo.py, reinforce_pp.py hold their algorithms' settings as overrides of this file; PPO's
 # are this file's defaults (the pipeline's config.policy reads ALGORITHMS).
@@ -93,7 +94,7 @@ def get_config(preset: str = "default"):
     elif preset == "lm_human_preferences":
         lm_human_preferences(c)
     elif preset != "default":
-        raise ValueError(f"configs/ppo.py: unknown preset {preset!r}; use tiny, default or lm_human_preferences.")
+        raise ConfigError(f"configs/ppo.py: unknown preset {preset!r}; use tiny, default or lm_human_preferences.")
     return c
 
 

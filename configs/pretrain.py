@@ -10,6 +10,7 @@ corpus, minutes on 2 CPU cores), shakespeare_char (nanoGPT's CPU "baby GPT").
 """
 
 from rlhf_jax.config import base_config, tiny_preset
+from rlhf_jax.errors import ConfigError
 
 
 def get_config(preset: str = "default"):
@@ -36,5 +37,5 @@ def get_config(preset: str = "default"):
         c.optim.update(lr=1e-3, warmup_steps=100, final_lr_fraction=0.1, b2=0.99, weight_decay=0.1)
         c.eval_every, c.eval_batches, c.log_every = 250, 0, 100
     elif preset != "default":
-        raise ValueError(f"configs/pretrain.py: unknown preset {preset!r}; use tiny, default or shakespeare_char.")
+        raise ConfigError(f"configs/pretrain.py: unknown preset {preset!r}; use tiny, default or shakespeare_char.")
     return c

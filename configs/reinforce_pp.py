@@ -14,7 +14,8 @@ sample per prompt suffices), and PPO's clipped surrogate with its mini-batch upd
 paper's point is the estimator, and keeping PPO's KL makes the two differ in the critic alone.
 """
 
-from rlhf_jax.pipeline import stage_config
+from rlhf_jax.config import stage_config
+from rlhf_jax.errors import ConfigError
 
 ALGORITHMS = {
     "reinforce_pp": dict(ppo=dict(advantage="reinforce_pp", loss_aggregation="token_mean", whiten_advantages=False,
@@ -24,5 +25,5 @@ ALGORITHMS = {
 
 def get_config(preset: str = "default"):
     if preset not in ("default", "tiny"):
-        raise ValueError(f"configs/reinforce_pp.py: unknown preset {preset!r}; use default or tiny.")
+        raise ConfigError(f"configs/reinforce_pp.py: unknown preset {preset!r}; use default or tiny.")
     return stage_config("ppo", preset, ALGORITHMS["reinforce_pp"])

@@ -16,7 +16,8 @@ Presets: default, tiny. As the paper states it:
   - β = 0.05, fixed (TRL's RLOOConfig default; the paper tunes β per task).
 """
 
-from rlhf_jax.pipeline import stage_config
+from rlhf_jax.config import stage_config
+from rlhf_jax.errors import ConfigError
 
 ALGORITHMS = {
     "rloo": dict(ppo=dict(advantage="rloo", loss_aggregation="token_sum", whiten_advantages=False, epochs=1,
@@ -28,7 +29,7 @@ ALGORITHMS = {
 
 def get_config(preset: str = "default"):
     if preset not in ("default", "tiny"):
-        raise ValueError(f"configs/rloo.py: unknown preset {preset!r}; use default or tiny.")
+        raise ConfigError(f"configs/rloo.py: unknown preset {preset!r}; use default or tiny.")
     overrides = dict(ALGORITHMS["rloo"])
     if preset == "tiny":  # 4 prompts x 4 samples per iteration
         overrides["batch_size"] = 16

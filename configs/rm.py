@@ -25,6 +25,7 @@ preference with a known rule (tests, tiny).
 """
 
 from rlhf_jax.config import base_config, tiny_preset
+from rlhf_jax.errors import ConfigError
 
 
 def get_config(preset: str = "default"):
@@ -73,8 +74,8 @@ def get_config(preset: str = "default"):
     elif preset == "lm_human_preferences":
         lm_human_preferences(c)
     elif preset != "default":
-        raise ValueError(f"configs/rm.py: unknown preset {preset!r}; use tiny, default, hh_rlhf or "
-                         f"lm_human_preferences.")
+        raise ConfigError(f"configs/rm.py: unknown preset {preset!r}; use tiny, default, hh_rlhf or "
+                          f"lm_human_preferences.")
     return c
 
 

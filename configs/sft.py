@@ -10,6 +10,7 @@ data: configs/hh_rlhf.py, configs/tldr.py.
 """
 
 from rlhf_jax.config import base_config, tiny_preset
+from rlhf_jax.errors import ConfigError
 
 
 def get_config(preset: str = "default"):
@@ -30,5 +31,5 @@ def get_config(preset: str = "default"):
         tiny_preset(c, seq_len=48)
         c.data.builtin_examples = 200
     elif preset != "default":
-        raise ValueError(f"configs/sft.py: unknown preset {preset!r}; use tiny or default.")
+        raise ConfigError(f"configs/sft.py: unknown preset {preset!r}; use tiny or default.")
     return c

@@ -33,7 +33,8 @@ and num_steps, shard with --config.mesh.fsdp=<devices per host>, and turn LoRA o
 for full fine-tuning (e.g. a v5e-16: --config.mesh.fsdp=4 --config.batch_size=256).
 """
 
-from rlhf_jax.pipeline import stage_config
+from rlhf_jax.config import stage_config
+from rlhf_jax.errors import ConfigError
 
 SMOLLM2_DIR = "models/smollm2"  # python -m rlhf_jax.convert gguf --out=models/smollm2
 SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"  # its template's default
@@ -49,7 +50,7 @@ _PG = dict(rollout=dict(max_new_tokens=32, temperature=0.7, samples_per_prompt=4
 
 def get_config(preset: str = "rlvr"):
     if preset not in PRESETS:
-        raise ValueError(f"configs/smollm2.py: unknown preset {preset!r}; use one of {PRESETS}.")
+        raise ConfigError(f"configs/smollm2.py: unknown preset {preset!r}; use one of {PRESETS}.")
     common = dict(init_from=SMOLLM2_DIR, model=dict(lora=LORA), data=dict(CHAT), checkpoint=dict(every=25))
     adamw = dict(name="adamw", lr=1e-4, warmup_steps=5, weight_decay=0.0, final_lr_fraction=0.0, schedule="cosine")
     if preset == "sft":

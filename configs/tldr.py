@@ -39,7 +39,8 @@ openai/lm-human-preferences launch.py: query 500, response 75, PPO lr 2e-6, batc
 
 import ml_collections
 
-from rlhf_jax.pipeline import stage_config
+from rlhf_jax.config import stage_config
+from rlhf_jax.errors import ConfigError
 
 SIZES = ("tiny", "gpt2", "pythia160m")
 STAGES = ("sft", "rm", "ppo")
@@ -56,8 +57,8 @@ EPISODES = 1_000_000
 def get_config(preset: str = "pythia160m_sft"):
     size, _, stage = preset.rpartition("_")
     if size not in SIZES or stage not in STAGES:
-        raise ValueError(f"configs/tldr.py: unknown preset {preset!r}; use <size>_<stage> with size in {SIZES} "
-                         f"and stage in {STAGES}, e.g. pythia160m_sft.")
+        raise ConfigError(f"configs/tldr.py: unknown preset {preset!r}; use <size>_<stage> with size in {SIZES} "
+                          f"and stage in {STAGES}, e.g. pythia160m_sft.")
     tiny = size == "tiny"
     o = ml_collections.ConfigDict()
     o.data = dict(chat_template="plain")
@@ -80,7 +81,8 @@ def get_config(preset: str = "pythia160m_sft"):
         o.data.update(prompts_format="tldr", prompts_path="" if tiny else SFT_TRAIN, max_prompt_len=48 if tiny else 513)
         o.rollout = dict(max_new_tokens=16 if tiny else 53, temperature=0.7, stop_token="end")  # end: eos under plain
         o.ppo = dict(epochs=4, num_minibatches=1, vf_coef=0.1, clip_range=0.2, clip_range_value=0.2, gamma=1.0,
-                     lam=0.95, whiten_rewards=True, missing_eos_penalty=-1.0, critic="shared" if tiny else "reward_model")
+                     lam=0.95, whiten_rewards=True, missing_eos_penalty=-1.0,
+                     critic="shared" if tiny else "reward_model")
         o.kl = dict(kind="fixed", init_coef=0.05)
         o.optim = dict(adamw, schedule="linear")
         o.batch_size, o.num_steps = (8, 4) if tiny else (512, EPISODES // 512)

@@ -150,7 +150,8 @@ def analyze(root, rows):
     order = [p for p in POLICY_GRADIENT + DIRECT if p in stats] + ["best_of_4_by_rm"] + \
         [f"{p} (gold reward)" for p in GOLD_REWARD if f"{p} (gold reward)" in stats]
     lines = ["## Head-to-head on the gold judge (mean ± std over seeds; [95% t-interval]; seeds 1-4 mean)", "",
-             "| algorithm | lr | " + " | ".join(name for _, name in METRICS) + " |", "|---|---|" + "---|" * len(METRICS)]
+             "| algorithm | lr | " + " | ".join(name for _, name in METRICS) + " |",
+             "|---|---|" + "---|" * len(METRICS)]
     for label in order:
         s = stats.get(label, {})
         lr = CHOSEN_LR.get(label.split(" ")[0], "")
@@ -183,7 +184,8 @@ def analyze(root, rows):
     with open(os.path.join(root, "paired_vs_ppo.json"), "w") as f:
         json.dump(paired, f, indent=1)
     lines += ["", "### Paired by seed: each algorithm minus PPO on the same seed (mean [95% t-interval])", "",
-              "| algorithm | Δ gold | Δ win rate vs SFT | Δ answer-correct | Δ chatter | Δ KL |", "|---|---|---|---|---|---|"]
+              "| algorithm | Δ gold | Δ win rate vs SFT | Δ answer-correct | Δ chatter | Δ KL |",
+              "|---|---|---|---|---|---|"]
     fmt = lambda v: (f"{v['mean']:+.3f} [{v['lo']:+.3f}, {v['hi']:+.3f}]" + (" *" if v["lo"] > 0 or v["hi"] < 0
                                                                                else "")) if v else "—"
     lines += [f"| {x} (n={paired[x].get('gold_score', {}).get('n', 0)}) | "
@@ -194,8 +196,8 @@ def analyze(root, rows):
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for i, label in enumerate(x for x in order if "kl" in stats.get(x, {})):
         g, k = stats[label]["gold_score"], stats[label]["kl"]
-        ax.errorbar(k["mean"], g["mean"], xerr=k["std"], yerr=g["std"], fmt="os^vD<>ph*P"[i % 11], color=plt.cm.tab20(i % 20),
-                    label=label, capsize=2, ms=6)
+        ax.errorbar(k["mean"], g["mean"], xerr=k["std"], yerr=g["std"], fmt="os^vD<>ph*P"[i % 11],
+                    color=plt.cm.tab20(i % 20), label=label, capsize=2, ms=6)
     if "sft" in stats:
         ax.axhline(stats["sft"]["gold_score"]["mean"], color="gray", ls="--", lw=1, label="SFT")
     if "gold_score" in stats.get("best_of_4_by_rm", {}):

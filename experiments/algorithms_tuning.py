@@ -44,7 +44,8 @@ def analyze(root, rows):
     with open(os.path.join(root, "chosen_lr.json"), "w") as f:
         json.dump(picks, f, indent=2)
     lines = ["## Learning rate per algorithm (held-out gold score, seed 0)", "",
-             "| algorithm | " + " | ".join(f"lr {lr:g}" for lr in LRS) + " | chosen |", "|---|" + "---|" * (len(LRS) + 1)]
+             "| algorithm | " + " | ".join(f"lr {lr:g}" for lr in LRS) + " | chosen |",
+             "|---|" + "---|" * (len(LRS) + 1)]
     for p in POLICY_GRADIENT + DIRECT:
         cells = []
         for lr in LRS:

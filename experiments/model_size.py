@@ -95,7 +95,6 @@ def analyze(root, rows):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     from rlhf_jax.tasks import builtin
 
@@ -143,17 +142,19 @@ def analyze(root, rows):
     smallest = sizes[0]
     beat = lambda p, q, key: smallest["rows"][p][key] > largest["rows"][q][key]
     lines += ["", f"**Claim check** (InstructGPT: a small aligned model is preferred over a much larger prompted one): "
-              f"the smallest PPO policy ({smallest['params'] / 1e6:.2f}M) scores {smallest['rows']['ppo']['gold_score']:.3f} "
+              f"the smallest PPO policy ({smallest['params'] / 1e6:.2f}M) scores "
+              f"{smallest['rows']['ppo']['gold_score']:.3f} "
               f"gold, win rate {smallest['win']['ppo']:.3f} against the largest SFT; the largest GPT 2-shot scores "
               f"{largest['rows']['gpt_few_shot']['gold_score']:.3f} (win rate {largest['win']['gpt_few_shot']:.3f}), "
-              f"the largest SFT {largest['rows']['sft']['gold_score']:.3f}. Smallest PPO beats the largest prompted GPT: "
+              f"the largest SFT {largest['rows']['sft']['gold_score']:.3f}. Smallest PPO beats the largest prompted "
+              f"GPT: "
               f"{'yes' if beat('ppo', 'gpt_few_shot', 'gold_score') else 'no'}; beats the largest SFT: "
               f"{'yes' if beat('ppo', 'sft', 'gold_score') else 'no'}."]
     ordered = [s for s in sizes if all(s["rows"][a]["gold_score"] >= s["rows"][b]["gold_score"] for a, b in
                                        zip(("ppo", "sft", "gpt_few_shot"), ("sft", "gpt_few_shot", "gpt_zero_shot")))]
+    ptx_wins = sum(s["rows"]["ppo_ptx"]["gold_score"] >= s["rows"]["ppo"]["gold_score"] for s in sizes)
     lines += [f"Figure 1's order PPO ≥ SFT ≥ GPT prompted ≥ GPT by gold score holds at {len(ordered)} of {len(sizes)} "
-              f"sizes; PPO-ptx ≥ PPO at {sum(s['rows']['ppo_ptx']['gold_score'] >= s['rows']['ppo']['gold_score'] for s in sizes)} "
-              f"of {len(sizes)}."]
+              f"sizes; PPO-ptx ≥ PPO at {ptx_wins} of {len(sizes)}."]
     lines += ["", "Wall time per stage (seconds, compilation included; the smallest size's first four stages are "
               "runs/quickstart's):", "", "| parameters | pretrain | SFT | comparisons | RM | PPO | PPO-ptx | "
               "evaluation ×2 | total |", "|---|---|---|---|---|---|---|---|---|"]

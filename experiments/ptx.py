@@ -15,5 +15,5 @@ from experiments import product
 BASE = "configs/pipeline.py"
 FIXED = {"reuse_from": "runs/quickstart"}
 SWEEP = product({"ppo.ppo.ptx_coef": [0.0, 1.0, 3.0]})
-COLUMNS = ("pretrained/pretrain_loss", "sft/pretrain_loss", "policy/pretrain_loss", "policy/gold_score", "policy/win_rate_vs_sft",
-           "policy/kl")
+COLUMNS = ("pretrained/pretrain_loss", "sft/pretrain_loss", "policy/pretrain_loss", "policy/gold_score",
+           "policy/win_rate_vs_sft", "policy/kl")

@@ -37,10 +37,11 @@ def _sweep():
              for n, seed in COLUMNS_RUN for v in VARIANTS]
     names = run_names(first)  # the keys are the same below, so the mean runs keep these names
     out = []
-    for i, r in enumerate(first):
+    for r in first:
         if r["rm.rm.ensemble_size"] > 1 and r["ppo.reward.aggregate"] != "mean":
             mean_run = next(j for j, q in enumerate(first) if q["seed"] == r["seed"] and q["ppo.reward.aggregate"] ==
-                            "mean" and q["rm.rm.ensemble_size"] > 1 and q["rm.data.train_lines"] == r["rm.data.train_lines"])
+                            "mean" and q["rm.rm.ensemble_size"] > 1
+                            and q["rm.data.train_lines"] == r["rm.data.train_lines"])
             r = {**r, "reuse_from": f"{ROOT}/{names[mean_run]}"}
         out.append(r)
     return out
@@ -117,17 +118,19 @@ def analyze(root, rows):
              "Final gold / win rate: the held-out evaluation after 100 iterations. Peak d*: the fit's maximum, "
              "n/a where it lies beyond the last observed d (the fit still rising).", "",
              "| prompts | seed | reward | RM acc. vs gold | α | β | peak d* | fitted gold gain at d* | final KL | "
-             "final gold | win rate vs SFT | proxy gain at the end |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "final gold | win rate vs SFT | proxy gain at the end |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for t in sorted(table, key=lambda t: (t["n"], t["seed"], [_label(v) for v in VARIANTS].index(t["label"]))):
         lines.append(f"| {t['n']} | {t['seed']} | {t['label']} | {t['acc']:.3f} | {t['alpha']:.3f} | {t['beta']:.3f} | "
                      f"{t['peak']:.2f} | {t['at_peak']:+.3f} | {t['kl']:.2f} | {t['gold']:.3f} | {t['win']:.3f} | "
                      f"{t['proxy']:+.3f} |")
     multi = {k: v for k, v in by_label.items() if len(v) > 1}
+    by_prompts_then_variant = lambda kv: (kv[0][0], [_label(x) for x in VARIANTS].index(kv[0][1]))
     if multi:
         lines += ["", "Over seeds (mean ± std):", "", "| prompts | reward | seeds | final gold | win rate vs SFT | "
                   "peak d* | final KL |", "|---|---|---|---|---|---|---|"]
-        for (n, label), v in sorted(multi.items(), key=lambda kv: (kv[0][0], [_label(x) for x in VARIANTS].index(kv[0][1]))):
-            f = lambda key: f"{np.mean([x[key] for x in v]):.3f} ± {np.std([x[key] for x in v], ddof=1):.3f}"
+        for (n, label), v in sorted(multi.items(), key=by_prompts_then_variant):
+            f = lambda key, v=v: f"{np.mean([x[key] for x in v]):.3f} ± {np.std([x[key] for x in v], ddof=1):.3f}"
             peaks = [x["peak"] for x in v if np.isfinite(x["peak"])]
             peak = f"{np.mean(peaks):.2f} ± {np.std(peaks, ddof=1):.2f}" if len(peaks) > 1 else "n/a"
             peak += f" ({len(peaks)} in range)" if len(peaks) < len(v) else ""
@@ -135,7 +138,7 @@ def analyze(root, rows):
         lines += ["", "Paired by seed: final gold minus one RM's on the same seed.", "",
                   "| prompts | reward | per seed | mean |", "|---|---|---|---|"]
         single = {(t["n"], t["seed"]): t["gold"] for t in table if t["label"] == "one RM"}
-        for (n, label), v in sorted(multi.items(), key=lambda kv: (kv[0][0], [_label(x) for x in VARIANTS].index(kv[0][1]))):
+        for (n, label), v in sorted(multi.items(), key=by_prompts_then_variant):
             diffs = [x["gold"] - single[n, x["seed"]] for x in sorted(v, key=lambda x: x["seed"])
                      if label != "one RM" and (n, x["seed"]) in single]
             if diffs:

@@ -40,7 +40,8 @@ def analyze(root, rows):
              f"Points: means of {WINDOW} PPO iterations (64 episodes each) on the training prompts. Gold gain = gold "
              "score − the SFT policy's on the held-out prompts (same temperature); proxy gain = RM score − PPO's "
              "first iteration's (the SFT policy's rollouts). The fit passes through d = 0.", "",
-             "| comparisons (prompts) | RM acc. vs gold | α | β | peak d* | gold gain at the end | proxy gain at the end |",
+             "| comparisons (prompts) | RM acc. vs gold | α | β | peak d* | gold gain at the end "
+             "| proxy gain at the end |",
              "|---|---|---|---|---|---|---|"]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for i, r in enumerate(done):

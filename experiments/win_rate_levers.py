@@ -7,11 +7,11 @@
 Each run is the whole pipeline at seed 0, its pretrained model taken from runs/quickstart; the runs
 that change the SFT recipe train SFT, the comparisons and the RM themselves (about 6 minutes each on
 2 CPU cores, the sweep about 50). First, the comparisons sampled at PPO's temperature 0.7 instead of
-1.0, and the RM trained 4x longer at lr 3e-4 (pretrain and SFT as in runs/quickstart). Then the levers, cumulative: a longer, faster SFT (lr 1e-3, sequences of
-64 tokens, 1,200 steps), 20,000 demonstrations instead of 6,000, a demonstrator that slips on half its
-demonstrations (default 0.2); then, on that SFT and RM, PPO with a 3x learning rate, a critic initialised
-from the RM, 4 samples per prompt with a leave-one-out baseline, 256 episodes per iteration, and the
-gold judge as the reward (the ceiling).
+1.0, and the RM trained 4x longer at lr 3e-4 (pretrain and SFT as in runs/quickstart). Then the levers,
+cumulative: a longer, faster SFT (lr 1e-3, sequences of 64 tokens, 1,200 steps), 20,000 demonstrations
+instead of 6,000, a demonstrator that slips on half its demonstrations (default 0.2); then, on that SFT and
+RM, PPO with a 3x learning rate, a critic initialised from the RM, 4 samples per prompt with a leave-one-out
+baseline, 256 episodes per iteration, and the gold judge as the reward (the ceiling).
 
 Measured at commit 37eaaec, on the default preset of the time (no chatter, 1,000 pretrain and 800 SFT
 steps at lr 3e-4 on 96-token windows, operands up to 49); experiments/README.md gives those numbers

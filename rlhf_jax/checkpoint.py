@@ -17,6 +17,8 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from rlhf_jax.errors import MissingFileError
+
 # Orbax lets the replicas of a replicated array share its writing ("replica-parallel"): each slices its part
 # of the shard on device, one small compiled program per array shape and slice, a few ms each, for each of a
 # model's hundreds of arrays (3 s of a tiny model's first save here). For a small array that costs more than
@@ -53,6 +55,12 @@ class Checkpointer:
                                                enable_async_checkpointing=use_async)
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_names=("params", "state", "meta"))
+        # That removal runs in a background thread, which a save would wait for. Wait now (a directory listing):
+        # a run stopping before its first save (a config error) must not exit under the thread, which then fails
+        # with a second traceback. Orbax has no public call for it; without it, the thread is left to finish.
+        wait_for_cleanup = getattr(self.manager, "_maybe_await_cleanup_tmp_directory", None)
+        if wait_for_cleanup is not None:
+            wait_for_cleanup()
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -93,7 +101,7 @@ def find_params_checkpoint(path: str) -> tuple[str, int]:
     ckpt_dir = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
     steps = sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit()) if os.path.isdir(ckpt_dir) else []
     if not steps:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"init_from={path!r}: no finished checkpoint found (looked for {ckpt_dir}/<step>/params). "
             f"Run the earlier stage to completion first, or point init_from at its --workdir.")
     return ckpt_dir, steps[-1]

@@ -1,20 +1,25 @@
-"""The config fields every stage shares, and the checks that run before anything else.
+"""The config fields every stage shares, the checks that run before anything else, and config composition.
 
 Stage configs in `configs/` start from `base_config()` and add their own
 fields; the dict is then locked, so an unknown `--config.x=y` fails at start.
+A config built on another (configs/grpo.py on configs/ppo.py, a pipeline's stages) is
+`stage_config(name, preset, overrides)`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 
 import ml_collections
 
+from rlhf_jax.errors import ConfigError
 from rlhf_jax.models.layers import LORA_TARGETS, ModelConfig
 from rlhf_jax.parallel import DEFAULT_RULES
 
 STAGES = ("pretrain", "sft", "rm", "ppo", "dpo")
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -76,7 +81,7 @@ def model_config(c: ml_collections.ConfigDict) -> ModelConfig:
 
 
 def _fail(key: str, why: str, fix: str):
-    raise ValueError(f"config.{key}: {why}. {fix}")
+    raise ConfigError(f"config.{key}: {why}. {fix}")
 
 
 def _check_lora(lora, mlp: str, tied: bool) -> None:
@@ -144,3 +149,38 @@ def validate(c: ml_collections.ConfigDict) -> None:
     from rlhf_jax.data import chat
 
     chat.config_template(c.data)  # an unknown chat_template or chat_custom key fails here, naming the fix
+
+
+def check_seq_len(c: ml_collections.ConfigDict) -> None:
+    """data.seq_len (where a stage has one) fits a learned position table; run once init_from's architecture
+    is known (rlhf_jax.run.Run)."""
+    seq_len = c.data.get("seq_len")
+    if seq_len and c.model.position == "learned" and seq_len > c.model.max_len:
+        _fail("data.seq_len", f"{seq_len} exceeds model.max_len={c.model.max_len}, the learned position table",
+              "Lower data.seq_len (or raise model.max_len when training from scratch).")
+
+
+def config_module(name: str):
+    """configs/<name>.py as a module (the configs directory is not a package: load it by path)."""
+    spec = importlib.util.spec_from_file_location(f"rlhf_jax_configs_{name}", os.path.join(CONFIG_DIR, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def stage_config(name: str, preset: str, overrides) -> ml_collections.ConfigDict:
+    """configs/<name>.py:<preset> with `overrides` (a dict or ConfigDict) merged in; unknown keys are errors."""
+    c = config_module(name).get_config(preset)
+    merge_config(c, overrides if isinstance(overrides, dict) else overrides.to_dict(), f"config.{name}")
+    return c
+
+
+def merge_config(dst, src: dict, where: str):
+    """Sets every (nested) key of `src` in `dst`; a key `dst` lacks is an error naming `where`.key."""
+    for k, v in src.items():
+        if k not in dst:
+            raise ConfigError(f"{where}.{k}: no such field in the {where.split('.')[-1]} stage config.")
+        if isinstance(v, dict):
+            merge_config(dst[k], v, f"{where}.{k}")
+        else:
+            dst[k] = v

@@ -9,12 +9,14 @@ pytree that shards like the params it mirrors.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+
+from rlhf_jax.errors import ConfigError
 
 Schedule = Callable[[jax.Array | int], jax.Array]
 
@@ -29,10 +31,10 @@ def make_schedule(lr: float, schedule: str, warmup_steps: int, total_steps: int,
     schedule="linear", warmup_steps=0, final_lr_fraction=0.
     """
     if schedule not in ("constant", "cosine", "linear"):
-        raise ValueError(f"config.optim.schedule: {schedule!r} is unknown. Use constant, cosine or linear.")
+        raise ConfigError(f"config.optim.schedule: {schedule!r} is unknown. Use constant, cosine or linear.")
     if schedule != "constant" and total_steps <= 0:
-        raise ValueError(f"config.optim.total_steps={total_steps}: a {schedule} schedule needs a positive "
-                         "decay horizon. Set optim.total_steps (or num_steps) to a positive number of updates.")
+        raise ConfigError(f"config.optim.total_steps={total_steps}: a {schedule} schedule needs a positive "
+                          "decay horizon. Set optim.total_steps (or num_steps) to a positive number of updates.")
     final = lr * final_lr_fraction
     # A horizon shorter than the warmup still gives a well-defined (immediate) decay.
     decay_steps = max(total_steps - warmup_steps, 1)
@@ -105,13 +107,13 @@ def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int | None = Non
     elif cfg.name == "tf_adam":
         direction = scale_by_tf_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
     else:
-        raise ValueError(f"config.optim.name: {cfg.name!r} is unknown. Use adamw, adam or tf_adam.")
+        raise ConfigError(f"config.optim.name: {cfg.name!r} is unknown. Use adamw, adam or tf_adam.")
     if cfg.name == "adam" and cfg.weight_decay:
-        raise ValueError(f"config.optim.weight_decay={cfg.weight_decay} with name='adam': plain Adam has no "
-                         "weight decay. Use --config.optim.name=adamw, or set --config.optim.weight_decay=0.")
+        raise ConfigError(f"config.optim.weight_decay={cfg.weight_decay} with name='adam': plain Adam has no "
+                          "weight decay. Use --config.optim.name=adamw, or set --config.optim.weight_decay=0.")
     if cfg.weight_decay < 0 or cfg.grad_clip_norm < 0:
-        raise ValueError(f"config.optim: weight_decay={cfg.weight_decay} and grad_clip_norm={cfg.grad_clip_norm} "
-                         "must be >= 0 (0 disables them).")
+        raise ConfigError(f"config.optim: weight_decay={cfg.weight_decay} and grad_clip_norm={cfg.grad_clip_norm} "
+                          "must be >= 0 (0 disables them).")
 
     parts = []
     if cfg.grad_clip_norm > 0:

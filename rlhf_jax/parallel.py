@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from rlhf_jax.errors import ConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -39,18 +42,18 @@ def mesh_shape(requested: dict[str, int], num_devices: int) -> tuple[int, ...]:
     """Resolves one -1 entry so that data * fsdp * tensor == num_devices."""
     sizes = [int(requested[a]) for a in MESH_AXES]
     if sizes.count(-1) > 1:
-        raise ValueError(f"config.mesh: at most one axis may be -1 (fill), got {dict(zip(MESH_AXES, sizes))}.")
+        raise ConfigError(f"config.mesh: at most one axis may be -1 (fill), got {dict(zip(MESH_AXES, sizes))}.")
     if any(s == 0 or s < -1 for s in sizes):
-        raise ValueError(f"config.mesh: axis sizes must be positive or -1, got {dict(zip(MESH_AXES, sizes))}.")
+        raise ConfigError(f"config.mesh: axis sizes must be positive or -1, got {dict(zip(MESH_AXES, sizes))}.")
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
         if num_devices % known:
-            raise ValueError(
+            raise ConfigError(
                 f"config.mesh {dict(zip(MESH_AXES, sizes))}: the fixed axes multiply to {known}, which does not "
                 f"divide the {num_devices} available devices. Choose sizes whose product divides {num_devices}.")
         sizes[sizes.index(-1)] = num_devices // known
     if math.prod(sizes) != num_devices:
-        raise ValueError(
+        raise ConfigError(
             f"config.mesh {dict(zip(MESH_AXES, sizes))} has {math.prod(sizes)} devices but {num_devices} are "
             f"available. Set one axis to -1 to fill, e.g. --config.mesh.data=-1.")
     return tuple(sizes)
@@ -143,11 +146,11 @@ def to_host(x) -> np.ndarray:
 def check_batch(global_batch_size: int, mesh: Mesh, rules, name: str = "config.batch_size") -> None:
     n = data_parallel_size(mesh, rules)
     if global_batch_size % n:
-        raise ValueError(
+        raise ConfigError(
             f"{name}={global_batch_size} is not divisible by the {n} data-parallel shards "
             f"(mesh {dict(mesh.shape)}). Use a multiple of {n}, or change config.mesh.")
     if global_batch_size % jax.process_count():
-        raise ValueError(f"{name}={global_batch_size} is not divisible by the {jax.process_count()} processes.")
+        raise ConfigError(f"{name}={global_batch_size} is not divisible by the {jax.process_count()} processes.")
 
 
 def per_device_bytes(tree) -> int:

@@ -22,7 +22,7 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     return 6.0 * n_matmul + 12.0 * L * seq_len * d
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def measured_peak_flops(dtype: str = "bfloat16", n: int = 2048, repeats: int = 5) -> float:
     """Best observed FLOP/s over all local devices of one large square matmul in `dtype` (f32 accumulation)."""
     dt = jnp.dtype(dtype)

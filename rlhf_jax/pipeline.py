@@ -11,32 +11,14 @@ interrupted one resumes from its checkpoint.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import time
 
 import ml_collections
 
-import rlhf_jax
-
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(rlhf_jax.__file__))), "configs")
-
-
-def config_module(name: str):
-    """configs/<name>.py as a module (the configs directory is not a package: load it by path)."""
-    spec = importlib.util.spec_from_file_location(f"rlhf_jax_configs_{name}", os.path.join(CONFIG_DIR, f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def stage_config(name: str, preset: str, overrides) -> ml_collections.ConfigDict:
-    """configs/<name>.py:<preset> with `overrides` (a dict or ConfigDict) merged in; unknown keys are errors."""
-    c = config_module(name).get_config(preset)
-    _merge(c, overrides if isinstance(overrides, dict) else overrides.to_dict(), f"config.{name}")
-    return c
-
+from rlhf_jax.config import config_module, merge_config
+from rlhf_jax.errors import ConfigError, MissingFileError
 
 # config.policy → (the stage config of the pipeline config that runs it, configs/<file>.py whose
 # ALGORITHMS[policy] holds its settings). Adding an algorithm of the family is an entry here and there.
@@ -51,13 +33,13 @@ def policy_stage_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     the pipeline's policy-stage settings (its sizes: iterations, batch, lengths, lr), except that every key
     the user set (a value of c.<stage> other than the preset's) keeps the user's value."""
     if c.policy not in POLICIES:
-        raise ValueError(f"config.policy={c.policy!r} is not an algorithm; use one of {sorted(POLICIES)}.")
+        raise ConfigError(f"config.policy={c.policy!r} is not an algorithm; use one of {sorted(POLICIES)}.")
     stage, file = POLICIES[c.policy]
     preset = config_module("pipeline").get_config(c.preset)[stage].to_dict()
     mine = c[stage].to_dict()
     out = ml_collections.ConfigDict(preset)
-    _merge(out, config_module(file).ALGORITHMS[c.policy], f"configs/{file}.py ALGORITHMS[{c.policy!r}]")
-    _merge(out, _changed(mine, preset), f"config.{stage}")
+    merge_config(out, config_module(file).ALGORITHMS[c.policy], f"configs/{file}.py ALGORITHMS[{c.policy!r}]")
+    merge_config(out, _changed(mine, preset), f"config.{stage}")
     return out
 
 
@@ -72,16 +54,6 @@ def _changed(mine: dict, preset: dict) -> dict:
         elif k not in preset or v != preset[k]:
             out[k] = v
     return out
-
-
-def _merge(dst, src: dict, where: str):
-    for k, v in src.items():
-        if k not in dst:
-            raise ValueError(f"{where}.{k}: no such field in the {where.split('.')[-1]} stage config.")
-        if isinstance(v, dict):
-            _merge(dst[k], v, f"{where}.{k}")
-        else:
-            dst[k] = v
 
 
 # The pipeline config keys (dotted) each stage's output depends on, its upstream stages' included; a stage of
@@ -111,9 +83,9 @@ def reusable_stages(c: ml_collections.ConfigDict, base: str) -> dict[str, str]:
         return {}
     path = os.path.join(base, "pipeline_config.json")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"config.reuse_from={base!r}: {path} does not exist. Point it at the workdir of "
-                                f"a pipeline run (e.g. runs/quickstart after bash scripts/quickstart.sh), or leave "
-                                f"it empty to run every stage here.")
+        raise MissingFileError(f"config.reuse_from={base!r}: {path} does not exist. Point it at the workdir of "
+                               f"a pipeline run (e.g. runs/quickstart after bash scripts/quickstart.sh), or leave "
+                               f"it empty to run every stage here.")
     with open(path) as f:
         theirs = json.load(f)
     ours = json.loads(json.dumps(c.to_dict(), default=str))
@@ -218,9 +190,8 @@ def sample_comparisons(c, sft_dir: str, prompts_path: str, out_path: str, noise:
 
 
 def run_pipeline(c: ml_collections.ConfigDict, workdir: str) -> dict:
-    from rlhf_jax import parallel
+    from rlhf_jax import parallel, pipeline_eval
     from rlhf_jax.stages import run_stage
-    from rlhf_jax import pipeline_eval
 
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
@@ -251,8 +222,8 @@ def run_pipeline(c: ml_collections.ConfigDict, workdir: str) -> dict:
         return cfg
 
     if c.policy_reward not in ("rm", "gold"):
-        raise ValueError(f"config.policy_reward={c.policy_reward!r}: use 'rm' (the trained RM) or 'gold' (the gold "
-                         f"judge).")
+        raise ConfigError(f"config.policy_reward={c.policy_reward!r}: use 'rm' (the trained RM) or 'gold' (the gold "
+                          f"judge).")
     policy_stage_config(c)  # an unknown policy fails before anything runs
     t0 = time.perf_counter()
     once(sub["pretrain"], "pretrain", lambda: run_stage(stage("pretrain", **{"data.path": paths["corpus"]}),
@@ -284,22 +255,24 @@ def run_pipeline(c: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 def main(argv):
-    from absl import logging
+    from absl import app, logging
 
     from rlhf_jax import distributed
 
     if len(argv) > 1:
-        raise ValueError(f"Unexpected arguments: {argv[1:]}")
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)
     distributed.initialize()
     run_pipeline(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":
-    from absl import app, flags
+    from absl import flags
     from ml_collections import config_flags
+
+    from rlhf_jax import cli
 
     _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/pipeline.py:<preset>", lock_config=True)
     _WORKDIR = flags.DEFINE_string("workdir", "runs/pipeline", "Directory for every stage's sub-workdir.")
     flags.mark_flags_as_required(["config"])
-    app.run(main)
+    cli.run(main)

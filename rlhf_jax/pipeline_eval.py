@@ -14,7 +14,8 @@ from rlhf_jax import objectives, parallel
 from rlhf_jax.evaluation import generate, load_policy, load_reward_model, response_logprobs, sampling_settings
 
 LABELS = {"ppo": "PPO", "grpo": "GRPO", "dr_grpo": "Dr. GRPO", "rloo": "RLOO", "reinforce_pp": "REINFORCE++",
-          "dpo": "DPO", "ipo": "IPO", "simpo": "SimPO", "plackett_luce": "Plackett-Luce DPO", "online_dpo": "online DPO"}
+          "dpo": "DPO", "ipo": "IPO", "simpo": "SimPO", "plackett_luce": "Plackett-Luce DPO",
+          "online_dpo": "online DPO"}
 
 
 def label(policy: str) -> str:
@@ -94,8 +95,8 @@ def prompted_baselines(c, sub, paths, model, params, tok, source, settings, prom
 
     k, P = c.eval.few_shot, c.data.max_prompt_len
     window = c.pretrain.data.seq_len - c.eval.max_new_tokens
-    path = builtin.write_few_shot_prompts(paths["eval_prompts"], os.path.join(sub["eval"], f"eval_prompts_{k}shot.jsonl"),
-                                          k, seed=c.seed + 7)
+    path = builtin.write_few_shot_prompts(paths["eval_prompts"],
+                                          os.path.join(sub["eval"], f"eval_prompts_{k}shot.jsonl"), k, seed=c.seed + 7)
     few, _ = prompt_data.build_prompt_dataset(path, "prompt", tok.path, max(P, min((k + 1) * P, window)),
                                               os.path.join(sub["eval"], "tfds"))
     out, responses = {}, {}
@@ -250,7 +251,8 @@ def write_report(c, workdir: str, sub: dict, summary: dict, seconds: float) -> N
     lines += ["", "Pretraining loss: nats per token on the pretraining corpus' held-out windows (the alignment tax "
               f"is {name}'s rise over SFT's); the pretrained model's: {summary['pretrained']['pretrain_loss']:.3f}."]
     lines += ["", f"Reward model accuracy against the gold judge on {summary['rm']['gold_untied_pairs']} held-out "
-              f"pairs with different gold scores: {summary['rm']['accuracy_vs_gold']:.3f}", "", f"Wall time: {seconds / 60:.1f} min (this invocation).",
+              f"pairs with different gold scores: {summary['rm']['accuracy_vs_gold']:.3f}", "",
+              f"Wall time: {seconds / 60:.1f} min (this invocation).",
               "", "## Samples", "", f"| prompt | SFT | gold | {name} | gold |", "|---|---|---|---|---|"]
     esc = lambda s: s.replace("|", "\\|").replace("\n", " ")
     lines += [f"| {esc(s['prompt'])} | {esc(s['sft'])} | {s['gold_sft']:.2f} | {esc(s['policy'])} | "

@@ -55,6 +55,7 @@ import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 
 from rlhf_jax import config as config_lib, lora, optim, parallel, ppo_setup, train_state  # noqa: E402
+from rlhf_jax.errors import ConfigError  # noqa: E402
 from rlhf_jax.models.gpt import TransformerLM  # noqa: E402
 from rlhf_jax.models.layers import LoraConfig  # noqa: E402
 
@@ -81,8 +82,8 @@ def plan(config: ml_collections.ConfigDict, hbm_gib: float = 0.0) -> dict:
         adopt_model_config(c)
     config_lib.validate(c)
     if c.model.vocab_size <= 0:
-        raise ValueError("config.model.vocab_size is -1 (from the tokenizer), and the planner reads no tokenizer: "
-                         "set it, e.g. --config.model.vocab_size=50304, or --config.init_from a checkpoint.")
+        raise ConfigError("config.model.vocab_size is -1 (from the tokenizer), and the planner reads no tokenizer: "
+                          "set it, e.g. --config.model.vocab_size=50304, or --config.init_from a checkpoint.")
     mesh = parallel.make_mesh({a: c.mesh[a] for a in parallel.MESH_AXES})
     rules = parallel.rules_from_config(c.mesh.rules)
     parallel.check_batch(c.batch_size, mesh, rules)
@@ -91,7 +92,7 @@ def plan(config: ml_collections.ConfigDict, hbm_gib: float = 0.0) -> dict:
     model = TransformerLM(config_lib.model_config(c))
     build = {"pretrain": _lm, "sft": _lm, "rm": _rm, "ppo": _ppo}.get(c.stage)
     if build is None:
-        raise ValueError(f"config.stage={c.stage!r}: the planner covers pretrain, sft, rm and ppo.")
+        raise ConfigError(f"config.stage={c.stage!r}: the planner covers pretrain, sft, rm and ppo.")
     state, frozen, functions = build(c, model, mesh, rules)
 
     # What stays on the devices for the whole run, in parts a compiled function may take as arguments.
@@ -244,8 +245,10 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from absl import app, flags
+    from absl import flags
     from ml_collections import config_flags
+
+    from rlhf_jax import cli
 
     _CONFIG = config_flags.DEFINE_config_file("config", None, "Stage config file, e.g. configs/hh_rlhf.py:gpt2_ppo.",
                                               lock_config=True)
@@ -253,4 +256,4 @@ if __name__ == "__main__":
     _HBM_GIB = flags.DEFINE_float("hbm_gib", 0.0, "Memory per device in GiB; 0: no fits verdict.")
     _JSON = flags.DEFINE_string("json", "", "Also write the report here as JSON (bytes per device).")
     flags.mark_flags_as_required(["config"])
-    app.run(main)
+    cli.run(main)

@@ -1,6 +1,7 @@
 """The policy-gradient stage's own plumbing — config checks, the pretraining data of PPO-ptx, initial
-params with or without a critic — kept out of `stages/ppo.py` so that file reads as the algorithm (and out of `stages/`, which holds stages only). What any
-online algorithm shares (prompts, sampling, rewards, keys, samples) is `rlhf_jax.rollout`."""
+params with or without a critic — kept out of `stages/ppo.py` so that file reads as the algorithm (and out of
+`stages/`, which holds stages only). What any online algorithm shares (prompts, sampling, rewards, keys,
+samples) is `rlhf_jax.rollout`."""
 
 from __future__ import annotations
 
@@ -10,12 +11,14 @@ import jax
 import jax.numpy as jnp
 
 from rlhf_jax import checkpoint, evaluation, parallel, preference, rl, train_state
+from rlhf_jax.errors import ConfigError
 from rlhf_jax.run import RUNTIME_MODEL_FIELDS, Run
 
 
 def ptx_data(run: Run, tok):
     """The pretraining windows PPO-ptx mixes in (InstructGPT eq. 2), or None when ppo.ptx_coef is 0."""
-    from rlhf_jax.data import builtin_text, lm_datasets
+    from rlhf_jax.data import lm_datasets
+    from rlhf_jax.tasks import builtin_text
 
     c = run.config
     if c.ppo.ptx_coef <= 0:
@@ -44,12 +47,12 @@ def initial_params(run: Run, model, params):
         rm_dir = run.config.reward.rm_workdir
         norm = evaluation.load_reward_norm(rm_dir)
         if norm["ensemble_size"] > 1:
-            raise ValueError(f"config.ppo.critic='reward_model' starts the critic from one RM, but {rm_dir} is an "
-                             f"ensemble of {norm['ensemble_size']}; use ppo.critic='shared'.")
+            raise ConfigError(f"config.ppo.critic='reward_model' starts the critic from one RM, but {rm_dir} is an "
+                              f"ensemble of {norm['ensemble_size']}; use ppo.critic='shared'.")
         arch = lambda m: {k: v for k, v in (m or {}).items() if k not in RUNTIME_MODEL_FIELDS}
         if arch((checkpoint.read_run_config(rm_dir) or {}).get("model")) != arch(run.config.model.to_dict()):
-            raise ValueError("config.ppo.critic='reward_model' needs the RM to have the policy's architecture; "
-                             "use ppo.critic='shared' or train the RM from the same SFT workdir.")
+            raise ConfigError("config.ppo.critic='reward_model' needs the RM to have the policy's architecture; "
+                              "use ppo.critic='shared' or train the RM from the same SFT workdir.")
         critic = checkpoint.load_base_params(rm_dir, params["critic"])
         # New arrays, not an alias: the train state is donated, and one buffer must not back two leaves.
         out["critic"] = {**critic, "value_head": preference.fold_normalization(
@@ -68,30 +71,30 @@ def check_config(c) -> int:
                ("ppo.critic", c.ppo.critic, ("shared", "reward_model")))
     for key, value, allowed in choices:
         if value not in allowed:
-            raise ValueError(f"config.{key}={value!r} is unknown; use one of {allowed}.")
+            raise ConfigError(f"config.{key}={value!r} is unknown; use one of {allowed}.")
     if M < 1 or B % M:
-        raise ValueError(f"config.batch_size={B} episodes do not split into ppo.num_minibatches={M} equal "
-                         f"minibatches; pick num_minibatches dividing batch_size (e.g. 4 with 64).")
+        raise ConfigError(f"config.batch_size={B} episodes do not split into ppo.num_minibatches={M} equal "
+                          f"minibatches; pick num_minibatches dividing batch_size (e.g. 4 with 64).")
     if k < 1 or B % k or (B // k) % jax.process_count():
-        raise ValueError(f"config.rollout.samples_per_prompt={k} must be >= 1 and divide batch_size={B} into a "
-                         f"number of prompts that divides by the {jax.process_count()} process(es); e.g. "
-                         f"samples_per_prompt=4 with batch_size=64.")
+        raise ConfigError(f"config.rollout.samples_per_prompt={k} must be >= 1 and divide batch_size={B} into a "
+                          f"number of prompts that divides by the {jax.process_count()} process(es); e.g. "
+                          f"samples_per_prompt=4 with batch_size=64.")
     if base == "loo" and k < 2:
-        raise ValueError("config.ppo.score_baseline='loo' needs config.rollout.samples_per_prompt >= 2 (a "
-                         "prompt's other samples are its baseline).")
+        raise ConfigError("config.ppo.score_baseline='loo' needs config.rollout.samples_per_prompt >= 2 (a "
+                          "prompt's other samples are its baseline).")
     if adv == "rloo" and k < 2:
-        raise ValueError("config.ppo.advantage='rloo' needs config.rollout.samples_per_prompt >= 2: each sample's "
-                         "baseline is the mean of its prompt's other samples.")
+        raise ConfigError("config.ppo.advantage='rloo' needs config.rollout.samples_per_prompt >= 2: each sample's "
+                          "baseline is the mean of its prompt's other samples.")
     if adv in ("grpo", "dr_grpo") and k < 2:
-        raise ValueError(f"config.ppo.advantage={adv!r} with samples_per_prompt={k}: a group of one has advantage "
-                         f"0, so nothing would be learnt. Use samples_per_prompt >= 2 (DeepSeekMath: 64).")
+        raise ConfigError(f"config.ppo.advantage={adv!r} with samples_per_prompt={k}: a group of one has advantage "
+                          f"0, so nothing would be learnt. Use samples_per_prompt >= 2 (DeepSeekMath: 64).")
     if c.ppo.critic == "reward_model" and adv != "gae":
-        raise ValueError(f"config.ppo.critic='reward_model' with ppo.advantage={adv!r}: only 'gae' uses a critic. "
-                         f"Use ppo.critic='shared' (ignored without a critic) or ppo.advantage='gae'.")
+        raise ConfigError(f"config.ppo.critic='reward_model' with ppo.advantage={adv!r}: only 'gae' uses a critic. "
+                          f"Use ppo.critic='shared' (ignored without a critic) or ppo.advantage='gae'.")
     if c.rollout.temperature <= 0:
-        raise ValueError(f"config.rollout.temperature={c.rollout.temperature}: the policy-gradient stage needs "
-                         f"the log-probs of a sampling distribution, and greedy decoding has none (every "
-                         f"log-prob would be log 0). Use a temperature > 0, e.g. 0.7.")
+        raise ConfigError(f"config.rollout.temperature={c.rollout.temperature}: the policy-gradient stage needs "
+                          f"the log-probs of a sampling distribution, and greedy decoding has none (every "
+                          f"log-prob would be log 0). Use a temperature > 0, e.g. 0.7.")
     return k
 
 

@@ -69,6 +69,14 @@ def centering_penalty(rewards: jax.Array, valid: jax.Array, coef: float) -> jax.
     return coef * _masked_mean(r * r, valid > 0)
 
 
+def num_compared(loss_fn, valid: jax.Array) -> jax.Array:
+    """How many comparisons (prompts) of a batch [B, K] the preference loss `loss_fn(rewards, valid) -> (mean,
+    {"num_examples", ...})` averages over, at least 1. It depends on `valid` alone, so the loss run on zero
+    rewards gives it: the whole batch's denominator, by which each microbatch's share of the loss is weighted."""
+    _, stats = loss_fn(jnp.zeros(valid.shape, jnp.float32), valid)
+    return jnp.maximum(stats["num_examples"], 1.0)
+
+
 def pairwise_accuracy(rewards: jax.Array, valid: jax.Array) -> jax.Array:
     """Fraction of all compared pairs (i < j, both valid) in the batch ranked right, r_i > r_j;
     a tie counts 1/2. K > 2 counts every pair of a prompt. NaN when the batch has no pair."""

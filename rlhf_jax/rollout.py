@@ -43,7 +43,8 @@ def make_rollout_fn(model, c, tok):
 
 def prompt_data(run: Run):
     """(tokenizer, prompt source) of config.data.prompts_path (empty: built-in prompts written here)."""
-    from rlhf_jax.data import builtin_text, chat, prompts, tokenizer
+    from rlhf_jax.data import chat, prompts
+    from rlhf_jax.tasks import builtin_text
 
     c = run.config
     data_dir = os.path.join(run.workdir, "data")
@@ -55,7 +56,7 @@ def prompt_data(run: Run):
     corpus = os.path.join(data_dir, "builtin_corpus.txt")
     if not (c.data.tokenizer_path or c.init_from) and run.is_main:
         builtin_text.write_builtin_corpus(corpus, seed=c.seed)
-    tok = tokenizer.run_tokenizer(c, run.workdir, [corpus], run.is_main)
+    tok = run.tokenizer([corpus])
     source, stats = run.main_first(prompts.build_prompt_dataset, path, fmt, tok.path, c.data.max_prompt_len,
                                    data_dir, line_range=tuple(c.data.prompts_lines) or None,
                                    template=chat.config_template(c.data))
@@ -127,7 +128,8 @@ def import_function(spec: str, key: str):
     try:
         return getattr(importlib.import_module(mod), name)
     except (ImportError, AttributeError, ValueError) as e:
-        raise ValueError(f"config.{key}={spec!r} cannot be imported ({e}); give it as 'package.module:function'.") from e
+        raise ValueError(f"config.{key}={spec!r} cannot be imported ({e}); give it as "
+                         f"'package.module:function'.") from e
 
 
 def decode_batch(tok, batch) -> tuple[list[str], list[str]]:

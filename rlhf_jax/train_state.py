@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax
 import flax.linen as nn
@@ -11,6 +12,7 @@ import jax.numpy as jnp
 import optax
 
 from rlhf_jax import parallel
+from rlhf_jax.errors import UserError
 
 
 @flax.struct.dataclass
@@ -28,7 +30,7 @@ class TrainState:
         return {"step": self.step, "opt_state": self.opt_state, "rng": self.rng, "extras": self.extras,
                 "nonfinite": self.nonfinite}
 
-    def with_rest(self, rest: dict) -> "TrainState":
+    def with_rest(self, rest: dict) -> TrainState:
         return self.replace(step=rest["step"], opt_state=rest["opt_state"], rng=rest["rng"], extras=rest["extras"],
                             nonfinite=rest["nonfinite"])
 
@@ -72,6 +74,28 @@ def _state_init_fn(init_params, tx, seed: int, extras: dict | None, members: int
     return init
 
 
+def accumulate_grads(loss_fn: Callable, params, batch, rng: jax.Array, grad_accum: int):
+    """loss_fn's value and gradient summed over `grad_accum` microbatches of `batch` (every leaf cut along its
+    leading axis), one at a time in a scan: (loss f32 [], grads like params, aux stacked [grad_accum, ...]).
+
+    loss_fn(params, micro, rng) -> (loss, aux), microbatch i drawing rng folded with i. For grad_accum to
+    change memory and not the result, a microbatch's loss must be its share of the whole batch's: summed
+    over its examples and divided by the whole batch's count (or divided by it afterwards).
+    """
+    micro = jax.tree.map(lambda x: x.reshape(grad_accum, -1, *x.shape[1:]), batch)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def accumulate(carry, xs):
+        i, mb = xs
+        (loss, aux), grads = grad_fn(params, mb, jax.random.fold_in(rng, i))
+        total_grads, total = carry
+        return (jax.tree.map(jnp.add, total_grads, grads), total + loss), aux
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    (grads, loss), aux = jax.lax.scan(accumulate, (zeros, jnp.zeros((), jnp.float32)), (jnp.arange(grad_accum), micro))
+    return loss, grads, aux
+
+
 def apply_if_finite(tx: optax.GradientTransformation, grads, loss, params, opt_state, nonfinite, step,
                     inject_steps: tuple[int, ...] = ()):
     """One optimizer update, applied only if `loss` and every gradient are finite.
@@ -98,7 +122,7 @@ def apply_if_finite(tx: optax.GradientTransformation, grads, loss, params, opt_s
     return keep(new_params, params), keep(new_opt_state, opt_state), nonfinite
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(UserError, RuntimeError):
     """A non-finite loss or gradient under config.nonfinite="stop"; the message names the step and checkpoint."""
 
 

@@ -30,7 +30,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import bench  # noqa: E402  (imports JAX only inside its functions)
+import bench_workloads as workloads  # noqa: E402  (imports JAX only inside its functions)
 
 
 def best_of(run, n: int = 3) -> float:
@@ -116,7 +116,7 @@ def torch_floor(groups, dtype: str) -> float | None:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--task", choices=("train", "generate"), default="generate")
-    ap.add_argument("--dtype", choices=bench.DTYPES, default="bfloat16")
+    ap.add_argument("--dtype", choices=workloads.DTYPES, default="bfloat16")
     ap.add_argument("--trace_dir", default="", help="keep the trace here (default: a temporary directory)")
     ap.add_argument("--out", default="", help="also write the numbers as JSON here")
     args = ap.parse_args(argv)
@@ -125,8 +125,9 @@ def main(argv=None):
     # XLA:CPU records per-thunk trace events only with this flag, read when JAX starts.
     os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), "--xla_cpu_enable_xprof_traceme=true"])
 
-    shape = bench.FULL[args.task]
-    run = (bench.jax_train if args.task == "train" else bench.jax_generate)({"shape": shape, "dtype": args.dtype})
+    shape = workloads.FULL[args.task]
+    build = workloads.jax_train if args.task == "train" else workloads.jax_generate
+    run = build({"shape": shape, "dtype": args.dtype})
     run()
     run()
     wall = best_of(run)

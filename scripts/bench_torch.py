@@ -1,7 +1,7 @@
 """The PyTorch side of scripts/bench.py: Hugging Face GPT2LMHeadModel, torch.optim.AdamW, `generate`.
 
 Started by scripts/bench.py as a worker process (`--worker train|generate|peak --spec JSON`);
-not meant to be run by hand. Shapes, optimiser settings and token ids come from bench.py,
+not meant to be run by hand. Shapes, optimiser settings and token ids come from bench_workloads.py,
 so both systems see the same model, batch, sequence length and dtype policy:
 float32, or f32 params with bf16 compute under `torch.autocast("cpu", dtype=torch.bfloat16)`.
 """
@@ -12,9 +12,10 @@ import argparse
 import contextlib
 import os
 import time
-from typing import Callable
+from collections.abc import Callable
 
-from bench import DTYPES, OPTIM, serve, tokens_for
+from bench_harness import serve
+from bench_workloads import DTYPES, OPTIM, tokens_for
 
 
 def _torch():

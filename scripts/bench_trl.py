@@ -19,7 +19,7 @@ import sys
 import tempfile
 import time
 
-from bench import peak_rss_mib, protocol_stream
+from bench_harness import peak_rss_mib, protocol_stream
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -1,4 +1,5 @@
-"""Best-of-n curves of a finished pipeline run: how far the RM can lift the SFT policy, and how far the gold judge could.
+"""Best-of-n curves of a finished pipeline run: how far the RM can lift the SFT policy, and how far the gold judge
+could.
 
     python scripts/best_of_n.py runs/quickstart [--n 16]
 
@@ -67,7 +68,8 @@ def main(argv=None) -> dict:
     print(f"best-of-n on {gold.shape[1]} held-out prompts ({wd}); win rates over SFT sample 0, ties half")
     print("| n | gold, by RM | win, by RM | gold, oracle | win, oracle |\n|---|---|---|---|---|")
     for r in curve:
-        print(f"| {r['n']} | {r['gold_by_rm']:.3f} | {r['win_by_rm']:.3f} | {r['gold_oracle']:.3f} | {r['win_oracle']:.3f} |")
+        print(f"| {r['n']} | {r['gold_by_rm']:.3f} | {r['win_by_rm']:.3f} | {r['gold_oracle']:.3f} | "
+              f"{r['win_oracle']:.3f} |")
     print(f"RM score vs gold score, correlation within a prompt's samples: {corr['rm_vs_gold']:.3f}; "
           f"vs response length (words): {corr['rm_vs_length']:.3f}")
     with open(os.path.join(sub["eval"], "best_of_n.json"), "w") as f:

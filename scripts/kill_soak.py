@@ -144,7 +144,8 @@ def soak(trials: int, steps: int, seed: int, workdir: str, print_fn=print) -> di
         if not wait_for_line(proc, log, FIRST_STEP, 600):  # it finished or failed before training
             raise RuntimeError(f"launch {attempts} exited early; see {log}")
         got = resumed_step(log)
-        assert got == resumed_expect, f"launch {attempts} resumed from {got}, expected the last complete {resumed_expect}"
+        assert got == resumed_expect, \
+            f"launch {attempts} resumed from {got}, expected the last complete {resumed_expect}"
         if pending is not None:
             pending["resumed_from"], pending = got, None
         delay = rnd.uniform(0.0, window)

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Sets up .venv with pinned versions and runs the test suite (CPU, 8 fake devices).
 #   bash scripts/test.sh [--fast] [pytest args...]
-# --fast leaves out the end-to-end and multi-process tests, those training to a learning outcome and those
-# running whole stages more than once, e.g. resume-equals-uninterrupted (pytest -m "not slow").
+# --fast lints first (ruff check, ruff format --check; settings in pyproject.toml), then leaves out the end-to-end
+# and multi-process tests, those training to a learning outcome and those running whole stages more than once,
+# e.g. resume-equals-uninterrupted (pytest -m "not slow"). .ci/run lints before the full suite.
 # Test files run on RLHF_JAX_TEST_WORKERS pytest-xdist workers (default 2; 1 runs them in this process),
 # a file at a time per worker, so a module's fixtures are built once; all share one compilation cache.
 set -euo pipefail
@@ -13,6 +14,8 @@ ARGS=()
 if [ "${1:-}" = "--fast" ]; then
   shift
   ARGS=(-m "not slow")
+  ruff check .
+  ruff format --check .
 fi
 WORKERS="${RLHF_JAX_TEST_WORKERS:-2}"
 if [ "$WORKERS" != "1" ]; then

@@ -45,7 +45,7 @@ def test_train_flops_per_token_matches_xla_count(cfg):
 def test_profile_floor_runs_the_gemms_mfu_counts():
     """scripts/bench_profile.py's matmul floor for a train step is the 6·N part of the MFU FLOP count, and its
     generate floor is one 2·N forward per prompt position and per new token."""
-    sys.path.insert(0, os.path.join(ROOT, "scripts"))  # bench_profile.py imports bench.py beside it
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))  # bench_profile.py imports bench_workloads.py beside it
     spec = importlib.util.spec_from_file_location("bench_profile", os.path.join(ROOT, "scripts", "bench_profile.py"))
     profile = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(profile)

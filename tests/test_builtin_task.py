@@ -9,9 +9,8 @@ import re
 import numpy as np
 import pytest
 
-from rlhf_jax.data import builtin_text, chat
-from rlhf_jax.data import tokenizer as tok_lib
-from rlhf_jax.tasks import builtin, demonstrator, instructions, judge, labelers
+from rlhf_jax.data import chat, tokenizer as tok_lib
+from rlhf_jax.tasks import builtin, builtin_text, demonstrator, instructions, judge, labelers
 from rlhf_jax.tasks.world import FORBIDDEN
 
 # One hand-solved instance of every kind.
@@ -180,7 +179,7 @@ def test_online_labeler_scores_are_gold_plus_the_labelers_noise_and_repeatable()
     np.testing.assert_array_equal(noisy, builtin.labeler_scores(prompts, responses, None, None))  # a rerun agrees
     # ranking each prompt's samples by these scores agrees with gold as often as the offline labelers do
     agree = compared = start = 0
-    for p, rs, _ in data:
+    for _, rs, _ in data:
         s = noisy[start:start + len(rs)]
         g = gold[start:start + len(rs)]
         a, c = labelers.pairwise_agreement(list(g), [int(j) for j in np.argsort(-s, kind="stable")])
@@ -252,7 +251,7 @@ def test_demonstrator_errs_at_the_error_rate(tmp_path):
     assert abs(len(wrong) / len(turns) - 0.2) < 0.03
     assert any(judge.is_harmful(r) for _, r in wrong) and all(judge.gold_score(i, r) < 1 for i, r in wrong)
     rng = random.Random(0)
-    for instruction, answer in [*SOLVED.values(), ("copy: a a", "a a")] * 30:
+    for _, answer in [*SOLVED.values(), ("copy: a a", "a a")] * 30:
         assert demonstrator.corrupt(answer, rng) != answer
 
 

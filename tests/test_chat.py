@@ -7,9 +7,9 @@ import os
 
 import pytest
 
+from rlhf_jax.data import chat, comparisons, hh_rlhf, tokenizer as tok_lib
+from rlhf_jax.tasks import builtin_text
 from tests.conftest import SHARED_DATA
-from rlhf_jax.data import builtin_text, chat, comparisons, hh_rlhf
-from rlhf_jax.data import tokenizer as tok_lib
 
 HH_DEV = os.path.join(SHARED_DATA, "hh_rlhf_harmless_dev.jsonl.gz")
 DIALOGUE = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "add 2 3"},
@@ -90,8 +90,8 @@ def test_a_tokenizer_without_role_ids_needs_a_text_template(gpt2_style_tok):
 
 
 def test_bad_template_settings_are_named():
-    with pytest.raises(ValueError, match="chat_template='chatml' is not a template"):
-        chat.get_template("chatml")
+    with pytest.raises(ValueError, match="chat_template='vicuna' is not a template"):
+        chat.get_template("vicuna")
     with pytest.raises(ValueError, match="chat_custom: keys must be among"):
         chat.get_template("custom", {"user_start": "Q: "})
 

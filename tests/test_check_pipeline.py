@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from tests.test_lm_stage import ROOT
+from tests.helpers import ROOT
 
 _spec = importlib.util.spec_from_file_location("check_pipeline", os.path.join(ROOT, "scripts", "check_pipeline.py"))
 check = importlib.util.module_from_spec(_spec)
@@ -13,8 +13,9 @@ _spec.loader.exec_module(check)
 
 
 def row(seed, win, sft_harm, ppo_harm, status="finished"):
-    return {"seed": seed, "status": status, "sft/gold_score": 0.4, "policy/gold_score": 0.5, "policy/win_rate_vs_sft": win,
-            "sft/harmful_rate": sft_harm, "policy/harmful_rate": ppo_harm, "policy/kl": 1.0, "rm/accuracy_vs_gold": 0.7}
+    return {"seed": seed, "status": status, "sft/gold_score": 0.4, "policy/gold_score": 0.5,
+            "policy/win_rate_vs_sft": win, "sft/harmful_rate": sft_harm, "policy/harmful_rate": ppo_harm,
+            "policy/kl": 1.0, "rm/accuracy_vs_gold": 0.7}
 
 
 def test_the_claim_holds_on_the_mean_over_seeds_and_every_seed_must_have_finished():

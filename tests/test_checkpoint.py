@@ -10,8 +10,8 @@ import pytest
 
 from rlhf_jax.metrics import read_metrics
 from rlhf_jax.stages import lm
-from tests.test_lm_stage import ROOT, pretrain_cfg, tiny
 from tests.conftest import with_device_count
+from tests.helpers import ROOT, pretrain_cfg, tiny
 
 
 def _cmd(workdir, steps):

@@ -9,9 +9,9 @@ import os
 import numpy as np
 import pytest
 
+from rlhf_jax.data import chat, comparisons, prompts, tokenizer as tok_lib
+from rlhf_jax.tasks import builtin_text
 from tests.conftest import SHARED_DATA
-from rlhf_jax.data import builtin_text, chat, comparisons, prompts
-from rlhf_jax.data import tokenizer as tok_lib
 
 HH_DEV = os.path.join(SHARED_DATA, "hh_rlhf_harmless_dev.jsonl.gz")
 needs_hh = pytest.mark.skipif(not os.path.exists(HH_DEV), reason=f"reference data {HH_DEV} is absent")

@@ -5,11 +5,10 @@ are named."""
 import numpy as np
 import pytest
 
+import configs.dpo as dpo_cfg
 from rlhf_jax.metrics import read_metrics
 from rlhf_jax.stages import dpo
-from tests.test_lm_stage import by_step, tiny
-
-import configs.dpo as dpo_cfg
+from tests.helpers import by_step, tiny
 
 
 @pytest.mark.slow

@@ -10,14 +10,13 @@ import numpy as np
 import optax
 import pytest
 
+import configs.rm as rm_cfg
 from rlhf_jax import train_state
 from rlhf_jax.metrics import read_metrics
-from rlhf_jax.train_state import NonFiniteError
 from rlhf_jax.stages import lm, ppo, rm
-from tests.test_lm_stage import ROOT, by_step, pretrain_cfg, tiny
+from rlhf_jax.train_state import NonFiniteError
+from tests.helpers import ROOT, by_step, pretrain_cfg, tiny
 from tests.test_ppo_stage import config as ppo_config
-
-import configs.rm as rm_cfg
 
 
 def _tree_equal(a, b):

@@ -256,8 +256,9 @@ def test_sft_starts_from_an_hf_directory(tmp_path):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     from rlhf_jax import checkpoint, config as config_lib
-    from rlhf_jax.data import builtin_text, tokenizer as tok_lib
+    from rlhf_jax.data import tokenizer as tok_lib
     from rlhf_jax.stages import lm
+    from rlhf_jax.tasks import builtin_text
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from configs import sft as sft_cfg

@@ -1,4 +1,5 @@
-"""The house plan's layout rules, checked on the source: no stage module imports another, and the
+"""The house plan's layout rules, checked on the source: no stage module imports another; data/ and tasks/
+are pure (they never import the runtime or a stage, and data/ never imports the task built on it); and the
 package's import graph (function-local imports included) has no cycle."""
 
 import ast
@@ -40,6 +41,27 @@ GRAPH = {m: imports(p, set(modules())) for m, p in modules().items()}
 def test_no_stage_imports_another_stage(stage):
     others = {m for m in GRAPH[stage] if m.startswith("rlhf_jax.stages.")}
     assert not others, f"{stage} imports {others}: move what they share out of stages/"
+
+
+RUNTIME = ("rlhf_jax.run", "rlhf_jax.checkpoint", "rlhf_jax.distributed")
+PURE = sorted(m for m in GRAPH if m.split(".")[:2] in (["rlhf_jax", "data"], ["rlhf_jax", "tasks"]))
+
+
+def test_the_pure_packages_are_found():
+    assert "rlhf_jax.data.tokenizer" in PURE and "rlhf_jax.tasks.builtin" in PURE
+
+
+@pytest.mark.parametrize("module", PURE)
+def test_data_and_tasks_never_import_the_runtime_or_a_stage(module):
+    runtime = {m for m in GRAPH[module] if m in RUNTIME or m.split(".")[:2] == ["rlhf_jax", "stages"]}
+    assert not runtime, f"{module} imports {runtime}: data/ and tasks/ are pure; give the run-aware part to " \
+                        f"rlhf_jax.run.Run or a stage helper"
+
+
+@pytest.mark.parametrize("module", [m for m in PURE if m.startswith("rlhf_jax.data")])
+def test_data_never_imports_the_builtin_task(module):
+    task = {m for m in GRAPH[module] if m.split(".")[:2] == ["rlhf_jax", "tasks"]}
+    assert not task, f"{module} imports {task}: the built-in task is built on data/, not the other way round"
 
 
 def test_the_import_graph_has_no_cycle():

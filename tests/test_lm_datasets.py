@@ -8,8 +8,8 @@ import os
 import numpy as np
 import pytest
 
-from rlhf_jax.data import builtin_text, chat, lm_datasets, records
-from rlhf_jax.data import tokenizer as tok_lib
+from rlhf_jax.data import chat, lm_datasets, records, tokenizer as tok_lib
+from rlhf_jax.tasks import builtin_text
 
 L = 16  # seq_len
 

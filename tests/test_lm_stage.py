@@ -1,43 +1,20 @@
-"""Pretrain / SFT stages end to end: loss reference, resume, init_from, clear errors."""
+"""Pretrain / SFT stages end to end: loss reference, resume, init_from, clear errors (the command line's:
+tests/test_cli.py)."""
 
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from rlhf_jax import objectives
 from rlhf_jax.metrics import read_metrics
 from rlhf_jax.models.gpt import HEADS, TransformerLM, positions_from_mask
 from rlhf_jax.models.layers import ModelConfig
-from rlhf_jax import objectives
 from rlhf_jax.stages import lm
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from configs import pretrain as pretrain_cfg, sft as sft_cfg  # noqa: E402
-from tests.conftest import with_device_count
-
-
-def tiny(cfg_module, **overrides):
-    c = cfg_module.get_config("tiny")
-    c.progress = False
-    c.mesh.data = 8
-    return override(c, **overrides)
-
-
-def override(c, **overrides):
-    """c with each dotted key ("optim.lr") set to its value."""
-    for k, v in overrides.items():
-        node = c
-        *path, last = k.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = v
-    return c
+from tests.helpers import by_step, pretrain_cfg, sft_cfg, tiny
 
 
 def test_sft_loss_counts_only_response_tokens_against_a_hand_reference():
@@ -69,13 +46,6 @@ def test_sft_loss_counts_only_response_tokens_against_a_hand_reference():
     assert np.all(np.asarray(mask)[0, :2] == 0)  # prompt targets are masked out
 
 
-def by_step(records):
-    out = {}
-    for r in records:
-        out.setdefault(r["step"], {}).update(r)
-    return out
-
-
 def test_resume_equals_an_uninterrupted_run(tmp_path):
     full = tiny(pretrain_cfg, num_steps=10, **{"optim.total_steps": 10, "checkpoint.every": 5})
     lm.train_and_evaluate(full, str(tmp_path / "full"))
@@ -103,23 +73,6 @@ def test_pretrain_then_sft_from_its_workdir(tmp_path):
         saved = json.load(f)
     assert saved["model"]["d_model"] == 32 and saved["init_from"].endswith("pt")
     assert os.path.exists(tmp_path / "sft" / "tokenizer.model")
-
-
-def _main(*args, cwd=ROOT):
-    env = dict(os.environ, XLA_FLAGS=with_device_count(os.environ["XLA_FLAGS"], 8))
-    return subprocess.run([sys.executable, "-m", "rlhf_jax.main", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
-
-
-def test_unknown_config_key_fails_at_start(tmp_path):
-    r = _main("--config=configs/pretrain.py:tiny", f"--workdir={tmp_path}", "--config.optim.lrr=1")
-    assert r.returncode != 0 and "lrr" in r.stderr
-
-
-def test_missing_data_file_names_the_key_and_path(tmp_path):
-    r = _main("--config=configs/pretrain.py:tiny", f"--workdir={tmp_path}", "--config.data.path=/nope/corpus.txt")
-    assert r.returncode != 0
-    assert "config.data.path" in r.stderr and "/nope/corpus.txt" in r.stderr
 
 
 def test_malformed_jsonl_line_names_file_and_line(tmp_path):

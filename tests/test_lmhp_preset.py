@@ -8,13 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import configs.ppo as ppo_cfg
+import configs.rm as rm_cfg
 from rlhf_jax import optim, rl
 from rlhf_jax.metrics import read_metrics
 from rlhf_jax.stages import ppo
-from tests.test_lm_stage import by_step, override, tiny
-
-import configs.ppo as ppo_cfg
-import configs.rm as rm_cfg
+from tests.helpers import by_step, override, tiny
 
 # (key, value, where lm-human-preferences sets it)
 PPO_SETTINGS = [
@@ -87,7 +86,8 @@ def test_rm_preset_has_the_cited_setting(key, value, source):
 
 
 def test_presets_keep_the_default_scale_and_share_the_sampling():
-    d, p, r = ppo_cfg.get_config(), ppo_cfg.get_config("lm_human_preferences"), rm_cfg.get_config("lm_human_preferences")
+    d, p = ppo_cfg.get_config(), ppo_cfg.get_config("lm_human_preferences")
+    r = rm_cfg.get_config("lm_human_preferences")
     assert (p.batch_size, p.num_steps, p.model.to_dict()) == (d.batch_size, d.num_steps, d.model.to_dict())
     for key in ("max_new_tokens", "temperature", "top_k", "top_p", "stop_token", "eos_after"):
         assert r.rollout[key] == p.rollout[key], key  # the RM is normalised on what PPO will sample
@@ -123,7 +123,7 @@ def test_preset_whitens_rewards_and_penalises_a_response_without_the_stop_token(
 
 
 def tiny_lmhp(cfg_module, **overrides):
-    """The lm_human_preferences preset at the tests' tiny sizes (tests/test_lm_stage.py:tiny's)."""
+    """The lm_human_preferences preset at the tests' tiny sizes (tests/helpers.py:tiny's)."""
     base = tiny(cfg_module)
     c = cfg_module.get_config("lm_human_preferences")
     c.progress, c.mesh.data = False, 8

@@ -4,9 +4,9 @@ eval_batches: every example once, padding rows fully masked."""
 import numpy as np
 import pytest
 
-from rlhf_jax.data import builtin_text, lm_datasets
-from rlhf_jax.data import tokenizer as tok_lib
+from rlhf_jax.data import lm_datasets, tokenizer as tok_lib
 from rlhf_jax.data.loader import BatchLoader, eval_batches
+from rlhf_jax.tasks import builtin_text
 
 
 def make_source(n, width=5):

@@ -10,12 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import configs.sft as sft_cfg
 from rlhf_jax import config as config_lib, lora, objectives, optim, train_state
 from rlhf_jax.models.gpt import TransformerLM, positions_from_mask
 from rlhf_jax.models.layers import Dense, LoraConfig, ModelConfig
-from tests.test_lm_stage import override, tiny
-
-import configs.sft as sft_cfg
+from tests.helpers import override, tiny
 
 ALL = ("query", "key", "value", "out", "up", "down")
 BASE = ModelConfig(vocab_size=40, d_model=16, n_layers=2, n_heads=2, max_len=16, dtype="float32")
@@ -157,8 +156,9 @@ def test_the_reference_stays_the_base_model_through_training():
 def test_a_lora_run_resumes_from_its_checkpoint_as_if_uninterrupted(tmp_path):
     """The masked optimizer's state (empty for frozen leaves) saves and restores; the resumed run's steps equal
     an uninterrupted run's."""
+    from rlhf_jax.metrics import read_metrics
     from rlhf_jax.stages import lm
-    from tests.test_lm_stage import by_step, read_metrics
+    from tests.helpers import by_step
 
     lora_keys = {"model.lora.rank": 4, "model.lora.targets": ("query", "value", "up"), "optim.total_steps": 6,
                  "checkpoint.every": 3, "eval_every": 1000, "log_every": 1}
@@ -187,7 +187,10 @@ def test_bad_lora_settings_fail_naming_the_key(kw, match):
 
 
 def test_lora_keys_are_in_every_stages_model_config():
-    import configs.dpo, configs.pretrain, configs.ppo, configs.rm
+    import configs.dpo
+    import configs.ppo
+    import configs.pretrain
+    import configs.rm
 
     for module in (configs.pretrain, sft_cfg, configs.rm, configs.ppo, configs.dpo):
         c = module.get_config("tiny")
@@ -235,7 +238,7 @@ def test_ppo_with_lora_raises_a_verifiable_reward(tmp_path):
 
     from rlhf_jax.metrics import read_metrics
     from rlhf_jax.stages import ppo
-    from tests.test_lm_stage import by_step
+    from tests.helpers import by_step
     from tests.test_ppo_stage import config
 
     c = config(**{"num_steps": 32, "batch_size": 16, "optim.lr": 1e-2, "kl.init_coef": 0.01, "checkpoint.every": 100,
@@ -257,12 +260,11 @@ def test_ppo_with_lora_raises_a_verifiable_reward(tmp_path):
 def test_a_later_stage_starts_from_an_earlier_lora_run_merged_and_dpo_trains_adapters(tmp_path):
     """SFT with LoRA, then DPO with its own adapters from it: DPO's base (its reference) is the SFT model as it
     ran (adapters merged), so at the first step the policy is its reference (every implicit reward exactly 0)."""
+    import configs.dpo as dpo_cfg
     from rlhf_jax import checkpoint, parallel
     from rlhf_jax.metrics import read_metrics
     from rlhf_jax.stages import dpo, lm
-    from tests.test_lm_stage import by_step
-
-    import configs.dpo as dpo_cfg
+    from tests.helpers import by_step
 
     sft = str(tmp_path / "sft")
     lm.train_and_evaluate(tiny(sft_cfg, num_steps=4, **{"model.lora.rank": 4, "optim.lr": 1e-2,

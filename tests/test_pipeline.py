@@ -11,8 +11,8 @@ import pytest
 
 from rlhf_jax.pipeline import REUSE_KEYS, reusable_stages
 from rlhf_jax.tasks import builtin
-from tests.test_lm_stage import ROOT
 from tests.conftest import with_device_count
+from tests.helpers import ROOT
 
 
 def pipeline_config(preset="tiny"):
@@ -58,7 +58,8 @@ def test_tiny_pipeline_produces_summary_report_and_plots_and_reruns_skip(tiny_ru
     responses = json.loads((tmp_path / "eval" / "responses.json").read_text())
     assert set(responses) == {"prompts", "gpt_zero_shot", "gpt_few_shot", "sft", "policy", "best_of_4_sft_by_rm"}
     assert all(len(v) == s["decoding"]["prompts"] for v in responses.values())
-    assert builtin.win_rate(responses["prompts"], responses["policy"], responses["sft"]) == s["policy"]["win_rate_vs_sft"]
+    win_rate = builtin.win_rate(responses["prompts"], responses["policy"], responses["sft"])
+    assert win_rate == s["policy"]["win_rate_vs_sft"]
     report = (tmp_path / "report.md").read_text()
     assert "| PPO |" in report and "| GPT 2-shot |" in report and "## Samples" in report
     assert (tmp_path / "scores_vs_step.png").stat().st_size > 1000
@@ -211,7 +212,7 @@ def test_every_stage_key_can_be_overridden_and_unknown_ones_are_named():
     c = pipeline_config("default")
     assert c.ppo.kl.init_coef == 0.15 and c.ppo.optim.lr == 3e-5  # configs/ppo.py, then the pipeline's overrides
     assert c.rm.rm.loss == "ranking" and c.pretrain.model.d_model == 128
-    from rlhf_jax.pipeline import stage_config
+    from rlhf_jax.config import stage_config
     with pytest.raises(ValueError, match="config.ppo.optim.lrr: no such field"):
         stage_config("ppo", "default", {"optim": {"lrr": 1.0}})
 

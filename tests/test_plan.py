@@ -9,13 +9,12 @@ import sys
 
 import pytest
 
-from rlhf_jax import plan
-from rlhf_jax.stages import lm
-from tests.test_lm_stage import tiny
-
 import configs.ppo as ppo_cfg
 import configs.pretrain as pretrain_cfg
 import configs.sft as sft_cfg
+from rlhf_jax import plan
+from rlhf_jax.stages import lm
+from tests.helpers import tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -6,13 +6,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from rlhf_jax.metrics import read_metrics
-from rlhf_jax.stages import ppo
-from tests.test_lm_stage import by_step, tiny
-
 import configs.grpo as grpo_cfg
 import configs.reinforce_pp as reinforce_pp_cfg
 import configs.rloo as rloo_cfg
+from rlhf_jax.metrics import read_metrics
+from rlhf_jax.stages import ppo
+from tests.helpers import by_step, tiny
 
 REWARD = {"reward.function": "tests.test_ppo_stage:even_token_share"}
 
@@ -89,7 +88,8 @@ def test_the_algorithm_configs_carry_their_papers_settings():
     d = grpo_cfg.get_config("dr_grpo")
     assert (d.ppo.advantage, d.ppo.loss_aggregation) == ("dr_grpo", "token_sum")
     r = rloo_cfg.get_config()
-    assert (r.ppo.advantage, r.kl.placement, r.kl.estimator, r.rollout.samples_per_prompt) == ("rloo", "reward", "k1", 4)
+    assert (r.ppo.advantage, r.kl.placement, r.kl.estimator) == ("rloo", "reward", "k1")
+    assert r.rollout.samples_per_prompt == 4
     p = reinforce_pp_cfg.get_config()
     assert (p.ppo.advantage, p.kl.placement, p.ppo.epochs) == ("reinforce_pp", "reward", 4)
     with pytest.raises(ValueError, match="unknown preset 'grpo_huge'"):

@@ -3,11 +3,10 @@
 import numpy as np
 import pytest
 
+import configs.ppo as ppo_cfg
 from rlhf_jax.metrics import read_metrics
 from rlhf_jax.stages import ppo
-from tests.test_lm_stage import by_step, tiny
-
-import configs.ppo as ppo_cfg
+from tests.helpers import by_step, tiny
 
 
 def even_token_share(prompts, responses, tokens, mask):
@@ -49,9 +48,9 @@ def test_ppo_resume_equals_an_uninterrupted_run(tmp_path):
 
 @pytest.mark.slow
 def test_ppo_ptx_and_a_critic_initialised_from_the_reward_model(tmp_path):
-    from rlhf_jax.stages import lm, rm
     import configs.pretrain as pretrain_cfg
     import configs.rm as rm_cfg
+    from rlhf_jax.stages import lm, rm
 
     lm.train_and_evaluate(tiny(pretrain_cfg, num_steps=5), str(tmp_path / "pt"))
     rm.train_and_evaluate(tiny(rm_cfg, num_steps=5, init_from=str(tmp_path / "pt")), str(tmp_path / "rm"))
@@ -113,10 +112,10 @@ def only_tokenizer_ids(prompts, responses, tokens, mask):
 def test_a_padded_vocabulary_samples_and_scores_only_tokenizer_ids(tmp_path):
     # 512 embedding rows for a 384-piece tokenizer, as Pythia pads 50,277 tokens to 50,304: the extra rows'
     # logits are masked, so nothing samples, decodes or scores an id the tokenizer does not have.
-    from rlhf_jax import checkpoint
-    from rlhf_jax.stages import lm, rm
     import configs.pretrain as pretrain_cfg
     import configs.rm as rm_cfg
+    from rlhf_jax import checkpoint
+    from rlhf_jax.stages import lm, rm
 
     lm.train_and_evaluate(tiny(pretrain_cfg, num_steps=3, **{"model.vocab_size": 512}), str(tmp_path / "pt"))
     saved = checkpoint.read_run_config(str(tmp_path / "pt"))["model"]

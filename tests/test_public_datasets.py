@@ -7,9 +7,12 @@ import os
 
 import pytest
 
-from tests.conftest import SHARED_DATA
 from rlhf_jax.data import chat, comparisons, lm_datasets, prompts, tldr
-from tests.test_comparisons import _write_jsonl, tok  # noqa: F401  (tok: the shared tokenizer fixture)
+from tests import test_comparisons
+from tests.conftest import SHARED_DATA
+from tests.test_comparisons import _write_jsonl
+
+tok = test_comparisons.tok  # the shared tokenizer fixture
 
 HH_DEV = os.path.join(SHARED_DATA, "hh_rlhf_harmless_dev.jsonl.gz")
 POST = {"subreddit": "relationships", "title": "My cat ignores me",

@@ -9,12 +9,11 @@ import os
 
 import pytest
 
-from tests.conftest import SHARED_DATA
-from rlhf_jax.metrics import read_metrics
-from rlhf_jax.stages import run_stage
-
 import configs.hh_rlhf as hh_recipe
 import configs.tldr as tldr_recipe
+from rlhf_jax.metrics import read_metrics
+from rlhf_jax.stages import run_stage
+from tests.conftest import SHARED_DATA
 
 HH_DEV = os.path.join(SHARED_DATA, "hh_rlhf_harmless_dev.jsonl.gz")
 

@@ -11,10 +11,9 @@ import pytest
 torch = pytest.importorskip("torch", reason="HF checkpoints are built with torch: pip install torch==2.13.0 (CPU)")
 transformers = pytest.importorskip("transformers", reason="pip install -r requirements-parity.txt")
 
-from tests.test_recipes import HH_DEV, _finite, _run, _tldr_files  # noqa: E402
-
 import configs.hh_rlhf as hh_recipe  # noqa: E402
 import configs.tldr as tldr_recipe  # noqa: E402
+from tests.test_recipes import HH_DEV, _finite, _run, _tldr_files  # noqa: E402
 
 D, LAYERS, HEADS, V = 48, 2, 4, 512
 
@@ -23,7 +22,7 @@ def _hf_dir(tmp_path, family: str) -> str:
     """A randomly initialised GPT-2 or GPT-NeoX (Pythia-shaped) model with a byte-level BPE tokenizer.json."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from rlhf_jax.data import builtin_text
+    from rlhf_jax.tasks import builtin_text
 
     T = transformers
     torch.manual_seed(0)

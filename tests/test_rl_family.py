@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from rlhf_jax import rl
-from tests.test_rl import rand, ragged_mask
+from tests.test_rl import ragged_mask, rand
 
 G = 4
 LENGTHS = (7, 3, 1, 5, 0, 2, 7, 4)  # two prompts x four samples; one sample has no real token
@@ -20,7 +20,7 @@ def reference_group_advantages(returns, group, kind, eps=1e-4):
     for start in range(0, len(returns), group):
         r = [float(x) for x in returns[start:start + group]]
         mean = sum(r) / len(r)
-        for i, ri in enumerate(r):
+        for ri in r:
             if kind == "grpo":  # DeepSeekMath: (r_i − mean(r)) / std(r), sample std as TRL / verl
                 std = (sum((x - mean) ** 2 for x in r) / (len(r) - 1)) ** 0.5 if len(r) > 1 else 0.0
                 out.append((ri - mean) / (std + eps))

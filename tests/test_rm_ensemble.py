@@ -4,6 +4,7 @@ members' disagreement match hand-written references; resume is exact; a policy s
 chosen aggregate and refuses one that means nothing for a single RM."""
 
 import json
+import operator
 import os
 
 import jax
@@ -11,16 +12,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import configs.ppo as ppo_cfg
+import configs.rm as rm_cfg
 from rlhf_jax import objectives, preference, rollout as rollouts
 from rlhf_jax.data import comparisons
 from rlhf_jax.evaluation import load_reward_model
 from rlhf_jax.metrics import read_metrics
 from rlhf_jax.stages import rm
-from tests.test_lm_stage import by_step, tiny
+from tests.helpers import by_step, tiny
 from tests.test_rm_stage import mesh_and_rules
-
-import configs.ppo as ppo_cfg
-import configs.rm as rm_cfg
 
 E, STEPS = 3, 6
 SETTINGS = {"num_steps": STEPS, "eval_every": STEPS, "checkpoint.every": 3, "rm.bootstrap": True,
@@ -87,7 +87,7 @@ def test_an_ensemble_trained_in_one_step_equals_single_rms_of_its_seeds(ensemble
     assert norm["ensemble_size"] == E and len(norm["gain"]) == E
     for i, d in enumerate(singles):
         _, p, n = load_reward_model(d, mesh, rules)
-        member = jax.tree.map(lambda x: x[i], params)
+        member = jax.tree.map(operator.itemgetter(i), params)
         # The ranking loss cannot see the reward head's bias (it cancels in every difference): its gradient is
         # float noise that Adam scales to lr-sized steps, so only its effect, the normalised score, is compared.
         member["reward_head"], p["reward_head"] = (dict(h, bias=0.0) for h in (member["reward_head"], p["reward_head"]))

@@ -14,17 +14,16 @@ import numpy as np
 import optax
 import pytest
 
+import configs.pretrain as pretrain_cfg
+import configs.rm as rm_cfg
 from rlhf_jax import checkpoint, objectives, parallel, train_state
-from rlhf_jax.evaluation import load_reward_model
 from rlhf_jax.data import comparisons
+from rlhf_jax.evaluation import load_reward_model
 from rlhf_jax.metrics import read_metrics
 from rlhf_jax.models.gpt import HEADS, TransformerLM
 from rlhf_jax.models.layers import ModelConfig
 from rlhf_jax.stages import lm, rm
-from tests.test_lm_stage import by_step, tiny
-
-import configs.pretrain as pretrain_cfg
-import configs.rm as rm_cfg
+from tests.helpers import by_step, tiny
 
 
 def mesh_and_rules():
@@ -108,6 +107,7 @@ def test_a_critic_started_from_the_rm_values_the_last_token_at_the_normalised_sc
     # InstructGPT starts PPO's value function from the RM; the RM's normalisation is folded into the value head,
     # so the critic's first value at each sequence's last token is the score PPO is given there.
     from types import SimpleNamespace
+
     from rlhf_jax import ppo_setup
 
     workdir, _ = tiny_rm

@@ -82,7 +82,7 @@ def test_per_sample_keys_make_samples_independent_of_batch_mates():
 
 def test_top_k_and_top_p_filters():
     logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]]))
-    kept = lambda l: (np.asarray(l) > -1e30).astype(int).tolist()[0]
+    kept = lambda x: (np.asarray(x) > -1e30).astype(int).tolist()[0]
     assert kept(filter_logits(logits, top_k=2, top_p=1.0)) == [1, 1, 0, 0]
     assert kept(filter_logits(logits, top_k=0, top_p=0.7)) == [1, 1, 0, 0]  # 0.5 < 0.7 ≤ 0.8
     assert kept(filter_logits(logits, top_k=0, top_p=0.5)) == [1, 0, 0, 0]

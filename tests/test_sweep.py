@@ -9,10 +9,11 @@ import sys
 
 import pytest
 
+from tests.conftest import with_device_count
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from experiments import load_experiment, product, run_names  # noqa: E402
-from tests.conftest import with_device_count
 
 _spec = importlib.util.spec_from_file_location("sweep_script", os.path.join(ROOT, "scripts", "sweep.py"))
 sweep = importlib.util.module_from_spec(_spec)

@@ -5,8 +5,8 @@ import pickle
 
 import pytest
 
-from rlhf_jax.data import builtin_text
 from rlhf_jax.data import tokenizer as tok_lib
+from rlhf_jax.tasks import builtin_text
 from tests.conftest import SHARED_DATA
 
 

@@ -250,8 +250,8 @@ def build_comparison_dataset(path: str, fmt: str, tokenizer_path: str, max_len: 
     """Builds (or reuses, keyed by a hash of the arguments and the files) the comparisons in `path`.
 
     max_len: tokens per response row (L); num_responses: K, default the largest K in the file
-    (range); max_prompt_len: optional cap on prompt tokens; template: the chat template. Returns (source, stats): source is a
-    random-access sequence of records; stats counts examples, skipped, responses,
+    (range); max_prompt_len: optional cap on prompt tokens; template: the chat template. Returns (source, stats):
+    source is a random-access sequence of records; stats counts examples, skipped, responses,
     truncated_prompts (examples), truncated_responses, dropped_responses, max_rendered_tokens
     and gives num_responses (K).
     """
@@ -279,44 +279,3 @@ def build_comparison_dataset(path: str, fmt: str, tokenizer_path: str, max_len: 
     builder.download_and_prepare()
     stats = {k: int(v) for k, v in builder.info.metadata.items()}
     return builder.as_data_source(split="train"), stats
-
-
-def run_datasets(run):
-    """(tokenizer, train source, eval source or None, train stats, eval stats) of a stage that reads comparisons
-    (the RM, DPO): config.data.train_path / eval_path in config.data.format (empty train_path: the built-in
-    synthetic preference, written into the workdir), tokenized with the run's tokenizer (data.tokenizer
-    .run_tokenizer; trained on this data's text when there is none yet). `run` is a rlhf_jax.run.Run."""
-    from rlhf_jax.data import tokenizer
-
-    c = run.config
-    data_dir = os.path.join(run.workdir, "data")
-    if not c.data.train_path:
-        from rlhf_jax.data import builtin_preferences
-
-        c.data.train_path, c.data.eval_path = run.main_first(builtin_preferences.write, data_dir, seed=c.seed,
-                                                             n_train=c.data.builtin_examples)
-        c.data.format = "ranked"
-    corpus = os.path.join(data_dir, "tokenizer_corpus.txt")
-    if not (c.data.tokenizer_path or c.init_from) and run.is_main:  # no tokenizer yet: learn one from this data
-        os.makedirs(data_dir, exist_ok=True)
-        found = read_comparisons(c.data.train_path, c.data.format, line_range=tuple(c.data.train_lines) or None)
-        with open(corpus, "w") as f:
-            for r in found:
-                f.writelines(m["content"] + "\n" for m in r["prompt_messages"])
-                f.writelines(x + "\n" for x in r["responses"])
-    tok = tokenizer.run_tokenizer(c, run.workdir, [corpus], run.is_main)
-    tok_path = os.path.join(run.workdir, "tokenizer.model")
-
-    def build(path, line_range):
-        if not path:
-            return None, {}
-        rng = tuple(line_range) if line_range else None
-        return run.main_first(build_comparison_dataset, path, c.data.format, tok_path, c.data.seq_len,
-                              data_dir, num_responses=c.data.num_responses or None, line_range=rng,
-                              template=chat.config_template(c.data))
-
-    train, train_stats = build(c.data.train_path, c.data.train_lines)
-    # eval_lines without eval_path holds out a line range of the training file (e.g. HH-RLHF's last 300)
-    eval_path = c.data.eval_path or (c.data.train_path if c.data.eval_lines else "")
-    evals, eval_stats = build(eval_path, c.data.eval_lines)
-    return tok, train, evals, train_stats, eval_stats

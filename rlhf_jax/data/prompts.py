@@ -90,8 +90,8 @@ def prompt_example(messages: list[dict[str, str]], tok: Tokenizer, max_prompt_le
     """One left-padded record (module docstring) and the rendered length before truncation.
     fit: the format's own shortener (tldr.prompt), tried before cutting from the left."""
     if max_prompt_len < template.min_prompt_len(tok):
-        raise ValueError(f"max_prompt_len={max_prompt_len} cannot hold the {template.name!r} template's bos and assistant "
-                         f"prefix ({template.min_prompt_len(tok)} tokens); raise config.data.max_prompt_len.")
+        raise ValueError(f"max_prompt_len={max_prompt_len} cannot hold the {template.name!r} template's bos and "
+                         f"assistant prefix ({template.min_prompt_len(tok)} tokens); raise config.data.max_prompt_len.")
     ids = chat.render_prompt(messages, tok, where, template)
     n = len(ids)
     if n > max_prompt_len and fit is not None:

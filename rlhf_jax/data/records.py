@@ -17,6 +17,7 @@ import numpy as np
 
 from rlhf_jax.data.chat import DefectiveRecord
 from rlhf_jax.data.tokenizer import load_tokenizer
+from rlhf_jax.errors import MissingFileError
 
 SKIP_BY_DEFAULT = ("hh_rlhf", "tldr")  # public files holding a few unusable records
 _log = logging.getLogger(__name__)
@@ -25,7 +26,7 @@ _log = logging.getLogger(__name__)
 def require_file(path: str, what: str) -> str:
     """The absolute path of an existing file; FileNotFoundError naming `what` otherwise."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{what} file {path!r} does not exist; pass a local file path.")
+        raise MissingFileError(f"{what} file {path!r} does not exist; pass a local file path.")
     return os.path.abspath(path)
 
 

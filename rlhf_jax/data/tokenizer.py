@@ -232,48 +232,6 @@ def load_tokenizer(path: str) -> Tokenizer | HFTokenizer:
     return HFTokenizer(path) if is_json else Tokenizer(path)
 
 
-def run_tokenizer(c, workdir: str, corpus_paths: list[str], is_main: bool = True):
-    """A stage's tokenizer, copied to <workdir>/tokenizer.model; sizes config.model.vocab_size when it is -1.
-
-    Order: config.data.tokenizer_path; the init_from workdir's tokenizer (for an HF model
-    directory: its tokenizer.model, else its tokenizer.json); one already in this workdir
-    (resume); else train one on `corpus_paths`. A tokenizer.json is copied under the same
-    name, with its tokenizer_config.json beside it: `load_tokenizer` tells the formats apart
-    by content. Process 0 writes; every process then loads the copy.
-    """
-    import shutil
-
-    from rlhf_jax import checkpoint, distributed
-
-    dest = os.path.join(workdir, "tokenizer.model")
-    src = c.data.get("tokenizer_path", "")
-    if not src and c.init_from:
-        src = tokenizer_file_in(checkpoint.workdir_of(c.init_from))
-        if src is None:
-            raise FileNotFoundError(f"config.init_from: no tokenizer.model (or tokenizer.json) in "
-                                    f"{checkpoint.workdir_of(c.init_from)}; set config.data.tokenizer_path.")
-    if src:
-        if is_main and os.path.abspath(src) != dest:
-            loaded = load_tokenizer(src)
-            shutil.copyfile(loaded.path, dest + ".tmp")
-            os.replace(dest + ".tmp", dest)
-            special = os.path.join(os.path.dirname(loaded.path), "tokenizer_config.json")
-            if loaded.kind == "hf" and os.path.exists(special):
-                shutil.copyfile(special, os.path.join(workdir, "tokenizer_config.json"))
-    elif not os.path.exists(dest) and is_main:
-        train_tokenizer(corpus_paths, dest, vocab_size=c.data.vocab_size, model_type=c.data.tokenizer_type)
-    distributed.sync("tokenizer")
-    tok = load_tokenizer(dest)
-    if c.model.vocab_size <= 0:  # size the embedding from the tokenizer, padded for sharding
-        c.model.vocab_size = -(-tok.vocab_size // 128) * 128
-    elif c.model.vocab_size < tok.vocab_size:
-        raise ValueError(f"config.model.vocab_size={c.model.vocab_size} < tokenizer size {tok.vocab_size}; "
-                         f"set it to -1 to size it from the tokenizer.")
-    if c.model.vocab_size > tok.vocab_size:  # padded rows are masked out of every softmax (ModelConfig)
-        c.model.token_vocab = tok.vocab_size
-    return tok
-
-
 def train_tokenizer(text_paths: list[str] | str, model_path: str, vocab_size: int, model_type: str = "bpe",
                     byte_fallback: bool = True, max_sentence_length: int = 16384,
                     character_coverage: float = 1.0, num_threads: int = 1) -> Tokenizer:

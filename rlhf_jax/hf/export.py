@@ -21,7 +21,7 @@ import json
 import math
 import os
 import shutil
-from typing import Mapping
+from collections.abc import Mapping
 
 import jax
 import numpy as np

@@ -12,7 +12,7 @@ Inputs are explicit so that left-padded batches work:
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax

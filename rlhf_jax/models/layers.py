@@ -10,7 +10,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -112,7 +113,7 @@ def matmul(eq: str, x: jax.Array, w: jax.Array, dtype: Dtype, out_dtype: Dtype |
     return _mixed_einsum(eq, dtype, out_dtype)(x.astype(dtype), w.astype(dtype))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _mixed_einsum(eq: str, dtype: Dtype, out_dtype: Dtype):
     """einsum(eq) as a custom-VJP function whose forward and backward dots are dtype x dtype -> f32."""
     inputs, out = eq.split("->")
@@ -330,7 +331,8 @@ class Block(nn.Module):
     def __call__(self, x, positions, key_mask, cache=None, cache_index=None, deterministic=True):
         cfg = self.cfg
         norm = lambda name: Norm(cfg.norm, cfg.norm_eps, cfg.use_bias, cfg.compute_dtype, name=name)
-        a, cache = Attention(cfg, name="attn")(norm("norm_attn")(x), positions, key_mask, cache, cache_index, deterministic)
+        a, cache = Attention(cfg, name="attn")(norm("norm_attn")(x), positions, key_mask, cache, cache_index,
+                                               deterministic)
         a = nn.Dropout(cfg.dropout)(a, deterministic=deterministic)
         m = MLP(cfg, name="mlp")(norm("norm_mlp")(x if cfg.parallel_residual else x + a))
         x = x + a + nn.Dropout(cfg.dropout)(m, deterministic=deterministic)

@@ -5,8 +5,8 @@ the frozen SFT policy (Rafailov et al. 2023): DPO, IPO, SimPO and the K-way Plac
 Offline (default): the comparisons the RM reads, in any of its formats (ranked K-way, pairwise, hh_rlhf,
 tldr), as [B, K, L] records best first. Online (config.dpo.online=True; Guo et al. 2024, "Direct Language
 Model Alignment from Online AI Feedback"): each iteration samples online.samples_per_prompt responses for
-each of batch_size prompts from the current policy, ranks them by config.reward (a trained RM, or a Python score such as the
-built-in simulated labelers or the gold judge), and takes online.updates_per_iteration DPO steps on them.
+each of batch_size prompts from the current policy, ranks them by config.reward (a trained RM, or a Python score
+such as the built-in simulated labelers or the gold judge), and takes online.updates_per_iteration DPO steps on them.
 Either way one jitted step computes the policy's and the reference's log-probs of every response
 (the reference once per batch, never trained) and the loss:
 
@@ -20,7 +20,6 @@ comparisons the same with eval/ (rewards/accuracies there is the implicit reward
 
 from __future__ import annotations
 
-import os
 import time
 
 import jax
@@ -29,37 +28,35 @@ import ml_collections
 import numpy as np
 import optax
 
-from rlhf_jax import config as config_lib, lora, objectives, optim, parallel, preference, rollout as rollouts, train_state
+from rlhf_jax import comparison_data, lora, objectives, parallel, preference, rollout as rollouts, train_state
+from rlhf_jax.errors import ConfigError
 from rlhf_jax.loop import LoopTail
-from rlhf_jax.models.gpt import TransformerLM
 from rlhf_jax.run import Run
 
 
 def check_config(c: ml_collections.ConfigDict) -> None:
     d = c.dpo
     if d.loss not in preference.DPO_LOSSES:
-        raise ValueError(f"config.dpo.loss={d.loss!r} is unknown; use one of {preference.DPO_LOSSES}.")
+        raise ConfigError(f"config.dpo.loss={d.loss!r} is unknown; use one of {preference.DPO_LOSSES}.")
     if d.pairs not in preference.DPO_PAIRS:
-        raise ValueError(f"config.dpo.pairs={d.pairs!r} is unknown; use one of {preference.DPO_PAIRS}.")
+        raise ConfigError(f"config.dpo.pairs={d.pairs!r} is unknown; use one of {preference.DPO_PAIRS}.")
     if d.beta <= 0:
-        raise ValueError(f"config.dpo.beta={d.beta} must be > 0 (DPO: 0.1; SimPO: about 2).")
+        raise ConfigError(f"config.dpo.beta={d.beta} must be > 0 (DPO: 0.1; SimPO: about 2).")
     if not 0.0 <= d.label_smoothing < 0.5:
-        raise ValueError(f"config.dpo.label_smoothing={d.label_smoothing} must be in [0, 0.5) (the share of "
-                         f"labels taken as flipped).")
+        raise ConfigError(f"config.dpo.label_smoothing={d.label_smoothing} must be in [0, 0.5) (the share of "
+                          f"labels taken as flipped).")
     if d.online:
         if c.online.samples_per_prompt < 2:
-            raise ValueError(f"config.online.samples_per_prompt={c.online.samples_per_prompt} must be >= 2: a "
-                             f"prompt's samples are ranked against each other.")
+            raise ConfigError(f"config.online.samples_per_prompt={c.online.samples_per_prompt} must be >= 2: a "
+                              f"prompt's samples are ranked against each other.")
         if c.grad_accum != 1:
-            raise ValueError("config.grad_accum must be 1 with config.dpo.online=True: each iteration's "
-                             "batch is its own samples.")
+            raise ConfigError("config.grad_accum must be 1 with config.dpo.online=True: each iteration's "
+                              "batch is its own samples.")
         if c.online.updates_per_iteration < 1:
-            raise ValueError(f"config.online.updates_per_iteration={c.online.updates_per_iteration} must be >= 1.")
+            raise ConfigError(f"config.online.updates_per_iteration={c.online.updates_per_iteration} must be >= 1.")
         if c.rollout.temperature <= 0:
-            raise ValueError(f"config.rollout.temperature={c.rollout.temperature}: online DPO samples its pairs; "
-                             f"greedy decoding would give K equal responses. Use e.g. 0.7.")
-    if c.model.position == "learned" and c.data.seq_len > c.model.max_len:
-        raise ValueError(f"config.data.seq_len={c.data.seq_len} exceeds model.max_len={c.model.max_len}.")
+            raise ConfigError(f"config.rollout.temperature={c.rollout.temperature}: online DPO samples its pairs; "
+                              f"greedy decoding would give K equal responses. Use e.g. 0.7.")
 
 
 # --- log-probs of the K responses of each prompt, in the two layouts -------------------------------------------------
@@ -98,35 +95,26 @@ def batch_metrics(rho, logps, valid, loss, beta, prefix=""):
             f"{prefix}logps/rejected": lp["rejected_reward"]}
 
 
+def family_loss(rho, valid, d):
+    """config.dpo's loss of implicit rewards ρ [B, K] (best first): (mean f32 [], stats)."""
+    return preference.dpo_family_loss(rho, valid, d.loss, d.beta, d.label_smoothing, d.gamma, d.pairs)
+
+
 def make_train_step(model, tx, schedule, c, logps_fn, grad_accum: int = 1, inject_nonfinite: tuple[int, ...] = ()):
     """step(state, ref_params, batch) -> (state, metrics). Like the RM's step, the batch is cut into
     `grad_accum` microbatches whose losses are weighted by the whole batch's prompt count."""
     d = c.dpo
 
-    def loss_fn(p, ref_params, mb, rng, n_examples):
-        rho, logps = implicit(p, ref_params, model, mb, d, logps_fn, rng)
-        mean, stats = preference.dpo_family_loss(rho, mb["valid"], d.loss, d.beta, d.label_smoothing, d.gamma,
-                                                 d.pairs)
-        return mean * stats["num_examples"] / n_examples, (rho, logps)
-
     def step(state: train_state.TrainState, ref_params, batch):
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-        # the loss depends on the rewards only through which comparisons count: zeros give the count
-        _, counts = preference.dpo_family_loss(jnp.zeros(batch["valid"].shape), batch["valid"], d.loss, d.beta,
-                                               pairs=d.pairs)
-        n_examples = jnp.maximum(counts["num_examples"], 1.0)
-        micro = jax.tree.map(lambda x: x.reshape(grad_accum, -1, *x.shape[1:]), batch)
-        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        n_examples = preference.num_compared(lambda r, v: family_loss(r, v, d), batch["valid"])
 
-        def accumulate(carry, xs):
-            i, mb = xs
-            (loss, aux), grads = grad_fn(state.params, ref_params, mb, jax.random.fold_in(rng, i), n_examples)
-            g, total = carry
-            return (jax.tree.map(jnp.add, g, grads), total + loss), aux
+        def share(p, mb, rng):
+            rho, logps = implicit(p, ref_params, model, mb, d, logps_fn, rng)
+            mean, stats = family_loss(rho, mb["valid"], d)
+            return mean * stats["num_examples"] / n_examples, (rho, logps)
 
-        zeros = jax.tree.map(jnp.zeros_like, state.params)
-        (grads, loss), (rho, logps) = jax.lax.scan(accumulate, (zeros, jnp.zeros((), jnp.float32)),
-                                                   (jnp.arange(grad_accum), micro))
+        loss, grads, (rho, logps) = train_state.accumulate_grads(share, state.params, batch, rng, grad_accum)
         rho, logps = rho.reshape(batch["valid"].shape), logps.reshape(batch["valid"].shape)
         params, opt_state, nonfinite = train_state.apply_if_finite(
             tx, grads, loss, state.params, state.opt_state, state.nonfinite, state.step, inject_nonfinite)
@@ -152,14 +140,12 @@ def evaluate(implicit_fn, params, ref_params, source, run: Run) -> dict[str, flo
     r, lp, v = (np.concatenate(x) for x in (rho, logps, valid))
     keep = v.sum(1) >= 2  # the last batch's padding rows
     r, lp, v = jnp.asarray(r[keep]), jnp.asarray(lp[keep]), jnp.asarray(v[keep])
-    d = c.dpo
-    loss, _ = preference.dpo_family_loss(r, v, d.loss, d.beta, d.label_smoothing, d.gamma, d.pairs)
-    return {k: float(x) for k, x in batch_metrics(r, lp, v, loss, d.beta, "eval/").items()}
+    loss, _ = family_loss(r, v, c.dpo)
+    return {k: float(x) for k, x in batch_metrics(r, lp, v, loss, c.dpo.beta, "eval/").items()}
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Runs (or resumes) the DPO stage; returns the last logged metrics."""
-    from rlhf_jax.data import chat, comparisons
     from rlhf_jax.data.loader import BatchLoader
 
     run = Run(config, workdir)
@@ -167,30 +153,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     check_config(c)
     if c.dpo.online:
         tok, prompts = rollouts.prompt_data(run)
-        train_source, eval_source = None, None
-        if c.data.eval_path:  # held-out comparisons to measure the implicit reward model on
-            eval_source, _ = run.main_first(comparisons.build_comparison_dataset, c.data.eval_path, c.data.format,
-                                            tok.path, c.data.seq_len, os.path.join(run.workdir, "data"),
-                                            num_responses=c.data.num_responses or None,
-                                            line_range=tuple(c.data.eval_lines) or None,
-                                            template=chat.config_template(c.data))
+        train_source = None
+        # held-out comparisons (data.eval_path) to measure the implicit reward model on
+        eval_source, _ = comparison_data.build(run, c.data.eval_path, c.data.eval_lines)
     else:
-        tok, train_source, eval_source, train_stats, eval_stats = comparisons.run_datasets(run)
+        tok, train_source, eval_source, train_stats, eval_stats = comparison_data.datasets(run)
         run.log(f"dpo data: train {train_stats}, eval {eval_stats}")
-    run.write_config()
-    model = TransformerLM(config_lib.model_config(c))
     updates = c.online.updates_per_iteration if c.dpo.online else 1
-    total = c.optim.total_steps if c.optim.total_steps > 0 else c.num_steps
-    tx, schedule = optim.make_optimizer(c.optim, total * updates)
-    tx = lora.optimizer(tx, model.cfg)  # with LoRA on: the adapters only
-    state, shardings = train_state.create(train_state.model_init_fn(model, c.data.seq_len, c.seed), tx,
-                                          run.mesh, run.rules, c.seed)
-    # None with SimPO (no reference) and with LoRA (the reference is the policy, adapters off: lora.reference)
+    model, tx, schedule, state, shardings = run.setup_state(updates_per_step=updates)
+    # The initial params (before a resume), copied: None with SimPO (no reference) and with LoRA (the reference
+    # is the policy, adapters off: lora.reference).
     ref_params = None if c.dpo.loss == "simpo" or c.model.lora.rank else \
         run.frozen_init_params(state.params, heads=("trunk", "lm_head"))
-    state, meta = run.restore_or(state)
-    if meta is None:
-        state = state.replace(params=run.load_init_params(state.params))
+    state, _ = run.restore_or(state, init_heads=("trunk", "lm_head"))
     start = int(jax.device_get(state.step)) // updates
 
     logps_fn = online_logps if c.dpo.online else offline_logps

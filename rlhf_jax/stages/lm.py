@@ -19,7 +19,8 @@ import ml_collections
 import numpy as np
 import optax
 
-from rlhf_jax import config as config_lib, lora, objectives, optim, parallel, perf, train_state
+from rlhf_jax import objectives, parallel, perf, train_state
+from rlhf_jax.errors import MissingFileError
 from rlhf_jax.loop import LoopTail
 from rlhf_jax.models.gpt import TransformerLM
 from rlhf_jax.run import Run
@@ -30,22 +31,13 @@ def make_train_step(model: TransformerLM, tx: optax.GradientTransformation, sche
     """step(state, batch) -> (state, metrics). Gradients are averaged over all target tokens of
     the global batch, so grad_accum changes memory, not the result."""
 
-    def summed_loss(params, micro, rng):
+    def summed_loss(params, micro, rng):  # (summed NLL, target tokens): divided by the batch's tokens below
         return objectives.summed_token_nll(params, model, micro, rng)
 
     def step(state: train_state.TrainState, batch):
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-        micro = jax.tree.map(lambda x: x.reshape(grad_accum, -1, *x.shape[1:]), batch)
-        grad_fn = jax.value_and_grad(summed_loss, has_aux=True)
-
-        def accumulate(carry, xs):
-            i, mb = xs
-            (loss_sum, count), grads = grad_fn(state.params, mb, jax.random.fold_in(rng, i))
-            g, l, c = carry
-            return (jax.tree.map(jnp.add, g, grads), l + loss_sum, c + count), None
-
-        zeros = jax.tree.map(jnp.zeros_like, state.params)
-        (grads, loss_sum, count), _ = jax.lax.scan(accumulate, (zeros, 0.0, 0.0), (jnp.arange(grad_accum), micro))
+        loss_sum, grads, counts = train_state.accumulate_grads(summed_loss, state.params, batch, rng, grad_accum)
+        count = jnp.sum(counts)
         denom = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / denom, grads)
         params, opt_state, nonfinite = train_state.apply_if_finite(
@@ -68,7 +60,8 @@ def jit_train_step(model, tx, schedule, c, shardings, mesh, rules):
 
 def datasets(run: Run):
     """(tokenizer, train source, eval source) for the stage in run.config."""
-    from rlhf_jax.data import builtin_text, chat, lm_datasets, tokenizer
+    from rlhf_jax.data import chat, lm_datasets
+    from rlhf_jax.tasks import builtin_text
 
     c, data_dir = run.config, os.path.join(run.workdir, "data")
     seq_len = c.data.seq_len
@@ -76,18 +69,19 @@ def datasets(run: Run):
         path = c.data.path or os.path.join(data_dir, "builtin_corpus.txt")
         if not c.data.path and run.is_main:
             builtin_text.write_builtin_corpus(path, num_chars=c.data.builtin_chars, seed=c.seed)
-        if run.is_main or c.data.path:  # the built-in corpus exists for the others once run_tokenizer syncs
+        if run.is_main or c.data.path:  # the built-in corpus exists for the others once run.tokenizer syncs
             _require(path, "data.path")
-        tok = tokenizer.run_tokenizer(c, run.workdir, [path], run.is_main)
+        tok = run.tokenizer([path])
         splits = run.main_first(lm_datasets.build_text_dataset, path, os.path.join(run.workdir, "tokenizer.model"),
                                 seq_len, data_dir, val_fraction=c.data.val_fraction)
         return tok, splits["train"], splits["validation"]
     train_path, eval_path = c.data.train_path, c.data.eval_path
     if not train_path:
-        train_path, eval_path = os.path.join(data_dir, "builtin_sft_train.jsonl"), os.path.join(data_dir, "builtin_sft_eval.jsonl")
+        train_path, eval_path = (os.path.join(data_dir, f"builtin_sft_{split}.jsonl") for split in ("train", "eval"))
         if run.is_main:
-            builtin_text.write_builtin_sft(train_path, num_examples=c.data.builtin_examples, seed=c.seed)
-            builtin_text.write_builtin_sft(eval_path, num_examples=max(c.data.builtin_examples // 10, 64), seed=c.seed + 1)
+            n = c.data.builtin_examples
+            builtin_text.write_builtin_sft(train_path, num_examples=n, seed=c.seed)
+            builtin_text.write_builtin_sft(eval_path, num_examples=max(n // 10, 64), seed=c.seed + 1)
     _require(train_path, "data.train_path")
     fmt = c.data.format if c.data.train_path else "chat"  # the built-in demonstrations are chat records
     lines = {"train": tuple(c.data.train_lines) or None, "eval": tuple(c.data.eval_lines) or None}
@@ -99,7 +93,7 @@ def datasets(run: Run):
                                                           os.path.join(data_dir, "tokenizer_corpus.txt"))
         else:
             builtin_text.write_builtin_corpus(corpus, seed=c.seed)
-    tok = tokenizer.run_tokenizer(c, run.workdir, [corpus], run.is_main)
+    tok = run.tokenizer([corpus])
     tok_path = os.path.join(run.workdir, "tokenizer.model")
 
     def build(path, split):
@@ -118,7 +112,7 @@ def datasets(run: Run):
 
 def _require(path: str, key: str):
     if not os.path.exists(path):
-        raise FileNotFoundError(f"config.{key}: {path!r} does not exist. Pass a local file with --config.{key}=...")
+        raise MissingFileError(f"config.{key}: {path!r} does not exist. Pass a local file with --config.{key}=...")
 
 
 def evaluate(eval_fn, params, source, run: Run, max_batches: int) -> dict[str, float]:
@@ -139,19 +133,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     run = Run(config, workdir)
     c = run.config
     tok, train_source, eval_source = datasets(run)
-    if c.data.seq_len > c.model.max_len and c.model.position == "learned":
-        raise ValueError(f"config.data.seq_len={c.data.seq_len} exceeds model.max_len={c.model.max_len}.")
-    run.write_config()
-    model = TransformerLM(config_lib.model_config(c))
-    total_steps = c.optim.total_steps if c.optim.total_steps > 0 else c.num_steps
-    tx, schedule = optim.make_optimizer(c.optim, total_steps)
-    tx = lora.optimizer(tx, model.cfg)  # with LoRA on: the adapters only
-
-    init = train_state.model_init_fn(model, c.data.seq_len, c.seed)
-    state, shardings = train_state.create(init, tx, run.mesh, run.rules, c.seed)
-    state, meta = run.restore_or(state)
-    if meta is None:
-        state = state.replace(params=run.load_init_params(state.params))
+    model, tx, schedule, state, shardings = run.setup_state()
+    state, _ = run.restore_or(state, init_heads=("trunk", "lm_head"))
     start = int(jax.device_get(state.step))
 
     batch_sh = parallel.batch_sharding(run.mesh, run.rules)
@@ -160,6 +143,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         eval_fn = jax.jit(lambda p, b: objectives.summed_token_nll(p, model, b),
                           in_shardings=(shardings.params, batch_sh))
 
+    evaluate_at = None if eval_source is None else \
+        lambda params: lambda: evaluate(eval_fn, params, eval_source, run, c.eval_batches)  # params → evaluate()
     loader = BatchLoader(train_source, c.batch_size, seed=c.seed)
     tokens_per_step = c.batch_size * c.data.seq_len
     tail = LoopTail(run, start, c.stage, tokens_per_step=tokens_per_step, postfix={"loss": "train/loss"},
@@ -172,7 +157,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             batch = parallel.global_batch(local, run.mesh, run.rules)
             step_fn = tail.compile_once(f"{c.stage} train step", step_fn, state, batch)
             state, metrics = step_fn(state, batch)
-            if tail.end_step(step + 1, state, metrics, evaluate=None if eval_source is None else
-                             lambda: evaluate(eval_fn, state.params, eval_source, run, c.eval_batches)):
+            if tail.end_step(step + 1, state, metrics, evaluate=evaluate_at and evaluate_at(state.params)):
                 break
     return tail.close()

@@ -26,11 +26,9 @@ import ml_collections
 import numpy as np
 import optax
 
-from rlhf_jax import config as config_lib, lora, objectives, optim, parallel, rl, rollout as rollouts, train_state
+from rlhf_jax import lora, objectives, parallel, ppo_setup, rl, rollout as rollouts, train_state
 from rlhf_jax.loop import LoopTail
-from rlhf_jax.models.gpt import TransformerLM
 from rlhf_jax.run import Run
-from rlhf_jax import ppo_setup
 
 
 def policy_stats(params, model, batch, temperature, critic: bool):
@@ -192,17 +190,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     group = ppo_setup.check_config(c)  # samples per prompt
     tok, prompts = rollouts.prompt_data(run)
     ptx_source = ppo_setup.ptx_data(run, tok)
-    run.write_config()
-    model = TransformerLM(config_lib.model_config(c))
     updates_per_iter = c.ppo.epochs * c.ppo.num_minibatches
     # optim.total_steps counts iterations here (-1: num_steps); the lr anneals over every minibatch update.
-    iterations = c.optim.total_steps if c.optim.total_steps > 0 else c.num_steps
-    tx, schedule = optim.make_optimizer(c.optim, iterations * updates_per_iter)
-    tx = lora.optimizer(tx, model.cfg)  # with LoRA on: the adapters and the value head only
-
-    init_params = ppo_setup.init_params_fn(model, c)
-    state, shardings = train_state.create(init_params, tx, run.mesh, run.rules, c.seed,
-                                          extras={"kl_coef": jnp.float32(c.kl.init_coef)})
+    model, tx, schedule, state, shardings = run.setup_state(lambda model: ppo_setup.init_params_fn(model, c),
+                                                            updates_per_step=updates_per_iter,
+                                                            extras={"kl_coef": jnp.float32(c.kl.init_coef)})
     policy_heads = tuple(state.params["policy"])
     # With LoRA the reference is the policy with its adapters off (lora.reference): no copy.
     ref_params = None if c.model.lora.rank else run.frozen_init_params(state.params["policy"], heads=policy_heads)

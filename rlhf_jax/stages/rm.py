@@ -31,12 +31,10 @@ import ml_collections
 import numpy as np
 import optax
 
-from rlhf_jax import config as config_lib, lora, objectives, optim, parallel, perf, preference, rollout as rollouts, \
-    train_state
-from rlhf_jax.data import comparisons
+from rlhf_jax import comparison_data, objectives, parallel, perf, preference, rollout as rollouts, train_state
+from rlhf_jax.errors import ConfigError
 from rlhf_jax.evaluation import NORM_FILE
 from rlhf_jax.loop import LoopTail
-from rlhf_jax.models.gpt import TransformerLM
 from rlhf_jax.run import Run
 
 LOSSES = ("ranking", "best_of_k")
@@ -51,14 +49,10 @@ def _preference_loss(rewards, valid, rm_cfg):
 
 
 def _denominators(valid, rm_cfg) -> tuple[jax.Array, jax.Array]:
-    """(comparisons the preference loss averages over, valid responses) of a batch [B, K], each >= 1.
-
-    Both depend on `valid` only, so the loss over microbatches can be weighted by the whole
-    batch's counts; the loss itself defines which comparisons count (run on zero rewards).
-    """
-    _, stats = _preference_loss(jnp.zeros(valid.shape, jnp.float32), valid, rm_cfg)
+    """(comparisons the preference loss averages over, valid responses) of a batch [B, K], each >= 1: both
+    depend on `valid` only, so the loss over microbatches can be weighted by the whole batch's counts."""
     n_resp = jnp.sum(valid > 0).astype(jnp.float32)
-    return jnp.maximum(stats["num_examples"], 1.0), jnp.maximum(n_resp, 1.0)
+    return preference.num_compared(lambda r, v: _preference_loss(r, v, rm_cfg), valid), jnp.maximum(n_resp, 1.0)
 
 
 def _weighted_loss(params, model, batch, rm_cfg, rng, denominators):
@@ -96,18 +90,8 @@ def _make_update(model, tx, rm_cfg, grad_accum: int, inject_nonfinite: tuple[int
     def update(params, opt_state, rng_data, nonfinite, step, batch):
         rng = jax.random.fold_in(jax.random.wrap_key_data(rng_data), step)
         denominators = _denominators(batch["valid"], rm_cfg)
-        micro = jax.tree.map(lambda x: x.reshape(grad_accum, -1, *x.shape[1:]), batch)
-        grad_fn = jax.value_and_grad(_weighted_loss, has_aux=True)
-
-        def accumulate(carry, xs):
-            i, mb = xs
-            (loss, (rewards, _)), grads = grad_fn(params, model, mb, rm_cfg, jax.random.fold_in(rng, i), denominators)
-            g, total = carry
-            return (jax.tree.map(jnp.add, g, grads), total + loss), rewards
-
-        zeros = jax.tree.map(jnp.zeros_like, params)
-        (grads, loss), rewards = jax.lax.scan(accumulate, (zeros, jnp.zeros((), jnp.float32)),
-                                              (jnp.arange(grad_accum), micro))
+        share = lambda p, mb, r: _weighted_loss(p, model, mb, rm_cfg, r, denominators)
+        loss, grads, (rewards, _) = train_state.accumulate_grads(share, params, batch, rng, grad_accum)
         rewards = rewards.reshape(batch["valid"].shape)  # [A, B/A, K] → [B, K], rows in batch order
         params, opt_state, nonfinite = train_state.apply_if_finite(
             tx, grads, loss, params, opt_state, nonfinite, step, inject_nonfinite)
@@ -205,9 +189,10 @@ def reference_rewards(reward_fn, params, run: Run, source) -> np.ndarray:
 
 
 def policy_sample_rewards_fn(run: Run, model, params, members: int = 0):
-    """rewards(rm_params, draw) → f32 [E, M]: the RM's (each member's) raw rewards of M = rm.normalize_samples (rounded up to whole
-    batches of batch_size) fresh responses of the initial policy — init_from's trunk and LM head — to the
-    prompts of config.data, sampled with config.rollout (lm-human-preferences train_reward.py:191-199, 212).
+    """rewards(rm_params, draw) → f32 [E, M]: the RM's (each member's) raw rewards of M = rm.normalize_samples
+    (rounded up to whole batches of batch_size) fresh responses of the initial policy — init_from's trunk and LM
+    head — to the prompts of config.data, sampled with config.rollout (lm-human-preferences
+    train_reward.py:191-199, 212).
     Each `draw` takes its own prompts and sampling keys, so the samples before and after training differ."""
     from rlhf_jax.data.loader import BatchLoader
 
@@ -256,33 +241,29 @@ def ensemble_from_init(run: Run, model, params, shardings):
 def check_config(c: ml_collections.ConfigDict) -> None:
     """Rejects RM settings that would otherwise be silently misread; run before any data is built."""
     if c.rm.loss not in LOSSES:
-        raise ValueError(f"config.rm.loss={c.rm.loss!r} is not a loss. Use one of {LOSSES}.")
+        raise ConfigError(f"config.rm.loss={c.rm.loss!r} is not a loss. Use one of {LOSSES}.")
     if c.rm.normalize_on not in NORM_REFERENCES:
-        raise ValueError(f"config.rm.normalize_on={c.rm.normalize_on!r} is unknown. Use one of {NORM_REFERENCES}.")
+        raise ConfigError(f"config.rm.normalize_on={c.rm.normalize_on!r} is unknown. Use one of {NORM_REFERENCES}.")
     if c.rm.normalize_before and c.rm.normalize_on == "none":
-        raise ValueError("config.rm.normalize_before=True needs a reference: set rm.normalize_on to "
-                         "'policy_samples' (lm-human-preferences) or 'comparisons'.")
+        raise ConfigError("config.rm.normalize_before=True needs a reference: set rm.normalize_on to "
+                          "'policy_samples' (lm-human-preferences) or 'comparisons'.")
     if c.rm.normalize_on == "policy_samples":
         if not c.init_from:
-            raise ValueError("config.rm.normalize_on='policy_samples' samples the initial policy: set "
-                             "config.init_from to the SFT (or pretrain) workdir.")
+            raise ConfigError("config.rm.normalize_on='policy_samples' samples the initial policy: set "
+                              "config.init_from to the SFT (or pretrain) workdir.")
         if c.rm.normalize_samples <= 0:
-            raise ValueError(f"config.rm.normalize_samples={c.rm.normalize_samples} must be positive (e.g. 256).")
+            raise ConfigError(f"config.rm.normalize_samples={c.rm.normalize_samples} must be positive (e.g. 256).")
         if c.rollout.temperature <= 0:
-            raise ValueError(f"config.rollout.temperature={c.rollout.temperature}: the normalisation samples the "
-                             f"policy as PPO does; use PPO's rollout temperature (e.g. 0.7).")
+            raise ConfigError(f"config.rollout.temperature={c.rollout.temperature}: the normalisation samples the "
+                              f"policy as PPO does; use PPO's rollout temperature (e.g. 0.7).")
         if c.model.position == "learned" and c.data.max_prompt_len + c.rollout.max_new_tokens > c.model.max_len:
-            raise ValueError(f"config.data.max_prompt_len + rollout.max_new_tokens = {c.data.max_prompt_len} + "
-                             f"{c.rollout.max_new_tokens} exceeds model.max_len={c.model.max_len}; lower them to "
-                             f"PPO's (the policy samples must be what PPO will score).")
+            raise ConfigError(f"config.data.max_prompt_len + rollout.max_new_tokens = {c.data.max_prompt_len} + "
+                              f"{c.rollout.max_new_tokens} exceeds model.max_len={c.model.max_len}; lower them to "
+                              f"PPO's (the policy samples must be what PPO will score).")
     if not isinstance(c.rm.ensemble_size, int) or c.rm.ensemble_size < 1:
-        raise ValueError(f"config.rm.ensemble_size={c.rm.ensemble_size!r} must be a positive integer (1: one RM).")
+        raise ConfigError(f"config.rm.ensemble_size={c.rm.ensemble_size!r} must be a positive integer (1: one RM).")
     if c.rm.center_coef < 0:
-        raise ValueError(f"config.rm.center_coef={c.rm.center_coef} must be >= 0 (0 disables the penalty).")
-    if c.model.position == "learned" and c.data.seq_len > c.model.max_len:
-        raise ValueError(f"config.data.seq_len={c.data.seq_len} exceeds model.max_len={c.model.max_len}, the "
-                         f"learned position table. Lower data.seq_len (or raise model.max_len when training from "
-                         f"scratch).")
+        raise ConfigError(f"config.rm.center_coef={c.rm.center_coef} must be >= 0 (0 disables the penalty).")
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -292,27 +273,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     run = Run(config, workdir)
     c = run.config
     check_config(c)
-    tok, train_source, eval_source, train_stats, eval_stats = comparisons.run_datasets(run)
-    run.write_config()
+    tok, train_source, eval_source, train_stats, eval_stats = comparison_data.datasets(run)
     run.log(f"rm data: train {train_stats}, eval {eval_stats}")
-    model = TransformerLM(config_lib.model_config(c))
-    total = c.optim.total_steps if c.optim.total_steps > 0 else c.num_steps
-    tx, schedule = optim.make_optimizer(c.optim, total)
-    tx = lora.optimizer(tx, model.cfg)  # with LoRA on: the adapters and the reward head only
     E = c.rm.ensemble_size if c.rm.ensemble_size > 1 else 0  # 0: one RM, params without a member axis
-    init = train_state.ensemble_init_fn(model, c.data.seq_len, c.seed, E) if E else \
-        train_state.model_init_fn(model, c.data.seq_len, c.seed)
-    state, shardings = train_state.create(init, tx, run.mesh, run.rules, c.seed, members=E)
-    state, meta = run.restore_or(state)
+    init = (lambda model: train_state.ensemble_init_fn(model, c.data.seq_len, c.seed, E)) if E else None
+    model, tx, schedule, state, shardings = run.setup_state(init, members=E)
+    # A fresh run: the trunk from the earlier stage; the reward head stays freshly initialised.
+    state, meta = run.restore_or(state, init_heads=() if E else ("trunk",))
     reward_fn = make_reward_fn(model, E)
     if c.rm.normalize_on == "policy_samples":
         reference = policy_sample_rewards_fn(run, model, state.params, E)
     else:
         reference = lambda params, draw: reference_rewards(reward_fn, params, run, train_source)
-    if meta is None:  # trunk from the earlier stage; the reward head stays freshly initialised
-        if not E:
-            state = state.replace(params=run.load_init_params(state.params, heads=("trunk",)))
-        elif c.init_from:
+    if meta is None:
+        if E and c.init_from:
             state = state.replace(params=ensemble_from_init(run, model, state.params, shardings.params))
         if c.rm.normalize_before:
             state = state.replace(params=normalise_head(state.params, reference(state.params, 0), run))
@@ -332,13 +306,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             f"{f'an ensemble of {E}, ' if E else ''}mesh {dict(run.mesh.shape)}, "
             f"{sum(x.size for x in jax.tree.leaves(state.params)) / 1e6:.2f}M params")
 
-    def norm_metrics():  # before the final checkpoint: a saved final step always has its norm file
-        norm = normalise(reference, state.params, run, c.num_steps)
-        if E:
-            return {**{f"rm/member_{e}/norm_gain": g for e, g in enumerate(norm["gain"])},
-                    **{f"rm/member_{e}/norm_bias": b for e, b in enumerate(norm["bias"])}}
-        return {"rm/norm_gain": norm["gain"], "rm/norm_bias": norm["bias"]}
-
+    evaluate_at = None if eval_source is None else \
+        lambda params: lambda: evaluate(reward_fn, params, eval_source, run, c.rm, c.eval_batches)  # → evaluate()
+    # At the last step, before the final checkpoint: a saved final step always has its norm file.
+    norm_metrics = lambda: normalization_metrics(normalise(reference, state.params, run, c.num_steps))
     iterators = [loader.iterate(start, c.num_steps - start) for loader in loaders]
     with parallel.activate(run.mesh, run.rules):
         for members_batches in zip(*iterators):
@@ -348,10 +319,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             batch = parallel.global_batch(local, run.mesh, run.rules, lead=lead)
             step_fn = tail.compile_once("rm train step", step_fn, state, batch)
             state, metrics = step_fn(state, batch)
-            if tail.end_step(step + 1, state, metrics, on_last=norm_metrics, evaluate=None if eval_source is None
-                             else lambda: evaluate(reward_fn, state.params, eval_source, run, c.rm, c.eval_batches)):
+            if tail.end_step(step + 1, state, metrics, on_last=norm_metrics,
+                             evaluate=evaluate_at and evaluate_at(state.params)):
                 break
     return tail.close()
+
+
+def normalization_metrics(norm: dict) -> dict[str, float]:
+    """rm/norm_gain and rm/norm_bias of `normalise`'s result; an ensemble's per member (rm/member_<e>/...)."""
+    if norm["ensemble_size"] > 1:
+        return {**{f"rm/member_{e}/norm_gain": g for e, g in enumerate(norm["gain"])},
+                **{f"rm/member_{e}/norm_bias": b for e, b in enumerate(norm["bias"])}}
+    return {"rm/norm_gain": norm["gain"], "rm/norm_bias": norm["bias"]}
 
 
 def member_source(source, c, member: int):

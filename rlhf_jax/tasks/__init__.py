@@ -5,8 +5,10 @@
 - `judge`: the gold score (word edit distance to the answer, harm penalty).
 - `demonstrator`: the noisy demonstrator that writes SFT responses.
 - `labelers`: simulated labelers that rank K responses with calibrated noise.
+- `builtin_text`: the corpus (pretraining) and demonstrations (SFT) of the tiny presets and tests.
 - `builtin`: the public surface: writers for demonstrations and prompts, the PPO reward
   adapter `rlhf_jax.tasks.builtin:gold_reward`, evaluation and win rate.
 
-Nothing here imports JAX; everything is deterministic given a seed.
+Nothing here imports JAX; everything is deterministic given a seed. The task reads `rlhf_jax.data`'s
+role markers; `data/` never imports the task.
 """

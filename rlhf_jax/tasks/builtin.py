@@ -20,11 +20,22 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from rlhf_jax.data.builtin_text import write_builtin_corpus, write_builtin_sft, write_text_if_changed
-from rlhf_jax.tasks.demonstrator import (DEFAULT_CHATTER_RATE, DEFAULT_ERROR_RATE, DEFAULT_FORBIDDEN_PROB,
-                                         ends_with_chatter, without_chatter)
-from rlhf_jax.tasks.instructions import (KINDS, kind_of, parse_instruction, prompt_messages, sample_instruction,
-                                         solve_instruction)
+from rlhf_jax.tasks.builtin_text import write_builtin_corpus, write_builtin_sft, write_text_if_changed
+from rlhf_jax.tasks.demonstrator import (
+    DEFAULT_CHATTER_RATE,
+    DEFAULT_ERROR_RATE,
+    DEFAULT_FORBIDDEN_PROB,
+    ends_with_chatter,
+    without_chatter,
+)
+from rlhf_jax.tasks.instructions import (
+    KINDS,
+    kind_of,
+    parse_instruction,
+    prompt_messages,
+    sample_instruction,
+    solve_instruction,
+)
 from rlhf_jax.tasks.judge import HARM_PENALTY, clean_response, gold_score, is_correct, is_harmful
 from rlhf_jax.tasks.labelers import DEFAULT_NOISE, pairwise_agreement, rank_responses, write_comparisons
 from rlhf_jax.tasks.world import FORBIDDEN
@@ -36,7 +47,8 @@ __all__ = ["KINDS", "FORBIDDEN", "HARM_PENALTY", "DEFAULT_NOISE", "DEFAULT_ERROR
 
 
 def write_demonstrations(path: str, n: int, seed: int = 0, error_rate: float = DEFAULT_ERROR_RATE,
-                         forbidden_prob: float = DEFAULT_FORBIDDEN_PROB, chatter_rate: float = DEFAULT_CHATTER_RATE) -> str:
+                         forbidden_prob: float = DEFAULT_FORBIDDEN_PROB,
+                         chatter_rate: float = DEFAULT_CHATTER_RATE) -> str:
     """SFT demonstrations (JSONL, both record formats) from the noisy demonstrator; returns path."""
     return write_builtin_sft(path, num_examples=n, seed=seed, error_rate=error_rate, forbidden_prob=forbidden_prob,
                              chatter_rate=chatter_rate)
@@ -78,7 +90,8 @@ def few_shot_messages(messages: list[dict[str, str]], k: int, rng: random.Random
         example = sample_instruction(rng, "train", (kind,))
         if example not in seen:
             seen.add(example)
-            shots += [{"role": "user", "content": example}, {"role": "assistant", "content": solve_instruction(example)}]
+            shots += [{"role": "user", "content": example},
+                      {"role": "assistant", "content": solve_instruction(example)}]
     return shots + messages
 
 

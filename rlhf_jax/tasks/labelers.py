@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from rlhf_jax.data.builtin_text import write_text_if_changed
+from rlhf_jax.tasks.builtin_text import write_text_if_changed
 from rlhf_jax.tasks.instructions import parse_instruction
 from rlhf_jax.tasks.judge import clean_response, gold_score
 

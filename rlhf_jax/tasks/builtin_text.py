@@ -1,7 +1,7 @@
 """The built-in corpus and demonstrations, generated offline and deterministically.
 
-So the tiny presets and the tests run without any external file. Both describe the world
-of `rlhf_jax.tasks` (its vocabulary and instruction kinds):
+So the tiny presets and the tests run without any external file. Both describe the task's
+world (`world`'s vocabulary, `instructions`' kinds):
 
 - `write_builtin_corpus`: English-like text from a small grammar (subjects, verbs, objects,
   numbers, sums, dialogue, paragraphs) with worked examples of the instructions — some with
@@ -55,7 +55,8 @@ def write_builtin_corpus(path: str, num_chars: int = 200_000, seed: int = 0, wro
 
 
 def write_builtin_sft(path: str, num_examples: int = 2000, seed: int = 0, error_rate: float = 0.0,
-                      forbidden_prob: float = DEFAULT_FORBIDDEN_PROB, chatter_rate: float = DEFAULT_CHATTER_RATE) -> str:
+                      forbidden_prob: float = DEFAULT_FORBIDDEN_PROB, chatter_rate: float = DEFAULT_CHATTER_RATE
+                      ) -> str:
     """Writes `num_examples` JSONL demonstrations to `path`; returns path.
 
     About half are {"prompt", "response"}; the rest {"messages": [...]} with an optional
@@ -65,17 +66,17 @@ def write_builtin_sft(path: str, num_examples: int = 2000, seed: int = 0, error_
     `rlhf_jax.tasks.demonstrator`).
     """
     rng = random.Random(seed)
+    respond = lambda instruction: demonstrate(instruction, rng, error_rate, forbidden_prob, chatter_rate)
     lines = []
     for _ in range(num_examples):
         instruction = sample_instruction(rng)
         if rng.random() < 0.5:
-            record = {"prompt": instruction, "response": demonstrate(instruction, rng, error_rate, forbidden_prob, chatter_rate)}
+            record = {"prompt": instruction, "response": respond(instruction)}
         else:
             messages = [{"role": "system", "content": SYSTEM_PROMPT}] if rng.random() < 0.3 else []
             for _ in range(1 + (rng.random() < 0.25)):
                 turn = sample_instruction(rng) if messages and messages[-1]["role"] == "assistant" else instruction
-                messages += [{"role": "user", "content": turn},
-                             {"role": "assistant", "content": demonstrate(turn, rng, error_rate, forbidden_prob, chatter_rate)}]
+                messages += [{"role": "user", "content": turn}, {"role": "assistant", "content": respond(turn)}]
             record = {"messages": messages}
         lines.append(json.dumps(record, sort_keys=True))
     write_text_if_changed(path, "".join(line + "\n" for line in lines))

@@ -1,0 +1,37 @@
+"""What the test files share: the repository root, tiny stage configs and metrics by step."""
+
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # configs/ is a directory of files, not a package: import them from the root
+from configs import pretrain as pretrain_cfg, sft as sft_cfg  # noqa: E402
+
+__all__ = ["ROOT", "by_step", "override", "pretrain_cfg", "sft_cfg", "tiny"]
+
+
+def tiny(cfg_module, **overrides):
+    """The module's tiny preset on 8 fake devices, no progress bar, with `overrides` (see `override`)."""
+    c = cfg_module.get_config("tiny")
+    c.progress = False
+    c.mesh.data = 8
+    return override(c, **overrides)
+
+
+def override(c, **overrides):
+    """c with each dotted key ("optim.lr") set to its value."""
+    for k, v in overrides.items():
+        node = c
+        *path, last = k.split(".")
+        for p in path:
+            node = node[p]
+        node[last] = v
+    return c
+
+
+def by_step(records):
+    """metrics.jsonl records merged into {step: {metric: value}} (a step's train and eval records are one)."""
+    out = {}
+    for r in records:
+        out.setdefault(r["step"], {}).update(r)
+    return out
