@@ -33,7 +33,7 @@ def export_workdir(workdir: str, out: str, kind: str = "", family: str | None = 
     rules = parallel.DEFAULT_RULES
     if kind == "reward":
         from rlhf_jax.data.tokenizer import load_tokenizer
-        from rlhf_jax.evaluation import load_reward_model
+        from rlhf_jax.trained import load_reward_model
 
         model, params, norm = load_reward_model(workdir, mesh, rules)
         if norm["ensemble_size"] > 1:
@@ -41,7 +41,7 @@ def export_workdir(workdir: str, out: str, kind: str = "", family: str | None = 
                              f"checkpoint holds one. Export a single RM (rm.ensemble_size=1).")
         tok = load_tokenizer(os.path.join(workdir, "tokenizer.model"))
     else:
-        from rlhf_jax.evaluation import load_policy
+        from rlhf_jax.trained import load_policy
 
         model, params, tok = load_policy(workdir, mesh, rules)
         norm = None

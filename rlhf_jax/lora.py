@@ -6,7 +6,7 @@ The adapters live in the same tree as the weights they adapt (rlhf_jax/models/la
     .../attn/{out, out_bias, out_lora_a [H, K, r], out_lora_b [r, D]}   attention's out projection
 
 With config.model.lora.rank > 0 a stage trains only the adapters (and the scalar value / reward heads, which
-start fresh and are tiny); every other leaf is frozen: `objectives.forward` stops its gradient, and
+start fresh and are tiny); every other leaf is frozen: `forward.apply` stops its gradient, and
 `optimizer` gives it no update and no optimizer state. The base weights thus stay the initial policy, so the
 reference policy of PPO's KL and DPO's ratio is the policy itself with its adapters off (`adapters_off`): no
 second copy of the weights.

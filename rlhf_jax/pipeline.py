@@ -201,7 +201,7 @@ def write_data(c, data_dir: str) -> dict[str, str]:
 def sample_comparisons(c, sft_dir: str, prompts_path: str, out_path: str, noise: float, seed: int, mesh, rules):
     """K samples per prompt from the SFT policy, ranked by simulated labelers → ranked JSONL."""
     from rlhf_jax.data import prompts as prompt_data
-    from rlhf_jax.evaluation import generate, load_policy, sampling_settings
+    from rlhf_jax.trained import generate, load_policy, sampling_settings
     from rlhf_jax.tasks import builtin
 
     model, params, tok = load_policy(sft_dir, mesh, rules)

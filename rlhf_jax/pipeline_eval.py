@@ -10,8 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax import objectives, parallel
-from rlhf_jax.evaluation import generate, load_policy, load_reward_model, response_logprobs, sampling_settings
+from rlhf_jax import forward, parallel
+from rlhf_jax.trained import generate, load_policy, load_reward_model, response_logprobs, sampling_settings
 
 LABELS = {"ppo": "PPO", "grpo": "GRPO", "dr_grpo": "Dr. GRPO", "rloo": "RLOO", "reinforce_pp": "REINFORCE++",
           "dpo": "DPO", "ipo": "IPO", "simpo": "SimPO", "plackett_luce": "Plackett-Luce DPO", "online_dpo": "online DPO"}
@@ -121,7 +121,7 @@ def sft_samples_scored_by_rm(c, sub: dict, model, params, tok, source, n: int, m
     """(responses [n][N], RM scores [n, N]) of n SFT samples per prompt of `source` at the evaluation
     settings; sample 0 is `first` when given (the evaluation's SFT sample), sample j's key seed + 200 + j."""
     rm_model, rm_params, norm = load_reward_model(sub["rm"], mesh, rules)
-    score = jax.jit(lambda p, t, m: objectives.score_sequences(p, rm_model, norm, t, m))
+    score = jax.jit(lambda p, t, m: forward.score_sequences(p, rm_model, norm, t, m))
     settings, bs = sampling_settings(tok, c.eval.max_new_tokens, c.eval.temperature), c.eval.batch_size
     cands, rm_scores = [], []
     with parallel.activate(mesh, rules):
@@ -182,7 +182,7 @@ def lm_loss(model, params, source, mesh, rules, batch_size: int) -> float:
     """Mean next-token cross-entropy (nats) over every window of `source`."""
     from rlhf_jax.data.loader import eval_batches
 
-    fn = jax.jit(lambda p, b: objectives.summed_token_nll(p, model, b))
+    fn = jax.jit(lambda p, b: forward.summed_token_nll(p, model, b))
     total = count = 0.0
     with parallel.activate(mesh, rules):
         for local in eval_batches(source, batch_size):
@@ -198,7 +198,7 @@ def rm_accuracy_vs_gold(sub: dict, tok, c, mesh, rules) -> dict:
     from rlhf_jax.tasks import builtin
 
     model, params, norm = load_reward_model(sub["rm"], mesh, rules)
-    score = jax.jit(lambda p, t, m: objectives.score_sequences(p, model, norm, t, m))
+    score = jax.jit(lambda p, t, m: forward.score_sequences(p, model, norm, t, m))
     right = total = 0
     with open(os.path.join(sub["comparisons"], "eval_gold.jsonl")) as f:
         records = [json.loads(line) for line in f if line.strip()]

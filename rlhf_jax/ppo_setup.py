@@ -9,7 +9,7 @@ import os
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax import checkpoint, evaluation, parallel, preference, rl, train_state
+from rlhf_jax import checkpoint, parallel, preference, rl, train_state, trained
 from rlhf_jax.run import RUNTIME_MODEL_FIELDS, Run
 
 
@@ -42,7 +42,7 @@ def initial_params(run: Run, model, params):
     out = {"policy": run.load_init_params(params["policy"], heads=("trunk", "lm_head"))}
     if "critic" in params:
         rm_dir = run.config.reward.rm_workdir
-        norm = evaluation.load_reward_norm(rm_dir)
+        norm = trained.load_reward_norm(rm_dir)
         if norm["ensemble_size"] > 1:
             raise ValueError(f"config.ppo.critic='reward_model' starts the critic from one RM, but {rm_dir} is an "
                              f"ensemble of {norm['ensemble_size']}; use ppo.critic='shared'.")

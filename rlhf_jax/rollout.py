@@ -89,7 +89,7 @@ def reward(run: Run, c):
         if not c.reward.rm_workdir:
             raise ValueError("config.reward.rm_workdir is empty: set it to a trained RM's --workdir, "
                              "or use --config.reward.kind=function with config.reward.function=module:fn.")
-        from rlhf_jax.evaluation import load_reward_model
+        from rlhf_jax.trained import load_reward_model
 
         rm_model, rm_params, norm = load_reward_model(c.reward.rm_workdir, run.mesh, run.rules, c.model.dtype)
         if c.reward.aggregate != "mean" and norm["ensemble_size"] == 1:
@@ -110,12 +110,12 @@ def reward(run: Run, c):
 def rm_score_fn(rm, c):
     """(rm_params, tokens, mask [N, L]) → (reward [N]: the RM's normalised score, or its ensemble members'
     combined by config.reward.aggregate; the members' mean [N] and std [N], std 0 for one RM)."""
-    from rlhf_jax import objectives, preference
+    from rlhf_jax import forward, preference
 
     rm_model, norm = rm
 
     def score(rm_params, tokens, mask):
-        s = objectives.member_scores(rm_params, rm_model, norm, tokens, mask)
+        s = forward.member_scores(rm_params, rm_model, norm, tokens, mask)
         return preference.aggregate_rewards(s, c.reward.aggregate, c.reward.lcb_coef), s.mean(0), s.std(0)
 
     return score

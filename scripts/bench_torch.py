@@ -69,7 +69,7 @@ def torch_train(spec: dict) -> Callable[[], None]:
         opt.zero_grad(set_to_none=True)
         with autocast(spec["dtype"]):
             logits = model(input_ids=inputs).logits
-        # Loss in f32, outside autocast, like rlhf_jax's objectives.token_nll.
+        # Loss in f32, outside autocast, like rlhf_jax's forward.token_nll.
         loss = F.cross_entropy(logits.float().reshape(-1, s["vocab"]), targets.reshape(-1))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, OPTIM["grad_clip_norm"])

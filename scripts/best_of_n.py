@@ -34,7 +34,7 @@ def main(argv=None) -> dict:
 
     from rlhf_jax import parallel
     from rlhf_jax.data import prompts as prompt_data
-    from rlhf_jax.evaluation import load_policy
+    from rlhf_jax.trained import load_policy
     from rlhf_jax.pipeline import stage_dirs
     from rlhf_jax.pipeline_eval import best_of_n_curve, sft_samples_scored_by_rm, within_prompt_correlation
     from rlhf_jax.tasks import builtin

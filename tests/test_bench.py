@@ -15,7 +15,7 @@ import pytest
 from rlhf_jax import perf
 from rlhf_jax.models.gpt import TransformerLM
 from rlhf_jax.models.layers import ModelConfig
-from rlhf_jax.objectives import token_nll
+from rlhf_jax.forward import token_nll
 from tests.conftest import with_device_count
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

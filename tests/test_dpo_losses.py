@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlhf_jax import objectives, preference
+from rlhf_jax import forward, preference
 from rlhf_jax.models.gpt import HEADS, TransformerLM
 from rlhf_jax.models.layers import ModelConfig
 from tests.test_preference import RAGGED_VALID, _log_sigmoid, _rewards
@@ -118,7 +118,7 @@ def test_comparison_logprobs_sum_the_response_tokens_given_the_prompt_and_count_
     tokens = np.array([[[2, 5, 6, 7, 11, 12, 13, 0, 0], [2, 5, 6, 7, 14, 0, 0, 0, 0]]], np.int32)
     mask = (tokens != 0).astype(np.int32)
     batch = {"tokens": jnp.asarray(tokens), "input_mask": jnp.asarray(mask), "prompt_len": jnp.asarray([4])}
-    logps, lengths = objectives.comparison_logprobs(params, model, batch)
+    logps, lengths = forward.comparison_logprobs(params, model, batch)
     np.testing.assert_array_equal(lengths, [[3, 1]])
     for k, n in enumerate((3, 1)):
         row = tokens[0, k][None, :4 + n]
@@ -133,5 +133,5 @@ def test_comparison_logprobs_sum_the_response_tokens_given_the_prompt_and_count_
     np.testing.assert_allclose(rho, np.asarray(logps) / np.array([[3.0, 1.0]]), rtol=1e-6)
     # what sits in the padding changes nothing
     junk = np.where(mask == 0, 17, tokens)
-    again, _ = objectives.comparison_logprobs(params, model, {**batch, "tokens": jnp.asarray(junk)})
+    again, _ = forward.comparison_logprobs(params, model, {**batch, "tokens": jnp.asarray(junk)})
     np.testing.assert_allclose(again, logps, rtol=1e-6)

@@ -13,7 +13,7 @@ import pytest
 from rlhf_jax.metrics import read_metrics
 from rlhf_jax.models.gpt import HEADS, TransformerLM, positions_from_mask
 from rlhf_jax.models.layers import ModelConfig
-from rlhf_jax import objectives
+from rlhf_jax import forward
 from rlhf_jax.stages import lm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -51,7 +51,7 @@ def test_sft_loss_counts_only_response_tokens_against_a_hand_reference():
     input_mask = (tokens != 0).astype(np.int32)
     loss_mask = np.array([[0, 0, 0, 1, 1, 1, 0], [0, 0, 1, 1, 1, 0, 0]], np.int32)
     batch = {"tokens": jnp.asarray(tokens), "input_mask": jnp.asarray(input_mask), "loss_mask": jnp.asarray(loss_mask)}
-    nll, mask = objectives.token_nll(params, model, batch)
+    nll, mask = forward.token_nll(params, model, batch)
     got = float(jnp.sum(nll * mask) / jnp.sum(mask))
 
     logits = np.asarray(model.apply({"params": params}, jnp.asarray(tokens[:, :-1]),

@@ -138,7 +138,7 @@ def tiny_lmhp(cfg_module, **overrides):
 def test_lmhp_rm_then_two_ppo_iterations_at_the_tiny_scale(tmp_path):
     import configs.pretrain as pretrain_cfg
     from rlhf_jax import preference
-    from rlhf_jax.evaluation import load_reward_model
+    from rlhf_jax.trained import load_reward_model
     from rlhf_jax.run import Run
     from rlhf_jax.stages import lm, rm
 

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlhf_jax import config as config_lib, lora, objectives, optim, train_state
+from rlhf_jax import config as config_lib, forward, lora, optim, train_state
 from rlhf_jax.models.gpt import TransformerLM, positions_from_mask
 from rlhf_jax.models.layers import Dense, LoraConfig, ModelConfig
 from tests.test_lm_stage import override, tiny
@@ -46,7 +46,7 @@ def lm_batch(seed=0, B=3, T=7):
 
 
 def logits(cfg, params, batch):
-    return objectives.forward(params, TransformerLM(cfg), batch["tokens"], batch["input_mask"])["logits"]
+    return forward.apply(params, TransformerLM(cfg), batch["tokens"], batch["input_mask"])["logits"]
 
 
 def leaves_by_path(tree):
@@ -97,7 +97,7 @@ def adam(weight_decay=0.1):
 
 
 def nll(params, cfg, batch):
-    total, n = objectives.summed_token_nll(params, TransformerLM(cfg), batch)
+    total, n = forward.summed_token_nll(params, TransformerLM(cfg), batch)
     return total / n
 
 

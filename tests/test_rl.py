@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlhf_jax import objectives, rl
+from rlhf_jax import forward, rl
 
 B, T = 5, 7
 
@@ -65,8 +65,8 @@ def test_logprobs_and_entropy_follow_the_tempered_softmax():
     V, temp = 11, 0.7
     logits = rand(B, T, V, seed=3, scale=2.0)
     tokens = np.random.default_rng(4).integers(0, V, (B, T))
-    lp = np.asarray(objectives.logprobs_from_logits(jnp.asarray(logits, jnp.bfloat16), tokens, temp))
-    ent = np.asarray(objectives.entropy_from_logits(logits, temp))
+    lp = np.asarray(forward.logprobs_from_logits(jnp.asarray(logits, jnp.bfloat16), tokens, temp))
+    ent = np.asarray(forward.entropy_from_logits(logits, temp))
     assert lp.dtype == np.float32
     scaled = np.asarray(jnp.asarray(logits, jnp.bfloat16), np.float64) / temp
     for b in range(B):

@@ -11,9 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlhf_jax import objectives, preference, rollout as rollouts
+from rlhf_jax import forward, preference, rollout as rollouts
 from rlhf_jax.data import comparisons
-from rlhf_jax.evaluation import load_reward_model
+from rlhf_jax.trained import load_reward_model
 from rlhf_jax.metrics import read_metrics
 from rlhf_jax.stages import rm
 from tests.test_lm_stage import by_step, tiny
@@ -121,7 +121,7 @@ def test_each_member_is_normalised_on_the_reference_responses(ensemble_and_singl
     records = [source[i] for i in range(len(source))]
     tokens = np.concatenate([r["tokens"][r["valid"] > 0] for r in records])
     mask = np.concatenate([r["input_mask"][r["valid"] > 0] for r in records])
-    z = np.asarray(jax.jit(lambda p, t, m: objectives.member_scores(p, model, norm, t, m))(
+    z = np.asarray(jax.jit(lambda p, t, m: forward.member_scores(p, model, norm, t, m))(
         params, jnp.asarray(tokens), jnp.asarray(mask)), np.float64)
     assert z.shape == (E, len(tokens))
     np.testing.assert_allclose(z.mean(1), 0.0, atol=1e-2)
@@ -141,7 +141,7 @@ def test_the_policy_reward_is_the_aggregate_of_the_single_rms_scores(ensemble_an
     each = []
     for d in singles:
         _, p, n = load_reward_model(d, mesh, rules)
-        each.append(np.asarray(objectives.score_sequences(p, model, n, tokens, mask)))
+        each.append(np.asarray(forward.score_sequences(p, model, n, tokens, mask)))
     each = np.stack(each)
     for how, lam in [("mean", 1.0), ("lcb", 0.5), ("min", 1.0)]:
         c = tiny(ppo_cfg, **{"reward.kind": "rm", "reward.rm_workdir": ens, "reward.aggregate": how,

@@ -14,8 +14,8 @@ import numpy as np
 import optax
 import pytest
 
-from rlhf_jax import checkpoint, objectives, parallel, train_state
-from rlhf_jax.evaluation import load_reward_model
+from rlhf_jax import checkpoint, forward, parallel, train_state
+from rlhf_jax.trained import load_reward_model
 from rlhf_jax.data import comparisons
 from rlhf_jax.metrics import read_metrics
 from rlhf_jax.models.gpt import HEADS, TransformerLM
@@ -46,7 +46,7 @@ def test_pads_on_either_side_do_not_change_a_reward():
     model = TransformerLM(ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, max_len=32,
                                       dtype="bfloat16"))
     params = init_params(model)
-    rewards = jax.jit(lambda t, m: objectives.sequence_rewards(params, model, t, m))
+    rewards = jax.jit(lambda t, m: forward.sequence_rewards(params, model, t, m))
     rng = np.random.default_rng(0)
     seqs = [rng.integers(1, 64, n, dtype=np.int32) for n in (5, 12)]
     alone = np.array([float(rewards(s[None], np.ones((1, len(s)), np.int32))[0]) for s in seqs])
@@ -97,7 +97,7 @@ def test_normalised_rewards_of_the_training_responses_have_mean_0_std_1(tiny_rm)
     assert len(tokens) == stats["responses"] == norm["num_rewards"] == 1600 and norm["step"] == 40
 
     with parallel.activate(mesh, rules):
-        score = jax.jit(lambda p, t, m: objectives.score_sequences(p, model, norm, t, m))
+        score = jax.jit(lambda p, t, m: forward.score_sequences(p, model, norm, t, m))
         r = np.asarray(score(params, jnp.asarray(tokens), jnp.asarray(mask)), np.float64)
     assert abs(r.mean()) < 1e-2 and abs(r.std() - 1.0) < 1e-2, (r.mean(), r.std())
     raw = (r - norm["bias"]) / norm["gain"]
@@ -120,10 +120,10 @@ def test_a_critic_started_from_the_rm_values_the_last_token_at_the_normalised_sc
     critic = ppo_setup.initial_params(run, model, {"policy": params, "critic": params})["critic"]
     tokens = jax.random.randint(jax.random.key(0), (6, 12), 1, model.cfg.vocab_size)
     mask = (jnp.arange(12)[None, :] < jnp.array([12, 9, 5, 12, 3, 7])[:, None]).astype(jnp.int32)  # ragged
-    values = objectives.forward(critic, model, tokens, mask, heads=("value",))["values"]
+    values = forward.apply(critic, model, tokens, mask, heads=("value",))["values"]
     last = mask.sum(1) - 1
     got = np.asarray(jnp.take_along_axis(values, last[:, None], 1)[:, 0])
-    want = np.asarray(objectives.score_sequences(params, model, norm, tokens, mask))
+    want = np.asarray(forward.score_sequences(params, model, norm, tokens, mask))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 

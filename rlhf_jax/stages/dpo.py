@@ -29,7 +29,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from rlhf_jax import config as config_lib, lora, objectives, optim, parallel, preference, rollout as rollouts, train_state
+from rlhf_jax import config as config_lib, forward, lora, optim, parallel, preference, rollout as rollouts, train_state
 from rlhf_jax.loop import LoopTail
 from rlhf_jax.models.gpt import TransformerLM
 from rlhf_jax.run import Run
@@ -66,7 +66,7 @@ def check_config(c: ml_collections.ConfigDict) -> None:
 
 def offline_logps(params, model, batch, rng=None):
     """Comparison records {tokens, input_mask [B, K, L], prompt_len [B]} → (Σ log π [B, K], lengths [B, K])."""
-    return objectives.comparison_logprobs(params, model, batch, rng)
+    return forward.comparison_logprobs(params, model, batch, rng)
 
 
 def online_logps(params, model, batch, rng=None):
@@ -74,7 +74,7 @@ def online_logps(params, model, batch, rng=None):
     untempered policy (the object DPO trains), whatever temperature drew them."""
     B, K = batch["response"].shape[:2]
     flat = {k: batch[k].reshape(B * K, -1) for k in ("prompt", "prompt_mask", "response", "response_mask")}
-    lp = objectives.response_logprob_sums(params, model, flat["prompt"], flat["prompt_mask"], flat["response"],
+    lp = forward.response_logprob_sums(params, model, flat["prompt"], flat["prompt_mask"], flat["response"],
                                           flat["response_mask"], 1.0)
     return lp.reshape(B, K), jnp.sum(batch["response_mask"], axis=-1).astype(jnp.float32)
 

@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from rlhf_jax import config as config_lib, lora, objectives, optim, parallel, perf, train_state
+from rlhf_jax import config as config_lib, forward, lora, optim, parallel, perf, train_state
 from rlhf_jax.loop import LoopTail
 from rlhf_jax.models.gpt import TransformerLM
 from rlhf_jax.run import Run
@@ -31,7 +31,7 @@ def make_train_step(model: TransformerLM, tx: optax.GradientTransformation, sche
     the global batch, so grad_accum changes memory, not the result."""
 
     def summed_loss(params, micro, rng):
-        return objectives.summed_token_nll(params, model, micro, rng)
+        return forward.summed_token_nll(params, model, micro, rng)
 
     def step(state: train_state.TrainState, batch):
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
@@ -157,7 +157,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     batch_sh = parallel.batch_sharding(run.mesh, run.rules)
     step_fn = jit_train_step(model, tx, schedule, c, shardings, run.mesh, run.rules)
     with parallel.activate(run.mesh, run.rules):
-        eval_fn = jax.jit(lambda p, b: objectives.summed_token_nll(p, model, b),
+        eval_fn = jax.jit(lambda p, b: forward.summed_token_nll(p, model, b),
                           in_shardings=(shardings.params, batch_sh))
 
     loader = BatchLoader(train_source, c.batch_size, seed=c.seed)

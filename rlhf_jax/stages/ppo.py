@@ -26,7 +26,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from rlhf_jax import config as config_lib, lora, objectives, optim, parallel, rl, rollout as rollouts, train_state
+from rlhf_jax import config as config_lib, forward, lora, optim, parallel, rl, rollout as rollouts, train_state
 from rlhf_jax.loop import LoopTail
 from rlhf_jax.models.gpt import TransformerLM
 from rlhf_jax.run import Run
@@ -37,9 +37,9 @@ def policy_stats(params, model, batch, temperature, critic: bool):
     """Per response token [B, N]: the policy's log-probs and entropy, and with a critic its values (the
     policy's own value head, or the separate critic's when params has one)."""
     args = (batch["prompt"], batch["prompt_mask"], batch["response"], batch["response_mask"], temperature)
-    stats = objectives.response_stats(params["policy"], model, *args, values=critic and "critic" not in params)
+    stats = forward.response_stats(params["policy"], model, *args, values=critic and "critic" not in params)
     if critic and "critic" in params:
-        stats["values"] = objectives.response_stats(params["critic"], model, *args, values=True)["values"]
+        stats["values"] = forward.response_stats(params["critic"], model, *args, values=True)["values"]
     return stats
 
 
@@ -71,7 +71,7 @@ def pg_loss(params, model, mb, ptx, kl_coef, c):
         stats["loss/kl_avg"] = kl
     loss = loss - c.ppo.entropy_coef * entropy
     if ptx is not None:  # PPO-ptx (InstructGPT eq. 2): γ · pretraining log-likelihood
-        nll_sum, n = objectives.summed_token_nll(params["policy"], model, ptx)
+        nll_sum, n = forward.summed_token_nll(params["policy"], model, ptx)
         ptx_loss = nll_sum / jnp.maximum(n, 1.0)
         loss = loss + c.ppo.ptx_coef * ptx_loss
         stats["loss/ptx_avg"] = ptx_loss
@@ -87,7 +87,7 @@ def make_score_fn(model, c, rm):
     def score(params, ref_params, rm_params, batch):
         out = policy_stats(params, model, batch, c.rollout.temperature, c.ppo.advantage == "gae")
         ref = lora.reference(params["policy"], ref_params)
-        out["ref_logprobs"] = objectives.response_stats(ref, model, batch["prompt"], batch["prompt_mask"],
+        out["ref_logprobs"] = forward.response_stats(ref, model, batch["prompt"], batch["prompt_mask"],
                                                         batch["response"], batch["response_mask"],
                                                         c.rollout.temperature)["logprobs"]
         if rm is not None:

@@ -6,7 +6,7 @@ last real token, so pads on either side change nothing. After training, a gain
 and bias make rewards on a reference distribution (config.rm.normalize_on: the
 training responses, or fresh samples of the initial policy) mean 0 / std 1
 (lm-human-preferences); they are saved in <workdir>/reward_norm.json, returned
-by `evaluation.load_reward_model` and applied by `objectives.score_sequences`.
+by `trained.load_reward_model` and applied by `forward.score_sequences`.
 rm.normalize_before also normalises the fresh reward head before training.
 
 An ensemble (rm.ensemble_size = E > 1) is E reward models trained in one jitted step: params, optimizer
@@ -31,10 +31,10 @@ import ml_collections
 import numpy as np
 import optax
 
-from rlhf_jax import config as config_lib, lora, objectives, optim, parallel, perf, preference, rollout as rollouts, \
+from rlhf_jax import config as config_lib, forward, lora, optim, parallel, perf, preference, rollout as rollouts, \
     train_state
 from rlhf_jax.data import comparisons
-from rlhf_jax.evaluation import NORM_FILE
+from rlhf_jax.trained import NORM_FILE
 from rlhf_jax.loop import LoopTail
 from rlhf_jax.models.gpt import TransformerLM
 from rlhf_jax.run import Run
@@ -64,7 +64,7 @@ def _denominators(valid, rm_cfg) -> tuple[jax.Array, jax.Array]:
 def _weighted_loss(params, model, batch, rm_cfg, rng, denominators):
     """A (micro)batch's share of the loss of a batch whose counts are `denominators`: summed over its
     comparisons and responses, divided by the whole batch's. The shares add up to `rm_loss`."""
-    rewards = objectives.comparison_rewards(params, model, batch, rng)
+    rewards = forward.comparison_rewards(params, model, batch, rng)
     valid = batch["valid"]
     n_ex, n_resp = denominators
     mean, stats = _preference_loss(rewards, valid, rm_cfg)
@@ -163,7 +163,7 @@ def jit_train_step(model, tx, schedule, c, shardings, mesh, rules):
 def make_reward_fn(model, members: int = 0):
     """jitted (params, batch) -> rewards f32 [E, B, K] of each member (E = 1 for one RM), deterministic
     (no dropout). Build it once: each new function object would compile again."""
-    return jax.jit(objectives.over_members(lambda params, batch: objectives.comparison_rewards(params, model, batch),
+    return jax.jit(forward.over_members(lambda params, batch: forward.comparison_rewards(params, model, batch),
                                            members))
 
 
@@ -217,7 +217,7 @@ def policy_sample_rewards_fn(run: Run, model, params, members: int = 0):
     B, n_batches = c.batch_size, -(-c.rm.normalize_samples // c.batch_size)
     with parallel.activate(run.mesh, run.rules):
         rollout_fn = jax.jit(rollouts.make_rollout_fn(model, c, tok))
-        score_fn = jax.jit(objectives.over_members(lambda p, tokens, mask: objectives.sequence_rewards(
+        score_fn = jax.jit(forward.over_members(lambda p, tokens, mask: forward.sequence_rewards(
             p, model, tokens, mask), members))
 
     def rewards(rm_params, draw: int) -> np.ndarray:

@@ -1,5 +1,7 @@
-"""What every stage computes from a params tree: token log-probs and entropies, token NLL, response
-log-probs (PPO and its family, DPO, evaluation) and sequence scores (the reward model).
+"""The forward passes every stage computes from a params tree (`apply`, the model on a padded batch, and
+what is read off its outputs): token log-probs and entropies, token NLL, response log-probs (PPO and its
+family, DPO, evaluation) and sequence scores (the reward model). Losses live in the stages, `rl.py` and
+`preference.py`.
 
 One home, so that stages never import each other. All functions are pure and jittable; `model`
 is a `TransformerLM` and `params` the tree (or subtree) it applies to. Units: nats.
@@ -22,7 +24,7 @@ from rlhf_jax.models.gpt import positions_from_mask
 Array = jax.Array
 
 
-def forward(params, model, tokens, input_mask, heads=("lm",), rng=None):
+def apply(params, model, tokens, input_mask, heads=("lm",), rng=None):
     """model.apply on a (possibly padded) batch: positions count only real tokens; dropout iff `rng`.
     With LoRA on, only the adapters (and scalar heads) get gradients (rlhf_jax/lora.py)."""
     params = lora.stop_frozen_gradients(params, model.cfg)
@@ -59,7 +61,7 @@ def token_nll(params, model, batch, rng=None) -> tuple[Array, Array]:
     inputs, input_mask = batch["tokens"][:, :-1], batch["input_mask"][:, :-1]
     targets = batch["tokens"][:, 1:]
     target_mask = (batch["loss_mask"][:, 1:] * batch["input_mask"][:, 1:]).astype(jnp.float32)
-    logits = forward(params, model, inputs, input_mask, rng=rng)["logits"]
+    logits = apply(params, model, inputs, input_mask, rng=rng)["logits"]
     logp = logprobs_from_logits(logits, targets)
     return jnp.where(target_mask > 0, -logp, 0.0), target_mask
 
@@ -73,7 +75,7 @@ def summed_token_nll(params, model, batch, rng=None) -> tuple[Array, Array]:
 def sequence_logprobs(params, model, tokens, input_mask, target_mask, rng=None) -> tuple[Array, Array]:
     """(Σ_t log π(x_t | x_<t) over the target tokens [N], number of target tokens [N]) for joined rows
     tokens / input_mask / target_mask int [N, L] (right-padded; target_mask[t] = 1 on response tokens)."""
-    logits = forward(params, model, tokens[:, :-1], input_mask[:, :-1], rng=rng)["logits"]
+    logits = apply(params, model, tokens[:, :-1], input_mask[:, :-1], rng=rng)["logits"]
     logp = logprobs_from_logits(logits, tokens[:, 1:])
     mask = (target_mask[:, 1:] * input_mask[:, 1:]) > 0
     return jnp.sum(jnp.where(mask, logp, 0.0), axis=-1), jnp.sum(mask, axis=-1).astype(jnp.float32)
@@ -104,7 +106,7 @@ def response_stats(params, model, prompt, prompt_mask, response, response_mask, 
     P = prompt.shape[1]
     tokens = jnp.concatenate([prompt, response], axis=1)
     mask = jnp.concatenate([prompt_mask, response_mask], axis=1)
-    out = forward(params, model, tokens, mask, heads=("lm", "value") if values else ("lm",))
+    out = apply(params, model, tokens, mask, heads=("lm", "value") if values else ("lm",))
     logits = out["logits"][:, P - 1:-1]  # position t-1 predicts response token t
     stats = {"logprobs": logprobs_from_logits(logits, response, temperature),
              "entropy": entropy_from_logits(logits, temperature)}
@@ -123,7 +125,7 @@ def response_logprob_sums(params, model, prompt, prompt_mask, response, response
 
 def sequence_rewards(params, model, tokens, input_mask, rng=None) -> Array:
     """Reward of each sequence, read at its last real token: [N, L] → [N] (f32). Pads may sit on either side."""
-    out = forward(params, model, tokens, input_mask, heads=("reward",), rng=rng)
+    out = apply(params, model, tokens, input_mask, heads=("reward",), rng=rng)
     last = input_mask.shape[-1] - 1 - jnp.argmax(input_mask[:, ::-1], axis=-1)
     return jnp.take_along_axis(out["rewards"], last[:, None], axis=-1)[:, 0]
 

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax import checkpoint, objectives, parallel, train_state
+from rlhf_jax import checkpoint, forward, parallel, train_state
 from rlhf_jax.data.tokenizer import load_tokenizer
 from rlhf_jax.models.gpt import TransformerLM
 from rlhf_jax.models.layers import ModelConfig
@@ -81,7 +81,7 @@ def generate(model, params, tok, source, settings: SamplingSettings, mesh, rules
 
 def response_logprobs(model, params, batch, temperature: float, mesh, rules, batch_size: int) -> np.ndarray:
     """Σ_t log π(response_t | prompt, response_<t) per sequence [N] (nats), for KL estimates."""
-    fn = jax.jit(functools.partial(objectives.response_logprob_sums, model=model, temperature=temperature))
+    fn = jax.jit(functools.partial(forward.response_logprob_sums, model=model, temperature=temperature))
     n, out = len(batch["prompt"]), []
     with parallel.activate(mesh, rules):
         for i in range(0, n, batch_size):
@@ -102,8 +102,8 @@ def load_reward_model(workdir: str, mesh, rules, dtype: str | None = None):
     norm = {"gain", "bias", "ensemble_size", ...} from its reward_norm.json. `dtype` overrides the compute dtype.
     An ensemble (rm.ensemble_size = E > 1) has params with a leading member axis and E gains and biases.
 
-    Score with `objectives.score_sequences(params, model, norm, tokens, input_mask)` (an ensemble's members
-    combined by its `aggregate`) or `objectives.member_scores` ([E, N]); jit it as you like.
+    Score with `forward.score_sequences(params, model, norm, tokens, input_mask)` (an ensemble's members
+    combined by its `aggregate`) or `forward.member_scores` ([E, N]); jit it as you like.
     """
     src = checkpoint.read_run_config(workdir)
     if src is None:
