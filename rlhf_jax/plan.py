@@ -54,7 +54,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 
-from rlhf_jax import config as config_lib, lora, optim, parallel, ppo_setup, train_state  # noqa: E402
+from rlhf_jax import config as config_lib, lora, optim, parallel, ppo_setup, rl, train_state  # noqa: E402
 from rlhf_jax.models.gpt import TransformerLM  # noqa: E402
 from rlhf_jax.models.layers import LoraConfig  # noqa: E402
 
@@ -157,8 +157,9 @@ def _rm(c, model, mesh, rules):
 
 
 def _ppo(c, model, mesh, rules):
-    """PPO and its family: the rollout, scoring and update of one iteration (stages/ppo.py), with the
-    arrays passed between them shaped by `jax.eval_shape` of the functions that make them."""
+    """PPO and its family: the generation, scoring and update of one iteration (stages/ppo.py), with the
+    rollout passed between them shaped by `jax.eval_shape` of the functions that fill it in."""
+    from rlhf_jax import rewards
     from rlhf_jax.stages import ppo
 
     group = ppo_setup.check_config(c)
@@ -167,46 +168,38 @@ def _ppo(c, model, mesh, rules):
     tx, _ = optim.make_optimizer(c.optim, iterations * updates)
     tx = lora.optimizer(tx, model.cfg)
     state, shardings = train_state.abstract_state(ppo_setup.init_params_fn(model, c), tx, mesh, rules, c.seed,
-                                                  extras={"kl_coef": jnp.float32(c.kl.init_coef)})
+                                                  extras=rl.kl_controller_init(c.kl.init_coef))
     # The stage's copy of the initial policy (same shapes); with LoRA none: the reference is the policy with its
     # adapters off (rlhf_jax/lora.py), and only the adapters and value head hold optimizer state.
     frozen = {} if c.model.lora.rank else {"reference": state.params["policy"]}
-    rm = None
+    B, P = c.batch_size, c.data.max_prompt_len
     if c.reward.kind == "rm":
         rm_model = TransformerLM(dataclasses.replace(model.cfg, dropout=0.0, lora=LoraConfig()))
-        rm = (rm_model, {"gain": 1.0, "bias": 0.0, "ensemble_size": 1})
+        reward, from_host = rewards.RewardModel(rm_model, None, {"gain": 1.0, "bias": 0.0, "ensemble_size": 1}), None
         frozen["rm"] = parallel.abstract_params(train_state.model_init_fn(rm_model, 8, 0), mesh, rules)
-    rollout_fn, score_fn, advantage_fn, update_fn = ppo.jit_functions(model, tx, c, ShapeOnlyTokenizer(), rm, group,
-                                                                      shardings, mesh, rules)
-    B, P = c.batch_size, c.data.max_prompt_len
-    batch = {"prompt": _batch((B, P), mesh, rules), "prompt_mask": _batch((B, P), mesh, rules)}
-    keys = _batch((B, 2), mesh, rules, jnp.uint32)
+    else:  # a Python function's scores [B] arrive from the host
+        reward, from_host = rewards.RewardFunction(None, None, mesh, rules), _batch((B,), mesh, rules, jnp.float32)
+    steps = ppo.jit_functions(model, tx, c, ShapeOnlyTokenizer(), reward, group, shardings, mesh, rules)
+    prompt, prompt_mask, keys = _batch((B, P), mesh, rules), _batch((B, P), mesh, rules), \
+        _batch((B, 2), mesh, rules, jnp.uint32)
     shard = lambda tree: jax.tree.map(lambda x: _batch(x.shape, mesh, rules, x.dtype) if x.ndim else x, tree)
     with parallel.activate(mesh, rules):
-        gen = shard(jax.eval_shape(rollout_fn, state.params["policy"], batch["prompt"], batch["prompt_mask"], keys))
-        scored_batch = {**batch, "response": gen["tokens"], "response_mask": gen["mask"]}
-        scored = shard(jax.eval_shape(score_fn, state.params, frozen.get("reference"), frozen.get("rm"),
-                                   scored_batch))
-        scored = {k: v for k, v in scored.items() if k not in ("scores", "rm_mean", "rm_std")}
-        adv = shard(jax.eval_shape(advantage_fn, _batch((B,), mesh, rules, jnp.float32), gen["ended"], scored,
-                                   gen["logprobs"], gen["mask"], c.kl.init_coef))
-    # The update's rollout, assembled as the loop assembles it.
-    rollout = {**scored_batch, "logprobs": scored["logprobs"], "ref_logprobs": scored["ref_logprobs"],
-               **{k: adv[k] for k in ("rewards", "kl", "advantages", "returns") if k in adv}}
-    if "values" in scored:
-        rollout["values"] = scored["values"]
+        generated = shard(jax.eval_shape(steps.generate, state.params["policy"], prompt, prompt_mask, keys))
+        scored = shard(jax.eval_shape(steps.score, state.params, frozen.get("reference"), frozen.get("rm"),
+                                      generated, from_host))
+        rollout = shard(jax.eval_shape(steps.advantages, scored, state.extras["kl_coef"]))
     ptx = None
     if c.ppo.ptx_coef > 0:
         ptx = {k: _batch((updates * c.ppo.ptx_batch_size, c.data.ptx_seq_len + 1), mesh, rules)
                for k in ("tokens", "input_mask", "loss_mask")}
     trained = tuple(f"params/{k}" for k in state.params)
     functions = {
-        "rollout": (_compile(rollout_fn, mesh, rules, state.params["policy"], batch["prompt"], batch["prompt_mask"],
-                             keys), ("params/policy",)),
-        "score": (_compile(score_fn, mesh, rules, state.params, frozen.get("reference"), frozen.get("rm"),
-                           scored_batch),
+        "rollout": (_compile(steps.generate, mesh, rules, state.params["policy"], prompt, prompt_mask, keys),
+                    ("params/policy",)),
+        "score": (_compile(steps.score, mesh, rules, state.params, frozen.get("reference"), frozen.get("rm"),
+                           generated, from_host),
                   (*trained, "reference", "rm")),
-        "update": (_compile(update_fn, mesh, rules, state, rollout, ptx), (*trained, "state rest")),
+        "update": (_compile(steps.update, mesh, rules, state, rollout, ptx), (*trained, "state rest")),
     }
     return state, frozen, functions
 

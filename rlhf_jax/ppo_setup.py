@@ -35,7 +35,7 @@ def init_params_fn(model, c):
     return lambda: {"policy": one()}
 
 
-def initial_params(run: Run, model, params):
+def initial_params(run: Run, params):
     """Policy trunk + LM head from init_from; a zero value head (lm-human-preferences).
     With ppo.critic="reward_model", the critic starts as the RM with its reward head as value head (InstructGPT),
     the RM's normalisation folded in: its first value at the last token is the normalised score PPO optimises."""
@@ -95,8 +95,9 @@ def check_config(c) -> int:
     return k
 
 
-def ptx_batches(loader, iteration: int, n_updates: int, run: Run):
-    """The pretraining batch for every minibatch update of this iteration, flat [n_updates * b, L+1]."""
+def ptx_batches(loader, iteration: int, run: Run):
+    """The pretraining batch for every minibatch update of this iteration, flat [updates * b, L+1] (the
+    loader's batch size is ppo.ptx_batch_size × the iteration's updates), or None without PPO-ptx."""
     if loader is None:
         return None
     return parallel.global_batch(loader.get_batch(iteration), run.mesh, run.rules)

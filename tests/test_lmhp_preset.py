@@ -8,8 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlhf_jax import optim, rl
+from rlhf_jax import optim, rewards, rl
 from rlhf_jax.metrics import read_metrics
+from rlhf_jax.rollout import Rollout
 from rlhf_jax.stages import ppo
 from tests.test_lm_stage import by_step, override, tiny
 
@@ -111,14 +112,15 @@ def test_preset_whitens_rewards_and_penalises_a_response_without_the_stop_token(
     k = jax.random.split(jax.random.PRNGKey(0), 4)
     mask = (jnp.arange(T)[None] < jnp.array([6, 5, 4, 6, 3, 6, 2, 6])[:, None]).astype(jnp.int32)
     ended = jnp.array([True, True, False, True, True, False, True, True])
-    scored = {"logprobs": -jax.random.uniform(k[0], (B, T)), "ref_logprobs": -jax.random.uniform(k[1], (B, T)),
-              "values": jax.random.normal(k[2], (B, T))}
-    raw = 3.0 + jax.random.normal(k[3], (B,))
-    out = ppo.make_advantage_fn(c, 1)(raw, ended, scored, scored["logprobs"], mask, 0.15)
-    np.testing.assert_allclose(np.asarray(out["scores"])[~np.asarray(ended)], -1.0)  # penalty_reward_value
-    r = np.asarray(out["rewards"])[np.asarray(mask) > 0]
+    logprobs = -jax.random.uniform(k[0], (B, T))
+    scored = Rollout(None, None, None, mask, ended, logprobs, logprobs=logprobs,
+                     ref_logprobs=-jax.random.uniform(k[1], (B, T)), values=jax.random.normal(k[2], (B, T)),
+                     reward=rewards.Scores(3.0 + jax.random.normal(k[3], (B,))))
+    out = ppo.make_advantage_fn(c, 1)(scored, 0.15)
+    np.testing.assert_allclose(np.asarray(out.scores)[~np.asarray(ended)], -1.0)  # penalty_reward_value
+    r = np.asarray(out.rewards)[np.asarray(mask) > 0]
     assert r.std() == pytest.approx(1.0, abs=1e-4)  # whitened, mean kept (shift_mean=False)
-    unwhitened, _, _ = rl.compute_rewards(out["scores"], scored["logprobs"], scored["ref_logprobs"], mask, 0.15)
+    unwhitened, _, _ = rl.compute_rewards(out.scores, scored.logprobs, scored.ref_logprobs, mask, 0.15)
     assert r.mean() == pytest.approx(float(np.asarray(unwhitened)[np.asarray(mask) > 0].mean()), abs=1e-5)
 
 
@@ -153,7 +155,7 @@ def test_lmhp_rm_then_two_ppo_iterations_at_the_tiny_scale(tmp_path):
     # The normalised rewards of the policy samples it was computed on have mean 0 / std 1.
     run = Run(rc, str(tmp_path / "rm_check"))
     model, params, norm = load_reward_model(str(tmp_path / "rm"), run.mesh, run.rules)
-    sample_rewards = rm.policy_sample_rewards_fn(run, model, params)
+    sample_rewards = rm.policy_sample_rewards_fn(run, model)
     raw = sample_rewards(params, 1)  # draw 1: the samples after training
     z = np.asarray(preference.apply_normalization(raw, norm["gain"], norm["bias"]))
     assert z.mean() == pytest.approx(0.0, abs=1e-3) and z.std() == pytest.approx(1.0, abs=1e-3)

@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlhf_jax import forward, preference, rollout as rollouts
+from rlhf_jax import forward, preference, rewards
+from rlhf_jax.rollout import Rollout
 from rlhf_jax.data import comparisons
 from rlhf_jax.trained import load_reward_model
 from rlhf_jax.metrics import read_metrics
@@ -143,17 +144,16 @@ def test_the_policy_reward_is_the_aggregate_of_the_single_rms_scores(ensemble_an
         _, p, n = load_reward_model(d, mesh, rules)
         each.append(np.asarray(forward.score_sequences(p, model, n, tokens, mask)))
     each = np.stack(each)
+    rollout = Rollout(tokens[:, :10], mask[:, :10], tokens[:, 10:], mask[:, 10:], ended=None, sampler_logprobs=None)
     for how, lam in [("mean", 1.0), ("lcb", 0.5), ("min", 1.0)]:
-        c = tiny(ppo_cfg, **{"reward.kind": "rm", "reward.rm_workdir": ens, "reward.aggregate": how,
-                             "reward.lcb_coef": lam})
-        got, mean, std = rollouts.rm_score_fn((model, norm), c)(params, tokens, mask)
+        got, mean, std = rewards.RewardModel(model, params, norm, how, lam).on_device(params, rollout)
         np.testing.assert_allclose(got, preference.aggregate_rewards(jnp.asarray(each), how, lam), atol=2e-3)
         np.testing.assert_allclose(mean, each.mean(0), atol=2e-3)
         np.testing.assert_allclose(std, each.std(0), atol=2e-3)
     # on one RM, lcb / min are its score: asking for them is refused, not silently ignored
     c = tiny(ppo_cfg, **{"reward.kind": "rm", "reward.rm_workdir": singles[0], "reward.aggregate": "lcb"})
     with pytest.raises(ValueError, match="is one RM"):
-        rollouts.reward(Run(c, str(tmp_path / "ppo")), c)
+        rewards.source(Run(c, str(tmp_path / "ppo")), c, tok=None)
 
 
 @pytest.mark.slow

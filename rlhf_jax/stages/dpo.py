@@ -29,7 +29,8 @@ import ml_collections
 import numpy as np
 import optax
 
-from rlhf_jax import config as config_lib, forward, lora, optim, parallel, preference, rollout as rollouts, train_state
+from rlhf_jax import config as config_lib, forward, lora, optim, parallel, preference, rewards, \
+    rollout as rollouts, train_state
 from rlhf_jax.loop import LoopTail
 from rlhf_jax.models.gpt import TransformerLM
 from rlhf_jax.run import Run
@@ -227,42 +228,38 @@ def online_loop(run: Run, tail: LoopTail, state, ref_params, step_fn, model, tok
     K = c.online.samples_per_prompt
     loader = BatchLoader(prompts, c.batch_size, seed=c.seed)  # batch_size comparisons per step, as offline
     rollout_fn = jax.jit(rollouts.make_rollout_fn(model, c, tok))
-    rm, rm_params, reward_fn = rollouts.reward(run, c)
-    score_fn = None if rm is None else jax.jit(lambda p, b: rollouts.rm_score_fn(rm, c)(p, *rollouts.joined(b))[0])
-    monitor_fn = rollouts.import_function(c.reward.monitor, "reward.monitor") if c.reward.monitor else None
-    rank_fn = jax.jit(lambda batch, scores: best_first(batch, scores, K))
+    reward, monitor = rewards.source(run, c, tok), rewards.monitor(run, c, tok)
+    rank_fn = jax.jit(lambda rollout, scores: best_first(rollout, scores, K))
     run.log(f"online dpo ({c.dpo.loss}, β {c.dpo.beta}): {loader.num_examples} prompts, {c.batch_size} "
             f"prompts x {K} samples per iteration, {updates} updates each, iterations {start}→{c.num_steps}")
     for it in range(start, c.num_steps):
         t0 = time.perf_counter()
         batch = rollouts.prompt_batch(loader, it, K, run)
-        gen = rollout_fn(state.params, batch["prompt"], batch["prompt_mask"],
-                         rollouts.sample_keys(c.seed, it, c.batch_size * K, run))
-        batch.update(response=gen["tokens"], response_mask=gen["mask"])
-        scores = rollouts.function_scores(reward_fn, tok, batch, run) if rm is None else score_fn(rm_params, batch)
-        ranked = rank_fn(batch, scores)
+        rollout = rollout_fn(state.params, batch["prompt"], batch["prompt_mask"],
+                             rollouts.sample_keys(c.seed, it, c.batch_size * K, run))
+        scores = reward(rollout).score
+        ranked = rank_fn(rollout, scores)
         t1 = time.perf_counter()
         for u in range(updates):
             if it == start and u == 0:
                 step_fn = tail.compile_once("online dpo train step", step_fn, state, ref_params, ranked)
             state, metrics = step_fn(state, ref_params, ranked)
         metrics = {**jax.device_get(metrics), "objective/scores": float(np.mean(parallel.to_host(scores))),
-                   "objective/response_length": float(np.mean(parallel.to_host(gen["mask"]).sum(1))),
+                   "objective/response_length": float(np.mean(parallel.to_host(rollout.response_mask).sum(1))),
                    "time/generate_s": t1 - t0, "time/update_s": time.perf_counter() - t1}
-        if monitor_fn is not None:
-            metrics["objective/monitor_score"] = float(np.mean(parallel.to_host(
-                rollouts.function_scores(monitor_fn, tok, batch, run))))
+        if monitor is not None:
+            metrics["objective/monitor_score"] = float(np.mean(parallel.to_host(monitor(rollout).score)))
         if tail.end_step(it + 1, state, metrics, evaluate=evaluate_at and evaluate_at(state.params)):
             break
 
 
-def best_first(batch, scores, K: int):
+def best_first(rollout: rollouts.Rollout, scores, K: int):
     """[B·K] samples (K consecutive per prompt) and their scores → the [B, K, ...] records of the loss, each
     prompt's samples sorted best first (ties keep sampling order), all valid."""
     BK = scores.shape[0]
     order = jnp.argsort(-scores.reshape(BK // K, K), axis=1, stable=True)
     pick = lambda x: jnp.take_along_axis(x.reshape(BK // K, K, *x.shape[1:]),
                                          order.reshape(*order.shape, *([1] * (x.ndim - 1))), axis=1)
-    out = {k: pick(batch[k]) for k in ("prompt", "prompt_mask", "response", "response_mask")}
+    out = {k: pick(getattr(rollout, k)) for k in ("prompt", "prompt_mask", "response", "response_mask")}
     out["valid"] = jnp.ones((BK // K, K), jnp.int32)
     return out

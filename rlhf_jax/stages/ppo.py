@@ -2,16 +2,18 @@
 
 One loop for PPO (Ziegler et al. 2019 as lm-human-preferences does it; InstructGPT §3.5), GRPO
 (DeepSeekMath), Dr. GRPO, RLOO and REINFORCE++: they differ only in the pieces `rl.py` names and
-config switches pick (configs/ppo.py, grpo.py, rloo.py). One iteration:
-  1. rollout  — sample rollout.samples_per_prompt responses per prompt with the KV cache (jitted);
-  2. score    — policy log-probs (and the critic's values, for GAE), reference log-probs, and the
-                score: a trained RM (normalised) or a Python reward function;
-  3. advantage — shaped scores (rl.shape_scores) → per-token rewards (−β·KL_t in them when
-                kl.placement="reward") → advantages (ppo.advantage: gae | grpo | dr_grpo | rloo |
-                reinforce_pp), all in one jitted function;
-  4. update   — E epochs × M minibatches of the clipped surrogate (reduced by ppo.loss_aggregation),
-                + the clipped value loss with a critic, + β·KL when kl.placement="loss", optional PPO-ptx;
-  5. β        — the KL controller (fixed or adaptive) sees this batch's KL.
+config switches pick (configs/ppo.py, grpo.py, rloo.py). One iteration is one path, one record
+(rollout.Rollout) passed along it, each step a jitted function:
+  1. generate   — sample rollout.samples_per_prompt responses per prompt with the KV cache;
+  2. score      — the policy's log-probs (and the critic's values, for GAE), the reference's log-probs, and
+                  the reward source's score (rewards.py: a trained RM, an RM ensemble, or a Python function);
+  3. advantages — shaped scores (rl.shape_scores) → per-token rewards (−β·KL_t in them when
+                  kl.placement="reward") → advantages (ppo.advantage: gae | grpo | dr_grpo | rloo |
+                  reinforce_pp);
+  4. update     — E epochs × M minibatches of the clipped surrogate (reduced by ppo.loss_aggregation),
+                  + the clipped value loss with a critic, + β·KL when kl.placement="loss", optional PPO-ptx;
+                  then the KL controller (fixed or adaptive) sees this batch's KL. β lives in the train state.
+Beside the path, not in it: the sampler/trainer log-prob gap (sampler_gap) and the metrics.
 All of it runs as jitted functions over params sharded on the mesh.
 """
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import os
 import time
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -26,47 +29,49 @@ import ml_collections
 import numpy as np
 import optax
 
-from rlhf_jax import config as config_lib, forward, lora, optim, parallel, rl, rollout as rollouts, train_state
+from rlhf_jax import config as config_lib, forward, lora, optim, parallel, rewards, rl, rollout as rollouts, \
+    train_state
 from rlhf_jax.loop import LoopTail
 from rlhf_jax.models.gpt import TransformerLM
+from rlhf_jax.rollout import Rollout
 from rlhf_jax.run import Run
 from rlhf_jax import ppo_setup
 
 
-def policy_stats(params, model, batch, temperature, critic: bool):
+def policy_stats(params, model, rollout: Rollout, temperature, critic: bool):
     """Per response token [B, N]: the policy's log-probs and entropy, and with a critic its values (the
     policy's own value head, or the separate critic's when params has one)."""
-    args = (batch["prompt"], batch["prompt_mask"], batch["response"], batch["response_mask"], temperature)
+    args = (rollout.prompt, rollout.prompt_mask, rollout.response, rollout.response_mask, temperature)
     stats = forward.response_stats(params["policy"], model, *args, values=critic and "critic" not in params)
     if critic and "critic" in params:
         stats["values"] = forward.response_stats(params["critic"], model, *args, values=True)["values"]
     return stats
 
 
-def pg_loss(params, model, mb, ptx, kl_coef, c):
+def pg_loss(params, model, mb: Rollout, ptx, kl_coef, c):
     """The family's objective on one minibatch: clipped surrogate (Schulman et al. 2017 eq. 7), + the clipped
     value loss with a critic, + β·KL with kl.placement="loss" (DeepSeekMath eq. 3), − entropy bonus, + PPO-ptx."""
-    mask = mb["response_mask"].astype(jnp.float32)
+    mask = mb.response_mask.astype(jnp.float32)
     critic, agg = c.ppo.advantage == "gae", c.ppo.loss_aggregation
     new = policy_stats(params, model, mb, c.rollout.temperature, critic)
-    advantages = mb["advantages"]
+    advantages = mb.advantages
     if c.ppo.whiten_advantages:  # per minibatch, as lm-human-preferences
         advantages = rl.masked_whiten(advantages, mask)
-    loss, pg = rl.policy_loss(new["logprobs"], mb["logprobs"], jax.lax.stop_gradient(advantages), mask,
+    loss, pg = rl.policy_loss(new["logprobs"], mb.logprobs, jax.lax.stop_gradient(advantages), mask,
                               c.ppo.clip_range, agg)
     entropy = rl.masked_mean(new["entropy"], mask)
     stats = {"loss/policy_avg": loss, "policy/approxkl_avg": pg["approxkl"], "policy/clipfrac_avg": pg["clipfrac"],
              "val/ratio": pg["ratio_mean"], "policy/entropy_avg": entropy,
              # the first minibatch's is the trainer's own recomputation gap (0 up to float noise)
-             "policy/logprob_change": rl.masked_mean(jnp.abs(new["logprobs"] - mb["logprobs"]), mask)}
+             "policy/logprob_change": rl.masked_mean(jnp.abs(new["logprobs"] - mb.logprobs), mask)}
     if critic:
-        vf_loss, vf = rl.value_loss(new["values"], mb["values"], jax.lax.stop_gradient(mb["returns"]), mask,
+        vf_loss, vf = rl.value_loss(new["values"], mb.values, jax.lax.stop_gradient(mb.returns), mask,
                                     c.ppo.clip_range_value)
         loss = loss + c.ppo.vf_coef * vf_loss
         stats.update({"loss/value_avg": vf_loss, "val/clipfrac_avg": vf["clipfrac"], "val/vpred": vf["vpred_mean"],
-                      "val/return": rl.masked_mean(mb["returns"], mask)})
+                      "val/return": rl.masked_mean(mb.returns, mask)})
     if c.kl.placement == "loss":
-        kl = rl.kl_loss(new["logprobs"], mb["ref_logprobs"], mask, c.kl.estimator, agg)
+        kl = rl.kl_loss(new["logprobs"], mb.ref_logprobs, mask, c.kl.estimator, agg)
         loss = loss + kl_coef * kl
         stats["loss/kl_avg"] = kl
     loss = loss - c.ppo.entropy_coef * entropy
@@ -78,56 +83,51 @@ def pg_loss(params, model, mb, ptx, kl_coef, c):
     return loss, stats
 
 
-def make_score_fn(model, c, rm):
-    """(params, ref_params, rm_params, batch) → log-probs, entropy, [values], ref log-probs, [RM score];
-    ref_params None: the policy with its LoRA adapters off."""
+def make_score_fn(model, c, reward: rewards.RewardSource):
+    """(params, ref_params, reward_params, rollout, from_host) → the rollout with the policy's log-probs and
+    entropy, the critic's values (GAE), the reference's log-probs and the reward; ref_params None: the policy
+    with its LoRA adapters off. from_host: reward.on_host(rollout)."""
+    critic = c.ppo.advantage == "gae"
 
-    rm_score = None if rm is None else rollouts.rm_score_fn(rm, c)
-
-    def score(params, ref_params, rm_params, batch):
-        out = policy_stats(params, model, batch, c.rollout.temperature, c.ppo.advantage == "gae")
-        ref = lora.reference(params["policy"], ref_params)
-        out["ref_logprobs"] = forward.response_stats(ref, model, batch["prompt"], batch["prompt_mask"],
-                                                        batch["response"], batch["response_mask"],
-                                                        c.rollout.temperature)["logprobs"]
-        if rm is not None:
-            out["scores"], out["rm_mean"], out["rm_std"] = rm_score(rm_params, *rollouts.joined(batch))
-        return out
+    def score(params, ref_params, reward_params, rollout: Rollout, from_host) -> Rollout:
+        stats = policy_stats(params, model, rollout, c.rollout.temperature, critic)
+        ref = forward.response_stats(lora.reference(params["policy"], ref_params), model, rollout.prompt,
+                                     rollout.prompt_mask, rollout.response, rollout.response_mask,
+                                     c.rollout.temperature)["logprobs"]
+        return rollout.replace(logprobs=stats["logprobs"], entropy=stats["entropy"], values=stats.get("values"),
+                               ref_logprobs=ref, reward=reward.on_device(reward_params, rollout, from_host))
 
     return score
 
 
 def make_advantage_fn(c, group: int):
-    """(raw scores [B], ended [B], scored, sampler log-probs [B, N], mask [B, N], β) → the rollout's
-    scores, rewards, KL, advantages (and the critic's returns), with the sampler/trainer log-prob gap."""
+    """(rollout, β) → the rollout with its judged scores, per-token rewards, KL, advantages (and the critic's
+    returns)."""
 
-    def advantage(raw_scores, ended, scored, sampler_logprobs, mask, kl_coef):
-        scores, shaped = rl.shape_scores(raw_scores, ended, c.ppo.missing_eos_penalty, c.ppo.score_clip,
-                                         c.ppo.score_baseline, group)
+    def advantages(rollout: Rollout, kl_coef) -> Rollout:
+        mask = rollout.response_mask
+        scores, shaped = rl.shape_scores(rollout.reward.score, rollout.ended, c.ppo.missing_eos_penalty,
+                                         c.ppo.score_clip, c.ppo.score_baseline, group)
         beta_in_reward = kl_coef if c.kl.placement == "reward" else 0.0
-        rewards, kl, non_score = rl.compute_rewards(shaped, scored["logprobs"], scored["ref_logprobs"], mask,
-                                                    beta_in_reward, c.kl.estimator)
+        token_rewards, kl, non_score = rl.compute_rewards(shaped, rollout.logprobs, rollout.ref_logprobs, mask,
+                                                     beta_in_reward, c.kl.estimator)
         if c.ppo.whiten_rewards:
-            rewards = rl.masked_whiten(rewards, mask, shift_mean=False)
-        adv, returns = rl.advantages(c.ppo.advantage, rewards, mask, scored.get("values"), group, c.ppo.gamma,
+            token_rewards = rl.masked_whiten(token_rewards, mask, shift_mean=False)
+        adv, returns = rl.advantages(c.ppo.advantage, token_rewards, mask, rollout.values, group, c.ppo.gamma,
                                      c.ppo.lam)
-        gap = jnp.where(mask != 0, scored["logprobs"] - sampler_logprobs, 0.0)
-        out = {"scores": scores, "rewards": rewards, "kl": kl, "non_score_reward": non_score, "advantages": adv,
-               "sampler/logprob_gap_mean": rl.masked_mean(gap, mask),
-               "sampler/logprob_gap_absmax": jnp.max(jnp.abs(gap))}
-        if returns is not None:
-            out["returns"] = returns
-        return out
+        return rollout.replace(scores=scores, rewards=token_rewards, kl=kl, non_score_reward=non_score, advantages=adv,
+                               returns=returns)
 
-    return advantage
+    return advantages
 
 
 def make_update_fn(model, tx, c):
-    """(state, rollout, ptx) → (state, stats): E epochs × M minibatches, then the KL controller step."""
+    """(state, rollout, ptx) → (state, stats): E epochs × M minibatches, then the KL controller step; stats
+    include the β this rollout's rewards and loss used (kl_coef)."""
     E, M = c.ppo.epochs, c.ppo.num_minibatches
 
-    def update(state: train_state.TrainState, rollout, ptx):
-        B = rollout["response"].shape[0]
+    def update(state: train_state.TrainState, rollout: Rollout, ptx):
+        B = rollout.response.shape[0]
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         # A fresh permutation of the episodes every epoch, cut into M minibatches.
         order = jnp.stack([jax.random.permutation(jax.random.fold_in(rng, e), B) for e in range(E)])
@@ -151,10 +151,10 @@ def make_update_fn(model, tx, c):
             one_minibatch, (state.params, state.opt_state, state.nonfinite), (order, ptx))
         first_change = stats["policy/logprob_change"][0]
         stats = jax.tree.map(jnp.mean, stats)  # *_avg: the mean over all E × M minibatches
-        stats["policy/logprob_change_first_minibatch"] = first_change
-        mask = rollout["response_mask"].astype(jnp.float32)
-        mean_kl = jnp.mean(jnp.sum(rollout["kl"] * mask, axis=1))
-        kl_state = rl.kl_controller_update({"kl_coef": kl_coef}, mean_kl, B, c.kl.kind, c.kl.target, c.kl.horizon)
+        stats.update({"policy/logprob_change_first_minibatch": first_change, "kl_coef": kl_coef})
+        mask = rollout.response_mask.astype(jnp.float32)
+        mean_kl = jnp.mean(jnp.sum(rollout.kl * mask, axis=1))
+        kl_state = rl.kl_controller_update(state.extras, mean_kl, B, c.kl.kind, c.kl.target, c.kl.horizon)
         # A non-finite rollout must not poison the controller for every later iteration.
         new_coef = jnp.where(jnp.isfinite(kl_state["kl_coef"]), kl_state["kl_coef"], kl_coef)
         extras = {**state.extras, "kl_coef": new_coef}
@@ -164,26 +164,44 @@ def make_update_fn(model, tx, c):
     return update
 
 
-def jit_functions(model, tx, c, tok, rm, group: int, shardings, mesh, rules):
-    """The iteration's jitted functions (rollout, score, advantage, update; the update donates the state).
-    rlhf_jax/plan.py compiles these same functions from shapes."""
+def sampler_gap(rollout: Rollout) -> dict:
+    """The trainer's log-prob of each drawn token (full forward) minus the sampler's (KV cache), over the real
+    tokens: its mean and its largest magnitude, nats. Zero but for rounding: a diagnostic, not an input."""
+    mask = rollout.response_mask
+    gap = jnp.where(mask != 0, rollout.logprobs - rollout.sampler_logprobs, 0.0)
+    return {"sampler/logprob_gap_mean": rl.masked_mean(gap, mask), "sampler/logprob_gap_absmax": jnp.max(jnp.abs(gap))}
+
+
+class Steps(NamedTuple):
+    """The iteration's jitted functions, in the order they run."""
+    generate: Callable  # (policy params, prompt, prompt_mask, keys) → Rollout
+    score: Callable  # (params, ref_params, reward params, rollout, reward.on_host(rollout)) → Rollout
+    advantages: Callable  # (rollout, β) → Rollout
+    update: Callable  # (state, rollout, ptx) → (state, stats); donates the state
+
+
+def jit_functions(model, tx, c, tok, reward: rewards.RewardSource, group: int, shardings, mesh, rules) -> Steps:
+    """The iteration's jitted functions. rlhf_jax/plan.py compiles these same functions from shapes."""
     with parallel.activate(mesh, rules):
-        return (jax.jit(rollouts.make_rollout_fn(model, c, tok)), jax.jit(make_score_fn(model, c, rm)),
-                jax.jit(make_advantage_fn(c, group)),
-                jax.jit(make_update_fn(model, tx, c), donate_argnums=(0,),
-                        out_shardings=(shardings, parallel.replicated(mesh))))
+        return Steps(jax.jit(rollouts.make_rollout_fn(model, c, tok)), jax.jit(make_score_fn(model, c, reward)),
+                     jax.jit(make_advantage_fn(c, group)),
+                     jax.jit(make_update_fn(model, tx, c), donate_argnums=(0,),
+                             out_shardings=(shardings, parallel.replicated(mesh))))
 
 
-def rollout_metrics(r, kl_coef) -> dict[str, float]:
-    mask = r["response_mask"].astype(np.float32)
-    kl = np.sum(r["kl"] * mask, axis=1)
-    return {"objective/kl": kl.mean(), "objective/scores": r["scores"].mean(),
-            "objective/rlhf_reward": (r["scores"] - kl_coef * kl).mean(),
-            "objective/non_score_reward": np.sum(r["non_score_reward"] * mask, axis=1).mean(),
-            "objective/entropy": np.sum(r["entropy"] * mask, axis=1).mean(),
-            "objective/response_length": mask.sum(1).mean(), "objective/ended_frac": r["ended"].mean(),
-            "sampler/logprob_gap_mean": float(r["sampler/logprob_gap_mean"]),
-            "sampler/logprob_gap_absmax": float(r["sampler/logprob_gap_absmax"]), "kl_coef": kl_coef}
+HOST_FIELDS = ("response_mask", "ended", "entropy", "kl", "scores", "non_score_reward")  # what the metrics read
+
+
+def rollout_metrics(host: dict, kl_coef) -> dict[str, float]:
+    """objective/*: the rollout's episodes (every process's; HOST_FIELDS as numpy), sums over tokens and
+    means over episodes; rlhf_reward = score − β·KL."""
+    mask = host["response_mask"].astype(np.float32)
+    kl = np.sum(host["kl"] * mask, axis=1)
+    return {"objective/kl": kl.mean(), "objective/scores": host["scores"].mean(),
+            "objective/rlhf_reward": (host["scores"] - kl_coef * kl).mean(),
+            "objective/non_score_reward": np.sum(host["non_score_reward"] * mask, axis=1).mean(),
+            "objective/entropy": np.sum(host["entropy"] * mask, axis=1).mean(),
+            "objective/response_length": mask.sum(1).mean(), "objective/ended_frac": host["ended"].mean()}
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -202,78 +220,72 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     init_params = ppo_setup.init_params_fn(model, c)
     state, shardings = train_state.create(init_params, tx, run.mesh, run.rules, c.seed,
-                                          extras={"kl_coef": jnp.float32(c.kl.init_coef)})
+                                          extras=rl.kl_controller_init(c.kl.init_coef))
     policy_heads = tuple(state.params["policy"])
     # With LoRA the reference is the policy with its adapters off (lora.reference): no copy.
     ref_params = None if c.model.lora.rank else run.frozen_init_params(state.params["policy"], heads=policy_heads)
     state, meta = run.restore_or(state)
     if meta is None:
-        state = state.replace(params=ppo_setup.initial_params(run, model, state.params))
-    rm, rm_params, reward_fn = rollouts.reward(run, c)
-    monitor_fn = rollouts.import_function(c.reward.monitor, "reward.monitor") if c.reward.monitor else None
+        state = state.replace(params=ppo_setup.initial_params(run, state.params))
+    reward = rewards.source(run, c, tok)
     start = int(jax.device_get(state.step))
+    steps = jit_functions(model, tx, c, tok, reward, group, shardings, run.mesh, run.rules)
+    return loop(run, state, steps, ref_params, reward, tok, prompts, ptx_source, schedule, group, start)
 
-    rollout_fn, score_fn, advantage_fn, update_fn = jit_functions(model, tx, c, tok, rm, group, shardings, run.mesh,
-                                                                  run.rules)
 
+def loop(run: Run, state, steps: Steps, ref_params, reward, tok, prompts, ptx_source, schedule, group: int,
+         start: int) -> dict[str, float]:
+    """Iterations start → num_steps, each one path: generate → score → advantages → update, then its metrics."""
     from rlhf_jax.data.loader import BatchLoader
 
+    c = run.config
+    updates_per_iter = c.ppo.epochs * c.ppo.num_minibatches
     loader = BatchLoader(prompts, c.batch_size // group, seed=c.seed)
     ptx_loader = BatchLoader(ptx_source, c.ppo.ptx_batch_size * updates_per_iter, seed=c.seed + 1) \
         if ptx_source is not None else None
+    monitor, gap_fn = rewards.monitor(run, c, tok), jax.jit(sampler_gap)
     tail = LoopTail(run, start, c.stage, postfix={"score": "objective/scores", "kl": "objective/kl"})
     run.log(f"{c.stage} ({c.ppo.advantage} advantages, KL {c.kl.estimator} in the {c.kl.placement}): "
             f"{loader.num_examples} prompts, {c.batch_size} episodes/iteration ({group} per prompt), "
             f"{updates_per_iter} updates/iteration, iterations {start}→{c.num_steps}")
-    samples_path = os.path.join(run.workdir, "samples.jsonl")
-
     with parallel.activate(run.mesh, run.rules):
         for it in range(start, c.num_steps):
             t0 = time.perf_counter()
             batch = rollouts.prompt_batch(loader, it, group, run)  # each prompt `group` times in a row
             keys = rollouts.sample_keys(c.seed, it, c.batch_size, run)
-            gen = rollout_fn(state.params["policy"], batch["prompt"], batch["prompt_mask"], keys)
-            batch.update(response=gen["tokens"], response_mask=gen["mask"])
-            jax.block_until_ready(gen)
+            rollout = jax.block_until_ready(steps.generate(state.params["policy"], batch["prompt"],
+                                                           batch["prompt_mask"], keys))
             t1 = time.perf_counter()
-
-            scored = score_fn(state.params, ref_params, rm_params, batch)
-            raw_scores = scored.pop("scores") if reward_fn is None else \
-                rollouts.function_scores(reward_fn, tok, batch, run)
-            members = {k: scored.pop(k) for k in ("rm_mean", "rm_std") if k in scored}
-            kl_coef = float(jax.device_get(state.extras["kl_coef"]))  # read before `state` is donated
-            adv = advantage_fn(raw_scores, gen["ended"], scored, gen["logprobs"], batch["response_mask"], kl_coef)
-            rollout = {**batch, "logprobs": scored["logprobs"], "ref_logprobs": scored["ref_logprobs"],
-                       **{k: adv[k] for k in ("rewards", "kl", "advantages", "returns") if k in adv}}
-            if "values" in scored:
-                rollout["values"] = scored["values"]
-            jax.block_until_ready(rollout)
+            rollout = steps.score(state.params, ref_params, reward.params, rollout, reward.on_host(rollout))
+            rollout = jax.block_until_ready(steps.advantages(rollout, state.extras["kl_coef"]))
             t2 = time.perf_counter()
 
-            ptx = ppo_setup.ptx_batches(ptx_loader, it, updates_per_iter, run)
-            host = jax.tree.map(parallel.to_host, {  # all processes' episodes
-                "response_mask": batch["response_mask"], "ended": gen["ended"], "entropy": scored["entropy"],
-                **{k: adv[k] for k in ("kl", "scores", "non_score_reward", "sampler/logprob_gap_mean",
-                                       "sampler/logprob_gap_absmax")}})
-            update_fn = tail.compile_once(f"{c.stage} update", update_fn, state, rollout, ptx)
-            state, stats = update_fn(state, rollout, ptx)
-            stats = jax.device_get(stats)
+            ptx = ppo_setup.ptx_batches(ptx_loader, it, run)
+            host = {k: parallel.to_host(getattr(rollout, k)) for k in HOST_FIELDS}  # all processes' episodes
+            steps = steps._replace(update=tail.compile_once(f"{c.stage} update", steps.update, state, rollout, ptx))
+            state, stats = steps.update(state, rollout, ptx)
+            stats = jax.device_get({**stats, **gap_fn(rollout)})
             t3 = time.perf_counter()
-            if monitor_fn is not None:  # e.g. the gold judge, to watch RM over-optimisation (Gao et al. 2022)
-                stats["objective/monitor_score"] = float(np.mean(parallel.to_host(
-                    rollouts.function_scores(monitor_fn, tok, batch, run))))
-
-            # The RM's members' mean and spread (an ensemble's: what lcb / min trade off; one RM's: its score, 0)
-            stats.update({f"objective/{k}": float(np.mean(parallel.to_host(v))) for k, v in members.items()})
-            done = it + 1
-            gen_tokens = float(host["response_mask"].sum())
-            m = {**rollout_metrics(host, kl_coef), **stats,
+            m = {**rollout_metrics(host, stats["kl_coef"]), **stats, **side_metrics(rollout, monitor),
                  "lr": float(schedule(it * updates_per_iter)),
-                 "perf/rollout_tokens_per_sec": gen_tokens / (t1 - t0), "perf/episodes_per_sec": c.batch_size / (t3 - t0),
-                 "time/generate_s": t1 - t0, "time/score_s": t2 - t1, "time/update_s": t3 - t2,
-                 "time/generate_frac": (t1 - t0) / (t3 - t0)}
+                 "perf/rollout_tokens_per_sec": float(host["response_mask"].sum()) / (t1 - t0),
+                 "perf/episodes_per_sec": c.batch_size / (t3 - t0), "time/generate_s": t1 - t0,
+                 "time/score_s": t2 - t1, "time/update_s": t3 - t2, "time/generate_frac": (t1 - t0) / (t3 - t0)}
+            done = it + 1
             if c.sample_every and (done % c.sample_every == 0 or done == c.num_steps):
-                rollouts.write_samples(samples_path, tail.writer, done, tok, batch, host["scores"], run)
+                rollouts.write_samples(os.path.join(run.workdir, "samples.jsonl"), tail.writer, done, tok, rollout,
+                                       host["scores"], run)
             if tail.end_step(done, state, m):
                 break
     return tail.close()
+
+
+def side_metrics(rollout: Rollout, monitor) -> dict[str, float]:
+    """What the iteration logs but never trains on: the RM's members' mean and spread (an ensemble's: what
+    lcb / min trade off; one RM's: its score, 0), and the monitor's score (e.g. the gold judge, to watch RM
+    over-optimisation: Gao et al. 2022)."""
+    out = {f"objective/rm_{k}": float(np.mean(parallel.to_host(v))) for k, v in
+           (("mean", rollout.reward.member_mean), ("std", rollout.reward.member_std)) if v is not None}
+    if monitor is not None:
+        out["objective/monitor_score"] = float(np.mean(parallel.to_host(monitor(rollout).score)))
+    return out

@@ -204,7 +204,7 @@ def reference_rewards(reward_fn, params, run: Run, source) -> np.ndarray:
     return r[:, v > 0]
 
 
-def policy_sample_rewards_fn(run: Run, model, params, members: int = 0):
+def policy_sample_rewards_fn(run: Run, model, members: int = 0):
     """rewards(rm_params, draw) → f32 [E, M]: the RM's (each member's) raw rewards of M = rm.normalize_samples (rounded up to whole
     batches of batch_size) fresh responses of the initial policy — init_from's trunk and LM head — to the
     prompts of config.data, sampled with config.rollout (lm-human-preferences train_reward.py:191-199, 212).
@@ -226,8 +226,9 @@ def policy_sample_rewards_fn(run: Run, model, params, members: int = 0):
         with parallel.activate(run.mesh, run.rules):
             for i in range(n_batches):
                 batch = rollouts.prompt_batch(loader, i, 1, run)
-                gen = rollout_fn(policy, batch["prompt"], batch["prompt_mask"], rollouts.sample_keys(seed, i, B, run))
-                tokens, mask = rollouts.joined({**batch, "response": gen["tokens"], "response_mask": gen["mask"]})
+                keys = rollouts.sample_keys(seed, i, B, run)
+                rollout = rollout_fn(policy, batch["prompt"], batch["prompt_mask"], keys)
+                tokens, mask = rollouts.joined(rollout)
                 out.append(parallel.to_host(score_fn(rm_params, tokens, mask)))
         return np.concatenate(out, axis=1)
 
@@ -306,7 +307,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     state, meta = run.restore_or(state)
     reward_fn = make_reward_fn(model, E)
     if c.rm.normalize_on == "policy_samples":
-        reference = policy_sample_rewards_fn(run, model, state.params, E)
+        reference = policy_sample_rewards_fn(run, model, E)
     else:
         reference = lambda params, draw: reference_rewards(reward_fn, params, run, train_source)
     if meta is None:  # trunk from the earlier stage; the reward head stays freshly initialised
