@@ -1,7 +1,7 @@
 """Recipe: Anthropic HH-RLHF (Bai et al. 2022) — SFT on the chosen dialogues → RM on the pairs → PPO on the prompts.
 
-Presets <size>_<stage>: size tiny | gpt2 | pythia160m, stage sft | rm | ppo. Every stage renders
-dialogues with the "hh" chat template ("\\n\\nHuman: ..." / "\\n\\nAssistant: ..." text, eos ends an
+Presets <size>_<step>: size tiny | gpt2 | pythia160m, step sft | rm | ppo (the pg stage running PPO). Every
+step renders dialogues with the "hh" chat template ("\\n\\nHuman: ..." / "\\n\\nAssistant: ..." text, eos ends an
 answer), so a GPT-2 or Pythia tokenizer needs no new tokens. The data are the local JSONL(.gz)
 files of github.com/anthropics/hh-rlhf (the four train subsets concatenated: 160,800 dialogues;
 test: 8,552), never downloaded. gpt2 / pythia160m take their architecture and tokenizer from a
@@ -77,14 +77,14 @@ def get_config(preset: str = "gpt2_sft"):
     else:
         o.data.update(prompts_format="hh_rlhf", prompts_path="" if tiny else TRAIN, max_prompt_len=48 if tiny else 256)
         o.rollout = dict(max_new_tokens=16 if tiny else 128, temperature=0.7, stop_token="end")  # end: eos under hh
-        o.ppo = dict(epochs=4, num_minibatches=1, vf_coef=0.1, clip_range=0.2, clip_range_value=0.2, gamma=1.0,
+        o.pg = dict(epochs=4, num_minibatches=1, vf_coef=0.1, clip_range=0.2, clip_range_value=0.2, gamma=1.0,
                      lam=0.95, whiten_rewards=True, missing_eos_penalty=-1.0, critic="shared" if tiny else "reward_model")
         o.kl = dict(kind="fixed", init_coef=0.05)
         o.optim = dict(adamw, schedule="linear")
         o.batch_size, o.num_steps = (8, 4) if tiny else (512, EPISODES // 512)
         if tiny:  # no RM needed to smoke-test the recipe: a programmatic reward
             o.reward = dict(kind="function", function="rlhf_jax.rewards:fraction_of_vowels")
-            o.ppo.update(epochs=2, num_minibatches=2)
+            o.pg.update(epochs=2, num_minibatches=2)
     o.model = dict(MODELS[size])
     if tiny:
         o.data.vocab_size = 384

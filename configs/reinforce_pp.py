@@ -17,7 +17,7 @@ paper's point is the estimator, and keeping PPO's KL makes the two differ in the
 from rlhf_jax.pipeline import stage_config
 
 ALGORITHMS = {
-    "reinforce_pp": dict(ppo=dict(advantage="reinforce_pp", loss_aggregation="token_mean", whiten_advantages=False,
+    "reinforce_pp": dict(pg=dict(advantage="reinforce_pp", loss_aggregation="token_mean", whiten_advantages=False,
                                   score_baseline="none", critic="shared")),
 }
 

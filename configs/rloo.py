@@ -19,7 +19,7 @@ Presets: default, tiny. As the paper states it:
 from rlhf_jax.pipeline import stage_config
 
 ALGORITHMS = {
-    "rloo": dict(ppo=dict(advantage="rloo", loss_aggregation="token_sum", whiten_advantages=False, epochs=1,
+    "rloo": dict(pg=dict(advantage="rloo", loss_aggregation="token_sum", whiten_advantages=False, epochs=1,
                           num_minibatches=1, score_baseline="none", critic="shared"),
                  kl=dict(kind="fixed", init_coef=0.05, placement="reward", estimator="k1"),
                  rollout=dict(samples_per_prompt=4)),

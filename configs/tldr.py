@@ -2,7 +2,7 @@
 N+ implementation details paper (Huang et al. 2024) — SFT on TL;DR → RM on summarize-from-feedback
 comparisons → PPO on the TL;DR posts.
 
-Presets <size>_<stage>: size tiny | gpt2 | pythia160m, stage sft | rm | ppo. The "plain" chat
+Presets <size>_<step>: size tiny | gpt2 | pythia160m, step sft | rm | ppo (the pg stage running PPO). The "plain" chat
 template gives the papers' token stream: [bos] "SUBREDDIT: r/...\\n\\nTITLE: ...\\n\\nPOST: ...\\n\\nTL;DR:"
 " summary" eos, the post cut at its last newline until the query fits (rlhf_jax/data/tldr.py).
 Data are local files (never downloaded): the filtered TL;DR set {"subreddit", "title", "post",
@@ -79,14 +79,14 @@ def get_config(preset: str = "pythia160m_sft"):
         # 513 = the 512-token query + bos (when the tokenizer has one)
         o.data.update(prompts_format="tldr", prompts_path="" if tiny else SFT_TRAIN, max_prompt_len=48 if tiny else 513)
         o.rollout = dict(max_new_tokens=16 if tiny else 53, temperature=0.7, stop_token="end")  # end: eos under plain
-        o.ppo = dict(epochs=4, num_minibatches=1, vf_coef=0.1, clip_range=0.2, clip_range_value=0.2, gamma=1.0,
+        o.pg = dict(epochs=4, num_minibatches=1, vf_coef=0.1, clip_range=0.2, clip_range_value=0.2, gamma=1.0,
                      lam=0.95, whiten_rewards=True, missing_eos_penalty=-1.0, critic="shared" if tiny else "reward_model")
         o.kl = dict(kind="fixed", init_coef=0.05)
         o.optim = dict(adamw, schedule="linear")
         o.batch_size, o.num_steps = (8, 4) if tiny else (512, EPISODES // 512)
         if tiny:  # no RM needed to smoke-test the recipe: a programmatic reward
             o.reward = dict(kind="function", function="rlhf_jax.rewards:fraction_of_vowels")
-            o.ppo.update(epochs=2, num_minibatches=2)
+            o.pg.update(epochs=2, num_minibatches=2)
     o.model = dict(MODELS[size])
     if tiny:
         o.data.vocab_size = 384

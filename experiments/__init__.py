@@ -45,7 +45,7 @@ def product(axes: dict[str, Sequence[Any]] | None = None, **more: Sequence[Any])
 
 DEFAULT_COLUMNS = {
     "pretrain": ("train/loss", "eval/loss"), "sft": ("train/loss", "eval/loss"),
-    "rm": ("rm/loss", "rm/accuracy", "eval/rm/accuracy"), "ppo": ("objective/scores", "objective/kl", "kl_coef"),
+    "rm": ("rm/loss", "rm/accuracy", "eval/rm/accuracy"), "pg": ("objective/scores", "objective/kl", "kl_coef"),
     "pipeline": ("sft/gold_score", "policy/gold_score", "policy/win_rate_vs_sft", "policy/kl", "rm/accuracy_vs_gold"),
 }
 
@@ -102,8 +102,12 @@ def load_experiment(path: str) -> Experiment:
     for where, overrides in [("FIXED", fixed)] + [(f"SWEEP[{i}]", s) for i, s in enumerate(sweep)]:
         for key, value in overrides.items():
             if not _has_key(config, key):
-                raise ValueError(f"{path}: {where} sets {key!r}, which is not a field of {base}. "
-                                 f"Check the spelling against that config file.")
+                from rlhf_jax.config import RENAMED_WHY, renamed_key
+
+                new = renamed_key(key)
+                fix = f"It is {new!r} now ({RENAMED_WHY})." if new and _has_key(config, new) else \
+                    "Check the spelling against that config file."
+                raise ValueError(f"{path}: {where} sets {key!r}, which is not a field of {base}. {fix}")
             cli_value(value, f"{path}: {where}[{key!r}]")
     names = run_names(sweep, path)
     runs = [Run(n, dict(s), {**fixed, **s}) for n, s in zip(names, sweep)]

@@ -29,7 +29,7 @@ TUNING_ROOT, SEEDS_ROOT = "runs/sweeps/algorithms_tuning", "runs/sweeps/seeds"
 
 
 def _lr_key(policy: str) -> str:
-    return "ppo.optim.lr" if policy in POLICY_GRADIENT else "dpo.optim.lr"
+    return "pg.optim.lr" if policy in POLICY_GRADIENT else "dpo.optim.lr"
 
 
 def _base(policy: str, seed: int) -> str:

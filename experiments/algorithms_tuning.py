@@ -15,16 +15,16 @@ file also reports the mean over seeds 1-4 alone.
 BASE = "configs/pipeline.py"
 FIXED = {"reuse_from": "runs/quickstart"}
 LRS = (3e-5, 1e-4, 3e-4)
-POLICY_GRADIENT = ("ppo", "grpo", "dr_grpo", "rloo", "reinforce_pp")  # config.ppo.optim.lr
+POLICY_GRADIENT = ("ppo", "grpo", "dr_grpo", "rloo", "reinforce_pp")  # config.pg.optim.lr
 DIRECT = ("dpo", "ipo", "simpo", "plackett_luce", "online_dpo")  # config.dpo.optim.lr
-SWEEP = ([{"policy": p, "ppo.optim.lr": lr} for p in POLICY_GRADIENT for lr in LRS]
+SWEEP = ([{"policy": p, "pg.optim.lr": lr} for p in POLICY_GRADIENT for lr in LRS]
          + [{"policy": p, "dpo.optim.lr": lr} for p in DIRECT for lr in LRS])
 COLUMNS = ("policy/gold_score", "policy/win_rate_vs_sft", "policy/kl", "policy/chatter_rate",
            "policy/answer_correct_rate", "policy/harmful_rate")
 
 
 def lr_of(row) -> float:
-    return row.get("ppo.optim.lr") or row.get("dpo.optim.lr")
+    return row.get("pg.optim.lr") or row.get("dpo.optim.lr")
 
 
 def chosen(rows) -> dict[str, float]:

@@ -18,7 +18,7 @@ What scales with the size and what does not, stated:
     1e-4 / 5e-5 / 3e-5 for the RM. PPO's lr stays 3e-5 at every size: its step is bounded by the
     clipped ratio and the KL penalty (adaptive, target 6 nats), and a smaller lr would let the larger
     policies travel less in the same 80 iterations, confounding size with distance from SFT.
-  - PPO-ptx: γ = 1 (ppo.ppo.ptx_coef; experiments/ptx.py measured γ = 1 and 3 on the default size).
+  - PPO-ptx: γ = 1 (pg.pg.ptx_coef; experiments/ptx.py measured γ = 1 and 3 on the default size).
 
 The RM of each size is initialised from that size's SFT and trained on comparisons sampled from it; the
 smallest size's pretrain, SFT, comparisons and RM are runs/quickstart's (stage reuse), and every PPO-ptx
@@ -47,7 +47,7 @@ def _sweep():
              **{f"{stage}.optim.lr": round(lr * scale, 8) for stage, lr in LR.items()}} for d, heads, scale in SIZES]
     base[0]["reuse_from"] = "runs/quickstart"  # the default pipeline, as bash scripts/quickstart.sh ran it
     names = run_names(base)  # SWEEP's names for these: the PPO-ptx runs add keys but no clashing short name
-    ptx = [{"ppo.ppo.ptx_coef": PTX_COEF, **b, "reuse_from": f"{ROOT}/{name}"} for b, name in zip(base, names)]
+    ptx = [{"pg.pg.ptx_coef": PTX_COEF, **b, "reuse_from": f"{ROOT}/{name}"} for b, name in zip(base, names)]
     return [x for pair in zip(base, ptx) for x in pair]
 
 

@@ -19,10 +19,10 @@ held-out evaluation; one plot panel per data size.
 from experiments import run_names
 
 BASE = "configs/pipeline.py"
-FIXED = {"ppo.kl.kind": "fixed", "ppo.kl.init_coef": 0.02, "ppo.num_steps": 100, "ppo.checkpoint.every": 50}
+FIXED = {"pg.kl.kind": "fixed", "pg.kl.init_coef": 0.02, "pg.num_steps": 100, "pg.checkpoint.every": 50}
 LCB = (0.5, 2.0)
-VARIANTS = [{"rm.rm.ensemble_size": 1, "ppo.reward.aggregate": "mean"}] + [
-    {"rm.rm.ensemble_size": 4, "ppo.reward.aggregate": a, "ppo.reward.lcb_coef": lam}
+VARIANTS = [{"rm.rm.ensemble_size": 1, "pg.reward.aggregate": "mean"}] + [
+    {"rm.rm.ensemble_size": 4, "pg.reward.aggregate": a, "pg.reward.lcb_coef": lam}
     for a, lam in [("mean", 1.0)] + [("lcb", x) for x in LCB] + [("min", 1.0)]]
 BASES = {0: "runs/quickstart", 1: "runs/sweeps/seeds/seed=1", 2: "runs/sweeps/seeds/seed=2"}
 # In the order they run: the 1,000-prompt column on seed 0, the other data sizes, then seeds 1 and 2 of 1,000.
@@ -38,8 +38,8 @@ def _sweep():
     names = run_names(first)  # the keys are the same below, so the mean runs keep these names
     out = []
     for i, r in enumerate(first):
-        if r["rm.rm.ensemble_size"] > 1 and r["ppo.reward.aggregate"] != "mean":
-            mean_run = next(j for j, q in enumerate(first) if q["seed"] == r["seed"] and q["ppo.reward.aggregate"] ==
+        if r["rm.rm.ensemble_size"] > 1 and r["pg.reward.aggregate"] != "mean":
+            mean_run = next(j for j, q in enumerate(first) if q["seed"] == r["seed"] and q["pg.reward.aggregate"] ==
                             "mean" and q["rm.rm.ensemble_size"] > 1 and q["rm.data.train_lines"] == r["rm.data.train_lines"])
             r = {**r, "reuse_from": f"{ROOT}/{names[mean_run]}"}
         out.append(r)
@@ -54,8 +54,8 @@ WINDOW = 10  # PPO iterations averaged per point: one 64-episode batch is noisy
 def _label(r) -> str:
     if r["rm.rm.ensemble_size"] == 1:
         return "one RM"
-    agg = r["ppo.reward.aggregate"]
-    return f"ensemble {agg} λ={r['ppo.reward.lcb_coef']:g}" if agg == "lcb" else f"ensemble {agg}"
+    agg = r["pg.reward.aggregate"]
+    return f"ensemble {agg} λ={r['pg.reward.lcb_coef']:g}" if agg == "lcb" else f"ensemble {agg}"
 
 
 def analyze(root, rows):

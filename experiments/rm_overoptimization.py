@@ -16,8 +16,8 @@ whose rollouts are the SFT policy's.
 from experiments import product
 
 BASE = "configs/pipeline.py"
-FIXED = {"reuse_from": "runs/quickstart", "ppo.kl.kind": "fixed", "ppo.kl.init_coef": 0.02, "ppo.num_steps": 100,
-         "ppo.checkpoint.every": 50}
+FIXED = {"reuse_from": "runs/quickstart", "pg.kl.kind": "fixed", "pg.kl.init_coef": 0.02, "pg.num_steps": 100,
+         "pg.checkpoint.every": 50}
 SWEEP = product({"rm.data.train_lines": [(0, 300), (0, 1000), (0, 3000)]})
 COLUMNS = ("rm/accuracy_vs_gold", "policy/kl", "policy/gold_score", "policy/win_rate_vs_sft")
 WINDOW = 10  # PPO iterations averaged per point: one 64-episode batch is noisy

@@ -14,7 +14,11 @@ import ml_collections
 from rlhf_jax.models.layers import LORA_TARGETS, ModelConfig
 from rlhf_jax.parallel import DEFAULT_RULES
 
-STAGES = ("pretrain", "sft", "rm", "ppo", "dpo")
+STAGES = ("pretrain", "sft", "rm", "pg", "dpo")
+# Config names that changed, old → new. A config, command line or sweep still using an old one fails naming the
+# new one (an unknown key would only say that it does not exist).
+RENAMED = {"ppo": "pg"}
+RENAMED_WHY = "the policy-gradient stage and its block (stage 'pg', config.pg) run PPO, GRPO, RLOO and REINFORCE++"
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -69,6 +73,23 @@ def tiny_preset(c: ml_collections.ConfigDict, seq_len: int) -> ml_collections.Co
     return c
 
 
+def renamed_key(dotted: str) -> str | None:
+    """The current name of a dotted config key that uses a RENAMED name (e.g. ppo.epochs → pg.epochs), else None."""
+    parts = dotted.split(".")
+    new = [RENAMED.get(p, p) for p in parts]
+    return ".".join(new) if new != parts else None
+
+
+def check_renamed_flags(argv: list[str]) -> None:
+    """Exits naming the new key when a --config.<key> override uses a RENAMED name; run before absl parses
+    the flags, whose error would only say that the key does not exist."""
+    for arg in argv:
+        if arg.startswith("--config."):
+            key = arg.removeprefix("--config.").partition("=")[0]
+            if renamed_key(key):
+                raise SystemExit(f"error: --config.{key} is --config.{renamed_key(key)} now ({RENAMED_WHY}).")
+
+
 def model_config(c: ml_collections.ConfigDict) -> ModelConfig:
     return ModelConfig(**c.model.to_dict())
 
@@ -99,6 +120,10 @@ def _check_lora(lora, mlp: str, tied: bool) -> None:
 
 def validate(c: ml_collections.ConfigDict) -> None:
     """Rejects impossible values with a message naming the key and the fix."""
+    for old, new in RENAMED.items():
+        if c.stage == old or old in c:
+            _fail("stage" if c.stage == old else old, f"{old!r} was renamed {new!r} ({RENAMED_WHY})",
+                  f"Set config.stage={new!r} and rename the config.{old} block config.{new}.")
     if c.stage not in STAGES:
         _fail("stage", f"{c.stage!r} is not a stage", f"Use one of {STAGES}.")
     m = c.model

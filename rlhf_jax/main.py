@@ -38,4 +38,9 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    import sys
+
+    from rlhf_jax.config import check_renamed_flags
+
+    check_renamed_flags(sys.argv)  # an old key fails naming its new name, before absl's "no such key"
     app.run(main)

@@ -34,14 +34,14 @@ def config_module(name: str):
 def stage_config(name: str, preset: str, overrides) -> ml_collections.ConfigDict:
     """configs/<name>.py:<preset> with `overrides` (a dict or ConfigDict) merged in; unknown keys are errors."""
     c = config_module(name).get_config(preset)
-    _merge(c, overrides if isinstance(overrides, dict) else overrides.to_dict(), f"config.{name}")
+    _merge(c, overrides if isinstance(overrides, dict) else overrides.to_dict(), f"config.{c.stage}")
     return c
 
 
 # config.policy → (the stage config of the pipeline config that runs it, configs/<file>.py whose
 # ALGORITHMS[policy] holds its settings). Adding an algorithm of the family is an entry here and there.
-POLICIES = {"ppo": ("ppo", "ppo"), "grpo": ("ppo", "grpo"), "dr_grpo": ("ppo", "grpo"), "rloo": ("ppo", "rloo"),
-            "reinforce_pp": ("ppo", "reinforce_pp"),
+POLICIES = {"ppo": ("pg", "ppo"), "grpo": ("pg", "grpo"), "dr_grpo": ("pg", "grpo"), "rloo": ("pg", "rloo"),
+            "reinforce_pp": ("pg", "reinforce_pp"),
             "dpo": ("dpo", "dpo"), "ipo": ("dpo", "dpo"), "simpo": ("dpo", "dpo"), "plackett_luce": ("dpo", "dpo"),
             "online_dpo": ("dpo", "dpo")}
 
@@ -75,9 +75,12 @@ def _changed(mine: dict, preset: dict) -> dict:
 
 
 def _merge(dst, src: dict, where: str):
+    from rlhf_jax.config import RENAMED, RENAMED_WHY
+
     for k, v in src.items():
         if k not in dst:
-            raise ValueError(f"{where}.{k}: no such field in the {where.split('.')[-1]} stage config.")
+            renamed = f" It is {RENAMED[k]} now ({RENAMED_WHY})." if k in RENAMED else ""
+            raise ValueError(f"{where}.{k}: no such field in the {where.split('.')[-1]} stage config.{renamed}")
         if isinstance(v, dict):
             _merge(dst[k], v, f"{where}.{k}")
         else:
@@ -95,7 +98,7 @@ REUSE_KEYS["comparisons"] = REUSE_KEYS["sft"] + (
     "data.num_rm_prompts", "data.num_rm_eval_prompts", "data.k", "data.labeler_noise", "data.sample_temperature",
     "data.max_prompt_len", "data.kinds", "eval.max_new_tokens", "eval.batch_size")  # sampling uses these
 REUSE_KEYS["rm"] = REUSE_KEYS["comparisons"] + ("rm",)
-REUSE_KEYS["policy"] = REUSE_KEYS["rm"] + ("data.num_ppo_prompts", "policy", "policy_reward", "ppo", "dpo")
+REUSE_KEYS["policy"] = REUSE_KEYS["rm"] + ("data.num_ppo_prompts", "policy", "policy_reward", "pg", "dpo")
 
 
 def _get(tree: dict, dotted: str):
@@ -115,7 +118,7 @@ def reusable_stages(c: ml_collections.ConfigDict, base: str) -> dict[str, str]:
                                 f"a pipeline run (e.g. runs/quickstart after bash scripts/quickstart.sh), or leave "
                                 f"it empty to run every stage here.")
     with open(path) as f:
-        theirs = json.load(f)
+        theirs = _renamed(json.load(f))
     ours = json.loads(json.dumps(c.to_dict(), default=str))
     # A key added to the code since that run was written ran there as its default: fill it in, so that a
     # new setting whose default keeps the old behaviour does not make every earlier run unusable.
@@ -129,6 +132,19 @@ def reusable_stages(c: ml_collections.ConfigDict, base: str) -> dict[str, str]:
         if not os.path.isfile(os.path.join(where, "DONE.json")):
             break
         out[stage] = where
+    return out
+
+
+def _renamed(config):
+    """A pipeline config as written before a rename (config.RENAMED: blocks, at any depth, and stage names)
+    under the current names, so that its stages can still be reused."""
+    from rlhf_jax.config import RENAMED
+
+    if not isinstance(config, dict):
+        return config
+    out = {(RENAMED[k] if k in RENAMED and RENAMED[k] not in config else k): _renamed(v) for k, v in config.items()}
+    if out.get("stage") in RENAMED:
+        out["stage"] = RENAMED[out["stage"]]
     return out
 
 
@@ -272,7 +288,7 @@ def run_pipeline(c: ml_collections.ConfigDict, workdir: str) -> dict:
     reward = {"reward.kind": "rm", "reward.rm_workdir": sub["rm"]} if c.policy_reward == "rm" else \
         {"reward.kind": "function", "reward.function": gold}
     wiring = {"data.prompts_path": paths["ppo_prompts"], "reward.monitor": gold, **reward}
-    if POLICIES[c.policy][0] == "ppo":
+    if POLICIES[c.policy][0] == "pg":
         wiring["data.ptx_path"] = paths["corpus"]
     else:  # DPO trains on the RM's comparisons (the same labeler budget); online DPO ranks by the reward
         wiring.update({"data.train_path": comps, "data.eval_path": gold_comps, "data.format": "ranked"})
@@ -302,4 +318,9 @@ if __name__ == "__main__":
     _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/pipeline.py:<preset>", lock_config=True)
     _WORKDIR = flags.DEFINE_string("workdir", "runs/pipeline", "Directory for every stage's sub-workdir.")
     flags.mark_flags_as_required(["config"])
+    import sys
+
+    from rlhf_jax.config import check_renamed_flags
+
+    check_renamed_flags(sys.argv)  # an old key fails naming its new name, before absl's "no such key"
     app.run(main)

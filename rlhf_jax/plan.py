@@ -7,11 +7,11 @@ Takes the config and overrides rlhf_jax.main takes; `--config.model.*` describes
 checkpoint (or `--config.init_from` reads one's config.json, never its weights). Nothing is allocated:
 the train state is `train_state.abstract_state` (ShapeDtypeStructs carrying their shardings), the batch
 likewise, and each stage's own jitted functions (`lm.jit_train_step`, `rm.jit_train_step`,
-`ppo.jit_functions`) are lowered and compiled. Per device it reports the params, the optimizer state
+`pg.jit_functions`) are lowered and compiled. Per device it reports the params, the optimizer state
 and what `compiled.memory_analysis()` says of each compiled function: arguments, outputs, temporaries
 (activations, gradients, KV cache) and the outputs written into donated inputs (alias).
 
-PPO holds four models at once: the policy and the critic (a separate model with ppo.critic=reward_model,
+PPO holds four models at once: the policy and the critic (a separate model with pg.critic=reward_model,
 else a value head on the policy) with their optimizer state, the frozen reference policy (none with LoRA,
 model.lora.rank > 0: the policy with its adapters off; optimizer state then only for the adapters) and the RM
 (reward.kind=rm; assumed the policy's architecture, one RM, not an ensemble). Its iteration runs three
@@ -54,7 +54,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 
-from rlhf_jax import config as config_lib, lora, optim, parallel, ppo_setup, rl, train_state  # noqa: E402
+from rlhf_jax import config as config_lib, lora, optim, parallel, pg_setup, rl, train_state  # noqa: E402
 from rlhf_jax.models.gpt import TransformerLM  # noqa: E402
 from rlhf_jax.models.layers import LoraConfig  # noqa: E402
 
@@ -89,14 +89,14 @@ def plan(config: ml_collections.ConfigDict, hbm_gib: float = 0.0) -> dict:
     parallel.check_batch(c.batch_size // c.grad_accum, mesh, rules,
                          "config.batch_size / config.grad_accum (the microbatch)")
     model = TransformerLM(config_lib.model_config(c))
-    build = {"pretrain": _lm, "sft": _lm, "rm": _rm, "ppo": _ppo}.get(c.stage)
+    build = {"pretrain": _lm, "sft": _lm, "rm": _rm, "pg": _pg}.get(c.stage)
     if build is None:
-        raise ValueError(f"config.stage={c.stage!r}: the planner covers pretrain, sft, rm and ppo.")
+        raise ValueError(f"config.stage={c.stage!r}: the planner covers pretrain, sft, rm and pg.")
     state, frozen, functions = build(c, model, mesh, rules)
 
     # What stays on the devices for the whole run, in parts a compiled function may take as arguments.
     held = {"state rest": state.rest(), **frozen}  # rest: optimizer state, step, RNG, extras
-    held.update({f"params/{k}": v for k, v in state.params.items()} if c.stage == "ppo" else {"params": state.params})
+    held.update({f"params/{k}": v for k, v in state.params.items()} if c.stage == "pg" else {"params": state.params})
     resident = {k: parallel.per_device_bytes(v) for k, v in held.items()}
     report = {"stage": c.stage, "mesh": dict(mesh.shape), "devices": jax.device_count(),
               "params_bytes": parallel.per_device_bytes(state.params),
@@ -156,18 +156,18 @@ def _rm(c, model, mesh, rules):
     return state, {}, {"train step": (_compile(step, mesh, rules, state, batch), ("params", "state rest"))}
 
 
-def _ppo(c, model, mesh, rules):
-    """PPO and its family: the generation, scoring and update of one iteration (stages/ppo.py), with the
+def _pg(c, model, mesh, rules):
+    """PPO and its family: the generation, scoring and update of one iteration (stages/pg.py), with the
     rollout passed between them shaped by `jax.eval_shape` of the functions that fill it in."""
     from rlhf_jax import rewards
-    from rlhf_jax.stages import ppo
+    from rlhf_jax.stages import pg
 
-    group = ppo_setup.check_config(c)
-    updates = c.ppo.epochs * c.ppo.num_minibatches
+    group = pg_setup.check_config(c)
+    updates = c.pg.epochs * c.pg.num_minibatches
     iterations = c.optim.total_steps if c.optim.total_steps > 0 else c.num_steps
     tx, _ = optim.make_optimizer(c.optim, iterations * updates)
     tx = lora.optimizer(tx, model.cfg)
-    state, shardings = train_state.abstract_state(ppo_setup.init_params_fn(model, c), tx, mesh, rules, c.seed,
+    state, shardings = train_state.abstract_state(pg_setup.init_params_fn(model, c), tx, mesh, rules, c.seed,
                                                   extras=rl.kl_controller_init(c.kl.init_coef))
     # The stage's copy of the initial policy (same shapes); with LoRA none: the reference is the policy with its
     # adapters off (rlhf_jax/lora.py), and only the adapters and value head hold optimizer state.
@@ -179,7 +179,7 @@ def _ppo(c, model, mesh, rules):
         frozen["rm"] = parallel.abstract_params(train_state.model_init_fn(rm_model, 8, 0), mesh, rules)
     else:  # a Python function's scores [B] arrive from the host
         reward, from_host = rewards.RewardFunction(None, None, mesh, rules), _batch((B,), mesh, rules, jnp.float32)
-    steps = ppo.jit_functions(model, tx, c, ShapeOnlyTokenizer(), reward, group, shardings, mesh, rules)
+    steps = pg.jit_functions(model, tx, c, ShapeOnlyTokenizer(), reward, group, shardings, mesh, rules)
     prompt, prompt_mask, keys = _batch((B, P), mesh, rules), _batch((B, P), mesh, rules), \
         _batch((B, 2), mesh, rules, jnp.uint32)
     shard = lambda tree: jax.tree.map(lambda x: _batch(x.shape, mesh, rules, x.dtype) if x.ndim else x, tree)
@@ -189,8 +189,8 @@ def _ppo(c, model, mesh, rules):
                                       generated, from_host))
         rollout = shard(jax.eval_shape(steps.advantages, scored, state.extras["kl_coef"]))
     ptx = None
-    if c.ppo.ptx_coef > 0:
-        ptx = {k: _batch((updates * c.ppo.ptx_batch_size, c.data.ptx_seq_len + 1), mesh, rules)
+    if c.pg.ptx_coef > 0:
+        ptx = {k: _batch((updates * c.pg.ptx_batch_size, c.data.ptx_seq_len + 1), mesh, rules)
                for k in ("tokens", "input_mask", "loss_mask")}
     trained = tuple(f"params/{k}" for k in state.params)
     functions = {
@@ -246,4 +246,5 @@ if __name__ == "__main__":
     _HBM_GIB = flags.DEFINE_float("hbm_gib", 0.0, "Memory per device in GiB; 0: no fits verdict.")
     _JSON = flags.DEFINE_string("json", "", "Also write the report here as JSON (bytes per device).")
     flags.mark_flags_as_required(["config"])
+    config_lib.check_renamed_flags(sys.argv)  # an old key fails naming its new name, before absl's "no such key"
     app.run(main)

@@ -10,8 +10,8 @@ Where the algorithms differ, and the switch that picks each (configs/ppo.py, grp
   score shaping     shape_scores                 missing-EOS penalty, clip, leave-one-out baseline
   KL estimator      kl_penalty                   k1 | k2 | k3                         (config.kl.estimator)
   KL placement      compute_rewards / the loss   −β·KL in the reward | β·KL in the loss (config.kl.placement)
-  advantage         advantages                   gae | grpo | dr_grpo | rloo | reinforce_pp (config.ppo.advantage)
-  aggregation       aggregate                    token_mean | sequence_mean | token_sum (config.ppo.loss_aggregation)
+  advantage         advantages                   gae | grpo | dr_grpo | rloo | reinforce_pp (config.pg.advantage)
+  aggregation       aggregate                    token_mean | sequence_mean | token_sum (config.pg.loss_aggregation)
 
 Units: log-probs, KL and entropy in nats per token; scores in reward units.
 """
@@ -110,7 +110,7 @@ def shape_scores(scores: Array, ended: Array, missing_eos_penalty: float | None 
     if clip > 0:
         scores = jnp.clip(scores, -clip, clip)
     if baseline not in SCORE_BASELINES:
-        raise ValueError(f"config.ppo.score_baseline={baseline!r}: use one of {SCORE_BASELINES}.")
+        raise ValueError(f"config.pg.score_baseline={baseline!r}: use one of {SCORE_BASELINES}.")
     return scores, leave_one_out_scores(scores, group) if baseline == "loo" else scores
 
 
@@ -226,7 +226,7 @@ def advantages(kind: str, rewards: Array, mask: Array, values: Array | None = No
     if kind in ("grpo", "dr_grpo", "rloo"):
         per_episode = group_advantages(jnp.sum(jnp.where(real, rewards, 0.0), axis=1), group, kind)
         return jnp.where(real, per_episode[:, None], 0.0), None
-    raise ValueError(f"config.ppo.advantage={kind!r} is unknown. Use one of {ADVANTAGES}.")
+    raise ValueError(f"config.pg.advantage={kind!r} is unknown. Use one of {ADVANTAGES}.")
 
 
 # --- loss aggregation --------------------------------------------------------------------------------------------
@@ -252,7 +252,7 @@ def aggregate(x: Array, mask: Array, how: str = "token_mean") -> Array:
         return masked_mean(per_row, jnp.any(real, axis=1))
     if how == "token_sum":
         return jnp.sum(x) / (x.shape[0] * x.shape[1])
-    raise ValueError(f"config.ppo.loss_aggregation={how!r} is unknown. Use one of {AGGREGATIONS}.")
+    raise ValueError(f"config.pg.loss_aggregation={how!r} is unknown. Use one of {AGGREGATIONS}.")
 
 
 # --- losses ------------------------------------------------------------------------------------------------------

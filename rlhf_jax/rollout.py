@@ -24,7 +24,7 @@ Array = jax.Array
 @flax.struct.dataclass
 class Rollout:
     """B episodes (one prompt and one sampled response each; `group` consecutive episodes share a prompt),
-    filled in along one iteration: generate → score → advantages (stages/ppo.py). Every leaf is [B, ...],
+    filled in along one iteration: generate → score → advantages (stages/pg.py). Every leaf is [B, ...],
     so a minibatch is `jnp.take` of each. A field the iteration has not reached, or one its settings do not
     use (values and returns without a critic), is None. Log-probs, KL and entropy in nats per token."""
 

@@ -32,14 +32,16 @@ def sampling_settings(tok, max_new_tokens: int, temperature: float) -> SamplingS
 
 
 def load_policy(workdir: str, mesh, rules, dtype: str | None = None):
-    """(model, params, tokenizer) of a pretrain / SFT / PPO workdir (for PPO: the policy)."""
+    """(model, params, tokenizer) of a pretrain / SFT / policy-gradient / DPO workdir (of a policy-gradient one: the
+    policy, not its critic)."""
     src = checkpoint.read_run_config(workdir)
     if src is None:
         raise FileNotFoundError(f"{workdir!r} has no config.json: not a finished run's --workdir.")
     model = TransformerLM(ModelConfig(**dict(src["model"], dropout=0.0, **({"dtype": dtype} if dtype else {}))))
     one = train_state.model_init_fn(model, 8, 0)
-    if src["stage"] == "ppo":  # the policy-gradient family keeps {"policy", ["critic"]}
-        critic = src["ppo"]["critic"] == "reward_model"
+    # The policy-gradient family keeps {"policy", ["critic"]}; runs written before its rename call it "ppo".
+    if src["stage"] in ("pg", "ppo"):
+        critic = src.get("pg", src.get("ppo"))["critic"] == "reward_model"
         like, _ = parallel.sharded_init(lambda: {"policy": one(), **({"critic": one()} if critic else {})},
                                         mesh, rules)
         params = checkpoint.load_params(workdir, like)["policy"]

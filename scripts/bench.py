@@ -7,7 +7,7 @@ Measures, for the same model shape, batch, sequence length and dtype policy:
               MFU, in float32 and in the bf16-compute / f32-accumulate policy
               (torch: `torch.autocast("cpu", dtype=torch.bfloat16)`);
   generate    sampling with a KV cache, every sample exactly `new_tokens` long: tokens/s;
-  ppo         iterations of the PPO stage itself (its `time/*` metrics): episodes/s and
+  ppo         iterations of PPO on the pg stage itself (its `time/*` metrics): episodes/s and
               the share of the iteration spent generating (no PyTorch counterpart);
   grpo        one GRPO iteration of the policy-gradient stage (configs/grpo.py) against TRL's
               GRPOTrainer (scripts/bench_trl.py) on the same model shape, G, prompts, prompt and
@@ -204,11 +204,11 @@ def jax_peak() -> dict:
 
 
 def jax_ppo(spec: dict) -> dict:
-    """Runs the PPO stage (configs/ppo.py:tiny, resized) and returns its per-iteration `time/*` metrics."""
+    """Runs PPO (configs/ppo.py:tiny, resized, on the pg stage) and returns its per-iteration `time/*` metrics."""
     sys.path.insert(0, ROOT)
     import configs.ppo as ppo_cfg
     from rlhf_jax.metrics import read_metrics
-    from rlhf_jax.stages import ppo
+    from rlhf_jax.stages import pg
 
     s = spec["shape"]
     c = ppo_cfg.get_config("tiny")
@@ -217,17 +217,17 @@ def jax_ppo(spec: dict) -> dict:
     c.rollout.max_new_tokens = s["new_tokens"]
     c.batch_size, c.num_steps = s["batch"], s["iterations"]
     if s["batch"] >= 16:  # lm-human-preferences' 4 epochs x 4 minibatches, once minibatches are not tiny
-        c.ppo.update(epochs=4, num_minibatches=4)
+        c.pg.update(epochs=4, num_minibatches=4)
     c.checkpoint.every, c.sample_every, c.log_every = 10**6, 0, 1  # checkpoint once, at the end
     with tempfile.TemporaryDirectory() as workdir:
-        ppo.train_and_evaluate(c, workdir)
+        pg.train_and_evaluate(c, workdir)
         rows = read_metrics(workdir)
     keys = ("time/generate_s", "time/score_s", "time/update_s", "perf/episodes_per_sec",
             "perf/rollout_tokens_per_sec", "time/generate_frac")
     return {"iterations": [{k: r[k] for k in keys} for r in rows], "config": {
         "model": c.model.to_dict(), "batch_size": c.batch_size, "max_prompt_len": c.data.max_prompt_len,
-        "max_new_tokens": c.rollout.max_new_tokens, "epochs": c.ppo.epochs,
-        "num_minibatches": c.ppo.num_minibatches, "reward": c.reward.function}}
+        "max_new_tokens": c.rollout.max_new_tokens, "epochs": c.pg.epochs,
+        "num_minibatches": c.pg.num_minibatches, "reward": c.reward.function}}
 
 
 def grpo_inputs(directory: str, s: dict) -> dict:
@@ -264,7 +264,7 @@ def jax_grpo(spec: dict) -> dict:
     sys.path.insert(0, ROOT)
     from rlhf_jax.metrics import read_metrics
     from rlhf_jax.pipeline import stage_config
-    from rlhf_jax.stages import ppo
+    from rlhf_jax.stages import pg
 
     s, inputs = spec["shape"], spec["inputs"]
     c = stage_config("grpo", "tiny", {})
@@ -279,7 +279,7 @@ def jax_grpo(spec: dict) -> dict:
     c.batch_size, c.num_steps = s["batch"], s["iterations"]
     c.checkpoint.every, c.sample_every, c.log_every = 10**6, 0, 1  # checkpoint once, at the end
     with tempfile.TemporaryDirectory() as workdir:
-        ppo.train_and_evaluate(c, workdir)
+        pg.train_and_evaluate(c, workdir)
         rows = read_metrics(workdir)
     keys = ("time/generate_s", "time/score_s", "time/update_s", "perf/episodes_per_sec")
     return {"iterations": [{k: r[k] for k in keys} for r in rows]}

@@ -31,8 +31,8 @@ SHAPES = {
                                  tie_embeddings=False)),
 }
 TOPOLOGIES = {"v4-8": (4, 32.0), "v5e-16": (16, 16.0), "8xH100": (8, 80.0)}  # (chips, HBM GiB per chip)
-PPO = {"batch_size": 64, "ppo.num_minibatches": 4, "data.max_prompt_len": 256, "rollout.max_new_tokens": 128,
-       "ppo.critic": "reward_model", "model.remat": "full", "reward.rm_workdir": "unused"}
+PPO = {"batch_size": 64, "pg.num_minibatches": 4, "data.max_prompt_len": 256, "rollout.max_new_tokens": 128,
+       "pg.critic": "reward_model", "model.remat": "full", "reward.rm_workdir": "unused"}
 VARIANTS = {"full": {}, "lora": {"model.lora.rank": 16, "model.lora.alpha": 16.0,
                                  "model.lora.targets": ("query", "key", "value", "out")}}
 

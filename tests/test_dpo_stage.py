@@ -51,7 +51,7 @@ def test_dpo_resume_equals_an_uninterrupted_run(tmp_path):
 @pytest.mark.slow
 def test_online_dpo_raises_a_verifiable_score(tmp_path):
     c = tiny(dpo_cfg, num_steps=20, **{  # 8 prompts x 4 samples, ranked by the score
-        "reward.function": "tests.test_ppo_stage:even_token_share", "optim.lr": 1e-2, "log_every": 1,
+        "reward.function": "tests.test_pg_stage:even_token_share", "optim.lr": 1e-2, "log_every": 1,
         "checkpoint.every": 100})
     c.update_from_flattened_dict({"dpo.online": True, "online.samples_per_prompt": 4})
     dpo.train_and_evaluate(c, str(tmp_path))

@@ -13,9 +13,9 @@ import pytest
 from rlhf_jax import train_state
 from rlhf_jax.metrics import read_metrics
 from rlhf_jax.train_state import NonFiniteError
-from rlhf_jax.stages import lm, ppo, rm
+from rlhf_jax.stages import lm, pg, rm
 from tests.test_lm_stage import ROOT, by_step, pretrain_cfg, tiny
-from tests.test_ppo_stage import config as ppo_config
+from tests.test_pg_stage import config as ppo_config
 
 import configs.rm as rm_cfg
 
@@ -78,8 +78,8 @@ def test_rm_nonfinite_stop_before_any_checkpoint_says_there_is_none(tmp_path):
 
 def test_ppo_nonfinite_skip_counts_the_skipped_updates_and_finishes(tmp_path, capsys):
     c = ppo_config(num_steps=3, nonfinite="skip", debug_nonfinite_steps=(1,), **{"checkpoint.every": 3})
-    ppo.train_and_evaluate(c, str(tmp_path))
-    updates = c.ppo.epochs * c.ppo.num_minibatches  # every minibatch update of iteration 1 is poisoned
+    pg.train_and_evaluate(c, str(tmp_path))
+    updates = c.pg.epochs * c.pg.num_minibatches  # every minibatch update of iteration 1 is poisoned
     assert f"{updates} update(s) skipped" in capsys.readouterr().out
     m = by_step(read_metrics(str(tmp_path)))
     assert sorted(m) == [1, 2, 3]

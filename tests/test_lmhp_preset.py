@@ -11,7 +11,7 @@ import pytest
 from rlhf_jax import optim, rewards, rl
 from rlhf_jax.metrics import read_metrics
 from rlhf_jax.rollout import Rollout
-from rlhf_jax.stages import ppo
+from rlhf_jax.stages import pg
 from tests.test_lm_stage import by_step, override, tiny
 
 import configs.ppo as ppo_cfg
@@ -19,20 +19,20 @@ import configs.rm as rm_cfg
 
 # (key, value, where lm-human-preferences sets it)
 PPO_SETTINGS = [
-    ("ppo.epochs", 4, "train_policy.py:51 noptepochs"),
-    ("ppo.num_minibatches", 1, "train_policy.py:50 nminibatches"),
-    ("ppo.clip_range", 0.2, "train_policy.py:54 cliprange"),
-    ("ppo.clip_range_value", 0.2, "train_policy.py:55 cliprange_value"),
-    ("ppo.vf_coef", 0.1, "train_policy.py:53"),
-    ("ppo.gamma", 1.0, "train_policy.py:56"),
-    ("ppo.lam", 0.95, "train_policy.py:57"),
-    ("ppo.whiten_rewards", True, "train_policy.py:58"),
-    ("ppo.whiten_advantages", True, "train_policy.py:338"),
-    ("ppo.entropy_coef", 0.0, "train_policy.py:357"),
-    ("ppo.missing_eos_penalty", -1.0, "lm_tasks.py:32 penalty_reward_value"),
-    ("ppo.advantage", "gae", "train_policy.py:327-336"),
-    ("ppo.critic", "shared", "policy.py:28"),
-    ("ppo.loss_aggregation", "token_mean", "train_policy.py:354"),
+    ("pg.epochs", 4, "train_policy.py:51 noptepochs"),
+    ("pg.num_minibatches", 1, "train_policy.py:50 nminibatches"),
+    ("pg.clip_range", 0.2, "train_policy.py:54 cliprange"),
+    ("pg.clip_range_value", 0.2, "train_policy.py:55 cliprange_value"),
+    ("pg.vf_coef", 0.1, "train_policy.py:53"),
+    ("pg.gamma", 1.0, "train_policy.py:56"),
+    ("pg.lam", 0.95, "train_policy.py:57"),
+    ("pg.whiten_rewards", True, "train_policy.py:58"),
+    ("pg.whiten_advantages", True, "train_policy.py:338"),
+    ("pg.entropy_coef", 0.0, "train_policy.py:357"),
+    ("pg.missing_eos_penalty", -1.0, "lm_tasks.py:32 penalty_reward_value"),
+    ("pg.advantage", "gae", "train_policy.py:327-336"),
+    ("pg.critic", "shared", "policy.py:28"),
+    ("pg.loss_aggregation", "token_mean", "train_policy.py:354"),
     ("kl.kind", "adaptive", "launch.py:130"),
     ("kl.init_coef", 0.15, "launch.py:129"),
     ("kl.target", 6.0, "launch.py:131"),
@@ -116,7 +116,7 @@ def test_preset_whitens_rewards_and_penalises_a_response_without_the_stop_token(
     scored = Rollout(None, None, None, mask, ended, logprobs, logprobs=logprobs,
                      ref_logprobs=-jax.random.uniform(k[1], (B, T)), values=jax.random.normal(k[2], (B, T)),
                      reward=rewards.Scores(3.0 + jax.random.normal(k[3], (B,))))
-    out = ppo.make_advantage_fn(c, 1)(scored, 0.15)
+    out = pg.make_advantage_fn(c, 1)(scored, 0.15)
     np.testing.assert_allclose(np.asarray(out.scores)[~np.asarray(ended)], -1.0)  # penalty_reward_value
     r = np.asarray(out.rewards)[np.asarray(mask) > 0]
     assert r.std() == pytest.approx(1.0, abs=1e-4)  # whitened, mean kept (shift_mean=False)
@@ -164,7 +164,7 @@ def test_lmhp_rm_then_two_ppo_iterations_at_the_tiny_scale(tmp_path):
 
     pc = tiny_lmhp(ppo_cfg, init_from=str(tmp_path / "pt"), num_steps=2, sample_every=0,
                    **{"reward.rm_workdir": str(tmp_path / "rm")})
-    out = ppo.train_and_evaluate(pc, str(tmp_path / "ppo"))
+    out = pg.train_and_evaluate(pc, str(tmp_path / "ppo"))
     m = by_step(read_metrics(str(tmp_path / "ppo")))
     for key in ("objective/kl", "objective/scores", "loss/policy_avg", "loss/value_avg", "policy/grad_norm",
                 "kl_coef"):

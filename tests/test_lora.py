@@ -228,20 +228,20 @@ def test_export_merges_the_adapters_into_the_hf_checkpoint(family, tmp_path):
 
 @pytest.mark.slow
 def test_ppo_with_lora_raises_a_verifiable_reward(tmp_path):
-    """tests/test_ppo_stage.py's task with rank-4 adapters on query, value and the (untied) output layer: the
+    """tests/test_pg_stage.py's task with rank-4 adapters on query, value and the (untied) output layer: the
     score rises, the first KL is exactly 0 (the policy starts as its reference), and the checkpoint holds the
     adapters beside the frozen weights."""
     import orbax.checkpoint as ocp
 
     from rlhf_jax.metrics import read_metrics
-    from rlhf_jax.stages import ppo
+    from rlhf_jax.stages import pg
     from tests.test_lm_stage import by_step
-    from tests.test_ppo_stage import config
+    from tests.test_pg_stage import config
 
     c = config(**{"num_steps": 32, "batch_size": 16, "optim.lr": 1e-2, "kl.init_coef": 0.01, "checkpoint.every": 100,
                   "model.tie_embeddings": False, "model.lora.rank": 4,
                   "model.lora.targets": ("query", "value", "lm_head")})
-    ppo.train_and_evaluate(c, str(tmp_path))
+    pg.train_and_evaluate(c, str(tmp_path))
     m = by_step(read_metrics(str(tmp_path)))
     scores = [m[s]["objective/scores"] for s in sorted(m)]
     assert np.mean(scores[-3:]) > np.mean(scores[:3]) + 0.15, scores

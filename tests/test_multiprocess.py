@@ -154,7 +154,7 @@ def test_ppo_on_two_processes_logs_what_one_process_logs(tmp_path):
     # float32: the KL is a small difference of log-probs, so the ~1e-7 that the all-reduce order (gloo
     # across processes vs in-process) leaves in the params can flip a bf16 rounding and show at ~1e-3.
     overrides = ["--config.num_steps=2", "--config.checkpoint.every=2", "--config.rollout.max_new_tokens=6",
-                 "--config.ppo.epochs=1", "--config.sample_every=2", "--config.model.dtype=float32", *MESH_2x2x2]
+                 "--config.pg.epochs=1", "--config.sample_every=2", "--config.model.dtype=float32", *MESH_2x2x2]
     _run(tmp_path / "two", "configs/ppo.py:tiny", overrides, num_processes=2, devices=4)
     _run(tmp_path / "one", "configs/ppo.py:tiny", overrides, num_processes=1, devices=8)
     _assert_same_metrics(tmp_path / "two", tmp_path / "one")

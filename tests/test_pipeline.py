@@ -77,7 +77,7 @@ def test_tiny_pipeline_produces_summary_report_and_plots_and_reruns_skip(tiny_ru
     other = tmp_path / "ablation"
     cmd2 = [sys.executable, "-m", "rlhf_jax.pipeline", "--config=configs/pipeline.py:tiny", f"--workdir={other}",
             "--config.mesh.data=2", f"--config.reuse_from={tmp_path}", "--config.policy_reward=gold",
-            "--config.policy=grpo", "--config.ppo.kl.init_coef=0.05"]
+            "--config.policy=grpo", "--config.pg.kl.init_coef=0.05"]
     third = subprocess.run(cmd2, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
     for stage in ("pretrain", "sft", "comparisons", "rm"):
@@ -87,7 +87,7 @@ def test_tiny_pipeline_produces_summary_report_and_plots_and_reruns_skip(tiny_ru
     assert json.loads((other / "stages.json").read_text())["rm"] == str(tmp_path / "rm")
     policy_config = json.loads((other / "policy" / "config.json").read_text())
     assert policy_config["kl"]["init_coef"] == 0.05 and policy_config["reward"]["kind"] == "function"
-    assert policy_config["ppo"]["advantage"] == "grpo" and policy_config["kl"]["placement"] == "loss"
+    assert policy_config["pg"]["advantage"] == "grpo" and policy_config["kl"]["placement"] == "loss"
     assert json.loads((other / "summary.json").read_text())["policy"]["algorithm"] == "grpo"
     assert "| GRPO |" in (other / "report.md").read_text()
 
@@ -176,11 +176,16 @@ def test_reuse_takes_the_unchanged_prefix_of_stages_and_stops_at_the_first_chang
     assert reusable_stages(c, str(tmp_path)) == {}
     # A run written before a key existed ran with that key's default: it is still reused ...
     older = base.to_dict()
-    del older["ppo"]["ppo"]["loss_aggregation"], older["pretrain"]["model"]["token_vocab"], older["policy"]
+    del older["pg"]["pg"]["loss_aggregation"], older["pretrain"]["model"]["token_vocab"], older["policy"]
     (tmp_path / "pipeline_config.json").write_text(json.dumps(older, default=str))
     assert list(reusable_stages(pipeline_config(), str(tmp_path))) == ["pretrain", "sft", "comparisons", "rm", "policy"]
+    # ... and so is one written before the policy-gradient stage was renamed: its config.ppo.ppo is config.pg.pg
+    renamed = {**older, "ppo": {**older["pg"], "stage": "ppo", "ppo": older["pg"]["pg"]}}
+    del renamed["pg"], renamed["ppo"]["pg"]
+    (tmp_path / "pipeline_config.json").write_text(json.dumps(renamed, default=str))
+    assert list(reusable_stages(pipeline_config(), str(tmp_path))) == ["pretrain", "sft", "comparisons", "rm", "policy"]
     c = pipeline_config()
-    c.ppo.ppo.loss_aggregation = "token_sum"  # ... unless this run sets it otherwise
+    c.pg.pg.loss_aggregation = "token_sum"  # ... unless this run sets it otherwise
     assert list(reusable_stages(c, str(tmp_path))) == ["pretrain", "sft", "comparisons", "rm"]
     (tmp_path / "sft" / "DONE.json").unlink()  # an unfinished stage there is run here, and so is all after it
     assert list(reusable_stages(pipeline_config(), str(tmp_path))) == ["pretrain"]
@@ -209,10 +214,10 @@ def test_reuse_follows_a_run_that_itself_reused_stages(tmp_path):
 
 def test_every_stage_key_can_be_overridden_and_unknown_ones_are_named():
     c = pipeline_config("default")
-    assert c.ppo.kl.init_coef == 0.15 and c.ppo.optim.lr == 3e-5  # configs/ppo.py, then the pipeline's overrides
+    assert c.pg.kl.init_coef == 0.15 and c.pg.optim.lr == 3e-5  # configs/ppo.py, then the pipeline's overrides
     assert c.rm.rm.loss == "ranking" and c.pretrain.model.d_model == 128
     from rlhf_jax.pipeline import stage_config
-    with pytest.raises(ValueError, match="config.ppo.optim.lrr: no such field"):
+    with pytest.raises(ValueError, match="config.pg.optim.lrr: no such field"):
         stage_config("ppo", "default", {"optim": {"lrr": 1.0}})
 
 

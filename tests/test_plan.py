@@ -52,7 +52,7 @@ def test_fsdp_over_more_devices_lowers_the_per_device_params_and_the_verdict_fol
 @pytest.mark.slow
 def test_ppo_counts_policy_critic_their_optimizer_state_reference_and_rm():
     c = tiny(ppo_cfg, **{"model.vocab_size": 384, "reward.kind": "rm", "reward.rm_workdir": "unused",
-                         "ppo.critic": "reward_model", "mesh.data": 2, "mesh.fsdp": 4})
+                         "pg.critic": "reward_model", "mesh.data": 2, "mesh.fsdp": 4})
     r = plan.plan(c)
     one_model = r["frozen_bytes"] / 2  # the reference policy and the RM: one model each, every head
     assert r["params_bytes"] == pytest.approx(2 * one_model, rel=0.01)  # the policy and the critic

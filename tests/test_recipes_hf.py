@@ -64,7 +64,7 @@ def test_hh_recipe_runs_sft_rm_ppo_from_a_gpt2_checkpoint(tmp_path):
 
     ppo = _run(hh_recipe, "tiny_ppo", tmp_path / "ppo", init_from=str(tmp_path / "sft"), num_steps=1,
                **{"data.prompts_path": HH_DEV, "reward.kind": "rm", "reward.function": "",
-                  "reward.rm_workdir": str(tmp_path / "rm"), "ppo.critic": "reward_model"})
+                  "reward.rm_workdir": str(tmp_path / "rm"), "pg.critic": "reward_model"})
     assert _finite(ppo) and "objective/scores" in ppo and "objective/kl" in ppo
 
 

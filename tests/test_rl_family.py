@@ -96,7 +96,7 @@ def test_gae_still_needs_the_critic_and_unknown_estimators_are_named():
     mask, rewards = ragged_mask(LENGTHS), rand(B, T, seed=6)
     with pytest.raises(ValueError, match="needs the critic's values"):
         rl.advantages("gae", rewards, mask)
-    with pytest.raises(ValueError, match="ppo.advantage='vtrace' is unknown"):
+    with pytest.raises(ValueError, match="pg.advantage='vtrace' is unknown"):
         rl.advantages("vtrace", rewards, mask)
 
 

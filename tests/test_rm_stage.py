@@ -108,7 +108,7 @@ def test_a_critic_started_from_the_rm_values_the_last_token_at_the_normalised_sc
     # InstructGPT starts PPO's value function from the RM; the RM's normalisation is folded into the value head,
     # so the critic's first value at each sequence's last token is the score PPO is given there.
     from types import SimpleNamespace
-    from rlhf_jax import ppo_setup
+    from rlhf_jax import pg_setup
 
     workdir, _ = tiny_rm
     model, params, norm = load_reward_model(workdir, *mesh_and_rules())
@@ -117,7 +117,7 @@ def test_a_critic_started_from_the_rm_values_the_last_token_at_the_normalised_sc
         arch = ml_collections.ConfigDict(json.load(f)["model"])
     run = SimpleNamespace(config=SimpleNamespace(reward=SimpleNamespace(rm_workdir=workdir), model=arch),
                           load_init_params=lambda p, heads: p)
-    critic = ppo_setup.initial_params(run, {"policy": params, "critic": params})["critic"]
+    critic = pg_setup.initial_params(run, {"policy": params, "critic": params})["critic"]
     tokens = jax.random.randint(jax.random.key(0), (6, 12), 1, model.cfg.vocab_size)
     mask = (jnp.arange(12)[None, :] < jnp.array([12, 9, 5, 12, 3, 7])[:, None]).astype(jnp.int32)  # ragged
     values = forward.apply(critic, model, tokens, mask, heads=("value",))["values"]

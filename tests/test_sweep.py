@@ -60,7 +60,7 @@ def test_shipped_experiments_load_and_check_against_their_base_config(path):
 
 def test_kl_ablation_varies_only_the_kl_coefficient_with_a_fixed_controller():
     exp = load_experiment(os.path.join(ROOT, "experiments", "kl_coef_ppo.py"))
-    assert exp.swept_keys == ["kl.init_coef"] and exp.stage == "ppo"
+    assert exp.swept_keys == ["kl.init_coef"] and exp.stage == "pg"
     assert all(r.overrides["kl.kind"] == "fixed" and r.overrides["reward.kind"] == "function" for r in exp.runs)
 
 
@@ -68,6 +68,9 @@ def test_a_misspelt_key_fails_before_anything_runs_naming_file_and_key(tmp_path)
     path = _experiment(tmp_path, 'BASE = "configs/pretrain.py:tiny"\nSWEEP = [dict(seed=0), {"optim.lrr": 1e-3}]\n')
     with pytest.raises(ValueError, match=r"exp.py: SWEEP\[1\] sets 'optim.lrr', which is not a field of configs/"):
         load_experiment(path)
+    old = _experiment(tmp_path, 'BASE = "configs/pipeline.py:tiny"\nSWEEP = [{"ppo.kl.init_coef": 0.1}]\n', "old")
+    with pytest.raises(ValueError, match="sets 'ppo.kl.init_coef', which is not a field .* It is 'pg.kl.init_coef' now"):
+        load_experiment(old)  # a key of the policy-gradient stage under its old name
     with pytest.raises(FileNotFoundError, match="BASE='configs/nope.py:tiny'"):
         load_experiment(_experiment(tmp_path, 'BASE = "configs/nope.py:tiny"\nSWEEP = [dict(seed=0)]\n', "nope"))
     with pytest.raises(ValueError, match="SWEEP must be a non-empty list of dicts"):
@@ -80,14 +83,14 @@ def test_a_run_is_finished_only_with_its_final_checkpoint(tmp_path):
     assert not sweep.finished(str(tmp_path), "pretrain")  # e.g. stopped by SIGTERM after step 3: exit 0, not done
     (tmp_path / "checkpoints" / "6").mkdir()
     assert sweep.finished(str(tmp_path), "pretrain")
-    assert not sweep.finished(str(tmp_path), "pipeline") and sweep.completed(str(tmp_path), "ppo")
+    assert not sweep.finished(str(tmp_path), "pipeline") and sweep.completed(str(tmp_path), "pg")
 
 
 def test_summary_values_are_the_last_logged_or_the_mean_of_the_last_few(tmp_path):
     records = [{"step": 1, "a": 1.0}, {"step": 2, "a": 2.0}, {"step": 2, "eval/a": 7.0}, {"step": 3, "a": 6.0}]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + '{"step": 4, "a"')
-    assert sweep.last_values(str(tmp_path), "ppo") == {"step": 3, "a": 6.0, "eval/a": 7.0}  # torn last line ignored
-    assert sweep.last_values(str(tmp_path), "ppo", average_last=2)["a"] == 4.0
+    assert sweep.last_values(str(tmp_path), "pg") == {"step": 3, "a": 6.0, "eval/a": 7.0}  # torn last line ignored
+    assert sweep.last_values(str(tmp_path), "pg", average_last=2)["a"] == 4.0
     (tmp_path / "summary.json").write_text(json.dumps({"ppo": {"gold_score": 0.5}, "rm": {"accuracy_vs_gold": 0.9}}))
     assert sweep.last_values(str(tmp_path), "pipeline") == {"ppo/gold_score": 0.5, "rm/accuracy_vs_gold": 0.9}
 

@@ -1,16 +1,16 @@
-"""Stage 4: the policy-gradient family against a reward, KL-regularised to the frozen SFT policy.
+"""Stage 4 (`pg`): the policy-gradient family against a reward, KL-regularised to the frozen SFT policy.
 
-One loop for PPO (Ziegler et al. 2019 as lm-human-preferences does it; InstructGPT §3.5), GRPO
-(DeepSeekMath), Dr. GRPO, RLOO and REINFORCE++: they differ only in the pieces `rl.py` names and
-config switches pick (configs/ppo.py, grpo.py, rloo.py). One iteration is one path, one record
-(rollout.Rollout) passed along it, each step a jitted function:
+One loop, one stage and one config block (config.pg) for PPO (Ziegler et al. 2019 as lm-human-preferences
+does it; InstructGPT §3.5), GRPO (DeepSeekMath), Dr. GRPO, RLOO and REINFORCE++: they differ only in the
+pieces `rl.py` names and config switches pick (configs/ppo.py, grpo.py, rloo.py, reinforce_pp.py). One
+iteration is one path, one record (rollout.Rollout) passed along it, each step a jitted function:
   1. generate   — sample rollout.samples_per_prompt responses per prompt with the KV cache;
   2. score      — the policy's log-probs (and the critic's values, for GAE), the reference's log-probs, and
                   the reward source's score (rewards.py: a trained RM, an RM ensemble, or a Python function);
   3. advantages — shaped scores (rl.shape_scores) → per-token rewards (−β·KL_t in them when
-                  kl.placement="reward") → advantages (ppo.advantage: gae | grpo | dr_grpo | rloo |
+                  kl.placement="reward") → advantages (pg.advantage: gae | grpo | dr_grpo | rloo |
                   reinforce_pp);
-  4. update     — E epochs × M minibatches of the clipped surrogate (reduced by ppo.loss_aggregation),
+  4. update     — E epochs × M minibatches of the clipped surrogate (reduced by pg.loss_aggregation),
                   + the clipped value loss with a critic, + β·KL when kl.placement="loss", optional PPO-ptx;
                   then the KL controller (fixed or adaptive) sees this batch's KL. β lives in the train state.
 Beside the path, not in it: the sampler/trainer log-prob gap (sampler_gap) and the metrics.
@@ -35,7 +35,7 @@ from rlhf_jax.loop import LoopTail
 from rlhf_jax.models.gpt import TransformerLM
 from rlhf_jax.rollout import Rollout
 from rlhf_jax.run import Run
-from rlhf_jax import ppo_setup
+from rlhf_jax import pg_setup
 
 
 def policy_stats(params, model, rollout: Rollout, temperature, critic: bool):
@@ -52,13 +52,13 @@ def pg_loss(params, model, mb: Rollout, ptx, kl_coef, c):
     """The family's objective on one minibatch: clipped surrogate (Schulman et al. 2017 eq. 7), + the clipped
     value loss with a critic, + β·KL with kl.placement="loss" (DeepSeekMath eq. 3), − entropy bonus, + PPO-ptx."""
     mask = mb.response_mask.astype(jnp.float32)
-    critic, agg = c.ppo.advantage == "gae", c.ppo.loss_aggregation
+    critic, agg = c.pg.advantage == "gae", c.pg.loss_aggregation
     new = policy_stats(params, model, mb, c.rollout.temperature, critic)
     advantages = mb.advantages
-    if c.ppo.whiten_advantages:  # per minibatch, as lm-human-preferences
+    if c.pg.whiten_advantages:  # per minibatch, as lm-human-preferences
         advantages = rl.masked_whiten(advantages, mask)
     loss, pg = rl.policy_loss(new["logprobs"], mb.logprobs, jax.lax.stop_gradient(advantages), mask,
-                              c.ppo.clip_range, agg)
+                              c.pg.clip_range, agg)
     entropy = rl.masked_mean(new["entropy"], mask)
     stats = {"loss/policy_avg": loss, "policy/approxkl_avg": pg["approxkl"], "policy/clipfrac_avg": pg["clipfrac"],
              "val/ratio": pg["ratio_mean"], "policy/entropy_avg": entropy,
@@ -66,19 +66,19 @@ def pg_loss(params, model, mb: Rollout, ptx, kl_coef, c):
              "policy/logprob_change": rl.masked_mean(jnp.abs(new["logprobs"] - mb.logprobs), mask)}
     if critic:
         vf_loss, vf = rl.value_loss(new["values"], mb.values, jax.lax.stop_gradient(mb.returns), mask,
-                                    c.ppo.clip_range_value)
-        loss = loss + c.ppo.vf_coef * vf_loss
+                                    c.pg.clip_range_value)
+        loss = loss + c.pg.vf_coef * vf_loss
         stats.update({"loss/value_avg": vf_loss, "val/clipfrac_avg": vf["clipfrac"], "val/vpred": vf["vpred_mean"],
                       "val/return": rl.masked_mean(mb.returns, mask)})
     if c.kl.placement == "loss":
         kl = rl.kl_loss(new["logprobs"], mb.ref_logprobs, mask, c.kl.estimator, agg)
         loss = loss + kl_coef * kl
         stats["loss/kl_avg"] = kl
-    loss = loss - c.ppo.entropy_coef * entropy
+    loss = loss - c.pg.entropy_coef * entropy
     if ptx is not None:  # PPO-ptx (InstructGPT eq. 2): γ · pretraining log-likelihood
         nll_sum, n = forward.summed_token_nll(params["policy"], model, ptx)
         ptx_loss = nll_sum / jnp.maximum(n, 1.0)
-        loss = loss + c.ppo.ptx_coef * ptx_loss
+        loss = loss + c.pg.ptx_coef * ptx_loss
         stats["loss/ptx_avg"] = ptx_loss
     return loss, stats
 
@@ -87,7 +87,7 @@ def make_score_fn(model, c, reward: rewards.RewardSource):
     """(params, ref_params, reward_params, rollout, from_host) → the rollout with the policy's log-probs and
     entropy, the critic's values (GAE), the reference's log-probs and the reward; ref_params None: the policy
     with its LoRA adapters off. from_host: reward.on_host(rollout)."""
-    critic = c.ppo.advantage == "gae"
+    critic = c.pg.advantage == "gae"
 
     def score(params, ref_params, reward_params, rollout: Rollout, from_host) -> Rollout:
         stats = policy_stats(params, model, rollout, c.rollout.temperature, critic)
@@ -106,15 +106,15 @@ def make_advantage_fn(c, group: int):
 
     def advantages(rollout: Rollout, kl_coef) -> Rollout:
         mask = rollout.response_mask
-        scores, shaped = rl.shape_scores(rollout.reward.score, rollout.ended, c.ppo.missing_eos_penalty,
-                                         c.ppo.score_clip, c.ppo.score_baseline, group)
+        scores, shaped = rl.shape_scores(rollout.reward.score, rollout.ended, c.pg.missing_eos_penalty,
+                                         c.pg.score_clip, c.pg.score_baseline, group)
         beta_in_reward = kl_coef if c.kl.placement == "reward" else 0.0
         token_rewards, kl, non_score = rl.compute_rewards(shaped, rollout.logprobs, rollout.ref_logprobs, mask,
                                                      beta_in_reward, c.kl.estimator)
-        if c.ppo.whiten_rewards:
+        if c.pg.whiten_rewards:
             token_rewards = rl.masked_whiten(token_rewards, mask, shift_mean=False)
-        adv, returns = rl.advantages(c.ppo.advantage, token_rewards, mask, rollout.values, group, c.ppo.gamma,
-                                     c.ppo.lam)
+        adv, returns = rl.advantages(c.pg.advantage, token_rewards, mask, rollout.values, group, c.pg.gamma,
+                                     c.pg.lam)
         return rollout.replace(scores=scores, rewards=token_rewards, kl=kl, non_score_reward=non_score, advantages=adv,
                                returns=returns)
 
@@ -124,7 +124,7 @@ def make_advantage_fn(c, group: int):
 def make_update_fn(model, tx, c):
     """(state, rollout, ptx) → (state, stats): E epochs × M minibatches, then the KL controller step; stats
     include the β this rollout's rewards and loss used (kl_coef)."""
-    E, M = c.ppo.epochs, c.ppo.num_minibatches
+    E, M = c.pg.epochs, c.pg.num_minibatches
 
     def update(state: train_state.TrainState, rollout: Rollout, ptx):
         B = rollout.response.shape[0]
@@ -207,18 +207,18 @@ def rollout_metrics(host: dict, kl_coef) -> dict[str, float]:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     run = Run(config, workdir)
     c = run.config
-    group = ppo_setup.check_config(c)  # samples per prompt
+    group = pg_setup.check_config(c)  # samples per prompt
     tok, prompts = rollouts.prompt_data(run)
-    ptx_source = ppo_setup.ptx_data(run, tok)
+    ptx_source = pg_setup.ptx_data(run, tok)
     run.write_config()
     model = TransformerLM(config_lib.model_config(c))
-    updates_per_iter = c.ppo.epochs * c.ppo.num_minibatches
+    updates_per_iter = c.pg.epochs * c.pg.num_minibatches
     # optim.total_steps counts iterations here (-1: num_steps); the lr anneals over every minibatch update.
     iterations = c.optim.total_steps if c.optim.total_steps > 0 else c.num_steps
     tx, schedule = optim.make_optimizer(c.optim, iterations * updates_per_iter)
     tx = lora.optimizer(tx, model.cfg)  # with LoRA on: the adapters and the value head only
 
-    init_params = ppo_setup.init_params_fn(model, c)
+    init_params = pg_setup.init_params_fn(model, c)
     state, shardings = train_state.create(init_params, tx, run.mesh, run.rules, c.seed,
                                           extras=rl.kl_controller_init(c.kl.init_coef))
     policy_heads = tuple(state.params["policy"])
@@ -226,7 +226,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     ref_params = None if c.model.lora.rank else run.frozen_init_params(state.params["policy"], heads=policy_heads)
     state, meta = run.restore_or(state)
     if meta is None:
-        state = state.replace(params=ppo_setup.initial_params(run, state.params))
+        state = state.replace(params=pg_setup.initial_params(run, state.params))
     reward = rewards.source(run, c, tok)
     start = int(jax.device_get(state.step))
     steps = jit_functions(model, tx, c, tok, reward, group, shardings, run.mesh, run.rules)
@@ -239,13 +239,13 @@ def loop(run: Run, state, steps: Steps, ref_params, reward, tok, prompts, ptx_so
     from rlhf_jax.data.loader import BatchLoader
 
     c = run.config
-    updates_per_iter = c.ppo.epochs * c.ppo.num_minibatches
+    updates_per_iter = c.pg.epochs * c.pg.num_minibatches
     loader = BatchLoader(prompts, c.batch_size // group, seed=c.seed)
-    ptx_loader = BatchLoader(ptx_source, c.ppo.ptx_batch_size * updates_per_iter, seed=c.seed + 1) \
+    ptx_loader = BatchLoader(ptx_source, c.pg.ptx_batch_size * updates_per_iter, seed=c.seed + 1) \
         if ptx_source is not None else None
     monitor, gap_fn = rewards.monitor(run, c, tok), jax.jit(sampler_gap)
     tail = LoopTail(run, start, c.stage, postfix={"score": "objective/scores", "kl": "objective/kl"})
-    run.log(f"{c.stage} ({c.ppo.advantage} advantages, KL {c.kl.estimator} in the {c.kl.placement}): "
+    run.log(f"{c.stage} ({c.pg.advantage} advantages, KL {c.kl.estimator} in the {c.kl.placement}): "
             f"{loader.num_examples} prompts, {c.batch_size} episodes/iteration ({group} per prompt), "
             f"{updates_per_iter} updates/iteration, iterations {start}→{c.num_steps}")
     with parallel.activate(run.mesh, run.rules):
@@ -260,7 +260,7 @@ def loop(run: Run, state, steps: Steps, ref_params, reward, tok, prompts, ptx_so
             rollout = jax.block_until_ready(steps.advantages(rollout, state.extras["kl_coef"]))
             t2 = time.perf_counter()
 
-            ptx = ppo_setup.ptx_batches(ptx_loader, it, run)
+            ptx = pg_setup.ptx_batches(ptx_loader, it, run)
             host = {k: parallel.to_host(getattr(rollout, k)) for k in HOST_FIELDS}  # all processes' episodes
             steps = steps._replace(update=tail.compile_once(f"{c.stage} update", steps.update, state, rollout, ptx))
             state, stats = steps.update(state, rollout, ptx)

@@ -1,10 +1,16 @@
-"""PPO end to end on a verifiable reward: it learns, logs the field's metrics, and resumes exactly."""
+"""The policy-gradient stage (`pg`) running PPO end to end on a verifiable reward: it learns, logs the field's
+metrics, and resumes exactly; settings it cannot honour, and the stage's old name, are refused naming the fix."""
+
+import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from rlhf_jax.metrics import read_metrics
-from rlhf_jax.stages import ppo
+from rlhf_jax.stages import pg
 from tests.test_lm_stage import by_step, tiny
 
 import configs.ppo as ppo_cfg
@@ -17,13 +23,13 @@ def even_token_share(prompts, responses, tokens, mask):
 
 
 def config(**kw):
-    return tiny(ppo_cfg, **{"reward.function": "tests.test_ppo_stage:even_token_share", **kw})
+    return tiny(ppo_cfg, **{"reward.function": "tests.test_pg_stage:even_token_share", **kw})
 
 
 @pytest.mark.slow
 def test_ppo_raises_a_verifiable_reward(tmp_path):
     c = config(num_steps=16, batch_size=16, **{"optim.lr": 1e-2, "kl.init_coef": 0.01, "checkpoint.every": 100})
-    ppo.train_and_evaluate(c, str(tmp_path))
+    pg.train_and_evaluate(c, str(tmp_path))
     m = by_step(read_metrics(str(tmp_path)))
     scores = [m[s]["objective/scores"] for s in sorted(m)]
     assert np.mean(scores[-3:]) > np.mean(scores[:3]) + 0.1, scores
@@ -38,10 +44,10 @@ def test_ppo_raises_a_verifiable_reward(tmp_path):
 @pytest.mark.slow
 def test_ppo_resume_equals_an_uninterrupted_run(tmp_path):
     full = config(num_steps=4, **{"checkpoint.every": 2, "optim.total_steps": 4})
-    ppo.train_and_evaluate(full, str(tmp_path / "full"))
+    pg.train_and_evaluate(full, str(tmp_path / "full"))
     half = config(num_steps=2, **{"checkpoint.every": 2, "optim.total_steps": 4})  # stops at iteration 2
-    ppo.train_and_evaluate(half, str(tmp_path / "resumed"))
-    ppo.train_and_evaluate(full, str(tmp_path / "resumed"))  # the full command again: resumes at 2
+    pg.train_and_evaluate(half, str(tmp_path / "resumed"))
+    pg.train_and_evaluate(full, str(tmp_path / "resumed"))  # the full command again: resumes at 2
     a, b = by_step(read_metrics(str(tmp_path / "full"))), by_step(read_metrics(str(tmp_path / "resumed")))
     for key in ("objective/scores", "objective/kl", "kl_coef", "loss/policy_avg"):
         assert a[4][key] == pytest.approx(b[4][key], rel=1e-5, abs=1e-7), key
@@ -56,9 +62,9 @@ def test_ppo_ptx_and_a_critic_initialised_from_the_reward_model(tmp_path):
     lm.train_and_evaluate(tiny(pretrain_cfg, num_steps=5), str(tmp_path / "pt"))
     rm.train_and_evaluate(tiny(rm_cfg, num_steps=5, init_from=str(tmp_path / "pt")), str(tmp_path / "rm"))
     c = config(num_steps=2, init_from=str(tmp_path / "pt"), **{
-        "reward.kind": "rm", "reward.rm_workdir": str(tmp_path / "rm"), "ppo.critic": "reward_model",
-        "ppo.ptx_coef": 0.5, "reward.monitor": "tests.test_ppo_stage:even_token_share"})
-    out = ppo.train_and_evaluate(c, str(tmp_path / "ppo"))
+        "reward.kind": "rm", "reward.rm_workdir": str(tmp_path / "rm"), "pg.critic": "reward_model",
+        "pg.ptx_coef": 0.5, "reward.monitor": "tests.test_pg_stage:even_token_share"})
+    out = pg.train_and_evaluate(c, str(tmp_path / "ppo"))
     assert np.isfinite(out["loss/ptx_avg"]) and out["loss/ptx_avg"] > 0
     assert 0.0 <= out["objective/monitor_score"] <= 1.0
     # the checkpoint holds the policy and the separate critic (InstructGPT's value function from the RM)
@@ -68,14 +74,24 @@ def test_ppo_ptx_and_a_critic_initialised_from_the_reward_model(tmp_path):
         saved = m.restore(m.latest_step(), args=ocp.args.Composite(params=ocp.args.StandardRestore()))["params"]
     assert set(saved) == {"policy", "critic"}
     assert set(saved["critic"]) >= {"trunk", "value_head", "reward_head"}
+    # a workdir written before the stage was renamed (stage "ppo", block config.ppo) still loads as a policy
+    from rlhf_jax import parallel, trained
+
+    cfg_path = tmp_path / "ppo" / "config.json"
+    written = json.loads(cfg_path.read_text())
+    written["stage"], written["ppo"] = "ppo", written.pop("pg")
+    cfg_path.write_text(json.dumps(written))
+    mesh = parallel.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+    _, params, _ = trained.load_policy(str(tmp_path / "ppo"), mesh, parallel.DEFAULT_RULES)
+    np.testing.assert_array_equal(params["trunk"]["embed"], saved["policy"]["trunk"]["embed"])
 
 
 def test_ppo_with_several_samples_per_prompt_and_a_leave_one_out_baseline(tmp_path):
     # The RLOO-style variant: 4 samples of each of 4 prompts per iteration, each score minus the mean of
     # its prompt's other samples; it must still raise the verifiable reward.
     c = config(num_steps=16, batch_size=16, **{"optim.lr": 1e-2, "kl.init_coef": 0.01, "checkpoint.every": 100,
-                                               "rollout.samples_per_prompt": 4, "ppo.score_baseline": "loo"})
-    ppo.train_and_evaluate(c, str(tmp_path))
+                                               "rollout.samples_per_prompt": 4, "pg.score_baseline": "loo"})
+    pg.train_and_evaluate(c, str(tmp_path))
     m = by_step(read_metrics(str(tmp_path)))
     scores = [m[s]["objective/scores"] for s in sorted(m)]
     assert np.mean(scores[-3:]) > np.mean(scores[:3]) + 0.1, scores
@@ -83,20 +99,20 @@ def test_ppo_with_several_samples_per_prompt_and_a_leave_one_out_baseline(tmp_pa
 
 @pytest.mark.parametrize("kw, match", [
     ({"rollout.samples_per_prompt": 3}, "samples_per_prompt=3 must be >= 1 and divide batch_size=8"),
-    ({"ppo.score_baseline": "loo"}, "score_baseline='loo' needs config.rollout.samples_per_prompt >= 2"),
-    ({"ppo.score_baseline": "mean"}, r"score_baseline='mean' is unknown; use one of \('none', 'loo'\)"),
-    ({"ppo.advantage": "vtrace"}, "ppo.advantage='vtrace' is unknown; use one of"),
+    ({"pg.score_baseline": "loo"}, "score_baseline='loo' needs config.rollout.samples_per_prompt >= 2"),
+    ({"pg.score_baseline": "mean"}, r"score_baseline='mean' is unknown; use one of \('none', 'loo'\)"),
+    ({"pg.advantage": "vtrace"}, "pg.advantage='vtrace' is unknown; use one of"),
     ({"kl.placement": "both"}, "kl.placement='both' is unknown"),
-    ({"ppo.advantage": "rloo"}, "advantage='rloo' needs config.rollout.samples_per_prompt >= 2"),
-    ({"ppo.advantage": "grpo"}, "a group of one has advantage 0"),
-    ({"ppo.advantage": "grpo", "rollout.samples_per_prompt": 2, "ppo.critic": "reward_model"},
+    ({"pg.advantage": "rloo"}, "advantage='rloo' needs config.rollout.samples_per_prompt >= 2"),
+    ({"pg.advantage": "grpo"}, "a group of one has advantage 0"),
+    ({"pg.advantage": "grpo", "rollout.samples_per_prompt": 2, "pg.critic": "reward_model"},
      "only 'gae' uses a critic"),
     ({"rollout.temperature": 0.0}, "greedy decoding has none"),
-    ({"ppo.num_minibatches": 3}, "batch_size=8 episodes do not split into ppo.num_minibatches=3"),
+    ({"pg.num_minibatches": 3}, "batch_size=8 episodes do not split into pg.num_minibatches=3"),
 ])
 def test_ppo_batch_settings_that_do_not_fit_are_named(tmp_path, kw, match):
     with pytest.raises(ValueError, match=match):
-        ppo.train_and_evaluate(config(num_steps=1, batch_size=8, **kw), str(tmp_path))
+        pg.train_and_evaluate(config(num_steps=1, batch_size=8, **kw), str(tmp_path))
 
 
 TOKENIZER_SIZE = 384  # the tiny presets' tokenizer
@@ -122,10 +138,37 @@ def test_a_padded_vocabulary_samples_and_scores_only_tokenizer_ids(tmp_path):
     saved = checkpoint.read_run_config(str(tmp_path / "pt"))["model"]
     assert (saved["vocab_size"], saved["token_vocab"]) == (512, TOKENIZER_SIZE)
     rm.train_and_evaluate(tiny(rm_cfg, num_steps=2, init_from=str(tmp_path / "pt")), str(tmp_path / "rm"))
-    out = ppo.train_and_evaluate(config(num_steps=3, init_from=str(tmp_path / "pt"), **{
-        "reward.function": "tests.test_ppo_stage:only_tokenizer_ids"}), str(tmp_path / "fn"))
+    out = pg.train_and_evaluate(config(num_steps=3, init_from=str(tmp_path / "pt"), **{
+        "reward.function": "tests.test_pg_stage:only_tokenizer_ids"}), str(tmp_path / "fn"))
     assert np.isfinite(out["objective/entropy"]) and np.isfinite(out["objective/kl"])
-    out = ppo.train_and_evaluate(config(num_steps=2, init_from=str(tmp_path / "pt"), **{
+    out = pg.train_and_evaluate(config(num_steps=2, init_from=str(tmp_path / "pt"), **{
         "reward.kind": "rm", "reward.rm_workdir": str(tmp_path / "rm"),
-        "reward.monitor": "tests.test_ppo_stage:only_tokenizer_ids"}), str(tmp_path / "with_rm"))
+        "reward.monitor": "tests.test_pg_stage:only_tokenizer_ids"}), str(tmp_path / "with_rm"))
     assert np.isfinite(out["objective/scores"]) and 0.0 <= out["objective/monitor_score"] <= 1.0
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_the_old_stage_name_and_block_are_refused_naming_the_new_ones(tmp_path):
+    from rlhf_jax.config import check_renamed_flags, renamed_key
+
+    old = config(num_steps=1)
+    old.stage = "ppo"
+    with pytest.raises(ValueError, match="config.stage: 'ppo' was renamed 'pg'.*Set config.stage='pg'"):
+        pg.train_and_evaluate(old, str(tmp_path / "old_stage"))
+    old = config(num_steps=1)
+    old.ppo = old.pg.to_dict()  # a config file that still builds a ppo block
+    with pytest.raises(ValueError, match="rename the config.ppo block config.pg"):
+        pg.train_and_evaluate(old, str(tmp_path / "old_block"))
+    assert renamed_key("ppo.ppo.ptx_coef") == "pg.pg.ptx_coef" and renamed_key("policy") is None
+    with pytest.raises(SystemExit, match=r"--config.ppo.ppo.ptx_coef is --config.pg.pg.ptx_coef now"):
+        check_renamed_flags(["pipeline.py", "--config=configs/pipeline.py", "--config.ppo.ppo.ptx_coef=1"])
+    check_renamed_flags(["main.py", "--config=configs/ppo.py:tiny", "--config.policy=ppo"])  # values are not keys
+
+
+def test_an_old_key_on_the_command_line_fails_naming_the_new_one(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "rlhf_jax.main", "--config=configs/grpo.py:tiny", f"--workdir={tmp_path}",
+                        "--config.ppo.epochs=2"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and "--config.ppo.epochs is --config.pg.epochs now" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and not os.listdir(tmp_path)  # before anything ran

@@ -1,6 +1,6 @@
 """The policy-gradient stage's own plumbing — config checks, the pretraining data of PPO-ptx, initial
-params with or without a critic — kept out of `stages/ppo.py` so that file reads as the algorithm (and out of `stages/`, which holds stages only). What any
-online algorithm shares (prompts, sampling, rewards, keys, samples) is `rlhf_jax.rollout`."""
+params with or without a critic — kept out of `stages/pg.py` so that file reads as the algorithm (and out of `stages/`, which holds stages
+only). What any online algorithm shares (prompts, sampling, rewards, keys, samples) is `rlhf_jax.rollout`."""
 
 from __future__ import annotations
 
@@ -14,11 +14,11 @@ from rlhf_jax.run import RUNTIME_MODEL_FIELDS, Run
 
 
 def ptx_data(run: Run, tok):
-    """The pretraining windows PPO-ptx mixes in (InstructGPT eq. 2), or None when ppo.ptx_coef is 0."""
+    """The pretraining windows PPO-ptx mixes in (InstructGPT eq. 2), or None when pg.ptx_coef is 0."""
     from rlhf_jax.data import builtin_text, lm_datasets
 
     c = run.config
-    if c.ppo.ptx_coef <= 0:
+    if c.pg.ptx_coef <= 0:
         return None
     data_dir = os.path.join(run.workdir, "data")
     text = c.data.ptx_path or os.path.join(data_dir, "builtin_corpus.txt")
@@ -30,26 +30,26 @@ def ptx_data(run: Run, tok):
 def init_params_fn(model, c):
     """Boxed {"policy": ..., ["critic": ...]} for sharded init."""
     one = train_state.model_init_fn(model, 8, c.seed)
-    if c.ppo.critic == "reward_model" and c.ppo.advantage == "gae":
+    if c.pg.critic == "reward_model" and c.pg.advantage == "gae":
         return lambda: {"policy": one(), "critic": one()}
     return lambda: {"policy": one()}
 
 
 def initial_params(run: Run, params):
     """Policy trunk + LM head from init_from; a zero value head (lm-human-preferences).
-    With ppo.critic="reward_model", the critic starts as the RM with its reward head as value head (InstructGPT),
+    With pg.critic="reward_model", the critic starts as the RM with its reward head as value head (InstructGPT),
     the RM's normalisation folded in: its first value at the last token is the normalised score PPO optimises."""
     out = {"policy": run.load_init_params(params["policy"], heads=("trunk", "lm_head"))}
     if "critic" in params:
         rm_dir = run.config.reward.rm_workdir
         norm = trained.load_reward_norm(rm_dir)
         if norm["ensemble_size"] > 1:
-            raise ValueError(f"config.ppo.critic='reward_model' starts the critic from one RM, but {rm_dir} is an "
-                             f"ensemble of {norm['ensemble_size']}; use ppo.critic='shared'.")
+            raise ValueError(f"config.pg.critic='reward_model' starts the critic from one RM, but {rm_dir} is an "
+                             f"ensemble of {norm['ensemble_size']}; use pg.critic='shared'.")
         arch = lambda m: {k: v for k, v in (m or {}).items() if k not in RUNTIME_MODEL_FIELDS}
         if arch((checkpoint.read_run_config(rm_dir) or {}).get("model")) != arch(run.config.model.to_dict()):
-            raise ValueError("config.ppo.critic='reward_model' needs the RM to have the policy's architecture; "
-                             "use ppo.critic='shared' or train the RM from the same SFT workdir.")
+            raise ValueError("config.pg.critic='reward_model' needs the RM to have the policy's architecture; "
+                             "use pg.critic='shared' or train the RM from the same SFT workdir.")
         critic = checkpoint.load_base_params(rm_dir, params["critic"])
         # New arrays, not an alias: the train state is donated, and one buffer must not back two leaves.
         out["critic"] = {**critic, "value_head": preference.fold_normalization(
@@ -60,34 +60,34 @@ def initial_params(run: Run, params):
 def check_config(c) -> int:
     """rollout.samples_per_prompt (the group size G), checked with every policy-gradient setting that could
     otherwise be silently misread; run before any data is built."""
-    k, B, base, M = c.rollout.samples_per_prompt, c.batch_size, c.ppo.score_baseline, c.ppo.num_minibatches
-    adv = c.ppo.advantage
-    choices = (("ppo.advantage", adv, rl.ADVANTAGES), ("ppo.loss_aggregation", c.ppo.loss_aggregation,
+    k, B, base, M = c.rollout.samples_per_prompt, c.batch_size, c.pg.score_baseline, c.pg.num_minibatches
+    adv = c.pg.advantage
+    choices = (("pg.advantage", adv, rl.ADVANTAGES), ("pg.loss_aggregation", c.pg.loss_aggregation,
                rl.AGGREGATIONS), ("kl.estimator", c.kl.estimator, rl.KL_ESTIMATORS),
-               ("kl.placement", c.kl.placement, ("reward", "loss")), ("ppo.score_baseline", base, rl.SCORE_BASELINES),
-               ("ppo.critic", c.ppo.critic, ("shared", "reward_model")))
+               ("kl.placement", c.kl.placement, ("reward", "loss")), ("pg.score_baseline", base, rl.SCORE_BASELINES),
+               ("pg.critic", c.pg.critic, ("shared", "reward_model")))
     for key, value, allowed in choices:
         if value not in allowed:
             raise ValueError(f"config.{key}={value!r} is unknown; use one of {allowed}.")
     if M < 1 or B % M:
-        raise ValueError(f"config.batch_size={B} episodes do not split into ppo.num_minibatches={M} equal "
+        raise ValueError(f"config.batch_size={B} episodes do not split into pg.num_minibatches={M} equal "
                          f"minibatches; pick num_minibatches dividing batch_size (e.g. 4 with 64).")
     if k < 1 or B % k or (B // k) % jax.process_count():
         raise ValueError(f"config.rollout.samples_per_prompt={k} must be >= 1 and divide batch_size={B} into a "
                          f"number of prompts that divides by the {jax.process_count()} process(es); e.g. "
                          f"samples_per_prompt=4 with batch_size=64.")
     if base == "loo" and k < 2:
-        raise ValueError("config.ppo.score_baseline='loo' needs config.rollout.samples_per_prompt >= 2 (a "
+        raise ValueError("config.pg.score_baseline='loo' needs config.rollout.samples_per_prompt >= 2 (a "
                          "prompt's other samples are its baseline).")
     if adv == "rloo" and k < 2:
-        raise ValueError("config.ppo.advantage='rloo' needs config.rollout.samples_per_prompt >= 2: each sample's "
+        raise ValueError("config.pg.advantage='rloo' needs config.rollout.samples_per_prompt >= 2: each sample's "
                          "baseline is the mean of its prompt's other samples.")
     if adv in ("grpo", "dr_grpo") and k < 2:
-        raise ValueError(f"config.ppo.advantage={adv!r} with samples_per_prompt={k}: a group of one has advantage "
+        raise ValueError(f"config.pg.advantage={adv!r} with samples_per_prompt={k}: a group of one has advantage "
                          f"0, so nothing would be learnt. Use samples_per_prompt >= 2 (DeepSeekMath: 64).")
-    if c.ppo.critic == "reward_model" and adv != "gae":
-        raise ValueError(f"config.ppo.critic='reward_model' with ppo.advantage={adv!r}: only 'gae' uses a critic. "
-                         f"Use ppo.critic='shared' (ignored without a critic) or ppo.advantage='gae'.")
+    if c.pg.critic == "reward_model" and adv != "gae":
+        raise ValueError(f"config.pg.critic='reward_model' with pg.advantage={adv!r}: only 'gae' uses a critic. "
+                         f"Use pg.critic='shared' (ignored without a critic) or pg.advantage='gae'.")
     if c.rollout.temperature <= 0:
         raise ValueError(f"config.rollout.temperature={c.rollout.temperature}: the policy-gradient stage needs "
                          f"the log-probs of a sampling distribution, and greedy decoding has none (every "
@@ -97,7 +97,7 @@ def check_config(c) -> int:
 
 def ptx_batches(loader, iteration: int, run: Run):
     """The pretraining batch for every minibatch update of this iteration, flat [updates * b, L+1] (the
-    loader's batch size is ppo.ptx_batch_size × the iteration's updates), or None without PPO-ptx."""
+    loader's batch size is pg.ptx_batch_size × the iteration's updates), or None without PPO-ptx."""
     if loader is None:
         return None
     return parallel.global_batch(loader.get_batch(iteration), run.mesh, run.rules)
