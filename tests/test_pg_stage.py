@@ -34,7 +34,7 @@ def test_ppo_raises_a_verifiable_reward(tmp_path):
     scores = [m[s]["objective/scores"] for s in sorted(m)]
     assert np.mean(scores[-3:]) > np.mean(scores[:3]) + 0.1, scores
     for key in ("objective/kl", "objective/rlhf_reward", "objective/entropy", "policy/approxkl_avg",
-                "policy/clipfrac_avg", "loss/policy_avg", "loss/value_avg", "val/clipfrac_avg", "val/ratio",
+                "policy/clipfrac_avg", "loss/policy_avg", "loss/value_avg", "val/clipfrac_avg", "policy/ratio",
                 "kl_coef", "perf/rollout_tokens_per_sec", "time/generate_s", "time/update_s"):
         assert np.isfinite(m[16][key]), key
     assert m[16]["kl_coef"] != pytest.approx(0.01)  # the adaptive controller moved β

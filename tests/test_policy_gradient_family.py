@@ -37,7 +37,7 @@ def test_grpo_tiny_raises_a_verifiable_reward_and_never_trains_the_value_head(tm
     assert "loss/value_avg" not in last  # no critic: no value loss at all
     assert last["kl_coef"] == pytest.approx(0.04)  # DeepSeekMath's β, fixed
     # one update per batch: the policy the update starts from is the one that sampled, so the ratio is 1
-    assert last["val/ratio"] == pytest.approx(1.0, abs=1e-5) and last["policy/clipfrac_avg"] == 0.0
+    assert last["policy/ratio"] == pytest.approx(1.0, abs=1e-5) and last["policy/clipfrac_avg"] == 0.0
     # the sampler's log-probs (KV cache) and the trainer's (full forward) agree to float noise
     assert abs(last["sampler/logprob_gap_mean"]) < 1e-2 and last["sampler/logprob_gap_absmax"] < 0.1
     first, final = saved_params(tmp_path, 1), saved_params(tmp_path)

@@ -61,7 +61,7 @@ def pg_loss(params, model, mb: Rollout, ptx, kl_coef, c):
                               c.pg.clip_range, agg)
     entropy = rl.masked_mean(new["entropy"], mask)
     stats = {"loss/policy_avg": loss, "policy/approxkl_avg": pg["approxkl"], "policy/clipfrac_avg": pg["clipfrac"],
-             "val/ratio": pg["ratio_mean"], "policy/entropy_avg": entropy,
+             "policy/ratio": pg["ratio_mean"], "policy/entropy_avg": entropy,
              # the first minibatch's is the trainer's own recomputation gap (0 up to float noise)
              "policy/logprob_change": rl.masked_mean(jnp.abs(new["logprobs"] - mb.logprobs), mask)}
     if critic:
