@@ -1,6 +1,7 @@
 """The policy-gradient stage's own plumbing — config checks, the pretraining data of PPO-ptx, initial
-params with or without a critic — kept out of `stages/pg.py` so that file reads as the algorithm (and out of `stages/`, which holds stages
-only). What any online algorithm shares (prompts, sampling, rewards, keys, samples) is `rlhf_jax.rollout`."""
+params with or without a critic — kept out of `stages/pg.py` so that file reads as the algorithm (and out of
+`stages/`, which holds stages only). What any online algorithm shares (prompts, sampling, keys, samples) is
+`rlhf_jax.rollout`; the reward sources are `rlhf_jax.rewards`."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import os
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax import checkpoint, parallel, preference, rl, train_state, trained
+from rlhf_jax import checkpoint, config as config_lib, parallel, preference, rl, train_state, trained
 from rlhf_jax.run import RUNTIME_MODEL_FIELDS, Run
 
 
@@ -57,9 +58,25 @@ def initial_params(run: Run, params):
     return out
 
 
+# Keys every stage config has that this stage has no use for: a value other than the default is refused, never
+# silently ignored.
+UNUSED_KEYS = {
+    "grad_accum": "an iteration's episodes are already cut into pg.num_minibatches minibatch updates per epoch; "
+                  "set pg.num_minibatches (more, smaller updates) instead",
+    "eval_every": "it has no held-out evaluation: every iteration's metrics are of its own rollouts (and "
+                  "reward.monitor scores them with a second function); the pipeline judges the trained policy",
+}
+UNUSED_KEYS["eval_batches"] = UNUSED_KEYS["eval_every"]
+
+
 def check_config(c) -> int:
     """rollout.samples_per_prompt (the group size G), checked with every policy-gradient setting that could
     otherwise be silently misread; run before any data is built."""
+    defaults = config_lib.base_config()
+    for key, why in UNUSED_KEYS.items():
+        if c[key] != defaults[key]:
+            raise ValueError(f"config.{key}={c[key]} has no effect in the policy-gradient stage: {why}. Leave "
+                             f"{key} at its default ({defaults[key]}).")
     k, B, base, M = c.rollout.samples_per_prompt, c.batch_size, c.pg.score_baseline, c.pg.num_minibatches
     adv = c.pg.advantage
     choices = (("pg.advantage", adv, rl.ADVANTAGES), ("pg.loss_aggregation", c.pg.loss_aggregation,

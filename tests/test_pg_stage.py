@@ -109,10 +109,18 @@ def test_ppo_with_several_samples_per_prompt_and_a_leave_one_out_baseline(tmp_pa
      "only 'gae' uses a critic"),
     ({"rollout.temperature": 0.0}, "greedy decoding has none"),
     ({"pg.num_minibatches": 3}, "batch_size=8 episodes do not split into pg.num_minibatches=3"),
+    # keys every stage has that this one cannot honour are refused, not ignored
+    ({"eval_every": 5}, "config.eval_every=5 has no effect in the policy-gradient stage: it has no held-out"),
+    ({"eval_batches": 0}, "config.eval_batches=0 has no effect in the policy-gradient stage"),
 ])
 def test_ppo_batch_settings_that_do_not_fit_are_named(tmp_path, kw, match):
     with pytest.raises(ValueError, match=match):
         pg.train_and_evaluate(config(num_steps=1, batch_size=8, **kw), str(tmp_path))
+
+
+def test_grad_accum_is_refused_naming_the_minibatches_that_do_its_job(tmp_path):
+    with pytest.raises(ValueError, match="config.grad_accum=2 has no effect .* set pg.num_minibatches"):
+        pg.train_and_evaluate(config(num_steps=1, batch_size=16, grad_accum=2), str(tmp_path))
 
 
 TOKENIZER_SIZE = 384  # the tiny presets' tokenizer
