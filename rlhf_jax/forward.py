@@ -100,13 +100,13 @@ def comparison_logprobs(params, model, batch, rng=None) -> tuple[Array, Array]:
 # --- the split layout: rollouts -----------------------------------------------------------------------------------
 
 def response_stats(params, model, prompt, prompt_mask, response, response_mask, temperature: float,
-                   values: bool = False) -> dict[str, Array]:
+                   values: bool = False, rng=None) -> dict[str, Array]:
     """Per response token [B, N]: "logprobs" (at the sampling temperature), "entropy", and with
-    values=True the value head's "values" (the critic's estimate before each token)."""
+    values=True the value head's "values" (the critic's estimate before each token); dropout iff `rng`."""
     P = prompt.shape[1]
     tokens = jnp.concatenate([prompt, response], axis=1)
     mask = jnp.concatenate([prompt_mask, response_mask], axis=1)
-    out = apply(params, model, tokens, mask, heads=("lm", "value") if values else ("lm",))
+    out = apply(params, model, tokens, mask, heads=("lm", "value") if values else ("lm",), rng=rng)
     logits = out["logits"][:, P - 1:-1]  # position t-1 predicts response token t
     stats = {"logprobs": logprobs_from_logits(logits, response, temperature),
              "entropy": entropy_from_logits(logits, temperature)}
@@ -115,9 +115,11 @@ def response_stats(params, model, prompt, prompt_mask, response, response_mask, 
     return stats
 
 
-def response_logprob_sums(params, model, prompt, prompt_mask, response, response_mask, temperature: float) -> Array:
-    """Σ_t log π(response_t | prompt, response_<t) per sequence [B] (nats), e.g. for KL estimates."""
-    lp = response_stats(params, model, prompt, prompt_mask, response, response_mask, temperature)["logprobs"]
+def response_logprob_sums(params, model, prompt, prompt_mask, response, response_mask, temperature: float,
+                          rng=None) -> Array:
+    """Σ_t log π(response_t | prompt, response_<t) per sequence [B] (nats), e.g. for KL estimates; dropout iff
+    `rng`."""
+    lp = response_stats(params, model, prompt, prompt_mask, response, response_mask, temperature, rng=rng)["logprobs"]
     return jnp.sum(jnp.where(response_mask > 0, lp, 0.0), axis=1)
 
 

@@ -73,3 +73,31 @@ def test_bad_settings_are_named(tmp_path, kw, match):
     c.update_from_flattened_dict(kw)
     with pytest.raises(ValueError, match=match):
         dpo.train_and_evaluate(c, str(tmp_path))
+
+
+def test_online_dpo_trains_under_dropout_as_offline_dpo_does():
+    # The policy's log-probs of its own samples take the step's dropout key (model.dropout), as the comparisons'
+    # do offline; without a key (the reference, the evaluation) and at dropout 0 they are deterministic.
+    import dataclasses
+
+    import flax.linen as nn
+    import jax
+
+    from rlhf_jax import train_state
+    from rlhf_jax.models.gpt import TransformerLM
+    from rlhf_jax.models.layers import ModelConfig
+
+    model = TransformerLM(ModelConfig(vocab_size=64, d_model=16, n_layers=1, n_heads=2, max_len=16, dropout=0.5,
+                                      dtype="float32"))
+    params = nn.meta.unbox(jax.jit(train_state.model_init_fn(model, 8, 0))())
+    tokens = jax.random.randint(jax.random.key(0), (2, 2, 8), 1, 64)
+    batch = {"prompt": tokens[..., :5], "prompt_mask": np.ones((2, 2, 5), np.int32), "response": tokens[..., 5:],
+             "response_mask": np.ones((2, 2, 3), np.int32)}
+    plain, lengths = dpo.online_logps(params, model, batch)
+    first, _ = dpo.online_logps(params, model, batch, jax.random.key(1))
+    second, _ = dpo.online_logps(params, model, batch, jax.random.key(2))
+    assert lengths.tolist() == [[3, 3], [3, 3]]
+    assert not np.allclose(first, plain) and not np.allclose(first, second)
+    np.testing.assert_array_equal(dpo.online_logps(params, model, batch)[0], plain)
+    no_dropout = TransformerLM(dataclasses.replace(model.cfg, dropout=0.0))
+    np.testing.assert_allclose(dpo.online_logps(params, no_dropout, batch, jax.random.key(1))[0], plain, rtol=1e-6)

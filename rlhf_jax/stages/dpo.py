@@ -72,11 +72,12 @@ def offline_logps(params, model, batch, rng=None):
 
 def online_logps(params, model, batch, rng=None):
     """Samples {prompt [B, K, P] left-padded, response [B, K, N]} → (Σ log π [B, K], lengths [B, K]), of the
-    untempered policy (the object DPO trains), whatever temperature drew them."""
+    untempered policy (the object DPO trains), whatever temperature drew them; with `rng`, under model.dropout
+    as offline_logps (the reference's are computed without it)."""
     B, K = batch["response"].shape[:2]
     flat = {k: batch[k].reshape(B * K, -1) for k in ("prompt", "prompt_mask", "response", "response_mask")}
     lp = forward.response_logprob_sums(params, model, flat["prompt"], flat["prompt_mask"], flat["response"],
-                                          flat["response_mask"], 1.0)
+                                       flat["response_mask"], 1.0, rng)
     return lp.reshape(B, K), jnp.sum(batch["response_mask"], axis=-1).astype(jnp.float32)
 
 
