@@ -164,7 +164,7 @@ def make_reward_fn(model, members: int = 0):
     """jitted (params, batch) -> rewards f32 [E, B, K] of each member (E = 1 for one RM), deterministic
     (no dropout). Build it once: each new function object would compile again."""
     return jax.jit(forward.over_members(lambda params, batch: forward.comparison_rewards(params, model, batch),
-                                           members))
+                                        members))
 
 
 def _all_rewards(reward_fn, params, source, run: Run, max_batches: int | None):
