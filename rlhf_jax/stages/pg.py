@@ -264,7 +264,7 @@ def loop(run: Run, state, steps: Steps, ref_params, reward, tok, prompts, ptx_so
             host = {k: parallel.to_host(getattr(rollout, k)) for k in HOST_FIELDS}  # all processes' episodes
             steps = steps._replace(update=tail.compile_once(f"{c.stage} update", steps.update, state, rollout, ptx))
             state, stats = steps.update(state, rollout, ptx)
-            stats = jax.device_get({**stats, **gap_fn(rollout)})
+            stats = {**jax.device_get(stats), **{k: parallel.to_host(v) for k, v in gap_fn(rollout).items()}}
             t3 = time.perf_counter()
             m = {**rollout_metrics(host, stats["kl_coef"]), **stats, **side_metrics(rollout, monitor),
                  "lr": float(schedule(it * updates_per_iter)),
