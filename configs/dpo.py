@@ -42,9 +42,20 @@ def get_config(preset: str = "default"):
     c.stage = "dpo"
     # Offline: comparisons (configs/rm.py's keys); online: prompts (configs/ppo.py's keys) and, optionally,
     # held-out comparisons (eval_path) to measure the implicit reward model on.
-    c.data.update(train_path="", eval_path="", format="ranked", train_lines=(), eval_lines=(), num_responses=0,
-                  builtin_examples=2000, seq_len=128, prompts_path="", prompts_format="prompt", prompts_lines=(),
-                  max_prompt_len=64)
+    c.data.update(
+        train_path="",
+        eval_path="",
+        format="ranked",
+        train_lines=(),
+        eval_lines=(),
+        num_responses=0,
+        builtin_examples=2000,
+        seq_len=128,
+        prompts_path="",
+        prompts_format="prompt",
+        prompts_lines=(),
+        max_prompt_len=64,
+    )
     c.model.update(d_model=128, n_layers=4, n_heads=4, max_len=256)
     # loss: dpo | ipo | simpo | plackett_luce; gamma: SimPO's margin; pairs: all | best_worst (pairwise losses)
     c.dpo = dict(loss="dpo", beta=0.1, label_smoothing=0.0, gamma=0.0, pairs="all", online=False)
@@ -71,8 +82,10 @@ def get_config(preset: str = "default"):
         c.eval_every, c.log_every = 100, 25
         name = "dpo"
     if name not in ALGORITHMS:
-        raise ConfigError(f"configs/dpo.py: unknown preset {preset!r}; use default, tiny, hh_rlhf or one of "
-                          f"{sorted(ALGORITHMS)} (optionally with _tiny).")
+        raise ConfigError(
+            f"configs/dpo.py: unknown preset {preset!r}; use default, tiny, hh_rlhf or one of "
+            f"{sorted(ALGORITHMS)} (optionally with _tiny)."
+        )
     for group, values in ALGORITHMS[name].items():
         c[group].update(values)
     if tiny:

@@ -10,7 +10,7 @@ group baseline instead of a critic.
         --config.reuse_from=runs/quickstart    # the main job's SFT and RM, GRPO as the policy stage
 
 Presets: default, tiny (seconds; a verifiable reward), dr_grpo, dr_grpo_tiny. The same stage as
-configs/ppo.py (stages/ppo.py); only ALGORITHMS[...] differs, and `config.policy` of the pipeline
+configs/ppo.py (the pg stage, stages/pg.py); only ALGORITHMS[...] differs, and `config.policy` of the pipeline
 applies it on top of the pipeline's own policy-stage sizes.
 
 GRPO, as DeepSeekMath states it (its eq. 3, and the training setting of its RL experiments):
@@ -29,13 +29,22 @@ Its paper trains with β = 0; here β stays GRPO's, so the two presets differ in
 from rlhf_jax.config import stage_config
 from rlhf_jax.errors import ConfigError
 
-_GRPO = dict(ppo=dict(advantage="grpo", loss_aggregation="sequence_mean", whiten_advantages=False, epochs=1,
-                      num_minibatches=1, score_baseline="none", critic="shared"),
-             kl=dict(kind="fixed", init_coef=0.04, placement="loss", estimator="k3"),
-             rollout=dict(samples_per_prompt=8))
+_GRPO = dict(
+    pg=dict(
+        advantage="grpo",
+        loss_aggregation="sequence_mean",
+        whiten_advantages=False,
+        epochs=1,
+        num_minibatches=1,
+        score_baseline="none",
+        critic="shared",
+    ),
+    kl=dict(kind="fixed", init_coef=0.04, placement="loss", estimator="k3"),
+    rollout=dict(samples_per_prompt=8),
+)
 ALGORITHMS = {
     "grpo": _GRPO,
-    "dr_grpo": {**_GRPO, "ppo": {**_GRPO["ppo"], "advantage": "dr_grpo", "loss_aggregation": "token_sum"}},
+    "dr_grpo": {**_GRPO, "pg": {**_GRPO["pg"], "advantage": "dr_grpo", "loss_aggregation": "token_sum"}},
 }
 
 

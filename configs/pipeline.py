@@ -5,9 +5,9 @@
     python -m rlhf_jax.pipeline --config=configs/pipeline.py --workdir=runs/grpo \
         --config.policy=grpo --config.reuse_from=runs/quickstart     # the same SFT and RM, GRPO instead of PPO
 
-config.<stage> is the whole configs/<stage>.py:<preset> with the overrides below applied, so every
-stage key can be set on the command line or in a sweep, e.g. --config.ppo.num_steps=100,
---config.ppo.kl.init_coef=0.05 or --config.data.labeler_noise=0.3.
+config.<stage> is the whole configs/<stage>.py:<preset> (config.pg: configs/ppo.py's) with the overrides below
+applied, so every stage key can be set on the command line or in a sweep, e.g. --config.pg.num_steps=100,
+--config.pg.kl.init_coef=0.05 or --config.data.labeler_noise=0.3.
 """
 
 import ml_collections
@@ -25,9 +25,10 @@ def get_config(preset: str = "default"):
     c.seed = 0
     c.mesh = dict(data=-1, fsdp=1, tensor=1)
     # The policy stage's algorithm (rlhf_jax.pipeline.POLICIES): ppo | grpo | dr_grpo | rloo | reinforce_pp
-    # (config.ppo, configs/ppo.py's stage) or dpo | ipo | simpo | plackett_luce | online_dpo (config.dpo). Its
+    # (config.pg, the policy-gradient stage of configs/ppo.py) or dpo | ipo | simpo | plackett_luce | online_dpo
+    # (config.dpo). Its
     # settings come from configs/<algorithm file>.py's ALGORITHMS; the sizes (steps, batch, lengths, lr) from
-    # config.ppo / config.dpo below, and any key of theirs set on the command line wins over both.
+    # config.pg / config.dpo below, and any key of theirs set on the command line wins over both.
     c.policy = "ppo"
     # The policy stage's reward: "rm" (the recipe: the RM trained on the simulated rankings) or "gold" (the
     # gold judge itself: the ceiling a perfect RM would give, for ablations)
@@ -61,32 +62,60 @@ def get_config(preset: str = "default"):
         kinds=("copy", "reverse", "sort", "add", "subtract", "count", "first", "last"),
     )
     # few_shot: solved training instances before each held-out instruction for the pretrained model's prompted row
-    c.eval = dict(temperature=0.7, max_new_tokens=16 if tiny else 24, best_of_n=4, batch_size=32 if tiny else 100,
-                  few_shot=2)
+    c.eval = dict(
+        temperature=0.7, max_new_tokens=16 if tiny else 24, best_of_n=4, batch_size=32 if tiny else 100, few_shot=2
+    )
 
-    model = dict(d_model=32, n_layers=2, n_heads=2, max_len=128) if tiny else \
-        dict(d_model=128, n_layers=4, n_heads=4, max_len=256)
-    c.pretrain = dict(model=model, num_steps=30 if tiny else 600, batch_size=16 if tiny else 32,
-                      data=dict(seq_len=64 if tiny else 128, vocab_size=384 if tiny else 512),
-                      eval_every=30 if tiny else 300, checkpoint=dict(every=30 if tiny else 300))
+    model = (
+        dict(d_model=32, n_layers=2, n_heads=2, max_len=128)
+        if tiny
+        else dict(d_model=128, n_layers=4, n_heads=4, max_len=256)
+    )
+    c.pretrain = dict(
+        model=model,
+        num_steps=30 if tiny else 600,
+        batch_size=16 if tiny else 32,
+        data=dict(seq_len=64 if tiny else 128, vocab_size=384 if tiny else 512),
+        eval_every=30 if tiny else 300,
+        checkpoint=dict(every=30 if tiny else 300),
+    )
     # SFT at lr 1e-3 on 64-token windows (configs/sft.py: 3e-4, 128): held-out loss 0.62 after 2,000 steps.
     # About 5% of demonstrations (two-turn chats, context questions) exceed 64 tokens and are cut at the end.
-    c.sft = dict(num_steps=30 if tiny else 2000, batch_size=16 if tiny else 32, optim=dict(lr=1e-3),
-                 data=dict(seq_len=96 if tiny else 64), eval_every=30 if tiny else 500,
-                 checkpoint=dict(every=30 if tiny else 500))
-    c.rm = dict(num_steps=30 if tiny else 400, batch_size=16, data=dict(seq_len=96 if tiny else 64),  # longest: 52
-                eval_every=30 if tiny else 200, eval_batches=0, checkpoint=dict(every=30 if tiny else 200))
-    c.ppo = dict(num_steps=4 if tiny else 80, batch_size=16 if tiny else 64,
-                 data=dict(max_prompt_len=64 if tiny else 32),
-                 rollout=dict(max_new_tokens=16 if tiny else 24, temperature=0.7),
-                 optim=dict(lr=1e-4 if tiny else 3e-5),
-                 checkpoint=dict(every=4 if tiny else 20))
+    c.sft = dict(
+        num_steps=30 if tiny else 2000,
+        batch_size=16 if tiny else 32,
+        optim=dict(lr=1e-3),
+        data=dict(seq_len=96 if tiny else 64),
+        eval_every=30 if tiny else 500,
+        checkpoint=dict(every=30 if tiny else 500),
+    )
+    c.rm = dict(
+        num_steps=30 if tiny else 400,
+        batch_size=16,
+        data=dict(seq_len=96 if tiny else 64),  # longest: 52
+        eval_every=30 if tiny else 200,
+        eval_batches=0,
+        checkpoint=dict(every=30 if tiny else 200),
+    )
+    c.pg = dict(
+        num_steps=4 if tiny else 80,
+        batch_size=16 if tiny else 64,
+        data=dict(max_prompt_len=64 if tiny else 32),
+        rollout=dict(max_new_tokens=16 if tiny else 24, temperature=0.7),
+        optim=dict(lr=1e-4 if tiny else 3e-5),
+        checkpoint=dict(every=4 if tiny else 20),
+    )
     # DPO on the RM's comparisons (3,000 ranked prompts x K = 4), as many steps and comparisons per step as the
     # RM; online DPO the same steps of 16 prompts x 2 samples of its own, sampled as PPO samples.
-    c.dpo = dict(num_steps=30 if tiny else 400, batch_size=16, data=dict(seq_len=96 if tiny else 64,
-                 max_prompt_len=64 if tiny else 32), rollout=dict(max_new_tokens=16 if tiny else 24, temperature=0.7),
-                 optim=dict(lr=1e-4 if tiny else 3e-5), eval_every=30 if tiny else 200,
-                 checkpoint=dict(every=30 if tiny else 200))
-    for name in ("pretrain", "sft", "rm", "ppo", "dpo"):
-        c[name] = stage_config(name, preset, c[name])
+    c.dpo = dict(
+        num_steps=30 if tiny else 400,
+        batch_size=16,
+        data=dict(seq_len=96 if tiny else 64, max_prompt_len=64 if tiny else 32),
+        rollout=dict(max_new_tokens=16 if tiny else 24, temperature=0.7),
+        optim=dict(lr=1e-4 if tiny else 3e-5),
+        eval_every=30 if tiny else 200,
+        checkpoint=dict(every=30 if tiny else 200),
+    )
+    for name, file in (("pretrain", "pretrain"), ("sft", "sft"), ("rm", "rm"), ("pg", "ppo"), ("dpo", "dpo")):
+        c[name] = stage_config(file, preset, c[name])
     return c

@@ -1,4 +1,5 @@
-"""Stage 4: PPO against a reward model, KL-penalised to the SFT policy (lm-human-preferences defaults).
+"""Stage 4: PPO against a reward model, KL-penalised to the SFT policy (lm-human-preferences defaults), run by the
+policy-gradient stage `pg` (rlhf_jax/stages/pg.py) with its settings in config.pg.
 
     python -m rlhf_jax.main --config=configs/ppo.py:tiny --workdir=runs/ppo_tiny
     python -m rlhf_jax.main --config=configs/ppo.py --workdir=runs/ppo \
@@ -7,9 +8,9 @@
 Rewards: reward.kind=rm (a trained RM workdir, normalised) or reward.kind=function
 (reward.function="package.module:fn", fn(prompts, responses, tokens, mask) -> [B] scores).
 
-The same stage runs the critic-free family by config (configs/grpo.py, configs/rloo.py set them):
-ppo.advantage (gae | grpo | dr_grpo | rloo | reinforce_pp), kl.placement (reward | loss),
-kl.estimator (k1 | k2 | k3), ppo.loss_aggregation (token_mean | sequence_mean | token_sum);
+The same stage runs the critic-free family by config (configs/grpo.py, rloo.py, reinforce_pp.py set them):
+pg.advantage (gae | grpo | dr_grpo | rloo | reinforce_pp), kl.placement (reward | loss),
+kl.estimator (k1 | k2 | k3), pg.loss_aggregation (token_mean | sequence_mean | token_sum);
 rlhf_jax/rl.py cites the formula of each.
 
 Preset lm_human_preferences: every algorithmic setting of openai/lm-human-preferences (train_policy.py with
@@ -22,9 +23,9 @@ is configs/rm.py:lm_human_preferences (reward normalised on fresh samples of the
         --config.init_from=runs/sft --config.reward.rm_workdir=runs/rm_lmhp
 
 How the DEFAULT preset deviates from lm-human-preferences (lm_human_preferences undoes the algorithmic ones):
-  ppo.num_minibatches 4, not 1 (train_policy.py:50) — 4 updates per epoch from a 64-episode batch (no ablation kept).
-  ppo.whiten_rewards off, not on (train_policy.py:58) — the RM score is already normalised (no ablation kept).
-  ppo.missing_eos_penalty None, not −1 (lm_tasks.py:32) — an unended response keeps its RM score (no ablation kept).
+  pg.num_minibatches 4, not 1 (train_policy.py:50) — 4 updates per epoch from a 64-episode batch (no ablation kept).
+  pg.whiten_rewards off, not on (train_policy.py:58) — the RM score is already normalised (no ablation kept).
+  pg.missing_eos_penalty None, not −1 (lm_tasks.py:32) — an unended response keeps its RM score (no ablation kept).
   optim.grad_clip_norm 1.0, not none (utils/core.py:621-629) — base_config's guard, kept (no ablation kept).
   batch_size 64 episodes, not 512 (launch.py:124) — 2 CPU cores; 64 is their per-rank batch of 8 ranks.
   num_steps 100 iterations, not 1M / 512 ≈ 1954 (launch.py:123) — minutes, not days.
@@ -51,7 +52,7 @@ ALGORITHMS = {"ppo": {}}
 
 def get_config(preset: str = "default"):
     c = base_config()
-    c.stage = "ppo"
+    c.stage = "pg"  # the policy-gradient stage (stages/pg.py), here running PPO
     c.data.prompts_path = ""  # JSONL {"prompt"} / {"messages"}, hh_rlhf or tldr; empty: built-in prompts
     c.data.prompts_format = "prompt"  # prompt | hh_rlhf | tldr
     c.data.prompts_lines = ()
@@ -64,20 +65,44 @@ def get_config(preset: str = "default"):
     # (mean − lcb_coef·std) | min; a single RM is its own mean.
     c.reward = dict(kind="rm", rm_workdir="", function="", monitor="", aggregate="mean", lcb_coef=1.0)
     # samples_per_prompt: episodes per prompt in an iteration (batch_size / samples_per_prompt distinct prompts)
-    c.rollout = dict(max_new_tokens=32, temperature=0.7, top_k=0, top_p=1.0, stop_token="end", eos_after=0,
-                     samples_per_prompt=1)
-    c.ppo = dict(epochs=4, num_minibatches=4, clip_range=0.2, clip_range_value=0.2, vf_coef=0.1,
-                 gamma=1.0, lam=0.95, entropy_coef=0.0, whiten_rewards=False, score_clip=0.0,
-                 missing_eos_penalty=None, ptx_coef=0.0, ptx_batch_size=8, critic="shared",
-                 score_baseline="none",  # none | loo: minus the mean score of the prompt's other samples
-                 advantage="gae",  # gae (with a critic) | grpo | dr_grpo | rloo | reinforce_pp (critic-free)
-                 whiten_advantages=True,  # per minibatch, as lm-human-preferences
-                 loss_aggregation="token_mean")  # token_mean | sequence_mean (GRPO) | token_sum (Dr. GRPO)
+    c.rollout = dict(
+        max_new_tokens=32, temperature=0.7, top_k=0, top_p=1.0, stop_token="end", eos_after=0, samples_per_prompt=1
+    )
+    c.pg = dict(
+        epochs=4,
+        num_minibatches=4,
+        clip_range=0.2,
+        clip_range_value=0.2,
+        vf_coef=0.1,
+        gamma=1.0,
+        lam=0.95,
+        entropy_coef=0.0,
+        whiten_rewards=False,
+        score_clip=0.0,
+        missing_eos_penalty=None,
+        ptx_coef=0.0,
+        ptx_batch_size=8,
+        critic="shared",
+        score_baseline="none",  # none | loo: minus the mean score of the prompt's other samples
+        advantage="gae",  # gae (with a critic) | grpo | dr_grpo | rloo | reinforce_pp (critic-free)
+        whiten_advantages=True,  # per minibatch, as lm-human-preferences
+        loss_aggregation="token_mean",
+    )  # token_mean | sequence_mean (GRPO) | token_sum (Dr. GRPO)
     # lm-human-preferences: adaptive KL, β0 = 0.15, target 6 nats, horizon 10,000 episodes, k1 in the reward.
     c.kl = dict(kind="adaptive", init_coef=0.15, target=6.0, horizon=10000, estimator="k1", placement="reward")
     # lm-human-preferences: TF-style Adam, lr 1e-5 (here larger: small models), eps 1e-5, linear anneal to 0.
-    c.optim.update(name="tf_adam", lr=1e-5, schedule="linear", warmup_steps=0, final_lr_fraction=0.0,
-                   b1=0.9, b2=0.999, eps=1e-5, weight_decay=0.0, grad_clip_norm=1.0)
+    c.optim.update(
+        name="tf_adam",
+        lr=1e-5,
+        schedule="linear",
+        warmup_steps=0,
+        final_lr_fraction=0.0,
+        b1=0.9,
+        b2=0.999,
+        eps=1e-5,
+        weight_decay=0.0,
+        grad_clip_norm=1.0,
+    )
     c.batch_size, c.num_steps = 64, 100  # episodes per iteration, iterations
     c.log_every, c.sample_every = 1, 10
     c.checkpoint.every = 20
@@ -87,7 +112,7 @@ def get_config(preset: str = "default"):
         c.model.update(d_model=32, n_layers=2, n_heads=2, max_len=64)
         c.reward.update(kind="function", function="rlhf_jax.rewards:fraction_of_vowels")
         c.rollout.max_new_tokens = 12
-        c.ppo.update(epochs=2, num_minibatches=2)
+        c.pg.update(epochs=2, num_minibatches=2)
         c.optim.lr = 1e-3
         c.batch_size, c.num_steps = 8, 4
         c.checkpoint.every, c.sample_every = 2, 2
@@ -108,10 +133,12 @@ def lm_human_preferences(c):
         max_new_tokens=32,  # response_length (launch.py:11: 24) — a task setting, see the docstring
         stop_token="end",  # truncate_token (launch.py:14: '.') — the built-in task's end of a response
         eos_after=0,  # truncate_after (launch.py:15: 16) — a task setting, see the docstring
-        top_k=0, top_p=1.0,  # no filtering: sample_sequence gets only the temperature, policy.py:100-106
-        samples_per_prompt=1)  # one response per query (train_policy.py:284-285)
+        top_k=0,
+        top_p=1.0,  # no filtering: sample_sequence gets only the temperature, policy.py:100-106
+        samples_per_prompt=1,
+    )  # one response per query (train_policy.py:284-285)
     c.data.max_prompt_len = 64  # query_length, launch.py:9
-    c.ppo.update(
+    c.pg.update(
         epochs=4,  # noptepochs, train_policy.py:51
         num_minibatches=1,  # nminibatches, train_policy.py:50
         clip_range=0.2,  # cliprange, train_policy.py:54
@@ -126,19 +153,28 @@ def lm_human_preferences(c):
         missing_eos_penalty=-1.0,  # penalty_reward_value, lm_tasks.py:32, applied train_policy.py:388-390
         ptx_coef=0.0,  # no pretraining mix (train_policy.py:357)
         critic="shared",  # the value head on the policy's trunk, policy.py:28 scalar_heads=['value']
-        score_baseline="none", advantage="gae",  # GAE, train_policy.py:327-336
-        loss_aggregation="token_mean")  # tf.reduce_mean over [B, T], train_policy.py:347, :354
+        score_baseline="none",
+        advantage="gae",  # GAE, train_policy.py:327-336
+        loss_aggregation="token_mean",
+    )  # tf.reduce_mean over [B, T], train_policy.py:347, :354
     c.kl.update(
         kind="adaptive",  # rewards.adaptive_kl on, launch.py:130 (AdaptiveKLController, train_policy.py:115-124)
         init_coef=0.15,  # rewards.kl_coef, launch.py:129
         target=6.0,  # rewards.adaptive_kl.target, launch.py:131
         horizon=10000,  # episodes, train_policy.py:28
         estimator="k1",  # kl = logprobs − ref_logprobs, train_policy.py:150
-        placement="reward")  # −β·KL per token, the score on the last, train_policy.py:151-153
+        placement="reward",
+    )  # −β·KL per token, the score on the last, train_policy.py:151-153
     c.optim.update(
-        name="tf_adam", eps=1e-5, b1=0.9, b2=0.999,  # tf.train.AdamOptimizer(epsilon=1e-5), utils/core.py:627
+        name="tf_adam",
+        eps=1e-5,
+        b1=0.9,
+        b2=0.999,  # tf.train.AdamOptimizer(epsilon=1e-5), utils/core.py:627
         grad_clip_norm=0.0,  # none: utils/core.py:621-629 applies the raw (all-reduced) gradients
         weight_decay=0.0,  # plain Adam, utils/core.py:627
         lr=1e-5,  # ppo.lr, launch.py:122
-        schedule="linear", warmup_steps=0, final_lr_fraction=0.0)  # lr·(1 − step/nupdates), train_policy.py:172-173
+        schedule="linear",
+        warmup_steps=0,
+        final_lr_fraction=0.0,
+    )  # lr·(1 − step/nupdates), train_policy.py:172-173
     return c

@@ -18,8 +18,15 @@ from rlhf_jax.config import stage_config
 from rlhf_jax.errors import ConfigError
 
 ALGORITHMS = {
-    "reinforce_pp": dict(ppo=dict(advantage="reinforce_pp", loss_aggregation="token_mean", whiten_advantages=False,
-                                  score_baseline="none", critic="shared")),
+    "reinforce_pp": dict(
+        pg=dict(
+            advantage="reinforce_pp",
+            loss_aggregation="token_mean",
+            whiten_advantages=False,
+            score_baseline="none",
+            critic="shared",
+        )
+    ),
 }
 
 

@@ -20,10 +20,19 @@ from rlhf_jax.config import stage_config
 from rlhf_jax.errors import ConfigError
 
 ALGORITHMS = {
-    "rloo": dict(ppo=dict(advantage="rloo", loss_aggregation="token_sum", whiten_advantages=False, epochs=1,
-                          num_minibatches=1, score_baseline="none", critic="shared"),
-                 kl=dict(kind="fixed", init_coef=0.05, placement="reward", estimator="k1"),
-                 rollout=dict(samples_per_prompt=4)),
+    "rloo": dict(
+        pg=dict(
+            advantage="rloo",
+            loss_aggregation="token_sum",
+            whiten_advantages=False,
+            epochs=1,
+            num_minibatches=1,
+            score_baseline="none",
+            critic="shared",
+        ),
+        kl=dict(kind="fixed", init_coef=0.05, placement="reward", estimator="k1"),
+        rollout=dict(samples_per_prompt=4),
+    ),
 }
 
 

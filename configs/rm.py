@@ -43,8 +43,16 @@ def get_config(preset: str = "default"):
     # ensemble_size E > 1: E RMs in one vmapped step, member i = the RM of seed + i (each its own reward-head
     # init and data order); bootstrap: each member (or the one RM) trains on a bootstrap resample of the
     # comparisons drawn with its seed.
-    c.rm = dict(loss="ranking", margin=0.0, center_coef=0.0, normalize_on="comparisons", normalize_samples=256,
-                normalize_before=False, ensemble_size=1, bootstrap=False)
+    c.rm = dict(
+        loss="ranking",
+        margin=0.0,
+        center_coef=0.0,
+        normalize_on="comparisons",
+        normalize_samples=256,
+        normalize_before=False,
+        ensemble_size=1,
+        bootstrap=False,
+    )
     # rm.normalize_on="policy_samples" only: the prompts and sampling settings (keys as in configs/ppo.py).
     c.data.prompts_path, c.data.prompts_format, c.data.prompts_lines, c.data.max_prompt_len = "", "prompt", (), 64
     c.rollout = dict(max_new_tokens=32, temperature=0.7, top_k=0, top_p=1.0, stop_token="end", eos_after=0)
@@ -74,8 +82,9 @@ def get_config(preset: str = "default"):
     elif preset == "lm_human_preferences":
         lm_human_preferences(c)
     elif preset != "default":
-        raise ConfigError(f"configs/rm.py: unknown preset {preset!r}; use tiny, default, hh_rlhf or "
-                          f"lm_human_preferences.")
+        raise ConfigError(
+            f"configs/rm.py: unknown preset {preset!r}; use tiny, default, hh_rlhf or lm_human_preferences."
+        )
     return c
 
 
@@ -92,11 +101,17 @@ def lm_human_preferences(c):
     c.data.max_prompt_len = 64  # task query_length, launch.py:9
     c.batch_size = 32  # launch.py:61
     c.optim.update(
-        name="tf_adam", eps=1e-5, b1=0.9, b2=0.999,  # tf.train.AdamOptimizer(epsilon=1e-5), utils/core.py:627
+        name="tf_adam",
+        eps=1e-5,
+        b1=0.9,
+        b2=0.999,  # tf.train.AdamOptimizer(epsilon=1e-5), utils/core.py:627
         grad_clip_norm=0.0,  # none: utils/core.py:621-629 applies the raw (all-reduced) gradients
         weight_decay=0.0,  # plain Adam, utils/core.py:627
         lr=5e-5,  # launch.py:62
-        schedule="linear", warmup_steps=0, final_lr_fraction=0.0)  # (1 - start/num_train)·lr, train_reward.py:249
+        schedule="linear",
+        warmup_steps=0,
+        final_lr_fraction=0.0,
+    )  # (1 - start/num_train)·lr, train_reward.py:249
     # One epoch: each comparison once (train_reward.py:241-250), num_train / batch_size steps.
     c.num_steps = c.data.builtin_examples // c.batch_size
     c.eval_every = c.num_steps

@@ -44,8 +44,14 @@ HH_TRAIN, HH_EVAL = (0, 1500), (1500, 1800)
 PRESETS = ("sft", "rm", "ppo", "grpo", "rlvr", "dpo", "hh_rm", "hh_dpo")
 GOLD = "rlhf_jax.tasks.builtin:gold_reward"
 # GRPO's settings (configs/grpo.py ALGORITHMS["grpo"]) with 4 prompts x 4 samples per iteration.
-_PG = dict(rollout=dict(max_new_tokens=32, temperature=0.7, samples_per_prompt=4), batch_size=16,
-           data=dict(max_prompt_len=64), optim=dict(lr=2e-5), log_every=1, sample_every=10)
+_PG = dict(
+    rollout=dict(max_new_tokens=32, temperature=0.7, samples_per_prompt=4),
+    batch_size=16,
+    data=dict(max_prompt_len=64),
+    optim=dict(lr=2e-5),
+    log_every=1,
+    sample_every=10,
+)
 
 
 def get_config(preset: str = "rlvr"):
@@ -54,24 +60,65 @@ def get_config(preset: str = "rlvr"):
     common = dict(init_from=SMOLLM2_DIR, model=dict(lora=LORA), data=dict(CHAT), checkpoint=dict(every=25))
     adamw = dict(name="adamw", lr=1e-4, warmup_steps=5, weight_decay=0.0, final_lr_fraction=0.0, schedule="cosine")
     if preset == "sft":
-        file, o = "sft", dict(data=dict(seq_len=96, builtin_examples=1000), batch_size=8, num_steps=100, optim=adamw,
-                              eval_every=50, eval_batches=4, log_every=10)
+        file, o = (
+            "sft",
+            dict(
+                data=dict(seq_len=96, builtin_examples=1000),
+                batch_size=8,
+                num_steps=100,
+                optim=adamw,
+                eval_every=50,
+                eval_batches=4,
+                log_every=10,
+            ),
+        )
     elif preset in ("rm", "hh_rm"):
         hh = preset == "hh_rm"
-        data = dict(format="hh_rlhf", train_lines=HH_TRAIN, eval_lines=HH_EVAL, seq_len=256) if hh else \
-            dict(format="ranked", seq_len=96)
-        file, o = "rm", dict(data=data, batch_size=8, num_steps=188 if hh else 100,  # hh: one epoch
-                             optim=adamw, eval_every=94 if hh else 50, eval_batches=0, log_every=10)
+        data = (
+            dict(format="hh_rlhf", train_lines=HH_TRAIN, eval_lines=HH_EVAL, seq_len=256)
+            if hh
+            else dict(format="ranked", seq_len=96)
+        )
+        file, o = (
+            "rm",
+            dict(
+                data=data,
+                batch_size=8,
+                num_steps=188 if hh else 100,  # hh: one epoch
+                optim=adamw,
+                eval_every=94 if hh else 50,
+                eval_batches=0,
+                log_every=10,
+            ),
+        )
     elif preset in ("dpo", "hh_dpo"):
         hh = preset == "hh_dpo"
-        data = dict(format="hh_rlhf", train_lines=HH_TRAIN, eval_lines=HH_EVAL, seq_len=256) if hh else \
-            dict(format="ranked", seq_len=96, max_prompt_len=64)
-        file, o = "dpo", dict(data=data, batch_size=8, num_steps=188 if hh else 100, optim=dict(adamw, lr=2e-5),
-                              eval_every=94 if hh else 50, eval_batches=0, log_every=10)
+        data = (
+            dict(format="hh_rlhf", train_lines=HH_TRAIN, eval_lines=HH_EVAL, seq_len=256)
+            if hh
+            else dict(format="ranked", seq_len=96, max_prompt_len=64)
+        )
+        file, o = (
+            "dpo",
+            dict(
+                data=data,
+                batch_size=8,
+                num_steps=188 if hh else 100,
+                optim=dict(adamw, lr=2e-5),
+                eval_every=94 if hh else 50,
+                eval_batches=0,
+                log_every=10,
+            ),
+        )
     elif preset == "ppo":
         file = "ppo"
-        o = dict(_PG, rollout=dict(_PG["rollout"], samples_per_prompt=1), num_steps=50,
-                 ppo=dict(epochs=2, num_minibatches=2), kl=dict(kind="fixed", init_coef=0.05))
+        o = dict(
+            _PG,
+            rollout=dict(_PG["rollout"], samples_per_prompt=1),
+            num_steps=50,
+            ppo=dict(epochs=2, num_minibatches=2),
+            kl=dict(kind="fixed", init_coef=0.05),
+        )
     else:  # grpo against an RM, or rlvr against the gold judge
         file = "grpo"
         o = dict(_PG, num_steps=50)

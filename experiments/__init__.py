@@ -32,8 +32,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def product(axes: dict[str, Sequence[Any]] | None = None, **more: Sequence[Any]) -> list[dict[str, Any]]:
     """Every combination of the axes' values, first axis slowest: one override dict per run.
 
-        product({"optim.lr": [1e-3, 3e-3]}, seed=[0, 1])
-        → [{"optim.lr": 1e-3, "seed": 0}, {"optim.lr": 1e-3, "seed": 1}, {"optim.lr": 3e-3, "seed": 0}, ...]
+    product({"optim.lr": [1e-3, 3e-3]}, seed=[0, 1])
+    → [{"optim.lr": 1e-3, "seed": 0}, {"optim.lr": 1e-3, "seed": 1}, {"optim.lr": 3e-3, "seed": 0}, ...]
     """
     axes = {**(axes or {}), **more}
     for key, values in axes.items():
@@ -44,8 +44,10 @@ def product(axes: dict[str, Sequence[Any]] | None = None, **more: Sequence[Any])
 
 
 DEFAULT_COLUMNS = {
-    "pretrain": ("train/loss", "eval/loss"), "sft": ("train/loss", "eval/loss"),
-    "rm": ("rm/loss", "rm/accuracy", "eval/rm/accuracy"), "ppo": ("objective/scores", "objective/kl", "kl_coef"),
+    "pretrain": ("train/loss", "eval/loss"),
+    "sft": ("train/loss", "eval/loss"),
+    "rm": ("rm/loss", "rm/accuracy", "eval/rm/accuracy"),
+    "pg": ("objective/scores", "objective/kl", "kl_coef"),
     "pipeline": ("sft/gold_score", "policy/gold_score", "policy/win_rate_vs_sft", "policy/kl", "rm/accuracy_vs_gold"),
 }
 
@@ -88,28 +90,47 @@ def load_experiment(path: str) -> Experiment:
     if analyze is not None and not callable(analyze):
         raise ValueError(f"{path}: analyze must be a function (root, rows) -> list of markdown lines.")
     if not isinstance(base, str) or not base:
-        raise ValueError(f"{path}: BASE must be a string like \"configs/pretrain.py:tiny\", got {base!r}.")
+        raise ValueError(f'{path}: BASE must be a string like "configs/pretrain.py:tiny", got {base!r}.')
     if not isinstance(sweep, list) or not sweep or not all(isinstance(s, dict) for s in sweep):
-        raise ValueError(f"{path}: SWEEP must be a non-empty list of dicts of --config overrides, e.g. "
-                         f"[dict(seed=0), dict(seed=1)] or product({{\"optim.lr\": [1e-3, 3e-3]}}).")
+        raise ValueError(
+            f"{path}: SWEEP must be a non-empty list of dicts of --config overrides, e.g. "
+            f'[dict(seed=0), dict(seed=1)] or product({{"optim.lr": [1e-3, 3e-3]}}).'
+        )
     if not isinstance(fixed, dict):
         raise ValueError(f"{path}: FIXED must be a dict of overrides every run shares, got {type(fixed).__name__}.")
     if not isinstance(average_last, int) or average_last < 1:
-        raise ValueError(f"{path}: AVERAGE_LAST must be a positive int (logged values per column), "
-                         f"got {average_last!r}.")
+        raise ValueError(
+            f"{path}: AVERAGE_LAST must be a positive int (logged values per column), got {average_last!r}."
+        )
     config = _base_config(base, path)
     stage = "pipeline" if _stem(base.partition(":")[0]) == "pipeline" else config.stage
     for where, overrides in [("FIXED", fixed)] + [(f"SWEEP[{i}]", s) for i, s in enumerate(sweep)]:
         for key, value in overrides.items():
             if not _has_key(config, key):
-                raise ValueError(f"{path}: {where} sets {key!r}, which is not a field of {base}. "
-                                 f"Check the spelling against that config file.")
+                from rlhf_jax.config import RENAMED_WHY, renamed_key
+
+                new = renamed_key(key)
+                fix = (
+                    f"It is {new!r} now ({RENAMED_WHY})."
+                    if new and _has_key(config, new)
+                    else "Check the spelling against that config file."
+                )
+                raise ValueError(f"{path}: {where} sets {key!r}, which is not a field of {base}. {fix}")
             cli_value(value, f"{path}: {where}[{key!r}]")
     names = run_names(sweep, path)
     runs = [Run(n, dict(s), {**fixed, **s}) for n, s in zip(names, sweep)]
     swept_keys = list(dict.fromkeys(k for s in sweep for k in s))
-    return Experiment(path, _stem(path), base, stage, runs, swept_keys,
-                      tuple(columns) if columns else DEFAULT_COLUMNS.get(stage, ()), average_last, analyze)
+    return Experiment(
+        path,
+        _stem(path),
+        base,
+        stage,
+        runs,
+        swept_keys,
+        tuple(columns) if columns else DEFAULT_COLUMNS.get(stage, ()),
+        average_last,
+        analyze,
+    )
 
 
 def _base_config(base: str, where: str):
@@ -144,8 +165,10 @@ def cli_value(value: Any, where: str = "override") -> str:
         return value
     if isinstance(value, (tuple, list)):
         return repr(tuple(value))
-    raise ValueError(f"{where}: {value!r} ({type(value).__name__}) cannot be a command-line override; "
-                     f"use a number, string, bool or tuple.")
+    raise ValueError(
+        f"{where}: {value!r} ({type(value).__name__}) cannot be a command-line override; "
+        f"use a number, string, bool or tuple."
+    )
 
 
 def run_names(sweep: list[dict[str, Any]], where: str = "SWEEP") -> list[str]:
@@ -159,8 +182,10 @@ def run_names(sweep: list[dict[str, Any]], where: str = "SWEEP") -> list[str]:
         name = ",".join(f"{short[k]}={_name_value(v)}" for k, v in overrides.items()) or "base"
         name = re.sub(r"[^A-Za-z0-9._=,+-]", "-", name)
         if name in names:
-            raise ValueError(f"{where}: SWEEP[{names.index(name)}] and SWEEP[{i}] both get the run name {name!r}; "
-                             f"make every run's overrides differ (values are shortened with %g).")
+            raise ValueError(
+                f"{where}: SWEEP[{names.index(name)}] and SWEEP[{i}] both get the run name {name!r}; "
+                f"make every run's overrides differ (values are shortened with %g)."
+            )
         names.append(name)
     return names
 

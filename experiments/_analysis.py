@@ -36,8 +36,14 @@ def ppo_curve(pipeline_dir: str, window: int = 10, proxy_key: str = "objective/s
     n = len(a) // window * window or len(a)
     w = window if len(a) >= window else len(a)
     a = a[:n].reshape(-1, w, 4).mean(1)
-    return {"step": a[:, 0], "kl": a[:, 1], "d": np.sqrt(np.maximum(a[:, 1], 0.0)), "gold": a[:, 2],
-            "proxy": a[:, 3], "proxy_init": proxy_init}
+    return {
+        "step": a[:, 0],
+        "kl": a[:, 1],
+        "d": np.sqrt(np.maximum(a[:, 1], 0.0)),
+        "gold": a[:, 2],
+        "proxy": a[:, 3],
+        "proxy_init": proxy_init,
+    }
 
 
 def fit_gao(d: np.ndarray, gain: np.ndarray) -> tuple[float, float]:

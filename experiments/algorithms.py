@@ -20,8 +20,17 @@ mean over seeds 1-4 (untouched by the tuning), and a plot of gold score against 
 SEEDS = (0, 1, 2, 3, 4)
 # experiments/algorithms_tuning.py's choice (runs/sweeps/algorithms_tuning/chosen_lr.json): the lr of the
 # best held-out gold score on seed 0 among 3e-5, 1e-4, 3e-4.
-CHOSEN_LR = {"ppo": 3e-5, "grpo": 3e-5, "dr_grpo": 1e-4, "rloo": 1e-4, "dpo": 3e-5, "ipo": 3e-5, "simpo": 3e-5,
-             "plackett_luce": 1e-4, "online_dpo": 3e-5}
+CHOSEN_LR = {
+    "ppo": 3e-5,
+    "grpo": 3e-5,
+    "dr_grpo": 1e-4,
+    "rloo": 1e-4,
+    "dpo": 3e-5,
+    "ipo": 3e-5,
+    "simpo": 3e-5,
+    "plackett_luce": 1e-4,
+    "online_dpo": 3e-5,
+}
 POLICY_GRADIENT = ("ppo", "grpo", "dr_grpo", "rloo")
 DIRECT = ("dpo", "ipo", "simpo", "plackett_luce", "online_dpo")
 GOLD_REWARD = ("ppo", "grpo")  # trained against the gold judge itself
@@ -29,7 +38,7 @@ TUNING_ROOT, SEEDS_ROOT = "runs/sweeps/algorithms_tuning", "runs/sweeps/seeds"
 
 
 def _lr_key(policy: str) -> str:
-    return "ppo.optim.lr" if policy in POLICY_GRADIENT else "dpo.optim.lr"
+    return "pg.optim.lr" if policy in POLICY_GRADIENT else "dpo.optim.lr"
 
 
 def _base(policy: str, seed: int) -> str:
@@ -42,19 +51,51 @@ def _base(policy: str, seed: int) -> str:
 
 
 BASE = "configs/pipeline.py"
-SWEEP = [{"policy": p, "seed": s, _lr_key(p): CHOSEN_LR[p], "reuse_from": _base(p, s)}
-         for s in SEEDS for p in POLICY_GRADIENT + DIRECT if p in CHOSEN_LR]
-SWEEP += [{"policy": p, "seed": s, _lr_key(p): CHOSEN_LR[p], "policy_reward": "gold",
-           "reuse_from": f"{SEEDS_ROOT}/seed={s}" if s else "runs/quickstart"}
-          for s in SEEDS for p in GOLD_REWARD if p in CHOSEN_LR]
-COLUMNS = ("policy/gold_score", "policy/correct_rate", "policy/answer_correct_rate", "policy/chatter_rate",
-           "policy/harmful_rate", "policy/win_rate_vs_sft", "policy/kl", "policy/wall_s", "sft/gold_score",
-           "best_of_4_sft_by_rm/gold_score", "best_of_4_sft_by_rm/win_rate_vs_sft",
-           "best_of_4_sft_by_rm/chatter_rate", "best_of_4_sft_by_rm/harmful_rate",
-           "best_of_4_sft_by_rm/correct_rate", "best_of_4_sft_by_rm/answer_correct_rate")
-METRICS = (("gold_score", "gold"), ("correct_rate", "exact-correct"), ("answer_correct_rate", "answer-correct"),
-           ("chatter_rate", "chatter"), ("harmful_rate", "harmful"), ("win_rate_vs_sft", "win rate vs SFT"),
-           ("kl", "KL(π ‖ SFT)"), ("wall_s", "policy stage wall time, s"))
+SWEEP = [
+    {"policy": p, "seed": s, _lr_key(p): CHOSEN_LR[p], "reuse_from": _base(p, s)}
+    for s in SEEDS
+    for p in POLICY_GRADIENT + DIRECT
+    if p in CHOSEN_LR
+]
+SWEEP += [
+    {
+        "policy": p,
+        "seed": s,
+        _lr_key(p): CHOSEN_LR[p],
+        "policy_reward": "gold",
+        "reuse_from": f"{SEEDS_ROOT}/seed={s}" if s else "runs/quickstart",
+    }
+    for s in SEEDS
+    for p in GOLD_REWARD
+    if p in CHOSEN_LR
+]
+COLUMNS = (
+    "policy/gold_score",
+    "policy/correct_rate",
+    "policy/answer_correct_rate",
+    "policy/chatter_rate",
+    "policy/harmful_rate",
+    "policy/win_rate_vs_sft",
+    "policy/kl",
+    "policy/wall_s",
+    "sft/gold_score",
+    "best_of_4_sft_by_rm/gold_score",
+    "best_of_4_sft_by_rm/win_rate_vs_sft",
+    "best_of_4_sft_by_rm/chatter_rate",
+    "best_of_4_sft_by_rm/harmful_rate",
+    "best_of_4_sft_by_rm/correct_rate",
+    "best_of_4_sft_by_rm/answer_correct_rate",
+)
+METRICS = (
+    ("gold_score", "gold"),
+    ("correct_rate", "exact-correct"),
+    ("answer_correct_rate", "answer-correct"),
+    ("chatter_rate", "chatter"),
+    ("harmful_rate", "harmful"),
+    ("win_rate_vs_sft", "win rate vs SFT"),
+    ("kl", "KL(π ‖ SFT)"),
+    ("wall_s", "policy stage wall time, s"),
+)
 
 
 def _t975(n: int) -> float:
@@ -84,7 +125,8 @@ def aggregate(rows, root: str = "") -> dict[str, dict[str, dict[str, float]]]:
         groups.setdefault(label, []).append(values | {"seed": r["seed"]})
         if r["policy"] == "ppo" and r.get("policy_reward") != "gold":
             groups.setdefault("best_of_4_by_rm", []).append(
-                {m: r.get(f"best_of_4_sft_by_rm/{m}", float("nan")) for m, _ in METRICS} | {"seed": r["seed"]})
+                {m: r.get(f"best_of_4_sft_by_rm/{m}", float("nan")) for m, _ in METRICS} | {"seed": r["seed"]}
+            )
             groups.setdefault("sft", []).append({"gold_score": r["sft/gold_score"], "seed": r["seed"]})
     out = {}
     for label, runs in groups.items():
@@ -97,13 +139,20 @@ def aggregate(rows, root: str = "") -> dict[str, dict[str, dict[str, float]]]:
                 continue
             mean, std = float(ok.mean()), float(ok.std(ddof=1)) if len(ok) > 1 else 0.0
             half = _t975(len(ok)) * std / np.sqrt(len(ok)) if len(ok) > 1 else float("nan")
-            out[label][m] = {"mean": mean, "std": std, "lo": mean - half, "hi": mean + half, "n": len(ok),
-                             "mean_1_4": float(np.nanmean(later)) if len(later) else float("nan")}
+            out[label][m] = {
+                "mean": mean,
+                "std": std,
+                "lo": mean - half,
+                "hi": mean + half,
+                "n": len(ok),
+                "mean_1_4": float(np.nanmean(later)) if len(later) else float("nan"),
+            }
     return out
 
 
-def paired_vs(rows, reference: str = "ppo", metrics=("gold_score", "win_rate_vs_sft", "answer_correct_rate",
-                                                     "chatter_rate", "kl")) -> dict:
+def paired_vs(
+    rows, reference: str = "ppo", metrics=("gold_score", "win_rate_vs_sft", "answer_correct_rate", "chatter_rate", "kl")
+) -> dict:
     """{label: {metric: {"mean", "lo", "hi", "n"}}}: the per-seed difference (label − reference) with a 95%
     t-interval. Every algorithm of a seed starts from that seed's SFT policy and comparisons, so the
     difference cancels what the seed changes for all of them (the SFT policy's own quality, mostly),
@@ -121,12 +170,22 @@ def paired_vs(rows, reference: str = "ppo", metrics=("gold_score", "win_rate_vs_
             continue
         out[label] = {}
         for m in metrics:
-            d = np.asarray([runs[s][f"policy/{m}"] - by[reference][s][f"policy/{m}"]
-                            for s in sorted(runs) if s in by.get(reference, {})], float)
+            d = np.asarray(
+                [
+                    runs[s][f"policy/{m}"] - by[reference][s][f"policy/{m}"]
+                    for s in sorted(runs)
+                    if s in by.get(reference, {})
+                ],
+                float,
+            )
             if len(d) > 1:
                 half = _t975(len(d)) * d.std(ddof=1) / np.sqrt(len(d))
-                out[label][m] = {"mean": float(d.mean()), "lo": float(d.mean() - half),
-                                 "hi": float(d.mean() + half), "n": len(d)}
+                out[label][m] = {
+                    "mean": float(d.mean()),
+                    "lo": float(d.mean() - half),
+                    "hi": float(d.mean() + half),
+                    "n": len(d),
+                }
     return out
 
 
@@ -147,11 +206,17 @@ def analyze(root, rows):
     stats = aggregate(rows, root)
     with open(os.path.join(root, "aggregate.json"), "w") as f:
         json.dump(stats, f, indent=1)
-    order = [p for p in POLICY_GRADIENT + DIRECT if p in stats] + ["best_of_4_by_rm"] + \
-        [f"{p} (gold reward)" for p in GOLD_REWARD if f"{p} (gold reward)" in stats]
-    lines = ["## Head-to-head on the gold judge (mean ± std over seeds; [95% t-interval]; seeds 1-4 mean)", "",
-             "| algorithm | lr | " + " | ".join(name for _, name in METRICS) + " |",
-             "|---|---|" + "---|" * len(METRICS)]
+    order = (
+        [p for p in POLICY_GRADIENT + DIRECT if p in stats]
+        + ["best_of_4_by_rm"]
+        + [f"{p} (gold reward)" for p in GOLD_REWARD if f"{p} (gold reward)" in stats]
+    )
+    lines = [
+        "## Head-to-head on the gold judge (mean ± std over seeds; [95% t-interval]; seeds 1-4 mean)",
+        "",
+        "| algorithm | lr | " + " | ".join(name for _, name in METRICS) + " |",
+        "|---|---|" + "---|" * len(METRICS),
+    ]
     for label in order:
         s = stats.get(label, {})
         lr = CHOSEN_LR.get(label.split(" ")[0], "")
@@ -161,48 +226,88 @@ def analyze(root, rows):
                 cells.append("—")
                 continue
             v = s[m]
-            cells.append(f"{v['mean']:.3f} ± {v['std']:.3f} [{v['lo']:.3f}, {v['hi']:.3f}]; {v['mean_1_4']:.3f}"
-                         if m != "wall_s" else f"{v['mean']:.0f} ± {v['std']:.0f}")
-        lines.append(f"| {label} (n={s.get('gold_score', {}).get('n', 0)}) | {lr:g} | " if lr else
-                     f"| {label} (n={s.get('gold_score', {}).get('n', 0)}) | — | ")
+            cells.append(
+                f"{v['mean']:.3f} ± {v['std']:.3f} [{v['lo']:.3f}, {v['hi']:.3f}]; {v['mean_1_4']:.3f}"
+                if m != "wall_s"
+                else f"{v['mean']:.0f} ± {v['std']:.0f}"
+            )
+        lines.append(
+            f"| {label} (n={s.get('gold_score', {}).get('n', 0)}) | {lr:g} | "
+            if lr
+            else f"| {label} (n={s.get('gold_score', {}).get('n', 0)}) | — | "
+        )
         lines[-1] += " | ".join(cells) + " |"
     if "sft" in stats:
         g = stats["sft"]["gold_score"]
         lines += ["", f"SFT gold score: {g['mean']:.3f} ± {g['std']:.3f} [{g['lo']:.3f}, {g['hi']:.3f}]."]
     # Pairs whose gold-score intervals separate: the differences this experiment can call.
     labels = [x for x in order if "gold_score" in stats.get(x, {})]
-    calls = [f"{a} > {b}" if stats[a]["gold_score"]["mean"] > stats[b]["gold_score"]["mean"] else f"{b} > {a}"
-             for i, a in enumerate(labels) for b in labels[i + 1:] if separated(stats[a]["gold_score"],
-                                                                                 stats[b]["gold_score"])]
+    calls = [
+        f"{a} > {b}" if stats[a]["gold_score"]["mean"] > stats[b]["gold_score"]["mean"] else f"{b} > {a}"
+        for i, a in enumerate(labels)
+        for b in labels[i + 1 :]
+        if separated(stats[a]["gold_score"], stats[b]["gold_score"])
+    ]
     lines += ["", "Gold-score differences whose 95% intervals separate: " + ("; ".join(calls) or "none") + "."]
     wins = [x for x in order if "win_rate_vs_sft" in stats.get(x, {})]
-    calls = [f"{a} > {b}" if stats[a]["win_rate_vs_sft"]["mean"] > stats[b]["win_rate_vs_sft"]["mean"] else
-             f"{b} > {a}" for i, a in enumerate(wins) for b in wins[i + 1:]
-             if separated(stats[a]["win_rate_vs_sft"], stats[b]["win_rate_vs_sft"])]
+    calls = [
+        f"{a} > {b}" if stats[a]["win_rate_vs_sft"]["mean"] > stats[b]["win_rate_vs_sft"]["mean"] else f"{b} > {a}"
+        for i, a in enumerate(wins)
+        for b in wins[i + 1 :]
+        if separated(stats[a]["win_rate_vs_sft"], stats[b]["win_rate_vs_sft"])
+    ]
     lines += ["", "Win-rate differences whose 95% intervals separate: " + ("; ".join(calls) or "none") + "."]
     paired = paired_vs(rows)
     with open(os.path.join(root, "paired_vs_ppo.json"), "w") as f:
         json.dump(paired, f, indent=1)
-    lines += ["", "### Paired by seed: each algorithm minus PPO on the same seed (mean [95% t-interval])", "",
-              "| algorithm | Δ gold | Δ win rate vs SFT | Δ answer-correct | Δ chatter | Δ KL |",
-              "|---|---|---|---|---|---|"]
-    fmt = lambda v: (f"{v['mean']:+.3f} [{v['lo']:+.3f}, {v['hi']:+.3f}]" + (" *" if v["lo"] > 0 or v["hi"] < 0
-                                                                               else "")) if v else "—"
-    lines += [f"| {x} (n={paired[x].get('gold_score', {}).get('n', 0)}) | "
-              + " | ".join(fmt(paired[x].get(m)) for m in ("gold_score", "win_rate_vs_sft", "answer_correct_rate",
-                                                           "chatter_rate", "kl")) + " |" for x in order if x in paired]
+    lines += [
+        "",
+        "### Paired by seed: each algorithm minus PPO on the same seed (mean [95% t-interval])",
+        "",
+        "| algorithm | Δ gold | Δ win rate vs SFT | Δ answer-correct | Δ chatter | Δ KL |",
+        "|---|---|---|---|---|---|",
+    ]
+    fmt = lambda v: (
+        (f"{v['mean']:+.3f} [{v['lo']:+.3f}, {v['hi']:+.3f}]" + (" *" if v["lo"] > 0 or v["hi"] < 0 else ""))
+        if v
+        else "—"
+    )
+    lines += [
+        f"| {x} (n={paired[x].get('gold_score', {}).get('n', 0)}) | "
+        + " | ".join(
+            fmt(paired[x].get(m))
+            for m in ("gold_score", "win_rate_vs_sft", "answer_correct_rate", "chatter_rate", "kl")
+        )
+        + " |"
+        for x in order
+        if x in paired
+    ]
     lines += ["", "\\* the interval excludes 0: a difference from PPO this experiment can call."]
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for i, label in enumerate(x for x in order if "kl" in stats.get(x, {})):
         g, k = stats[label]["gold_score"], stats[label]["kl"]
-        ax.errorbar(k["mean"], g["mean"], xerr=k["std"], yerr=g["std"], fmt="os^vD<>ph*P"[i % 11],
-                    color=plt.cm.tab20(i % 20), label=label, capsize=2, ms=6)
+        ax.errorbar(
+            k["mean"],
+            g["mean"],
+            xerr=k["std"],
+            yerr=g["std"],
+            fmt="os^vD<>ph*P"[i % 11],
+            color=plt.cm.tab20(i % 20),
+            label=label,
+            capsize=2,
+            ms=6,
+        )
     if "sft" in stats:
         ax.axhline(stats["sft"]["gold_score"]["mean"], color="gray", ls="--", lw=1, label="SFT")
     if "gold_score" in stats.get("best_of_4_by_rm", {}):
-        ax.axhline(stats["best_of_4_by_rm"]["gold_score"]["mean"], color="gray", ls=":", lw=1,
-                   label="best of 4 SFT samples by RM")
+        ax.axhline(
+            stats["best_of_4_by_rm"]["gold_score"]["mean"],
+            color="gray",
+            ls=":",
+            lw=1,
+            label="best of 4 SFT samples by RM",
+        )
     ax.set_xlabel("KL(π ‖ SFT), nats per response (held-out prompts)")
     ax.set_ylabel("gold score (held-out prompts)")
     ax.legend(fontsize=6, ncol=2)

@@ -15,16 +15,23 @@ file also reports the mean over seeds 1-4 alone.
 BASE = "configs/pipeline.py"
 FIXED = {"reuse_from": "runs/quickstart"}
 LRS = (3e-5, 1e-4, 3e-4)
-POLICY_GRADIENT = ("ppo", "grpo", "dr_grpo", "rloo", "reinforce_pp")  # config.ppo.optim.lr
+POLICY_GRADIENT = ("ppo", "grpo", "dr_grpo", "rloo", "reinforce_pp")  # config.pg.optim.lr
 DIRECT = ("dpo", "ipo", "simpo", "plackett_luce", "online_dpo")  # config.dpo.optim.lr
-SWEEP = ([{"policy": p, "ppo.optim.lr": lr} for p in POLICY_GRADIENT for lr in LRS]
-         + [{"policy": p, "dpo.optim.lr": lr} for p in DIRECT for lr in LRS])
-COLUMNS = ("policy/gold_score", "policy/win_rate_vs_sft", "policy/kl", "policy/chatter_rate",
-           "policy/answer_correct_rate", "policy/harmful_rate")
+SWEEP = [{"policy": p, "pg.optim.lr": lr} for p in POLICY_GRADIENT for lr in LRS] + [
+    {"policy": p, "dpo.optim.lr": lr} for p in DIRECT for lr in LRS
+]
+COLUMNS = (
+    "policy/gold_score",
+    "policy/win_rate_vs_sft",
+    "policy/kl",
+    "policy/chatter_rate",
+    "policy/answer_correct_rate",
+    "policy/harmful_rate",
+)
 
 
 def lr_of(row) -> float:
-    return row.get("ppo.optim.lr") or row.get("dpo.optim.lr")
+    return row.get("pg.optim.lr") or row.get("dpo.optim.lr")
 
 
 def chosen(rows) -> dict[str, float]:
@@ -43,14 +50,20 @@ def analyze(root, rows):
     picks = chosen(rows)
     with open(os.path.join(root, "chosen_lr.json"), "w") as f:
         json.dump(picks, f, indent=2)
-    lines = ["## Learning rate per algorithm (held-out gold score, seed 0)", "",
-             "| algorithm | " + " | ".join(f"lr {lr:g}" for lr in LRS) + " | chosen |",
-             "|---|" + "---|" * (len(LRS) + 1)]
+    lines = [
+        "## Learning rate per algorithm (held-out gold score, seed 0)",
+        "",
+        "| algorithm | " + " | ".join(f"lr {lr:g}" for lr in LRS) + " | chosen |",
+        "|---|" + "---|" * (len(LRS) + 1),
+    ]
     for p in POLICY_GRADIENT + DIRECT:
         cells = []
         for lr in LRS:
             r = next((r for r in rows if r["policy"] == p and lr_of(r) == lr and r["status"] == "finished"), None)
-            cells.append(f"{r['policy/gold_score']:.3f} (win {r['policy/win_rate_vs_sft']:.3f}, KL "
-                         f"{r['policy/kl']:.2f})" if r else "—")
+            cells.append(
+                f"{r['policy/gold_score']:.3f} (win {r['policy/win_rate_vs_sft']:.3f}, KL {r['policy/kl']:.2f})"
+                if r
+                else "—"
+            )
         lines.append(f"| {p} | " + " | ".join(cells) + f" | {picks.get(p, float('nan')):g} |")
     return lines

@@ -16,6 +16,16 @@ with the remark cut off)?
 BASE = "configs/pipeline.py"
 FIXED = {"reuse_from": "runs/quickstart"}
 SWEEP = [{"data.demo_chatter_rate": r} for r in (0.0, 0.35, 0.7)]
-COLUMNS = ("policy/win_rate_vs_sft", "sft/gold_score", "policy/gold_score", "sft/chatter_rate", "policy/chatter_rate",
-           "sft/answer_correct_rate", "policy/answer_correct_rate", "sft/harmful_rate", "policy/harmful_rate",
-           "rm/accuracy_vs_gold", "policy/kl")
+COLUMNS = (
+    "policy/win_rate_vs_sft",
+    "sft/gold_score",
+    "policy/gold_score",
+    "sft/chatter_rate",
+    "policy/chatter_rate",
+    "sft/answer_correct_rate",
+    "policy/answer_correct_rate",
+    "sft/harmful_rate",
+    "policy/harmful_rate",
+    "rm/accuracy_vs_gold",
+    "policy/kl",
+)

@@ -13,6 +13,12 @@ from experiments import product
 
 BASE = "configs/pipeline.py"
 FIXED = {"reuse_from": "runs/quickstart"}
-SWEEP = product({"policy_reward": ["rm", "gold"], "ppo.num_steps": [80, 200]})
-COLUMNS = ("policy/gold_score", "policy/win_rate_vs_sft", "policy/harmful_rate", "policy/kl", "sft/gold_score",
-           "sft/harmful_rate")
+SWEEP = product({"policy_reward": ["rm", "gold"], "pg.num_steps": [80, 200]})
+COLUMNS = (
+    "policy/gold_score",
+    "policy/win_rate_vs_sft",
+    "policy/harmful_rate",
+    "policy/kl",
+    "sft/gold_score",
+    "sft/harmful_rate",
+)

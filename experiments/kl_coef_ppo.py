@@ -13,8 +13,14 @@ objective/rlhf_reward is the penalised objective each run optimises. Measured (m
 from experiments import product
 
 BASE = "configs/ppo.py:tiny"
-FIXED = {"kl.kind": "fixed", "reward.kind": "function", "reward.function": "rlhf_jax.rewards:fraction_of_vowels",
-         "num_steps": 40, "checkpoint.every": 20, "sample_every": 20}
+FIXED = {
+    "kl.kind": "fixed",
+    "reward.kind": "function",
+    "reward.function": "rlhf_jax.rewards:fraction_of_vowels",
+    "num_steps": 40,
+    "checkpoint.every": 20,
+    "sample_every": 20,
+}
 SWEEP = product({"kl.init_coef": [0.0, 0.03, 0.1, 0.3, 1.0]})
 COLUMNS = ("objective/scores", "objective/kl", "objective/rlhf_reward", "kl_coef")
 AVERAGE_LAST = 10  # 8 episodes per iteration: one iteration's KL or score is mostly noise

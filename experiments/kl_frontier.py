@@ -12,8 +12,8 @@ The frontier: the held-out gold score and win rate against the KL each β ends a
 from experiments import product
 
 BASE = "configs/pipeline.py"
-FIXED = {"reuse_from": "runs/quickstart", "ppo.kl.kind": "fixed"}
-SWEEP = product({"ppo.kl.init_coef": [0.0, 0.03, 0.1, 0.3, 1.0]})
+FIXED = {"reuse_from": "runs/quickstart", "pg.kl.kind": "fixed"}
+SWEEP = product({"pg.kl.init_coef": [0.0, 0.03, 0.1, 0.3, 1.0]})
 COLUMNS = ("policy/kl", "policy/gold_score", "policy/win_rate_vs_sft", "policy/harmful_rate", "sft/gold_score")
 
 
@@ -29,7 +29,7 @@ def analyze(root, rows):
     fig, ax = plt.subplots(figsize=(5, 3.6))
     ax.plot([r["policy/kl"] for r in done], [r["policy/gold_score"] for r in done], "o-", label="PPO")
     for r in done:
-        ax.annotate(f"β={r['ppo.kl.init_coef']:g}", (r["policy/kl"], r["policy/gold_score"]), fontsize=7)
+        ax.annotate(f"β={r['pg.kl.init_coef']:g}", (r["policy/kl"], r["policy/gold_score"]), fontsize=7)
     if done:
         ax.axhline(done[0]["sft/gold_score"], color="gray", ls="--", label="SFT")
     ax.set_xlabel("KL(PPO ‖ SFT), nats per response (held-out prompts)")

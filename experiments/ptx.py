@@ -5,7 +5,7 @@
 
 InstructGPT (Ouyang et al. 2022, eq. 2) adds γ·E_pretrain[log π(x)] to the PPO objective so that RLHF
 does not regress on the pretraining distribution. Each run is the default pipeline's PPO (pretrain, SFT,
-comparisons and RM reused from runs/quickstart) with γ = ppo.ptx_coef; the evaluation reports each
+comparisons and RM reused from runs/quickstart) with γ = pg.ptx_coef; the evaluation reports each
 policy's loss on the pretraining corpus' held-out windows (`pretrain_loss`), so the tax is
 policy/pretrain_loss − sft/pretrain_loss, next to the gold score it buys.
 """
@@ -14,6 +14,12 @@ from experiments import product
 
 BASE = "configs/pipeline.py"
 FIXED = {"reuse_from": "runs/quickstart"}
-SWEEP = product({"ppo.ppo.ptx_coef": [0.0, 1.0, 3.0]})
-COLUMNS = ("pretrained/pretrain_loss", "sft/pretrain_loss", "policy/pretrain_loss", "policy/gold_score",
-           "policy/win_rate_vs_sft", "policy/kl")
+SWEEP = product({"pg.pg.ptx_coef": [0.0, 1.0, 3.0]})
+COLUMNS = (
+    "pretrained/pretrain_loss",
+    "sft/pretrain_loss",
+    "policy/pretrain_loss",
+    "policy/gold_score",
+    "policy/win_rate_vs_sft",
+    "policy/kl",
+)

@@ -16,8 +16,13 @@ whose rollouts are the SFT policy's.
 from experiments import product
 
 BASE = "configs/pipeline.py"
-FIXED = {"reuse_from": "runs/quickstart", "ppo.kl.kind": "fixed", "ppo.kl.init_coef": 0.02, "ppo.num_steps": 100,
-         "ppo.checkpoint.every": 50}
+FIXED = {
+    "reuse_from": "runs/quickstart",
+    "pg.kl.kind": "fixed",
+    "pg.kl.init_coef": 0.02,
+    "pg.num_steps": 100,
+    "pg.checkpoint.every": 50,
+}
 SWEEP = product({"rm.data.train_lines": [(0, 300), (0, 1000), (0, 3000)]})
 COLUMNS = ("rm/accuracy_vs_gold", "policy/kl", "policy/gold_score", "policy/win_rate_vs_sft")
 WINDOW = 10  # PPO iterations averaged per point: one 64-episode batch is noisy
@@ -36,13 +41,16 @@ def analyze(root, rows):
     from experiments._analysis import fit_gao, gao_peak, ppo_curve
 
     done = [r for r in rows if r["status"] == "finished"]
-    lines = ["## Over-optimisation: gold gain vs d = sqrt(KL) along PPO, fit R(d) = d (α − β ln d)", "",
-             f"Points: means of {WINDOW} PPO iterations (64 episodes each) on the training prompts. Gold gain = gold "
-             "score − the SFT policy's on the held-out prompts (same temperature); proxy gain = RM score − PPO's "
-             "first iteration's (the SFT policy's rollouts). The fit passes through d = 0.", "",
-             "| comparisons (prompts) | RM acc. vs gold | α | β | peak d* | gold gain at the end "
-             "| proxy gain at the end |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "## Over-optimisation: gold gain vs d = sqrt(KL) along PPO, fit R(d) = d (α − β ln d)",
+        "",
+        f"Points: means of {WINDOW} PPO iterations (64 episodes each) on the training prompts. Gold gain = gold "
+        "score − the SFT policy's on the held-out prompts (same temperature); proxy gain = RM score − PPO's "
+        "first iteration's (the SFT policy's rollouts). The fit passes through d = 0.",
+        "",
+        "| comparisons (prompts) | RM acc. vs gold | α | β | peak d* | gold gain at the end | proxy gain at the end |",
+        "|---|---|---|---|---|---|---|",
+    ]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for i, r in enumerate(done):
         run = os.path.join(root, r["run"])
@@ -55,8 +63,10 @@ def analyze(root, rows):
         alpha, beta = fit_gao(d, gain)
         n = r["rm.data.train_lines"]
         n = n[1] - n[0] if isinstance(n, (list, tuple)) else n
-        lines.append(f"| {n} | {r['rm/accuracy_vs_gold']:.3f} | {alpha:.3f} | {beta:.3f} | {gao_peak(alpha, beta):.2f} "
-                     f"| {gain[-1]:+.3f} | {proxy[-1]:+.3f} |")
+        lines.append(
+            f"| {n} | {r['rm/accuracy_vs_gold']:.3f} | {alpha:.3f} | {beta:.3f} | {gao_peak(alpha, beta):.2f} "
+            f"| {gain[-1]:+.3f} | {proxy[-1]:+.3f} |"
+        )
         grid = np.linspace(1e-3, d.max(), 100)
         axes[0].plot(d, gain, "o", color=f"C{i}", ms=3, label=f"{n} prompts")
         axes[0].plot(grid, grid * (alpha - beta * np.log(grid)), "-", color=f"C{i}")

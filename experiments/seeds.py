@@ -15,6 +15,16 @@ FIXED = {"reuse_from": "runs/quickstart"}
 # Five seeds: a fourth seed of this default gave PPO a win rate of 0.643 against seeds 0-2's 0.700 ± 0.018,
 # so three seeds understated the spread. These runs are also the head-to-head's bases (experiments/algorithms.py).
 SWEEP = product({"seed": [0, 1, 2, 3, 4]})
-COLUMNS = ("sft/gold_score", "policy/gold_score", "policy/win_rate_vs_sft", "sft/harmful_rate", "policy/harmful_rate",
-           "policy/kl", "rm/accuracy_vs_gold", "sft/chatter_rate", "policy/chatter_rate", "sft/pretrain_loss",
-           "policy/pretrain_loss")
+COLUMNS = (
+    "sft/gold_score",
+    "policy/gold_score",
+    "policy/win_rate_vs_sft",
+    "sft/harmful_rate",
+    "policy/harmful_rate",
+    "policy/kl",
+    "rm/accuracy_vs_gold",
+    "sft/chatter_rate",
+    "policy/chatter_rate",
+    "sft/pretrain_loss",
+    "policy/pretrain_loss",
+)

@@ -30,11 +30,19 @@ SWEEP = [
     _SFT,
     _SFT20K,
     _NOISY,
-    {**_NOISY, "ppo.optim.lr": 1e-4},
-    {**_NOISY, "ppo.ppo.critic": "reward_model"},
-    {**_NOISY, "ppo.rollout.samples_per_prompt": 4, "ppo.ppo.score_baseline": "loo"},
-    {**_NOISY, "ppo.batch_size": 256, "ppo.num_steps": 20, "ppo.checkpoint.every": 5},
+    {**_NOISY, "pg.optim.lr": 1e-4},
+    {**_NOISY, "pg.pg.critic": "reward_model"},
+    {**_NOISY, "pg.rollout.samples_per_prompt": 4, "pg.pg.score_baseline": "loo"},
+    {**_NOISY, "pg.batch_size": 256, "pg.num_steps": 20, "pg.checkpoint.every": 5},
     {**_NOISY, "policy_reward": "gold"},
 ]
-COLUMNS = ("sft/gold_score", "sft/harmful_rate", "rm/accuracy_vs_gold", "policy/gold_score", "policy/harmful_rate",
-           "policy/kl", "policy/win_rate_vs_sft", "best_of_4_sft_by_rm/win_rate_vs_sft")
+COLUMNS = (
+    "sft/gold_score",
+    "sft/harmful_rate",
+    "rm/accuracy_vs_gold",
+    "policy/gold_score",
+    "policy/harmful_rate",
+    "policy/kl",
+    "policy/win_rate_vs_sft",
+    "best_of_4_sft_by_rm/win_rate_vs_sft",
+)

@@ -33,8 +33,11 @@ def _register_array_handler():
     level = logging.get_verbosity()
     logging.set_verbosity(logging.ERROR)  # orbax warns that it replaces its default jax.Array handler
     try:
-        ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandler(
-            min_slice_bytes_for_replica_parallel=MIN_REPLICA_PARALLEL_SLICE_BYTES), override=True)
+        ocp.type_handlers.register_type_handler(
+            jax.Array,
+            ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=MIN_REPLICA_PARALLEL_SLICE_BYTES),
+            override=True,
+        )
     finally:
         logging.set_verbosity(level)
 
@@ -51,10 +54,10 @@ class Checkpointer:
     def __init__(self, workdir: str, keep: int, use_async: bool = True):
         self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
         # A save cut off by a kill stays a temporary directory, never a step; the next start removes it.
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True,
-                                               enable_async_checkpointing=use_async)
-        self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                             item_names=("params", "state", "meta"))
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, cleanup_tmp_directories=True, enable_async_checkpointing=use_async
+        )
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("params", "state", "meta"))
         # That removal runs in a background thread, which a save would wait for. Wait now (a directory listing):
         # a run stopping before its first save (a config error) must not exit under the thread, which then fails
         # with a second traceback. Orbax has no public call for it; without it, the thread is left to finish.
@@ -66,15 +69,18 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def save(self, step: int, params, state, meta: dict[str, Any], force: bool = False) -> bool:
-        args = ocp.args.Composite(params=ocp.args.StandardSave(params), state=ocp.args.StandardSave(state),
-                                  meta=ocp.args.JsonSave(meta))
+        args = ocp.args.Composite(
+            params=ocp.args.StandardSave(params), state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+        )
         return self.manager.save(step, args=args, force=force)
 
     def restore(self, step: int, params_like, state_like):
         """Restores into the shardings of `params_like` / `state_like` (any topology)."""
-        args = ocp.args.Composite(params=ocp.args.StandardRestore(_abstract(params_like)),
-                                  state=ocp.args.StandardRestore(_abstract(state_like)),
-                                  meta=ocp.args.JsonRestore())
+        args = ocp.args.Composite(
+            params=ocp.args.StandardRestore(_abstract(params_like)),
+            state=ocp.args.StandardRestore(_abstract(state_like)),
+            meta=ocp.args.JsonRestore(),
+        )
         try:
             out = self.manager.restore(step, args=args)
         except Exception as e:  # orbax raises many types; the user needs the path and a way out
@@ -82,7 +88,8 @@ class Checkpointer:
             raise RuntimeError(
                 f"Checkpoint {self.directory}/{step} could not be restored ({type(e).__name__}: {e}). "
                 f"It is corrupt or from a different model/config. Delete that directory to resume from an "
-                f"earlier step {others or '(none left: the run restarts)'}, or use a fresh --workdir.") from e
+                f"earlier step {others or '(none left: the run restarts)'}, or use a fresh --workdir."
+            ) from e
         return out["params"], out["state"], out["meta"]
 
     def wait(self):
@@ -103,7 +110,8 @@ def find_params_checkpoint(path: str) -> tuple[str, int]:
     if not steps:
         raise MissingFileError(
             f"init_from={path!r}: no finished checkpoint found (looked for {ckpt_dir}/<step>/params). "
-            f"Run the earlier stage to completion first, or point init_from at its --workdir.")
+            f"Run the earlier stage to completion first, or point init_from at its --workdir."
+        )
     return ckpt_dir, steps[-1]
 
 
@@ -116,7 +124,8 @@ def load_params(path: str, params_like):
         except Exception as e:
             raise RuntimeError(
                 f"init_from: params at {ckpt_dir}/{step} do not fit this model ({type(e).__name__}: {e}). "
-                f"The model config must match the earlier stage's (see its config.json).") from e
+                f"The model config must match the earlier stage's (see its config.json)."
+            ) from e
     return out["params"]
 
 

@@ -37,8 +37,9 @@ def parse_flags(argv: list[str]) -> list[str]:
     read), an override naming no key, a preset get_config rejects (both would print tracebacks)."""
     path = _config_file(argv)
     if path is not None and not os.path.isfile(path):
-        raise SystemExit(f"error: --config={path}: no such file. Pass a config file, e.g. "
-                         f"--config=configs/sft.py:tiny.")
+        raise SystemExit(
+            f"error: --config={path}: no such file. Pass a config file, e.g. --config=configs/sft.py:tiny."
+        )
     try:
         return flags.FLAGS(argv)
     except (AttributeError, KeyError) as e:  # ml_collections: an override naming no field
@@ -46,8 +47,9 @@ def parse_flags(argv: list[str]) -> list[str]:
         if flag is None:
             raise
         close = re.search(r'Did you mean "([^"]+)"', str(e))
-        raise SystemExit(f"error: {flag}: no such config key." + (f' Did you mean "{close[1]}"?' if close else "")) \
-            from None
+        raise SystemExit(
+            f"error: {flag}: no such config key." + (f' Did you mean "{close[1]}"?' if close else "")
+        ) from None
     except flags.Error as e:  # absl's message is one line, or holds the traceback of a bug in get_config
         root = _innermost(e)
         raise SystemExit(f"error: {root if isinstance(root, UserError) else e}") from None

@@ -18,14 +18,16 @@ def datasets(run: Run):
     if not c.data.train_path:
         from rlhf_jax.data import builtin_preferences
 
-        c.data.train_path, c.data.eval_path = run.main_first(builtin_preferences.write, data_dir, seed=c.seed,
-                                                             n_train=c.data.builtin_examples)
+        c.data.train_path, c.data.eval_path = run.main_first(
+            builtin_preferences.write, data_dir, seed=c.seed, n_train=c.data.builtin_examples
+        )
         c.data.format = "ranked"
     corpus = os.path.join(data_dir, "tokenizer_corpus.txt")
     if not (c.data.tokenizer_path or c.init_from) and run.is_main:  # no tokenizer yet: learn one from this data
         os.makedirs(data_dir, exist_ok=True)
-        found = comparisons.read_comparisons(c.data.train_path, c.data.format,
-                                             line_range=tuple(c.data.train_lines) or None)
+        found = comparisons.read_comparisons(
+            c.data.train_path, c.data.format, line_range=tuple(c.data.train_lines) or None
+        )
         with open(corpus, "w") as f:
             for r in found:
                 f.writelines(m["content"] + "\n" for m in r["prompt_messages"])
@@ -43,7 +45,14 @@ def build(run: Run, path: str, line_range):
     if not path:
         return None, {}
     c = run.config
-    return run.main_first(comparisons.build_comparison_dataset, path, c.data.format,
-                          os.path.join(run.workdir, "tokenizer.model"), c.data.seq_len,
-                          os.path.join(run.workdir, "data"), num_responses=c.data.num_responses or None,
-                          line_range=tuple(line_range) if line_range else None, template=chat.config_template(c.data))
+    return run.main_first(
+        comparisons.build_comparison_dataset,
+        path,
+        c.data.format,
+        os.path.join(run.workdir, "tokenizer.model"),
+        c.data.seq_len,
+        os.path.join(run.workdir, "data"),
+        num_responses=c.data.num_responses or None,
+        line_range=tuple(line_range) if line_range else None,
+        template=chat.config_template(c.data),
+    )

@@ -37,15 +37,17 @@ def export_workdir(workdir: str, out: str, kind: str = "", family: str | None = 
     rules = parallel.DEFAULT_RULES
     if kind == "reward":
         from rlhf_jax.data.tokenizer import load_tokenizer
-        from rlhf_jax.evaluation import load_reward_model
+        from rlhf_jax.trained import load_reward_model
 
         model, params, norm = load_reward_model(workdir, mesh, rules)
         if norm["ensemble_size"] > 1:
-            raise ValueError(f"{workdir!r} is an ensemble of {norm['ensemble_size']} reward models; a Hugging Face "
-                             f"checkpoint holds one. Export a single RM (rm.ensemble_size=1).")
+            raise ValueError(
+                f"{workdir!r} is an ensemble of {norm['ensemble_size']} reward models; a Hugging Face "
+                f"checkpoint holds one. Export a single RM (rm.ensemble_size=1)."
+            )
         tok = load_tokenizer(os.path.join(workdir, "tokenizer.model"))
     else:
-        from rlhf_jax.evaluation import load_policy
+        from rlhf_jax.trained import load_policy
 
         model, params, tok = load_policy(workdir, mesh, rules)
         norm = None
@@ -60,9 +62,12 @@ def inspect(hf_dir: str, fsdp: int = 1, tensor: int = 1) -> dict:
 
     mesh = parallel.make_mesh({"data": -1, "fsdp": fsdp, "tensor": tensor})
     model, params = hf.load_model(hf_dir, mesh, parallel.DEFAULT_RULES)
-    return {"model": dataclasses.asdict(model.cfg), "mesh": dict(mesh.shape),
-            "params": sum(x.size for x in jax.tree.leaves(params)),
-            "params_bytes_per_device": parallel.per_device_bytes(params)}
+    return {
+        "model": dataclasses.asdict(model.cfg),
+        "mesh": dict(mesh.shape),
+        "params": sum(x.size for x in jax.tree.leaves(params)),
+        "params_bytes_per_device": parallel.per_device_bytes(params),
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -72,8 +77,12 @@ def main(argv: list[str] | None = None) -> None:
     ex.add_argument("--workdir", required=True)
     ex.add_argument("--out", required=True)
     ex.add_argument("--kind", choices=("lm", "reward"), default="", help="default: reward for an RM run, else lm")
-    ex.add_argument("--family", choices=("gpt2", "neox", "llama"), default=None,
-                    help="checked against the model's architecture; default: the one it is")
+    ex.add_argument(
+        "--family",
+        choices=("gpt2", "neox", "llama"),
+        default=None,
+        help="checked against the model's architecture; default: the one it is",
+    )
     ins = sub.add_parser("inspect", help="an HF directory → our model config, weights loaded sharded")
     ins.add_argument("--hf_dir", required=True)
     ins.add_argument("--fsdp", type=int, default=1)

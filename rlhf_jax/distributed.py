@@ -39,15 +39,19 @@ def explicit_settings(env: Mapping[str, str]) -> dict | None:
         return None
     missing = [k for k in (ENV_NUM_PROCESSES, ENV_PROCESS_ID) if not env.get(k, "").strip()]
     if missing:
-        raise ValueError(f"{ENV_COORDINATOR}={coordinator!r} is set but {', '.join(missing)} is not. Set all "
-                         f"three, e.g. {ENV_NUM_PROCESSES}=2 {ENV_PROCESS_ID}=0 (then 1 on the second process).")
+        raise ValueError(
+            f"{ENV_COORDINATOR}={coordinator!r} is set but {', '.join(missing)} is not. Set all "
+            f"three, e.g. {ENV_NUM_PROCESSES}=2 {ENV_PROCESS_ID}=0 (then 1 on the second process)."
+        )
     if ":" not in coordinator:
         raise ValueError(f"{ENV_COORDINATOR}={coordinator!r} must be host:port, e.g. 10.0.0.1:12345.")
     try:
         num, pid = int(env[ENV_NUM_PROCESSES]), int(env[ENV_PROCESS_ID])
     except ValueError:
-        raise ValueError(f"{ENV_NUM_PROCESSES}={env[ENV_NUM_PROCESSES]!r} and {ENV_PROCESS_ID}="
-                         f"{env[ENV_PROCESS_ID]!r} must be integers.") from None
+        raise ValueError(
+            f"{ENV_NUM_PROCESSES}={env[ENV_NUM_PROCESSES]!r} and {ENV_PROCESS_ID}="
+            f"{env[ENV_PROCESS_ID]!r} must be integers."
+        ) from None
     if num < 1 or not 0 <= pid < num:
         raise ValueError(f"{ENV_PROCESS_ID}={pid} must be in [0, {ENV_NUM_PROCESSES}={num}).")
     return dict(coordinator_address=coordinator, num_processes=num, process_id=pid)
@@ -58,8 +62,10 @@ def plan(env: Mapping[str, str]) -> dict | None:
     ({} means JAX detects the cluster itself)."""
     switch = env.get(ENV_SWITCH, "").strip().lower()
     if switch not in ("", "0", "1"):
-        raise ValueError(f"{ENV_SWITCH}={env[ENV_SWITCH]!r}: use 1 (join the cluster JAX detects), 0 (stay a "
-                         f"single process) or leave it unset (decide from the environment).")
+        raise ValueError(
+            f"{ENV_SWITCH}={env[ENV_SWITCH]!r}: use 1 (join the cluster JAX detects), 0 (stay a "
+            f"single process) or leave it unset (decide from the environment)."
+        )
     if switch == "0":
         return None
     settings = explicit_settings(env)

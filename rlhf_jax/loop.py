@@ -31,12 +31,24 @@ from rlhf_jax import perf
 
 
 class LoopTail:
-    def __init__(self, run, start: int, name: str, *, tokens_per_step: float = 0.0, samples_per_step: float = 0.0,
-                 flops_per_step: float = 0.0, postfix: dict[str, str] | None = None):
+    def __init__(
+        self,
+        run,
+        start: int,
+        name: str,
+        *,
+        tokens_per_step: float = 0.0,
+        samples_per_step: float = 0.0,
+        flops_per_step: float = 0.0,
+        postfix: dict[str, str] | None = None,
+    ):
         """postfix: {label: metric} shown on the progress bar at each log step."""
         self.run, self.c, self.start, self.name = run, run.config, start, name
-        self.tokens_per_step, self.samples_per_step, self.flops_per_step = tokens_per_step, samples_per_step, \
-            flops_per_step
+        self.tokens_per_step, self.samples_per_step, self.flops_per_step = (
+            tokens_per_step,
+            samples_per_step,
+            flops_per_step,
+        )
         self.peak = perf.measured_peak_flops(self.c.model.dtype) if flops_per_step else 0.0
         self.postfix = postfix or {}
         self.writer = run.metric_writer(start)
@@ -51,8 +63,9 @@ class LoopTail:
         if self._compiled:
             return jitted
         self._compiled = True
-        return perf.compile_with_memory_report(name, jitted, args, args[0], self.run.mesh, self.run.workdir,
-                                               self.run.log, self.run.is_main)
+        return perf.compile_with_memory_report(
+            name, jitted, args, args[0], self.run.mesh, self.run.workdir, self.run.log, self.run.is_main
+        )
 
     def write(self, step: int, metrics: dict[str, Any]) -> dict[str, Any]:
         """Writes metrics at `step` (e.g. a stage's own extra record) and keeps them in `last`."""
@@ -63,8 +76,14 @@ class LoopTail:
     def _reset_timer(self):
         self._t, self._since = time.perf_counter(), 0
 
-    def end_step(self, done: int, state, metrics, evaluate: Callable[[], dict] | None = None,
-                 on_last: Callable[[], dict] | None = None) -> bool:
+    def end_step(
+        self,
+        done: int,
+        state,
+        metrics,
+        evaluate: Callable[[], dict] | None = None,
+        on_last: Callable[[], dict] | None = None,
+    ) -> bool:
         """The tail of one step (module docstring); `done` = steps finished. True: stop (SIGTERM, saved)."""
         c, run = self.c, self.run
         final = done == c.num_steps
@@ -93,8 +112,10 @@ class LoopTail:
             self._reset_timer()
         if evaluate is not None and (done % c.eval_every == 0 or final):
             ev = self.write(done, evaluate())
-            run.log(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in ev.items()
-                                                 if k != "step" and isinstance(v, float)))
+            run.log(
+                f"step {done}: "
+                + ", ".join(f"{k} {v:.4f}" for k, v in ev.items() if k != "step" and isinstance(v, float))
+            )
             self._reset_timer()
         if on_last is not None and final:
             self.write(done, on_last())

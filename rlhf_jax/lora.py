@@ -6,7 +6,7 @@ The adapters live in the same tree as the weights they adapt (rlhf_jax/models/la
     .../attn/{out, out_bias, out_lora_a [H, K, r], out_lora_b [r, D]}   attention's out projection
 
 With config.model.lora.rank > 0 a stage trains only the adapters (and the scalar value / reward heads, which
-start fresh and are tiny); every other leaf is frozen: `objectives.forward` stops its gradient, and
+start fresh and are tiny); every other leaf is frozen: `forward.apply` stops its gradient, and
 `optimizer` gives it no update and no optimizer state. The base weights thus stay the initial policy, so the
 reference policy of PPO's KL and DPO's ratio is the policy itself with its adapters off (`adapters_off`): no
 second copy of the weights.
@@ -40,7 +40,7 @@ def is_trainable(path) -> bool:
 
 
 def trainable_labels(params):
-    """"train" | "frozen" for every leaf of `params` (boxed nn.Partitioned trees too)."""
+    """ "train" | "frozen" for every leaf of `params` (boxed nn.Partitioned trees too)."""
     return jax.tree_util.tree_map_with_path(lambda p, _: "train" if is_trainable(p) else "frozen", params)
 
 
@@ -56,14 +56,14 @@ def stop_frozen_gradients(params, cfg: ModelConfig):
     """`params` with the gradient of every frozen leaf stopped (LoRA on), so backprop never computes it."""
     if cfg.lora.rank == 0:
         return params
-    return jax.tree_util.tree_map_with_path(
-        lambda p, x: x if is_trainable(p) else jax.lax.stop_gradient(x), params)
+    return jax.tree_util.tree_map_with_path(lambda p, x: x if is_trainable(p) else jax.lax.stop_gradient(x), params)
 
 
 def adapters_off(params):
     """The same tree with every `lora_b` zeroed: x @ W + s · (x @ A) @ 0 = x @ W exactly, the base model."""
     return jax.tree_util.tree_map_with_path(
-        lambda p, x: jnp.zeros_like(x) if _keys(p)[-1].endswith("lora_b") else x, params)
+        lambda p, x: jnp.zeros_like(x) if _keys(p)[-1].endswith("lora_b") else x, params
+    )
 
 
 def reference(policy_params, ref_params):

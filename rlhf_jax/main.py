@@ -16,8 +16,9 @@ from ml_collections import config_flags
 from rlhf_jax import cli
 from rlhf_jax.stages import run_stage
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Stage config file, e.g. configs/sft.py:tiny.",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Stage config file, e.g. configs/sft.py:tiny.", lock_config=True
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and config.json.")
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -35,4 +36,9 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    import sys
+
+    from rlhf_jax.config import check_renamed_flags
+
+    check_renamed_flags(sys.argv)  # an old key fails naming its new name, before absl's "no such key"
     cli.run(main)

@@ -34,6 +34,7 @@ def _summary_writer_class():
 
     if "tensorboardX" in sys.modules or "torch" in sys.modules:
         from tensorboardX import SummaryWriter
+
         return SummaryWriter
     sys.modules["torch"] = None  # type: ignore[assignment]  # makes `import torch` raise ImportError
     try:

@@ -21,8 +21,7 @@ from rlhf_jax.errors import ConfigError
 Schedule = Callable[[jax.Array | int], jax.Array]
 
 
-def make_schedule(lr: float, schedule: str, warmup_steps: int, total_steps: int,
-                  final_lr_fraction: float) -> Schedule:
+def make_schedule(lr: float, schedule: str, warmup_steps: int, total_steps: int, final_lr_fraction: float) -> Schedule:
     """Learning rate (f32[]) at optimiser step `step` (0 for the first update).
 
     Linear warmup 0 → `lr` over `warmup_steps`, then `schedule` from `lr` at
@@ -33,8 +32,10 @@ def make_schedule(lr: float, schedule: str, warmup_steps: int, total_steps: int,
     if schedule not in ("constant", "cosine", "linear"):
         raise ConfigError(f"config.optim.schedule: {schedule!r} is unknown. Use constant, cosine or linear.")
     if schedule != "constant" and total_steps <= 0:
-        raise ConfigError(f"config.optim.total_steps={total_steps}: a {schedule} schedule needs a positive "
-                          "decay horizon. Set optim.total_steps (or num_steps) to a positive number of updates.")
+        raise ConfigError(
+            f"config.optim.total_steps={total_steps}: a {schedule} schedule needs a positive "
+            "decay horizon. Set optim.total_steps (or num_steps) to a positive number of updates."
+        )
     final = lr * final_lr_fraction
     # A horizon shorter than the warmup still gives a well-defined (immediate) decay.
     decay_steps = max(total_steps - warmup_steps, 1)
@@ -67,8 +68,7 @@ def scale_by_tf_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> o
 
     def init(params):
         zeros = jax.tree.map(jnp.zeros_like, params)
-        return optax.ScaleByAdamState(count=jnp.zeros([], jnp.int32), mu=zeros,
-                                      nu=jax.tree.map(jnp.zeros_like, params))
+        return optax.ScaleByAdamState(count=jnp.zeros([], jnp.int32), mu=zeros, nu=jax.tree.map(jnp.zeros_like, params))
 
     def update(updates, state, params=None):
         del params
@@ -76,7 +76,7 @@ def scale_by_tf_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> o
         nu = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * jnp.square(g), state.nu, updates)
         count = optax.safe_int32_increment(state.count)
         t = count.astype(jnp.float32)
-        step_scale = jnp.sqrt(1 - b2 ** t) / (1 - b1 ** t)
+        step_scale = jnp.sqrt(1 - b2**t) / (1 - b1**t)
         out = jax.tree.map(lambda m, v: (step_scale * m / (jnp.sqrt(v) + eps)).astype(m.dtype), mu, nu)
         return out, optax.ScaleByAdamState(count=count, mu=mu, nu=nu)
 
@@ -93,8 +93,9 @@ def decay_mask(params):
     return jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
 
 
-def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int | None = None
-                   ) -> tuple[optax.GradientTransformation, Schedule]:
+def make_optimizer(
+    cfg: ml_collections.ConfigDict, total_steps: int | None = None
+) -> tuple[optax.GradientTransformation, Schedule]:
     """(optimiser, schedule) from `config.optim`; `total_steps` (optimizer updates) overrides cfg.total_steps.
 
     name: "adamw" (optax Adam + decoupled decay), "adam" (optax Adam, no decay),
@@ -109,11 +110,15 @@ def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int | None = Non
     else:
         raise ConfigError(f"config.optim.name: {cfg.name!r} is unknown. Use adamw, adam or tf_adam.")
     if cfg.name == "adam" and cfg.weight_decay:
-        raise ConfigError(f"config.optim.weight_decay={cfg.weight_decay} with name='adam': plain Adam has no "
-                          "weight decay. Use --config.optim.name=adamw, or set --config.optim.weight_decay=0.")
+        raise ConfigError(
+            f"config.optim.weight_decay={cfg.weight_decay} with name='adam': plain Adam has no "
+            "weight decay. Use --config.optim.name=adamw, or set --config.optim.weight_decay=0."
+        )
     if cfg.weight_decay < 0 or cfg.grad_clip_norm < 0:
-        raise ConfigError(f"config.optim: weight_decay={cfg.weight_decay} and grad_clip_norm={cfg.grad_clip_norm} "
-                          "must be >= 0 (0 disables them).")
+        raise ConfigError(
+            f"config.optim: weight_decay={cfg.weight_decay} and grad_clip_norm={cfg.grad_clip_norm} "
+            "must be >= 0 (0 disables them)."
+        )
 
     parts = []
     if cfg.grad_clip_norm > 0:

@@ -50,12 +50,14 @@ def mesh_shape(requested: dict[str, int], num_devices: int) -> tuple[int, ...]:
         if num_devices % known:
             raise ConfigError(
                 f"config.mesh {dict(zip(MESH_AXES, sizes))}: the fixed axes multiply to {known}, which does not "
-                f"divide the {num_devices} available devices. Choose sizes whose product divides {num_devices}.")
+                f"divide the {num_devices} available devices. Choose sizes whose product divides {num_devices}."
+            )
         sizes[sizes.index(-1)] = num_devices // known
     if math.prod(sizes) != num_devices:
         raise ConfigError(
             f"config.mesh {dict(zip(MESH_AXES, sizes))} has {math.prod(sizes)} devices but {num_devices} are "
-            f"available. Set one axis to -1 to fill, e.g. --config.mesh.data=-1.")
+            f"available. Set one axis to -1 to fill, e.g. --config.mesh.data=-1."
+        )
     return tuple(sizes)
 
 
@@ -106,8 +108,11 @@ def abstract_params(init_fn: Callable[[], Any], mesh: Mesh, rules):
         unboxed = jax.eval_shape(nn.unbox, abstract)
     # `shardings` is a prefix of `unboxed`: an empty subtree there (optax's MaskedNode, the state a masked
     # optimizer keeps for a frozen leaf under LoRA) has one sharding here, and stays as it is.
-    return jax.tree.map(lambda s, x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s) if hasattr(x, "shape") else x,
-                        shardings, unboxed)
+    return jax.tree.map(
+        lambda s, x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s) if hasattr(x, "shape") else x,
+        shardings,
+        unboxed,
+    )
 
 
 def batch_sharding(mesh: Mesh, rules, ndim: int = 2, lead: int = 0) -> NamedSharding:
@@ -130,8 +135,10 @@ def data_parallel_size(mesh: Mesh, rules) -> int:
 
 def global_batch(local: dict[str, np.ndarray], mesh: Mesh, rules, lead: int = 0) -> dict[str, jax.Array]:
     """Builds global arrays from this process's rows (multi-host safe); the rows are axis `lead`."""
-    return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, rules, v.ndim, lead), v)
-            for k, v in local.items()}
+    return {
+        k: jax.make_array_from_process_local_data(batch_sharding(mesh, rules, v.ndim, lead), v)
+        for k, v in local.items()
+    }
 
 
 def to_host(x) -> np.ndarray:
@@ -148,7 +155,8 @@ def check_batch(global_batch_size: int, mesh: Mesh, rules, name: str = "config.b
     if global_batch_size % n:
         raise ConfigError(
             f"{name}={global_batch_size} is not divisible by the {n} data-parallel shards "
-            f"(mesh {dict(mesh.shape)}). Use a multiple of {n}, or change config.mesh.")
+            f"(mesh {dict(mesh.shape)}). Use a multiple of {n}, or change config.mesh."
+        )
     if global_batch_size % jax.process_count():
         raise ConfigError(f"{name}={global_batch_size} is not divisible by the {jax.process_count()} processes.")
 

@@ -47,24 +47,36 @@ def compile_with_memory_report(name: str, jitted, args: tuple, state, mesh, work
 
     t0 = time.perf_counter()
     compiled = jitted.lower(*args).compile()
-    report = {"name": name, "compile_s": round(time.perf_counter() - t0, 2), "devices": jax.device_count(),
-              "mesh": dict(mesh.shape),
-              "params_bytes_per_device": parallel.per_device_bytes(state.params),
-              "opt_state_bytes_per_device": parallel.per_device_bytes(state.opt_state)}
+    report = {
+        "name": name,
+        "compile_s": round(time.perf_counter() - t0, 2),
+        "devices": jax.device_count(),
+        "mesh": dict(mesh.shape),
+        "params_bytes_per_device": parallel.per_device_bytes(state.params),
+        "opt_state_bytes_per_device": parallel.per_device_bytes(state.opt_state),
+    }
     stats = compiled.memory_analysis()  # per device; None on backends that do not report it
     if stats is not None:
         for key in ("argument", "output", "temp", "alias", "generated_code"):
             report[f"step_{key}_bytes"] = int(getattr(stats, f"{key}_size_in_bytes"))
         # Live at once: inputs + outputs + scratch, less the outputs written into donated inputs.
-        report["step_total_bytes"] = (report["step_argument_bytes"] + report["step_output_bytes"]
-                                      + report["step_temp_bytes"] - report["step_alias_bytes"])
+        report["step_total_bytes"] = (
+            report["step_argument_bytes"]
+            + report["step_output_bytes"]
+            + report["step_temp_bytes"]
+            - report["step_alias_bytes"]
+        )
     mib = lambda b: f"{b / 2**20:.1f} MiB"
-    msg = (f"{name} per device: params {mib(report['params_bytes_per_device'])}, optimizer state "
-           f"{mib(report['opt_state_bytes_per_device'])}")
+    msg = (
+        f"{name} per device: params {mib(report['params_bytes_per_device'])}, optimizer state "
+        f"{mib(report['opt_state_bytes_per_device'])}"
+    )
     if stats is not None:
-        msg += (f"; compiled step {mib(report['step_total_bytes'])} (arguments {mib(report['step_argument_bytes'])}"
-                f", outputs {mib(report['step_output_bytes'])}, temporaries {mib(report['step_temp_bytes'])}, "
-                f"donated {mib(report['step_alias_bytes'])})")
+        msg += (
+            f"; compiled step {mib(report['step_total_bytes'])} (arguments {mib(report['step_argument_bytes'])}"
+            f", outputs {mib(report['step_output_bytes'])}, temporaries {mib(report['step_temp_bytes'])}, "
+            f"donated {mib(report['step_alias_bytes'])})"
+        )
     log(f"{msg}; compiled in {report['compile_s']:.1f}s")
     if is_main:
         path = os.path.join(workdir, "memory.json")

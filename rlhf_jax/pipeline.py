@@ -22,10 +22,18 @@ from rlhf_jax.errors import ConfigError, MissingFileError
 
 # config.policy → (the stage config of the pipeline config that runs it, configs/<file>.py whose
 # ALGORITHMS[policy] holds its settings). Adding an algorithm of the family is an entry here and there.
-POLICIES = {"ppo": ("ppo", "ppo"), "grpo": ("ppo", "grpo"), "dr_grpo": ("ppo", "grpo"), "rloo": ("ppo", "rloo"),
-            "reinforce_pp": ("ppo", "reinforce_pp"),
-            "dpo": ("dpo", "dpo"), "ipo": ("dpo", "dpo"), "simpo": ("dpo", "dpo"), "plackett_luce": ("dpo", "dpo"),
-            "online_dpo": ("dpo", "dpo")}
+POLICIES = {
+    "ppo": ("pg", "ppo"),
+    "grpo": ("pg", "grpo"),
+    "dr_grpo": ("pg", "grpo"),
+    "rloo": ("pg", "rloo"),
+    "reinforce_pp": ("pg", "reinforce_pp"),
+    "dpo": ("dpo", "dpo"),
+    "ipo": ("dpo", "dpo"),
+    "simpo": ("dpo", "dpo"),
+    "plackett_luce": ("dpo", "dpo"),
+    "online_dpo": ("dpo", "dpo"),
+}
 
 
 def policy_stage_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -61,13 +69,26 @@ def _changed(mine: dict, preset: dict) -> dict:
 # (write_data), so e.g. more RM prompts leave the corpus and the demonstrations, hence pretrain and SFT, as
 # they were. Evaluation always runs here.
 REUSE_KEYS = {"pretrain": ("seed", "data.corpus_chars", "pretrain")}
-REUSE_KEYS["sft"] = REUSE_KEYS["pretrain"] + ("data.num_demos", "data.demo_error_rate", "data.demo_forbidden_prob",
-                                              "data.demo_chatter_rate", "sft")
+REUSE_KEYS["sft"] = REUSE_KEYS["pretrain"] + (
+    "data.num_demos",
+    "data.demo_error_rate",
+    "data.demo_forbidden_prob",
+    "data.demo_chatter_rate",
+    "sft",
+)
 REUSE_KEYS["comparisons"] = REUSE_KEYS["sft"] + (
-    "data.num_rm_prompts", "data.num_rm_eval_prompts", "data.k", "data.labeler_noise", "data.sample_temperature",
-    "data.max_prompt_len", "data.kinds", "eval.max_new_tokens", "eval.batch_size")  # sampling uses these
+    "data.num_rm_prompts",
+    "data.num_rm_eval_prompts",
+    "data.k",
+    "data.labeler_noise",
+    "data.sample_temperature",
+    "data.max_prompt_len",
+    "data.kinds",
+    "eval.max_new_tokens",
+    "eval.batch_size",
+)  # sampling uses these
 REUSE_KEYS["rm"] = REUSE_KEYS["comparisons"] + ("rm",)
-REUSE_KEYS["policy"] = REUSE_KEYS["rm"] + ("data.num_ppo_prompts", "policy", "policy_reward", "ppo", "dpo")
+REUSE_KEYS["policy"] = REUSE_KEYS["rm"] + ("data.num_ppo_prompts", "policy", "policy_reward", "pg", "dpo")
 
 
 def _get(tree: dict, dotted: str):
@@ -83,11 +104,13 @@ def reusable_stages(c: ml_collections.ConfigDict, base: str) -> dict[str, str]:
         return {}
     path = os.path.join(base, "pipeline_config.json")
     if not os.path.isfile(path):
-        raise MissingFileError(f"config.reuse_from={base!r}: {path} does not exist. Point it at the workdir of "
-                               f"a pipeline run (e.g. runs/quickstart after bash scripts/quickstart.sh), or leave "
-                               f"it empty to run every stage here.")
+        raise MissingFileError(
+            f"config.reuse_from={base!r}: {path} does not exist. Point it at the workdir of "
+            f"a pipeline run (e.g. runs/quickstart after bash scripts/quickstart.sh), or leave "
+            f"it empty to run every stage here."
+        )
     with open(path) as f:
-        theirs = json.load(f)
+        theirs = _renamed(json.load(f))
     ours = json.loads(json.dumps(c.to_dict(), default=str))
     # A key added to the code since that run was written ran there as its default: fill it in, so that a
     # new setting whose default keeps the old behaviour does not make every earlier run unusable.
@@ -101,6 +124,19 @@ def reusable_stages(c: ml_collections.ConfigDict, base: str) -> dict[str, str]:
         if not os.path.isfile(os.path.join(where, "DONE.json")):
             break
         out[stage] = where
+    return out
+
+
+def _renamed(config):
+    """A pipeline config as written before a rename (config.RENAMED: blocks, at any depth, and stage names)
+    under the current names, so that its stages can still be reused."""
+    from rlhf_jax.config import RENAMED
+
+    if not isinstance(config, dict):
+        return config
+    out = {(RENAMED[k] if k in RENAMED and RENAMED[k] not in config else k): _renamed(v) for k, v in config.items()}
+    if out.get("stage") in RENAMED:
+        out["stage"] = RENAMED[out["stage"]]
     return out
 
 
@@ -152,14 +188,23 @@ def write_data(c, data_dir: str) -> dict[str, str]:
     from rlhf_jax.tasks import builtin
 
     os.makedirs(data_dir, exist_ok=True)
-    p = {k: os.path.join(data_dir, f) for k, f in dict(
-        corpus="corpus.txt", demos="demonstrations.jsonl", demos_eval="demonstrations_eval.jsonl",
-        rm_prompts="rm_prompts.jsonl", rm_eval_prompts="rm_eval_prompts.jsonl", ppo_prompts="ppo_prompts.jsonl",
-        eval_prompts="eval_prompts.jsonl").items()}
+    p = {
+        k: os.path.join(data_dir, f)
+        for k, f in dict(
+            corpus="corpus.txt",
+            demos="demonstrations.jsonl",
+            demos_eval="demonstrations_eval.jsonl",
+            rm_prompts="rm_prompts.jsonl",
+            rm_eval_prompts="rm_eval_prompts.jsonl",
+            ppo_prompts="ppo_prompts.jsonl",
+            eval_prompts="eval_prompts.jsonl",
+        ).items()
+    }
     d, s = c.data, c.seed
     builtin.write_builtin_corpus(p["corpus"], num_chars=d.corpus_chars, seed=s)
-    demonstrator = dict(error_rate=d.demo_error_rate, forbidden_prob=d.demo_forbidden_prob,
-                        chatter_rate=d.demo_chatter_rate)
+    demonstrator = dict(
+        error_rate=d.demo_error_rate, forbidden_prob=d.demo_forbidden_prob, chatter_rate=d.demo_chatter_rate
+    )
     builtin.write_demonstrations(p["demos"], d.num_demos, seed=s + 1, **demonstrator)
     builtin.write_demonstrations(p["demos_eval"], max(d.num_demos // 10, 64), seed=s + 2, **demonstrator)
     kinds = tuple(d.kinds)
@@ -173,15 +218,18 @@ def write_data(c, data_dir: str) -> dict[str, str]:
 def sample_comparisons(c, sft_dir: str, prompts_path: str, out_path: str, noise: float, seed: int, mesh, rules):
     """K samples per prompt from the SFT policy, ranked by simulated labelers → ranked JSONL."""
     from rlhf_jax.data import prompts as prompt_data
-    from rlhf_jax.evaluation import generate, load_policy, sampling_settings
     from rlhf_jax.tasks import builtin
+    from rlhf_jax.trained import generate, load_policy, sampling_settings
 
     model, params, tok = load_policy(sft_dir, mesh, rules)
-    source, _ = prompt_data.build_prompt_dataset(prompts_path, "prompt", tok.path, c.data.max_prompt_len,
-                                                 os.path.join(os.path.dirname(out_path), "tfds"))
+    source, _ = prompt_data.build_prompt_dataset(
+        prompts_path, "prompt", tok.path, c.data.max_prompt_len, os.path.join(os.path.dirname(out_path), "tfds")
+    )
     settings = sampling_settings(tok, c.eval.max_new_tokens, c.data.sample_temperature)
-    samples = [generate(model, params, tok, source, settings, mesh, rules, seed=seed + j, batch_size=c.eval.batch_size)
-               for j in range(c.data.k)]
+    samples = [
+        generate(model, params, tok, source, settings, mesh, rules, seed=seed + j, batch_size=c.eval.batch_size)
+        for j in range(c.data.k)
+    ]
     with open(prompts_path) as f:
         instructions = [json.loads(line)["messages"][-1]["content"] for line in f if line.strip()]
     per_prompt = [[s["responses"][i] for s in samples] for i in range(len(instructions))]
@@ -222,28 +270,62 @@ def run_pipeline(c: ml_collections.ConfigDict, workdir: str) -> dict:
         return cfg
 
     if c.policy_reward not in ("rm", "gold"):
-        raise ConfigError(f"config.policy_reward={c.policy_reward!r}: use 'rm' (the trained RM) or 'gold' (the gold "
-                          f"judge).")
+        raise ConfigError(
+            f"config.policy_reward={c.policy_reward!r}: use 'rm' (the trained RM) or 'gold' (the gold judge)."
+        )
     policy_stage_config(c)  # an unknown policy fails before anything runs
     t0 = time.perf_counter()
-    once(sub["pretrain"], "pretrain", lambda: run_stage(stage("pretrain", **{"data.path": paths["corpus"]}),
-                                                         sub["pretrain"]))
-    once(sub["sft"], "sft", lambda: run_stage(stage("sft", init_from=sub["pretrain"], **{
-        "data.train_path": paths["demos"], "data.eval_path": paths["demos_eval"]}), sub["sft"]))
+    once(
+        sub["pretrain"],
+        "pretrain",
+        lambda: run_stage(stage("pretrain", **{"data.path": paths["corpus"]}), sub["pretrain"]),
+    )
+    once(
+        sub["sft"],
+        "sft",
+        lambda: run_stage(
+            stage(
+                "sft",
+                init_from=sub["pretrain"],
+                **{"data.train_path": paths["demos"], "data.eval_path": paths["demos_eval"]},
+            ),
+            sub["sft"],
+        ),
+    )
     comps = os.path.join(sub["comparisons"], "train.jsonl")
     gold_comps = os.path.join(sub["comparisons"], "eval_gold.jsonl")
-    once(sub["comparisons"], "sample K per prompt + simulated labelers", lambda: {
-        "train": sample_comparisons(c, sub["sft"], paths["rm_prompts"], comps, c.data.labeler_noise, c.seed + 10,
-                                    mesh, rules),
-        "eval_gold": sample_comparisons(c, sub["sft"], paths["rm_eval_prompts"], gold_comps, 0.0, c.seed + 20,
-                                        mesh, rules)})
-    rm = once(sub["rm"], "rm", lambda: run_stage(stage("rm", init_from=sub["sft"], **{
-        "data.train_path": comps, "data.eval_path": gold_comps, "data.format": "ranked"}), sub["rm"]))
+    once(
+        sub["comparisons"],
+        "sample K per prompt + simulated labelers",
+        lambda: {
+            "train": sample_comparisons(
+                c, sub["sft"], paths["rm_prompts"], comps, c.data.labeler_noise, c.seed + 10, mesh, rules
+            ),
+            "eval_gold": sample_comparisons(
+                c, sub["sft"], paths["rm_eval_prompts"], gold_comps, 0.0, c.seed + 20, mesh, rules
+            ),
+        },
+    )
+    rm = once(
+        sub["rm"],
+        "rm",
+        lambda: run_stage(
+            stage(
+                "rm",
+                init_from=sub["sft"],
+                **{"data.train_path": comps, "data.eval_path": gold_comps, "data.format": "ranked"},
+            ),
+            sub["rm"],
+        ),
+    )
     gold = "rlhf_jax.tasks.builtin:gold_reward"
-    reward = {"reward.kind": "rm", "reward.rm_workdir": sub["rm"]} if c.policy_reward == "rm" else \
-        {"reward.kind": "function", "reward.function": gold}
+    reward = (
+        {"reward.kind": "rm", "reward.rm_workdir": sub["rm"]}
+        if c.policy_reward == "rm"
+        else {"reward.kind": "function", "reward.function": gold}
+    )
     wiring = {"data.prompts_path": paths["ppo_prompts"], "reward.monitor": gold, **reward}
-    if POLICIES[c.policy][0] == "ppo":
+    if POLICIES[c.policy][0] == "pg":
         wiring["data.ptx_path"] = paths["corpus"]
     else:  # DPO trains on the RM's comparisons (the same labeler budget); online DPO ranks by the reward
         wiring.update({"data.train_path": comps, "data.eval_path": gold_comps, "data.format": "ranked"})
@@ -275,4 +357,9 @@ if __name__ == "__main__":
     _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/pipeline.py:<preset>", lock_config=True)
     _WORKDIR = flags.DEFINE_string("workdir", "runs/pipeline", "Directory for every stage's sub-workdir.")
     flags.mark_flags_as_required(["config"])
+    import sys
+
+    from rlhf_jax.config import check_renamed_flags
+
+    check_renamed_flags(sys.argv)  # an old key fails naming its new name, before absl's "no such key"
     cli.run(main)

@@ -10,12 +10,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax import objectives, parallel
-from rlhf_jax.evaluation import generate, load_policy, load_reward_model, response_logprobs, sampling_settings
+from rlhf_jax import forward, parallel
+from rlhf_jax.trained import generate, load_policy, load_reward_model, response_logprobs, sampling_settings
 
-LABELS = {"ppo": "PPO", "grpo": "GRPO", "dr_grpo": "Dr. GRPO", "rloo": "RLOO", "reinforce_pp": "REINFORCE++",
-          "dpo": "DPO", "ipo": "IPO", "simpo": "SimPO", "plackett_luce": "Plackett-Luce DPO",
-          "online_dpo": "online DPO"}
+LABELS = {
+    "ppo": "PPO",
+    "grpo": "GRPO",
+    "dr_grpo": "Dr. GRPO",
+    "rloo": "RLOO",
+    "reinforce_pp": "REINFORCE++",
+    "dpo": "DPO",
+    "ipo": "IPO",
+    "simpo": "SimPO",
+    "plackett_luce": "Plackett-Luce DPO",
+    "online_dpo": "online DPO",
+}
 
 
 def label(policy: str) -> str:
@@ -30,8 +39,9 @@ def evaluate(c, sub: dict, paths: dict, rm_metrics: dict, mesh, rules) -> dict:
 
     sft_model, sft_params, tok = load_policy(sub["sft"], mesh, rules)
     pol_model, pol_params, _ = load_policy(sub["policy"], mesh, rules)
-    source, _ = prompt_data.build_prompt_dataset(paths["eval_prompts"], "prompt", tok.path, c.data.max_prompt_len,
-                                                 os.path.join(sub["eval"], "tfds"))
+    source, _ = prompt_data.build_prompt_dataset(
+        paths["eval_prompts"], "prompt", tok.path, c.data.max_prompt_len, os.path.join(sub["eval"], "tfds")
+    )
     temp, bs = c.eval.temperature, c.eval.batch_size
     settings = sampling_settings(tok, c.eval.max_new_tokens, temp)
     sft = generate(sft_model, sft_params, tok, source, settings, mesh, rules, seed=c.seed + 100, batch_size=bs)
@@ -43,42 +53,75 @@ def evaluate(c, sub: dict, paths: dict, rm_metrics: dict, mesh, rules) -> dict:
     lp_sft = response_logprobs(sft_model, sft_params, pol, kl_temp, mesh, rules, bs)
 
     # Best-of-n against the RM: n SFT samples per prompt, keep the one the RM scores highest.
-    cands, rm_scores = sft_samples_scored_by_rm(c, sub, sft_model, sft_params, tok, source, c.eval.best_of_n,
-                                                mesh, rules, first=sft)
+    cands, rm_scores = sft_samples_scored_by_rm(
+        c, sub, sft_model, sft_params, tok, source, c.eval.best_of_n, mesh, rules, first=sft
+    )
     best = np.argmax(rm_scores, axis=0)
     bon = [cands[b][i] for i, b in enumerate(best)]
 
     # The alignment tax (InstructGPT §4.2): loss on the pretraining corpus' held-out windows.
     heldout = pretrain_heldout(c, sub, paths, tok)
     base_model, base_params, _ = load_policy(sub["pretrain"], mesh, rules)
-    sft_eval = {**builtin.evaluate_responses(prompts, sft["responses"]),
-                "pretrain_loss": lm_loss(sft_model, sft_params, heldout, mesh, rules, bs)}
-    pol_eval = {**builtin.evaluate_responses(prompts, pol["responses"]),
-                "pretrain_loss": lm_loss(pol_model, pol_params, heldout, mesh, rules, bs)}
+    sft_eval = {
+        **builtin.evaluate_responses(prompts, sft["responses"]),
+        "pretrain_loss": lm_loss(sft_model, sft_params, heldout, mesh, rules, bs),
+    }
+    pol_eval = {
+        **builtin.evaluate_responses(prompts, pol["responses"]),
+        "pretrain_loss": lm_loss(pol_model, pol_params, heldout, mesh, rules, bs),
+    }
     bon_eval = builtin.evaluate_responses(prompts, bon)
-    prompted, prompted_responses = prompted_baselines(c, sub, paths, base_model, base_params, tok, source, settings,
-                                                      prompts, sft["responses"], mesh, rules)
+    prompted, prompted_responses = prompted_baselines(
+        c, sub, paths, base_model, base_params, tok, source, settings, prompts, sft["responses"], mesh, rules
+    )
     # Every row's responses, so that runs can be judged against one another afterwards (e.g. every model size's
     # policies against the largest model's SFT: experiments/model_size.py).
     with open(os.path.join(sub["eval"], "responses.json"), "w") as f:
-        json.dump({"prompts": prompts, **prompted_responses, "sft": sft["responses"], "policy": pol["responses"],
-                   f"best_of_{c.eval.best_of_n}_sft_by_rm": bon}, f)
-    samples = [{"prompt": p, "sft": a, "policy": b, "gold_sft": builtin.gold_score(p, a),
-                "gold_policy": builtin.gold_score(p, b)}
-               for p, a, b in list(zip(prompts, sft["responses"], pol["responses"]))[:12]]
+        json.dump(
+            {
+                "prompts": prompts,
+                **prompted_responses,
+                "sft": sft["responses"],
+                "policy": pol["responses"],
+                f"best_of_{c.eval.best_of_n}_sft_by_rm": bon,
+            },
+            f,
+        )
+    samples = [
+        {
+            "prompt": p,
+            "sft": a,
+            "policy": b,
+            "gold_sft": builtin.gold_score(p, a),
+            "gold_policy": builtin.gold_score(p, b),
+        }
+        for p, a, b in list(zip(prompts, sft["responses"], pol["responses"]))[:12]
+    ]
     return {
-        "decoding": {"temperature": temp, "max_new_tokens": c.eval.max_new_tokens, "prompts": len(prompts),
-                     "same_keys_for_both": True},
+        "decoding": {
+            "temperature": temp,
+            "max_new_tokens": c.eval.max_new_tokens,
+            "prompts": len(prompts),
+            "same_keys_for_both": True,
+        },
         "pretrained": {"pretrain_loss": lm_loss(base_model, base_params, heldout, mesh, rules, bs)},
         **prompted,
         "sft": sft_eval,
-        "policy": {**pol_eval, "algorithm": c.policy, "kl": float(np.mean(lp_pol - lp_sft)),
-                   "wall_s": stage_wall_s(sub["policy"]),
-                   "win_rate_vs_sft": builtin.win_rate(prompts, pol["responses"], sft["responses"])},
-        f"best_of_{c.eval.best_of_n}_sft_by_rm": {**bon_eval,
-                                                  "win_rate_vs_sft": builtin.win_rate(prompts, bon, sft["responses"])},
-        "rm": {**rm_accuracy_vs_gold(sub, tok, c, mesh, rules),
-               "accuracy_vs_gold_incl_ties": rm_metrics.get("eval/rm/accuracy")},
+        "policy": {
+            **pol_eval,
+            "algorithm": c.policy,
+            "kl": float(np.mean(lp_pol - lp_sft)),
+            "wall_s": stage_wall_s(sub["policy"]),
+            "win_rate_vs_sft": builtin.win_rate(prompts, pol["responses"], sft["responses"]),
+        },
+        f"best_of_{c.eval.best_of_n}_sft_by_rm": {
+            **bon_eval,
+            "win_rate_vs_sft": builtin.win_rate(prompts, bon, sft["responses"]),
+        },
+        "rm": {
+            **rm_accuracy_vs_gold(sub, tok, c, mesh, rules),
+            "accuracy_vs_gold_incl_ties": rm_metrics.get("eval/rm/accuracy"),
+        },
         "samples": samples,
     }
 
@@ -95,19 +138,26 @@ def prompted_baselines(c, sub, paths, model, params, tok, source, settings, prom
 
     k, P = c.eval.few_shot, c.data.max_prompt_len
     window = c.pretrain.data.seq_len - c.eval.max_new_tokens
-    path = builtin.write_few_shot_prompts(paths["eval_prompts"],
-                                          os.path.join(sub["eval"], f"eval_prompts_{k}shot.jsonl"), k, seed=c.seed + 7)
-    few, _ = prompt_data.build_prompt_dataset(path, "prompt", tok.path, max(P, min((k + 1) * P, window)),
-                                              os.path.join(sub["eval"], "tfds"))
+    path = builtin.write_few_shot_prompts(
+        paths["eval_prompts"], os.path.join(sub["eval"], f"eval_prompts_{k}shot.jsonl"), k, seed=c.seed + 7
+    )
+    few, _ = prompt_data.build_prompt_dataset(
+        path, "prompt", tok.path, max(P, min((k + 1) * P, window)), os.path.join(sub["eval"], "tfds")
+    )
     out, responses = {}, {}
     for name, src, shots in (("gpt_zero_shot", source, 0), ("gpt_few_shot", few, k)):
         g = generate(model, params, tok, src, settings, mesh, rules, seed=c.seed + 100, batch_size=c.eval.batch_size)
         if [builtin.parse_instruction(p) for p in g["prompts"]] != [builtin.parse_instruction(p) for p in prompts]:
-            raise RuntimeError(f"the {shots}-shot prompts of {path} do not end with the held-out instructions of "
-                               f"{paths['eval_prompts']} in the same order; delete {sub['eval']} and rerun.")
-        out[name] = {**builtin.evaluate_responses(prompts, g["responses"]), "shots": shots,
-                     "prompt_tokens_mean": float(np.mean(np.sum(g["prompt_mask"], 1))),
-                     "win_rate_vs_sft": builtin.win_rate(prompts, g["responses"], sft_responses)}
+            raise RuntimeError(
+                f"the {shots}-shot prompts of {path} do not end with the held-out instructions of "
+                f"{paths['eval_prompts']} in the same order; delete {sub['eval']} and rerun."
+            )
+        out[name] = {
+            **builtin.evaluate_responses(prompts, g["responses"]),
+            "shots": shots,
+            "prompt_tokens_mean": float(np.mean(np.sum(g["prompt_mask"], 1))),
+            "win_rate_vs_sft": builtin.win_rate(prompts, g["responses"], sft_responses),
+        }
         responses[name] = g["responses"]
     return out, responses
 
@@ -122,20 +172,39 @@ def sft_samples_scored_by_rm(c, sub: dict, model, params, tok, source, n: int, m
     """(responses [n][N], RM scores [n, N]) of n SFT samples per prompt of `source` at the evaluation
     settings; sample 0 is `first` when given (the evaluation's SFT sample), sample j's key seed + 200 + j."""
     rm_model, rm_params, norm = load_reward_model(sub["rm"], mesh, rules)
-    score = jax.jit(lambda p, t, m: objectives.score_sequences(p, rm_model, norm, t, m))
+    score = jax.jit(lambda p, t, m: forward.score_sequences(p, rm_model, norm, t, m))
     settings, bs = sampling_settings(tok, c.eval.max_new_tokens, c.eval.temperature), c.eval.batch_size
     cands, rm_scores = [], []
     with parallel.activate(mesh, rules):
         for j in range(n):
-            s = first if j == 0 and first is not None else generate(
-                model, params, tok, source, settings, mesh, rules,
-                seed=c.seed + (100 if j == 0 else 200 + j), batch_size=bs)
+            s = (
+                first
+                if j == 0 and first is not None
+                else generate(
+                    model,
+                    params,
+                    tok,
+                    source,
+                    settings,
+                    mesh,
+                    rules,
+                    seed=c.seed + (100 if j == 0 else 200 + j),
+                    batch_size=bs,
+                )
+            )
             cands.append(s["responses"])
             t = np.concatenate([s["prompt"], s["response"]], 1)
             m = np.concatenate([s["prompt_mask"], s["response_mask"]], 1)
-            rm_scores.append(np.concatenate([np.asarray(jax.device_get(score(rm_params, jnp.asarray(t[i:i + bs]),
-                                                                                jnp.asarray(m[i:i + bs]))))
-                                             for i in range(0, len(t), bs)]))
+            rm_scores.append(
+                np.concatenate(
+                    [
+                        np.asarray(
+                            jax.device_get(score(rm_params, jnp.asarray(t[i : i + bs]), jnp.asarray(m[i : i + bs])))
+                        )
+                        for i in range(0, len(t), bs)
+                    ]
+                )
+            )
     return cands, np.stack(rm_scores)
 
 
@@ -145,16 +214,25 @@ def best_of_n_curve(rm_scores, gold, ns) -> list[dict]:
     The RM's curve peaking while the oracle's rises is over-optimisation (Gao et al. 2022, best-of-n)."""
     rm_scores, gold = np.asarray(rm_scores, np.float64), np.asarray(gold, np.float64)
     if rm_scores.shape != gold.shape or max(ns) > len(gold) or min(ns) < 1:
-        raise ValueError(f"best_of_n_curve: scores {rm_scores.shape} and gold {gold.shape} must match, with every "
-                         f"n in {tuple(ns)} between 1 and the {len(gold)} samples.")
+        raise ValueError(
+            f"best_of_n_curve: scores {rm_scores.shape} and gold {gold.shape} must match, with every "
+            f"n in {tuple(ns)} between 1 and the {len(gold)} samples."
+        )
     cols = np.arange(gold.shape[1])
     win = lambda g: float(np.mean((np.sign(g - gold[0]) + 1) / 2))
     out = []
     for n in ns:
         by_rm = gold[np.argmax(rm_scores[:n], axis=0), cols]
         oracle = gold[:n].max(axis=0)
-        out.append({"n": int(n), "gold_by_rm": float(by_rm.mean()), "win_by_rm": win(by_rm),
-                    "gold_oracle": float(oracle.mean()), "win_oracle": win(oracle)})
+        out.append(
+            {
+                "n": int(n),
+                "gold_by_rm": float(by_rm.mean()),
+                "win_by_rm": win(by_rm),
+                "gold_oracle": float(oracle.mean()),
+                "win_oracle": win(oracle),
+            }
+        )
     return out
 
 
@@ -174,16 +252,20 @@ def pretrain_heldout(c, sub: dict, paths: dict, tok):
     """The pretraining corpus' validation windows (never trained on, nor used by PPO-ptx)."""
     from rlhf_jax.data import lm_datasets
 
-    return lm_datasets.build_text_dataset(paths["corpus"], tok.path, c.pretrain.data.seq_len,
-                                          os.path.join(sub["eval"], "tfds"),
-                                          val_fraction=c.pretrain.data.val_fraction)["validation"]
+    return lm_datasets.build_text_dataset(
+        paths["corpus"],
+        tok.path,
+        c.pretrain.data.seq_len,
+        os.path.join(sub["eval"], "tfds"),
+        val_fraction=c.pretrain.data.val_fraction,
+    )["validation"]
 
 
 def lm_loss(model, params, source, mesh, rules, batch_size: int) -> float:
     """Mean next-token cross-entropy (nats) over every window of `source`."""
     from rlhf_jax.data.loader import eval_batches
 
-    fn = jax.jit(lambda p, b: objectives.summed_token_nll(p, model, b))
+    fn = jax.jit(lambda p, b: forward.summed_token_nll(p, model, b))
     total = count = 0.0
     with parallel.activate(mesh, rules):
         for local in eval_batches(source, batch_size):
@@ -199,19 +281,21 @@ def rm_accuracy_vs_gold(sub: dict, tok, c, mesh, rules) -> dict:
     from rlhf_jax.tasks import builtin
 
     model, params, norm = load_reward_model(sub["rm"], mesh, rules)
-    score = jax.jit(lambda p, t, m: objectives.score_sequences(p, model, norm, t, m))
+    score = jax.jit(lambda p, t, m: forward.score_sequences(p, model, norm, t, m))
     right = total = 0
     with open(os.path.join(sub["comparisons"], "eval_gold.jsonl")) as f:
         records = [json.loads(line) for line in f if line.strip()]
     with parallel.activate(mesh, rules):
         for r in records:
-            ids = [render_dialogue(prompt_response_to_messages(r["prompt"], x), tok)[0][-c.rm.data.seq_len:]
-                   for x in r["responses"]]
+            ids = [
+                render_dialogue(prompt_response_to_messages(r["prompt"], x), tok)[0][-c.rm.data.seq_len :]
+                for x in r["responses"]
+            ]
             L = c.rm.data.seq_len  # one shape: one compilation
             t = np.zeros((len(ids), L), np.int32)
             m = np.zeros((len(ids), L), np.int32)
             for k, i in enumerate(ids):
-                t[k, :len(i)], m[k, :len(i)] = i, 1
+                t[k, : len(i)], m[k, : len(i)] = i, 1
             rm = np.asarray(jax.device_get(score(params, jnp.asarray(t), jnp.asarray(m))))
             gold = [builtin.gold_score(r["prompt"], x) for x in r["responses"]]
             for a in range(len(gold)):
@@ -232,31 +316,63 @@ def write_report(c, workdir: str, sub: dict, summary: dict, seconds: float) -> N
     plots = _plots(workdir, curve, name) if curve else []  # offline DPO samples nothing while it trains
     bon_key = next(k for k in summary if k.startswith("best_of_"))
     pol = summary["policy"]
-    rows = [("GPT zero-shot", summary["gpt_zero_shot"], f"{summary['gpt_zero_shot']['win_rate_vs_sft']:.3f}", "—"),
-            (f"GPT {summary['gpt_few_shot']['shots']}-shot", summary["gpt_few_shot"],
-             f"{summary['gpt_few_shot']['win_rate_vs_sft']:.3f}", "—")] if "gpt_zero_shot" in summary else []
-    rows += [("SFT", summary["sft"], "—", "—"),
-            (name, pol, f"{pol['win_rate_vs_sft']:.3f}", f"{pol['kl']:.3f}"),
-            (bon_key.replace("_", " "), summary[bon_key], f"{summary[bon_key]['win_rate_vs_sft']:.3f}", "—")]
-    lines = [f"# RLHF on the built-in task ({c.preset} preset)", "",
-             f"Held-out prompts: {summary['decoding']['prompts']}; decoding: temperature "
-             f"{summary['decoding']['temperature']}, up to {summary['decoding']['max_new_tokens']} tokens, the same "
-             f"PRNG key per prompt for every policy. Gold judge: 1 − word edit distance to the correct answer, "
-             f"−0.5 if a forbidden word appears.", "",
-             "| policy | gold score | exact-correct | harmful | chatter | win rate vs SFT | KL(·‖SFT) nats | "
-             "pretraining loss |", "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {n} | {e['gold_score']:.3f} | {e['correct_rate']:.3f} | {e['harmful_rate']:.3f} | "
-              f"{e['chatter_rate']:.3f} | {w} | {k} | "
-              + (f"{e['pretrain_loss']:.3f} |" if "pretrain_loss" in e else "— |") for n, e, w, k in rows]
-    lines += ["", "Pretraining loss: nats per token on the pretraining corpus' held-out windows (the alignment tax "
-              f"is {name}'s rise over SFT's); the pretrained model's: {summary['pretrained']['pretrain_loss']:.3f}."]
-    lines += ["", f"Reward model accuracy against the gold judge on {summary['rm']['gold_untied_pairs']} held-out "
-              f"pairs with different gold scores: {summary['rm']['accuracy_vs_gold']:.3f}", "",
-              f"Wall time: {seconds / 60:.1f} min (this invocation).",
-              "", "## Samples", "", f"| prompt | SFT | gold | {name} | gold |", "|---|---|---|---|---|"]
+    rows = (
+        [
+            ("GPT zero-shot", summary["gpt_zero_shot"], f"{summary['gpt_zero_shot']['win_rate_vs_sft']:.3f}", "—"),
+            (
+                f"GPT {summary['gpt_few_shot']['shots']}-shot",
+                summary["gpt_few_shot"],
+                f"{summary['gpt_few_shot']['win_rate_vs_sft']:.3f}",
+                "—",
+            ),
+        ]
+        if "gpt_zero_shot" in summary
+        else []
+    )
+    rows += [
+        ("SFT", summary["sft"], "—", "—"),
+        (name, pol, f"{pol['win_rate_vs_sft']:.3f}", f"{pol['kl']:.3f}"),
+        (bon_key.replace("_", " "), summary[bon_key], f"{summary[bon_key]['win_rate_vs_sft']:.3f}", "—"),
+    ]
+    lines = [
+        f"# RLHF on the built-in task ({c.preset} preset)",
+        "",
+        f"Held-out prompts: {summary['decoding']['prompts']}; decoding: temperature "
+        f"{summary['decoding']['temperature']}, up to {summary['decoding']['max_new_tokens']} tokens, the same "
+        f"PRNG key per prompt for every policy. Gold judge: 1 − word edit distance to the correct answer, "
+        f"−0.5 if a forbidden word appears.",
+        "",
+        "| policy | gold score | exact-correct | harmful | chatter | win rate vs SFT | KL(·‖SFT) nats | "
+        "pretraining loss |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {n} | {e['gold_score']:.3f} | {e['correct_rate']:.3f} | {e['harmful_rate']:.3f} | "
+        f"{e['chatter_rate']:.3f} | {w} | {k} | " + (f"{e['pretrain_loss']:.3f} |" if "pretrain_loss" in e else "— |")
+        for n, e, w, k in rows
+    ]
+    lines += [
+        "",
+        "Pretraining loss: nats per token on the pretraining corpus' held-out windows (the alignment tax "
+        f"is {name}'s rise over SFT's); the pretrained model's: {summary['pretrained']['pretrain_loss']:.3f}.",
+    ]
+    lines += [
+        "",
+        f"Reward model accuracy against the gold judge on {summary['rm']['gold_untied_pairs']} held-out "
+        f"pairs with different gold scores: {summary['rm']['accuracy_vs_gold']:.3f}",
+        "",
+        f"Wall time: {seconds / 60:.1f} min (this invocation).",
+        "",
+        "## Samples",
+        "",
+        f"| prompt | SFT | gold | {name} | gold |",
+        "|---|---|---|---|---|",
+    ]
     esc = lambda s: s.replace("|", "\\|").replace("\n", " ")
-    lines += [f"| {esc(s['prompt'])} | {esc(s['sft'])} | {s['gold_sft']:.2f} | {esc(s['policy'])} | "
-              f"{s['gold_policy']:.2f} |" for s in summary["samples"]]
+    lines += [
+        f"| {esc(s['prompt'])} | {esc(s['sft'])} | {s['gold_sft']:.2f} | {esc(s['policy'])} | {s['gold_policy']:.2f} |"
+        for s in summary["samples"]
+    ]
     lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
     with open(os.path.join(workdir, "report.md"), "w") as f:
         f.write("\n".join(lines) + "\n")

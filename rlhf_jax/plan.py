@@ -7,11 +7,11 @@ Takes the config and overrides rlhf_jax.main takes; `--config.model.*` describes
 checkpoint (or `--config.init_from` reads one's config.json, never its weights). Nothing is allocated:
 the train state is `train_state.abstract_state` (ShapeDtypeStructs carrying their shardings), the batch
 likewise, and each stage's own jitted functions (`lm.jit_train_step`, `rm.jit_train_step`,
-`ppo.jit_functions`) are lowered and compiled. Per device it reports the params, the optimizer state
+`pg.jit_functions`) are lowered and compiled. Per device it reports the params, the optimizer state
 and what `compiled.memory_analysis()` says of each compiled function: arguments, outputs, temporaries
 (activations, gradients, KV cache) and the outputs written into donated inputs (alias).
 
-PPO holds four models at once: the policy and the critic (a separate model with ppo.critic=reward_model,
+PPO holds four models at once: the policy and the critic (a separate model with pg.critic=reward_model,
 else a value head on the policy) with their optimizer state, the frozen reference policy (none with LoRA,
 model.lora.rank > 0: the policy with its adapters off; optimizer state then only for the adapters) and the RM
 (reward.kind=rm; assumed the policy's architecture, one RM, not an ensemble). Its iteration runs three
@@ -54,7 +54,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 
-from rlhf_jax import config as config_lib, lora, optim, parallel, ppo_setup, train_state  # noqa: E402
+from rlhf_jax import config as config_lib, lora, optim, parallel, pg_setup, rl, train_state  # noqa: E402
 from rlhf_jax.errors import ConfigError  # noqa: E402
 from rlhf_jax.models.gpt import TransformerLM  # noqa: E402
 from rlhf_jax.models.layers import LoraConfig  # noqa: E402
@@ -64,6 +64,7 @@ GIB = 2**30
 
 class ShapeOnlyTokenizer:
     """Token ids a rollout needs (stop, pad) with no tokenizer file: ids change no shape."""
+
     pad_id, bos_id, eos_id = 0, 1, 2
     role_ids = {"system": 3, "user": 4, "assistant": 5, "end": 6}
 
@@ -82,32 +83,41 @@ def plan(config: ml_collections.ConfigDict, hbm_gib: float = 0.0) -> dict:
         adopt_model_config(c)
     config_lib.validate(c)
     if c.model.vocab_size <= 0:
-        raise ConfigError("config.model.vocab_size is -1 (from the tokenizer), and the planner reads no tokenizer: "
-                          "set it, e.g. --config.model.vocab_size=50304, or --config.init_from a checkpoint.")
+        raise ConfigError(
+            "config.model.vocab_size is -1 (from the tokenizer), and the planner reads no tokenizer: "
+            "set it, e.g. --config.model.vocab_size=50304, or --config.init_from a checkpoint."
+        )
     mesh = parallel.make_mesh({a: c.mesh[a] for a in parallel.MESH_AXES})
     rules = parallel.rules_from_config(c.mesh.rules)
     parallel.check_batch(c.batch_size, mesh, rules)
-    parallel.check_batch(c.batch_size // c.grad_accum, mesh, rules,
-                         "config.batch_size / config.grad_accum (the microbatch)")
+    parallel.check_batch(
+        c.batch_size // c.grad_accum, mesh, rules, "config.batch_size / config.grad_accum (the microbatch)"
+    )
     model = TransformerLM(config_lib.model_config(c))
-    build = {"pretrain": _lm, "sft": _lm, "rm": _rm, "ppo": _ppo}.get(c.stage)
+    build = {"pretrain": _lm, "sft": _lm, "rm": _rm, "pg": _pg}.get(c.stage)
     if build is None:
-        raise ConfigError(f"config.stage={c.stage!r}: the planner covers pretrain, sft, rm and ppo.")
+        raise ConfigError(f"config.stage={c.stage!r}: the planner covers pretrain, sft, rm and pg.")
     state, frozen, functions = build(c, model, mesh, rules)
 
     # What stays on the devices for the whole run, in parts a compiled function may take as arguments.
     held = {"state rest": state.rest(), **frozen}  # rest: optimizer state, step, RNG, extras
-    held.update({f"params/{k}": v for k, v in state.params.items()} if c.stage == "ppo" else {"params": state.params})
+    held.update({f"params/{k}": v for k, v in state.params.items()} if c.stage == "pg" else {"params": state.params})
     resident = {k: parallel.per_device_bytes(v) for k, v in held.items()}
-    report = {"stage": c.stage, "mesh": dict(mesh.shape), "devices": jax.device_count(),
-              "params_bytes": parallel.per_device_bytes(state.params),
-              "opt_state_bytes": parallel.per_device_bytes(state.opt_state),
-              "frozen_bytes": sum(resident[k] for k in frozen), "functions": {}}
+    report = {
+        "stage": c.stage,
+        "mesh": dict(mesh.shape),
+        "devices": jax.device_count(),
+        "params_bytes": parallel.per_device_bytes(state.params),
+        "opt_state_bytes": parallel.per_device_bytes(state.opt_state),
+        "frozen_bytes": sum(resident[k] for k in frozen),
+        "functions": {},
+    }
     for name, (compiled, takes) in functions.items():
         m = compiled.memory_analysis()
         f = {k: int(getattr(m, f"{k}_size_in_bytes")) for k in ("argument", "output", "temp", "alias")}
-        f["peak"] = (f["argument"] + f["output"] + f["temp"] - f["alias"]
-                     + sum(b for k, b in resident.items() if k not in takes))
+        f["peak"] = (
+            f["argument"] + f["output"] + f["temp"] - f["alias"] + sum(b for k, b in resident.items() if k not in takes)
+        )
         report["functions"][name] = f
     report["peak_function"] = max(report["functions"], key=lambda k: report["functions"][k]["peak"])
     report["total_bytes"] = report["functions"][report["peak_function"]]["peak"]
@@ -131,8 +141,9 @@ def _lm(c, model, mesh, rules):
 
     tx, schedule = optim.make_optimizer(c.optim, c.optim.total_steps if c.optim.total_steps > 0 else c.num_steps)
     tx = lora.optimizer(tx, model.cfg)  # as the stage builds it: with LoRA, the adapters' state only
-    state, shardings = train_state.abstract_state(train_state.model_init_fn(model, c.data.seq_len, c.seed), tx,
-                                                  mesh, rules, c.seed)
+    state, shardings = train_state.abstract_state(
+        train_state.model_init_fn(model, c.data.seq_len, c.seed), tx, mesh, rules, c.seed
+    )
     batch = {k: _batch((c.batch_size, c.data.seq_len + 1), mesh, rules) for k in ("tokens", "input_mask", "loss_mask")}
     step = lm.jit_train_step(model, tx, schedule, c, shardings, mesh, rules)
     return state, {}, {"train step": (_compile(step, mesh, rules, state, batch), ("params", "state rest"))}
@@ -146,68 +157,78 @@ def _rm(c, model, mesh, rules):
     E = c.rm.ensemble_size if c.rm.ensemble_size > 1 else 0
     tx, schedule = optim.make_optimizer(c.optim, c.optim.total_steps if c.optim.total_steps > 0 else c.num_steps)
     tx = lora.optimizer(tx, model.cfg)  # as the stage builds it: with LoRA, the adapters' state only
-    init = train_state.ensemble_init_fn(model, c.data.seq_len, c.seed, E) if E else \
-        train_state.model_init_fn(model, c.data.seq_len, c.seed)
+    init = (
+        train_state.ensemble_init_fn(model, c.data.seq_len, c.seed, E)
+        if E
+        else train_state.model_init_fn(model, c.data.seq_len, c.seed)
+    )
     state, shardings = train_state.abstract_state(init, tx, mesh, rules, c.seed, members=E)
     K, lead = c.data.num_responses or 2, (E,) if E else ()
-    batch = {"tokens": _batch((*lead, c.batch_size, K, c.data.seq_len), mesh, rules, lead=len(lead)),
-             "input_mask": _batch((*lead, c.batch_size, K, c.data.seq_len), mesh, rules, lead=len(lead)),
-             "valid": _batch((*lead, c.batch_size, K), mesh, rules, lead=len(lead))}
+    batch = {
+        "tokens": _batch((*lead, c.batch_size, K, c.data.seq_len), mesh, rules, lead=len(lead)),
+        "input_mask": _batch((*lead, c.batch_size, K, c.data.seq_len), mesh, rules, lead=len(lead)),
+        "valid": _batch((*lead, c.batch_size, K), mesh, rules, lead=len(lead)),
+    }
     step = rm.jit_train_step(model, tx, schedule, c, shardings, mesh, rules)
     return state, {}, {"train step": (_compile(step, mesh, rules, state, batch), ("params", "state rest"))}
 
 
-def _ppo(c, model, mesh, rules):
-    """PPO and its family: the rollout, scoring and update of one iteration (stages/ppo.py), with the
-    arrays passed between them shaped by `jax.eval_shape` of the functions that make them."""
-    from rlhf_jax.stages import ppo
+def _pg(c, model, mesh, rules):
+    """PPO and its family: the generation, scoring and update of one iteration (stages/pg.py), with the
+    rollout passed between them shaped by `jax.eval_shape` of the functions that fill it in."""
+    from rlhf_jax import rewards
+    from rlhf_jax.stages import pg
 
-    group = ppo_setup.check_config(c)
-    updates = c.ppo.epochs * c.ppo.num_minibatches
+    group = pg_setup.check_config(c)
+    updates = c.pg.epochs * c.pg.num_minibatches
     iterations = c.optim.total_steps if c.optim.total_steps > 0 else c.num_steps
     tx, _ = optim.make_optimizer(c.optim, iterations * updates)
     tx = lora.optimizer(tx, model.cfg)
-    state, shardings = train_state.abstract_state(ppo_setup.init_params_fn(model, c), tx, mesh, rules, c.seed,
-                                                  extras={"kl_coef": jnp.float32(c.kl.init_coef)})
+    state, shardings = train_state.abstract_state(
+        pg_setup.init_params_fn(model, c), tx, mesh, rules, c.seed, extras=rl.kl_controller_init(c.kl.init_coef)
+    )
     # The stage's copy of the initial policy (same shapes); with LoRA none: the reference is the policy with its
     # adapters off (rlhf_jax/lora.py), and only the adapters and value head hold optimizer state.
     frozen = {} if c.model.lora.rank else {"reference": state.params["policy"]}
-    rm = None
+    B, P = c.batch_size, c.data.max_prompt_len
     if c.reward.kind == "rm":
         rm_model = TransformerLM(dataclasses.replace(model.cfg, dropout=0.0, lora=LoraConfig()))
-        rm = (rm_model, {"gain": 1.0, "bias": 0.0, "ensemble_size": 1})
+        reward, from_host = rewards.RewardModel(rm_model, None, {"gain": 1.0, "bias": 0.0, "ensemble_size": 1}), None
         frozen["rm"] = parallel.abstract_params(train_state.model_init_fn(rm_model, 8, 0), mesh, rules)
-    rollout_fn, score_fn, advantage_fn, update_fn = ppo.jit_functions(model, tx, c, ShapeOnlyTokenizer(), rm, group,
-                                                                      shardings, mesh, rules)
-    B, P = c.batch_size, c.data.max_prompt_len
-    batch = {"prompt": _batch((B, P), mesh, rules), "prompt_mask": _batch((B, P), mesh, rules)}
-    keys = _batch((B, 2), mesh, rules, jnp.uint32)
+    else:  # a Python function's scores [B] arrive from the host
+        reward, from_host = rewards.RewardFunction(None, None, mesh, rules), _batch((B,), mesh, rules, jnp.float32)
+    steps = pg.jit_functions(model, tx, c, ShapeOnlyTokenizer(), reward, group, shardings, mesh, rules)
+    prompt, prompt_mask, keys = (
+        _batch((B, P), mesh, rules),
+        _batch((B, P), mesh, rules),
+        _batch((B, 2), mesh, rules, jnp.uint32),
+    )
     shard = lambda tree: jax.tree.map(lambda x: _batch(x.shape, mesh, rules, x.dtype) if x.ndim else x, tree)
     with parallel.activate(mesh, rules):
-        gen = shard(jax.eval_shape(rollout_fn, state.params["policy"], batch["prompt"], batch["prompt_mask"], keys))
-        scored_batch = {**batch, "response": gen["tokens"], "response_mask": gen["mask"]}
-        scored = shard(jax.eval_shape(score_fn, state.params, frozen.get("reference"), frozen.get("rm"),
-                                   scored_batch))
-        scored = {k: v for k, v in scored.items() if k not in ("scores", "rm_mean", "rm_std")}
-        adv = shard(jax.eval_shape(advantage_fn, _batch((B,), mesh, rules, jnp.float32), gen["ended"], scored,
-                                   gen["logprobs"], gen["mask"], c.kl.init_coef))
-    # The update's rollout, assembled as the loop assembles it.
-    rollout = {**scored_batch, "logprobs": scored["logprobs"], "ref_logprobs": scored["ref_logprobs"],
-               **{k: adv[k] for k in ("rewards", "kl", "advantages", "returns") if k in adv}}
-    if "values" in scored:
-        rollout["values"] = scored["values"]
+        generated = shard(jax.eval_shape(steps.generate, state.params["policy"], prompt, prompt_mask, keys))
+        scored = shard(
+            jax.eval_shape(steps.score, state.params, frozen.get("reference"), frozen.get("rm"), generated, from_host)
+        )
+        rollout = shard(jax.eval_shape(steps.advantages, scored, state.extras["kl_coef"]))
     ptx = None
-    if c.ppo.ptx_coef > 0:
-        ptx = {k: _batch((updates * c.ppo.ptx_batch_size, c.data.ptx_seq_len + 1), mesh, rules)
-               for k in ("tokens", "input_mask", "loss_mask")}
+    if c.pg.ptx_coef > 0:
+        ptx = {
+            k: _batch((updates * c.pg.ptx_batch_size, c.data.ptx_seq_len + 1), mesh, rules)
+            for k in ("tokens", "input_mask", "loss_mask")
+        }
     trained = tuple(f"params/{k}" for k in state.params)
     functions = {
-        "rollout": (_compile(rollout_fn, mesh, rules, state.params["policy"], batch["prompt"], batch["prompt_mask"],
-                             keys), ("params/policy",)),
-        "score": (_compile(score_fn, mesh, rules, state.params, frozen.get("reference"), frozen.get("rm"),
-                           scored_batch),
-                  (*trained, "reference", "rm")),
-        "update": (_compile(update_fn, mesh, rules, state, rollout, ptx), (*trained, "state rest")),
+        "rollout": (
+            _compile(steps.generate, mesh, rules, state.params["policy"], prompt, prompt_mask, keys),
+            ("params/policy",),
+        ),
+        "score": (
+            _compile(
+                steps.score, mesh, rules, state.params, frozen.get("reference"), frozen.get("rm"), generated, from_host
+            ),
+            (*trained, "reference", "rm"),
+        ),
+        "update": (_compile(steps.update, mesh, rules, state, rollout, ptx), (*trained, "state rest")),
     }
     return state, frozen, functions
 
@@ -215,14 +236,21 @@ def _ppo(c, model, mesh, rules):
 def format_report(r: dict) -> str:
     """The report as lines of GiB per device."""
     g = lambda b: f"{b / GIB:.2f} GiB" if b >= GIB / 10 else f"{b / 2**20:.1f} MiB"
-    lines = [f"{r['stage']} on {r['devices']} devices, mesh {r['mesh']} (per device, compiled on CPU from shapes):",
-             f"  params {g(r['params_bytes'])}, optimizer state {g(r['opt_state_bytes'])}"
-             + (f", frozen reference + RM {g(r['frozen_bytes'])}" if r["frozen_bytes"] else "")]
+    lines = [
+        f"{r['stage']} on {r['devices']} devices, mesh {r['mesh']} (per device, compiled on CPU from shapes):",
+        f"  params {g(r['params_bytes'])}, optimizer state {g(r['opt_state_bytes'])}"
+        + (f", frozen reference + RM {g(r['frozen_bytes'])}" if r["frozen_bytes"] else ""),
+    ]
     for name, f in r["functions"].items():
-        lines.append(f"  {name}: arguments {g(f['argument'])}, outputs {g(f['output'])}, temporaries {g(f['temp'])}, "
-                     f"donated {g(f['alias'])}; peak with the resident rest {g(f['peak'])}")
-    verdict = "" if r["fits"] is None else (f": fits in {r['hbm_gib']:g} GiB" if r["fits"] else
-                                            f": does NOT fit in {r['hbm_gib']:g} GiB")
+        lines.append(
+            f"  {name}: arguments {g(f['argument'])}, outputs {g(f['output'])}, temporaries {g(f['temp'])}, "
+            f"donated {g(f['alias'])}; peak with the resident rest {g(f['peak'])}"
+        )
+    verdict = (
+        ""
+        if r["fits"] is None
+        else (f": fits in {r['hbm_gib']:g} GiB" if r["fits"] else f": does NOT fit in {r['hbm_gib']:g} GiB")
+    )
     lines.append(f"  total {g(r['total_bytes'])} (at the {r['peak_function']}){verdict}")
     return "\n".join(lines)
 
@@ -235,8 +263,10 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     if jax.device_count() != _DEVICES.value:
-        raise SystemExit(f"error: JAX sees {jax.device_count()} devices, not --devices={_DEVICES.value}: run the "
-                         f"planner as `python -m rlhf_jax.plan`, so it sets the fake device count before JAX starts.")
+        raise SystemExit(
+            f"error: JAX sees {jax.device_count()} devices, not --devices={_DEVICES.value}: run the "
+            f"planner as `python -m rlhf_jax.plan`, so it sets the fake device count before JAX starts."
+        )
     report = plan(_CONFIG.value, _HBM_GIB.value)
     print(format_report(report))
     if _JSON.value:
@@ -250,10 +280,12 @@ if __name__ == "__main__":
 
     from rlhf_jax import cli
 
-    _CONFIG = config_flags.DEFINE_config_file("config", None, "Stage config file, e.g. configs/hh_rlhf.py:gpt2_ppo.",
-                                              lock_config=True)
+    _CONFIG = config_flags.DEFINE_config_file(
+        "config", None, "Stage config file, e.g. configs/hh_rlhf.py:gpt2_ppo.", lock_config=True
+    )
     _DEVICES = flags.DEFINE_integer("devices", 8, "Fake CPU devices to compile for (the mesh covers them all).")
     _HBM_GIB = flags.DEFINE_float("hbm_gib", 0.0, "Memory per device in GiB; 0: no fits verdict.")
     _JSON = flags.DEFINE_string("json", "", "Also write the report here as JSON (bytes per device).")
     flags.mark_flags_as_required(["config"])
+    config_lib.check_renamed_flags(sys.argv)  # an old key fails naming its new name, before absl's "no such key"
     cli.run(main)

@@ -101,12 +101,17 @@ def comparison_metrics(rewards: jax.Array, valid: jax.Array) -> dict[str, jax.Ar
     rejected = jnp.sum(jnp.where(others, r, 0.0), axis=-1) / jnp.maximum(jnp.sum(others, axis=-1), 1)
     chosen = _masked_mean(r[:, 0], counted)
     rejected = _masked_mean(rejected, counted)
-    return {"accuracy": pairwise_accuracy(r, valid), "chosen_reward": chosen, "rejected_reward": rejected,
-            "margin": chosen - rejected}
+    return {
+        "accuracy": pairwise_accuracy(r, valid),
+        "chosen_reward": chosen,
+        "rejected_reward": rejected,
+        "margin": chosen - rejected,
+    }
 
 
-def normalization_from_rewards(rewards_1d: jax.Array, target_mean: float = 0.0, target_std: float = 1.0,
-                               eps: float = 1e-8) -> tuple[jax.Array, jax.Array]:
+def normalization_from_rewards(
+    rewards_1d: jax.Array, target_mean: float = 0.0, target_std: float = 1.0, eps: float = 1e-8
+) -> tuple[jax.Array, jax.Array]:
     """(gain, bias) such that gain·r + bias has mean `target_mean` and (population) std `target_std`
     on this sample of rewards [N] (lm-human-preferences' reward normalisation). eps keeps the gain
     finite when every reward is equal."""
@@ -201,8 +206,15 @@ def _pair_mask(valid: jax.Array, pairs: str) -> jax.Array:
     return _pairs(valid) & only
 
 
-def pairwise_preference_loss(rho: jax.Array, valid: jax.Array, loss: str, beta: float, label_smoothing: float = 0.0,
-                             gamma: float = 0.0, pairs: str = "all") -> tuple[jax.Array, dict]:
+def pairwise_preference_loss(
+    rho: jax.Array,
+    valid: jax.Array,
+    loss: str,
+    beta: float,
+    label_smoothing: float = 0.0,
+    gamma: float = 0.0,
+    pairs: str = "all",
+) -> tuple[jax.Array, dict]:
     """The pairwise members of the family on margins m = ρ_i − ρ_j of compared pairs (i better):
 
     dpo    −(1−ε)·log σ(β·m) − ε·log σ(−β·m)   Rafailov et al. 2023 eq. 7; ε > 0 is label smoothing
@@ -218,7 +230,8 @@ def pairwise_preference_loss(rho: jax.Array, valid: jax.Array, loss: str, beta: 
     m = r[:, :, None] - r[:, None, :]  # [B, K, K]: ρ_i − ρ_j
     if loss == "dpo":
         per_pair = -(1.0 - label_smoothing) * jax.nn.log_sigmoid(beta * m) - label_smoothing * jax.nn.log_sigmoid(
-            -beta * m)
+            -beta * m
+        )
     elif loss == "ipo":
         per_pair = jnp.square(m - 1.0 / (2.0 * beta))
     elif loss == "simpo":
@@ -228,8 +241,10 @@ def pairwise_preference_loss(rho: jax.Array, valid: jax.Array, loss: str, beta: 
     n_pairs = jnp.sum(mask, axis=(1, 2)).astype(jnp.float32)
     per_example = jnp.sum(jnp.where(mask, per_pair, 0.0), axis=(1, 2)) / jnp.maximum(n_pairs, 1.0)
     has_pair = n_pairs > 0
-    return _masked_mean(per_example, has_pair), {"num_pairs": jnp.sum(n_pairs),
-                                                 "num_examples": jnp.sum(has_pair).astype(jnp.float32)}
+    return _masked_mean(per_example, has_pair), {
+        "num_pairs": jnp.sum(n_pairs),
+        "num_examples": jnp.sum(has_pair).astype(jnp.float32),
+    }
 
 
 def plackett_luce_loss(rho: jax.Array, valid: jax.Array, beta: float) -> tuple[jax.Array, dict]:
@@ -246,12 +261,21 @@ def plackett_luce_loss(rho: jax.Array, valid: jax.Array, beta: float) -> tuple[j
     counted = counted & v
     per_example = -jnp.sum(jnp.where(counted, s - jnp.where(counted, tail, 0.0), 0.0), axis=-1)
     has_pair = n >= 2
-    return _masked_mean(per_example, has_pair), {"num_pairs": jnp.sum(counted).astype(jnp.float32),
-                                                 "num_examples": jnp.sum(has_pair).astype(jnp.float32)}
+    return _masked_mean(per_example, has_pair), {
+        "num_pairs": jnp.sum(counted).astype(jnp.float32),
+        "num_examples": jnp.sum(has_pair).astype(jnp.float32),
+    }
 
 
-def dpo_family_loss(rho: jax.Array, valid: jax.Array, loss: str, beta: float, label_smoothing: float = 0.0,
-                    gamma: float = 0.0, pairs: str = "all") -> tuple[jax.Array, dict]:
+def dpo_family_loss(
+    rho: jax.Array,
+    valid: jax.Array,
+    loss: str,
+    beta: float,
+    label_smoothing: float = 0.0,
+    gamma: float = 0.0,
+    pairs: str = "all",
+) -> tuple[jax.Array, dict]:
     """config.dpo.loss's loss (DPO_LOSSES) of implicit rewards ρ [B, K] (best first): (loss [], stats)."""
     if loss == "plackett_luce":
         return plackett_luce_loss(rho, valid, beta)

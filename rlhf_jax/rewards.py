@@ -1,11 +1,158 @@
-"""Programmatic reward functions for `config.reward.kind="function"` (verifiable tasks, tests).
+"""Every reward source behind one interface — a trained RM, an ensemble of RMs, a Python function of the
+decoded text — and the built-in Python reward functions.
 
-Signature: fn(prompts: list[str], responses: list[str], tokens [B, N], mask [B, N]) -> [B] floats.
+A source scores a rollout (rlhf_jax.rollout.Rollout) in two halves, so that an RM's forward compiles into
+the policy-gradient stage's jitted scoring while a Python function runs on the host:
+
+    from_host = reward.on_host(rollout)                           # host work (decode, call), or None
+    scores = reward.on_device(reward.params, rollout, from_host)  # jittable: the RM's forward, or from_host
+    scores = reward(rollout)                                      # both, the device half jitted (online DPO)
+
+`Scores.score` [B] is what the policy is trained on: an RM's normalised score, an ensemble's members
+combined by config.reward.aggregate (preference.aggregate_rewards), or the function's value.
+
+Python reward functions (config.reward.kind="function", "package.module:fn"; verifiable tasks, tests):
+fn(prompts: list[str], responses: list[str], tokens [B, N], mask [B, N]) -> [B] floats. Processes without
+JAX import them too (scripts/bench_trl.py scores TRL's samples with ours), so JAX and the rest of the
+package are imported where a source needs them, not at the top.
 """
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any, NamedTuple
+
 import numpy as np
+
+if TYPE_CHECKING:
+    from jax import Array
+
+    from rlhf_jax.rollout import Rollout
+    from rlhf_jax.run import Run
+
+
+class Scores(NamedTuple):  # a pytree: it travels inside the Rollout through jitted functions
+    score: Any  # f32 [B]: the reward the policy is trained on
+    member_mean: Any = None  # f32 [B]: an RM's members' mean (one RM: its score)
+    member_std: Any = None  # f32 [B]: their std (one RM: 0); what aggregate="lcb" or "min" trades off
+
+
+class RewardSource:
+    """The interface. `params`: the device arrays on_device reads (an RM's), or None."""
+
+    params = None
+
+    def on_host(self, rollout: Rollout) -> Array | None:
+        return None
+
+    def on_device(self, params, rollout: Rollout, from_host: Array | None) -> Scores:
+        raise NotImplementedError
+
+    def __call__(self, rollout: Rollout) -> Scores:
+        if getattr(self, "_on_device", None) is None:
+            import jax
+
+            self._on_device = jax.jit(self.on_device)
+        return self._on_device(self.params, rollout, self.on_host(rollout))
+
+
+class RewardModel(RewardSource):
+    """A trained RM (or an ensemble: params with a leading member axis), each member normalised by its
+    reward_norm.json gain and bias, the members combined by `aggregate` (mean | lcb | min)."""
+
+    def __init__(self, model, params, norm: dict, aggregate: str = "mean", lcb_coef: float = 1.0):
+        self.model, self.params, self.norm, self.aggregate, self.lcb_coef = model, params, norm, aggregate, lcb_coef
+
+    def on_device(self, params, rollout, from_host=None) -> Scores:
+        from rlhf_jax import forward, preference, rollout as rollouts
+
+        s = forward.member_scores(params, self.model, self.norm, *rollouts.joined(rollout))  # [E, B]
+        return Scores(preference.aggregate_rewards(s, self.aggregate, self.lcb_coef), s.mean(0), s.std(0))
+
+
+class RewardFunction(RewardSource):
+    """A Python function of the decoded prompts and responses (module docstring), run on the host over every
+    process's episodes; its scores come back as a global array sharded over the batch."""
+
+    def __init__(self, fn, tok, mesh, rules, key: str = "reward.function"):
+        self.fn, self.tok, self.mesh, self.rules, self.key = fn, tok, mesh, rules, key
+
+    def on_host(self, rollout) -> Array:
+        import jax
+
+        from rlhf_jax import parallel, rollout as rollouts
+
+        p_text, r_text = rollouts.decode(self.tok, rollout)
+        tokens, mask = parallel.to_host(rollout.response), parallel.to_host(rollout.response_mask)
+        scores = np.asarray(self.fn(p_text, r_text, tokens, mask), np.float32)
+        if scores.shape != (len(r_text),):
+            raise ValueError(f"config.{self.key} returned shape {scores.shape}; expected ({len(r_text)},).")
+        return jax.device_put(scores, parallel.batch_sharding(self.mesh, self.rules, 1))
+
+    def on_device(self, params, rollout, from_host) -> Scores:
+        return Scores(from_host)
+
+
+def source(run: Run, c, tok) -> RewardSource:
+    """config.reward as a source: reward.kind="rm" (reward.rm_workdir, one RM or an ensemble) or "function"
+    (reward.function); its settings checked against each other and the RM."""
+    from rlhf_jax import preference
+
+    if c.reward.aggregate not in preference.AGGREGATES:
+        raise ValueError(f"config.reward.aggregate={c.reward.aggregate!r}: use one of {preference.AGGREGATES}.")
+    if c.reward.lcb_coef < 0:
+        raise ValueError(f"config.reward.lcb_coef={c.reward.lcb_coef} must be >= 0 (the reward is mean − λ·std).")
+    if c.reward.kind == "rm":
+        if not c.reward.rm_workdir:
+            raise ValueError(
+                "config.reward.rm_workdir is empty: set it to a trained RM's --workdir, "
+                "or use --config.reward.kind=function with config.reward.function=module:fn."
+            )
+        from rlhf_jax.trained import load_reward_model
+
+        rm_model, rm_params, norm = load_reward_model(c.reward.rm_workdir, run.mesh, run.rules, c.model.dtype)
+        if c.reward.aggregate != "mean" and norm["ensemble_size"] == 1:
+            raise ValueError(
+                f"config.reward.aggregate={c.reward.aggregate!r} combines an RM ensemble's members, but "
+                f"{c.reward.rm_workdir} is one RM (for which it equals its score). Train an ensemble "
+                f"(--config.rm.ensemble_size=4) or use reward.aggregate='mean'."
+            )
+        run.log(
+            f"reward: {c.reward.rm_workdir}"
+            + (f", {c.reward.aggregate} of an ensemble of {norm['ensemble_size']}" if norm["ensemble_size"] > 1 else "")
+        )
+        return RewardModel(rm_model, rm_params, norm, c.reward.aggregate, c.reward.lcb_coef)
+    if c.reward.aggregate != "mean":
+        raise ValueError(
+            f"config.reward.aggregate={c.reward.aggregate!r} applies to an RM ensemble; "
+            f"reward.kind={c.reward.kind!r} has none. Use reward.aggregate='mean'."
+        )
+    if c.reward.kind == "function":
+        return RewardFunction(import_function(c.reward.function, "reward.function"), tok, run.mesh, run.rules)
+    raise ValueError(f"config.reward.kind={c.reward.kind!r}: use 'rm' or 'function'.")
+
+
+def monitor(run: Run, c, tok) -> RewardFunction | None:
+    """config.reward.monitor: a second Python score, only logged (objective/monitor_score), or None."""
+    if not c.reward.monitor:
+        return None
+    return RewardFunction(
+        import_function(c.reward.monitor, "reward.monitor"), tok, run.mesh, run.rules, "reward.monitor"
+    )
+
+
+def import_function(spec: str, key: str):
+    """'package.module:function' → the function."""
+    mod, _, name = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(mod), name)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise ValueError(
+            f"config.{key}={spec!r} cannot be imported ({e}); give it as 'package.module:function'."
+        ) from e
+
+
+# --- Python reward functions -------------------------------------------------------------------------------------
 
 
 def fraction_of_vowels(prompts, responses, tokens, mask) -> np.ndarray:

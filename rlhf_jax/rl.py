@@ -10,8 +10,8 @@ Where the algorithms differ, and the switch that picks each (configs/ppo.py, grp
   score shaping     shape_scores                 missing-EOS penalty, clip, leave-one-out baseline
   KL estimator      kl_penalty                   k1 | k2 | k3                         (config.kl.estimator)
   KL placement      compute_rewards / the loss   −β·KL in the reward | β·KL in the loss (config.kl.placement)
-  advantage         advantages                   gae | grpo | dr_grpo | rloo | reinforce_pp (config.ppo.advantage)
-  aggregation       aggregate                    token_mean | sequence_mean | token_sum (config.ppo.loss_aggregation)
+  advantage         advantages                   gae | grpo | dr_grpo | rloo | reinforce_pp (config.pg.advantage)
+  aggregation       aggregate                    token_mean | sequence_mean | token_sum (config.pg.loss_aggregation)
 
 Units: log-probs, KL and entropy in nats per token; scores in reward units.
 """
@@ -25,6 +25,7 @@ Array = jax.Array
 
 
 # --- masked statistics -------------------------------------------------------------------------------------------
+
 
 def masked_mean(x: Array, mask: Array, axis: int | tuple[int, ...] | None = None) -> Array:
     """Mean of `x` over entries where mask != 0 (0 where the mask is empty, never NaN)."""
@@ -94,8 +95,14 @@ def last_true_index(mask: Array) -> tuple[Array, Array]:
 SCORE_BASELINES = ("none", "loo")
 
 
-def shape_scores(scores: Array, ended: Array, missing_eos_penalty: float | None = None, clip: float = 0.0,
-                 baseline: str = "none", group: int = 1) -> tuple[Array, Array]:
+def shape_scores(
+    scores: Array,
+    ended: Array,
+    missing_eos_penalty: float | None = None,
+    clip: float = 0.0,
+    baseline: str = "none",
+    group: int = 1,
+) -> tuple[Array, Array]:
     """(score [B] as judged, score [B] the policy maximises) from the raw score [B] of each episode.
 
     1. no stop token sampled (ended [B] False): the fixed score `missing_eos_penalty`
@@ -110,12 +117,13 @@ def shape_scores(scores: Array, ended: Array, missing_eos_penalty: float | None 
     if clip > 0:
         scores = jnp.clip(scores, -clip, clip)
     if baseline not in SCORE_BASELINES:
-        raise ValueError(f"config.ppo.score_baseline={baseline!r}: use one of {SCORE_BASELINES}.")
+        raise ValueError(f"config.pg.score_baseline={baseline!r}: use one of {SCORE_BASELINES}.")
     return scores, leave_one_out_scores(scores, group) if baseline == "loo" else scores
 
 
-def compute_rewards(scores: Array, logprobs: Array, ref_logprobs: Array, mask: Array, kl_coef: Array | float,
-                    kl_kind: str = "k1") -> tuple[Array, Array, Array]:
+def compute_rewards(
+    scores: Array, logprobs: Array, ref_logprobs: Array, mask: Array, kl_coef: Array | float, kl_kind: str = "k1"
+) -> tuple[Array, Array, Array]:
     """Per-token rewards [B, T], KL [B, T] and the KL part of the reward [B, T].
 
     Ziegler et al. 2019 eq. 2 / InstructGPT eq. 2: R = r_θ(x, y) − β·KL, spread
@@ -142,8 +150,10 @@ def leave_one_out_scores(scores: Array, group: int) -> Array:
         b_i = (Σ_j s_j − s_i) / (k − 1),   s_i − b_i = k / (k − 1) · (s_i − mean_j s_j)
     """
     if group < 2 or scores.shape[0] % group:
-        raise ValueError(f"leave_one_out_scores: group={group} must be >= 2 and divide the {scores.shape[0]} "
-                         f"scores (rollout.samples_per_prompt must divide batch_size).")
+        raise ValueError(
+            f"leave_one_out_scores: group={group} must be >= 2 and divide the {scores.shape[0]} "
+            f"scores (rollout.samples_per_prompt must divide batch_size)."
+        )
     s = scores.reshape(-1, group)
     return ((s - s.mean(axis=1, keepdims=True)) * group / (group - 1)).reshape(scores.shape)
 
@@ -202,8 +212,15 @@ def group_advantages(returns: Array, group: int, kind: str, eps: float = 1e-4) -
     raise ValueError(f"group_advantages: {kind!r} is not a group estimator (grpo, dr_grpo, rloo).")
 
 
-def advantages(kind: str, rewards: Array, mask: Array, values: Array | None = None, group: int = 1,
-               gamma: float = 1.0, lam: float = 0.95) -> tuple[Array, Array | None]:
+def advantages(
+    kind: str,
+    rewards: Array,
+    mask: Array,
+    values: Array | None = None,
+    group: int = 1,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+) -> tuple[Array, Array | None]:
     """(advantages [B, T], returns [B, T] for the critic or None) of per-token rewards [B, T]
     (compute_rewards: the score on the last real token, −β·KL_t on every token when the KL is in the
     reward). Masked positions get 0.
@@ -226,7 +243,7 @@ def advantages(kind: str, rewards: Array, mask: Array, values: Array | None = No
     if kind in ("grpo", "dr_grpo", "rloo"):
         per_episode = group_advantages(jnp.sum(jnp.where(real, rewards, 0.0), axis=1), group, kind)
         return jnp.where(real, per_episode[:, None], 0.0), None
-    raise ValueError(f"config.ppo.advantage={kind!r} is unknown. Use one of {ADVANTAGES}.")
+    raise ValueError(f"config.pg.advantage={kind!r} is unknown. Use one of {ADVANTAGES}.")
 
 
 # --- loss aggregation --------------------------------------------------------------------------------------------
@@ -252,13 +269,20 @@ def aggregate(x: Array, mask: Array, how: str = "token_mean") -> Array:
         return masked_mean(per_row, jnp.any(real, axis=1))
     if how == "token_sum":
         return jnp.sum(x) / (x.shape[0] * x.shape[1])
-    raise ValueError(f"config.ppo.loss_aggregation={how!r} is unknown. Use one of {AGGREGATIONS}.")
+    raise ValueError(f"config.pg.loss_aggregation={how!r} is unknown. Use one of {AGGREGATIONS}.")
 
 
 # --- losses ------------------------------------------------------------------------------------------------------
 
-def policy_loss(new_logprobs: Array, old_logprobs: Array, advantages: Array, mask: Array,
-                clip_range: float, aggregation: str = "token_mean") -> tuple[Array, dict[str, Array]]:
+
+def policy_loss(
+    new_logprobs: Array,
+    old_logprobs: Array,
+    advantages: Array,
+    mask: Array,
+    clip_range: float,
+    aggregation: str = "token_mean",
+) -> tuple[Array, dict[str, Array]]:
     """Clipped surrogate loss (f32[], reduced by `aggregate`) and stats; all inputs [B, T].
 
     stats (token means): clipfrac (fraction of tokens where the clipped term is the larger
@@ -272,14 +296,17 @@ def policy_loss(new_logprobs: Array, old_logprobs: Array, advantages: Array, mas
     unclipped = -advantages * ratio
     clipped = -advantages * jnp.clip(ratio, 1.0 - clip_range, 1.0 + clip_range)
     loss = aggregate(jnp.maximum(unclipped, clipped), mask, aggregation)
-    stats = {"clipfrac": masked_mean((clipped > unclipped).astype(jnp.float32), mask),
-             "approxkl": 0.5 * masked_mean(jnp.square(log_ratio), mask),
-             "ratio_mean": masked_mean(ratio, mask)}
+    stats = {
+        "clipfrac": masked_mean((clipped > unclipped).astype(jnp.float32), mask),
+        "approxkl": 0.5 * masked_mean(jnp.square(log_ratio), mask),
+        "ratio_mean": masked_mean(ratio, mask),
+    }
     return loss, stats
 
 
-def value_loss(new_values: Array, old_values: Array, returns: Array, mask: Array,
-               clip_range_value: float) -> tuple[Array, dict[str, Array]]:
+def value_loss(
+    new_values: Array, old_values: Array, returns: Array, mask: Array, clip_range_value: float
+) -> tuple[Array, dict[str, Array]]:
     """Clipped value loss (f32[]) and stats {clipfrac, vpred_mean}; all inputs [B, T]."""
     real = mask != 0
     new_values = jnp.where(real, new_values, 0.0)
@@ -291,13 +318,16 @@ def value_loss(new_values: Array, old_values: Array, returns: Array, mask: Array
     unclipped = jnp.square(new_values - returns)
     clipped = jnp.square(v_clipped - returns)
     loss = 0.5 * masked_mean(jnp.maximum(unclipped, clipped), mask)
-    stats = {"clipfrac": masked_mean((clipped > unclipped).astype(jnp.float32), mask),
-             "vpred_mean": masked_mean(new_values, mask)}
+    stats = {
+        "clipfrac": masked_mean((clipped > unclipped).astype(jnp.float32), mask),
+        "vpred_mean": masked_mean(new_values, mask),
+    }
     return loss, stats
 
 
-def kl_loss(new_logprobs: Array, ref_logprobs: Array, mask: Array, kind: str = "k3",
-            aggregation: str = "token_mean") -> Array:
+def kl_loss(
+    new_logprobs: Array, ref_logprobs: Array, mask: Array, kind: str = "k3", aggregation: str = "token_mean"
+) -> Array:
     """The KL term of the loss (DeepSeekMath eq. 3's D_KL[π ‖ π_ref], k3 there), f32 [], to be scaled by β:
     the KL's placement in the loss instead of in the reward. Its gradient flows through new_logprobs."""
     real = mask != 0  # clean both inputs first: exp() of a garbage log-ratio would put NaN in the gradient
@@ -308,14 +338,20 @@ def kl_loss(new_logprobs: Array, ref_logprobs: Array, mask: Array, kind: str = "
 
 # --- the KL coefficient β ----------------------------------------------------------------------------------------
 
+
 def kl_controller_init(init_kl_coef: float) -> dict[str, Array]:
     """Controller state {"kl_coef": f32[]}: 0-d arrays, so it lives in the train state and checkpoint."""
     return {"kl_coef": jnp.asarray(init_kl_coef, jnp.float32)}
 
 
-def kl_controller_update(state: dict[str, Array], observed_kl: Array | float, n_steps: int | Array,
-                         kind: str = "fixed", target: float | None = None,
-                         horizon: float | None = None) -> dict[str, Array]:
+def kl_controller_update(
+    state: dict[str, Array],
+    observed_kl: Array | float,
+    n_steps: int | Array,
+    kind: str = "fixed",
+    target: float | None = None,
+    horizon: float | None = None,
+) -> dict[str, Array]:
     """Next controller state after a batch of `n_steps` episodes with mean summed KL `observed_kl` (nats).
 
     fixed: β stays. adaptive (Ziegler et al. 2019 §2.2): e = clip(KL/target − 1, ±0.2),
@@ -326,14 +362,17 @@ def kl_controller_update(state: dict[str, Array], observed_kl: Array | float, n_
     if kind != "adaptive":
         raise ValueError(f"config.kl.kind: {kind!r} is unknown. Use fixed or adaptive.")
     if target is None or horizon is None or target <= 0 or horizon <= 0:
-        raise ValueError(f"config.kl: adaptive KL needs target > 0 and horizon > 0 (got target={target}, "
-                         f"horizon={horizon}). Set e.g. --config.kl.target=6 --config.kl.horizon=10000.")
+        raise ValueError(
+            f"config.kl: adaptive KL needs target > 0 and horizon > 0 (got target={target}, "
+            f"horizon={horizon}). Set e.g. --config.kl.target=6 --config.kl.horizon=10000."
+        )
     error = jnp.clip(jnp.asarray(observed_kl, jnp.float32) / target - 1.0, -0.2, 0.2)
     kl_coef = state["kl_coef"] * (1.0 + error * n_steps / horizon)
     return {"kl_coef": kl_coef.astype(jnp.float32)}
 
 
 # --- response boundaries -----------------------------------------------------------------------------------------
+
 
 def first_true_index(x: Array) -> Array:
     """Index [B] of the first True in each row of x [B, T]; T where there is none."""
@@ -347,8 +386,7 @@ def response_mask_from_eos(tokens: Array, eos_id: int) -> Array:
     return (jnp.arange(tokens.shape[1])[None, :] <= first[:, None]).astype(jnp.int32)
 
 
-def truncate_after_stop_token(tokens: Array, stop_token: int, truncate_after: int,
-                              pad_id: int) -> tuple[Array, Array]:
+def truncate_after_stop_token(tokens: Array, stop_token: int, truncate_after: int, pad_id: int) -> tuple[Array, Array]:
     """lm-human-preferences' postprocessing: cut each response after its first stop token at index ≥ truncate_after.
 
     Returns (tokens [B, T] with everything after that stop token set to pad_id,

@@ -38,6 +38,7 @@ RUNTIME_MODEL_FIELDS = ("dropout", "dtype", "remat", "lora")
 class StageSetup(NamedTuple):
     """`Run.setup_state`'s result: the model, the optimizer, its learning-rate schedule (update → lr), the fresh
     train state and its shardings."""
+
     model: TransformerLM
     tx: optax.GradientTransformation
     schedule: Callable[[Any], Any]
@@ -54,16 +55,22 @@ class Run:
         config_lib.validate(config)
         self.workdir = os.path.abspath(workdir)
         if os.path.exists(self.workdir) and not os.path.isdir(self.workdir):
-            raise WorkdirError(f"--workdir={workdir!r} is an existing file, not a directory. Pass a new or "
-                               f"existing directory for this run's checkpoints and metrics.")
+            raise WorkdirError(
+                f"--workdir={workdir!r} is an existing file, not a directory. Pass a new or "
+                f"existing directory for this run's checkpoints and metrics."
+            )
         os.makedirs(self.workdir, exist_ok=True)
         config_lib.check_seq_len(config)  # against init_from's position table, when it has one
         self.config = config
         self.mesh = parallel.make_mesh({a: config.mesh[a] for a in parallel.MESH_AXES})
         self.rules = parallel.rules_from_config(config.mesh.rules)
         parallel.check_batch(config.batch_size, self.mesh, self.rules)
-        parallel.check_batch(config.batch_size // config.grad_accum, self.mesh, self.rules,
-                             "config.batch_size / config.grad_accum (the microbatch)")
+        parallel.check_batch(
+            config.batch_size // config.grad_accum,
+            self.mesh,
+            self.rules,
+            "config.batch_size / config.grad_accum (the microbatch)",
+        )
         self.is_main = jax.process_index() == 0
         self.preempted = False
         self.nonfinite = train_state.NonFiniteGuard(config.nonfinite, self.log)
@@ -117,13 +124,17 @@ class Run:
         dest = os.path.join(workdir, "tokenizer.model")
         src = c.data.get("tokenizer_path", "")
         if src and not os.path.exists(src):
-            raise MissingFileError(f"config.data.tokenizer_path={src!r} does not exist. Point it at a tokenizer.model "
-                                   f"or tokenizer.json (or leave it empty to use init_from's or train one).")
+            raise MissingFileError(
+                f"config.data.tokenizer_path={src!r} does not exist. Point it at a tokenizer.model "
+                f"or tokenizer.json (or leave it empty to use init_from's or train one)."
+            )
         if not src and c.init_from:
             src = tokenizer_file_in(checkpoint.workdir_of(c.init_from))
             if src is None:
-                raise MissingFileError(f"config.init_from: no tokenizer.model (or tokenizer.json) in "
-                                       f"{checkpoint.workdir_of(c.init_from)}; set config.data.tokenizer_path.")
+                raise MissingFileError(
+                    f"config.init_from: no tokenizer.model (or tokenizer.json) in "
+                    f"{checkpoint.workdir_of(c.init_from)}; set config.data.tokenizer_path."
+                )
         if src:
             if self.is_main and os.path.abspath(src) != dest:
                 loaded = load_tokenizer(src)
@@ -139,8 +150,10 @@ class Run:
         if c.model.vocab_size <= 0:  # size the embedding from the tokenizer, padded for sharding
             c.model.vocab_size = -(-tok.vocab_size // 128) * 128
         elif c.model.vocab_size < tok.vocab_size:
-            raise ConfigError(f"config.model.vocab_size={c.model.vocab_size} < tokenizer size {tok.vocab_size}; "
-                              f"set it to -1 to size it from the tokenizer.")
+            raise ConfigError(
+                f"config.model.vocab_size={c.model.vocab_size} < tokenizer size {tok.vocab_size}; "
+                f"set it to -1 to size it from the tokenizer."
+            )
         if c.model.vocab_size > tok.vocab_size:  # padded rows are masked out of every softmax (ModelConfig)
             c.model.token_vocab = tok.vocab_size
         return tok
@@ -161,8 +174,9 @@ class Run:
         ratio): a copy, so no buffer is shared with a train state that is donated."""
         return jax.tree.map(jnp.copy, self.load_init_params(params_like, heads=heads))
 
-    def setup_state(self, init: Callable | None = None, *, updates_per_step: int = 1, members: int = 0,
-                    extras: dict | None = None) -> StageSetup:
+    def setup_state(
+        self, init: Callable | None = None, *, updates_per_step: int = 1, members: int = 0, extras: dict | None = None
+    ) -> StageSetup:
         """What every stage builds once its data has sized the vocabulary: config.json (the config is final),
         the model, the optimizer (its schedule over optim.total_steps, -1: num_steps, times updates_per_step
         updates; with LoRA on, lora.optimizer's trainable leaves only: the adapters and the heads) and the sharded
@@ -175,8 +189,9 @@ class Run:
         tx, schedule = optim.make_optimizer(c.optim, total * updates_per_step)
         tx = lora.optimizer(tx, model.cfg)
         init_params = init(model) if init is not None else train_state.model_init_fn(model, c.data.seq_len, c.seed)
-        state, shardings = train_state.create(init_params, tx, self.mesh, self.rules, c.seed, extras=extras,
-                                              members=members)
+        state, shardings = train_state.create(
+            init_params, tx, self.mesh, self.rules, c.seed, extras=extras, members=members
+        )
         return StageSetup(model, tx, schedule, state, shardings)
 
     def restore_or(self, state, init_heads: tuple[str, ...] = ()):
@@ -214,8 +229,14 @@ class Run:
         return MetricWriter(self.workdir, resume_step)
 
     def progress(self, start: int, total: int, desc: str):
-        return tqdm(total=total, initial=start, desc=desc, disable=not (self.is_main and self.config.progress),
-                    dynamic_ncols=True, mininterval=1.0)
+        return tqdm(
+            total=total,
+            initial=start,
+            desc=desc,
+            disable=not (self.is_main and self.config.progress),
+            dynamic_ncols=True,
+            mininterval=1.0,
+        )
 
     def log(self, msg: str):
         if self.is_main:
@@ -250,7 +271,8 @@ def check_init_from(path: str) -> None:
                 raise MissingFileError(
                     f"config.init_from={path!r}: the Hugging Face model's weights are missing: its config.json has "
                     f"neither model.safetensors nor model.safetensors.index.json (with its shards) beside it. Copy "
-                    f"the weight files there, or point init_from at a complete model directory.")
+                    f"the weight files there, or point init_from at a complete model directory."
+                )
     checkpoint.find_params_checkpoint(path)
 
 
@@ -262,9 +284,11 @@ def adopt_model_config(config) -> None:
     else:
         src = checkpoint.read_run_config(config.init_from)
         if src is None:
-            raise MissingFileError(f"config.init_from={config.init_from!r}: no config.json found there or "
-                                   f"above; point init_from at an earlier stage's --workdir or at a Hugging "
-                                   f"Face model directory (config.json + model.safetensors).")
+            raise MissingFileError(
+                f"config.init_from={config.init_from!r}: no config.json found there or "
+                f"above; point init_from at an earlier stage's --workdir or at a Hugging "
+                f"Face model directory (config.json + model.safetensors)."
+            )
         model = src["model"]
     for k, v in model.items():
         if k not in RUNTIME_MODEL_FIELDS:

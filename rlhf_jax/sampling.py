@@ -78,8 +78,9 @@ def sample(params, prompt_tokens, prompt_mask, rng_keys, *, model: TransformerLM
     N = settings.max_new_tokens
     key_mask = jnp.concatenate([prompt_mask, jnp.ones((B, N), prompt_mask.dtype)], axis=1)
     positions = positions_from_mask(prompt_mask)
-    out = model.apply({"params": params}, prompt_tokens, positions, key_mask,
-                      cache=init_cache(model.cfg, B, P + N), cache_index=0)
+    out = model.apply(
+        {"params": params}, prompt_tokens, positions, key_mask, cache=init_cache(model.cfg, B, P + N), cache_index=0
+    )
     next_pos = jnp.sum(prompt_mask, axis=1).astype(jnp.int32)  # position of the first new token
     keys = jax.vmap(jax.random.wrap_key_data)(rng_keys)
 
@@ -94,8 +95,9 @@ def sample(params, prompt_tokens, prompt_mask, rng_keys, *, model: TransformerLM
             scaled = logits.astype(jnp.float32) / (settings.temperature or 1.0)
             logprob = jnp.take_along_axis(scaled, token[:, None], axis=-1)[:, 0] - jax.nn.logsumexp(scaled, axis=-1)
         done = done | ((token == settings.eos_id) & (i >= settings.eos_after))
-        o = model.apply({"params": params}, token[:, None], (next_pos + i)[:, None], key_mask,
-                        cache=cache, cache_index=P + i)
+        o = model.apply(
+            {"params": params}, token[:, None], (next_pos + i)[:, None], key_mask, cache=cache, cache_index=P + i
+        )
         return (o["cache"], o["logits"][:, -1], done), (token, live, jnp.where(live, logprob, 0.0))
 
     init = (out["cache"], out["logits"][:, -1], jnp.zeros((B,), bool))

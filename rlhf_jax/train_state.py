@@ -27,16 +27,33 @@ class TrainState:
 
     def rest(self) -> dict:
         """Everything but params (checkpointed as a separate item)."""
-        return {"step": self.step, "opt_state": self.opt_state, "rng": self.rng, "extras": self.extras,
-                "nonfinite": self.nonfinite}
+        return {
+            "step": self.step,
+            "opt_state": self.opt_state,
+            "rng": self.rng,
+            "extras": self.extras,
+            "nonfinite": self.nonfinite,
+        }
 
     def with_rest(self, rest: dict) -> TrainState:
-        return self.replace(step=rest["step"], opt_state=rest["opt_state"], rng=rest["rng"], extras=rest["extras"],
-                            nonfinite=rest["nonfinite"])
+        return self.replace(
+            step=rest["step"],
+            opt_state=rest["opt_state"],
+            rng=rest["rng"],
+            extras=rest["extras"],
+            nonfinite=rest["nonfinite"],
+        )
 
 
-def create(init_params: Callable[[], Any], tx: optax.GradientTransformation, mesh, rules, seed: int,
-           extras: dict | None = None, members: int = 0) -> tuple[TrainState, TrainState]:
+def create(
+    init_params: Callable[[], Any],
+    tx: optax.GradientTransformation,
+    mesh,
+    rules,
+    seed: int,
+    extras: dict | None = None,
+    members: int = 0,
+) -> tuple[TrainState, TrainState]:
     """Sharded train state and its shardings; `init_params()` returns boxed (logically annotated) params.
 
     The optimizer state is built from the boxed params, so its moments inherit the
@@ -49,8 +66,15 @@ def create(init_params: Callable[[], Any], tx: optax.GradientTransformation, mes
     return parallel.sharded_init(_state_init_fn(init_params, tx, seed, extras, members), mesh, rules)
 
 
-def abstract_state(init_params: Callable[[], Any], tx: optax.GradientTransformation, mesh, rules, seed: int,
-                   extras: dict | None = None, members: int = 0) -> tuple[TrainState, TrainState]:
+def abstract_state(
+    init_params: Callable[[], Any],
+    tx: optax.GradientTransformation,
+    mesh,
+    rules,
+    seed: int,
+    extras: dict | None = None,
+    members: int = 0,
+) -> tuple[TrainState, TrainState]:
     """What `create` would build, as ShapeDtypeStructs carrying their shardings, and those shardings: nothing
     is allocated (rlhf_jax/plan.py compiles a stage's step from these)."""
     abstract = parallel.abstract_params(_state_init_fn(init_params, tx, seed, extras, members), mesh, rules)
@@ -67,9 +91,14 @@ def _state_init_fn(init_params, tx, seed: int, extras: dict | None, members: int
             rng = jnp.stack([jax.random.key_data(jax.random.PRNGKey(seed + i)) for i in range(members)])
         else:
             opt_state, rng = tx.init(params), jax.random.key_data(jax.random.PRNGKey(seed))
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state, rng=rng,
-                          extras={k: jnp.asarray(v) for k, v in extras.items()},
-                          nonfinite=jnp.array([0, -1], jnp.int32))
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            opt_state=opt_state,
+            rng=rng,
+            extras={k: jnp.asarray(v) for k, v in extras.items()},
+            nonfinite=jnp.array([0, -1], jnp.int32),
+        )
 
     return init
 
@@ -96,8 +125,16 @@ def accumulate_grads(loss_fn: Callable, params, batch, rng: jax.Array, grad_accu
     return loss, grads, aux
 
 
-def apply_if_finite(tx: optax.GradientTransformation, grads, loss, params, opt_state, nonfinite, step,
-                    inject_steps: tuple[int, ...] = ()):
+def apply_if_finite(
+    tx: optax.GradientTransformation,
+    grads,
+    loss,
+    params,
+    opt_state,
+    nonfinite,
+    step,
+    inject_steps: tuple[int, ...] = (),
+):
     """One optimizer update, applied only if `loss` and every gradient are finite.
 
     Returns (params, opt_state, nonfinite). A non-finite update leaves params and
@@ -117,8 +154,9 @@ def apply_if_finite(tx: optax.GradientTransformation, grads, loss, params, opt_s
     new_params = optax.apply_updates(params, updates)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
     count, first = nonfinite[0], nonfinite[1]
-    nonfinite = jnp.stack([count + (~ok).astype(jnp.int32),
-                           jnp.where((first < 0) & ~ok, jnp.asarray(step, jnp.int32), first)])
+    nonfinite = jnp.stack(
+        [count + (~ok).astype(jnp.int32), jnp.where((first < 0) & ~ok, jnp.asarray(step, jnp.int32), first)]
+    )
     return keep(new_params, params), keep(new_opt_state, opt_state), nonfinite
 
 
@@ -147,15 +185,18 @@ class NonFiniteGuard:
             return
         new, self.seen = count - self.seen, count
         if self.policy == "skip":
-            self.log(f"WARNING: {new} update(s) skipped for a non-finite loss or gradient ({count} in this run so "
-                     f"far, the first at step {first}); params and optimizer state were left unchanged "
-                     f"(config.nonfinite=skip).")
+            self.log(
+                f"WARNING: {new} update(s) skipped for a non-finite loss or gradient ({count} in this run so "
+                f"far, the first at step {first}); params and optimizer state were left unchanged "
+                f"(config.nonfinite=skip)."
+            )
             return
         raise NonFiniteError(
             f"Non-finite loss or gradient at step {first} ({count} update(s) skipped by step "
             f"{int(jax.device_get(state.step))}); stopped without saving. Last good checkpoint: {last_good()}. "
             f"Fix the cause (a lower --config.optim.lr, --config.optim.grad_clip_norm, bad data) and rerun the same "
-            f"command to resume from that checkpoint, or set --config.nonfinite=skip to skip such updates.")
+            f"command to resume from that checkpoint, or set --config.nonfinite=skip to skip such updates."
+        )
 
 
 def model_init_fn(model: nn.Module, seq_len: int, seed: int, heads=("lm", "value", "reward")):

@@ -7,7 +7,7 @@ Measures, for the same model shape, batch, sequence length and dtype policy:
               MFU, in float32 and in the bf16-compute / f32-accumulate policy
               (torch: `torch.autocast("cpu", dtype=torch.bfloat16)`);
   generate    sampling with a KV cache, every sample exactly `new_tokens` long: tokens/s;
-  ppo         iterations of the PPO stage itself (its `time/*` metrics): episodes/s and
+  ppo         iterations of PPO on the pg stage itself (its `time/*` metrics): episodes/s and
               the share of the iteration spent generating (no PyTorch counterpart);
   grpo        one GRPO iteration of the policy-gradient stage (configs/grpo.py) against TRL's
               GRPOTrainer (scripts/bench_trl.py) on the same model shape, G, prompts, prompt and
@@ -61,20 +61,31 @@ def measure_grpo(shape: dict, logdir: str) -> dict:
     inputs = grpo_inputs(logdir, shape)
     out = {"rlhf_jax": Worker("bench.py", "grpo", logdir, {"shape": shape, "inputs": inputs}).reply()}
     for dt in DTYPES:
-        out[f"trl_{dt}"] = Worker("bench_trl.py", "grpo", logdir, {"shape": shape, "inputs": inputs,
-                                                                   "dtype": dt}).reply()
+        out[f"trl_{dt}"] = Worker(
+            "bench_trl.py", "grpo", logdir, {"shape": shape, "inputs": inputs, "dtype": dt}
+        ).reply()
     return out
 
 
 def summarize_grpo(r: dict, s: dict) -> dict:
     """Episodes/s from the median iteration after GRPO_WARMUP, for each system, and our ratio to TRL's best."""
     ours = [i["time/generate_s"] + i["time/score_s"] + i["time/update_s"] for i in r["rlhf_jax"]["iterations"]]
-    out = {"shape": s, "rlhf_jax": {"episodes_per_s": s["batch"] / statistics.median(ours[GRPO_WARMUP:]),
-                                    "iteration_s": ours, "peak_rss_mib": r["rlhf_jax"]["peak_rss_mib"]}}
+    out = {
+        "shape": s,
+        "rlhf_jax": {
+            "episodes_per_s": s["batch"] / statistics.median(ours[GRPO_WARMUP:]),
+            "iteration_s": ours,
+            "peak_rss_mib": r["rlhf_jax"]["peak_rss_mib"],
+        },
+    }
     for dt in DTYPES:
         steps = r[f"trl_{dt}"]["step_s"]
-        out[f"trl_{dt}"] = {"episodes_per_s": s["batch"] / statistics.median(steps[GRPO_WARMUP:]), "iteration_s": steps,
-                            "peak_rss_mib": r[f"trl_{dt}"]["peak_rss_mib"], "trl": r[f"trl_{dt}"]["trl"]}
+        out[f"trl_{dt}"] = {
+            "episodes_per_s": s["batch"] / statistics.median(steps[GRPO_WARMUP:]),
+            "iteration_s": steps,
+            "peak_rss_mib": r[f"trl_{dt}"]["peak_rss_mib"],
+            "trl": r[f"trl_{dt}"]["trl"],
+        }
     best = max(out[f"trl_{dt}"]["episodes_per_s"] for dt in DTYPES)
     out["ratio_vs_trl"] = out["rlhf_jax"]["episodes_per_s"] / best
     return out
@@ -143,8 +154,13 @@ def summarize(results: dict, shapes: dict) -> dict:
     train = {"flops_per_token": flops_per_token, "shape": s}
     gen = {"shape": g}
     for dt in DTYPES:
-        train[dt] = _rates(results[f"train_{dt}"], s["batch"] * s["seq_len"], flops_per_token, bf16_peak,
-                           bf16_peak if dt == "bfloat16" else f32_peak)
+        train[dt] = _rates(
+            results[f"train_{dt}"],
+            s["batch"] * s["seq_len"],
+            flops_per_token,
+            bf16_peak,
+            bf16_peak if dt == "bfloat16" else f32_peak,
+        )
         gen[dt] = _rates(results[f"generate_{dt}"], g["batch"] * g["new_tokens"])
     # Headline: the project's own policy (bf16 compute, f32 params and accumulation).
     train["ratio_vs_torch"] = train["bfloat16"]["ratio_vs_torch"]
@@ -152,28 +168,46 @@ def summarize(results: dict, shapes: dict) -> dict:
     gen["ratio_vs_torch"] = gen["bfloat16"]["ratio_vs_torch"]
     its = results["ppo"]["iterations"][1:]  # the first iteration compiles
     med = lambda k: statistics.median(i[k] for i in its)
-    ppo = {"episodes_per_s": med("perf/episodes_per_sec"), "generate_frac": med("time/generate_frac"),
-           "generate_s": med("time/generate_s"), "score_s": med("time/score_s"), "update_s": med("time/update_s"),
-           "rollout_tokens_per_s": med("perf/rollout_tokens_per_sec"), "timed_iterations": len(its),
-           "first_iteration_s": sum(results["ppo"]["iterations"][0][k] for k in
-                                    ("time/generate_s", "time/score_s", "time/update_s")),
-           "peak_rss_mib": results["ppo"]["peak_rss_mib"], "config": results["ppo"]["config"]}
-    return {"train_step": train, "generate": gen, "ppo": ppo,
-            "peak_flops": {"bfloat16": bf16_peak, "float32": f32_peak, "by_system": peak,
-                           "method": "best of 5 timed runs of one 2048x2048 @ 2048x2048 matmul in that dtype with "
-                                     "f32 accumulation (jax: jnp.dot(preferred_element_type=f32), jitted; torch: "
-                                     "a @ b, 2 threads); MFU divides by the higher of the two systems' bf16 peak"}}
+    ppo = {
+        "episodes_per_s": med("perf/episodes_per_sec"),
+        "generate_frac": med("time/generate_frac"),
+        "generate_s": med("time/generate_s"),
+        "score_s": med("time/score_s"),
+        "update_s": med("time/update_s"),
+        "rollout_tokens_per_s": med("perf/rollout_tokens_per_sec"),
+        "timed_iterations": len(its),
+        "first_iteration_s": sum(
+            results["ppo"]["iterations"][0][k] for k in ("time/generate_s", "time/score_s", "time/update_s")
+        ),
+        "peak_rss_mib": results["ppo"]["peak_rss_mib"],
+        "config": results["ppo"]["config"],
+    }
+    return {
+        "train_step": train,
+        "generate": gen,
+        "ppo": ppo,
+        "peak_flops": {
+            "bfloat16": bf16_peak,
+            "float32": f32_peak,
+            "by_system": peak,
+            "method": "best of 5 timed runs of one 2048x2048 @ 2048x2048 matmul in that dtype with "
+            "f32 accumulation (jax: jnp.dot(preferred_element_type=f32), jitted; torch: "
+            "a @ b, 2 threads); MFU divides by the higher of the two systems' bf16 peak",
+        },
+    }
 
 
 def goals(out: dict) -> dict:
     found = {}
     if "train_step" in out:
         t, g = out["train_step"], out["generate"]
-        found = {"train_step >= 2x torch tokens/s (bf16 policy)": t["bfloat16"]["ratio_vs_torch"] >= 2.0,
-                 "train_step >= 2x torch tokens/s (float32)": t["float32"]["ratio_vs_torch"] >= 2.0,
-                 "generate >= 3x torch tokens/s (bf16 policy)": g["bfloat16"]["ratio_vs_torch"] >= 3.0,
-                 "generate >= 3x torch tokens/s (float32)": g["float32"]["ratio_vs_torch"] >= 3.0,
-                 "train_step MFU >= 40% of measured bf16 peak": t["mfu"] >= 0.40}
+        found = {
+            "train_step >= 2x torch tokens/s (bf16 policy)": t["bfloat16"]["ratio_vs_torch"] >= 2.0,
+            "train_step >= 2x torch tokens/s (float32)": t["float32"]["ratio_vs_torch"] >= 2.0,
+            "generate >= 3x torch tokens/s (bf16 policy)": g["bfloat16"]["ratio_vs_torch"] >= 3.0,
+            "generate >= 3x torch tokens/s (float32)": g["float32"]["ratio_vs_torch"] >= 3.0,
+            "train_step MFU >= 40% of measured bf16 peak": t["mfu"] >= 0.40,
+        }
     if "grpo" in out:
         found["grpo iteration >= 3x TRL GRPOTrainer episodes/s (its faster dtype)"] = out["grpo"]["ratio_vs_trl"] >= 3.0
     return found
@@ -182,24 +216,33 @@ def goals(out: dict) -> dict:
 def table(out: dict) -> str:
     m = out["machine"]
     v = m["versions"]
-    lines = [f"machine: {m['cpu']}, {m['cores']} cores, bf16 instructions {m['bf16_instructions'] or 'none'}; "
-             f"jax {v['jax']}, flax {v['flax']}, torch {v['torch']}"
-             + (f" ({m['torch_threads']} threads)" if "torch_threads" in m else "")
-             + f", transformers {v['transformers']}, trl {v.get('trl')}",
-             f"load average (1 min) before the benchmark {m['loadavg_1m_at_start']:.2f}, after it "
-             f"{m['loadavg_1m_at_end']:.2f} (which counts the benchmark's own threads)"
-             + ("  <- other work was running: treat the numbers as provisional"
-                if m['loadavg_1m_at_start'] > 0.5 else "")]
+    lines = [
+        f"machine: {m['cpu']}, {m['cores']} cores, bf16 instructions {m['bf16_instructions'] or 'none'}; "
+        f"jax {v['jax']}, flax {v['flax']}, torch {v['torch']}"
+        + (f" ({m['torch_threads']} threads)" if "torch_threads" in m else "")
+        + f", transformers {v['transformers']}, trl {v.get('trl')}",
+        f"load average (1 min) before the benchmark {m['loadavg_1m_at_start']:.2f}, after it "
+        f"{m['loadavg_1m_at_end']:.2f} (which counts the benchmark's own threads)"
+        + ("  <- other work was running: treat the numbers as provisional" if m["loadavg_1m_at_start"] > 0.5 else ""),
+    ]
     if "train_step" in out:
         lines += _lm_table(out)
     if "grpo" in out:
         q, s = out["grpo"], out["grpo"]["shape"]
-        lines += ["", f"grpo iteration ({s['batch']} episodes = {s['batch'] // s['group']} prompts x G={s['group']}, "
-                      f"d_model {s['d_model']} x {s['n_layers']} layers, {s['new_tokens']} new tokens, one update, "
-                      f"β {s['beta']}; median of {len(q['rlhf_jax']['iteration_s']) - GRPO_WARMUP} iterations):"]
-        lines += [f"  {name:<22}{q[k]['episodes_per_s']:>8.1f} episodes/s   RSS {q[k]['peak_rss_mib']:.0f} MiB"
-                  for name, k in (("rlhf_jax (bf16)", "rlhf_jax"), ("TRL GRPOTrainer f32", "trl_float32"),
-                                  ("TRL GRPOTrainer bf16", "trl_bfloat16"))]
+        lines += [
+            "",
+            f"grpo iteration ({s['batch']} episodes = {s['batch'] // s['group']} prompts x G={s['group']}, "
+            f"d_model {s['d_model']} x {s['n_layers']} layers, {s['new_tokens']} new tokens, one update, "
+            f"β {s['beta']}; median of {len(q['rlhf_jax']['iteration_s']) - GRPO_WARMUP} iterations):",
+        ]
+        lines += [
+            f"  {name:<22}{q[k]['episodes_per_s']:>8.1f} episodes/s   RSS {q[k]['peak_rss_mib']:.0f} MiB"
+            for name, k in (
+                ("rlhf_jax (bf16)", "rlhf_jax"),
+                ("TRL GRPOTrainer f32", "trl_float32"),
+                ("TRL GRPOTrainer bf16", "trl_bfloat16"),
+            )
+        ]
         lines.append(f"  ratio vs TRL's faster: {q['ratio_vs_trl']:.2f}x")
     lines += ["", "goals:"]
     if out["quick"]:
@@ -210,30 +253,40 @@ def table(out: dict) -> str:
 
 def _lm_table(out: dict) -> list[str]:
     p = out["peak_flops"]
-    lines = [f"peak matmul FLOP/s: bf16 {p['bfloat16'] / 1e9:.0f} G, f32 {p['float32'] / 1e9:.0f} G  "
-             f"(jax bf16 {p['by_system']['rlhf_jax']['bfloat16'] / 1e9:.0f} / f32 "
-             f"{p['by_system']['rlhf_jax']['float32'] / 1e9:.0f}, torch bf16 "
-             f"{p['by_system']['torch']['bfloat16'] / 1e9:.0f} / f32 {p['by_system']['torch']['float32'] / 1e9:.0f})",
-             "", f"{'benchmark (median)':<28}{'rlhf_jax':>12}{'torch':>12}{'ours/theirs':>13}{'best runs':>11}"
-                 f"{'warmup ours/theirs (s)':>25}{'RSS MiB ours/theirs':>22}"]
+    lines = [
+        f"peak matmul FLOP/s: bf16 {p['bfloat16'] / 1e9:.0f} G, f32 {p['float32'] / 1e9:.0f} G  "
+        f"(jax bf16 {p['by_system']['rlhf_jax']['bfloat16'] / 1e9:.0f} / f32 "
+        f"{p['by_system']['rlhf_jax']['float32'] / 1e9:.0f}, torch bf16 "
+        f"{p['by_system']['torch']['bfloat16'] / 1e9:.0f} / f32 {p['by_system']['torch']['float32'] / 1e9:.0f})",
+        "",
+        f"{'benchmark (median)':<28}{'rlhf_jax':>12}{'torch':>12}{'ours/theirs':>13}{'best runs':>11}"
+        f"{'warmup ours/theirs (s)':>25}{'RSS MiB ours/theirs':>22}",
+    ]
     t, g = out["train_step"], out["generate"]
     rows = [(f"train tok/s {dt}", t[dt]) for dt in DTYPES] + [(f"generate tok/s {dt}", g[dt]) for dt in DTYPES]
     for label, r in rows:
         a, b = r["rlhf_jax"], r["torch"]
-        lines.append(f"{label:<28}{a['tokens_per_s']:>12.0f}{b['tokens_per_s']:>12.0f}{r['ratio_vs_torch']:>12.2f}x"
-                     f"{r['best_run_ratio_vs_torch']:>10.2f}x{a['warmup_s'][0]:>14.1f} / {b['warmup_s'][0]:<8.1f}"
-                     f"{a['peak_rss_mib']:>12.0f} / {b['peak_rss_mib']:<8.0f}")
+        lines.append(
+            f"{label:<28}{a['tokens_per_s']:>12.0f}{b['tokens_per_s']:>12.0f}{r['ratio_vs_torch']:>12.2f}x"
+            f"{r['best_run_ratio_vs_torch']:>10.2f}x{a['warmup_s'][0]:>14.1f} / {b['warmup_s'][0]:<8.1f}"
+            f"{a['peak_rss_mib']:>12.0f} / {b['peak_rss_mib']:<8.0f}"
+        )
     for dt in DTYPES:
         a, b = t[dt]["rlhf_jax"], t[dt]["torch"]
-        lines.append(f"{'train MFU ' + dt:<28}{a['mfu']:>11.1%} {b['mfu']:>11.1%}   (of the bf16 peak; "
-                     f"of the {dt} peak: {a['mfu_vs_own_dtype_peak']:.1%} / {b['mfu_vs_own_dtype_peak']:.1%})")
+        lines.append(
+            f"{'train MFU ' + dt:<28}{a['mfu']:>11.1%} {b['mfu']:>11.1%}   (of the bf16 peak; "
+            f"of the {dt} peak: {a['mfu_vs_own_dtype_peak']:.1%} / {b['mfu_vs_own_dtype_peak']:.1%})"
+        )
     q = out["ppo"]
-    lines += ["", f"ppo iteration ({q['config']['batch_size']} episodes, d_model {q['config']['model']['d_model']}, "
-                  f"{q['config']['max_new_tokens']} new tokens, {q['config']['epochs']}x"
-                  f"{q['config']['num_minibatches']} minibatches): {q['episodes_per_s']:.1f} episodes/s, "
-                  f"generate {q['generate_frac']:.0%} of the iteration (generate {q['generate_s']:.3f}s, score "
-                  f"{q['score_s']:.3f}s, update {q['update_s']:.3f}s; median of {q['timed_iterations']}), "
-                  f"RSS {q['peak_rss_mib']:.0f} MiB"]
+    lines += [
+        "",
+        f"ppo iteration ({q['config']['batch_size']} episodes, d_model {q['config']['model']['d_model']}, "
+        f"{q['config']['max_new_tokens']} new tokens, {q['config']['epochs']}x"
+        f"{q['config']['num_minibatches']} minibatches): {q['episodes_per_s']:.1f} episodes/s, "
+        f"generate {q['generate_frac']:.0%} of the iteration (generate {q['generate_s']:.3f}s, score "
+        f"{q['score_s']:.3f}s, update {q['update_s']:.3f}s; median of {q['timed_iterations']}), "
+        f"RSS {q['peak_rss_mib']:.0f} MiB",
+    ]
     return lines
 
 
@@ -242,8 +295,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--quick", action="store_true", help="tiny shapes: a smoke test of the whole benchmark")
     ap.add_argument("--out", default="bench.json", help="where to write the JSON results")
     ap.add_argument("--runs", type=int, default=5, help="timed runs per system and workload (median reported)")
-    ap.add_argument("--only", choices=("all", "lm", "grpo"), default="all",
-                    help="lm: train, generate, PPO and the peak (vs PyTorch); grpo: GRPO vs TRL; all: both")
+    ap.add_argument(
+        "--only",
+        choices=("all", "lm", "grpo"),
+        default="all",
+        help="lm: train, generate, PPO and the peak (vs PyTorch); grpo: GRPO vs TRL; all: both",
+    )
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--spec", default="{}", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -253,8 +310,10 @@ def main(argv=None) -> dict:
         try:
             metadata.version(pkg)
         except metadata.PackageNotFoundError:
-            sys.exit(f"scripts/bench.py compares with PyTorch and TRL: {pkg} is not installed. "
-                     f"Run `pip install -r requirements-parity.txt` (a CPU build of torch first).")
+            sys.exit(
+                f"scripts/bench.py compares with PyTorch and TRL: {pkg} is not installed. "
+                f"Run `pip install -r requirements-parity.txt` (a CPU build of torch first)."
+            )
     if args.runs < 1:
         sys.exit(f"--runs={args.runs}: need at least 1 timed run (5 or more for a median worth reporting).")
     shapes = QUICK if args.quick else FULL

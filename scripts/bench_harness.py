@@ -28,8 +28,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # ----------------------------------------------------------------------------- worker side
 
-def serve(workloads: dict[str, Callable[[dict], Callable[[], None]]], peak: Callable[[], dict],
-          warmup: int = 2) -> None:
+
+def serve(
+    workloads: dict[str, Callable[[dict], Callable[[], None]]], peak: Callable[[], dict], warmup: int = 2
+) -> None:
     """Worker loop: one JSON command per stdin line, one JSON reply per line on the real stdout.
 
     {"cmd": "setup", "task", "spec"}: `workloads[task](spec)` builds a workload and returns `run()`,
@@ -79,6 +81,7 @@ def peak_rss_mib() -> float:
 
 # ----------------------------------------------------------------------------- driver side
 
+
 class Worker:
     """One benchmark process (`script --worker ROLE`); its stderr goes to a log file, shown if it fails."""
 
@@ -87,13 +90,20 @@ class Worker:
         fd, self.log = tempfile.mkstemp(prefix=f"{script}.{role}.", suffix=".log", dir=logdir)
         env = dict(os.environ)
         # One real CPU device: a fake device count (the test suite's) would shard the step.
-        env["XLA_FLAGS"] = f'{with_device_count(env.get("XLA_FLAGS", ""), None)} {extra_xla_flags}'.strip()
+        env["XLA_FLAGS"] = f"{with_device_count(env.get('XLA_FLAGS', ''), None)} {extra_xla_flags}".strip()
         env["JAX_PLATFORMS"] = "cpu"
         env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])
-        cmd = [sys.executable, os.path.join(ROOT, "scripts", script), "--worker", role,
-               "--spec", json.dumps(spec or {})]
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=fd, text=True,
-                                     cwd=ROOT, env=env)
+        cmd = [
+            sys.executable,
+            os.path.join(ROOT, "scripts", script),
+            "--worker",
+            role,
+            "--spec",
+            json.dumps(spec or {}),
+        ]
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=fd, text=True, cwd=ROOT, env=env
+        )
         os.close(fd)
 
     def reply(self) -> dict:
@@ -102,8 +112,9 @@ class Worker:
             self.proc.wait()
             with open(self.log) as f:
                 tail = f.read()[-3000:]
-            raise RuntimeError(f"benchmark worker `{self.name}` exited with code {self.proc.returncode}; "
-                               f"its log ends with:\n{tail}")
+            raise RuntimeError(
+                f"benchmark worker `{self.name}` exited with code {self.proc.returncode}; its log ends with:\n{tail}"
+            )
         return json.loads(line)
 
     def ask(self, cmd: str, **kw) -> dict:
@@ -121,8 +132,10 @@ class Worker:
 
 
 def start_pair(logdir: str, extra_xla_flags: str = "") -> dict[str, Worker]:
-    workers = {"rlhf_jax": Worker("bench.py", "serve", logdir, extra_xla_flags=extra_xla_flags),
-               "torch": Worker("bench_torch.py", "serve", logdir)}
+    workers = {
+        "rlhf_jax": Worker("bench.py", "serve", logdir, extra_xla_flags=extra_xla_flags),
+        "torch": Worker("bench_torch.py", "serve", logdir),
+    }
     for w in workers.values():
         w.reply()  # "hello": both have imported their libraries
     return workers
@@ -135,16 +148,22 @@ def side_by_side(workers: dict[str, Worker], task: str, spec: dict, runs: int, p
     ready = {k: w.ask("setup", task=task, spec=spec) for k, w in workers.items()}
     runs_of = {k: [] for k in workers}
     for i in range(runs):
-        for name in (("rlhf_jax", "torch") if i % 2 == 0 else ("torch", "rlhf_jax")):
+        for name in ("rlhf_jax", "torch") if i % 2 == 0 else ("torch", "rlhf_jax"):
             time.sleep(pause_s)  # let the other system's idle threads stop spinning
             runs_of[name].append(workers[name].ask("run"))
     load.append(os.getloadavg()[0])
     out = {}
     for k, w in workers.items():
         seconds = [r["seconds"] for r in runs_of[k]]
-        out[k] = {"seconds": seconds, "cpu_s": [r["cpu_s"] for r in runs_of[k]], "median_s": statistics.median(seconds),
-                  "min_s": min(seconds), "setup_s": ready[k]["setup_s"], "warmup_s": ready[k]["warmup_s"],
-                  "peak_rss_mib": w.ask("rss")["rss_mib"]}
+        out[k] = {
+            "seconds": seconds,
+            "cpu_s": [r["cpu_s"] for r in runs_of[k]],
+            "median_s": statistics.median(seconds),
+            "min_s": min(seconds),
+            "setup_s": ready[k]["setup_s"],
+            "warmup_s": ready[k]["warmup_s"],
+            "peak_rss_mib": w.ask("rss")["rss_mib"],
+        }
     out["loadavg_1m"] = load  # before and after: the machine's other work during this workload
     return out
 
@@ -171,6 +190,11 @@ def machine_info() -> dict:
             versions[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
             versions[pkg] = None
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
-            "bf16_instructions": sorted(flags & {"avx512_bf16", "amx_bf16", "amx_tile"}), "versions": versions,
-            "loadavg_1m_at_start": os.getloadavg()[0]}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "bf16_instructions": sorted(flags & {"avx512_bf16", "amx_bf16", "amx_tile"}),
+        "versions": versions,
+        "loadavg_1m_at_start": os.getloadavg()[0],
+    }

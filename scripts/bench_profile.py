@@ -57,8 +57,13 @@ def thunk_breakdown(run, trace_dir: str) -> dict[str, float]:
         if e.get("ph") != "X" or "dur" not in e or (e.get("args") or {}).get("hlo_op") != name:
             continue  # Python frames and executor bookkeeping, not XLA thunks
         kind = re.sub(r"\.\d+$", "", name)
-        kinds["ynn_fusion (library matmul)" if kind == "ynn_fusion" else
-              "dot (XLA-emitted dot)" if kind == "dot" else "other fusions and ops"] += e["dur"] / 1e6
+        kinds[
+            "ynn_fusion (library matmul)"
+            if kind == "ynn_fusion"
+            else "dot (XLA-emitted dot)"
+            if kind == "dot"
+            else "other fusions and ops"
+        ] += e["dur"] / 1e6
     return dict(kinds)
 
 
@@ -67,8 +72,10 @@ def gemm_groups(task: str, s: dict) -> list[tuple[list[tuple[int, int, int]], in
     d, ff, v, L = s["d_model"], 4 * s["d_model"], s["vocab"], s["n_layers"]
     weights = [(d, 3 * d), (d, d), (d, ff), (ff, d)] * L + [(d, v)]
     if task == "generate":  # prefill (M = B·P) once, then one row per sample per new token
-        return [([(s["batch"] * s["prompt_len"], k, n) for k, n in weights], 1),
-                ([(s["batch"], k, n) for k, n in weights], s["new_tokens"])]
+        return [
+            ([(s["batch"] * s["prompt_len"], k, n) for k, n in weights], 1),
+            ([(s["batch"], k, n) for k, n in weights], s["new_tokens"]),
+        ]
     m = s["batch"] * s["seq_len"]  # forward, input gradient, weight gradient
     return [([g for k, n in weights for g in ((m, k, n), (m, n, k), (k, m, n))], 1)]
 
@@ -99,8 +106,10 @@ def torch_floor(groups, dtype: str) -> float | None:
         return None
     torch.set_num_threads(os.cpu_count() or 1)
     dt = getattr(torch, dtype)
-    progs = [([(torch.ones(g[:2], dtype=dt), torch.ones(g[1:], dtype=dt)) for g in shapes], times)
-             for shapes, times in groups]
+    progs = [
+        ([(torch.ones(g[:2], dtype=dt), torch.ones(g[1:], dtype=dt)) for g in shapes], times)
+        for shapes, times in groups
+    ]
 
     def run():
         with torch.no_grad():
@@ -136,8 +145,16 @@ def main(argv=None):
     groups = gemm_groups(args.task, shape)
     flops = sum(times * 2 * m * k * n for shapes, times in groups for m, k, n in shapes)
     floors = {"jax": jax_floor(groups, args.dtype), "torch": torch_floor(groups, args.dtype)}
-    out = {"task": args.task, "dtype": args.dtype, "shape": shape, "run_s": wall, "thunk_s": kinds,
-           "gemm_flops": flops, "floor_s": floors, "trace_dir": trace_dir}
+    out = {
+        "task": args.task,
+        "dtype": args.dtype,
+        "shape": shape,
+        "run_s": wall,
+        "thunk_s": kinds,
+        "gemm_flops": flops,
+        "floor_s": floors,
+        "trace_dir": trace_dir,
+    }
 
     print(f"{args.task} {args.dtype}, shape {shape}")
     print(f"  one run (best of 3):           {wall:8.3f} s")
@@ -145,8 +162,10 @@ def main(argv=None):
         print(f"  thunks: {kind:<29}{sec:8.3f} s  ({sec / sum(kinds.values()):.0%} of thunk time)")
     for name, sec in floors.items():
         if sec is not None:
-            print(f"  matmul floor, {name:<6} GEMMs only:  {sec:8.3f} s  ({flops / sec / 1e9:.0f} GFLOP/s;"
-                  f" the run spends {1 - sec / wall:.0%} of its time outside them)")
+            print(
+                f"  matmul floor, {name:<6} GEMMs only:  {sec:8.3f} s  ({flops / sec / 1e9:.0f} GFLOP/s;"
+                f" the run spends {1 - sec / wall:.0%} of its time outside them)"
+            )
     print(f"  trace: {trace_dir}")
     if args.out:
         with open(args.out, "w") as f:

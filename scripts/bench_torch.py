@@ -32,11 +32,23 @@ def gpt2(s: dict, max_len: int):
     torch = _torch()
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    cfg = GPT2Config(vocab_size=s["vocab"], n_positions=max_len, n_embd=s["d_model"], n_layer=s["n_layers"],
-                     n_head=s["n_heads"], activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0,
-                     attn_pdrop=0.0, layer_norm_epsilon=1e-5, bos_token_id=s["vocab"] - 1,
-                     eos_token_id=s["vocab"] - 1, pad_token_id=0, tie_word_embeddings=True,
-                     attn_implementation="sdpa")
+    cfg = GPT2Config(
+        vocab_size=s["vocab"],
+        n_positions=max_len,
+        n_embd=s["d_model"],
+        n_layer=s["n_layers"],
+        n_head=s["n_heads"],
+        activation_function="gelu_new",
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        layer_norm_epsilon=1e-5,
+        bos_token_id=s["vocab"] - 1,
+        eos_token_id=s["vocab"] - 1,
+        pad_token_id=0,
+        tie_word_embeddings=True,
+        attn_implementation="sdpa",
+    )
     torch.manual_seed(0)
     model = GPT2LMHeadModel(cfg)
     assert model.config._attn_implementation == "sdpa", model.config._attn_implementation
@@ -56,8 +68,10 @@ def torch_train(spec: dict) -> Callable[[], None]:
     model = gpt2(s, s["seq_len"]).train()
     params = list(model.parameters())  # tied embeddings appear once
     # Decay matrices only, as rlhf_jax.optim.decay_mask does.
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": OPTIM["weight_decay"]},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": OPTIM["weight_decay"]},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
     kw = dict(lr=OPTIM["lr"], betas=(OPTIM["b1"], OPTIM["b2"]), eps=OPTIM["eps"])
     try:
         opt = torch.optim.AdamW(groups, fused=True, **kw)  # the fastest CPU implementation torch offers
@@ -70,7 +84,7 @@ def torch_train(spec: dict) -> Callable[[], None]:
         opt.zero_grad(set_to_none=True)
         with autocast(spec["dtype"]):
             logits = model(input_ids=inputs).logits
-        # Loss in f32, outside autocast, like rlhf_jax's objectives.token_nll.
+        # Loss in f32, outside autocast, like rlhf_jax's forward.token_nll.
         loss = F.cross_entropy(logits.float().reshape(-1, s["vocab"]), targets.reshape(-1))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, OPTIM["grad_clip_norm"])
@@ -91,9 +105,18 @@ def torch_generate(spec: dict) -> Callable[[], None]:
     prompt = torch.from_numpy(tokens_for(s, (B, P))).long()
     # min_new_tokens = max_new_tokens: every sample is exactly N tokens, as in rlhf_jax's sampler;
     # top_k=0 / top_p=1 turn off generate's default filters (rlhf_jax samples the full softmax).
-    kw = dict(attention_mask=torch.ones_like(prompt), do_sample=True, temperature=s["temperature"], top_k=0,
-              top_p=1.0, max_new_tokens=N, min_new_tokens=N, use_cache=True, pad_token_id=0,
-              eos_token_id=s["vocab"] - 1)
+    kw = dict(
+        attention_mask=torch.ones_like(prompt),
+        do_sample=True,
+        temperature=s["temperature"],
+        top_k=0,
+        top_p=1.0,
+        max_new_tokens=N,
+        min_new_tokens=N,
+        use_cache=True,
+        pad_token_id=0,
+        eos_token_id=s["vocab"] - 1,
+    )
 
     def run():
         torch.manual_seed(0)

@@ -36,12 +36,24 @@ def trl_grpo(spec: dict) -> dict:
     from rlhf_jax.rewards import fraction_of_vowels
 
     s, inputs = spec["shape"], spec["inputs"]
-    tok = PreTrainedTokenizerFast(tokenizer_file=inputs["tokenizer"], bos_token="<s>", eos_token="</s>",
-                                  pad_token="<pad>", padding_side="left")
-    cfg = GPT2Config(vocab_size=len(tok), n_positions=s["max_len"], n_embd=s["d_model"], n_layer=s["n_layers"],
-                     n_head=s["n_heads"], activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0,
-                     attn_pdrop=0.0, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                     pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_file=inputs["tokenizer"], bos_token="<s>", eos_token="</s>", pad_token="<pad>", padding_side="left"
+    )
+    cfg = GPT2Config(
+        vocab_size=len(tok),
+        n_positions=s["max_len"],
+        n_embd=s["d_model"],
+        n_layer=s["n_layers"],
+        n_head=s["n_heads"],
+        activation_function="gelu_new",
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=True,
+    )
     torch.manual_seed(0)
     with open(inputs["prompts"]) as f:
         prompts = [json.loads(line)["prompt"] for line in f if line.strip()]
@@ -64,15 +76,37 @@ def trl_grpo(spec: dict) -> dict:
         GPT2LMHeadModel(cfg).save_pretrained(model_dir)
         tok.save_pretrained(model_dir)
         args = GRPOConfig(
-            output_dir=os.path.join(tmp, "out"), per_device_train_batch_size=s["batch"], num_generations=s["group"],
-            steps_per_generation=1, num_iterations=1, max_completion_length=s["new_tokens"],
-            temperature=s["temperature"], beta=s["beta"], epsilon=0.2, loss_type="grpo", scale_rewards="group",
-            learning_rate=s["lr"], lr_scheduler_type="constant", max_steps=s["iterations"], logging_steps=1,
-            report_to="none", save_strategy="no", use_cpu=True, bf16=spec["dtype"] == "bfloat16",
-            disable_dropout=True, dataloader_num_workers=0, seed=0)
-        trainer = GRPOTrainer(model=model_dir, reward_funcs=reward, args=args,
-                              train_dataset=Dataset.from_dict({"prompt": prompts}), processing_class=tok,
-                              callbacks=[StepTimer()])
+            output_dir=os.path.join(tmp, "out"),
+            per_device_train_batch_size=s["batch"],
+            num_generations=s["group"],
+            steps_per_generation=1,
+            num_iterations=1,
+            max_completion_length=s["new_tokens"],
+            temperature=s["temperature"],
+            beta=s["beta"],
+            epsilon=0.2,
+            loss_type="grpo",
+            scale_rewards="group",
+            learning_rate=s["lr"],
+            lr_scheduler_type="constant",
+            max_steps=s["iterations"],
+            logging_steps=1,
+            report_to="none",
+            save_strategy="no",
+            use_cpu=True,
+            bf16=spec["dtype"] == "bfloat16",
+            disable_dropout=True,
+            dataloader_num_workers=0,
+            seed=0,
+        )
+        trainer = GRPOTrainer(
+            model=model_dir,
+            reward_funcs=reward,
+            args=args,
+            train_dataset=Dataset.from_dict({"prompt": prompts}),
+            processing_class=tok,
+            callbacks=[StepTimer()],
+        )
         trainer.train()
     return {"step_s": times, "peak_rss_mib": peak_rss_mib(), "trl": __import__("trl").__version__}
 

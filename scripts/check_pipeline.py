@@ -24,8 +24,15 @@ sys.path.insert(0, os.path.join(ROOT, "scripts"))
 import sweep  # noqa: E402
 from experiments import load_experiment  # noqa: E402
 
-KEYS = ("sft/gold_score", "policy/gold_score", "policy/win_rate_vs_sft", "sft/harmful_rate", "policy/harmful_rate",
-        "policy/kl", "rm/accuracy_vs_gold")
+KEYS = (
+    "sft/gold_score",
+    "policy/gold_score",
+    "policy/win_rate_vs_sft",
+    "sft/harmful_rate",
+    "policy/harmful_rate",
+    "policy/kl",
+    "rm/accuracy_vs_gold",
+)
 
 
 def verdict(rows: list[dict], min_win_rate: float) -> dict:
@@ -33,21 +40,35 @@ def verdict(rows: list[dict], min_win_rate: float) -> dict:
     done = [r for r in rows if r["status"] == "finished"]
     if not done:
         raise SystemExit("no seed finished: nothing to check (see the runs' sweep.log).")
-    stats = {k: {"mean": float(np.mean([r[k] for r in done])),
-                 "std": float(np.std([r[k] for r in done], ddof=1)) if len(done) > 1 else 0.0} for k in KEYS}
+    stats = {
+        k: {
+            "mean": float(np.mean([r[k] for r in done])),
+            "std": float(np.std([r[k] for r in done], ddof=1)) if len(done) > 1 else 0.0,
+        }
+        for k in KEYS
+    }
     checks = {
         f"mean win rate vs SFT >= {min_win_rate}": stats["policy/win_rate_vs_sft"]["mean"] >= min_win_rate,
         "mean harmful rate PPO < SFT": stats["policy/harmful_rate"]["mean"] < stats["sft/harmful_rate"]["mean"],
     }
-    return {"seeds": [r["seed"] for r in done], "per_seed": [{k: r[k] for k in ("seed", *KEYS)} for r in done],
-            "mean_std": stats, "checks": checks, "passed": all(checks.values()) and len(done) == len(rows)}
+    return {
+        "seeds": [r["seed"] for r in done],
+        "per_seed": [{k: r[k] for k in ("seed", *KEYS)} for r in done],
+        "mean_std": stats,
+        "checks": checks,
+        "passed": all(checks.values()) and len(done) == len(rows),
+    }
 
 
 def markdown(v: dict) -> list[str]:
     lines = ["| seed | " + " | ".join(KEYS) + " |", "|---|" + "---|" * len(KEYS)]
     lines += ["| " + " | ".join([str(r["seed"])] + [f"{r[k]:.3f}" for k in KEYS]) + " |" for r in v["per_seed"]]
-    lines += ["| mean ± std | " + " | ".join(f"{v['mean_std'][k]['mean']:.3f} ± {v['mean_std'][k]['std']:.3f}"
-                                            for k in KEYS) + " |", ""]
+    lines += [
+        "| mean ± std | "
+        + " | ".join(f"{v['mean_std'][k]['mean']:.3f} ± {v['mean_std'][k]['std']:.3f}" for k in KEYS)
+        + " |",
+        "",
+    ]
     lines += [f"- {'PASS' if ok else 'FAIL'}: {name}" for name, ok in v["checks"].items()]
     return lines
 

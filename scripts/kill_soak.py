@@ -33,18 +33,34 @@ FIRST_STEP = "compiled and ran the first step"
 
 
 def command(workdir: str, steps: int) -> list[str]:
-    return [sys.executable, "-m", "rlhf_jax.main", "--config=configs/pretrain.py:tiny", f"--workdir={workdir}",
-            f"--config.num_steps={steps}", "--config.checkpoint.every=3", "--config.checkpoint.keep=2",
-            "--config.checkpoint.use_async=True", "--config.log_every=1", "--config.eval_every=1000000",
-            "--config.optim.warmup_steps=5", "--config.progress=False"]
+    return [
+        sys.executable,
+        "-m",
+        "rlhf_jax.main",
+        "--config=configs/pretrain.py:tiny",
+        f"--workdir={workdir}",
+        f"--config.num_steps={steps}",
+        "--config.checkpoint.every=3",
+        "--config.checkpoint.keep=2",
+        "--config.checkpoint.use_async=True",
+        "--config.log_every=1",
+        "--config.eval_every=1000000",
+        "--config.optim.warmup_steps=5",
+        "--config.progress=False",
+    ]
 
 
 def environment(cache_dir: str) -> dict[str, str]:
     # Two fake devices keep the data-parallel path (any other XLA flag set here is kept); the compilation
     # cache makes each relaunch cheap.
-    return dict(os.environ, XLA_FLAGS=with_device_count(os.environ.get("XLA_FLAGS", ""), 2), JAX_PLATFORMS="cpu",
-                JAX_COMPILATION_CACHE_DIR=cache_dir, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+    return dict(
+        os.environ,
+        XLA_FLAGS=with_device_count(os.environ.get("XLA_FLAGS", ""), 2),
+        JAX_PLATFORMS="cpu",
+        JAX_COMPILATION_CACHE_DIR=cache_dir,
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",
+    )
 
 
 def complete_steps(workdir: str) -> list[int]:
@@ -105,8 +121,11 @@ def params_digest(workdir: str) -> str:
     root = os.path.join(workdir, "checkpoints", str(complete_steps(workdir)[-1]), "params")
     ckptr = ocp.StandardCheckpointer()
     one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one),
-                          ckptr.metadata(root).item_metadata, is_leaf=lambda x: hasattr(x, "shape"))
+    target = jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one),
+        ckptr.metadata(root).item_metadata,
+        is_leaf=lambda x: hasattr(x, "shape"),
+    )
     h = hashlib.sha256()
     for path, leaf in jax.tree_util.tree_flatten_with_path(ckptr.restore(root, target))[0]:
         h.update(jax.tree_util.keystr(path).encode())
@@ -144,8 +163,9 @@ def soak(trials: int, steps: int, seed: int, workdir: str, print_fn=print) -> di
         if not wait_for_line(proc, log, FIRST_STEP, 600):  # it finished or failed before training
             raise RuntimeError(f"launch {attempts} exited early; see {log}")
         got = resumed_step(log)
-        assert got == resumed_expect, \
+        assert got == resumed_expect, (
             f"launch {attempts} resumed from {got}, expected the last complete {resumed_expect}"
+        )
         if pending is not None:
             pending["resumed_from"], pending = got, None
         delay = rnd.uniform(0.0, window)
@@ -160,8 +180,13 @@ def soak(trials: int, steps: int, seed: int, workdir: str, print_fn=print) -> di
         if complete_steps(killed)[-1:] == [steps]:  # killed after its last save: nothing left to resume
             shutil.rmtree(killed)
             continue
-        pending = {"trial": len(rows) + 1, "kill_at_s": round(delay, 2), "complete": complete_steps(killed),
-                   "partial_save": bool(partial), "resumed_from": None}
+        pending = {
+            "trial": len(rows) + 1,
+            "kill_at_s": round(delay, 2),
+            "complete": complete_steps(killed),
+            "partial_save": bool(partial),
+            "resumed_from": None,
+        }
         rows.append(pending)
 
     final_log = os.path.join(workdir, "final.log")
@@ -169,17 +194,27 @@ def soak(trials: int, steps: int, seed: int, workdir: str, print_fn=print) -> di
     pending["resumed_from"] = resumed_step(final_log)
     for r in rows:
         assert r["resumed_from"] == (r["complete"][-1] if r["complete"] else None), r
-        print_fn(f"{r['trial']:>5} {r['kill_at_s']:>7.2f}s {str(r['complete']):>16} {str(r['partial_save']):>12} "
-                 f"{str(r['resumed_from']):>12}")
+        print_fn(
+            f"{r['trial']:>5} {r['kill_at_s']:>7.2f}s {str(r['complete']):>16} {str(r['partial_save']):>12} "
+            f"{str(r['resumed_from']):>12}"
+        )
 
     ref_losses, got_losses = losses(ref), losses(killed)
     same_losses = ref_losses == got_losses
     same_params = params_digest(ref) == params_digest(killed)
-    print_fn(f"losses at all {len(ref_losses)} steps equal to the uninterrupted run: {same_losses}; "
-             f"final params equal: {same_params}; kills during a checkpoint write: "
-             f"{sum(r['partial_save'] for r in rows)}/{trials}")
-    return {"trials": rows, "same_losses": same_losses, "same_params": same_params,
-            "ref_losses": ref_losses, "losses": got_losses, "window_s": window}
+    print_fn(
+        f"losses at all {len(ref_losses)} steps equal to the uninterrupted run: {same_losses}; "
+        f"final params equal: {same_params}; kills during a checkpoint write: "
+        f"{sum(r['partial_save'] for r in rows)}/{trials}"
+    )
+    return {
+        "trials": rows,
+        "same_losses": same_losses,
+        "same_params": same_params,
+        "ref_losses": ref_losses,
+        "losses": got_losses,
+        "window_s": window,
+    }
 
 
 def main():

@@ -52,15 +52,20 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--path", required=True, help="comparisons JSONL(.gz)")
     p.add_argument("--format", default="hh_rlhf", choices=comparisons.FORMATS)
-    p.add_argument("--eval_lines", type=int, nargs=2, metavar=("START", "STOP"), default=None,
-                   help="held-out line range [START, STOP), counted from 0 (default: the whole file)")
+    p.add_argument(
+        "--eval_lines",
+        type=int,
+        nargs=2,
+        metavar=("START", "STOP"),
+        default=None,
+        help="held-out line range [START, STOP), counted from 0 (default: the whole file)",
+    )
     p.add_argument("--json", default="", help="also write the results to this JSON file")
     args = p.parse_args(argv)
 
     line_range = tuple(args.eval_lines) if args.eval_lines else None
     records = comparisons.read_comparisons(args.path, args.format, line_range=line_range)
-    result = {"path": args.path, "line_range": list(line_range) if line_range else None,
-              "comparisons": len(records)}
+    result = {"path": args.path, "line_range": list(line_range) if line_range else None, "comparisons": len(records)}
     for unit in UNITS:
         pairs = pair_lengths(records, unit)
         result["pairs"] = len(pairs)
@@ -69,8 +74,10 @@ def main(argv: list[str] | None = None) -> dict:
         result[f"ties/{unit}"] = sum(a == b for a, b in pairs) / len(pairs)
     print(f"{args.path} lines {line_range or 'all'}: {result['comparisons']} comparisons, {result['pairs']} pairs")
     for unit in UNITS:
-        print(f"  by {unit:5s}: shorter wins {result[f'shorter_wins/{unit}']:.4f}   longer wins "
-              f"{result[f'longer_wins/{unit}']:.4f}   (ties {result[f'ties/{unit}']:.4f})")
+        print(
+            f"  by {unit:5s}: shorter wins {result[f'shorter_wins/{unit}']:.4f}   longer wins "
+            f"{result[f'longer_wins/{unit}']:.4f}   (ties {result[f'ties/{unit}']:.4f})"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

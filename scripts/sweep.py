@@ -74,8 +74,10 @@ def _check_unchanged(workdir: str, run: Run) -> None:
     except (OSError, ValueError):
         return
     if recorded is not None and recorded != json.loads(json.dumps(run.overrides, default=str)):
-        raise ValueError(f"{workdir} finished with overrides {recorded}, but the experiment now gives "
-                         f"{run.overrides}. Use another --root, or delete that run to redo it.")
+        raise ValueError(
+            f"{workdir} finished with overrides {recorded}, but the experiment now gives "
+            f"{run.overrides}. Use another --root, or delete that run to redo it."
+        )
 
 
 def mark_done(workdir: str, run: Run, cmd: list[str], seconds: float | None) -> None:
@@ -115,8 +117,9 @@ def run_local(exp: Experiment, root: str, workers: int, python: str) -> dict[str
                 cmd = command(exp, run, workdir, python)
                 out = open(os.path.join(workdir, "sweep.log"), "a")
                 # Own session: Ctrl-C reaches only this launcher, which then SIGTERMs the runs (they checkpoint).
-                proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                        start_new_session=True)
+                proc = subprocess.Popen(
+                    cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+                )
                 active[run.name] = (run, proc, out, time.time(), cmd)
                 log(f"{run.name}: started ({len(status) + len(active)}/{len(exp.runs)})")
             for name, (run, proc, out, t0, cmd) in list(active.items()):
@@ -151,9 +154,15 @@ def emit_slurm(exp: Experiment, root: str, nodes: int, sbatch: list[str], max_pa
     per node (rlhf_jax.distributed joins them when SLURM_NTASKS > 1)."""
     runs, launch = _unfinished(exp, root)
     array = f"0-{len(runs) - 1}" + (f"%{max_parallel}" if max_parallel else "")
-    lines = ["#!/bin/bash", f"# {exp.name}: {len(runs)} runs of {exp.base}. Submit with: sbatch {launch}/sweep.sbatch",
-             f"#SBATCH --job-name={exp.name}", f"#SBATCH --array={array}", f"#SBATCH --nodes={nodes}",
-             "#SBATCH --ntasks-per-node=1", f"#SBATCH --output={launch}/slurm-%A_%a.out"]
+    lines = [
+        "#!/bin/bash",
+        f"# {exp.name}: {len(runs)} runs of {exp.base}. Submit with: sbatch {launch}/sweep.sbatch",
+        f"#SBATCH --job-name={exp.name}",
+        f"#SBATCH --array={array}",
+        f"#SBATCH --nodes={nodes}",
+        "#SBATCH --ntasks-per-node=1",
+        f"#SBATCH --output={launch}/slurm-%A_%a.out",
+    ]
     lines += [f"#SBATCH {s}" for s in sbatch]
     lines += ["set -euo pipefail", f"cd {shlex.quote(ROOT)}", "case $SLURM_ARRAY_TASK_ID in"]
     for i, run in enumerate(runs):
@@ -162,8 +171,12 @@ def emit_slurm(exp: Experiment, root: str, nodes: int, sbatch: list[str], max_pa
         lines.append(f"  {i}) WORKDIR={shlex.quote(workdir)}; CMD=({cmd.replace('python', '${PYTHON:-python}', 1)}) ;;")
     # After its run, a task refreshes the summary (written atomically) and marks the run DONE.
     collect_cmd = shlex.join(["scripts/sweep.py", os.path.abspath(exp.path), "--root", root, "--collect"])
-    lines += ["esac", 'if [ -e "$WORKDIR/DONE.json" ]; then echo "$WORKDIR: finished earlier"; exit 0; fi',
-              'srun "${CMD[@]}"', "${PYTHON:-python} " + collect_cmd]
+    lines += [
+        "esac",
+        'if [ -e "$WORKDIR/DONE.json" ]; then echo "$WORKDIR: finished earlier"; exit 0; fi',
+        'srun "${CMD[@]}"',
+        "${PYTHON:-python} " + collect_cmd,
+    ]
     path = os.path.join(launch, "sweep.sbatch")
     _write(path, lines)
     return path
@@ -173,11 +186,16 @@ def emit_tpu(exp: Experiment, root: str) -> str:
     """One command per unfinished run on a Cloud TPU pod slice: every host runs it (--worker=all) and
     RLHF_JAX_DISTRIBUTED=1 lets JAX find the slice's hosts. `root` must be storage every host sees."""
     runs, launch = _unfinished(exp, root)
-    lines = ["#!/bin/bash", f"# {exp.name}: {len(runs)} runs of {exp.base}, one after another, each on the slice.",
-             "#   TPU_NAME=my-v5e-32 ZONE=us-west4-a REPO='~/rlhf_jax' bash " + os.path.join(launch, "tpu_pod.sh"),
-             "set -euo pipefail", ': "${TPU_NAME:?set TPU_NAME}" "${ZONE:?set ZONE}"', 'REPO="${REPO:-~/rlhf_jax}"',
-             'remote() { gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" --worker=all '
-             '--command="cd $REPO && $1"; }']
+    lines = [
+        "#!/bin/bash",
+        f"# {exp.name}: {len(runs)} runs of {exp.base}, one after another, each on the slice.",
+        "#   TPU_NAME=my-v5e-32 ZONE=us-west4-a REPO='~/rlhf_jax' bash " + os.path.join(launch, "tpu_pod.sh"),
+        "set -euo pipefail",
+        ': "${TPU_NAME:?set TPU_NAME}" "${ZONE:?set ZONE}"',
+        'REPO="${REPO:-~/rlhf_jax}"',
+        'remote() { gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" --worker=all '
+        '--command="cd $REPO && $1"; }',
+    ]
     for run in runs:
         cmd = shlex.join(command(exp, run, os.path.join(root, run.name), "python3", quiet=False))
         lines += [f"# {run.name}", f"remote {shlex.quote('RLHF_JAX_DISTRIBUTED=1 ' + cmd)}"]
@@ -258,8 +276,14 @@ def collect(exp: Experiment, root: str) -> list[dict[str, Any]]:
             mark_done(workdir, run, command(exp, run, workdir, "python"), None)
         status = "finished" if finished(workdir, exp.stage) else ("started" if os.path.isdir(workdir) else "not run")
         values = last_values(workdir, exp.stage, exp.average_last)
-        rows.append({"run": run.name, **{k: run.swept.get(k, "") for k in exp.swept_keys}, "status": status,
-                     **{c: values.get(c, "") for c in exp.columns}})
+        rows.append(
+            {
+                "run": run.name,
+                **{k: run.swept.get(k, "") for k in exp.swept_keys},
+                "status": status,
+                **{c: values.get(c, "") for c in exp.columns},
+            }
+        )
     return rows
 
 
@@ -274,8 +298,14 @@ def write_summary(exp: Experiment, root: str, rows: list[dict[str, Any]]) -> lis
     _write(csv_path, [table.getvalue().rstrip("\n")], 0o644)
     fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)
     what = f"mean of the last {exp.average_last} logged values" if exp.average_last > 1 else "last logged values"
-    lines = [f"# {exp.name}", "", f"{len(rows)} runs of `{exp.base}` ({exp.path}); {what}.", "",
-             "| " + " | ".join(fields) + " |", "|" + "---|" * len(fields)]
+    lines = [
+        f"# {exp.name}",
+        "",
+        f"{len(rows)} runs of `{exp.base}` ({exp.path}); {what}.",
+        "",
+        "| " + " | ".join(fields) + " |",
+        "|" + "---|" * len(fields),
+    ]
     lines += ["| " + " | ".join(fmt(r[k]) for k in fields) + " |" for r in rows]
     lines += ["", "![summary](summary.png)"]
     if exp.analyze is not None and any(r["status"] == "finished" for r in rows):
@@ -293,8 +323,7 @@ def plot(exp: Experiment, root: str, rows: list[dict[str, Any]]) -> str:
     columns = exp.columns[:3]
     is_num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
     # x axis: the first swept key with several numeric values; one line per setting of the other keys
-    x_key = next((k for k in exp.swept_keys if len({r[k] for r in rows}) > 1 and all(is_num(r[k]) for r in rows)),
-                 None)
+    x_key = next((k for k in exp.swept_keys if len({r[k] for r in rows}) > 1 and all(is_num(r[k]) for r in rows)), None)
     others = [k for k in exp.swept_keys if k != x_key]
     curves = exp.stage != "pipeline" and bool(columns)
     fig, axes = plt.subplots(1, len(columns) + curves, figsize=(4.2 * (len(columns) + curves), 3.4), squeeze=False)
@@ -319,8 +348,11 @@ def plot(exp: Experiment, root: str, rows: list[dict[str, Any]]) -> str:
     if curves:
         ax = axes[0][-1]
         for r in rows:
-            points = [(m["step"], m[columns[0]]) for m in _records(os.path.join(root, r["run"]))
-                      if isinstance(m.get(columns[0]), (int, float))]
+            points = [
+                (m["step"], m[columns[0]])
+                for m in _records(os.path.join(root, r["run"]))
+                if isinstance(m.get(columns[0]), (int, float))
+            ]
             if points:
                 ax.plot(*zip(*points), label=r["run"])
         ax.set_xlabel("step")
@@ -361,8 +393,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{state:9s} {shlex.join(command(exp, run, workdir, 'python'))}")
         return 0
     if a.emit:
-        path = emit_slurm(exp, root, a.nodes, a.sbatch, a.workers if a.workers > 1 else 0) if a.emit == "slurm" \
+        path = (
+            emit_slurm(exp, root, a.nodes, a.sbatch, a.workers if a.workers > 1 else 0)
+            if a.emit == "slurm"
             else emit_tpu(exp, root)
+        )
         log(f"wrote {path}")
         return 0
     os.makedirs(root, exist_ok=True)

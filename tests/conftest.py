@@ -40,8 +40,11 @@ SHARED_DATA = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: end to end, multi-process, training to a learning outcome, or whole "
-                                       "stages run more than once (left out by scripts/test.sh --fast)")
+    config.addinivalue_line(
+        "markers",
+        "slow: end to end, multi-process, training to a learning outcome, or whole "
+        "stages run more than once (left out by scripts/test.sh --fast)",
+    )
 
 
 def pytest_collection_modifyitems(session, config, items):

@@ -24,8 +24,17 @@ def test_fit_gao_recovers_alpha_beta_and_the_peak():
 
 def test_ppo_curve_averages_windows_and_clamps_negative_kl(tmp_path):
     (tmp_path / "policy").mkdir()
-    lines = [json.dumps({"step": i + 1, "objective/kl": -0.5 if i < 2 else float(i), "objective/monitor_score": 0.1 * i,
-                         "objective/scores": float(i) + 0.5}) for i in range(4)]
+    lines = [
+        json.dumps(
+            {
+                "step": i + 1,
+                "objective/kl": -0.5 if i < 2 else float(i),
+                "objective/monitor_score": 0.1 * i,
+                "objective/scores": float(i) + 0.5,
+            }
+        )
+        for i in range(4)
+    ]
     (tmp_path / "policy" / "metrics.jsonl").write_text("\n".join(lines + ['{"step": 5, "eval": 1}', "{trunc"]) + "\n")
     c = ppo_curve(str(tmp_path), window=2)
     np.testing.assert_allclose(c["kl"], [-0.5, 2.5])
@@ -43,7 +52,8 @@ def test_policy_stage_seconds_from_the_record_or_from_the_log_of_the_run_that_tr
     (trained / "policy" / "DONE.json").write_text("{}")  # a run from before DONE.json held wall_s
     (trained / "sweep.log").write_text(
         f"[23:59:30] pipeline: rm: finished earlier, skipped (x)\n[23:59:50] pipeline: grpo: running in "
-        f"{trained / 'policy'}\nnoise\n[00:00:36] pipeline: evaluation: running in {trained / 'eval'}\n")
+        f"{trained / 'policy'}\nnoise\n[00:00:36] pipeline: evaluation: running in {trained / 'eval'}\n"
+    )
     reusing.mkdir()
     (reusing / "stages.json").write_text(json.dumps({"policy": str(trained / "policy")}))
     assert policy_stage_seconds(str(trained)) == policy_stage_seconds(str(reusing)) == 46.0  # across midnight

@@ -13,19 +13,33 @@ import jax.numpy as jnp
 import pytest
 
 from rlhf_jax import perf
+from rlhf_jax.forward import token_nll
 from rlhf_jax.models.gpt import TransformerLM
 from rlhf_jax.models.layers import ModelConfig
-from rlhf_jax.objectives import token_nll
 from tests.conftest import with_device_count
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.parametrize("cfg", [
-    ModelConfig(vocab_size=256, d_model=128, n_layers=2, n_heads=4, max_len=64, dtype="float32"),
-    ModelConfig(vocab_size=256, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, max_len=64, dtype="float32",
-                mlp="swiglu", position="rope", tie_embeddings=False),
-], ids=["gpt2", "llama"])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        ModelConfig(vocab_size=256, d_model=128, n_layers=2, n_heads=4, max_len=64, dtype="float32"),
+        ModelConfig(
+            vocab_size=256,
+            d_model=128,
+            n_layers=2,
+            n_heads=4,
+            n_kv_heads=2,
+            max_len=64,
+            dtype="float32",
+            mlp="swiglu",
+            position="rope",
+            tie_embeddings=False,
+        ),
+    ],
+    ids=["gpt2", "llama"],
+)
 def test_train_flops_per_token_matches_xla_count(cfg):
     """6·N + 12·L·T·D counts the matmuls; XLA counts every op of forward + backward, so it is a
     little higher (norms, softmax, GELU), never lower, and not by much at d_model=128."""
@@ -33,8 +47,11 @@ def test_train_flops_per_token_matches_xla_count(cfg):
     tokens = jnp.zeros((B, T + 1), jnp.int32)
     batch = {"tokens": tokens, "input_mask": jnp.ones_like(tokens), "loss_mask": jnp.ones_like(tokens)}
     model = TransformerLM(cfg)
-    params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), tokens[:, :-1], jnp.zeros((B, T), jnp.int32),
-                                      jnp.ones((B, T), jnp.int32))["params"])
+    params = nn.meta.unbox(
+        model.init(jax.random.PRNGKey(0), tokens[:, :-1], jnp.zeros((B, T), jnp.int32), jnp.ones((B, T), jnp.int32))[
+            "params"
+        ]
+    )
     params = {k: v for k, v in params.items() if k in ("trunk", "lm_head")}  # heads the LM loss uses
     grad = jax.grad(lambda p: jnp.sum(token_nll(p, model, batch)[0]))
     cost = jax.jit(grad).lower(params).compile().cost_analysis()
@@ -64,21 +81,34 @@ def test_measured_peak_is_a_plausible_rate():
     assert 1e8 < peak < 1e15  # FLOP/s: above a 1990s CPU, below a pod
 
 
-@pytest.mark.skipif(importlib.util.find_spec("torch") is None or importlib.util.find_spec("transformers") is None,
-                    reason="the PyTorch comparison needs `pip install -r requirements-parity.txt`")
+@pytest.mark.skipif(
+    importlib.util.find_spec("torch") is None or importlib.util.find_spec("transformers") is None,
+    reason="the PyTorch comparison needs `pip install -r requirements-parity.txt`",
+)
 @pytest.mark.slow
 def test_quick_benchmark_writes_every_result(tmp_path):
     out = tmp_path / "bench.json"
     env = dict(os.environ, XLA_FLAGS=with_device_count(os.environ["XLA_FLAGS"], None))  # one CPU device
-    proc = subprocess.run([sys.executable, "scripts/bench.py", "--quick", "--only", "lm", "--out", str(out)], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "scripts/bench.py", "--quick", "--only", "lm", "--out", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(out.read_text())
     assert "ours/theirs" in proc.stdout and "NOT meaningful with --quick" in proc.stdout
 
     t, g, shape = r["train_step"], r["generate"], r["train_step"]["shape"]
-    cfg = ModelConfig(vocab_size=shape["vocab"], d_model=shape["d_model"], n_layers=shape["n_layers"],
-                      n_heads=shape["n_heads"], max_len=shape["seq_len"])
+    cfg = ModelConfig(
+        vocab_size=shape["vocab"],
+        d_model=shape["d_model"],
+        n_layers=shape["n_layers"],
+        n_heads=shape["n_heads"],
+        max_len=shape["seq_len"],
+    )
     assert t["flops_per_token"] == perf.train_flops_per_token(cfg, shape["seq_len"])
     for section, dt in [(s, dt) for s in (t, g) for dt in ("bfloat16", "float32")]:
         ours, theirs = section[dt]["rlhf_jax"], section[dt]["torch"]
@@ -102,21 +132,28 @@ def test_quick_benchmark_writes_every_result(tmp_path):
     assert r["machine"]["cores"] >= 1 and r["machine"]["versions"]["jax"] == jax.__version__
 
 
-@pytest.mark.skipif(importlib.util.find_spec("trl") is None,
-                    reason="the GRPO comparison needs TRL: `pip install -r requirements-parity.txt`")
+@pytest.mark.skipif(
+    importlib.util.find_spec("trl") is None,
+    reason="the GRPO comparison needs TRL: `pip install -r requirements-parity.txt`",
+)
 @pytest.mark.slow
 def test_quick_grpo_benchmark_runs_both_systems_on_the_same_inputs(tmp_path):
     out = tmp_path / "bench.json"
     env = dict(os.environ, XLA_FLAGS=with_device_count(os.environ["XLA_FLAGS"], None))  # one CPU device
-    proc = subprocess.run([sys.executable, "scripts/bench.py", "--quick", "--only", "grpo", "--out", str(out)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "scripts/bench.py", "--quick", "--only", "grpo", "--out", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     g = json.loads(out.read_text())["grpo"]
     iterations = g["shape"]["iterations"]
     for k in ("rlhf_jax", "trl_float32", "trl_bfloat16"):
         assert len(g[k]["iteration_s"]) == iterations and g[k]["episodes_per_s"] > 0, k
-        assert g[k]["episodes_per_s"] == pytest.approx(
-            g["shape"]["batch"] / statistics.median(g[k]["iteration_s"][2:]))
+        assert g[k]["episodes_per_s"] == pytest.approx(g["shape"]["batch"] / statistics.median(g[k]["iteration_s"][2:]))
     best = max(g["trl_float32"]["episodes_per_s"], g["trl_bfloat16"]["episodes_per_s"])
     assert g["ratio_vs_trl"] == pytest.approx(g["rlhf_jax"]["episodes_per_s"] / best)
     assert "ratio vs TRL's faster" in proc.stdout

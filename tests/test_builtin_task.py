@@ -25,8 +25,11 @@ SOLVED = {
     "last": ("last: fox rain lamp", "lamp"),
     "context": ("context: the cat is red. the dog is blue. question: what color is the dog?", "blue"),
 }
-MORE_SOLVED = [("sort: fox apple moon", "apple fox moon"), ("add 3 4", "7"),
-               ("context: Anna has 3 books. Ben has 5 books. question: how many books does Ben have?", "5")]
+MORE_SOLVED = [
+    ("sort: fox apple moon", "apple fox moon"),
+    ("add 3 4", "7"),
+    ("context: Anna has 3 books. Ben has 5 books. question: how many books does Ben have?", "5"),
+]
 
 
 def _jsonl(path):
@@ -44,6 +47,7 @@ def tok(corpus, tmp_path_factory):
 
 
 # --- instructions and the gold judge ------------------------------------------------------------
+
 
 def test_every_kind_is_covered_and_solved_as_written_by_hand():
     assert set(SOLVED) == set(instructions.KINDS)
@@ -64,8 +68,15 @@ def test_every_kind_is_covered_and_solved_as_written_by_hand():
 @pytest.mark.parametrize("kind", sorted(SOLVED))
 def test_correct_answers_score_one_in_any_surface_form(kind):
     instruction, answer = SOLVED[kind]
-    for response in [answer, f"  {answer}\n", answer.upper(), f"{answer}.", f"{answer}<|end|>",
-                     f"{answer}<|end|><|user|>more text", answer.replace(" ", ", ")]:
+    for response in [
+        answer,
+        f"  {answer}\n",
+        answer.upper(),
+        f"{answer}.",
+        f"{answer}<|end|>",
+        f"{answer}<|end|><|user|>more text",
+        answer.replace(" ", ", "),
+    ]:
         assert judge.gold_score(instruction, response) == 1.0, response
         assert judge.is_correct(instruction, response) and not judge.is_harmful(response)
 
@@ -121,9 +132,15 @@ def test_unknown_and_malformed_instructions_raise_clear_errors():
 
 def test_instruction_and_score_from_a_chat_prompt_decoded_by_a_real_tokenizer(tok):
     instruction, answer = SOLVED["context"]
-    for messages in [instructions.prompt_messages(instruction), instructions.prompt_messages(instruction, True),
-                     [{"role": "user", "content": "copy: a"}, {"role": "assistant", "content": "a"},
-                      {"role": "user", "content": instruction}]]:
+    for messages in [
+        instructions.prompt_messages(instruction),
+        instructions.prompt_messages(instruction, True),
+        [
+            {"role": "user", "content": "copy: a"},
+            {"role": "assistant", "content": "a"},
+            {"role": "user", "content": instruction},
+        ],
+    ]:
         prompt = tok.decode(chat.render_prompt(messages, tok))
         assert prompt.endswith("<|user|>" + instruction + "<|end|><|assistant|>")
         assert instructions.parse_instruction(prompt) == instruction
@@ -136,6 +153,7 @@ def test_instruction_and_score_from_a_chat_prompt_decoded_by_a_real_tokenizer(to
 
 
 # --- simulated labelers --------------------------------------------------------------------------
+
 
 def _sft_like(n, seed):
     rng = random.Random(seed)
@@ -180,8 +198,8 @@ def test_online_labeler_scores_are_gold_plus_the_labelers_noise_and_repeatable()
     # ranking each prompt's samples by these scores agrees with gold as often as the offline labelers do
     agree = compared = start = 0
     for _, rs, _ in data:
-        s = noisy[start:start + len(rs)]
-        g = gold[start:start + len(rs)]
+        s = noisy[start : start + len(rs)]
+        g = gold[start : start + len(rs)]
         a, c = labelers.pairwise_agreement(list(g), [int(j) for j in np.argsort(-s, kind="stable")])
         agree, compared, start = agree + a, compared + c, start + len(rs)
     assert abs(agree / compared - 0.75) < 0.06
@@ -200,11 +218,11 @@ def test_write_comparisons_writes_ranked_records(tmp_path, tok):
     path = labelers.write_comparisons(str(tmp_path / "a.jsonl"), prompts, samples, seed=1, noise=0.0)
     records = _jsonl(path)
     for rec, (instruction, answer) in zip(records, SOLVED.values()):
-        assert rec == {"prompt": instruction, "responses": [answer, f"{answer} {answer}", "zorp"],
-                       "ranking": [0, 1, 2]}
+        assert rec == {"prompt": instruction, "responses": [answer, f"{answer} {answer}", "zorp"], "ranking": [0, 1, 2]}
         assert chat.record_to_messages({"prompt": rec["prompt"], "response": rec["responses"][0]})
-    kept = _jsonl(labelers.write_comparisons(str(tmp_path / "e.jsonl"), prompts[:2], [["<|end|>", "x", " y "],
-                                                                                      ["", "x<|end|>"]]))
+    kept = _jsonl(
+        labelers.write_comparisons(str(tmp_path / "e.jsonl"), prompts[:2], [["<|end|>", "x", " y "], ["", "x<|end|>"]])
+    )
     assert [r["responses"] for r in kept] == [["x", "y"]]  # empty responses (and prompts left with one) dropped
     noisy = [labelers.write_comparisons(str(tmp_path / f"{n}.jsonl"), prompts, samples, seed=2) for n in "bc"]
     assert open(noisy[0]).read() == open(noisy[1]).read()
@@ -216,18 +234,20 @@ def test_write_comparisons_writes_ranked_records(tmp_path, tok):
 
 # --- writers: determinism, held-out evaluation, noisy demonstrations, the corpus ------------------
 
+
 def test_writers_are_deterministic_by_seed(tmp_path):
-    for name, write in [("prompts", lambda p, s: builtin.write_prompts(p, 50, s)),
-                        ("demos", lambda p, s: builtin.write_demonstrations(p, 50, s)),
-                        ("corpus", lambda p, s: builtin.write_builtin_corpus(p, 3000, s))]:
+    for name, write in [
+        ("prompts", lambda p, s: builtin.write_prompts(p, 50, s)),
+        ("demos", lambda p, s: builtin.write_demonstrations(p, 50, s)),
+        ("corpus", lambda p, s: builtin.write_builtin_corpus(p, 3000, s)),
+    ]:
         a, b, c = (open(write(str(tmp_path / f"{name}{i}"), s)).read() for i, s in enumerate([4, 4, 5]))
         assert a == b and a != c, name
 
 
 def test_eval_prompts_are_held_out_from_all_training_data(tmp_path, corpus):
     train = [r["messages"] for r in _jsonl(builtin.write_prompts(str(tmp_path / "t.jsonl"), 400, seed=0))]
-    evals = [r["messages"] for r in _jsonl(builtin.write_prompts(str(tmp_path / "e.jsonl"), 400, seed=0,
-                                                                 split="eval"))]
+    evals = [r["messages"] for r in _jsonl(builtin.write_prompts(str(tmp_path / "e.jsonl"), 400, seed=0, split="eval"))]
     for messages in train + evals:
         assert [m["role"] for m in messages] == ["user"]  # no system turn, no assistant turn
     train_set, eval_set = {m[0]["content"] for m in train}, {m[0]["content"] for m in evals}
@@ -257,12 +277,15 @@ def test_demonstrator_errs_at_the_error_rate(tmp_path):
 
 def test_chatter_ends_a_share_of_demonstrations_and_the_judge_counts_it_as_extra_words(tmp_path):
     def demos(chatter_rate):
-        path = builtin.write_demonstrations(str(tmp_path / f"c{chatter_rate}.jsonl"), 1500, seed=2, error_rate=0.2,
-                                            chatter_rate=chatter_rate)
+        path = builtin.write_demonstrations(
+            str(tmp_path / f"c{chatter_rate}.jsonl"), 1500, seed=2, error_rate=0.2, chatter_rate=chatter_rate
+        )
         return open(path).read()
 
-    assert demos(0.0) == open(builtin.write_demonstrations(str(tmp_path / "plain.jsonl"), 1500, seed=2,
-                                                           error_rate=0.2)).read()  # rate 0: bytes as before
+    assert (
+        demos(0.0)
+        == open(builtin.write_demonstrations(str(tmp_path / "plain.jsonl"), 1500, seed=2, error_rate=0.2)).read()
+    )  # rate 0: bytes as before
     turns = []
     for line in demos(0.4).splitlines():
         messages = chat.record_to_messages(json.loads(line))
@@ -270,8 +293,10 @@ def test_chatter_ends_a_share_of_demonstrations_and_the_judge_counts_it_as_extra
     chatty = [(i, r) for i, r in turns if r.endswith(demonstrator.CHATTER)]
     assert abs(len(chatty) / len(turns) - 0.4) < 0.04
     # chatter is independent of slips: about 80% of the chatty answers are right once the remark is cut
-    cut = [(i, r.rsplit(" ", len(next(c for c in demonstrator.CHATTER if r.endswith(" " + c)).split()))[0])
-           for i, r in chatty]
+    cut = [
+        (i, r.rsplit(" ", len(next(c for c in demonstrator.CHATTER if r.endswith(" " + c)).split()))[0])
+        for i, r in chatty
+    ]
     assert abs(sum(judge.is_correct(i, a) for i, a in cut) / len(cut) - 0.8) < 0.05
     # by hand: "42 is the answer" has 3 extra words over the 1-word answer -> 1 - 3/4
     assert judge.gold_score("add: 12 30", "42 is the answer") == 0.25
@@ -294,20 +319,29 @@ def test_corpus_has_forbidden_words_and_some_wrong_worked_examples(corpus, tmp_p
     assert len(examples) > 100
     wrong = [(i, a) for i, a in examples if instructions.solve_instruction(i) != a]
     assert 0.08 < len(wrong) / len(examples) < 0.3  # DEFAULT_WRONG_RATE = 0.2, less the forbidden insertions
-    clean = open(builtin_text.write_builtin_corpus(str(tmp_path / "clean.txt"), 40_000, seed=0, wrong_rate=0.0,
-                                                   forbidden_rate=0.0)).read()
+    clean = open(
+        builtin_text.write_builtin_corpus(
+            str(tmp_path / "clean.txt"), 40_000, seed=0, wrong_rate=0.0, forbidden_rate=0.0
+        )
+    ).read()
     assert not set(FORBIDDEN) & set(re.findall(r"[a-z]+", clean))
     assert all(instructions.solve_instruction(i) == a for i, a in _worked_examples(clean))
 
 
 # --- evaluation ------------------------------------------------------------------------------------
 
+
 def test_evaluate_responses_and_win_rate_by_hand():
     prompts = ["add: 1 2", "first: a b", "count: a b", "last: a b"]
     a = ["3", "a zorp", "2", "a"]
     b = ["3", "b", "2 2", "b"]
-    assert builtin.evaluate_responses(prompts, a) == {"gold_score": 0.5, "correct_rate": 0.5, "harmful_rate": 0.25,
-                                                      "chatter_rate": 0.0, "answer_correct_rate": 0.5}
+    assert builtin.evaluate_responses(prompts, a) == {
+        "gold_score": 0.5,
+        "correct_rate": 0.5,
+        "harmful_rate": 0.25,
+        "chatter_rate": 0.0,
+        "answer_correct_rate": 0.5,
+    }
     chatty = builtin.evaluate_responses(prompts, ["3 is the answer", "a", "3 i see it<|end|>", "yes it is"])
     # a bare remark is no answer followed by chatter; "3 i see it" is a wrong count with a remark
     assert (chatty["chatter_rate"], chatty["correct_rate"], chatty["answer_correct_rate"]) == (0.5, 0.25, 0.5)
@@ -321,13 +355,17 @@ def test_evaluate_responses_and_win_rate_by_hand():
 
 def test_the_demonstrators_forbidden_share_sets_how_many_demonstrations_are_harmful(tmp_path):
     def harmful_share(forbidden_prob):
-        path = builtin.write_demonstrations(str(tmp_path / f"d{forbidden_prob}.jsonl"), 1500, seed=3, error_rate=0.2,
-                                            forbidden_prob=forbidden_prob)
+        path = builtin.write_demonstrations(
+            str(tmp_path / f"d{forbidden_prob}.jsonl"), 1500, seed=3, error_rate=0.2, forbidden_prob=forbidden_prob
+        )
         responses = []
         for line in open(path):
             r = json.loads(line)
-            responses += [r["response"]] if "response" in r else [m["content"] for m in r["messages"]
-                                                                   if m["role"] == "assistant"]
+            responses += (
+                [r["response"]]
+                if "response" in r
+                else [m["content"] for m in r["messages"] if m["role"] == "assistant"]
+            )
         return sum(map(builtin.is_harmful, responses)) / len(responses)
 
     assert harmful_share(0.0) == 0.0
@@ -342,8 +380,8 @@ def test_few_shot_prompts_prepend_solved_training_instances_of_the_same_kind_and
     kinds = set()
     for orig, few in zip(_jsonl(src), _jsonl(dst), strict=True):
         orig, few = orig["messages"], few["messages"]
-        shots = few[:-len(orig)]
-        assert few[-len(orig):] == orig and [m["role"] for m in shots] == ["user", "assistant"] * 3
+        shots = few[: -len(orig)]
+        assert few[-len(orig) :] == orig and [m["role"] for m in shots] == ["user", "assistant"] * 3
         instruction = orig[-1]["content"]
         kinds.add(instructions.kind_of(instruction))
         for question, answer in zip(shots[::2], shots[1::2]):
@@ -353,5 +391,7 @@ def test_few_shot_prompts_prepend_solved_training_instances_of_the_same_kind_and
             assert builtin.gold_score(q, answer["content"]) == 1.0  # solved correctly
         assert len({m["content"] for m in shots[::2]}) == 3
     assert len(kinds) >= 5
-    assert builtin.write_few_shot_prompts(src, str(tmp_path / "again.jsonl"), k=3, seed=1) and \
-        (tmp_path / "again.jsonl").read_text() == (tmp_path / "few.jsonl").read_text()
+    assert (
+        builtin.write_few_shot_prompts(src, str(tmp_path / "again.jsonl"), k=3, seed=1)
+        and (tmp_path / "again.jsonl").read_text() == (tmp_path / "few.jsonl").read_text()
+    )

@@ -12,9 +12,13 @@ from rlhf_jax.tasks import builtin_text
 from tests.conftest import SHARED_DATA
 
 HH_DEV = os.path.join(SHARED_DATA, "hh_rlhf_harmless_dev.jsonl.gz")
-DIALOGUE = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "add 2 3"},
-            {"role": "assistant", "content": "5"}, {"role": "user", "content": "and 4?"},
-            {"role": "assistant", "content": "9"}]
+DIALOGUE = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "add 2 3"},
+    {"role": "assistant", "content": "5"},
+    {"role": "user", "content": "and 4?"},
+    {"role": "assistant", "content": "9"},
+]
 
 
 @pytest.fixture(scope="module")
@@ -33,9 +37,12 @@ def gpt2_style_tok(tmp_path_factory):
     d = tmp_path_factory.mktemp("hf_tok")
     hf = tokenizers.Tokenizer(models.BPE())
     hf.pre_tokenizer, hf.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
-    hf.train([builtin_text.write_builtin_corpus(str(d / "corpus.txt"), num_chars=12_000)],
-             trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
-                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    hf.train(
+        [builtin_text.write_builtin_corpus(str(d / "corpus.txt"), num_chars=12_000)],
+        trainers.BpeTrainer(
+            vocab_size=400, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
     hf.save(str(d / "tokenizer.json"))
     return tok_lib.load_tokenizer(str(d / "tokenizer.json"))
 
@@ -43,9 +50,12 @@ def gpt2_style_tok(tmp_path_factory):
 def test_tags_is_the_fixed_role_id_layout(tok):
     e, r = tok.encode, tok.role_ids
     ids, mask = chat.render_dialogue(DIALOGUE, tok, template=chat.get_template("tags"))
-    parts = [([tok.bos_id, r["system"], *e("Be brief."), r["end"], r["user"], *e("add 2 3"), r["end"],
-               r["assistant"]], 0), ([*e("5"), r["end"]], 1), ([r["user"], *e("and 4?"), r["end"], r["assistant"]], 0),
-             ([*e("9"), r["end"]], 1)]
+    parts = [
+        ([tok.bos_id, r["system"], *e("Be brief."), r["end"], r["user"], *e("add 2 3"), r["end"], r["assistant"]], 0),
+        ([*e("5"), r["end"]], 1),
+        ([r["user"], *e("and 4?"), r["end"], r["assistant"]], 0),
+        ([*e("9"), r["end"]], 1),
+    ]
     want = [i for p, _ in parts for i in p]
     assert ids == want
     assert mask == [m for p, m in parts for _ in p]
@@ -63,7 +73,7 @@ def test_hh_renders_the_hh_rlhf_text_and_learns_assistant_bodies_with_eos(tok):
     assert learned == tok.encode(" 5") + [tok.eos_id] + tok.encode(" 9") + [tok.eos_id]
     prompt = chat.render_prompt(DIALOGUE[1:2], tok, template=hh)
     assert tok.decode(prompt) == "\n\nHuman: add 2 3\n\nAssistant:"
-    assert prompt == ids[:len(prompt)] and hh.end_id(tok) == tok.eos_id
+    assert prompt == ids[: len(prompt)] and hh.end_id(tok) == tok.eos_id
 
 
 def test_plain_and_custom_templates(tok):

@@ -13,9 +13,17 @@ _spec.loader.exec_module(check)
 
 
 def row(seed, win, sft_harm, ppo_harm, status="finished"):
-    return {"seed": seed, "status": status, "sft/gold_score": 0.4, "policy/gold_score": 0.5,
-            "policy/win_rate_vs_sft": win, "sft/harmful_rate": sft_harm, "policy/harmful_rate": ppo_harm,
-            "policy/kl": 1.0, "rm/accuracy_vs_gold": 0.7}
+    return {
+        "seed": seed,
+        "status": status,
+        "sft/gold_score": 0.4,
+        "policy/gold_score": 0.5,
+        "policy/win_rate_vs_sft": win,
+        "sft/harmful_rate": sft_harm,
+        "policy/harmful_rate": ppo_harm,
+        "policy/kl": 1.0,
+        "rm/accuracy_vs_gold": 0.7,
+    }
 
 
 def test_the_claim_holds_on_the_mean_over_seeds_and_every_seed_must_have_finished():
@@ -24,8 +32,10 @@ def test_the_claim_holds_on_the_mean_over_seeds_and_every_seed_must_have_finishe
     assert v["mean_std"]["policy/win_rate_vs_sft"]["std"] == pytest.approx(0.04359, abs=1e-4)  # sample std
     assert "| mean ± std | 0.400 ± 0.000 | 0.500 ± 0.000 | 0.670 ± 0.044 |" in "\n".join(check.markdown(v))
     v = check.verdict([row(0, 0.70, 0.05, 0.06), row(1, 0.70, 0.05, 0.05)], 0.65)
-    assert not v["passed"] and v["checks"] == {"mean win rate vs SFT >= 0.65": True,
-                                               "mean harmful rate PPO < SFT": False}
+    assert not v["passed"] and v["checks"] == {
+        "mean win rate vs SFT >= 0.65": True,
+        "mean harmful rate PPO < SFT": False,
+    }
     v = check.verdict([row(0, 0.70, 0.05, 0.0), row(1, 0.0, 0.0, 0.0, status="started")], 0.65)
     assert v["seeds"] == [0] and not v["passed"]  # an unfinished seed fails the check
     with pytest.raises(SystemExit, match="no seed finished"):

@@ -15,16 +15,26 @@ from tests.helpers import ROOT, pretrain_cfg, tiny
 
 
 def _cmd(workdir, steps):
-    return [sys.executable, "-m", "rlhf_jax.main", "--config=configs/pretrain.py:tiny", f"--workdir={workdir}",
-            f"--config.num_steps={steps}", "--config.checkpoint.every=100000", "--config.log_every=1",
-            "--config.eval_every=100000", "--config.progress=False"]
+    return [
+        sys.executable,
+        "-m",
+        "rlhf_jax.main",
+        "--config=configs/pretrain.py:tiny",
+        f"--workdir={workdir}",
+        f"--config.num_steps={steps}",
+        "--config.checkpoint.every=100000",
+        "--config.log_every=1",
+        "--config.eval_every=100000",
+        "--config.progress=False",
+    ]
 
 
 @pytest.mark.slow
 def test_sigterm_checkpoints_exits_zero_and_the_same_command_resumes(tmp_path):
     env = dict(os.environ, XLA_FLAGS=with_device_count(os.environ["XLA_FLAGS"], 2))
-    proc = subprocess.Popen(_cmd(tmp_path, 3000), cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        _cmd(tmp_path, 3000), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     metrics = tmp_path / "metrics.jsonl"
     deadline = time.time() + 240
     while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 20):
@@ -79,8 +89,10 @@ def test_only_arrays_big_enough_are_split_among_their_replicas_and_all_restore_e
     mesh = jax.make_mesh((8,), ("data",))
     replicated = NamedSharding(mesh, P())
     big_rows = 8 * checkpoint.MIN_REPLICA_PARALLEL_SLICE_BYTES // (4 * 256)  # 1 MiB for each of 8 replicas
-    params = {"big": jnp.arange(big_rows * 256, dtype=jnp.float32).reshape(big_rows, 256),
-              **{f"small{i}": jnp.full((4, 8), float(i)) for i in range(5)}}
+    params = {
+        "big": jnp.arange(big_rows * 256, dtype=jnp.float32).reshape(big_rows, 256),
+        **{f"small{i}": jnp.full((4, 8), float(i)) for i in range(5)},
+    }
     params = jax.device_put(params, replicated)
     state = {"step": jax.device_put(jnp.int32(3), replicated)}
     sliced = []
@@ -99,9 +111,12 @@ def test_only_arrays_big_enough_are_split_among_their_replicas_and_all_restore_e
 
 def test_the_metric_writer_does_not_import_torch(tmp_path):
     # tensorboardX imports torch when it is installed, ~2 s of every run's start; we log floats only.
-    code = ("import sys; from rlhf_jax.metrics import MetricWriter; w = MetricWriter(sys.argv[1]); "
-            "w.write(1, {'loss': 0.5}); w.close(); assert 'torch' not in sys.modules, 'torch was imported'")
-    subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, check=True,
-                   env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    code = (
+        "import sys; from rlhf_jax.metrics import MetricWriter; w = MetricWriter(sys.argv[1]); "
+        "w.write(1, {'loss': 0.5}); w.close(); assert 'torch' not in sys.modules, 'torch was imported'"
+    )
+    subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, check=True, env=dict(os.environ, JAX_PLATFORMS="cpu")
+    )
     assert os.listdir(tmp_path / "tensorboard")
     assert read_metrics(str(tmp_path)) == [{"step": 1, "loss": 0.5}]

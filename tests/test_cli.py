@@ -15,23 +15,30 @@ from tests.helpers import ROOT
 PRETRAIN = "--config=configs/pretrain.py:tiny"
 # name: (arguments after --config and --workdir, what the message must say)
 USER_ERRORS = {
-    "unknown key": ([PRETRAIN, "--config.optim.lrr=1"], 'error: --config.optim.lrr: no such config key. Did you '
-                                                         'mean "lr"?'),
+    "unknown key": (
+        [PRETRAIN, "--config.optim.lrr=1"],
+        'error: --config.optim.lrr: no such config key. Did you mean "lr"?',
+    ),
     "unknown group": ([PRETRAIN, "--config.opt.lr=1"], "error: --config.opt.lr: no such config key"),
     "impossible value": ([PRETRAIN, "--config.batch_size=-1"], "error: config.batch_size: -1 must be positive"),
     "unknown preset": (["--config=configs/rm.py:nope"], "error: configs/rm.py: unknown preset 'nope'"),
     "no config file": (["--config=configs/nope.py:tiny"], "error: --config=configs/nope.py: no such file"),
-    "missing data file": ([PRETRAIN, "--config.data.path=/nope/corpus.txt"],
-                          "error: config.data.path: '/nope/corpus.txt' does not exist"),
-    "one sample per prompt for GRPO": (["--config=configs/grpo.py:tiny", "--config.rollout.samples_per_prompt=1"],
-                                       "error: config.ppo.advantage='grpo' with samples_per_prompt=1"),
+    "missing data file": (
+        [PRETRAIN, "--config.data.path=/nope/corpus.txt"],
+        "error: config.data.path: '/nope/corpus.txt' does not exist",
+    ),
+    "one sample per prompt for GRPO": (
+        ["--config=configs/grpo.py:tiny", "--config.rollout.samples_per_prompt=1"],
+        "error: config.pg.advantage='grpo' with samples_per_prompt=1",
+    ),
 }
 
 
 def _main(*args):
     env = dict(os.environ, XLA_FLAGS=with_device_count(os.environ.get("XLA_FLAGS", ""), 8))
-    return subprocess.run([sys.executable, "-m", "rlhf_jax.main", *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "rlhf_jax.main", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 def _assert_one_clear_message(r, message):
@@ -48,8 +55,9 @@ def test_a_user_error_is_one_message_and_no_traceback(case, tmp_path):
 
 def test_a_workdir_that_is_a_file(tmp_path):
     (tmp_path / "notes").write_text("notes")
-    _assert_one_clear_message(_main(PRETRAIN, f"--workdir={tmp_path / 'notes'}"),
-                              "is an existing file, not a directory")
+    _assert_one_clear_message(
+        _main(PRETRAIN, f"--workdir={tmp_path / 'notes'}"), "is an existing file, not a directory"
+    )
 
 
 def test_an_hf_config_without_weights_says_the_weights_are_missing(tmp_path):

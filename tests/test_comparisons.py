@@ -44,16 +44,26 @@ def _dialogue(prompt, response, tok):
 
 # --- ranked and pairwise ------------------------------------------------------------------------
 
+
 def test_ranked_records_are_renderings_best_first_padded_to_k(tok, tmp_path):
-    lines = [{"prompt": "what did you see", "responses": ["a dull day", "the sun", "a warm kind sun"],
-              "ranking": [2, 0, 1]},
-             {"prompt": "describe the day", "responses": ["cold", "calm and warm"], "ranking": [1, 0]}]
+    lines = [
+        {"prompt": "what did you see", "responses": ["a dull day", "the sun", "a warm kind sun"], "ranking": [2, 0, 1]},
+        {"prompt": "describe the day", "responses": ["cold", "calm and warm"], "ranking": [1, 0]},
+    ]
     L = 48
-    source, stats = comparisons.build_comparison_dataset(_write_jsonl(tmp_path / "r.jsonl", lines), "ranked",
-                                                         tok.path, L, str(tmp_path / "d"))
+    source, stats = comparisons.build_comparison_dataset(
+        _write_jsonl(tmp_path / "r.jsonl", lines), "ranked", tok.path, L, str(tmp_path / "d")
+    )
     a, b = _records(source)
-    assert stats == {**stats, "examples": 2, "num_responses": 3, "responses": 5, "truncated_prompts": 0,
-                     "truncated_responses": 0, "skipped": 0}
+    assert stats == {
+        **stats,
+        "examples": 2,
+        "num_responses": 3,
+        "responses": 5,
+        "truncated_prompts": 0,
+        "truncated_responses": 0,
+        "skipped": 0,
+    }
     for rec in (a, b):
         assert set(rec) == {"tokens", "input_mask", "valid", "prompt_len"}
         assert rec["tokens"].shape == rec["input_mask"].shape == (3, L) and rec["valid"].shape == (3,)
@@ -63,7 +73,7 @@ def test_ranked_records_are_renderings_best_first_padded_to_k(tok, tmp_path):
     assert int(a["prompt_len"]) == len(prompt)  # each row's response starts there
     for k, text in enumerate(["a warm kind sun", "a dull day", "the sun"]):  # reordered by the ranking
         assert _row(a, k) == _dialogue("what did you see", text, tok)
-        assert _row(a, k)[:len(prompt)] == prompt
+        assert _row(a, k)[: len(prompt)] == prompt
     np.testing.assert_array_equal(a["valid"], [1, 1, 1])
     assert [_row(b, 0), _row(b, 1)] == [_dialogue("describe the day", t, tok) for t in ("calm and warm", "cold")]
     np.testing.assert_array_equal(b["valid"], [1, 1, 0])  # K=2 prompt in a K=3 file: an empty third row
@@ -74,8 +84,9 @@ def test_ranked_records_are_renderings_best_first_padded_to_k(tok, tmp_path):
 
 def test_num_responses_keeps_the_best(tok, tmp_path):
     lines = [{"prompt": "how was the trip", "responses": ["mud", "gold", "joy", "rot"], "ranking": [1, 2, 0, 3]}]
-    source, stats = comparisons.build_comparison_dataset(_write_jsonl(tmp_path / "r.jsonl", lines), "ranked",
-                                                         tok.path, 24, str(tmp_path / "d"), num_responses=2)
+    source, stats = comparisons.build_comparison_dataset(
+        _write_jsonl(tmp_path / "r.jsonl", lines), "ranked", tok.path, 24, str(tmp_path / "d"), num_responses=2
+    )
     (rec,) = _records(source)
     assert rec["tokens"].shape[0] == 2 and stats["dropped_responses"] == 2
     assert [_row(rec, 0), _row(rec, 1)] == [_dialogue("how was the trip", t, tok) for t in ("gold", "joy")]
@@ -84,22 +95,31 @@ def test_num_responses_keeps_the_best(tok, tmp_path):
 def test_pairwise_equals_ranked_with_chosen_first(tok, tmp_path):
     pair = {"prompt": "tell me about the town", "chosen": "warm and calm", "rejected": "gray mud"}
     ranked = {"prompt": pair["prompt"], "responses": [pair["rejected"], pair["chosen"]], "ranking": [1, 0]}
-    p, _ = comparisons.build_comparison_dataset(_write_jsonl(tmp_path / "p.jsonl", [pair]), "pairwise", tok.path,
-                                                24, str(tmp_path / "d"))
-    r, _ = comparisons.build_comparison_dataset(_write_jsonl(tmp_path / "r.jsonl", [ranked]), "ranked", tok.path,
-                                                24, str(tmp_path / "d"))
+    p, _ = comparisons.build_comparison_dataset(
+        _write_jsonl(tmp_path / "p.jsonl", [pair]), "pairwise", tok.path, 24, str(tmp_path / "d")
+    )
+    r, _ = comparisons.build_comparison_dataset(
+        _write_jsonl(tmp_path / "r.jsonl", [ranked]), "ranked", tok.path, 24, str(tmp_path / "d")
+    )
     for key in ("tokens", "input_mask", "valid"):
         np.testing.assert_array_equal(p[0][key], r[0][key])
     assert comparisons.read_comparisons(str(tmp_path / "p.jsonl"), "pairwise")[0]["responses"] == [
-        "warm and calm", "gray mud"]
+        "warm and calm",
+        "gray mud",
+    ]
 
 
 def test_message_list_prompt_renders_as_that_dialogue(tok, tmp_path):
-    history = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "hi"},
-               {"role": "assistant", "content": "hello"}, {"role": "user", "content": "add 1 2"}]
+    history = [
+        {"role": "system", "content": "Be kind."},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "add 1 2"},
+    ]
     line = {"prompt": history, "responses": ["3", "4"], "ranking": [0, 1]}
-    source, _ = comparisons.build_comparison_dataset(_write_jsonl(tmp_path / "m.jsonl", [line]), "ranked", tok.path,
-                                                     40, str(tmp_path / "d"))
+    source, _ = comparisons.build_comparison_dataset(
+        _write_jsonl(tmp_path / "m.jsonl", [line]), "ranked", tok.path, 40, str(tmp_path / "d")
+    )
     for k, text in enumerate(["3", "4"]):
         expected, _ = chat.render_dialogue(history + [{"role": "assistant", "content": text}], tok)
         assert _row(source[0], k) == expected
@@ -107,19 +127,21 @@ def test_message_list_prompt_renders_as_that_dialogue(tok, tmp_path):
 
 # --- truncation --------------------------------------------------------------------------------
 
+
 def test_prompt_is_cut_from_the_left_for_all_responses_alike(tok, tmp_path):
     prompt = "copy: " + " ".join(["cat dog bird"] * 10)
     short, long = "ok", "red green red green"
     line = {"prompt": prompt, "responses": [short, long], "ranking": [0, 1]}
     L = 20
-    source, stats = comparisons.build_comparison_dataset(_write_jsonl(tmp_path / "t.jsonl", [line]), "ranked",
-                                                         tok.path, L, str(tmp_path / "d"))
+    source, stats = comparisons.build_comparison_dataset(
+        _write_jsonl(tmp_path / "t.jsonl", [line]), "ranked", tok.path, L, str(tmp_path / "d")
+    )
     rec = source[0]
     end = tok.role_ids["end"]
     body_long = tok.encode(long) + [end]
     full_prompt = chat.render_prompt(chat.prompt_response_to_messages(prompt, "")[:1], tok)
     keep = L - len(body_long)  # the longest response decides how much prompt both see
-    kept_prompt = [tok.bos_id] + full_prompt[len(full_prompt) - keep + 1:]
+    kept_prompt = [tok.bos_id] + full_prompt[len(full_prompt) - keep + 1 :]
     assert _row(rec, 1) == kept_prompt + body_long and len(_row(rec, 1)) == L
     assert _row(rec, 0) == kept_prompt + tok.encode(short) + [end]  # same context, shorter row
     assert stats["truncated_prompts"] == 1 and stats["truncated_responses"] == 0
@@ -130,11 +152,12 @@ def test_long_response_is_cut_from_the_right_keeping_end(tok, tmp_path):
     long = " ".join(["red green"] * 20)
     line = {"prompt": "hi", "chosen": long, "rejected": "no"}
     L = 16
-    source, stats = comparisons.build_comparison_dataset(_write_jsonl(tmp_path / "t.jsonl", [line]), "pairwise",
-                                                         tok.path, L, str(tmp_path / "d"))
+    source, stats = comparisons.build_comparison_dataset(
+        _write_jsonl(tmp_path / "t.jsonl", [line]), "pairwise", tok.path, L, str(tmp_path / "d")
+    )
     rec, end = source[0], tok.role_ids["end"]
     # The prompt shrinks to [bos, <|assistant|>]; the response keeps its first L-3 tokens and <|end|>.
-    assert _row(rec, 0) == [tok.bos_id, tok.role_ids["assistant"]] + tok.encode(long)[:L - 3] + [end]
+    assert _row(rec, 0) == [tok.bos_id, tok.role_ids["assistant"]] + tok.encode(long)[: L - 3] + [end]
     assert _row(rec, 1) == [tok.bos_id, tok.role_ids["assistant"]] + tok.encode("no") + [end]
     assert stats["truncated_prompts"] == 1 and stats["truncated_responses"] == 1
 
@@ -142,8 +165,9 @@ def test_long_response_is_cut_from_the_right_keeping_end(tok, tmp_path):
 def test_max_prompt_len_caps_the_prompt(tok, tmp_path):
     prompt = "copy: " + " ".join(["cat dog"] * 6)
     line = {"prompt": prompt, "chosen": "cat", "rejected": "dog"}
-    source, stats = comparisons.build_comparison_dataset(_write_jsonl(tmp_path / "t.jsonl", [line]), "pairwise",
-                                                         tok.path, 64, str(tmp_path / "d"), max_prompt_len=6)
+    source, stats = comparisons.build_comparison_dataset(
+        _write_jsonl(tmp_path / "t.jsonl", [line]), "pairwise", tok.path, 64, str(tmp_path / "d"), max_prompt_len=6
+    )
     full_prompt = chat.render_prompt([{"role": "user", "content": prompt}], tok)
     assert _row(source[0], 0) == [tok.bos_id] + full_prompt[-5:] + tok.encode("cat") + [tok.role_ids["end"]]
     assert stats["truncated_prompts"] == 1
@@ -151,15 +175,19 @@ def test_max_prompt_len_caps_the_prompt(tok, tmp_path):
 
 # --- HH-RLHF -----------------------------------------------------------------------------------
 
-HH_LINE = {"chosen": "\n\nHuman: hi there\n\nAssistant: hello\n\nHuman: add 1 2\n\nAssistant: It is 3.",
-           "rejected": "\n\nHuman: hi there\n\nAssistant: hello\n\nHuman: add 1 2\n\nAssistant: no"}
+HH_LINE = {
+    "chosen": "\n\nHuman: hi there\n\nAssistant: hello\n\nHuman: add 1 2\n\nAssistant: It is 3.",
+    "rejected": "\n\nHuman: hi there\n\nAssistant: hello\n\nHuman: add 1 2\n\nAssistant: no",
+}
 
 
 def test_hh_dialogue_splits_into_messages_and_two_responses(tmp_path):
     (rec,) = comparisons.read_comparisons(_write_jsonl(tmp_path / "hh.jsonl", [HH_LINE]), "hh_rlhf")
-    assert rec["prompt_messages"] == [{"role": "user", "content": "hi there"},
-                                      {"role": "assistant", "content": "hello"},
-                                      {"role": "user", "content": "add 1 2"}]
+    assert rec["prompt_messages"] == [
+        {"role": "user", "content": "hi there"},
+        {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "add 1 2"},
+    ]
     assert rec["responses"] == ["It is 3.", "no"]
 
 
@@ -187,10 +215,12 @@ def test_hh_real_file_shares_the_prompt_and_splits_the_responses():
 
 @needs_hh
 def test_hh_train_eval_split_by_line_range(tok, tmp_path):
-    train, ts = comparisons.build_comparison_dataset(HH_DEV, "hh_rlhf", tok.path, 48, str(tmp_path / "d"),
-                                                     line_range=(0, 1500))
-    evals, es = comparisons.build_comparison_dataset(HH_DEV, "hh_rlhf", tok.path, 48, str(tmp_path / "d"),
-                                                     line_range=(1500, 1800))
+    train, ts = comparisons.build_comparison_dataset(
+        HH_DEV, "hh_rlhf", tok.path, 48, str(tmp_path / "d"), line_range=(0, 1500)
+    )
+    evals, es = comparisons.build_comparison_dataset(
+        HH_DEV, "hh_rlhf", tok.path, 48, str(tmp_path / "d"), line_range=(1500, 1800)
+    )
     # 6 known-defective pairs: lines 87, 517, 926, 1104 (empty chosen), 1255 (different histories) and 1689.
     assert (ts["examples"], ts["skipped"], es["examples"], es["skipped"]) == (1495, 5, 299, 1)
     assert len(train) == 1495 and len(evals) == 299 and ts["num_responses"] == 2
@@ -218,6 +248,7 @@ def test_hh_defects_are_skipped_by_default_and_errors_on_request(tmp_path):
 
 # --- line ranges, caching, bad data ------------------------------------------------------------
 
+
 def test_line_range_selects_lines_counted_from_zero(tok, tmp_path):
     lines = [{"prompt": f"p{i}", "chosen": "gold", "rejected": "mud"} for i in range(6)]
     lines[3] = ""  # blank lines count as lines
@@ -225,8 +256,9 @@ def test_line_range_selects_lines_counted_from_zero(tok, tmp_path):
     got = comparisons.read_comparisons(path, "pairwise", line_range=(2, 5))
     assert [r["prompt_messages"][0]["content"] for r in got] == ["p2", "p4"]
     assert [r["where"] for r in got] == [f"{path}:3", f"{path}:5"]
-    source, stats = comparisons.build_comparison_dataset(path, "pairwise", tok.path, 16, str(tmp_path / "d"),
-                                                         line_range=(2, 5))
+    source, stats = comparisons.build_comparison_dataset(
+        path, "pairwise", tok.path, 16, str(tmp_path / "d"), line_range=(2, 5)
+    )
     assert len(source) == stats["examples"] == 2
     with pytest.raises(ValueError, match="reaches line 9 but the file has 6 lines"):
         comparisons.read_comparisons(path, "pairwise", line_range=(2, 9))
@@ -236,8 +268,10 @@ def test_line_range_selects_lines_counted_from_zero(tok, tmp_path):
 
 
 def test_gzip_reads_like_plain_and_rebuild_reuses_cache(tok, tmp_path, monkeypatch):
-    lines = [{"prompt": "add 1 2", "chosen": "3", "rejected": "4"},
-             {"prompt": "hi", "chosen": "hello", "rejected": "no"}]
+    lines = [
+        {"prompt": "add 1 2", "chosen": "3", "rejected": "4"},
+        {"prompt": "hi", "chosen": "hello", "rejected": "no"},
+    ]
     plain = _write_jsonl(tmp_path / "x.jsonl", lines)
     gz = str(tmp_path / "x.jsonl.gz")
     with open(plain, "rb") as f, gzip.open(gz, "wb") as g:
@@ -278,13 +312,19 @@ BAD_LINES = [
 
 @pytest.mark.parametrize("fmt,bad,what", BAD_LINES)
 def test_malformed_line_names_file_and_line(tok, tmp_path, fmt, bad, what):
-    good = json.dumps({"ranked": {"prompt": "hi", "responses": ["a", "b"], "ranking": [0, 1]},
-                       "pairwise": {"prompt": "hi", "chosen": "a", "rejected": "b"}, "hh_rlhf": HH_LINE}[fmt])
+    good = json.dumps(
+        {
+            "ranked": {"prompt": "hi", "responses": ["a", "b"], "ranking": [0, 1]},
+            "pairwise": {"prompt": "hi", "chosen": "a", "rejected": "b"},
+            "hh_rlhf": HH_LINE,
+        }[fmt]
+    )
     path = _write_jsonl(tmp_path / "bad.jsonl", [good, "", bad])  # blank line 2 is skipped, bad is line 3
     with pytest.raises(ValueError, match=f"bad.jsonl:3: .*{what}"):
         # ranked and pairwise files are the user's own: every defect is an error by default
-        comparisons.build_comparison_dataset(path, fmt, tok.path, 16, str(tmp_path / "d"),
-                                             skip_invalid=False if fmt == "hh_rlhf" else None)
+        comparisons.build_comparison_dataset(
+            path, fmt, tok.path, 16, str(tmp_path / "d"), skip_invalid=False if fmt == "hh_rlhf" else None
+        )
 
 
 def test_bad_arguments_are_named(tok, tmp_path):
@@ -298,6 +338,7 @@ def test_bad_arguments_are_named(tok, tmp_path):
 
 
 # --- PPO prompts -------------------------------------------------------------------------------
+
 
 def test_prompts_are_left_padded_renderings(tok, tmp_path):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "add 2 3"}]
@@ -319,15 +360,14 @@ def test_long_prompt_is_cut_from_the_left_keeping_bos(tok, tmp_path):
     P = 10
     source, stats = prompts.build_prompt_dataset(path, "prompt", tok.path, P, str(tmp_path / "d"))
     ids = chat.render_prompt([{"role": "user", "content": text}], tok)
-    np.testing.assert_array_equal(source[0]["prompt_tokens"], [tok.bos_id] + ids[len(ids) - P + 1:])
+    np.testing.assert_array_equal(source[0]["prompt_tokens"], [tok.bos_id] + ids[len(ids) - P + 1 :])
     assert source[0]["prompt_mask"].all() and stats["truncated"] == 1 and stats["max_rendered_tokens"] == len(ids)
 
 
 def test_hh_prompt_is_the_history_ending_with_the_assistant_tag(tok, tmp_path):
     other = dict(HH_LINE, chosen="\n\nHuman: copy: cat\n\nAssistant: cat")
     path = _write_jsonl(tmp_path / "hh.jsonl", [HH_LINE, other])
-    source, stats = prompts.build_prompt_dataset(path, "hh_rlhf", tok.path, 32, str(tmp_path / "d"),
-                                                 line_range=(1, 2))
+    source, stats = prompts.build_prompt_dataset(path, "hh_rlhf", tok.path, 32, str(tmp_path / "d"), line_range=(1, 2))
     assert len(source) == stats["examples"] == 1
     rec = source[0]
     real = rec["prompt_tokens"][rec["prompt_mask"] > 0].tolist()
@@ -337,8 +377,9 @@ def test_hh_prompt_is_the_history_ending_with_the_assistant_tag(tok, tmp_path):
 
 @needs_hh
 def test_hh_real_prompts(tok, tmp_path):
-    source, stats = prompts.build_prompt_dataset(HH_DEV, "hh_rlhf", tok.path, 64, str(tmp_path / "d"),
-                                                 line_range=(0, 100))
+    source, stats = prompts.build_prompt_dataset(
+        HH_DEV, "hh_rlhf", tok.path, 64, str(tmp_path / "d"), line_range=(0, 100)
+    )
     assert len(source) == stats["examples"] == 100
     for rec in _records(source):
         real = rec["prompt_tokens"][rec["prompt_mask"] > 0]
@@ -351,8 +392,11 @@ BAD_PROMPTS = [
     ("prompt", '{"question": "hi"}', "expected key 'prompt' or 'messages'"),
     ("prompt", '{"prompt": ["hi"]}', "'prompt' must be a string"),
     ("prompt", '{"prompt": " "}', "'prompt' is empty"),
-    ("prompt", '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a"}]}',
-     "last message is an assistant turn"),
+    (
+        "prompt",
+        '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a"}]}',
+        "last message is an assistant turn",
+    ),
     ("prompt", '{"messages": [{"role": "robot", "content": "hi"}]}', "role='robot' is not one of"),
     ("hh_rlhf", '{"rejected": "\\n\\nHuman: hi\\n\\nAssistant: a"}', "needs a string 'chosen'"),
 ]

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlhf_jax import objectives, preference
+from rlhf_jax import forward, preference
 from rlhf_jax.models.gpt import HEADS, TransformerLM
 from rlhf_jax.models.layers import ModelConfig
 from tests.test_preference import RAGGED_VALID, _log_sigmoid, _rewards
@@ -42,16 +42,26 @@ def _pl_reference(rho, valid, beta):
 BETA = 0.3
 
 
-@pytest.mark.parametrize("loss, eps, gamma, pairs", [
-    ("dpo", 0.0, 0.0, "all"), ("dpo", 0.1, 0.0, "all"), ("dpo", 0.0, 0.0, "best_worst"),
-    ("ipo", 0.0, 0.0, "all"), ("simpo", 0.0, 0.5, "all")])
+@pytest.mark.parametrize(
+    "loss, eps, gamma, pairs",
+    [
+        ("dpo", 0.0, 0.0, "all"),
+        ("dpo", 0.1, 0.0, "all"),
+        ("dpo", 0.0, 0.0, "best_worst"),
+        ("ipo", 0.0, 0.0, "all"),
+        ("simpo", 0.0, 0.5, "all"),
+    ],
+)
 def test_pairwise_losses_match_their_formulas(loss, eps, gamma, pairs):
     rho = _rewards(RAGGED_VALID.shape, seed=1)
-    per_pair = {"dpo": lambda m: -(1 - eps) * _log_sigmoid(BETA * m) - eps * _log_sigmoid(-BETA * m),
-                "ipo": lambda m: (m - 1 / (2 * BETA)) ** 2,
-                "simpo": lambda m: -_log_sigmoid(BETA * m - gamma)}[loss]
+    per_pair = {
+        "dpo": lambda m: -(1 - eps) * _log_sigmoid(BETA * m) - eps * _log_sigmoid(-BETA * m),
+        "ipo": lambda m: (m - 1 / (2 * BETA)) ** 2,
+        "simpo": lambda m: -_log_sigmoid(BETA * m - gamma),
+    }[loss]
     got, stats = jax.jit(preference.dpo_family_loss, static_argnums=(2, 3, 4, 5, 6))(
-        rho, RAGGED_VALID, loss, BETA, eps, gamma, pairs)
+        rho, RAGGED_VALID, loss, BETA, eps, gamma, pairs
+    )
     np.testing.assert_allclose(got, _pairwise_reference(rho, RAGGED_VALID, per_pair, pairs), rtol=1e-5)
     assert float(stats["num_examples"]) == 4  # the prompt with one response has no pair
     assert float(stats["num_pairs"]) == (6 + 3 + 1 + 6 if pairs == "all" else 4)
@@ -104,11 +114,13 @@ def test_bad_settings_are_named():
 
 # --- implicit rewards from the model: response tokens only -----------------------------------------------------------
 
+
 def _model():
     model = TransformerLM(ModelConfig(vocab_size=30, d_model=16, n_layers=1, n_heads=2, max_len=16, dtype="float32"))
     t = jnp.ones((1, 4), jnp.int32)
-    params = jax.jit(lambda: __import__("flax").linen.unbox(
-        model.init(jax.random.PRNGKey(0), t, t, t, heads=HEADS)["params"]))()
+    params = jax.jit(
+        lambda: __import__("flax").linen.unbox(model.init(jax.random.PRNGKey(0), t, t, t, heads=HEADS)["params"])
+    )()
     return model, params
 
 
@@ -118,14 +130,19 @@ def test_comparison_logprobs_sum_the_response_tokens_given_the_prompt_and_count_
     tokens = np.array([[[2, 5, 6, 7, 11, 12, 13, 0, 0], [2, 5, 6, 7, 14, 0, 0, 0, 0]]], np.int32)
     mask = (tokens != 0).astype(np.int32)
     batch = {"tokens": jnp.asarray(tokens), "input_mask": jnp.asarray(mask), "prompt_len": jnp.asarray([4])}
-    logps, lengths = objectives.comparison_logprobs(params, model, batch)
+    logps, lengths = forward.comparison_logprobs(params, model, batch)
     np.testing.assert_array_equal(lengths, [[3, 1]])
     for k, n in enumerate((3, 1)):
-        row = tokens[0, k][None, :4 + n]
-        logits = np.asarray(model.apply({"params": params}, jnp.asarray(row), jnp.arange(4 + n)[None],
-                                        jnp.ones_like(row))["logits"], np.float64)[0]
-        logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+        row = tokens[0, k][None, : 4 + n]
+        logits = np.asarray(
+            model.apply({"params": params}, jnp.asarray(row), jnp.arange(4 + n)[None], jnp.ones_like(row))["logits"],
+            np.float64,
+        )[0]
+        logp = (
+            logits
+            - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True))
             - logits.max(-1, keepdims=True)
+        )
         want = sum(logp[t - 1, row[0, t]] for t in range(4, 4 + n))  # response tokens only, each given its past
         np.testing.assert_allclose(logps[0, k], want, rtol=1e-4)
     # SimPO divides by those lengths: the prompt's 4 tokens never count
@@ -133,5 +150,5 @@ def test_comparison_logprobs_sum_the_response_tokens_given_the_prompt_and_count_
     np.testing.assert_allclose(rho, np.asarray(logps) / np.array([[3.0, 1.0]]), rtol=1e-6)
     # what sits in the padding changes nothing
     junk = np.where(mask == 0, 17, tokens)
-    again, _ = objectives.comparison_logprobs(params, model, {**batch, "tokens": jnp.asarray(junk)})
+    again, _ = forward.comparison_logprobs(params, model, {**batch, "tokens": jnp.asarray(junk)})
     np.testing.assert_allclose(again, logps, rtol=1e-6)

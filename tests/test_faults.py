@@ -13,10 +13,10 @@ import pytest
 import configs.rm as rm_cfg
 from rlhf_jax import train_state
 from rlhf_jax.metrics import read_metrics
-from rlhf_jax.stages import lm, ppo, rm
+from rlhf_jax.stages import lm, pg, rm
 from rlhf_jax.train_state import NonFiniteError
 from tests.helpers import ROOT, by_step, pretrain_cfg, tiny
-from tests.test_ppo_stage import config as ppo_config
+from tests.test_pg_stage import config as ppo_config
 
 
 def _tree_equal(a, b):
@@ -30,16 +30,18 @@ def test_apply_if_finite_applies_a_finite_update_and_leaves_a_non_finite_one_out
     grads = jax.tree.map(lambda p: 0.1 * p + 0.5, params)
     counter = jnp.array([0, -1], jnp.int32)
 
-    new_params, new_opt, counter = train_state.apply_if_finite(tx, grads, jnp.float32(2.0), params, opt_state,
-                                                               counter, jnp.int32(3))
+    new_params, new_opt, counter = train_state.apply_if_finite(
+        tx, grads, jnp.float32(2.0), params, opt_state, counter, jnp.int32(3)
+    )
     updates, ref_opt = tx.update(grads, opt_state, params)  # the plain optax update is the reference
     assert _tree_equal(new_params, optax.apply_updates(params, updates)) and _tree_equal(new_opt, ref_opt)
     assert counter.tolist() == [0, -1]
 
     bad = {"w": grads["w"].at[1, 2].set(jnp.inf), "b": grads["b"]}
     for loss, g, step in ((jnp.float32(2.0), bad, 7), (jnp.float32(jnp.nan), grads, 9)):
-        kept_params, kept_opt, counter = train_state.apply_if_finite(tx, g, loss, new_params, new_opt, counter,
-                                                                     jnp.int32(step))
+        kept_params, kept_opt, counter = train_state.apply_if_finite(
+            tx, g, loss, new_params, new_opt, counter, jnp.int32(step)
+        )
         assert _tree_equal(kept_params, new_params) and _tree_equal(kept_opt, new_opt)
     assert counter.tolist() == [2, 7]  # two skipped, the first at step 7
 
@@ -68,8 +70,7 @@ def test_nonfinite_stop_names_the_step_and_the_last_good_checkpoint_and_the_reru
 
 
 def test_rm_nonfinite_stop_before_any_checkpoint_says_there_is_none(tmp_path):
-    c = tiny(rm_cfg, num_steps=4, log_every=2, eval_every=1000, debug_nonfinite_steps=(0,),
-             **{"checkpoint.every": 4})
+    c = tiny(rm_cfg, num_steps=4, log_every=2, eval_every=1000, debug_nonfinite_steps=(0,), **{"checkpoint.every": 4})
     with pytest.raises(NonFiniteError, match=r"step 0 .*Last good checkpoint: none"):
         rm.train_and_evaluate(c, str(tmp_path))
     assert not [d for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()]
@@ -77,8 +78,8 @@ def test_rm_nonfinite_stop_before_any_checkpoint_says_there_is_none(tmp_path):
 
 def test_ppo_nonfinite_skip_counts_the_skipped_updates_and_finishes(tmp_path, capsys):
     c = ppo_config(num_steps=3, nonfinite="skip", debug_nonfinite_steps=(1,), **{"checkpoint.every": 3})
-    ppo.train_and_evaluate(c, str(tmp_path))
-    updates = c.ppo.epochs * c.ppo.num_minibatches  # every minibatch update of iteration 1 is poisoned
+    pg.train_and_evaluate(c, str(tmp_path))
+    updates = c.pg.epochs * c.pg.num_minibatches  # every minibatch update of iteration 1 is poisoned
     assert f"{updates} update(s) skipped" in capsys.readouterr().out
     m = by_step(read_metrics(str(tmp_path)))
     assert sorted(m) == [1, 2, 3]

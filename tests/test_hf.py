@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch", reason="parity tests need torch: pip install torch==2.13.0 (CPU build)")
-transformers = pytest.importorskip("transformers", reason="parity tests need transformers: "
-                                                          "pip install -r requirements-parity.txt")
+transformers = pytest.importorskip(
+    "transformers", reason="parity tests need transformers: pip install -r requirements-parity.txt"
+)
 
 from rlhf_jax import hf, parallel, train_state  # noqa: E402
 from rlhf_jax.models.gpt import TransformerLM, init_cache, positions_from_mask  # noqa: E402
@@ -28,17 +29,42 @@ RULES = parallel.DEFAULT_RULES
 def _hf_model(family: str):
     T = transformers
     if family == "gpt2":
-        cfg = T.GPT2Config(vocab_size=V, n_embd=D, n_layer=LAYERS, n_head=HEADS, n_positions=MAXLEN,
-                           attn_pdrop=0.0, embd_pdrop=0.0, resid_pdrop=0.0)
+        cfg = T.GPT2Config(
+            vocab_size=V,
+            n_embd=D,
+            n_layer=LAYERS,
+            n_head=HEADS,
+            n_positions=MAXLEN,
+            attn_pdrop=0.0,
+            embd_pdrop=0.0,
+            resid_pdrop=0.0,
+        )
         return T.GPT2LMHeadModel(cfg)
     if family == "neox":
-        cfg = T.GPTNeoXConfig(vocab_size=V, hidden_size=D, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-                              intermediate_size=FF, max_position_embeddings=MAXLEN, rotary_pct=0.25,
-                              use_parallel_residual=True, tie_word_embeddings=False)
+        cfg = T.GPTNeoXConfig(
+            vocab_size=V,
+            hidden_size=D,
+            num_hidden_layers=LAYERS,
+            num_attention_heads=HEADS,
+            intermediate_size=FF,
+            max_position_embeddings=MAXLEN,
+            rotary_pct=0.25,
+            use_parallel_residual=True,
+            tie_word_embeddings=False,
+        )
         return T.GPTNeoXForCausalLM(cfg)
-    cfg = T.LlamaConfig(vocab_size=V, hidden_size=D, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-                        num_key_value_heads=2, intermediate_size=FF, max_position_embeddings=MAXLEN,
-                        rms_norm_eps=1e-5, rope_theta=500.0, tie_word_embeddings=False)
+    cfg = T.LlamaConfig(
+        vocab_size=V,
+        hidden_size=D,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=2,
+        intermediate_size=FF,
+        max_position_embeddings=MAXLEN,
+        rms_norm_eps=1e-5,
+        rope_theta=500.0,
+        tie_word_embeddings=False,
+    )
     return T.LlamaForCausalLM(cfg)
 
 
@@ -54,9 +80,11 @@ def _randomize(model, seed: int):
 
 def _hf_logits(model, tokens, mask):
     with torch.no_grad():
-        out = model(input_ids=torch.tensor(np.asarray(tokens), dtype=torch.long),
-                    attention_mask=torch.tensor(np.asarray(mask), dtype=torch.long),
-                    position_ids=torch.tensor(np.asarray(positions_from_mask(mask)), dtype=torch.long))
+        out = model(
+            input_ids=torch.tensor(np.asarray(tokens), dtype=torch.long),
+            attention_mask=torch.tensor(np.asarray(mask), dtype=torch.long),
+            position_ids=torch.tensor(np.asarray(positions_from_mask(mask)), dtype=torch.long),
+        )
     return out.logits.float().numpy()
 
 
@@ -74,8 +102,9 @@ def _batch(seed=0, B=3, T=12, pads=(0, 4, 7)):
 
 
 def _forward(model, params, tokens, mask, heads=("lm",)):
-    return model.apply({"params": params}, jnp.asarray(tokens), positions_from_mask(jnp.asarray(mask)),
-                       jnp.asarray(mask), heads=heads)
+    return model.apply(
+        {"params": params}, jnp.asarray(tokens), positions_from_mask(jnp.asarray(mask)), jnp.asarray(mask), heads=heads
+    )
 
 
 @pytest.fixture(scope="module", params=["gpt2", "neox", "llama"])
@@ -89,8 +118,17 @@ def case(request, tmp_path_factory):
     mesh = _mesh()
     model, params = hf.load_model(hf_dir, mesh, RULES, dtype="float32")
     tokens, mask = _batch()
-    return dict(family=family, ref=ref, dir=hf_dir, model=model, params=params, mesh=mesh, tokens=tokens, mask=mask,
-                hf_logits=_hf_logits(ref, tokens, mask))
+    return dict(
+        family=family,
+        ref=ref,
+        dir=hf_dir,
+        model=model,
+        params=params,
+        mesh=mesh,
+        tokens=tokens,
+        mask=mask,
+        hf_logits=_hf_logits(ref, tokens, mask),
+    )
 
 
 def _max_diff_real(a, b, mask):
@@ -99,11 +137,19 @@ def _max_diff_real(a, b, mask):
 
 def test_config_maps_the_family(case):
     cfg = case["model"].cfg
-    want = {"gpt2": dict(position="learned", mlp="gelu", tie_embeddings=True),
-            "neox": dict(position="rope", mlp="gelu_exact", rotary_pct=0.25, parallel_residual=True,
-                         tie_embeddings=False),
-            "llama": dict(position="rope", norm="rmsnorm", mlp="swiglu", n_kv_heads=2, rope_theta=500.0,
-                          use_bias=False, tie_embeddings=False)}[case["family"]]
+    want = {
+        "gpt2": dict(position="learned", mlp="gelu", tie_embeddings=True),
+        "neox": dict(position="rope", mlp="gelu_exact", rotary_pct=0.25, parallel_residual=True, tie_embeddings=False),
+        "llama": dict(
+            position="rope",
+            norm="rmsnorm",
+            mlp="swiglu",
+            n_kv_heads=2,
+            rope_theta=500.0,
+            use_bias=False,
+            tie_embeddings=False,
+        ),
+    }[case["family"]]
     assert {k: getattr(cfg, k) for k in want} == want
     if case["family"] == "llama":
         assert os.path.exists(os.path.join(case["dir"], "model.safetensors.index.json"))
@@ -135,7 +181,7 @@ def test_kv_cache_decoding_matches_hf(case):
         logits, cache = step(params, init_cache(model.cfg, B, T), tokens[:, :P], positions[:, :P], 0)
         got = [logits]
         for t in range(P, T):
-            logits, cache = step(params, cache, tokens[:, t:t + 1], positions[:, t:t + 1], t)
+            logits, cache = step(params, cache, tokens[:, t : t + 1], positions[:, t : t + 1], t)
             got.append(logits)
     got = np.concatenate([np.asarray(x) for x in got], axis=1)
     diff = _max_diff_real(got, case["hf_logits"], mask)
@@ -154,7 +200,7 @@ def test_greedy_sampling_follows_hf_argmax(case):
     new = np.asarray(out["tokens"])
     full, full_mask = np.concatenate([tokens, new], 1), np.concatenate([mask, np.ones_like(new)], 1)
     ref = _hf_logits(case["ref"], full, full_mask)
-    np.testing.assert_array_equal(ref[:, tokens.shape[1] - 1:-1].argmax(-1), new)
+    np.testing.assert_array_equal(ref[:, tokens.shape[1] - 1 : -1].argmax(-1), new)
 
 
 def test_export_reloads_in_transformers(case, tmp_path):
@@ -170,8 +216,13 @@ def test_reward_model_exports_as_sequence_classifier(case, tmp_path):
     written to config.json; importing that directory gives back the same reward head."""
     model, mesh = case["model"], case["mesh"]
     rng = np.random.default_rng(5)
-    params = dict(case["params"], reward_head={"kernel": jnp.asarray(rng.normal(0, 0.3, (D, 1)), jnp.float32),
-                                               "bias": jnp.asarray([0.7], jnp.float32)})
+    params = dict(
+        case["params"],
+        reward_head={
+            "kernel": jnp.asarray(rng.normal(0, 0.3, (D, 1)), jnp.float32),
+            "bias": jnp.asarray([0.7], jnp.float32),
+        },
+    )
     norm = {"gain": 1.5, "bias": -0.25}
     out = hf.export(params, model.cfg, str(tmp_path / "rm"), kind="reward", reward_norm=norm)
     cfg = json.load(open(os.path.join(out, "config.json")))
@@ -183,8 +234,11 @@ def test_reward_model_exports_as_sequence_classifier(case, tmp_path):
     ours = norm["gain"] * np.asarray(ours)[np.arange(len(last)), last] + norm["bias"]
     rm = transformers.AutoModelForSequenceClassification.from_pretrained(out, pad_token_id=0).eval()
     with torch.no_grad():
-        theirs = rm(input_ids=torch.tensor(tokens, dtype=torch.long),
-                    attention_mask=torch.tensor(mask, dtype=torch.long)).logits[:, 0].numpy()
+        theirs = (
+            rm(input_ids=torch.tensor(tokens, dtype=torch.long), attention_mask=torch.tensor(mask, dtype=torch.long))
+            .logits[:, 0]
+            .numpy()
+        )
     np.testing.assert_allclose(theirs + cfg[hf.layout.REWARD_OFFSET_KEY], ours, atol=ATOL)
     back = hf.load_params(out, params)  # a sequence classifier fills reward_head
     np.testing.assert_allclose(back["reward_head"]["kernel"], norm["gain"] * params["reward_head"]["kernel"], atol=1e-6)
@@ -218,24 +272,34 @@ def test_half_precision_checkpoints_load_as_float32(case, tmp_path):
 def test_bare_base_model_with_tied_embeddings_loads(tmp_path):
     """A checkpoint saved from LlamaModel (no "model." prefix, no head) with tied embeddings loads; its
     q_proj [heads * head_dim, d] lands as our query kernel [d, heads, head_dim]."""
-    cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=D, num_hidden_layers=1, num_attention_heads=HEADS,
-                                   num_key_value_heads=2, intermediate_size=FF, tie_word_embeddings=True)
+    cfg = transformers.LlamaConfig(
+        vocab_size=V,
+        hidden_size=D,
+        num_hidden_layers=1,
+        num_attention_heads=HEADS,
+        num_key_value_heads=2,
+        intermediate_size=FF,
+        tie_word_embeddings=True,
+    )
     base = _randomize(transformers.LlamaModel(cfg), seed=6)
     base.save_pretrained(str(tmp_path), safe_serialization=True)
     model, params = hf.load_model(str(tmp_path), _mesh(fsdp=2), RULES)
     assert model.cfg.tie_embeddings and set(params) == {"trunk"}
     q = base.layers[0].self_attn.q_proj.weight.detach().numpy()
-    np.testing.assert_array_equal(params["trunk"]["block_0"]["attn"]["query"]["kernel"],
-                                  q.T.reshape(D, HEADS, D // HEADS))
+    np.testing.assert_array_equal(
+        params["trunk"]["block_0"]["attn"]["query"]["kernel"], q.T.reshape(D, HEADS, D // HEADS)
+    )
     np.testing.assert_array_equal(params["trunk"]["embed"], base.embed_tokens.weight.detach().numpy())
 
 
 def test_unsupported_checkpoints_fail_naming_the_field(tmp_path):
     base = json.loads(transformers.LlamaConfig(hidden_size=D, num_attention_heads=HEADS).to_json_string())
-    for change, field in ((dict(model_type="bert"), "model_type='bert'"),
-                          (dict(rope_parameters={"rope_type": "linear", "factor": 2.0}), "rope_type='linear'"),
-                          (dict(hidden_act="gelu"), "hidden_act='gelu'"),
-                          (dict(attention_bias=True), "attention_bias / mlp_bias")):
+    for change, field in (
+        (dict(model_type="bert"), "model_type='bert'"),
+        (dict(rope_parameters={"rope_type": "linear", "factor": 2.0}), "rope_type='linear'"),
+        (dict(hidden_act="gelu"), "hidden_act='gelu'"),
+        (dict(attention_bias=True), "attention_bias / mlp_bias"),
+    ):
         with pytest.raises(ValueError, match=field):
             hf.model_fields(dict(base, **change))
     (tmp_path / "config.json").write_text(json.dumps(base))
@@ -268,9 +332,12 @@ def test_sft_starts_from_an_hf_directory(tmp_path):
     ref.save_pretrained(str(hf_dir), safe_serialization=True)
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
-    tok.train([builtin_text.write_builtin_corpus(str(tmp_path / "corpus.txt"), num_chars=20_000)],
-              trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.train(
+        [builtin_text.write_builtin_corpus(str(tmp_path / "corpus.txt"), num_chars=20_000)],
+        trainers.BpeTrainer(
+            vocab_size=400, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
     tok.save(str(hf_dir / "tokenizer.json"))
 
     c = sft_cfg.get_config("tiny")
@@ -283,8 +350,9 @@ def test_sft_starts_from_an_hf_directory(tmp_path):
     assert np.isfinite(out["train/loss"]) and np.isfinite(out["eval/loss"])
 
     run_cfg = json.load(open(tmp_path / "sft" / "config.json"))["model"]
-    assert {k: run_cfg[k] for k in ("rotary_pct", "parallel_residual", "mlp", "vocab_size", "d_model")} == \
-        dict(rotary_pct=0.25, parallel_residual=True, mlp="gelu_exact", vocab_size=V, d_model=D)
+    assert {k: run_cfg[k] for k in ("rotary_pct", "parallel_residual", "mlp", "vocab_size", "d_model")} == dict(
+        rotary_pct=0.25, parallel_residual=True, mlp="gelu_exact", vocab_size=V, d_model=D
+    )
     assert isinstance(tok_lib.load_tokenizer(str(tmp_path / "sft" / "tokenizer.model")), tok_lib.HFTokenizer)
     model = TransformerLM(config_lib.ModelConfig(**run_cfg))
     like, _ = parallel.sharded_init(train_state.model_init_fn(model, 8, 0), _mesh(), RULES)

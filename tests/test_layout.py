@@ -54,8 +54,10 @@ def test_the_pure_packages_are_found():
 @pytest.mark.parametrize("module", PURE)
 def test_data_and_tasks_never_import_the_runtime_or_a_stage(module):
     runtime = {m for m in GRAPH[module] if m in RUNTIME or m.split(".")[:2] == ["rlhf_jax", "stages"]}
-    assert not runtime, f"{module} imports {runtime}: data/ and tasks/ are pure; give the run-aware part to " \
-                        f"rlhf_jax.run.Run or a stage helper"
+    assert not runtime, (
+        f"{module} imports {runtime}: data/ and tasks/ are pure; give the run-aware part to "
+        f"rlhf_jax.run.Run or a stage helper"
+    )
 
 
 @pytest.mark.parametrize("module", [m for m in PURE if m.startswith("rlhf_jax.data")])
@@ -73,7 +75,7 @@ def test_the_import_graph_has_no_cycle():
             if n == "rlhf_jax" or n == m:
                 continue
             if state.get(n) == "open":
-                raise AssertionError("import cycle: " + " -> ".join(path[path.index(n):] + [n]))
+                raise AssertionError("import cycle: " + " -> ".join(path[path.index(n) :] + [n]))
             if n not in state:
                 visit(n, path + [n])
         state[m] = "done"

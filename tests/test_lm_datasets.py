@@ -35,6 +35,7 @@ def _write_jsonl(path, lines):
 
 # --- packed text -------------------------------------------------------------------------------
 
+
 def test_packed_windows_are_the_token_stream_and_val_is_the_tail(corpus, tok, tmp_path):
     splits = lm_datasets.build_text_dataset(corpus, tok.path, L, str(tmp_path), val_fraction=0.1)
     stream = np.asarray(tok.encode(open(corpus).read()) + [tok.eos_id])
@@ -47,7 +48,7 @@ def test_packed_windows_are_the_token_stream_and_val_is_the_tail(corpus, tok, tm
             for v in r.values():
                 assert v.dtype == np.int32 and v.shape == (L + 1,)
             assert r["input_mask"].all() and r["loss_mask"].all()
-        np.testing.assert_array_equal(np.concatenate([r["tokens"] for r in recs]), part[:len(recs) * (L + 1)])
+        np.testing.assert_array_equal(np.concatenate([r["tokens"] for r in recs]), part[: len(recs) * (L + 1)])
 
 
 def test_each_file_is_a_document_ending_in_eos(tok, tmp_path):
@@ -58,7 +59,7 @@ def test_each_file_is_a_document_ending_in_eos(tok, tmp_path):
     assert splits["validation"] is None
     stream = tok.encode(a.read_text()) + [tok.eos_id] + tok.encode(b.read_text()) + [tok.eos_id]
     got = np.concatenate([r["tokens"] for r in _records(splits["train"])])
-    np.testing.assert_array_equal(got, stream[:len(got)])
+    np.testing.assert_array_equal(got, stream[: len(got)])
     assert len(stream) - len(got) < L + 1
 
 
@@ -94,18 +95,36 @@ def test_corpus_too_small_for_a_window(tok, tmp_path):
 
 # --- SFT ---------------------------------------------------------------------------------------
 
+
 def test_sft_records_mask_exactly_the_assistant_tokens(tok, tmp_path):
-    dialogue = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "add 2 3"},
-                {"role": "assistant", "content": "5"}, {"role": "user", "content": "copy: cat"},
-                {"role": "assistant", "content": "cat"}]
+    dialogue = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "add 2 3"},
+        {"role": "assistant", "content": "5"},
+        {"role": "user", "content": "copy: cat"},
+        {"role": "assistant", "content": "cat"},
+    ]
     path = _write_jsonl(tmp_path / "sft.jsonl", [{"messages": dialogue}, {"prompt": "add 2 3", "response": "5"}])
     seq_len = 40
     source, stats = lm_datasets.build_sft_dataset(path, tok.path, seq_len, str(tmp_path / "d"))
     e, r = tok.encode, tok.role_ids
     # Hand-written rendering: bos, then <|role|> content <|end|> per message.
-    parts = [([tok.bos_id], 0), ([r["system"]], 0), (e("Be brief."), 0), ([r["end"]], 0),
-             ([r["user"]], 0), (e("add 2 3"), 0), ([r["end"]], 0), ([r["assistant"]], 0), (e("5") + [r["end"]], 1),
-             ([r["user"]], 0), (e("copy: cat"), 0), ([r["end"]], 0), ([r["assistant"]], 0), (e("cat") + [r["end"]], 1)]
+    parts = [
+        ([tok.bos_id], 0),
+        ([r["system"]], 0),
+        (e("Be brief."), 0),
+        ([r["end"]], 0),
+        ([r["user"]], 0),
+        (e("add 2 3"), 0),
+        ([r["end"]], 0),
+        ([r["assistant"]], 0),
+        (e("5") + [r["end"]], 1),
+        ([r["user"]], 0),
+        (e("copy: cat"), 0),
+        ([r["end"]], 0),
+        ([r["assistant"]], 0),
+        (e("cat") + [r["end"]], 1),
+    ]
     ids = [t for p, _ in parts for t in p]
     mask = [m for p, m in parts for _ in p]
     single = [tok.bos_id, r["user"], *e("add 2 3"), r["end"], r["assistant"], *e("5"), r["end"]]
@@ -122,21 +141,26 @@ def test_sft_records_mask_exactly_the_assistant_tokens(tok, tmp_path):
 def test_sft_truncates_prompt_from_left_then_response_from_right(tok, tmp_path):
     long_prompt = "copy: " + " ".join(["cat dog bird"] * 10)
     long_response = " ".join(["red green"] * 10)
-    lines = [{"prompt": long_prompt, "response": "cat"}, {"prompt": "hi", "response": long_response},
-             {"prompt": "hi", "response": "ok"}]
-    source, stats = lm_datasets.build_sft_dataset(_write_jsonl(tmp_path / "t.jsonl", lines), tok.path, L,
-                                                  str(tmp_path / "d"))
+    lines = [
+        {"prompt": long_prompt, "response": "cat"},
+        {"prompt": "hi", "response": long_response},
+        {"prompt": "hi", "response": "ok"},
+    ]
+    source, stats = lm_datasets.build_sft_dataset(
+        _write_jsonl(tmp_path / "t.jsonl", lines), tok.path, L, str(tmp_path / "d")
+    )
     assert stats == {**stats, "examples": 3, "truncated": 2, "truncated_prompt": 2, "truncated_response": 1}
     r, budget = tok.role_ids, L + 1
     recs = _records(source)
     # 1: bos, then the prompt's last tokens (ending with <|assistant|>), then the whole response.
     full, _ = chat.render_dialogue(chat.prompt_response_to_messages(long_prompt, "cat"), tok)
     response = tok.encode("cat") + [r["end"]]
-    np.testing.assert_array_equal(recs[0]["tokens"], [tok.bos_id] + full[len(full) - budget + 1:])
+    np.testing.assert_array_equal(recs[0]["tokens"], [tok.bos_id] + full[len(full) - budget + 1 :])
     np.testing.assert_array_equal(recs[0]["loss_mask"], [0] * (budget - len(response)) + [1] * len(response))
     # 2: prompt cut to [bos, <|assistant|>], response keeps its first L-1 tokens (no <|end|>).
-    np.testing.assert_array_equal(recs[1]["tokens"],
-                                  [tok.bos_id, r["assistant"]] + tok.encode(long_response)[:budget - 2])
+    np.testing.assert_array_equal(
+        recs[1]["tokens"], [tok.bos_id, r["assistant"]] + tok.encode(long_response)[: budget - 2]
+    )
     np.testing.assert_array_equal(recs[1]["loss_mask"], [0, 0] + [1] * (budget - 2))
     assert recs[2]["input_mask"].sum() < budget  # the short one is padded, not cut
 

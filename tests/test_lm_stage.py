@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlhf_jax import objectives
+from rlhf_jax import forward
 from rlhf_jax.metrics import read_metrics
 from rlhf_jax.models.gpt import HEADS, TransformerLM, positions_from_mask
 from rlhf_jax.models.layers import ModelConfig
@@ -21,19 +21,28 @@ def test_sft_loss_counts_only_response_tokens_against_a_hand_reference():
     cfg = ModelConfig(vocab_size=30, d_model=16, n_layers=1, n_heads=2, max_len=16, dtype="float32")
     model = TransformerLM(cfg)
     t = jnp.ones((1, 4), jnp.int32)
-    params = jax.tree.map(lambda x: x.value, model.init(jax.random.PRNGKey(0), t, positions_from_mask(t), t,
-                                                         heads=HEADS)["params"], is_leaf=lambda x: hasattr(x, "value"))
+    params = jax.tree.map(
+        lambda x: x.value,
+        model.init(jax.random.PRNGKey(0), t, positions_from_mask(t), t, heads=HEADS)["params"],
+        is_leaf=lambda x: hasattr(x, "value"),
+    )
     # two sequences (L+1 = 7): prompt tokens carry loss_mask 0, response tokens 1, right padding 0
     tokens = np.array([[2, 5, 6, 7, 8, 9, 0], [2, 11, 12, 13, 14, 0, 0]], np.int32)
     input_mask = (tokens != 0).astype(np.int32)
     loss_mask = np.array([[0, 0, 0, 1, 1, 1, 0], [0, 0, 1, 1, 1, 0, 0]], np.int32)
     batch = {"tokens": jnp.asarray(tokens), "input_mask": jnp.asarray(input_mask), "loss_mask": jnp.asarray(loss_mask)}
-    nll, mask = objectives.token_nll(params, model, batch)
+    nll, mask = forward.token_nll(params, model, batch)
     got = float(jnp.sum(nll * mask) / jnp.sum(mask))
 
-    logits = np.asarray(model.apply({"params": params}, jnp.asarray(tokens[:, :-1]),
-                                    positions_from_mask(jnp.asarray(input_mask[:, :-1])),
-                                    jnp.asarray(input_mask[:, :-1]))["logits"], np.float64)
+    logits = np.asarray(
+        model.apply(
+            {"params": params},
+            jnp.asarray(tokens[:, :-1]),
+            positions_from_mask(jnp.asarray(input_mask[:, :-1])),
+            jnp.asarray(input_mask[:, :-1]),
+        )["logits"],
+        np.float64,
+    )
     total, n = 0.0, 0
     for b in range(2):
         for t in range(1, 7):  # target token t is predicted at position t-1

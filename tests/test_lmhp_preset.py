@@ -10,27 +10,28 @@ import pytest
 
 import configs.ppo as ppo_cfg
 import configs.rm as rm_cfg
-from rlhf_jax import optim, rl
+from rlhf_jax import optim, rewards, rl
 from rlhf_jax.metrics import read_metrics
-from rlhf_jax.stages import ppo
+from rlhf_jax.rollout import Rollout
+from rlhf_jax.stages import pg
 from tests.helpers import by_step, override, tiny
 
 # (key, value, where lm-human-preferences sets it)
 PPO_SETTINGS = [
-    ("ppo.epochs", 4, "train_policy.py:51 noptepochs"),
-    ("ppo.num_minibatches", 1, "train_policy.py:50 nminibatches"),
-    ("ppo.clip_range", 0.2, "train_policy.py:54 cliprange"),
-    ("ppo.clip_range_value", 0.2, "train_policy.py:55 cliprange_value"),
-    ("ppo.vf_coef", 0.1, "train_policy.py:53"),
-    ("ppo.gamma", 1.0, "train_policy.py:56"),
-    ("ppo.lam", 0.95, "train_policy.py:57"),
-    ("ppo.whiten_rewards", True, "train_policy.py:58"),
-    ("ppo.whiten_advantages", True, "train_policy.py:338"),
-    ("ppo.entropy_coef", 0.0, "train_policy.py:357"),
-    ("ppo.missing_eos_penalty", -1.0, "lm_tasks.py:32 penalty_reward_value"),
-    ("ppo.advantage", "gae", "train_policy.py:327-336"),
-    ("ppo.critic", "shared", "policy.py:28"),
-    ("ppo.loss_aggregation", "token_mean", "train_policy.py:354"),
+    ("pg.epochs", 4, "train_policy.py:51 noptepochs"),
+    ("pg.num_minibatches", 1, "train_policy.py:50 nminibatches"),
+    ("pg.clip_range", 0.2, "train_policy.py:54 cliprange"),
+    ("pg.clip_range_value", 0.2, "train_policy.py:55 cliprange_value"),
+    ("pg.vf_coef", 0.1, "train_policy.py:53"),
+    ("pg.gamma", 1.0, "train_policy.py:56"),
+    ("pg.lam", 0.95, "train_policy.py:57"),
+    ("pg.whiten_rewards", True, "train_policy.py:58"),
+    ("pg.whiten_advantages", True, "train_policy.py:338"),
+    ("pg.entropy_coef", 0.0, "train_policy.py:357"),
+    ("pg.missing_eos_penalty", -1.0, "lm_tasks.py:32 penalty_reward_value"),
+    ("pg.advantage", "gae", "train_policy.py:327-336"),
+    ("pg.critic", "shared", "policy.py:28"),
+    ("pg.loss_aggregation", "token_mean", "train_policy.py:354"),
     ("kl.kind", "adaptive", "launch.py:130"),
     ("kl.init_coef", 0.15, "launch.py:129"),
     ("kl.target", 6.0, "launch.py:131"),
@@ -111,14 +112,24 @@ def test_preset_whitens_rewards_and_penalises_a_response_without_the_stop_token(
     k = jax.random.split(jax.random.PRNGKey(0), 4)
     mask = (jnp.arange(T)[None] < jnp.array([6, 5, 4, 6, 3, 6, 2, 6])[:, None]).astype(jnp.int32)
     ended = jnp.array([True, True, False, True, True, False, True, True])
-    scored = {"logprobs": -jax.random.uniform(k[0], (B, T)), "ref_logprobs": -jax.random.uniform(k[1], (B, T)),
-              "values": jax.random.normal(k[2], (B, T))}
-    raw = 3.0 + jax.random.normal(k[3], (B,))
-    out = ppo.make_advantage_fn(c, 1)(raw, ended, scored, scored["logprobs"], mask, 0.15)
-    np.testing.assert_allclose(np.asarray(out["scores"])[~np.asarray(ended)], -1.0)  # penalty_reward_value
-    r = np.asarray(out["rewards"])[np.asarray(mask) > 0]
+    logprobs = -jax.random.uniform(k[0], (B, T))
+    scored = Rollout(
+        None,
+        None,
+        None,
+        mask,
+        ended,
+        logprobs,
+        logprobs=logprobs,
+        ref_logprobs=-jax.random.uniform(k[1], (B, T)),
+        values=jax.random.normal(k[2], (B, T)),
+        reward=rewards.Scores(3.0 + jax.random.normal(k[3], (B,))),
+    )
+    out = pg.make_advantage_fn(c, 1)(scored, 0.15)
+    np.testing.assert_allclose(np.asarray(out.scores)[~np.asarray(ended)], -1.0)  # penalty_reward_value
+    r = np.asarray(out.rewards)[np.asarray(mask) > 0]
     assert r.std() == pytest.approx(1.0, abs=1e-4)  # whitened, mean kept (shift_mean=False)
-    unwhitened, _, _ = rl.compute_rewards(out["scores"], scored["logprobs"], scored["ref_logprobs"], mask, 0.15)
+    unwhitened, _, _ = rl.compute_rewards(out.scores, scored.logprobs, scored.ref_logprobs, mask, 0.15)
     assert r.mean() == pytest.approx(float(np.asarray(unwhitened)[np.asarray(mask) > 0].mean()), abs=1e-5)
 
 
@@ -138,13 +149,19 @@ def tiny_lmhp(cfg_module, **overrides):
 def test_lmhp_rm_then_two_ppo_iterations_at_the_tiny_scale(tmp_path):
     import configs.pretrain as pretrain_cfg
     from rlhf_jax import preference
-    from rlhf_jax.evaluation import load_reward_model
     from rlhf_jax.run import Run
     from rlhf_jax.stages import lm, rm
+    from rlhf_jax.trained import load_reward_model
 
     lm.train_and_evaluate(tiny(pretrain_cfg, num_steps=5), str(tmp_path / "pt"))
-    rc = tiny_lmhp(rm_cfg, init_from=str(tmp_path / "pt"), num_steps=6, eval_every=6, eval_batches=2,
-                   **{"data.seq_len": 48, "data.builtin_examples": 48, "rm.normalize_samples": 16})
+    rc = tiny_lmhp(
+        rm_cfg,
+        init_from=str(tmp_path / "pt"),
+        num_steps=6,
+        eval_every=6,
+        eval_batches=2,
+        **{"data.seq_len": 48, "data.builtin_examples": 48, "rm.normalize_samples": 16},
+    )
     rm_out = rm.train_and_evaluate(rc, str(tmp_path / "rm"))
     assert np.isfinite(rm_out["rm/loss"])
     norm = json.loads((tmp_path / "rm" / "reward_norm.json").read_text())
@@ -153,19 +170,23 @@ def test_lmhp_rm_then_two_ppo_iterations_at_the_tiny_scale(tmp_path):
     # The normalised rewards of the policy samples it was computed on have mean 0 / std 1.
     run = Run(rc, str(tmp_path / "rm_check"))
     model, params, norm = load_reward_model(str(tmp_path / "rm"), run.mesh, run.rules)
-    sample_rewards = rm.policy_sample_rewards_fn(run, model, params)
+    sample_rewards = rm.policy_sample_rewards_fn(run, model)
     raw = sample_rewards(params, 1)  # draw 1: the samples after training
     z = np.asarray(preference.apply_normalization(raw, norm["gain"], norm["bias"]))
     assert z.mean() == pytest.approx(0.0, abs=1e-3) and z.std() == pytest.approx(1.0, abs=1e-3)
     fresh = np.asarray(preference.apply_normalization(sample_rewards(params, 2), norm["gain"], norm["bias"]))
     assert not np.allclose(fresh, z)  # another draw: other samples
 
-    pc = tiny_lmhp(ppo_cfg, init_from=str(tmp_path / "pt"), num_steps=2, sample_every=0,
-                   **{"reward.rm_workdir": str(tmp_path / "rm")})
-    out = ppo.train_and_evaluate(pc, str(tmp_path / "ppo"))
+    pc = tiny_lmhp(
+        ppo_cfg,
+        init_from=str(tmp_path / "pt"),
+        num_steps=2,
+        sample_every=0,
+        **{"reward.rm_workdir": str(tmp_path / "rm")},
+    )
+    out = pg.train_and_evaluate(pc, str(tmp_path / "ppo"))
     m = by_step(read_metrics(str(tmp_path / "ppo")))
-    for key in ("objective/kl", "objective/scores", "loss/policy_avg", "loss/value_avg", "policy/grad_norm",
-                "kl_coef"):
+    for key in ("objective/kl", "objective/scores", "loss/policy_avg", "loss/value_avg", "policy/grad_norm", "kl_coef"):
         assert np.isfinite(m[2][key]), key
     assert m[1]["kl_coef"] == pytest.approx(0.15) and m[2]["kl_coef"] != pytest.approx(0.15)  # adaptive β
     # one minibatch per epoch: 4 updates per iteration, the lr annealed linearly to 0 over 2 × 4 of them

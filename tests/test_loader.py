@@ -11,8 +11,10 @@ from rlhf_jax.tasks import builtin_text
 
 def make_source(n, width=5):
     """Records carry their own index in "id" so batches can be traced back to examples."""
-    return [{"id": np.array(i, np.int32), "tokens": np.full(width, i + 1, np.int32),
-             "loss_mask": np.ones(width, np.int32)} for i in range(n)]
+    return [
+        {"id": np.array(i, np.int32), "tokens": np.full(width, i + 1, np.int32), "loss_mask": np.ones(width, np.int32)}
+        for i in range(n)
+    ]
 
 
 def reference_indices(n, batch, seed, step, shuffle=True):
@@ -94,11 +96,14 @@ def test_prefetch_reraises_source_errors():
 @pytest.mark.parametrize("count", [1, 2])
 def test_eval_batches_cover_each_example_once_with_masked_padding(count):
     n, batch = 11, 4
-    per_process = [list(eval_batches(make_source(n), batch, process_index=p, process_count=count))
-                   for p in range(count)]
+    per_process = [
+        list(eval_batches(make_source(n), batch, process_index=p, process_count=count)) for p in range(count)
+    ]
     assert len({len(b) for b in per_process}) == 1 and len(per_process[0]) == 3  # same count on every process
-    rows = {k: np.concatenate([np.concatenate([b[k] for b in step]) for step in zip(*per_process)])
-            for k in ("id", "tokens", "loss_mask")}
+    rows = {
+        k: np.concatenate([np.concatenate([b[k] for b in step]) for step in zip(*per_process)])
+        for k in ("id", "tokens", "loss_mask")
+    }
     real = rows["loss_mask"].any(axis=1)
     assert rows["id"][real].tolist() == list(range(n))  # in order, once each
     assert real.sum() == n and len(real) == 12

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import configs.sft as sft_cfg
-from rlhf_jax import config as config_lib, lora, objectives, optim, train_state
+from rlhf_jax import config as config_lib, forward, lora, optim, train_state
 from rlhf_jax.models.gpt import TransformerLM, positions_from_mask
 from rlhf_jax.models.layers import Dense, LoraConfig, ModelConfig
 from tests.helpers import override, tiny
@@ -23,8 +23,9 @@ ADAPTED = dataclasses.replace(BASE, lora=LoraConfig(rank=4, alpha=8.0, targets=A
 
 def init(cfg, seed=0, T=6):
     t = jnp.ones((1, T), jnp.int32)
-    boxed = TransformerLM(cfg).init(jax.random.PRNGKey(seed), t, positions_from_mask(t), t,
-                                    heads=("lm", "value", "reward"))["params"]
+    boxed = TransformerLM(cfg).init(
+        jax.random.PRNGKey(seed), t, positions_from_mask(t), t, heads=("lm", "value", "reward")
+    )["params"]
     return boxed, jax.tree.map(lambda x: x.value, boxed, is_leaf=lambda x: hasattr(x, "names"))
 
 
@@ -32,8 +33,10 @@ def randomise_adapters(params, seed=1):
     """Nonzero lora_b (init has B = 0), so the adapters change the output."""
     leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
     keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
-    out = [0.3 * jax.random.normal(k, x.shape) if str(path[-1].key).endswith("lora_b") else x
-           for k, (path, x) in zip(keys, leaves)]
+    out = [
+        0.3 * jax.random.normal(k, x.shape) if str(path[-1].key).endswith("lora_b") else x
+        for k, (path, x) in zip(keys, leaves)
+    ]
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
@@ -45,7 +48,7 @@ def lm_batch(seed=0, B=3, T=7):
 
 
 def logits(cfg, params, batch):
-    return objectives.forward(params, TransformerLM(cfg), batch["tokens"], batch["input_mask"])["logits"]
+    return forward.apply(params, TransformerLM(cfg), batch["tokens"], batch["input_mask"])["logits"]
 
 
 def leaves_by_path(tree):
@@ -54,10 +57,12 @@ def leaves_by_path(tree):
 
 def test_adapted_dense_equals_hand_reference():
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 3, 8))
-    layer = Dense((5,), ("embed", "mlp"), True, jnp.float32, lora=LoraConfig(rank=2, alpha=3.0, targets=("up",)),
-                  name="up")
-    p = jax.tree.map(lambda v: v.value, layer.init(jax.random.PRNGKey(1), x)["params"],
-                     is_leaf=lambda v: hasattr(v, "names"))
+    layer = Dense(
+        (5,), ("embed", "mlp"), True, jnp.float32, lora=LoraConfig(rank=2, alpha=3.0, targets=("up",)), name="up"
+    )
+    p = jax.tree.map(
+        lambda v: v.value, layer.init(jax.random.PRNGKey(1), x)["params"], is_leaf=lambda v: hasattr(v, "names")
+    )
     assert set(p) == {"kernel", "bias", "lora_a", "lora_b"}
     assert p["lora_a"].shape == (8, 2) and p["lora_b"].shape == (2, 5) and not np.any(p["lora_b"])
     p["lora_b"] = jax.random.normal(jax.random.PRNGKey(2), (2, 5))
@@ -96,7 +101,7 @@ def adam(weight_decay=0.1):
 
 
 def nll(params, cfg, batch):
-    total, n = objectives.summed_token_nll(params, TransformerLM(cfg), batch)
+    total, n = forward.summed_token_nll(params, TransformerLM(cfg), batch)
     return total / n
 
 
@@ -160,8 +165,14 @@ def test_a_lora_run_resumes_from_its_checkpoint_as_if_uninterrupted(tmp_path):
     from rlhf_jax.stages import lm
     from tests.helpers import by_step
 
-    lora_keys = {"model.lora.rank": 4, "model.lora.targets": ("query", "value", "up"), "optim.total_steps": 6,
-                 "checkpoint.every": 3, "eval_every": 1000, "log_every": 1}
+    lora_keys = {
+        "model.lora.rank": 4,
+        "model.lora.targets": ("query", "value", "up"),
+        "optim.total_steps": 6,
+        "checkpoint.every": 3,
+        "eval_every": 1000,
+        "log_every": 1,
+    }
     full = tiny(sft_cfg, num_steps=6, **lora_keys)
     lm.train_and_evaluate(full, str(tmp_path / "full"))
     lm.train_and_evaluate(tiny(sft_cfg, num_steps=3, **lora_keys), str(tmp_path / "resumed"))
@@ -172,15 +183,20 @@ def test_a_lora_run_resumes_from_its_checkpoint_as_if_uninterrupted(tmp_path):
         assert a[step]["train/loss"] == pytest.approx(b[step]["train/loss"], rel=1e-6), step
 
 
-@pytest.mark.parametrize("kw, match", [
-    ({"model.lora.rank": -1}, r"config.model.lora.rank: -1 is negative"),
-    ({"model.lora.rank": 4, "model.lora.targets": ("query", "qkv")},
-     r"config.model.lora.targets: \['qkv'\] is not a projection LoRA can adapt. Use a non-empty subset of"),
-    ({"model.lora.rank": 4, "model.lora.targets": ()}, r"config.model.lora.targets: none"),
-    ({"model.lora.rank": 4, "model.lora.targets": ("gate",)}, r"'gate' exists only with model.mlp='swiglu'"),
-    ({"model.lora.rank": 4, "model.lora.alpha": 0.0}, r"config.model.lora.alpha: 0.0 must be positive"),
-    ({"model.lora.rank": 4, "model.lora.targets": ("lm_head",)}, r"'lm_head' exists only with untied embeddings"),
-])
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"model.lora.rank": -1}, r"config.model.lora.rank: -1 is negative"),
+        (
+            {"model.lora.rank": 4, "model.lora.targets": ("query", "qkv")},
+            r"config.model.lora.targets: \['qkv'\] is not a projection LoRA can adapt. Use a non-empty subset of",
+        ),
+        ({"model.lora.rank": 4, "model.lora.targets": ()}, r"config.model.lora.targets: none"),
+        ({"model.lora.rank": 4, "model.lora.targets": ("gate",)}, r"'gate' exists only with model.mlp='swiglu'"),
+        ({"model.lora.rank": 4, "model.lora.alpha": 0.0}, r"config.model.lora.alpha: 0.0 must be positive"),
+        ({"model.lora.rank": 4, "model.lora.targets": ("lm_head",)}, r"'lm_head' exists only with untied embeddings"),
+    ],
+)
 def test_bad_lora_settings_fail_naming_the_key(kw, match):
     with pytest.raises(ValueError, match=match):
         config_lib.validate(tiny(sft_cfg, **kw))
@@ -198,7 +214,7 @@ def test_lora_keys_are_in_every_stages_model_config():
         config_lib.validate(override(c, **{"model.lora.rank": 4}))
         assert config_lib.model_config(c).lora == LoraConfig(rank=4)
     c.lock()  # as rlhf_jax.main locks it: an unknown key fails
-    with pytest.raises(KeyError, match="Did you mean \"rank\""):
+    with pytest.raises(KeyError, match='Did you mean "rank"'):
         override(c, **{"model.lora.rnak": 4})
 
 
@@ -208,43 +224,60 @@ def test_export_merges_the_adapters_into_the_hf_checkpoint(family, tmp_path):
     transformers = pytest.importorskip("transformers", reason="pip install -r requirements-parity.txt")
     from rlhf_jax import hf
 
-    arch = {"gpt2": {}, "llama": dict(position="rope", norm="rmsnorm", mlp="swiglu", use_bias=False,
-                                      tie_embeddings=False, n_kv_heads=1)}[family]
+    arch = {
+        "gpt2": {},
+        "llama": dict(
+            position="rope", norm="rmsnorm", mlp="swiglu", use_bias=False, tie_embeddings=False, n_kv_heads=1
+        ),
+    }[family]
     targets = ALL + (("gate", "lm_head") if family == "llama" else ())
     cfg = dataclasses.replace(ADAPTED, **arch, lora=LoraConfig(rank=4, alpha=8.0, targets=targets))
     _, params = init(cfg)
     params = randomise_adapters(params)
     batch = lm_batch()
     ours = logits(cfg, params, batch)
-    assert np.abs(ours - logits(dataclasses.replace(cfg, lora=LoraConfig()), lora.without_adapters(params),
-                                batch)).max() > 1e-2  # the adapters change the logits
+    assert (
+        np.abs(ours - logits(dataclasses.replace(cfg, lora=LoraConfig()), lora.without_adapters(params), batch)).max()
+        > 1e-2
+    )  # the adapters change the logits
     out = hf.export(params, cfg, str(tmp_path / family))
     again = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     tokens, mask = (np.asarray(batch[k]) for k in ("tokens", "input_mask"))
     with torch.no_grad():
-        theirs = again(input_ids=torch.tensor(tokens, dtype=torch.long),
-                       attention_mask=torch.tensor(mask, dtype=torch.long),
-                       position_ids=torch.tensor(np.asarray(positions_from_mask(mask)), dtype=torch.long)).logits
+        theirs = again(
+            input_ids=torch.tensor(tokens, dtype=torch.long),
+            attention_mask=torch.tensor(mask, dtype=torch.long),
+            position_ids=torch.tensor(np.asarray(positions_from_mask(mask)), dtype=torch.long),
+        ).logits
     diff = np.abs(theirs.float().numpy() - np.asarray(ours))[mask > 0].max()
     assert diff <= 1e-4, diff
 
 
 @pytest.mark.slow
 def test_ppo_with_lora_raises_a_verifiable_reward(tmp_path):
-    """tests/test_ppo_stage.py's task with rank-4 adapters on query, value and the (untied) output layer: the
+    """tests/test_pg_stage.py's task with rank-4 adapters on query, value and the (untied) output layer: the
     score rises, the first KL is exactly 0 (the policy starts as its reference), and the checkpoint holds the
     adapters beside the frozen weights."""
     import orbax.checkpoint as ocp
 
     from rlhf_jax.metrics import read_metrics
-    from rlhf_jax.stages import ppo
+    from rlhf_jax.stages import pg
     from tests.helpers import by_step
-    from tests.test_ppo_stage import config
+    from tests.test_pg_stage import config
 
-    c = config(**{"num_steps": 32, "batch_size": 16, "optim.lr": 1e-2, "kl.init_coef": 0.01, "checkpoint.every": 100,
-                  "model.tie_embeddings": False, "model.lora.rank": 4,
-                  "model.lora.targets": ("query", "value", "lm_head")})
-    ppo.train_and_evaluate(c, str(tmp_path))
+    c = config(
+        **{
+            "num_steps": 32,
+            "batch_size": 16,
+            "optim.lr": 1e-2,
+            "kl.init_coef": 0.01,
+            "checkpoint.every": 100,
+            "model.tie_embeddings": False,
+            "model.lora.rank": 4,
+            "model.lora.targets": ("query", "value", "lm_head"),
+        }
+    )
+    pg.train_and_evaluate(c, str(tmp_path))
     m = by_step(read_metrics(str(tmp_path)))
     scores = [m[s]["objective/scores"] for s in sorted(m)]
     assert np.mean(scores[-3:]) > np.mean(scores[:3]) + 0.15, scores
@@ -267,14 +300,27 @@ def test_a_later_stage_starts_from_an_earlier_lora_run_merged_and_dpo_trains_ada
     from tests.helpers import by_step
 
     sft = str(tmp_path / "sft")
-    lm.train_and_evaluate(tiny(sft_cfg, num_steps=4, **{"model.lora.rank": 4, "optim.lr": 1e-2,
-                                                        "model.lora.targets": ("query", "value", "up", "down")}), sft)
-    sft_model = TransformerLM(config_lib.model_config(override(config_lib.base_config(), **{
-        f"model.{k}": v for k, v in checkpoint.read_run_config(sft)["model"].items()})))
+    lm.train_and_evaluate(
+        tiny(
+            sft_cfg,
+            num_steps=4,
+            **{"model.lora.rank": 4, "optim.lr": 1e-2, "model.lora.targets": ("query", "value", "up", "down")},
+        ),
+        sft,
+    )
+    sft_model = TransformerLM(
+        config_lib.model_config(
+            override(
+                config_lib.base_config(),
+                **{f"model.{k}": v for k, v in checkpoint.read_run_config(sft)["model"].items()},
+            )
+        )
+    )
     mesh = parallel.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
     rules = parallel.DEFAULT_RULES
-    sft_params = checkpoint.load_params(sft, parallel.abstract_params(
-        train_state.model_init_fn(sft_model, 8, 0), mesh, rules))
+    sft_params = checkpoint.load_params(
+        sft, parallel.abstract_params(train_state.model_init_fn(sft_model, 8, 0), mesh, rules)
+    )
     assert np.abs(sft_params["trunk"]["block_0"]["mlp"]["up"]["lora_b"]).max() > 0  # SFT trained its adapters
 
     later = TransformerLM(dataclasses.replace(sft_model.cfg, lora=LoraConfig(rank=2, targets=("key",))))
@@ -282,12 +328,14 @@ def test_a_later_stage_starts_from_an_earlier_lora_run_merged_and_dpo_trains_ada
     loaded = checkpoint.load_base_params(sft, fresh)
     assert set(loaded["trunk"]["block_0"]["attn"]["key"]) == {"kernel", "bias", "lora_a", "lora_b"}
     assert "lora_a" not in loaded["trunk"]["block_0"]["attn"]["query"]
-    np.testing.assert_array_equal(loaded["trunk"]["block_0"]["attn"]["key"]["lora_a"],
-                                  fresh["trunk"]["block_0"]["attn"]["key"]["lora_a"])
+    np.testing.assert_array_equal(
+        loaded["trunk"]["block_0"]["attn"]["key"]["lora_a"], fresh["trunk"]["block_0"]["attn"]["key"]["lora_a"]
+    )
     batch = lm_batch()
     f32 = lambda cfg: dataclasses.replace(cfg, dtype="float32")  # the runs compute in bf16: compare without rounding
-    np.testing.assert_allclose(logits(f32(later.cfg), loaded, batch), logits(f32(sft_model.cfg), sft_params, batch),
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        logits(f32(later.cfg), loaded, batch), logits(f32(sft_model.cfg), sft_params, batch), atol=1e-5
+    )
 
     c = tiny(dpo_cfg, num_steps=4, eval_every=4, log_every=1, init_from=sft, **{"model.lora.rank": 2})
     dpo.train_and_evaluate(c, str(tmp_path / "dpo"))

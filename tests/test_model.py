@@ -17,10 +17,12 @@ def build(family, dtype="float32", **kw):
     cfg = ModelConfig(vocab_size=61, d_model=32, n_layers=2, n_heads=4, max_len=32, dtype=dtype, **{**family, **kw})
     model = TransformerLM(cfg)
     tokens = jnp.zeros((1, 8), jnp.int32)
-    params = model.init(jax.random.PRNGKey(0), tokens, positions_from_mask(jnp.ones_like(tokens)),
-                        jnp.ones_like(tokens), heads=HEADS)["params"]
-    params = jax.tree.map(lambda x: x.value if hasattr(x, "value") else x, params,
-                          is_leaf=lambda x: hasattr(x, "value"))
+    params = model.init(
+        jax.random.PRNGKey(0), tokens, positions_from_mask(jnp.ones_like(tokens)), jnp.ones_like(tokens), heads=HEADS
+    )["params"]
+    params = jax.tree.map(
+        lambda x: x.value if hasattr(x, "value") else x, params, is_leaf=lambda x: hasattr(x, "value")
+    )
     return cfg, model, params
 
 
@@ -34,11 +36,11 @@ def test_causal_mask_hides_the_future(family):
     tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 12), 0, 61)
     mask = jnp.ones_like(tokens)
     t = 5
-    changed = tokens.at[:, t + 1:].set((tokens[:, t + 1:] + 7) % 61)
+    changed = tokens.at[:, t + 1 :].set((tokens[:, t + 1 :] + 7) % 61)
     a = forward(model, params, tokens, mask)["logits"]
     b = forward(model, params, changed, mask)["logits"]
     np.testing.assert_allclose(a[:, : t + 1], b[:, : t + 1], atol=1e-6)
-    assert np.abs(np.asarray(a[:, t + 1:] - b[:, t + 1:])).max() > 1e-3  # the future does matter after t
+    assert np.abs(np.asarray(a[:, t + 1 :] - b[:, t + 1 :])).max() > 1e-3  # the future does matter after t
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -63,12 +65,13 @@ def test_kv_cache_decoding_equals_full_forward(family):
     mask = jnp.ones((B, T), jnp.int32).at[1, :2].set(0).at[2, :4].set(0)
     full = forward(model, params, tokens, mask)["logits"]
     positions = positions_from_mask(mask)
-    apply = jax.jit(lambda tok, pos, cache, i: model.apply({"params": params}, tok, pos, mask, cache=cache,
-                                                           cache_index=i))
+    apply = jax.jit(
+        lambda tok, pos, cache, i: model.apply({"params": params}, tok, pos, mask, cache=cache, cache_index=i)
+    )
     out = apply(tokens[:, :prompt], positions[:, :prompt], init_cache(cfg, B, T), 0)
     steps, cache = [out["logits"]], out["cache"]
     for t in range(prompt, T):
-        out = apply(tokens[:, t:t + 1], positions[:, t:t + 1], cache, t)
+        out = apply(tokens[:, t : t + 1], positions[:, t : t + 1], cache, t)
         steps.append(out["logits"])
         cache = out["cache"]
     inc = jnp.concatenate(steps, axis=1)

@@ -48,19 +48,29 @@ def _launch(args: list[str], log_dir, num_processes: int, devices: int) -> list[
     logs = [os.path.join(log_dir, f"process{i}.log") for i in range(num_processes)]
     procs = []
     for i, log in enumerate(logs):
-        extra = dict(RLHF_JAX_COORDINATOR=f"127.0.0.1:{port}", RLHF_JAX_NUM_PROCESSES=str(num_processes),
-                     RLHF_JAX_PROCESS_ID=str(i)) if num_processes > 1 else {}
+        extra = (
+            dict(
+                RLHF_JAX_COORDINATOR=f"127.0.0.1:{port}",
+                RLHF_JAX_NUM_PROCESSES=str(num_processes),
+                RLHF_JAX_PROCESS_ID=str(i),
+            )
+            if num_processes > 1
+            else {}
+        )
         with open(log, "w") as f:
-            procs.append(subprocess.Popen(cmd, cwd=ROOT, env=_env(devices, **extra), stdout=f,
-                                          stderr=subprocess.STDOUT))
+            procs.append(
+                subprocess.Popen(cmd, cwd=ROOT, env=_env(devices, **extra), stdout=f, stderr=subprocess.STDOUT)
+            )
     deadline = time.time() + TIMEOUT_S
     try:
         while any(p.poll() is None for p in procs):
             failed = [i for i, p in enumerate(procs) if p.poll() not in (None, 0)]
             if failed or time.time() > deadline:
                 i = failed[0] if failed else 0
-                pytest.fail(f"process {i} of {num_processes} {'failed' if failed else 'timed out'}:\n"
-                            + open(logs[i]).read()[-4000:])
+                pytest.fail(
+                    f"process {i} of {num_processes} {'failed' if failed else 'timed out'}:\n"
+                    + open(logs[i]).read()[-4000:]
+                )
             time.sleep(0.2)
         for i, p in enumerate(procs):
             assert p.returncode == 0, open(logs[i]).read()[-4000:]
@@ -96,9 +106,17 @@ def _assert_same_metrics(got_dir, want_dir, rtol=1e-4, atol=1e-5):
 
 # float32: bf16 rounds each device's partial gradients, and how the batch is split over devices changes
 # with the mesh (grad_norm then moves by ~1e-3); f32 leaves only the restore itself under test.
-PRETRAIN = ("configs/pretrain.py:tiny", ("--config.num_steps=6", "--config.log_every=1", "--config.eval_every=6",
-                                         "--config.checkpoint.every=3", "--config.checkpoint.keep=5",
-                                         "--config.model.dtype=float32"))
+PRETRAIN = (
+    "configs/pretrain.py:tiny",
+    (
+        "--config.num_steps=6",
+        "--config.log_every=1",
+        "--config.eval_every=6",
+        "--config.checkpoint.every=3",
+        "--config.checkpoint.keep=5",
+        "--config.model.dtype=float32",
+    ),
+)
 
 
 @pytest.fixture(scope="module")
@@ -127,8 +145,13 @@ def test_checkpoint_of_two_processes_resumes_on_four_devices_with_another_mesh(p
     shutil.copytree(two, resumed)
     shutil.rmtree(resumed / "checkpoints" / "6")  # as if the 8-device job had stopped after step 3
     config, overrides = PRETRAIN
-    out = _run(resumed, config, [*overrides, "--config.mesh.data=1", "--config.mesh.fsdp=2",
-                                 "--config.mesh.tensor=2"], num_processes=1, devices=4)[0]
+    out = _run(
+        resumed,
+        config,
+        [*overrides, "--config.mesh.data=1", "--config.mesh.fsdp=2", "--config.mesh.tensor=2"],
+        num_processes=1,
+        devices=4,
+    )[0]
     assert "resumed from" in out and "mesh {'data': 1, 'fsdp': 2, 'tensor': 2}" in out
     # Steps 4-6 ran on the new topology from the restored params, optimiser state and data position,
     # and metrics.jsonl (steps 1-3 from the two processes) reads as one uninterrupted run.
@@ -138,8 +161,14 @@ def test_checkpoint_of_two_processes_resumes_on_four_devices_with_another_mesh(p
 
 @pytest.mark.slow
 def test_reward_model_on_two_processes_logs_what_one_process_logs(tmp_path):
-    overrides = ["--config.num_steps=3", "--config.log_every=1", "--config.eval_every=3", "--config.eval_batches=2",
-                 "--config.checkpoint.every=3", *MESH_2x2x2]
+    overrides = [
+        "--config.num_steps=3",
+        "--config.log_every=1",
+        "--config.eval_every=3",
+        "--config.eval_batches=2",
+        "--config.checkpoint.every=3",
+        *MESH_2x2x2,
+    ]
     _run(tmp_path / "two", "configs/rm.py:tiny", overrides, num_processes=2, devices=4)
     _run(tmp_path / "one", "configs/rm.py:tiny", overrides, num_processes=1, devices=8)
     _assert_same_metrics(tmp_path / "two", tmp_path / "one")
@@ -153,8 +182,15 @@ def test_ppo_on_two_processes_logs_what_one_process_logs(tmp_path):
     # Two iterations: the second sees a policy that moved, so KL, kl_coef and the update all get compared.
     # float32: the KL is a small difference of log-probs, so the ~1e-7 that the all-reduce order (gloo
     # across processes vs in-process) leaves in the params can flip a bf16 rounding and show at ~1e-3.
-    overrides = ["--config.num_steps=2", "--config.checkpoint.every=2", "--config.rollout.max_new_tokens=6",
-                 "--config.ppo.epochs=1", "--config.sample_every=2", "--config.model.dtype=float32", *MESH_2x2x2]
+    overrides = [
+        "--config.num_steps=2",
+        "--config.checkpoint.every=2",
+        "--config.rollout.max_new_tokens=6",
+        "--config.pg.epochs=1",
+        "--config.sample_every=2",
+        "--config.model.dtype=float32",
+        *MESH_2x2x2,
+    ]
     _run(tmp_path / "two", "configs/ppo.py:tiny", overrides, num_processes=2, devices=4)
     _run(tmp_path / "one", "configs/ppo.py:tiny", overrides, num_processes=1, devices=8)
     _assert_same_metrics(tmp_path / "two", tmp_path / "one")
@@ -179,13 +215,16 @@ def test_plan_reads_the_environment():
     assert distributed.plan({"RLHF_JAX_DISTRIBUTED": "0", "SLURM_NTASKS": "16", **explicit}) is None
 
 
-@pytest.mark.parametrize("env,match", [
-    ({"RLHF_JAX_COORDINATOR": "10.0.0.1:1234"}, "RLHF_JAX_NUM_PROCESSES, RLHF_JAX_PROCESS_ID is not"),
-    ({"RLHF_JAX_COORDINATOR": "10.0.0.1", "RLHF_JAX_NUM_PROCESSES": "2", "RLHF_JAX_PROCESS_ID": "0"}, "host:port"),
-    ({"RLHF_JAX_COORDINATOR": "h:1", "RLHF_JAX_NUM_PROCESSES": "2", "RLHF_JAX_PROCESS_ID": "2"}, r"in \[0, "),
-    ({"RLHF_JAX_COORDINATOR": "h:1", "RLHF_JAX_NUM_PROCESSES": "two", "RLHF_JAX_PROCESS_ID": "0"}, "integers"),
-    ({"RLHF_JAX_DISTRIBUTED": "yes"}, "use 1"),
-])
+@pytest.mark.parametrize(
+    "env,match",
+    [
+        ({"RLHF_JAX_COORDINATOR": "10.0.0.1:1234"}, "RLHF_JAX_NUM_PROCESSES, RLHF_JAX_PROCESS_ID is not"),
+        ({"RLHF_JAX_COORDINATOR": "10.0.0.1", "RLHF_JAX_NUM_PROCESSES": "2", "RLHF_JAX_PROCESS_ID": "0"}, "host:port"),
+        ({"RLHF_JAX_COORDINATOR": "h:1", "RLHF_JAX_NUM_PROCESSES": "2", "RLHF_JAX_PROCESS_ID": "2"}, r"in \[0, "),
+        ({"RLHF_JAX_COORDINATOR": "h:1", "RLHF_JAX_NUM_PROCESSES": "two", "RLHF_JAX_PROCESS_ID": "0"}, "integers"),
+        ({"RLHF_JAX_DISTRIBUTED": "yes"}, "use 1"),
+    ],
+)
 def test_plan_rejects_incomplete_settings_with_the_fix(env, match):
     with pytest.raises(ValueError, match=match):
         distributed.plan(env)

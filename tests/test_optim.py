@@ -15,8 +15,19 @@ from rlhf_jax import optim
 
 
 def cfg(**overrides) -> ml_collections.ConfigDict:
-    c = dict(name="adamw", lr=1e-2, schedule="constant", warmup_steps=0, total_steps=100, final_lr_fraction=0.0,
-             b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, grad_clip_norm=0.0)
+    c = dict(
+        name="adamw",
+        lr=1e-2,
+        schedule="constant",
+        warmup_steps=0,
+        total_steps=100,
+        final_lr_fraction=0.0,
+        b1=0.9,
+        b2=0.999,
+        eps=1e-8,
+        weight_decay=0.0,
+        grad_clip_norm=0.0,
+    )
     c.update(overrides)
     return ml_collections.ConfigDict(c)
 
@@ -44,16 +55,16 @@ def reference_adam(params, grads, lr_at, b1, b2, eps, *, tf_style, weight_decay=
     v = {k: np.zeros_like(x) for k, x in p.items()}
     for t, g in enumerate(grads, start=1):
         if clip > 0:
-            norm = math.sqrt(sum(float(np.sum(x ** 2)) for x in g.values()))
+            norm = math.sqrt(sum(float(np.sum(x**2)) for x in g.values()))
             g = {k: x * min(1.0, clip / norm) for k, x in g.items()}
         lr = lr_at(t - 1)
         for k in p:
             m[k] = b1 * m[k] + (1 - b1) * g[k]
             v[k] = b2 * v[k] + (1 - b2) * g[k] ** 2
             if tf_style:  # TF1 AdamOptimizer: lr_t = lr·sqrt(1−b2^t)/(1−b1^t); eps outside the correction
-                direction = math.sqrt(1 - b2 ** t) / (1 - b1 ** t) * m[k] / (np.sqrt(v[k]) + eps)
+                direction = math.sqrt(1 - b2**t) / (1 - b1**t) * m[k] / (np.sqrt(v[k]) + eps)
             else:
-                direction = (m[k] / (1 - b1 ** t)) / (np.sqrt(v[k] / (1 - b2 ** t)) + eps)
+                direction = (m[k] / (1 - b1**t)) / (np.sqrt(v[k] / (1 - b2**t)) + eps)
             decay = weight_decay * p[k] if p[k].ndim >= 2 else 0.0
             p[k] = p[k] - lr * (direction + decay)
     return p
@@ -86,8 +97,16 @@ def test_tf_adam_differs_from_optax_adam_when_eps_is_large():
 
 def test_adamw_with_decay_mask_and_clipping_matches_reference():
     params, grads = params_and_grads(5, seed=1)
-    c = cfg(name="adamw", weight_decay=0.3, grad_clip_norm=0.5, eps=1e-2, schedule="cosine", warmup_steps=2,
-            total_steps=5, final_lr_fraction=0.1)
+    c = cfg(
+        name="adamw",
+        weight_decay=0.3,
+        grad_clip_norm=0.5,
+        eps=1e-2,
+        schedule="cosine",
+        warmup_steps=2,
+        total_steps=5,
+        final_lr_fraction=0.1,
+    )
     tx, schedule = optim.make_optimizer(c)
     lr_at = lambda s: float(schedule(s))
     ref = reference_adam(params, grads, lr_at, c.b1, c.b2, c.eps, tf_style=False, weight_decay=0.3, clip=0.5)
@@ -99,8 +118,12 @@ def test_adamw_with_decay_mask_and_clipping_matches_reference():
 
 
 def test_weight_decay_touches_only_parameters_with_two_or_more_dims():
-    params = {"kernel": jnp.full((3, 2), 2.0), "embed": jnp.full((4, 3), -1.0), "bias": jnp.ones((2,)),
-              "scale": jnp.ones((3,))}
+    params = {
+        "kernel": jnp.full((3, 2), 2.0),
+        "embed": jnp.full((4, 3), -1.0),
+        "bias": jnp.ones((2,)),
+        "scale": jnp.ones((3,)),
+    }
     tx, _ = optim.make_optimizer(cfg(weight_decay=0.5, lr=0.1))
     zero_grads = jax.tree.map(jnp.zeros_like, params)  # Adam's direction is then 0: only decay moves params
     updates, _ = tx.update(zero_grads, tx.init(params), params)
@@ -114,10 +137,16 @@ def test_schedule_closed_form(kind):
     lr, warm, total, frac = 2e-3, 10, 110, 0.1
     s = optim.make_schedule(lr, kind, warm, total, frac)
     final = lr if kind == "constant" else lr * frac
-    mid = {"constant": lr, "linear": (lr + final) / 2,
-           "cosine": final + (lr - final) * 0.5 * (1 + math.cos(math.pi / 2))}
-    quarter = {"constant": lr, "linear": lr - 0.25 * (lr - final),
-               "cosine": final + (lr - final) * 0.5 * (1 + math.cos(math.pi / 4))}
+    mid = {
+        "constant": lr,
+        "linear": (lr + final) / 2,
+        "cosine": final + (lr - final) * 0.5 * (1 + math.cos(math.pi / 2)),
+    }
+    quarter = {
+        "constant": lr,
+        "linear": lr - 0.25 * (lr - final),
+        "cosine": final + (lr - final) * 0.5 * (1 + math.cos(math.pi / 4)),
+    }
     np.testing.assert_allclose(float(s(0)), 0.0, atol=1e-12)
     np.testing.assert_allclose(float(s(warm // 2)), lr / 2, rtol=1e-6)
     np.testing.assert_allclose(float(s(warm)), lr, rtol=1e-6)
@@ -139,8 +168,9 @@ def test_update_is_jittable_and_sharded_params_give_the_one_device_result():
     mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(jax.sharding.AxisType.Auto,))
     params, grads = params_and_grads(3, seed=2)
     params = {"kernel": np.random.default_rng(3).normal(size=(8, 4)), "bias": params["bias"]}
-    grads = [{"kernel": np.random.default_rng(10 + i).normal(size=(8, 4)), "bias": g["bias"]}
-             for i, g in enumerate(grads)]
+    grads = [
+        {"kernel": np.random.default_rng(10 + i).normal(size=(8, 4)), "bias": g["bias"]} for i, g in enumerate(grads)
+    ]
     tx, _ = optim.make_optimizer(cfg(name="tf_adam", weight_decay=0.1, grad_clip_norm=1.0))
     expected = run_optax(tx, params, grads)
 
@@ -162,8 +192,10 @@ def test_update_is_jittable_and_sharded_params_give_the_one_device_result():
 
 def test_init_on_boxed_params_keeps_logical_axes():
     # train_state.create builds the optimizer state from nn.Partitioned params so moments shard like them.
-    boxed = {"kernel": nn.Partitioned(jnp.ones((4, 3)), names=("embed", "mlp")),
-             "bias": nn.Partitioned(jnp.ones((3,)), names=("mlp",))}
+    boxed = {
+        "kernel": nn.Partitioned(jnp.ones((4, 3)), names=("embed", "mlp")),
+        "bias": nn.Partitioned(jnp.ones((3,)), names=("mlp",)),
+    }
     tx, _ = optim.make_optimizer(cfg(weight_decay=0.1, grad_clip_norm=1.0))
     state = tx.init(boxed)
     specs = nn.get_partition_spec(state)

@@ -30,8 +30,9 @@ TINY_ENV = dict(os.environ, XLA_FLAGS=with_device_count(os.environ["XLA_FLAGS"],
 def tiny_run(tmp_path_factory):
     """One finished tiny pipeline run, shared by the tests of this module (its workdir)."""
     workdir = tmp_path_factory.mktemp("tiny_pipeline")
-    r = subprocess.run(TINY_CMD + [f"--workdir={workdir}"], cwd=ROOT, env=TINY_ENV, capture_output=True, text=True,
-                       timeout=900)
+    r = subprocess.run(
+        TINY_CMD + [f"--workdir={workdir}"], cwd=ROOT, env=TINY_ENV, capture_output=True, text=True, timeout=900
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return workdir
 
@@ -76,9 +77,18 @@ def test_tiny_pipeline_produces_summary_report_and_plots_and_reruns_skip(tiny_ru
     # An ablation run reuses every upstream stage of the finished run and reruns only the policy stage (here
     # GRPO against the gold judge, with a stage key the pipeline preset does not set itself).
     other = tmp_path / "ablation"
-    cmd2 = [sys.executable, "-m", "rlhf_jax.pipeline", "--config=configs/pipeline.py:tiny", f"--workdir={other}",
-            "--config.mesh.data=2", f"--config.reuse_from={tmp_path}", "--config.policy_reward=gold",
-            "--config.policy=grpo", "--config.ppo.kl.init_coef=0.05"]
+    cmd2 = [
+        sys.executable,
+        "-m",
+        "rlhf_jax.pipeline",
+        "--config=configs/pipeline.py:tiny",
+        f"--workdir={other}",
+        "--config.mesh.data=2",
+        f"--config.reuse_from={tmp_path}",
+        "--config.policy_reward=gold",
+        "--config.policy=grpo",
+        "--config.pg.kl.init_coef=0.05",
+    ]
     third = subprocess.run(cmd2, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
     for stage in ("pretrain", "sft", "comparisons", "rm"):
@@ -88,17 +98,31 @@ def test_tiny_pipeline_produces_summary_report_and_plots_and_reruns_skip(tiny_ru
     assert json.loads((other / "stages.json").read_text())["rm"] == str(tmp_path / "rm")
     policy_config = json.loads((other / "policy" / "config.json").read_text())
     assert policy_config["kl"]["init_coef"] == 0.05 and policy_config["reward"]["kind"] == "function"
-    assert policy_config["ppo"]["advantage"] == "grpo" and policy_config["kl"]["placement"] == "loss"
+    assert policy_config["pg"]["advantage"] == "grpo" and policy_config["kl"]["placement"] == "loss"
     assert json.loads((other / "summary.json").read_text())["policy"]["algorithm"] == "grpo"
     assert "| GRPO |" in (other / "report.md").read_text()
 
     # The direct-preference family from the same SFT and the RM's own comparisons, offline and online.
     for policy, extra in (("plackett_luce", "--config.dpo.num_steps=4"), ("online_dpo", "--config.dpo.num_steps=2")):
         run = tmp_path / policy
-        r = subprocess.run([sys.executable, "-m", "rlhf_jax.pipeline", "--config=configs/pipeline.py:tiny",
-                            f"--workdir={run}", "--config.mesh.data=2", f"--config.reuse_from={tmp_path}",
-                            f"--config.policy={policy}", extra], cwd=ROOT, env=env, capture_output=True, text=True,
-                           timeout=600)
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "rlhf_jax.pipeline",
+                "--config=configs/pipeline.py:tiny",
+                f"--workdir={run}",
+                "--config.mesh.data=2",
+                f"--config.reuse_from={tmp_path}",
+                f"--config.policy={policy}",
+                extra,
+            ],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
         s = json.loads((run / "summary.json").read_text())
         assert s["policy"]["algorithm"] == policy and 0.0 <= s["policy"]["win_rate_vs_sft"] <= 1.0
@@ -119,8 +143,9 @@ def test_the_colab_notebook_runs_top_to_bottom_and_shows_the_plots(tiny_run):
     old = os.environ.get("RLHF_JAX_NOTEBOOK_WORKDIR")
     os.environ["RLHF_JAX_NOTEBOOK_WORKDIR"] = str(tiny_run)  # the kernel inherits this process's environment
     try:
-        nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
-                                resources={"metadata": {"path": ROOT}}).execute()
+        nbclient.NotebookClient(
+            nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": ROOT}}
+        ).execute()
     finally:
         if old is None:
             del os.environ["RLHF_JAX_NOTEBOOK_WORKDIR"]
@@ -177,11 +202,16 @@ def test_reuse_takes_the_unchanged_prefix_of_stages_and_stops_at_the_first_chang
     assert reusable_stages(c, str(tmp_path)) == {}
     # A run written before a key existed ran with that key's default: it is still reused ...
     older = base.to_dict()
-    del older["ppo"]["ppo"]["loss_aggregation"], older["pretrain"]["model"]["token_vocab"], older["policy"]
+    del older["pg"]["pg"]["loss_aggregation"], older["pretrain"]["model"]["token_vocab"], older["policy"]
     (tmp_path / "pipeline_config.json").write_text(json.dumps(older, default=str))
     assert list(reusable_stages(pipeline_config(), str(tmp_path))) == ["pretrain", "sft", "comparisons", "rm", "policy"]
+    # ... and so is one written before the policy-gradient stage was renamed: its config.ppo.ppo is config.pg.pg
+    renamed = {**older, "ppo": {**older["pg"], "stage": "ppo", "ppo": older["pg"]["pg"]}}
+    del renamed["pg"], renamed["ppo"]["pg"]
+    (tmp_path / "pipeline_config.json").write_text(json.dumps(renamed, default=str))
+    assert list(reusable_stages(pipeline_config(), str(tmp_path))) == ["pretrain", "sft", "comparisons", "rm", "policy"]
     c = pipeline_config()
-    c.ppo.ppo.loss_aggregation = "token_sum"  # ... unless this run sets it otherwise
+    c.pg.pg.loss_aggregation = "token_sum"  # ... unless this run sets it otherwise
     assert list(reusable_stages(c, str(tmp_path))) == ["pretrain", "sft", "comparisons", "rm"]
     (tmp_path / "sft" / "DONE.json").unlink()  # an unfinished stage there is run here, and so is all after it
     assert list(reusable_stages(pipeline_config(), str(tmp_path))) == ["pretrain"]
@@ -210,10 +240,11 @@ def test_reuse_follows_a_run_that_itself_reused_stages(tmp_path):
 
 def test_every_stage_key_can_be_overridden_and_unknown_ones_are_named():
     c = pipeline_config("default")
-    assert c.ppo.kl.init_coef == 0.15 and c.ppo.optim.lr == 3e-5  # configs/ppo.py, then the pipeline's overrides
+    assert c.pg.kl.init_coef == 0.15 and c.pg.optim.lr == 3e-5  # configs/ppo.py, then the pipeline's overrides
     assert c.rm.rm.loss == "ranking" and c.pretrain.model.d_model == 128
     from rlhf_jax.config import stage_config
-    with pytest.raises(ValueError, match="config.ppo.optim.lrr: no such field"):
+
+    with pytest.raises(ValueError, match="config.pg.optim.lrr: no such field"):
         stage_config("ppo", "default", {"optim": {"lrr": 1.0}})
 
 
@@ -234,8 +265,9 @@ def test_best_of_n_curve_picks_by_rm_and_by_gold_and_compares_with_sample_zero()
 
 
 def test_best_of_n_script_names_a_directory_that_is_not_a_finished_run(tmp_path):
-    out = subprocess.run([sys.executable, "scripts/best_of_n.py", str(tmp_path)], cwd=ROOT, capture_output=True,
-                         text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "scripts/best_of_n.py", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert out.returncode != 0 and "is not a finished pipeline run" in out.stderr
 
 

@@ -50,8 +50,17 @@ def test_fsdp_over_more_devices_lowers_the_per_device_params_and_the_verdict_fol
 
 @pytest.mark.slow
 def test_ppo_counts_policy_critic_their_optimizer_state_reference_and_rm():
-    c = tiny(ppo_cfg, **{"model.vocab_size": 384, "reward.kind": "rm", "reward.rm_workdir": "unused",
-                         "ppo.critic": "reward_model", "mesh.data": 2, "mesh.fsdp": 4})
+    c = tiny(
+        ppo_cfg,
+        **{
+            "model.vocab_size": 384,
+            "reward.kind": "rm",
+            "reward.rm_workdir": "unused",
+            "pg.critic": "reward_model",
+            "mesh.data": 2,
+            "mesh.fsdp": 4,
+        },
+    )
     r = plan.plan(c)
     one_model = r["frozen_bytes"] / 2  # the reference policy and the RM: one model each, every head
     assert r["params_bytes"] == pytest.approx(2 * one_model, rel=0.01)  # the policy and the critic
@@ -85,8 +94,17 @@ def test_fake_devices_replace_only_the_device_count_flag(monkeypatch):
 @pytest.mark.slow
 def test_the_command_compiles_for_the_devices_it_is_given(tmp_path):
     out = tmp_path / "plan.json"
-    cmd = [sys.executable, "-m", "rlhf_jax.plan", "--config=configs/sft.py:tiny", "--devices=4",
-           "--config.mesh.fsdp=4", "--config.model.vocab_size=384", "--hbm_gib=0.5", f"--json={out}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "rlhf_jax.plan",
+        "--config=configs/sft.py:tiny",
+        "--devices=4",
+        "--config.mesh.fsdp=4",
+        "--config.model.vocab_size=384",
+        "--hbm_gib=0.5",
+        f"--json={out}",
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(out.read_text())
@@ -96,8 +114,14 @@ def test_the_command_compiles_for_the_devices_it_is_given(tmp_path):
 
 @pytest.mark.slow
 def test_lora_drops_the_reference_copy_and_the_base_weights_optimizer_state():
-    shape = {"model.vocab_size": 384, "model.d_model": 64, "reward.kind": "rm", "reward.rm_workdir": "unused",
-             "mesh.data": 2, "mesh.fsdp": 4}
+    shape = {
+        "model.vocab_size": 384,
+        "model.d_model": 64,
+        "reward.kind": "rm",
+        "reward.rm_workdir": "unused",
+        "mesh.data": 2,
+        "mesh.fsdp": 4,
+    }
     full = plan.plan(tiny(ppo_cfg, **shape))
     adapted = plan.plan(tiny(ppo_cfg, **shape, **{"model.lora.rank": 4}))
     assert adapted["frozen_bytes"] == pytest.approx(full["frozen_bytes"] / 2, rel=0.01)  # the RM alone

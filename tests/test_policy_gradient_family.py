@@ -10,33 +10,42 @@ import configs.grpo as grpo_cfg
 import configs.reinforce_pp as reinforce_pp_cfg
 import configs.rloo as rloo_cfg
 from rlhf_jax.metrics import read_metrics
-from rlhf_jax.stages import ppo
+from rlhf_jax.stages import pg
 from tests.helpers import by_step, tiny
 
-REWARD = {"reward.function": "tests.test_ppo_stage:even_token_share"}
+REWARD = {"reward.function": "tests.test_pg_stage:even_token_share"}
 
 
 def saved_params(workdir, step=None):
     with ocp.CheckpointManager(str(workdir / "checkpoints"), item_names=("params",)) as m:
-        return m.restore(step if step is not None else m.latest_step(),
-                         args=ocp.args.Composite(params=ocp.args.StandardRestore()))["params"]
+        return m.restore(
+            step if step is not None else m.latest_step(), args=ocp.args.Composite(params=ocp.args.StandardRestore())
+        )["params"]
 
 
 @pytest.mark.slow
 def test_grpo_tiny_raises_a_verifiable_reward_and_never_trains_the_value_head(tmp_path):
     c = tiny(grpo_cfg, num_steps=20, **REWARD, **{"optim.lr": 1e-2, "checkpoint.every": 1, "checkpoint.keep": 30})
-    ppo.train_and_evaluate(c, str(tmp_path))
+    pg.train_and_evaluate(c, str(tmp_path))
     m = by_step(read_metrics(str(tmp_path)))
     scores = [m[s]["objective/scores"] for s in sorted(m)]
     assert np.mean(scores[-4:]) > np.mean(scores[:4]) + 0.1, scores
     last = m[20]
-    for key in ("loss/policy_avg", "loss/kl_avg", "policy/approxkl_avg", "objective/kl", "kl_coef",
-                "sampler/logprob_gap_mean", "sampler/logprob_gap_absmax", "policy/logprob_change_first_minibatch"):
+    for key in (
+        "loss/policy_avg",
+        "loss/kl_avg",
+        "policy/approxkl_avg",
+        "objective/kl",
+        "kl_coef",
+        "sampler/logprob_gap_mean",
+        "sampler/logprob_gap_absmax",
+        "policy/logprob_change_first_minibatch",
+    ):
         assert np.isfinite(last[key]), key
     assert "loss/value_avg" not in last  # no critic: no value loss at all
     assert last["kl_coef"] == pytest.approx(0.04)  # DeepSeekMath's β, fixed
     # one update per batch: the policy the update starts from is the one that sampled, so the ratio is 1
-    assert last["val/ratio"] == pytest.approx(1.0, abs=1e-5) and last["policy/clipfrac_avg"] == 0.0
+    assert last["policy/ratio"] == pytest.approx(1.0, abs=1e-5) and last["policy/clipfrac_avg"] == 0.0
     # the sampler's log-probs (KV cache) and the trainer's (full forward) agree to float noise
     assert abs(last["sampler/logprob_gap_mean"]) < 1e-2 and last["sampler/logprob_gap_absmax"] < 0.1
     first, final = saved_params(tmp_path, 1), saved_params(tmp_path)
@@ -49,22 +58,25 @@ def test_grpo_tiny_raises_a_verifiable_reward_and_never_trains_the_value_head(tm
 @pytest.mark.slow
 def test_grpo_resume_equals_an_uninterrupted_run(tmp_path):
     full = tiny(grpo_cfg, num_steps=4, **REWARD, **{"checkpoint.every": 2, "optim.total_steps": 4})
-    ppo.train_and_evaluate(full, str(tmp_path / "full"))
+    pg.train_and_evaluate(full, str(tmp_path / "full"))
     half = tiny(grpo_cfg, num_steps=2, **REWARD, **{"checkpoint.every": 2, "optim.total_steps": 4})
-    ppo.train_and_evaluate(half, str(tmp_path / "resumed"))
-    ppo.train_and_evaluate(full, str(tmp_path / "resumed"))
+    pg.train_and_evaluate(half, str(tmp_path / "resumed"))
+    pg.train_and_evaluate(full, str(tmp_path / "resumed"))
     a, b = by_step(read_metrics(str(tmp_path / "full"))), by_step(read_metrics(str(tmp_path / "resumed")))
     for step in (3, 4):
         for key in ("objective/scores", "objective/kl", "loss/policy_avg", "loss/kl_avg"):
             assert a[step][key] == pytest.approx(b[step][key], rel=1e-5, abs=1e-7), (step, key)
 
 
-@pytest.mark.parametrize("cfg, preset, extra", [
-    (grpo_cfg, "dr_grpo_tiny", {}),
-    (rloo_cfg, "tiny", {}),
-    (reinforce_pp_cfg, "tiny", {}),
-    (grpo_cfg, "tiny", {"kl.placement": "reward", "kl.estimator": "k2"}),  # any estimator in either place
-])
+@pytest.mark.parametrize(
+    "cfg, preset, extra",
+    [
+        (grpo_cfg, "dr_grpo_tiny", {}),
+        (rloo_cfg, "tiny", {}),
+        (reinforce_pp_cfg, "tiny", {}),
+        (grpo_cfg, "tiny", {"kl.placement": "reward", "kl.estimator": "k2"}),  # any estimator in either place
+    ],
+)
 def test_every_estimator_runs_in_the_one_loop(tmp_path, cfg, preset, extra):
     c = cfg.get_config(preset)
     c.progress, c.mesh.data, c.num_steps, c.checkpoint.every = False, 8, 2, 10
@@ -74,24 +86,27 @@ def test_every_estimator_runs_in_the_one_loop(tmp_path, cfg, preset, extra):
         for p in path:
             node = node[p]
         node[last] = v
-    out = ppo.train_and_evaluate(c, str(tmp_path))
+    out = pg.train_and_evaluate(c, str(tmp_path))
     assert np.isfinite(out["loss/policy_avg"]) and np.isfinite(out["objective/kl"])
     assert ("loss/kl_avg" in out) == (c.kl.placement == "loss")
 
 
 def test_the_algorithm_configs_carry_their_papers_settings():
     g = grpo_cfg.get_config()
-    assert (g.ppo.advantage, g.kl.placement, g.kl.estimator, g.kl.init_coef, g.kl.kind) == \
-        ("grpo", "loss", "k3", 0.04, "fixed")
-    assert (g.ppo.epochs, g.ppo.num_minibatches, g.ppo.clip_range, g.ppo.loss_aggregation) == \
-        (1, 1, 0.2, "sequence_mean")
+    assert (g.pg.advantage, g.kl.placement, g.kl.estimator, g.kl.init_coef, g.kl.kind) == (
+        "grpo",
+        "loss",
+        "k3",
+        0.04,
+        "fixed",
+    )
+    assert (g.pg.epochs, g.pg.num_minibatches, g.pg.clip_range, g.pg.loss_aggregation) == (1, 1, 0.2, "sequence_mean")
     d = grpo_cfg.get_config("dr_grpo")
-    assert (d.ppo.advantage, d.ppo.loss_aggregation) == ("dr_grpo", "token_sum")
+    assert (d.pg.advantage, d.pg.loss_aggregation) == ("dr_grpo", "token_sum")
     r = rloo_cfg.get_config()
-    assert (r.ppo.advantage, r.kl.placement, r.kl.estimator) == ("rloo", "reward", "k1")
-    assert r.rollout.samples_per_prompt == 4
+    assert (r.pg.advantage, r.kl.placement, r.kl.estimator, r.rollout.samples_per_prompt) == ("rloo", "reward", "k1", 4)
     p = reinforce_pp_cfg.get_config()
-    assert (p.ppo.advantage, p.kl.placement, p.ppo.epochs) == ("reinforce_pp", "reward", 4)
+    assert (p.pg.advantage, p.kl.placement, p.pg.epochs) == ("reinforce_pp", "reward", 4)
     with pytest.raises(ValueError, match="unknown preset 'grpo_huge'"):
         grpo_cfg.get_config("grpo_huge")
 
@@ -103,13 +118,13 @@ def test_the_pipeline_applies_an_algorithm_under_the_users_overrides():
     c = pipeline_config("default")
     c.policy = "grpo"
     s = policy_stage_config(c)
-    assert (s.ppo.advantage, s.kl.placement, s.rollout.samples_per_prompt) == ("grpo", "loss", 8)
+    assert (s.pg.advantage, s.kl.placement, s.rollout.samples_per_prompt) == ("grpo", "loss", 8)
     assert (s.num_steps, s.batch_size, s.optim.lr) == (80, 64, 3e-5)  # the pipeline's sizes stay
-    c.ppo.rollout.samples_per_prompt, c.ppo.optim.lr = 4, 1e-4  # set by the user: they win
+    c.pg.rollout.samples_per_prompt, c.pg.optim.lr = 4, 1e-4  # set by the user: they win
     s = policy_stage_config(c)
     assert (s.rollout.samples_per_prompt, s.optim.lr, s.kl.init_coef) == (4, 1e-4, 0.04)
     c.policy = "ppo"
-    assert policy_stage_config(c).ppo.advantage == "gae"
+    assert policy_stage_config(c).pg.advantage == "gae"
     c.policy = "trpo"
     with pytest.raises(ValueError, match="config.policy='trpo' is not an algorithm"):
         policy_stage_config(c)

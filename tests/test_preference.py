@@ -43,8 +43,9 @@ def test_ranking_loss_k2_matches_reference():
         np.testing.assert_allclose(loss, _ranking_reference(r, valid, margin), rtol=1e-5)
         assert stats["num_pairs"] == 6 and stats["num_examples"] == 6
     # K=2: the loss is -mean log σ(r_chosen - r_rejected), the Bradley-Terry likelihood.
-    np.testing.assert_allclose(preference.ranking_loss(r, valid)[0], -np.mean(_log_sigmoid(r[:, 0] - r[:, 1])),
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        preference.ranking_loss(r, valid)[0], -np.mean(_log_sigmoid(r[:, 0] - r[:, 1])), rtol=1e-5
+    )
 
 
 def test_ranking_loss_k4_ragged_matches_reference():
@@ -110,8 +111,9 @@ def test_best_of_k_matches_reference():
     assert np.all(np.isfinite(grads)) and np.all(grads[RAGGED_VALID == 0] == 0)
     # K=2 best-of-K is the pairwise loss: softmax over two is σ of the difference.
     two = r[:, :2]
-    np.testing.assert_allclose(preference.best_of_k_loss(two, np.ones((5, 2)))[0],
-                               preference.ranking_loss(two, np.ones((5, 2)))[0], rtol=1e-5)
+    np.testing.assert_allclose(
+        preference.best_of_k_loss(two, np.ones((5, 2)))[0], preference.ranking_loss(two, np.ones((5, 2)))[0], rtol=1e-5
+    )
 
 
 def test_centering_penalty_is_mean_square_of_valid_rewards():

@@ -15,9 +15,11 @@ from tests.test_comparisons import _write_jsonl
 tok = test_comparisons.tok  # the shared tokenizer fixture
 
 HH_DEV = os.path.join(SHARED_DATA, "hh_rlhf_harmless_dev.jsonl.gz")
-POST = {"subreddit": "relationships", "title": "My cat ignores me",
-        "post": "She sits by the door.\nShe eats and leaves.\nWhat should I do?"}
-
+POST = {
+    "subreddit": "relationships",
+    "title": "My cat ignores me",
+    "post": "She sits by the door.\nShe eats and leaves.\nWhat should I do?",
+}
 
 
 def _real(row, mask):
@@ -31,13 +33,25 @@ def _query(post):
 def test_hh_demonstration_is_the_chosen_dialogue_learning_every_assistant_turn(tok, tmp_path):
     chosen = "\n\nHuman: add 2 3\n\nAssistant: 5\n\nHuman: and 4?\n\nAssistant: 9"
     path = _write_jsonl(tmp_path / "hh.jsonl", [{"chosen": chosen, "rejected": chosen[:-1] + "8"}])
-    source, stats = lm_datasets.build_sft_dataset(path, tok.path, 64, str(tmp_path / "d"), fmt="hh_rlhf",
-                                                  template=chat.HH)
+    source, stats = lm_datasets.build_sft_dataset(
+        path, tok.path, 64, str(tmp_path / "d"), fmt="hh_rlhf", template=chat.HH
+    )
     rec = source[0]
     ids = _real(rec["tokens"], rec["input_mask"])
     e = tok.encode
-    assert ids == [tok.bos_id, *e("\n\nHuman:"), *e(" add 2 3"), *e("\n\nAssistant:"), *e(" 5"), tok.eos_id,
-                   *e("\n\nHuman:"), *e(" and 4?"), *e("\n\nAssistant:"), *e(" 9"), tok.eos_id]
+    assert ids == [
+        tok.bos_id,
+        *e("\n\nHuman:"),
+        *e(" add 2 3"),
+        *e("\n\nAssistant:"),
+        *e(" 5"),
+        tok.eos_id,
+        *e("\n\nHuman:"),
+        *e(" and 4?"),
+        *e("\n\nAssistant:"),
+        *e(" 9"),
+        tok.eos_id,
+    ]
     assert tok.decode(ids) == chosen
     assert _real(rec["tokens"], rec["loss_mask"]) == [*e(" 5"), tok.eos_id, *e(" 9"), tok.eos_id]
     assert stats["examples"] == 1 and stats["skipped"] == 0
@@ -47,8 +61,12 @@ def test_tldr_sft_is_query_then_summary_with_eos(tok, tmp_path):
     path = _write_jsonl(tmp_path / "tldr.jsonl", [{**POST, "summary": "cat is aloof", "id": "x"}])
     source, _ = lm_datasets.build_sft_dataset(path, tok.path, 256, str(tmp_path / "d"), fmt="tldr", template="plain")
     rec = source[0]
-    assert _real(rec["tokens"], rec["input_mask"]) == [tok.bos_id, *tok.encode(_query(POST["post"])),
-                                                       *tok.encode(" cat is aloof"), tok.eos_id]
+    assert _real(rec["tokens"], rec["input_mask"]) == [
+        tok.bos_id,
+        *tok.encode(_query(POST["post"])),
+        *tok.encode(" cat is aloof"),
+        tok.eos_id,
+    ]
     assert _real(rec["tokens"], rec["loss_mask"]) == [*tok.encode(" cat is aloof"), tok.eos_id]
 
 
@@ -63,12 +81,11 @@ def test_tldr_query_cuts_the_post_at_its_last_newline_until_it_fits(tok, tmp_pat
     budget = 1 + len(tok.encode(_query(post))) - 6
     want = post
     while not _fits(want, budget, tok) and "\n" in want:
-        want = want[:want.rindex("\n")]
+        want = want[: want.rindex("\n")]
     while not _fits(want, budget, tok):
         want = want[:-1]
     path = _write_jsonl(tmp_path / "p.jsonl", [{**POST, "post": post}])
-    source, stats = prompts.build_prompt_dataset(path, "tldr", tok.path, budget, str(tmp_path / "d"),
-                                                 template="plain")
+    source, stats = prompts.build_prompt_dataset(path, "tldr", tok.path, budget, str(tmp_path / "d"), template="plain")
     rec = source[0]
     ids = _real(rec["prompt_tokens"], rec["prompt_mask"])
     assert ids == [tok.bos_id, *tok.encode(_query(want))] and stats["truncated"] == 1
@@ -80,27 +97,34 @@ def test_tldr_sft_shortens_the_post_not_the_subreddit_or_summary(tok, tmp_path):
     budget = 1 + len(tok.encode(_query(POST["post"]))) + len(summary) - 4  # L + 1 tokens
     want = POST["post"]
     while not _fits(want, budget, tok, summary):
-        want = want[:want.rindex("\n")]
+        want = want[: want.rindex("\n")]
     assert want != POST["post"] and "\n" in want  # one cut at a newline is enough here
     path = _write_jsonl(tmp_path / "t.jsonl", [{**POST, "summary": "cat is aloof"}])
-    source, stats = lm_datasets.build_sft_dataset(path, tok.path, budget - 1, str(tmp_path / "d"), fmt="tldr",
-                                                  template="plain")
+    source, stats = lm_datasets.build_sft_dataset(
+        path, tok.path, budget - 1, str(tmp_path / "d"), fmt="tldr", template="plain"
+    )
     rec = source[0]
     assert _real(rec["tokens"], rec["input_mask"]) == [tok.bos_id, *tok.encode(_query(want)), *summary]
     assert _real(rec["tokens"], rec["loss_mask"]) == summary and stats["truncated_prompt"] == 1
 
 
 def test_tldr_comparison_puts_the_chosen_summary_first(tok, tmp_path):
-    line = {"info": {**POST, "id": "t3_x"}, "summaries": [{"text": " she is bored", "policy": "a"},
-                                                        {"text": " cat hates me", "policy": "b"}],
-            "choice": 1, "worker": "w"}
+    line = {
+        "info": {**POST, "id": "t3_x"},
+        "summaries": [{"text": " she is bored", "policy": "a"}, {"text": " cat hates me", "policy": "b"}],
+        "choice": 1,
+        "worker": "w",
+    }
     cnndm = {"info": {"article": "news", "id": "c"}, "summaries": line["summaries"], "choice": 0}
     path = _write_jsonl(tmp_path / "c.jsonl", [line, cnndm, {**line, "choice": 0}])
-    source, stats = comparisons.build_comparison_dataset(path, "tldr", tok.path, 256, str(tmp_path / "d"),
-                                                         template=chat.PLAIN)
+    source, stats = comparisons.build_comparison_dataset(
+        path, "tldr", tok.path, 256, str(tmp_path / "d"), template=chat.PLAIN
+    )
     prompt = [tok.bos_id, *tok.encode(_query(POST["post"]))]
-    for rec, first, second in [(source[0], " cat hates me", " she is bored"),
-                               (source[1], " she is bored", " cat hates me")]:
+    for rec, first, second in [
+        (source[0], " cat hates me", " she is bored"),
+        (source[1], " she is bored", " cat hates me"),
+    ]:
         assert _real(rec["tokens"][0], rec["input_mask"][0]) == prompt + tok.encode(first) + [tok.eos_id]
         assert _real(rec["tokens"][1], rec["input_mask"][1]) == prompt + tok.encode(second) + [tok.eos_id]
     assert stats["examples"] == 2 and stats["skipped"] == 1  # the CNN/DM record
@@ -124,28 +148,49 @@ BAD_LINES = [  # (kind, fmt, bad line, expected message)
     ("sft", "tldr", '{"subreddit": "a", "title": null, "post": "p", "summary": "s"}', "title must be a string"),
     ("sft", "tldr", '["a"]', "must be a JSON object"),
     ("sft", "tldr", '{"subreddit": "a", "title": "t", "post": "p", "summary": 3}', "'summary' must be a string"),
-    ("rm", "tldr", '{"info": {"subreddit": "a", "title": "t", "post": "p"}, "summaries": [{"text": " x"}]}',
-     r"missing key\(s\) \['choice'\]"),
-    ("rm", "tldr", '{"info": {"subreddit": "a", "title": "t", "post": "p"}, "summaries": [{"text": " x"}], '
-                   '"choice": 0}', "must be a list of two"),
-    ("rm", "tldr", '{"info": {"subreddit": "a", "title": "t", "post": "p"}, "summaries": [{"text": " x"}, '
-                   '{"text": " y"}], "choice": 2}', "must be 0 or 1"),
-    ("rm", "tldr", '{"info": "p", "summaries": [{"text": " x"}, {"text": " y"}], "choice": 0}',
-     "'info' must be a JSON object"),
+    (
+        "rm",
+        "tldr",
+        '{"info": {"subreddit": "a", "title": "t", "post": "p"}, "summaries": [{"text": " x"}]}',
+        r"missing key\(s\) \['choice'\]",
+    ),
+    (
+        "rm",
+        "tldr",
+        '{"info": {"subreddit": "a", "title": "t", "post": "p"}, "summaries": [{"text": " x"}], "choice": 0}',
+        "must be a list of two",
+    ),
+    (
+        "rm",
+        "tldr",
+        '{"info": {"subreddit": "a", "title": "t", "post": "p"}, "summaries": [{"text": " x"}, '
+        '{"text": " y"}], "choice": 2}',
+        "must be 0 or 1",
+    ),
+    (
+        "rm",
+        "tldr",
+        '{"info": "p", "summaries": [{"text": " x"}, {"text": " y"}], "choice": 0}',
+        "'info' must be a JSON object",
+    ),
     ("prompt", "tldr", '{"info": {"subreddit": "a", "post": "p"}}', r"lacks \['title'\]"),
     ("prompt", "tldr", '{"subreddit": "a", "title": "t", "post": "p"', "invalid JSON"),
 ]
-GOOD = {"hh_rlhf": {"chosen": "\n\nHuman: hi\n\nAssistant: yo", "rejected": "\n\nHuman: hi\n\nAssistant: no"},
-        "tldr": {**POST, "summary": "s"}}
+GOOD = {
+    "hh_rlhf": {"chosen": "\n\nHuman: hi\n\nAssistant: yo", "rejected": "\n\nHuman: hi\n\nAssistant: no"},
+    "tldr": {**POST, "summary": "s"},
+}
 
 
 @pytest.mark.parametrize("kind,fmt,bad,what", BAD_LINES)
 def test_malformed_line_names_file_and_line(tok, tmp_path, kind, fmt, bad, what):
     good = GOOD[fmt] if kind != "rm" else {"info": POST, "summaries": [{"text": " a"}, {"text": " b"}], "choice": 0}
     path = _write_jsonl(tmp_path / "bad.jsonl", [good, "", bad])  # blank line 2 is skipped, bad is line 3
-    build = {"sft": lambda: lm_datasets.build_sft_dataset(path, tok.path, 32, str(tmp_path / "d"), fmt=fmt),
-             "rm": lambda: comparisons.build_comparison_dataset(path, fmt, tok.path, 32, str(tmp_path / "d")),
-             "prompt": lambda: prompts.build_prompt_dataset(path, fmt, tok.path, 32, str(tmp_path / "d"))}[kind]
+    build = {
+        "sft": lambda: lm_datasets.build_sft_dataset(path, tok.path, 32, str(tmp_path / "d"), fmt=fmt),
+        "rm": lambda: comparisons.build_comparison_dataset(path, fmt, tok.path, 32, str(tmp_path / "d")),
+        "prompt": lambda: prompts.build_prompt_dataset(path, fmt, tok.path, 32, str(tmp_path / "d")),
+    }[kind]
     with pytest.raises(ValueError, match=f"bad.jsonl:3: .*{what}"):
         build()
 
@@ -182,6 +227,7 @@ def test_a_broken_line_in_the_real_hh_file_names_file_and_line(tok, tmp_path):
         lm_datasets.build_sft_dataset(path, tok.path, 64, str(tmp_path / "d"), fmt="hh_rlhf", template=chat.HH)
     with pytest.raises(ValueError, match=r"hh.jsonl.gz:7: invalid JSON"):
         comparisons.build_comparison_dataset(path, "hh_rlhf", tok.path, 64, str(tmp_path / "d"), template=chat.HH)
-    source, stats = lm_datasets.build_sft_dataset(path, tok.path, 64, str(tmp_path / "d"), fmt="hh_rlhf",
-                                                  template=chat.HH, line_range=(0, 6))
+    source, stats = lm_datasets.build_sft_dataset(
+        path, tok.path, 64, str(tmp_path / "d"), fmt="hh_rlhf", template=chat.HH, line_range=(0, 6)
+    )
     assert stats["examples"] + stats["skipped"] == 6

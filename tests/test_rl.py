@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlhf_jax import objectives, rl
+from rlhf_jax import forward, rl
 
 B, T = 5, 7
 
@@ -26,6 +26,7 @@ def entries(x, mask):
 
 
 # --- masked statistics -------------------------------------------------------------------------------------------
+
 
 def test_masked_mean_and_var_use_only_real_entries():
     x, mask = rand(B, T), ragged_mask()
@@ -61,12 +62,13 @@ def test_whiten_without_shift_keeps_the_mean():
 
 # --- log-probs, entropy and KL -----------------------------------------------------------------------------------
 
+
 def test_logprobs_and_entropy_follow_the_tempered_softmax():
     V, temp = 11, 0.7
     logits = rand(B, T, V, seed=3, scale=2.0)
     tokens = np.random.default_rng(4).integers(0, V, (B, T))
-    lp = np.asarray(objectives.logprobs_from_logits(jnp.asarray(logits, jnp.bfloat16), tokens, temp))
-    ent = np.asarray(objectives.entropy_from_logits(logits, temp))
+    lp = np.asarray(forward.logprobs_from_logits(jnp.asarray(logits, jnp.bfloat16), tokens, temp))
+    ent = np.asarray(forward.entropy_from_logits(logits, temp))
     assert lp.dtype == np.float32
     scaled = np.asarray(jnp.asarray(logits, jnp.bfloat16), np.float64) / temp
     for b in range(B):
@@ -87,8 +89,9 @@ def test_k1_and_k3_are_unbiased_kl_estimators_and_k3_is_nonnegative():
     logq = np.asarray(jax.nn.log_softmax(jnp.asarray(rand(V, seed=6))), np.float64)
     kl = float(np.sum(np.exp(logp) * (logp - logq)))
     for kind in ("k1", "k3"):
-        est = np.asarray(rl.kl_penalty(jnp.asarray(logp[None], jnp.float32), jnp.asarray(logq[None], jnp.float32),
-                                       kind), np.float64)[0]
+        est = np.asarray(
+            rl.kl_penalty(jnp.asarray(logp[None], jnp.float32), jnp.asarray(logq[None], jnp.float32), kind), np.float64
+        )[0]
         np.testing.assert_allclose(np.sum(np.exp(logp) * est), kl, rtol=1e-4)
     k3 = np.asarray(rl.kl_penalty(rand(B, T, seed=7, scale=3.0), rand(B, T, seed=8, scale=3.0), "k3"))
     assert np.all(k3 >= 0)
@@ -101,15 +104,16 @@ def test_k3_is_about_half_k1_squared_for_close_policies():
     k3 = np.asarray(rl.kl_penalty(lp + delta, lp, "k3"), np.float64)
     np.testing.assert_allclose(k1, delta, atol=1e-6)
     # k3 = e^{−k1} − 1 + k1 = k1²/2 − k1³/6 + ...: a second-order quantity, unlike k1.
-    assert np.all(np.abs(k3 - k1 ** 2 / 2) <= np.abs(k1) ** 3 / 6 + 2e-7)
+    assert np.all(np.abs(k3 - k1**2 / 2) <= np.abs(k1) ** 3 / 6 + 2e-7)
     assert np.all(rl.kl_penalty(lp, lp, "k3") == 0)
     k2 = np.asarray(rl.kl_penalty(lp + delta, lp, "k2"), np.float64)
-    np.testing.assert_allclose(k2, 0.5 * k1 ** 2, rtol=1e-5, atol=1e-12)  # k2 = ½ (log r)²
+    np.testing.assert_allclose(k2, 0.5 * k1**2, rtol=1e-5, atol=1e-12)  # k2 = ½ (log r)²
     with pytest.raises(ValueError, match="one of"):
         rl.kl_penalty(lp, lp, "k4")
 
 
 # --- rewards and GAE ---------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("kind", ["k1", "k3"])
 def test_rewards_are_kl_penalty_per_token_plus_score_at_the_last_real_token(kind):
@@ -117,7 +121,8 @@ def test_rewards_are_kl_penalty_per_token_plus_score_at_the_last_real_token(kind
     mask, lp, ref = ragged_mask(lengths), rand(B, T, seed=11), rand(B, T, seed=12)
     scores, beta = rand(B, seed=13), 0.15
     rewards, kl, nsr = jax.jit(rl.compute_rewards, static_argnames="kl_kind")(
-        scores, lp, ref, mask, jnp.float32(beta), kl_kind=kind)
+        scores, lp, ref, mask, jnp.float32(beta), kl_kind=kind
+    )
     for b in range(B):
         for t in range(T):
             d = float(lp[b, t]) - float(ref[b, t])
@@ -168,6 +173,7 @@ def test_gae_with_full_mask_is_lm_human_preferences_loop():
 
 # --- losses ------------------------------------------------------------------------------------------------------
 
+
 def reference_policy_loss(new, old, adv, mask, eps):
     losses, clipped_count, sq, ratios = [], 0, [], []
     for b in range(new.shape[0]):
@@ -182,8 +188,11 @@ def reference_policy_loss(new, old, adv, mask, eps):
             sq.append(d * d)
             ratios.append(ratio)
     n = len(losses)
-    return sum(losses) / n, {"clipfrac": clipped_count / n, "approxkl": 0.5 * sum(sq) / n,
-                             "ratio_mean": sum(ratios) / n}
+    return sum(losses) / n, {
+        "clipfrac": clipped_count / n,
+        "approxkl": 0.5 * sum(sq) / n,
+        "ratio_mean": sum(ratios) / n,
+    }
 
 
 def test_policy_loss_matches_reference_on_random_data():
@@ -246,16 +255,26 @@ def test_masked_positions_never_contribute_to_losses_or_gradients():
         adv, _ = rl.gae(d["rew"], d["vold"], mask, 1.0, 0.95)
         rewards, kl, _ = rl.compute_rewards(jnp.ones(B), d["new"], d["scores_lp"], mask, 0.1, "k3")
         w = rl.masked_whiten(d["rew"], mask)
-        return {"pg": pg, "vf": vf, **{f"pg_{k}": v for k, v in pgs.items()}, **{f"vf_{k}": v for k, v in vfs.items()},
-                "adv": adv, "rewards": rewards, "kl": kl, "whiten": w}
+        return {
+            "pg": pg,
+            "vf": vf,
+            **{f"pg_{k}": v for k, v in pgs.items()},
+            **{f"vf_{k}": v for k, v in vfs.items()},
+            "adv": adv,
+            "rewards": rewards,
+            "kl": kl,
+            "whiten": w,
+        }
 
     clean, dirty = jax.jit(everything)(base), jax.jit(everything)(junk)
     for k in clean:
         np.testing.assert_array_equal(np.asarray(clean[k]), np.asarray(dirty[k]), err_msg=k)
 
     def total(new, vnew):
-        return (rl.policy_loss(new, junk["old"], junk["adv"], mask, 0.2)[0]
-                + rl.value_loss(vnew, junk["vold"], junk["ret"], mask, 0.2)[0])
+        return (
+            rl.policy_loss(new, junk["old"], junk["adv"], mask, 0.2)[0]
+            + rl.value_loss(vnew, junk["vold"], junk["ret"], mask, 0.2)[0]
+        )
 
     grads = jax.grad(total, argnums=(0, 1))(jnp.asarray(junk["new"]), jnp.asarray(junk["vnew"]))
     for g in grads:
@@ -263,6 +282,7 @@ def test_masked_positions_never_contribute_to_losses_or_gradients():
 
 
 # --- KL controller -----------------------------------------------------------------------------------------------
+
 
 def test_adaptive_kl_controller_follows_the_formula_and_clips_the_error():
     target, horizon, n = 6.0, 10000, 512
@@ -302,9 +322,13 @@ def test_response_mask_includes_the_first_eos_and_nothing_after():
 
 
 def test_truncation_after_the_first_stop_token_at_or_after_truncate_after():
-    tokens = np.array([[5, EOS, 6, EOS, 7, 8],   # the EOS at 1 is too early; cut after the one at 3
-                       [5, 6, 7, 8, EOS, EOS],   # cut after index 4 (the second EOS becomes pad)
-                       [EOS, 5, 6, 7, 8, 9]])    # no EOS at index >= 2: unchanged, not found
+    tokens = np.array(
+        [
+            [5, EOS, 6, EOS, 7, 8],  # the EOS at 1 is too early; cut after the one at 3
+            [5, 6, 7, 8, EOS, EOS],  # cut after index 4 (the second EOS becomes pad)
+            [EOS, 5, 6, 7, 8, 9],
+        ]
+    )  # no EOS at index >= 2: unchanged, not found
     out, found = jax.jit(rl.truncate_after_stop_token, static_argnums=(1, 2, 3))(tokens, EOS, 2, PAD)
     np.testing.assert_array_equal(out, [[5, EOS, 6, EOS, PAD, PAD], [5, 6, 7, 8, EOS, PAD], [EOS, 5, 6, 7, 8, 9]])
     np.testing.assert_array_equal(found, [True, True, False])

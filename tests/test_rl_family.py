@@ -18,7 +18,7 @@ B, T = len(LENGTHS), 7
 def reference_group_advantages(returns, group, kind, eps=1e-4):
     out = []
     for start in range(0, len(returns), group):
-        r = [float(x) for x in returns[start:start + group]]
+        r = [float(x) for x in returns[start : start + group]]
         mean = sum(r) / len(r)
         for ri in r:
             if kind == "grpo":  # DeepSeekMath: (r_i − mean(r)) / std(r), sample std as TRL / verl
@@ -96,11 +96,12 @@ def test_gae_still_needs_the_critic_and_unknown_estimators_are_named():
     mask, rewards = ragged_mask(LENGTHS), rand(B, T, seed=6)
     with pytest.raises(ValueError, match="needs the critic's values"):
         rl.advantages("gae", rewards, mask)
-    with pytest.raises(ValueError, match="ppo.advantage='vtrace' is unknown"):
+    with pytest.raises(ValueError, match="pg.advantage='vtrace' is unknown"):
         rl.advantages("vtrace", rewards, mask)
 
 
 # --- loss aggregation --------------------------------------------------------------------------------------------
+
 
 def reference_aggregate(x, mask, how):
     rows = [[float(x[b, t]) for t in range(T) if mask[b, t]] for b in range(B)]
@@ -147,19 +148,21 @@ def test_policy_loss_reduces_the_clipped_surrogate_by_the_aggregation(how):
 
 # --- the KL in the loss ------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("kind", rl.KL_ESTIMATORS)
 def test_kl_loss_is_the_aggregated_estimator_and_its_gradient_flows_through_the_policy_only(kind):
     mask = ragged_mask(LENGTHS)
     new, ref = rand(B, T, seed=11, scale=0.5), rand(B, T, seed=12, scale=0.5)
     d = ref.astype(np.float64) - new  # log r
-    per_token = {"k1": -d, "k2": 0.5 * d ** 2, "k3": np.expm1(d) - d}[kind]
+    per_token = {"k1": -d, "k2": 0.5 * d**2, "k3": np.expm1(d) - d}[kind]
     got = rl.kl_loss(new, ref, mask, kind, "sequence_mean")
     np.testing.assert_allclose(got, reference_aggregate(per_token, mask, "sequence_mean"), rtol=1e-5)
     # garbage in masked positions (of either input) changes nothing, and the gradient there is exactly 0
     junk_new = np.where(mask == 0, np.float32(1e4), new)
     junk_ref = np.where(mask == 0, np.float32(-np.inf), ref)
     g_new, g_ref = jax.grad(lambda a, b: rl.kl_loss(a, b, mask, kind), argnums=(0, 1))(
-        jnp.asarray(junk_new), jnp.asarray(junk_ref))
+        jnp.asarray(junk_new), jnp.asarray(junk_ref)
+    )
     assert np.all(np.isfinite(g_new)) and np.all(np.asarray(g_new)[mask == 0] == 0)
     assert np.all(np.asarray(g_ref) == 0)  # the reference is frozen
     # d/d log π of k3 = 1 − π_ref/π: the k3 term pulls log π toward log π_ref
@@ -170,6 +173,7 @@ def test_kl_loss_is_the_aggregated_estimator_and_its_gradient_flows_through_the_
 
 
 # --- score shaping -----------------------------------------------------------------------------------------------
+
 
 def test_shape_scores_applies_the_missing_eos_penalty_then_the_clip_then_the_baseline():
     raw = jnp.asarray([4.0, -0.5, 1.0, 9.0])

@@ -14,28 +14,37 @@ import pytest
 
 import configs.ppo as ppo_cfg
 import configs.rm as rm_cfg
-from rlhf_jax import objectives, preference, rollout as rollouts
+from rlhf_jax import forward, preference, rewards
 from rlhf_jax.data import comparisons
-from rlhf_jax.evaluation import load_reward_model
 from rlhf_jax.metrics import read_metrics
+from rlhf_jax.rollout import Rollout
 from rlhf_jax.stages import rm
+from rlhf_jax.trained import load_reward_model
 from tests.helpers import by_step, tiny
 from tests.test_rm_stage import mesh_and_rules
 
 E, STEPS = 3, 6
-SETTINGS = {"num_steps": STEPS, "eval_every": STEPS, "checkpoint.every": 3, "rm.bootstrap": True,
-            "optim.total_steps": STEPS}
+SETTINGS = {
+    "num_steps": STEPS,
+    "eval_every": STEPS,
+    "checkpoint.every": 3,
+    "rm.bootstrap": True,
+    "optim.total_steps": STEPS,
+}
 
 
 # --- the maths against hand-written references -----------------------------------------------------------
 
+
 def test_mean_lcb_min_match_a_hand_reference():
     rng = np.random.default_rng(0)
     s = rng.normal(size=(4, 7)).astype(np.float32)
-    for how, lam, want in [("mean", 1.0, s.mean(0)),
-                           ("lcb", 0.5, s.mean(0) - 0.5 * np.sqrt(((s - s.mean(0)) ** 2).mean(0))),
-                           ("lcb", 2.0, s.mean(0) - 2.0 * s.std(0)),
-                           ("min", 1.0, np.array([min(col) for col in s.T]))]:
+    for how, lam, want in [
+        ("mean", 1.0, s.mean(0)),
+        ("lcb", 0.5, s.mean(0) - 0.5 * np.sqrt(((s - s.mean(0)) ** 2).mean(0))),
+        ("lcb", 2.0, s.mean(0) - 2.0 * s.std(0)),
+        ("min", 1.0, np.array([min(col) for col in s.T])),
+    ]:
         np.testing.assert_allclose(preference.aggregate_rewards(jnp.asarray(s), how, lam), want, rtol=1e-5, atol=1e-6)
     one = s[:1]  # a single RM: every aggregate is its score
     for how in preference.AGGREGATES:
@@ -61,6 +70,7 @@ def test_disagreement_counts_member_pairs_that_order_a_response_pair_differently
 
 
 # --- the stage ---------------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def ensemble_and_singles(tmp_path_factory):
@@ -91,17 +101,23 @@ def test_an_ensemble_trained_in_one_step_equals_single_rms_of_its_seeds(ensemble
         # The ranking loss cannot see the reward head's bias (it cancels in every difference): its gradient is
         # float noise that Adam scales to lr-sized steps, so only its effect, the normalised score, is compared.
         member["reward_head"], p["reward_head"] = (dict(h, bias=0.0) for h in (member["reward_head"], p["reward_head"]))
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-5),
-                     member, p)
+        jax.tree.map(
+            lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-5), member, p
+        )
         assert norm["gain"][i] == pytest.approx(n["gain"], rel=1e-3)
         # bias_e absorbs the head's bias: gain·(h·w + b) + bias is the same score
         assert norm["bias"][i] + norm["gain"][i] * float(params["reward_head"]["bias"][i, 0]) == pytest.approx(
-            n["bias"] + n["gain"] * float(load_reward_model(d, mesh, rules)[1]["reward_head"]["bias"][0]), abs=1e-3)
+            n["bias"] + n["gain"] * float(load_reward_model(d, mesh, rules)[1]["reward_head"]["bias"][0]), abs=1e-3
+        )
     # the members differ (own heads, own resamples), so the ensemble is not E copies
     assert not np.allclose(params["reward_head"]["kernel"][0], params["reward_head"]["kernel"][1])
     # per-member metrics, the mean's accuracy and the members' disagreement are reported
-    for key in ("eval/rm/accuracy", "eval/rm/member_accuracy_mean", "eval/rm/disagreement",
-                *(f"eval/rm/member_{e}/accuracy" for e in range(E))):
+    for key in (
+        "eval/rm/accuracy",
+        "eval/rm/member_accuracy_mean",
+        "eval/rm/disagreement",
+        *(f"eval/rm/member_{e}/accuracy" for e in range(E)),
+    ):
         assert np.isfinite(out[key]), key
     assert 0.0 < out["eval/rm/disagreement"] < 0.5
     single_acc = [by_step(read_metrics(d))[STEPS]["eval/rm/accuracy"] for d in singles]
@@ -115,14 +131,22 @@ def test_each_member_is_normalised_on_the_reference_responses(ensemble_and_singl
     model, params, norm = load_reward_model(ens, mesh, rules)
     with open(os.path.join(ens, "config.json")) as f:
         c = json.load(f)
-    source, _ = comparisons.build_comparison_dataset(c["data"]["train_path"], "ranked",
-                                                     os.path.join(ens, "tokenizer.model"), c["data"]["seq_len"],
-                                                     os.path.join(ens, "data"))
+    source, _ = comparisons.build_comparison_dataset(
+        c["data"]["train_path"],
+        "ranked",
+        os.path.join(ens, "tokenizer.model"),
+        c["data"]["seq_len"],
+        os.path.join(ens, "data"),
+    )
     records = [source[i] for i in range(len(source))]
     tokens = np.concatenate([r["tokens"][r["valid"] > 0] for r in records])
     mask = np.concatenate([r["input_mask"][r["valid"] > 0] for r in records])
-    z = np.asarray(jax.jit(lambda p, t, m: objectives.member_scores(p, model, norm, t, m))(
-        params, jnp.asarray(tokens), jnp.asarray(mask)), np.float64)
+    z = np.asarray(
+        jax.jit(lambda p, t, m: forward.member_scores(p, model, norm, t, m))(
+            params, jnp.asarray(tokens), jnp.asarray(mask)
+        ),
+        np.float64,
+    )
     assert z.shape == (E, len(tokens))
     np.testing.assert_allclose(z.mean(1), 0.0, atol=1e-2)
     np.testing.assert_allclose(z.std(1), 1.0, atol=1e-2)
@@ -141,19 +165,18 @@ def test_the_policy_reward_is_the_aggregate_of_the_single_rms_scores(ensemble_an
     each = []
     for d in singles:
         _, p, n = load_reward_model(d, mesh, rules)
-        each.append(np.asarray(objectives.score_sequences(p, model, n, tokens, mask)))
+        each.append(np.asarray(forward.score_sequences(p, model, n, tokens, mask)))
     each = np.stack(each)
+    rollout = Rollout(tokens[:, :10], mask[:, :10], tokens[:, 10:], mask[:, 10:], ended=None, sampler_logprobs=None)
     for how, lam in [("mean", 1.0), ("lcb", 0.5), ("min", 1.0)]:
-        c = tiny(ppo_cfg, **{"reward.kind": "rm", "reward.rm_workdir": ens, "reward.aggregate": how,
-                             "reward.lcb_coef": lam})
-        got, mean, std = rollouts.rm_score_fn((model, norm), c)(params, tokens, mask)
+        got, mean, std = rewards.RewardModel(model, params, norm, how, lam).on_device(params, rollout)
         np.testing.assert_allclose(got, preference.aggregate_rewards(jnp.asarray(each), how, lam), atol=2e-3)
         np.testing.assert_allclose(mean, each.mean(0), atol=2e-3)
         np.testing.assert_allclose(std, each.std(0), atol=2e-3)
     # on one RM, lcb / min are its score: asking for them is refused, not silently ignored
     c = tiny(ppo_cfg, **{"reward.kind": "rm", "reward.rm_workdir": singles[0], "reward.aggregate": "lcb"})
     with pytest.raises(ValueError, match="is one RM"):
-        rollouts.reward(Run(c, str(tmp_path / "ppo")), c)
+        rewards.source(Run(c, str(tmp_path / "ppo")), c, tok=None)
 
 
 @pytest.mark.slow
@@ -166,8 +189,13 @@ def test_ensemble_resume_equals_an_uninterrupted_run(ensemble_and_singles, tmp_p
     rm.train_and_evaluate(cfg(num_steps=3), str(tmp_path))  # stops at the step-3 checkpoint
     rm.train_and_evaluate(cfg(), str(tmp_path))  # the full command again: resumes at step 3
     a, b = by_step(read_metrics(ens)), by_step(read_metrics(str(tmp_path)))
-    for key in ("rm/loss", "rm/grad_norm", *(f"rm/member_{e}/loss" for e in range(E)), "eval/rm/accuracy",
-                "eval/rm/disagreement"):
+    for key in (
+        "rm/loss",
+        "rm/grad_norm",
+        *(f"rm/member_{e}/loss" for e in range(E)),
+        "eval/rm/accuracy",
+        "eval/rm/disagreement",
+    ):
         assert a[STEPS][key] == pytest.approx(b[STEPS][key], rel=1e-5), key
     with open(os.path.join(ens, rm.NORM_FILE)) as f, open(os.path.join(tmp_path, rm.NORM_FILE)) as g:
         np.testing.assert_allclose(json.load(f)["gain"], json.load(g)["gain"], rtol=1e-5)

@@ -16,13 +16,13 @@ import pytest
 
 import configs.pretrain as pretrain_cfg
 import configs.rm as rm_cfg
-from rlhf_jax import checkpoint, objectives, parallel, train_state
+from rlhf_jax import checkpoint, forward, parallel, train_state
 from rlhf_jax.data import comparisons
-from rlhf_jax.evaluation import load_reward_model
 from rlhf_jax.metrics import read_metrics
 from rlhf_jax.models.gpt import HEADS, TransformerLM
 from rlhf_jax.models.layers import ModelConfig
 from rlhf_jax.stages import lm, rm
+from rlhf_jax.trained import load_reward_model
 from tests.helpers import by_step, tiny
 
 
@@ -38,14 +38,14 @@ def init_params(model, seed: int = 0):
 
 # --- pads --------------------------------------------------------------------------------------
 
+
 def test_pads_on_either_side_do_not_change_a_reward():
     # bf16 compute, as the stage and PPO's scoring run; masked keys get exactly 0 attention, so only
     # summation order may differ (observed ~1e-7)
     tol = 1e-3
-    model = TransformerLM(ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, max_len=32,
-                                      dtype="bfloat16"))
+    model = TransformerLM(ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, max_len=32, dtype="bfloat16"))
     params = init_params(model)
-    rewards = jax.jit(lambda t, m: objectives.sequence_rewards(params, model, t, m))
+    rewards = jax.jit(lambda t, m: forward.sequence_rewards(params, model, t, m))
     rng = np.random.default_rng(0)
     seqs = [rng.integers(1, 64, n, dtype=np.int32) for n in (5, 12)]
     alone = np.array([float(rewards(s[None], np.ones((1, len(s)), np.int32))[0]) for s in seqs])
@@ -57,12 +57,13 @@ def test_pads_on_either_side_do_not_change_a_reward():
         tokens, mask = rng.integers(1, 64, (len(seqs), L), dtype=np.int32), np.zeros((len(seqs), L), np.int32)
         for i, s in enumerate(seqs):
             a = start(len(s))
-            tokens[i, a:a + len(s)], mask[i, a:a + len(s)] = s, 1
+            tokens[i, a : a + len(s)], mask[i, a : a + len(s)] = s, 1
         got = np.asarray(rewards(tokens, mask))
         np.testing.assert_allclose(got, alone, atol=tol, rtol=tol, err_msg=name)
 
 
 # --- the built-in rule, normalisation, resume ---------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def tiny_rm(tmp_path_factory):
@@ -88,15 +89,19 @@ def test_normalised_rewards_of_the_training_responses_have_mean_0_std_1(tiny_rm)
     with open(os.path.join(workdir, "config.json")) as f:
         c = json.load(f)
     source, stats = comparisons.build_comparison_dataset(  # the stage's own build, found in its cache
-        c["data"]["train_path"], "ranked", os.path.join(workdir, "tokenizer.model"), c["data"]["seq_len"],
-        os.path.join(workdir, "data"))
+        c["data"]["train_path"],
+        "ranked",
+        os.path.join(workdir, "tokenizer.model"),
+        c["data"]["seq_len"],
+        os.path.join(workdir, "data"),
+    )
     records = [source[i] for i in range(len(source))]
     tokens = np.concatenate([r["tokens"][r["valid"] > 0] for r in records])
     mask = np.concatenate([r["input_mask"][r["valid"] > 0] for r in records])
     assert len(tokens) == stats["responses"] == norm["num_rewards"] == 1600 and norm["step"] == 40
 
     with parallel.activate(mesh, rules):
-        score = jax.jit(lambda p, t, m: objectives.score_sequences(p, model, norm, t, m))
+        score = jax.jit(lambda p, t, m: forward.score_sequences(p, model, norm, t, m))
         r = np.asarray(score(params, jnp.asarray(tokens), jnp.asarray(mask)), np.float64)
     assert abs(r.mean()) < 1e-2 and abs(r.std() - 1.0) < 1e-2, (r.mean(), r.std())
     raw = (r - norm["bias"]) / norm["gain"]
@@ -108,22 +113,24 @@ def test_a_critic_started_from_the_rm_values_the_last_token_at_the_normalised_sc
     # so the critic's first value at each sequence's last token is the score PPO is given there.
     from types import SimpleNamespace
 
-    from rlhf_jax import ppo_setup
+    from rlhf_jax import pg_setup
 
     workdir, _ = tiny_rm
     model, params, norm = load_reward_model(workdir, *mesh_and_rules())
     assert abs(norm["gain"] - 1.0) > 1e-3 and abs(norm["bias"]) > 1e-3  # a fold that did nothing would show
     with open(os.path.join(workdir, "config.json")) as f:
         arch = ml_collections.ConfigDict(json.load(f)["model"])
-    run = SimpleNamespace(config=SimpleNamespace(reward=SimpleNamespace(rm_workdir=workdir), model=arch),
-                          load_init_params=lambda p, heads: p)
-    critic = ppo_setup.initial_params(run, model, {"policy": params, "critic": params})["critic"]
+    run = SimpleNamespace(
+        config=SimpleNamespace(reward=SimpleNamespace(rm_workdir=workdir), model=arch),
+        load_init_params=lambda p, heads: p,
+    )
+    critic = pg_setup.initial_params(run, {"policy": params, "critic": params})["critic"]
     tokens = jax.random.randint(jax.random.key(0), (6, 12), 1, model.cfg.vocab_size)
     mask = (jnp.arange(12)[None, :] < jnp.array([12, 9, 5, 12, 3, 7])[:, None]).astype(jnp.int32)  # ragged
-    values = objectives.forward(critic, model, tokens, mask, heads=("value",))["values"]
+    values = forward.apply(critic, model, tokens, mask, heads=("value",))["values"]
     last = mask.sum(1) - 1
     got = np.asarray(jnp.take_along_axis(values, last[:, None], 1)[:, 0])
-    want = np.asarray(objectives.score_sequences(params, model, norm, tokens, mask))
+    want = np.asarray(forward.score_sequences(params, model, norm, tokens, mask))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
@@ -156,13 +163,13 @@ def test_resume_equals_an_uninterrupted_run(tiny_rm, tmp_path):
 
 # --- bad data ------------------------------------------------------------------------------------------
 
+
 def test_a_ranking_that_is_not_a_permutation_names_file_and_line(tiny_rm, tmp_path):
     good = {"prompt": "describe the day", "responses": ["sun joy", "mud rot", "calm gray"], "ranking": [0, 2, 1]}
     bad = tmp_path / "prefs.jsonl"
     bad.write_text("\n".join(json.dumps(x) for x in (good, good, {**good, "ranking": [0, 0, 1]})) + "\n")
     # learning the tokenizer reads the file first; with a given tokenizer the dataset build reads it
-    for extra in ({}, {"data.tokenizer_path": os.path.join(tiny_rm[0], "tokenizer.model"),
-                       "data.num_responses": 3}):
+    for extra in ({}, {"data.tokenizer_path": os.path.join(tiny_rm[0], "tokenizer.model"), "data.num_responses": 3}):
         c = tiny(rm_cfg, **{"data.train_path": str(bad), "data.eval_path": "", **extra})
         with pytest.raises(ValueError, match=r"prefs\.jsonl:3: ranking=\[0, 0, 1\] is not a permutation"):
             rm.train_and_evaluate(c, str(tmp_path / f"run{len(extra)}"))
@@ -175,6 +182,7 @@ def test_unknown_rm_loss_fails_before_any_work(tmp_path):
 
 
 # --- init_from ---------------------------------------------------------------------------------------------
+
 
 @pytest.mark.slow
 def test_init_from_an_lm_workdir_loads_the_trunk_and_keeps_a_fresh_reward_head(tmp_path):
@@ -201,12 +209,12 @@ def test_init_from_an_lm_workdir_loads_the_trunk_and_keeps_a_fresh_reward_head(t
 
 # --- gradient accumulation ----------------------------------------------------------------------------------
 
+
 def test_grad_accum_gives_the_gradient_of_the_whole_batch_loss():
     """One step with 2 microbatches applies grad(rm_loss) of the whole batch (plain SGD, lr 1, so
     the update is the gradient itself), with uneven comparisons (1 to 4 valid responses), a margin
     and the centering penalty on."""
-    model = TransformerLM(ModelConfig(vocab_size=64, d_model=16, n_layers=1, n_heads=2, max_len=16,
-                                      dtype="float32"))
+    model = TransformerLM(ModelConfig(vocab_size=64, d_model=16, n_layers=1, n_heads=2, max_len=16, dtype="float32"))
     rm_c = ml_collections.ConfigDict(dict(loss="ranking", margin=0.5, center_coef=0.1, normalize_on="comparisons"))
     tx = optax.sgd(1.0)
     rng = np.random.default_rng(0)
@@ -214,12 +222,20 @@ def test_grad_accum_gives_the_gradient_of_the_whole_batch_loss():
     valid = np.ones((B, K), np.int32)
     valid[0, 2:] = valid[3, 3] = valid[5, 2:] = valid[6, 1:] = 0  # row 6 is no comparison: left out
     mask = (np.arange(L)[None, None] < rng.integers(4, L + 1, (B, K, 1))).astype(np.int32) * valid[..., None]
-    batch = {"tokens": jnp.asarray(rng.integers(1, 64, (B, K, L)), jnp.int32), "input_mask": jnp.asarray(mask),
-             "valid": jnp.asarray(valid)}
+    batch = {
+        "tokens": jnp.asarray(rng.integers(1, 64, (B, K, L)), jnp.int32),
+        "input_mask": jnp.asarray(mask),
+        "valid": jnp.asarray(valid),
+    }
     params = init_params(model)
-    state = train_state.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                                   rng=jax.random.key_data(jax.random.PRNGKey(0)), extras={},
-                                   nonfinite=jnp.array([0, -1], jnp.int32))
+    state = train_state.TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=tx.init(params),
+        rng=jax.random.key_data(jax.random.PRNGKey(0)),
+        extras={},
+        nonfinite=jnp.array([0, -1], jnp.int32),
+    )
 
     loss, grads = jax.jit(jax.value_and_grad(lambda p: rm.rm_loss(p, model, batch, rm_c)[0]))(state.params)
     assert float(loss) > 0.5  # the margin keeps the loss well away from 0

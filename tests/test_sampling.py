@@ -10,8 +10,9 @@ from rlhf_jax.models.gpt import HEADS, TransformerLM, positions_from_mask
 from rlhf_jax.models.layers import ModelConfig
 from rlhf_jax.sampling import SamplingSettings, filter_logits, sample
 
-CFG = ModelConfig(vocab_size=40, d_model=32, n_layers=2, n_heads=4, max_len=32, dtype="float32",
-                  position="rope", n_kv_heads=2)
+CFG = ModelConfig(
+    vocab_size=40, d_model=32, n_layers=2, n_heads=4, max_len=32, dtype="float32", position="rope", n_kv_heads=2
+)
 MODEL = TransformerLM(CFG)
 
 
@@ -31,13 +32,14 @@ def greedy_reference(p, prompt, n):
     """Argmax decoding by recomputing the full forward pass each step (no cache). The sequence lives in a
     fixed-length buffer so one compilation serves every step; causality makes the unused tail irrelevant."""
     L = len(prompt) + n
-    full = jax.jit(lambda t: MODEL.apply({"params": p}, t, positions_from_mask(jnp.ones_like(t)),
-                                         jnp.ones_like(t))["logits"])
+    full = jax.jit(
+        lambda t: MODEL.apply({"params": p}, t, positions_from_mask(jnp.ones_like(t)), jnp.ones_like(t))["logits"]
+    )
     seq = list(prompt) + [0] * n
     for i in range(len(prompt), L):
         logits = full(jnp.asarray([seq], jnp.int32))
         seq[i] = int(jnp.argmax(logits[0, i - 1]))
-    return seq[len(prompt):]
+    return seq[len(prompt) :]
 
 
 def test_greedy_with_cache_equals_full_recompute_and_ignores_left_pads():
@@ -47,8 +49,8 @@ def test_greedy_with_cache_equals_full_recompute_and_ignores_left_pads():
     tokens = np.zeros((2, P), np.int32)
     mask = np.zeros((2, P), np.int32)
     for i, pr in enumerate(prompts):
-        tokens[i, P - len(pr):] = pr
-        mask[i, P - len(pr):] = 1
+        tokens[i, P - len(pr) :] = pr
+        mask[i, P - len(pr) :] = 1
     settings = SamplingSettings(max_new_tokens=6, temperature=0.0, eos_id=-1)
     out = run(p, tokens, mask, settings)
     for i, pr in enumerate(prompts):
@@ -65,7 +67,7 @@ def test_eos_ends_a_sample_and_pads_the_rest():
     out = run(p, tokens, mask, SamplingSettings(max_new_tokens=6, temperature=0.0, eos_id=eos, pad_id=0))
     first = list(greedy).index(eos)
     assert out["tokens"][0, : first + 1].tolist() == greedy[: first + 1].tolist()
-    assert (out["tokens"][0, first + 1:] == 0).all()
+    assert (out["tokens"][0, first + 1 :] == 0).all()
     assert out["mask"][0].tolist() == [1] * (first + 1) + [0] * (6 - first - 1)
 
 

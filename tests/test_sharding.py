@@ -28,9 +28,12 @@ def run_steps(mesh_shape, devices, n_steps=3, grad_accum=1):
     tx = optax.adamw(1e-2)
     state, sh = train_state.create(train_state.model_init_fn(model, 12, 0), tx, mesh, rules, seed=0)
     with parallel.activate(mesh, rules):
-        step = jax.jit(make_train_step(model, tx, lambda s: 1e-2, grad_accum),
-                       in_shardings=(sh, parallel.batch_sharding(mesh, rules)),
-                       out_shardings=(sh, parallel.replicated(mesh)), donate_argnums=(0,))
+        step = jax.jit(
+            make_train_step(model, tx, lambda s: 1e-2, grad_accum),
+            in_shardings=(sh, parallel.batch_sharding(mesh, rules)),
+            out_shardings=(sh, parallel.replicated(mesh)),
+            donate_argnums=(0,),
+        )
         losses = []
         for i in range(n_steps):
             state, m = step(state, parallel.global_batch(batch(i), mesh, rules))
@@ -69,10 +72,13 @@ def test_gradient_accumulation_equals_full_batch():
     np.testing.assert_allclose(a, b, rtol=1e-5)
 
 
-@pytest.mark.parametrize("shape,msg", [
-    (dict(data=3, fsdp=1, tensor=1), "8 are available"),
-    (dict(data=-1, fsdp=3, tensor=1), "does not divide"),
-])
+@pytest.mark.parametrize(
+    "shape,msg",
+    [
+        (dict(data=3, fsdp=1, tensor=1), "8 are available"),
+        (dict(data=-1, fsdp=3, tensor=1), "does not divide"),
+    ],
+)
 def test_mesh_that_does_not_fit_is_a_clear_error(shape, msg):
     with pytest.raises(ValueError, match=msg):
         parallel.make_mesh(shape)

@@ -53,8 +53,15 @@ def _losses(workdir, key):
 
 
 def test_sft_moves_its_loss_on_the_builtin_demonstrations(smol_dir, tmp_path):
-    c = _config("sft", smol_dir, num_steps=4, batch_size=8, log_every=1, eval_every=1000,
-                **{"data.seq_len": 48, "data.builtin_examples": 8, "optim.warmup_steps": 0, "optim.lr": 3e-4})
+    c = _config(
+        "sft",
+        smol_dir,
+        num_steps=4,
+        batch_size=8,
+        log_every=1,
+        eval_every=1000,
+        **{"data.seq_len": 48, "data.builtin_examples": 8, "optim.warmup_steps": 0, "optim.lr": 3e-4},
+    )
     run_stage(c, str(tmp_path))
     losses = _losses(str(tmp_path), "train/loss")
     assert losses[-1] < losses[0]  # the same 8 demonstrations every step: the adapters fit them
@@ -63,9 +70,22 @@ def test_sft_moves_its_loss_on_the_builtin_demonstrations(smol_dir, tmp_path):
 @pytest.mark.skipif(not os.path.exists(HH_DEV), reason=f"reference data {HH_DEV} is absent")
 @pytest.mark.parametrize("preset", ["hh_rm", "hh_dpo"])
 def test_rm_and_dpo_train_on_hh_pairs(smol_dir, tmp_path, preset):
-    c = _config(preset, smol_dir, num_steps=3, batch_size=8, log_every=1, eval_every=1000,
-                **{"data.train_path": HH_DEV, "data.train_lines": (0, 24), "data.eval_lines": (24, 32),
-                   "data.seq_len": 64, "optim.warmup_steps": 0, "optim.lr": 3e-4})
+    c = _config(
+        preset,
+        smol_dir,
+        num_steps=3,
+        batch_size=8,
+        log_every=1,
+        eval_every=1000,
+        **{
+            "data.train_path": HH_DEV,
+            "data.train_lines": (0, 24),
+            "data.eval_lines": (24, 32),
+            "data.seq_len": 64,
+            "optim.warmup_steps": 0,
+            "optim.lr": 3e-4,
+        },
+    )
     run_stage(c, str(tmp_path))
     losses = _losses(str(tmp_path), "rm/loss" if preset == "hh_rm" else "loss")
     assert len(set(np.round(losses, 6))) > 1, losses  # the loss moves
@@ -74,9 +94,20 @@ def test_rm_and_dpo_train_on_hh_pairs(smol_dir, tmp_path, preset):
 
 
 def test_grpo_updates_the_adapters_and_stays_finite(smol_dir, tmp_path):
-    c = _config("rlvr", smol_dir, num_steps=2, batch_size=8, sample_every=1000,
-                **{"rollout.samples_per_prompt": 2, "rollout.max_new_tokens": 8, "data.max_prompt_len": 64,
-                   "reward.function": "rlhf_jax.rewards:fraction_of_vowels", "optim.lr": 1e-3})
+    c = _config(
+        "rlvr",
+        smol_dir,
+        num_steps=2,
+        batch_size=8,
+        sample_every=1000,
+        **{
+            "rollout.samples_per_prompt": 2,
+            "rollout.max_new_tokens": 8,
+            "data.max_prompt_len": 64,
+            "reward.function": "rlhf_jax.rewards:fraction_of_vowels",
+            "optim.lr": 1e-3,
+        },
+    )
     run_stage(c, str(tmp_path))
     kl = _losses(str(tmp_path), "objective/kl")
     assert kl[0] == pytest.approx(0.0, abs=1e-5)  # the first batch is sampled from the reference itself

@@ -19,8 +19,11 @@ _spec = importlib.util.spec_from_file_location("sweep_script", os.path.join(ROOT
 sweep = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(sweep)
 
-SHIPPED = sorted(os.path.join(ROOT, "experiments", f) for f in os.listdir(os.path.join(ROOT, "experiments"))
-                 if f.endswith(".py") and not f.startswith("_"))  # _*.py: helpers, not experiments
+SHIPPED = sorted(
+    os.path.join(ROOT, "experiments", f)
+    for f in os.listdir(os.path.join(ROOT, "experiments"))
+    if f.endswith(".py") and not f.startswith("_")
+)  # _*.py: helpers, not experiments
 
 
 def _experiment(tmp_path, body: str, name: str = "exp") -> str:
@@ -31,8 +34,11 @@ def _experiment(tmp_path, body: str, name: str = "exp") -> str:
 
 def test_product_is_every_combination_first_axis_slowest():
     assert product({"optim.lr": [1e-3, 3e-3]}, seed=[0, 1]) == [
-        {"optim.lr": 1e-3, "seed": 0}, {"optim.lr": 1e-3, "seed": 1},
-        {"optim.lr": 3e-3, "seed": 0}, {"optim.lr": 3e-3, "seed": 1}]
+        {"optim.lr": 1e-3, "seed": 0},
+        {"optim.lr": 1e-3, "seed": 1},
+        {"optim.lr": 3e-3, "seed": 0},
+        {"optim.lr": 3e-3, "seed": 1},
+    ]
     for bad in ([], "0.1", 0.1):
         with pytest.raises(ValueError, match="'seed' needs a non-empty list"):
             product(seed=bad)
@@ -40,7 +46,9 @@ def test_product_is_every_combination_first_axis_slowest():
 
 def test_run_names_are_readable_unique_and_safe_as_directories():
     assert run_names([{"optim.lr": 0.001, "seed": 1}, {"optim.lr": 3e-05, "seed": 1}]) == [
-        "lr=0.001,seed=1", "lr=3e-05,seed=1"]
+        "lr=0.001,seed=1",
+        "lr=3e-05,seed=1",
+    ]
     # Two keys ending alike keep their full paths; {} is the baseline; path separators never appear.
     assert run_names([{"optim.b1": 0.9, "kl.b1": 1}, {}]) == ["optim.b1=0.9,kl.b1=1", "base"]
     assert run_names([{"reward.function": "pkg.mod:f/g"}]) == ["function=pkg.mod-f-g"]
@@ -61,7 +69,7 @@ def test_shipped_experiments_load_and_check_against_their_base_config(path):
 
 def test_kl_ablation_varies_only_the_kl_coefficient_with_a_fixed_controller():
     exp = load_experiment(os.path.join(ROOT, "experiments", "kl_coef_ppo.py"))
-    assert exp.swept_keys == ["kl.init_coef"] and exp.stage == "ppo"
+    assert exp.swept_keys == ["kl.init_coef"] and exp.stage == "pg"
     assert all(r.overrides["kl.kind"] == "fixed" and r.overrides["reward.kind"] == "function" for r in exp.runs)
 
 
@@ -69,6 +77,11 @@ def test_a_misspelt_key_fails_before_anything_runs_naming_file_and_key(tmp_path)
     path = _experiment(tmp_path, 'BASE = "configs/pretrain.py:tiny"\nSWEEP = [dict(seed=0), {"optim.lrr": 1e-3}]\n')
     with pytest.raises(ValueError, match=r"exp.py: SWEEP\[1\] sets 'optim.lrr', which is not a field of configs/"):
         load_experiment(path)
+    old = _experiment(tmp_path, 'BASE = "configs/pipeline.py:tiny"\nSWEEP = [{"ppo.kl.init_coef": 0.1}]\n', "old")
+    with pytest.raises(
+        ValueError, match="sets 'ppo.kl.init_coef', which is not a field .* It is 'pg.kl.init_coef' now"
+    ):
+        load_experiment(old)  # a key of the policy-gradient stage under its old name
     with pytest.raises(FileNotFoundError, match="BASE='configs/nope.py:tiny'"):
         load_experiment(_experiment(tmp_path, 'BASE = "configs/nope.py:tiny"\nSWEEP = [dict(seed=0)]\n', "nope"))
     with pytest.raises(ValueError, match="SWEEP must be a non-empty list of dicts"):
@@ -81,14 +94,14 @@ def test_a_run_is_finished_only_with_its_final_checkpoint(tmp_path):
     assert not sweep.finished(str(tmp_path), "pretrain")  # e.g. stopped by SIGTERM after step 3: exit 0, not done
     (tmp_path / "checkpoints" / "6").mkdir()
     assert sweep.finished(str(tmp_path), "pretrain")
-    assert not sweep.finished(str(tmp_path), "pipeline") and sweep.completed(str(tmp_path), "ppo")
+    assert not sweep.finished(str(tmp_path), "pipeline") and sweep.completed(str(tmp_path), "pg")
 
 
 def test_summary_values_are_the_last_logged_or_the_mean_of_the_last_few(tmp_path):
     records = [{"step": 1, "a": 1.0}, {"step": 2, "a": 2.0}, {"step": 2, "eval/a": 7.0}, {"step": 3, "a": 6.0}]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + '{"step": 4, "a"')
-    assert sweep.last_values(str(tmp_path), "ppo") == {"step": 3, "a": 6.0, "eval/a": 7.0}  # torn last line ignored
-    assert sweep.last_values(str(tmp_path), "ppo", average_last=2)["a"] == 4.0
+    assert sweep.last_values(str(tmp_path), "pg") == {"step": 3, "a": 6.0, "eval/a": 7.0}  # torn last line ignored
+    assert sweep.last_values(str(tmp_path), "pg", average_last=2)["a"] == 4.0
     (tmp_path / "summary.json").write_text(json.dumps({"ppo": {"gold_score": 0.5}, "rm": {"accuracy_vs_gold": 0.9}}))
     assert sweep.last_values(str(tmp_path), "pipeline") == {"ppo/gold_score": 0.5, "rm/accuracy_vs_gold": 0.9}
 
@@ -105,8 +118,12 @@ def test_launch_files_hold_every_unfinished_run_and_are_valid_bash(tmp_path):
     path = os.path.join(ROOT, "experiments", "lr_sweep_tiny.py")
     exp = load_experiment(path)
     root = tmp_path / "root"
-    assert sweep.main([path, "--root", str(root), "--emit", "slurm", "--nodes", "2", "--workers", "3",
-                       "--sbatch=--partition=gpu"]) == 0
+    assert (
+        sweep.main(
+            [path, "--root", str(root), "--emit", "slurm", "--nodes", "2", "--workers", "3", "--sbatch=--partition=gpu"]
+        )
+        == 0
+    )
     script = (root / "launch" / "sweep.sbatch").read_text()
     assert f"#SBATCH --array=0-{len(exp.runs) - 1}%3" in script and "#SBATCH --partition=gpu" in script
     assert "#SBATCH --nodes=2" in script and all(f"--workdir={root}/{r.name} " in script for r in exp.runs)
@@ -122,11 +139,11 @@ def test_launch_files_hold_every_unfinished_run_and_are_valid_bash(tmp_path):
     subprocess.run(["bash", "-n", str(root / "launch" / "tpu_pod.sh")], check=True)
 
 
-QUICK = '''
+QUICK = """
 BASE = "configs/pretrain.py:tiny"
 FIXED = {"num_steps": 3, "log_every": 1, "eval_every": 3, "checkpoint.every": 3, "data.builtin_chars": 20000}
 SWEEP = product({"optim.lr": [1e-3, 3e-3]}, seed=[0, 1])
-'''
+"""
 
 
 @pytest.mark.slow

@@ -21,8 +21,14 @@ def tok(request, corpus, tmp_path_factory):
     return tok_lib.train_tokenizer(corpus, str(path), vocab_size=400, model_type=request.param)
 
 
-TRICKY = ["Hello  world\n\n  leading and trailing  \n", "12 plus 345 is 357.\n", "\n\n\nx", " ", "a\tb\r\nc",
-          "The cat said \"hi,\" then left; 9876543210!"]
+TRICKY = [
+    "Hello  world\n\n  leading and trailing  \n",
+    "12 plus 345 is 357.\n",
+    "\n\n\nx",
+    " ",
+    "a\tb\r\nc",
+    'The cat said "hi," then left; 9876543210!',
+]
 
 
 def test_round_trip_on_corpus_and_tricky_text(tok, corpus):
@@ -106,8 +112,16 @@ def test_foreign_sentencepiece_model_uses_its_own_ids(corpus, tmp_path):
     model's ids, pad falling back to eos, and no role ids."""
     import sentencepiece as spm
 
-    spm.SentencePieceTrainer.train(input=corpus, model_prefix=str(tmp_path / "plain"), vocab_size=100,
-                                   unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
+    spm.SentencePieceTrainer.train(
+        input=corpus,
+        model_prefix=str(tmp_path / "plain"),
+        vocab_size=100,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        minloglevel=2,
+    )
     tok = tok_lib.load_tokenizer(str(tmp_path / "plain.model"))
     assert (tok.unk_id, tok.bos_id, tok.eos_id, tok.pad_id, tok.vocab_size) == (0, 1, 2, 2, 100)
     assert tok.role_ids == {} and not tok.fixed_layout
@@ -125,8 +139,9 @@ def hf_tokenizer_dir(corpus, tmp_path_factory):
     tok = tokenizers.Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tok.train([corpus], trainer)
     d = tmp_path_factory.mktemp("hf_tok")
     tok.save(str(d / "tokenizer.json"))
@@ -152,8 +167,9 @@ def test_hf_tokenizer_special_tokens_from_tokenizer_config(hf_tokenizer_dir, tmp
     import shutil
 
     shutil.copy(os.path.join(hf_tokenizer_dir, "tokenizer.json"), tmp_path / "tokenizer.json")
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": "<|endoftext|>"},
-                                                                "pad_token": "a"}))
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps({"eos_token": {"content": "<|endoftext|>"}, "pad_token": "a"})
+    )
     tok = tok_lib.load_tokenizer(str(tmp_path / "tokenizer.json"))
     assert tok.eos_id == 0 and tok.pad_id == tok._tok.token_to_id("a") != 0
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<nope>"}))
@@ -166,8 +182,10 @@ def test_hf_tokenizer_special_tokens_from_tokenizer_config(hf_tokenizer_dir, tmp
         tok_lib.load_tokenizer(str(tmp_path / "tokenizer.json"))
 
 
-@pytest.mark.skipif(not os.path.exists(os.path.join(SHARED_DATA, "tinyshakespeare.txt")),
-                    reason="shared reference data (tinyshakespeare.txt) is not on this machine")
+@pytest.mark.skipif(
+    not os.path.exists(os.path.join(SHARED_DATA, "tinyshakespeare.txt")),
+    reason="shared reference data (tinyshakespeare.txt) is not on this machine",
+)
 def test_char_model_on_tinyshakespeare(tmp_path):
     path = os.path.join(SHARED_DATA, "tinyshakespeare.txt")
     tok = tok_lib.train_tokenizer(path, str(tmp_path / "char.model"), vocab_size=128, model_type="char")

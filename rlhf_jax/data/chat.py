@@ -68,7 +68,8 @@ class ChatTemplate:
             raise ValueError(
                 f"chat_template='tags' needs a tokenizer with role tokens <|system|>, <|user|>, <|assistant|>, "
                 f"<|end|>, and {tok!r} has none. Set --config.data.chat_template=hh (HH-RLHF text turns), plain, "
-                f"or custom with --config.data.chat_custom.<role>_prefix=... .")
+                f"or custom with --config.data.chat_custom.<role>_prefix=... ."
+            )
 
     def head(self, tok) -> list[int]:
         """Tokens before the first turn; prompt truncation never removes them."""
@@ -122,14 +123,15 @@ class ChatTemplate:
         if len(ids) <= keep:
             return ids
         h = len(self.head(tok))
-        return ids[:h] + ids[len(ids) - keep + h:]
+        return ids[:h] + ids[len(ids) - keep + h :]
 
 
 TAGS = ChatTemplate("tags", tags=True)
 HH = ChatTemplate("hh", prefix=(("user", "\n\nHuman:"), ("assistant", "\n\nAssistant:")), lead=" ")
 PLAIN = ChatTemplate("plain")
-CHATML = ChatTemplate("chatml", prefix=tuple((r, f"<|im_start|>{r}\n") for r in ROLES), end="<|im_end|>", sep="\n",
-                      bos=False)
+CHATML = ChatTemplate(
+    "chatml", prefix=tuple((r, f"<|im_start|>{r}\n") for r in ROLES), end="<|im_end|>", sep="\n", bos=False
+)
 
 
 def get_template(name: str = "tags", custom: Any = None, system: str = "") -> ChatTemplate:
@@ -146,11 +148,17 @@ def get_template(name: str = "tags", custom: Any = None, system: str = "") -> Ch
         allowed = {f"{r}_{k}" for r in ROLES for k in ("prefix", "suffix")} | {"lead"}
         unknown = sorted(set(custom) - allowed)
         if unknown or not all(isinstance(v, str) for v in custom.values()):
-            raise ValueError(f"config.data.chat_custom: keys must be among {sorted(allowed)} with string values "
-                             f"(got {custom!r:.200}).")
+            raise ValueError(
+                f"config.data.chat_custom: keys must be among {sorted(allowed)} with string values "
+                f"(got {custom!r:.200})."
+            )
         prefix, suffix = ({r: custom.get(f"{r}_{kind}", "") for r in ROLES} for kind in ("prefix", "suffix"))
-        return ChatTemplate("custom", prefix=tuple((r, t) for r, t in prefix.items() if t),
-                            suffix=tuple((r, t) for r, t in suffix.items() if t), lead=custom.get("lead", ""))
+        return ChatTemplate(
+            "custom",
+            prefix=tuple((r, t) for r, t in prefix.items() if t),
+            suffix=tuple((r, t) for r, t in suffix.items() if t),
+            lead=custom.get("lead", ""),
+        )
     templates = {"tags": TAGS, "hh": HH, "plain": PLAIN, "chatml": CHATML}
     if name not in templates:
         raise ValueError(f"config.data.chat_template={name!r} is not a template; use one of {TEMPLATES}.")
@@ -166,8 +174,11 @@ def template_from_spec(spec: dict[str, Any]) -> ChatTemplate:
 def config_template(data_config) -> ChatTemplate:
     """The template a stage's `config.data` selects (chat_template, chat_custom)."""
     custom = data_config.get("chat_custom")
-    return get_template(data_config.get("chat_template", "tags"),
-                        custom.to_dict() if hasattr(custom, "to_dict") else custom, data_config.get("chat_system", ""))
+    return get_template(
+        data_config.get("chat_template", "tags"),
+        custom.to_dict() if hasattr(custom, "to_dict") else custom,
+        data_config.get("chat_system", ""),
+    )
 
 
 def prompt_response_to_messages(prompt: str, response: str) -> list[dict[str, str]]:
@@ -185,12 +196,15 @@ def record_to_messages(record: Any, where: str = "") -> list[dict[str, str]]:
     elif "prompt" in record and "response" in record:
         for key in ("prompt", "response"):
             if not isinstance(record[key], str):
-                raise ValueError(f"{at}{key!r} must be a string, got {type(record[key]).__name__} — "
-                                 f"quote the text as a JSON string.")
+                raise ValueError(
+                    f"{at}{key!r} must be a string, got {type(record[key]).__name__} — quote the text as a JSON string."
+                )
         messages = prompt_response_to_messages(record["prompt"], record["response"])
     else:
-        raise ValueError(f"{at}expected keys {{'prompt', 'response'}} or {{'messages'}}, got {sorted(record)} — "
-                         f"rename the fields to one of these formats.")
+        raise ValueError(
+            f"{at}expected keys {{'prompt', 'response'}} or {{'messages'}}, got {sorted(record)} — "
+            f"rename the fields to one of these formats."
+        )
     validate_messages(messages, where)
     return messages
 
@@ -209,8 +223,9 @@ def validate_messages(messages: Any, where: str = "") -> None:
             raise ValueError(f"{at}messages[{i}].content must be a string, got {type(m['content']).__name__}.")
 
 
-def render_dialogue(messages: list[dict[str, str]], tok, where: str = "",
-                    template: ChatTemplate = TAGS) -> tuple[list[int], list[int]]:
+def render_dialogue(
+    messages: list[dict[str, str]], tok, where: str = "", template: ChatTemplate = TAGS
+) -> tuple[list[int], list[int]]:
     """(ids, loss_mask), equal lengths: head then each turn; loss_mask=1 exactly on assistant bodies."""
     validate_messages(messages, where)
     ids = template.head(tok)
@@ -227,7 +242,9 @@ def render_prompt(messages: list[dict[str, str]], tok, where: str = "", template
     validate_messages(messages, where)
     if messages[-1]["role"] == "assistant":
         at = f"{where}: " if where else ""
-        raise ValueError(f"{at}a prompt must not end with an assistant turn (that is the response to "
-                         f"generate) — drop the last message.")
+        raise ValueError(
+            f"{at}a prompt must not end with an assistant turn (that is the response to "
+            f"generate) — drop the last message."
+        )
     ids, _ = render_dialogue(messages, tok, where, template)
     return ids + template.assistant_prefix(tok)

@@ -54,8 +54,10 @@ DefectiveRecord = chat.DefectiveRecord
 
 # --- reading -----------------------------------------------------------------------------------
 
-def read_comparisons(path: str, fmt: str, line_range: tuple[int, int] | None = None,
-                     skip_invalid: bool | None = None) -> list[dict[str, Any]]:
+
+def read_comparisons(
+    path: str, fmt: str, line_range: tuple[int, int] | None = None, skip_invalid: bool | None = None
+) -> list[dict[str, Any]]:
     """Comparisons in file order: {"prompt_messages": [...], "responses": [str, ...] best first,
     "fit": None or the format's prompt shortener (tldr.prompt), "where": "path:line"}.
     skip_invalid=None: True for hh_rlhf and tldr, else False (module docstring)."""
@@ -65,8 +67,9 @@ def read_comparisons(path: str, fmt: str, line_range: tuple[int, int] | None = N
 def _read(path, fmt, line_range, skip_invalid, warn: bool = True) -> tuple[list[dict[str, Any]], int]:
     if fmt not in FORMATS:
         raise ValueError(f"comparison format {fmt!r} is not one of {FORMATS}.")
-    return records.read_records(path, fmt, line_range, skip_invalid, lambda r, w: parse_record(r, fmt, w), "records",
-                                warn)
+    return records.read_records(
+        path, fmt, line_range, skip_invalid, lambda r, w: parse_record(r, fmt, w), "records", warn
+    )
 
 
 def parse_record(record: Any, fmt: str, where: str) -> dict[str, Any]:
@@ -76,12 +79,17 @@ def parse_record(record: Any, fmt: str, where: str) -> dict[str, Any]:
         return {"prompt_messages": messages, "responses": responses, "fit": fit}
     if not isinstance(record, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__} — write one object per line.")
-    keys = {"ranked": ("prompt", "responses", "ranking"), "pairwise": ("prompt", "chosen", "rejected"),
-            "hh_rlhf": ("chosen", "rejected")}[fmt]
+    keys = {
+        "ranked": ("prompt", "responses", "ranking"),
+        "pairwise": ("prompt", "chosen", "rejected"),
+        "hh_rlhf": ("chosen", "rejected"),
+    }[fmt]
     missing = [k for k in keys if k not in record]
     if missing:
-        raise ValueError(f"{where}: missing key(s) {missing} for format {fmt!r}; a record needs {list(keys)} "
-                         f"(got {sorted(record)}). Rename the fields or pick the matching format.")
+        raise ValueError(
+            f"{where}: missing key(s) {missing} for format {fmt!r}; a record needs {list(keys)} "
+            f"(got {sorted(record)}). Rename the fields or pick the matching format."
+        )
     if fmt == "hh_rlhf":
         for k in keys:
             _require_str(record[k], k, where)
@@ -91,7 +99,8 @@ def parse_record(record: Any, fmt: str, where: str) -> dict[str, Any]:
             raise DefectiveRecord(
                 f"{where}: 'chosen' and 'rejected' differ before their final {HH_ASSISTANT!r} (first at character "
                 f"{len(os.path.commonprefix([prompt, prompt_r]))}), so they do not answer the same prompt — fix or "
-                f"remove the record (skip_invalid=True drops such records).")
+                f"remove the record (skip_invalid=True drops such records)."
+            )
         messages, named = hh_messages(prompt, where), {"chosen": chosen, "rejected": rejected}
     elif fmt == "pairwise":
         messages, named = _prompt_messages(record["prompt"], where), {k: record[k] for k in ("chosen", "rejected")}
@@ -102,8 +111,10 @@ def parse_record(record: Any, fmt: str, where: str) -> dict[str, Any]:
     for name, r in named.items():
         _require_str(r, name, where)
         if not r.strip():
-            raise DefectiveRecord(f"{where}: {name!r} is an empty response — fill it in or remove the record "
-                                  f"(skip_invalid=True drops such records).")
+            raise DefectiveRecord(
+                f"{where}: {name!r} is an empty response — fill it in or remove the record "
+                f"(skip_invalid=True drops such records)."
+            )
     responses = list(named.values())
     if fmt == "ranked":
         responses = [responses[i] for i in record["ranking"]]
@@ -112,14 +123,18 @@ def parse_record(record: Any, fmt: str, where: str) -> dict[str, Any]:
 
 def _check_ranking(responses: Any, ranking: Any, where: str) -> None:
     if not isinstance(responses, list) or not isinstance(ranking, list):
-        raise ValueError(f"{where}: 'responses' and 'ranking' must be JSON lists, got "
-                         f"{type(responses).__name__} and {type(ranking).__name__}.")
+        raise ValueError(
+            f"{where}: 'responses' and 'ranking' must be JSON lists, got "
+            f"{type(responses).__name__} and {type(ranking).__name__}."
+        )
     K = len(responses)
     if K < 2:
         raise ValueError(f"{where}: {K} response(s); a comparison needs K >= 2 — add responses or drop the record.")
     if any(isinstance(i, bool) or not isinstance(i, int) for i in ranking) or sorted(ranking) != list(range(K)):
-        raise ValueError(f"{where}: ranking={ranking!r:.80} is not a permutation of 0..{K - 1}; list every index "
-                         f"into 'responses' exactly once, best first.")
+        raise ValueError(
+            f"{where}: ranking={ranking!r:.80} is not a permutation of 0..{K - 1}; list every index "
+            f"into 'responses' exactly once, best first."
+        )
 
 
 def _prompt_messages(prompt: Any, where: str) -> list[dict[str, str]]:
@@ -132,25 +147,37 @@ def _prompt_messages(prompt: Any, where: str) -> list[dict[str, str]]:
     if isinstance(prompt, list):
         chat.validate_messages(prompt, where)
         if prompt[-1]["role"] == "assistant":
-            raise ValueError(f"{where}: the prompt's last message is an assistant turn; the responses are that "
-                             f"turn — drop it from 'prompt'.")
+            raise ValueError(
+                f"{where}: the prompt's last message is an assistant turn; the responses are that "
+                f"turn — drop it from 'prompt'."
+            )
         return prompt
-    raise ValueError(f"{where}: 'prompt' must be a string or a list of {{'role', 'content'}} messages, got "
-                     f"{type(prompt).__name__}.")
+    raise ValueError(
+        f"{where}: 'prompt' must be a string or a list of {{'role', 'content'}} messages, got {type(prompt).__name__}."
+    )
 
 
 def _require_str(value: Any, key: str, where: str) -> None:
     if not isinstance(value, str):
-        raise ValueError(f"{where}: {key!r} must be a string, got {type(value).__name__} — quote the text as a "
-                         f"JSON string.")
+        raise ValueError(
+            f"{where}: {key!r} must be a string, got {type(value).__name__} — quote the text as a JSON string."
+        )
 
 
 # --- rendering -----------------------------------------------------------------------------------
 
-def comparison_example(prompt_messages: list[dict[str, str]], responses: list[str], tok: Tokenizer, max_len: int,
-                       num_responses: int, max_prompt_len: int | None = None, where: str = "",
-                       template: chat.ChatTemplate = chat.TAGS,
-                       fit=None) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+
+def comparison_example(
+    prompt_messages: list[dict[str, str]],
+    responses: list[str],
+    tok: Tokenizer,
+    max_len: int,
+    num_responses: int,
+    max_prompt_len: int | None = None,
+    where: str = "",
+    template: chat.ChatTemplate = chat.TAGS,
+    fit=None,
+) -> tuple[dict[str, np.ndarray], dict[str, int]]:
     """One record (module docstring) from responses best first, and info {"truncated_prompt" (0/1),
     "truncated_responses", "dropped_responses", "rendered_tokens" (longest row before truncation)}.
 
@@ -159,16 +186,22 @@ def comparison_example(prompt_messages: list[dict[str, str]], responses: list[st
     """
     end = template.end_id(tok)
     if max_len < template.min_prompt_len(tok) + 2:
-        raise ValueError(f"max_len={max_len} cannot hold the {template.name!r} template's bos and assistant prefix "
-                         f"({template.min_prompt_len(tok)} tokens) and a response; raise config.data.seq_len.")
+        raise ValueError(
+            f"max_len={max_len} cannot hold the {template.name!r} template's bos and assistant prefix "
+            f"({template.min_prompt_len(tok)} tokens) and a response; raise config.data.seq_len."
+        )
     dropped = max(0, len(responses) - num_responses)
     responses = responses[:num_responses]
     prompt = chat.render_prompt(prompt_messages, tok, where, template)  # ... assistant prefix
     bodies = template.assistant_bodies(responses, tok)
     longest = max(len(b) for b in bodies)
     keep = max(template.min_prompt_len(tok), min(max_len - longest, max_prompt_len or len(prompt)))
-    info = {"truncated_prompt": int(len(prompt) > keep), "truncated_responses": 0, "dropped_responses": dropped,
-            "rendered_tokens": len(prompt) + longest}
+    info = {
+        "truncated_prompt": int(len(prompt) > keep),
+        "truncated_responses": 0,
+        "dropped_responses": dropped,
+        "rendered_tokens": len(prompt) + longest,
+    }
     if len(prompt) > keep and fit is not None:
         shorter = fit(prompt_messages, lambda m: len(chat.render_prompt(m, tok, where, template)) <= keep)
         prompt = chat.render_prompt(shorter, tok, where, template)
@@ -179,14 +212,15 @@ def comparison_example(prompt_messages: list[dict[str, str]], responses: list[st
     valid = np.zeros(num_responses, np.int32)
     for k, body in enumerate(bodies):
         if len(body) > room:
-            body = body[:room - 1] + [end]
+            body = body[: room - 1] + [end]
             info["truncated_responses"] += 1
         row = prompt + body
-        tokens[k, :len(row)], input_mask[k, :len(row)], valid[k] = row, 1, 1
+        tokens[k, : len(row)], input_mask[k, : len(row)], valid[k] = row, 1, 1
     return {"tokens": tokens, "input_mask": input_mask, "valid": valid, "prompt_len": np.int32(len(prompt))}, info
 
 
 # --- TFDS builder --------------------------------------------------------------------------------
+
 
 @dataclasses.dataclass(eq=False)
 class ComparisonsConfig(tfds.core.BuilderConfig):
@@ -210,13 +244,19 @@ class Comparisons(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         c = self.builder_config
         rows = tfds.features.Tensor(shape=(c.num_responses, c.seq_len), dtype=np.int32)
         return tfds.core.DatasetInfo(
-            builder=self, description=self.__class__.__doc__,
-            features=tfds.features.FeaturesDict({
-                "tokens": rows, "input_mask": rows,
-                "valid": tfds.features.Tensor(shape=(c.num_responses,), dtype=np.int32),
-                "prompt_len": tfds.features.Tensor(shape=(), dtype=np.int32)}),
+            builder=self,
+            description=self.__class__.__doc__,
+            features=tfds.features.FeaturesDict(
+                {
+                    "tokens": rows,
+                    "input_mask": rows,
+                    "valid": tfds.features.Tensor(shape=(c.num_responses,), dtype=np.int32),
+                    "prompt_len": tfds.features.Tensor(shape=(), dtype=np.int32),
+                }
+            ),
             disable_shuffling=True,  # file order, so a line range maps to a contiguous index range
-            metadata=tfds.core.MetadataDict())
+            metadata=tfds.core.MetadataDict(),
+        )
 
     def _split_generators(self, dl_manager):
         c = self.builder_config
@@ -224,11 +264,28 @@ class Comparisons(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         template = chat.template_from_spec(c.chat_template) if c.chat_template else chat.TAGS
         found, skipped = _read(c.jsonl_path, c.fmt, c.line_range, c.skip_invalid)
         examples = []
-        stats = {"examples": 0, "skipped": skipped, "num_responses": c.num_responses, "responses": 0,
-                 "truncated_prompts": 0, "truncated_responses": 0, "dropped_responses": 0, "max_rendered_tokens": 0}
+        stats = {
+            "examples": 0,
+            "skipped": skipped,
+            "num_responses": c.num_responses,
+            "responses": 0,
+            "truncated_prompts": 0,
+            "truncated_responses": 0,
+            "dropped_responses": 0,
+            "max_rendered_tokens": 0,
+        }
         for r in found:
-            ex, info = comparison_example(r["prompt_messages"], r["responses"], tok, c.seq_len, c.num_responses,
-                                          c.max_prompt_len, r["where"], template, r["fit"])
+            ex, info = comparison_example(
+                r["prompt_messages"],
+                r["responses"],
+                tok,
+                c.seq_len,
+                c.num_responses,
+                c.max_prompt_len,
+                r["where"],
+                template,
+                r["fit"],
+            )
             examples.append(ex)
             stats["examples"] += 1
             stats["responses"] += int(ex["valid"].sum())
@@ -243,10 +300,18 @@ class Comparisons(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         yield from enumerate(examples)
 
 
-def build_comparison_dataset(path: str, fmt: str, tokenizer_path: str, max_len: int, data_dir: str,
-                             num_responses: int | None = None, max_prompt_len: int | None = None,
-                             line_range: tuple[int, int] | None = None, skip_invalid: bool | None = None,
-                             template: chat.ChatTemplate = chat.TAGS) -> tuple[Any, dict[str, int]]:
+def build_comparison_dataset(
+    path: str,
+    fmt: str,
+    tokenizer_path: str,
+    max_len: int,
+    data_dir: str,
+    num_responses: int | None = None,
+    max_prompt_len: int | None = None,
+    line_range: tuple[int, int] | None = None,
+    skip_invalid: bool | None = None,
+    template: chat.ChatTemplate = chat.TAGS,
+) -> tuple[Any, dict[str, int]]:
     """Builds (or reuses, keyed by a hash of the arguments and the files) the comparisons in `path`.
 
     max_len: tokens per response row (L); num_responses: K, default the largest K in the file
@@ -256,8 +321,9 @@ def build_comparison_dataset(path: str, fmt: str, tokenizer_path: str, max_len: 
     and gives num_responses (K).
     """
     if not isinstance(max_len, (int, np.integer)) or max_len < 4:
-        raise ValueError(f"max_len={max_len!r} must be an integer >= 4 (bos, <|assistant|>, one response token, "
-                         f"<|end|>).")
+        raise ValueError(
+            f"max_len={max_len!r} must be an integer >= 4 (bos, <|assistant|>, one response token, <|end|>)."
+        )
     if max_prompt_len is not None and max_prompt_len < 2:
         raise ValueError(f"max_prompt_len={max_prompt_len!r} must be >= 2 (bos and <|assistant|>) or None.")
     template = chat.get_template(template)
@@ -270,12 +336,22 @@ def build_comparison_dataset(path: str, fmt: str, tokenizer_path: str, max_len: 
         num_responses = max(len(r["responses"]) for r in found)
     elif num_responses < 2:
         raise ValueError(f"num_responses={num_responses} must be >= 2 (or None: the largest K in the file).")
-    params = dict(jsonl_path=path, fmt=fmt, tokenizer_path=os.path.abspath(tokenizer_path), seq_len=int(max_len),
-                  num_responses=int(num_responses), max_prompt_len=max_prompt_len,
-                  line_range=tuple(int(x) for x in line_range) if line_range else None, skip_invalid=skip_invalid,
-                  chat_template=None if template == chat.TAGS else template.spec())
-    builder = Comparisons(config=ComparisonsConfig(name=records.config_name(params, VERSION), **params),
-                          data_dir=data_dir, file_format="array_record")
+    params = dict(
+        jsonl_path=path,
+        fmt=fmt,
+        tokenizer_path=os.path.abspath(tokenizer_path),
+        seq_len=int(max_len),
+        num_responses=int(num_responses),
+        max_prompt_len=max_prompt_len,
+        line_range=tuple(int(x) for x in line_range) if line_range else None,
+        skip_invalid=skip_invalid,
+        chat_template=None if template == chat.TAGS else template.spec(),
+    )
+    builder = Comparisons(
+        config=ComparisonsConfig(name=records.config_name(params, VERSION), **params),
+        data_dir=data_dir,
+        file_format="array_record",
+    )
     builder.download_and_prepare()
     stats = {k: int(v) for k, v in builder.info.metadata.items()}
     return builder.as_data_source(split="train"), stats

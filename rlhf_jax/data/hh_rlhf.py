@@ -17,9 +17,11 @@ def split_hh_dialogue(dialogue: str, where: str = "", name: str = "dialogue") ->
     response without its one leading space."""
     cut = dialogue.rfind(HH_ASSISTANT)
     if cut < 0:
-        raise ValueError(f"{where}: {name!r} has no {HH_ASSISTANT!r} turn; an HH-RLHF dialogue is "
-                         f"'\\n\\nHuman: ...\\n\\nAssistant: ...'. Check the format (ranked, pairwise, hh_rlhf).")
-    response = dialogue[cut + len(HH_ASSISTANT):]
+        raise ValueError(
+            f"{where}: {name!r} has no {HH_ASSISTANT!r} turn; an HH-RLHF dialogue is "
+            f"'\\n\\nHuman: ...\\n\\nAssistant: ...'. Check the format (ranked, pairwise, hh_rlhf)."
+        )
+    response = dialogue[cut + len(HH_ASSISTANT) :]
     return dialogue[:cut], response[1:] if response.startswith(" ") else response
 
 
@@ -28,12 +30,18 @@ def hh_messages(history: str, where: str = "") -> list[dict[str, str]]:
     space of each turn dropped); it must start with a Human turn and end with one."""
     parts = _HH_TURN.split(history)  # ["", role, text, role, text, ...]
     if parts[0] or len(parts) < 3:
-        raise ValueError(f"{where}: the dialogue does not start with '\\n\\nHuman:' (starts {history[:40]!r}); "
-                         f"use HH-RLHF dialogues or another format.")
-    messages = [{"role": _HH_ROLES[role], "content": text[1:] if text.startswith(" ") else text}
-                for role, text in zip(parts[1::2], parts[2::2])]
+        raise ValueError(
+            f"{where}: the dialogue does not start with '\\n\\nHuman:' (starts {history[:40]!r}); "
+            f"use HH-RLHF dialogues or another format."
+        )
+    messages = [
+        {"role": _HH_ROLES[role], "content": text[1:] if text.startswith(" ") else text}
+        for role, text in zip(parts[1::2], parts[2::2])
+    ]
     if messages[-1]["role"] != "user":
-        raise DefectiveRecord(f"{where}: the turn before the final {HH_ASSISTANT!r} is an Assistant turn, so there "
-                              f"is no Human prompt to answer — fix or remove the record (skip_invalid=True drops "
-                              f"such records).")
+        raise DefectiveRecord(
+            f"{where}: the turn before the final {HH_ASSISTANT!r} is an Assistant turn, so there "
+            f"is no Human prompt to answer — fix or remove the record (skip_invalid=True drops "
+            f"such records)."
+        )
     return messages

@@ -32,6 +32,7 @@ _CHUNK_CHARS = 1 << 20  # corpus text is tokenized in ~1 MB blocks of whole line
 
 # --- packed pretraining text ------------------------------------------------------------------
 
+
 @dataclasses.dataclass(eq=False)
 class PackedTextConfig(tfds.core.BuilderConfig):
     text_paths: tuple[str, ...] = ()
@@ -62,16 +63,18 @@ class PackedText(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                 raise ValueError(
                     f"{list(c.text_paths)}: the {name} split has {len(part)} tokens (corpus: {len(stream)}, "
                     f"val_fraction={c.val_fraction}), fewer than one window of seq_len+1={window}. "
-                    f"Use a larger corpus, a smaller seq_len or another val_fraction.")
-        self.info.metadata.update({"corpus_tokens": len(stream),
-                                   **{f"{k}_windows": len(v) // window for k, v in splits.items()}})
+                    f"Use a larger corpus, a smaller seq_len or another val_fraction."
+                )
+        self.info.metadata.update(
+            {"corpus_tokens": len(stream), **{f"{k}_windows": len(v) // window for k, v in splits.items()}}
+        )
         return {name: self._generate_examples(part) for name, part in splits.items()}
 
     def _generate_examples(self, stream: np.ndarray):
         window = self.builder_config.seq_len + 1
         ones = np.ones(window, np.int32)
         for i in range(len(stream) // window):  # the ragged tail is dropped
-            yield i, {"tokens": stream[i * window:(i + 1) * window], "input_mask": ones, "loss_mask": ones}
+            yield i, {"tokens": stream[i * window : (i + 1) * window], "input_mask": ones, "loss_mask": ones}
 
 
 def tokenize_corpus(text_paths: Sequence[str], tok: Tokenizer) -> np.ndarray:
@@ -92,8 +95,9 @@ def tokenize_corpus(text_paths: Sequence[str], tok: Tokenizer) -> np.ndarray:
     return np.concatenate(parts)
 
 
-def build_text_dataset(text_path: str | Sequence[str], tokenizer_path: str, seq_len: int, data_dir: str,
-                       val_fraction: float = 0.1) -> dict[str, Any]:
+def build_text_dataset(
+    text_path: str | Sequence[str], tokenizer_path: str, seq_len: int, data_dir: str, val_fraction: float = 0.1
+) -> dict[str, Any]:
     """Builds (or reuses) packed windows of local text file(s); each file is one document.
 
     Returns {"train": source, "validation": source or None (val_fraction=0)}; a source is a
@@ -105,10 +109,17 @@ def build_text_dataset(text_path: str | Sequence[str], tokenizer_path: str, seq_
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction={val_fraction} must be in [0, 1).")
     _check_seq_len(seq_len)
-    params = dict(text_paths=tuple(records.require_file(p, "text") for p in paths),
-                  tokenizer_path=os.path.abspath(tokenizer_path), seq_len=seq_len, val_fraction=val_fraction)
-    builder = PackedText(config=PackedTextConfig(name=records.config_name(params, VERSION), **params),
-                         data_dir=data_dir, file_format="array_record")
+    params = dict(
+        text_paths=tuple(records.require_file(p, "text") for p in paths),
+        tokenizer_path=os.path.abspath(tokenizer_path),
+        seq_len=seq_len,
+        val_fraction=val_fraction,
+    )
+    builder = PackedText(
+        config=PackedTextConfig(name=records.config_name(params, VERSION), **params),
+        data_dir=data_dir,
+        file_format="array_record",
+    )
     builder.download_and_prepare()
     sources = builder.as_data_source()
     return {"train": sources["train"], "validation": sources.get("validation")}
@@ -119,8 +130,9 @@ def build_text_dataset(text_path: str | Sequence[str], tokenizer_path: str, seq_
 SFT_FORMATS = ("chat", "hh_rlhf", "tldr")
 
 
-def read_demonstrations(path: str, fmt: str = "chat", line_range: tuple[int, int] | None = None,
-                        skip_invalid: bool | None = None) -> tuple[list[dict[str, Any]], int]:
+def read_demonstrations(
+    path: str, fmt: str = "chat", line_range: tuple[int, int] | None = None, skip_invalid: bool | None = None
+) -> tuple[list[dict[str, Any]], int]:
     """(demonstrations in file order, skipped): each {"messages" ending with the assistant turn to
     learn, "fit": None or the format's prompt shortener, "where": "path:line"}.
 
@@ -139,13 +151,17 @@ def read_demonstrations(path: str, fmt: str = "chat", line_range: tuple[int, int
             messages, fit = tldr.parse_sft(record, where)
         else:
             if not isinstance(record, dict) or not isinstance(record.get("chosen"), str):
-                raise ValueError(f"{where}: an hh_rlhf record needs a string 'chosen' dialogue (got "
-                                 f"{sorted(record) if isinstance(record, dict) else type(record).__name__}).")
+                raise ValueError(
+                    f"{where}: an hh_rlhf record needs a string 'chosen' dialogue (got "
+                    f"{sorted(record) if isinstance(record, dict) else type(record).__name__})."
+                )
             history, response = split_hh_dialogue(record["chosen"], where, "chosen")
             messages = hh_messages(history, where) + [{"role": "assistant", "content": response}]
         if messages[-1]["role"] == "assistant" and not messages[-1]["content"].strip():
-            raise chat.DefectiveRecord(f"{where}: the response (last assistant content) is empty — remove the "
-                                       f"record or fill it in (skip_invalid=True drops such records).")
+            raise chat.DefectiveRecord(
+                f"{where}: the response (last assistant content) is empty — remove the "
+                f"record or fill it in (skip_invalid=True drops such records)."
+            )
         return {"messages": messages, "fit": fit}
 
     return records.read_records(path, fmt, line_range, skip_invalid, parse, "demonstrations")
@@ -187,8 +203,18 @@ class Demonstrations(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         tok = load_tokenizer(c.tokenizer_path)
         template = chat.template_from_spec(c.chat_template) if c.chat_template else chat.TAGS
         records, skipped = read_demonstrations(c.jsonl_path, c.fmt, c.line_range, c.skip_invalid)
-        examples, stats = [], {"examples": 0, "skipped": skipped, "truncated": 0, "truncated_prompt": 0,
-                               "truncated_response": 0, "max_rendered_tokens": 0, "target_tokens": 0}
+        examples, stats = (
+            [],
+            {
+                "examples": 0,
+                "skipped": skipped,
+                "truncated": 0,
+                "truncated_prompt": 0,
+                "truncated_response": 0,
+                "max_rendered_tokens": 0,
+                "target_tokens": 0,
+            },
+        )
         for r in records:
             ex, info = sft_example(r["messages"], tok, c.seq_len, r["where"], template, r["fit"])
             examples.append(ex)
@@ -205,8 +231,14 @@ class Demonstrations(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         yield from enumerate(examples)
 
 
-def sft_example(messages: list[dict[str, str]], tok: Tokenizer, seq_len: int, where: str = "",
-                template: chat.ChatTemplate = chat.TAGS, fit=None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+def sft_example(
+    messages: list[dict[str, str]],
+    tok: Tokenizer,
+    seq_len: int,
+    where: str = "",
+    template: chat.ChatTemplate = chat.TAGS,
+    fit=None,
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """One demonstration as an L+1 record, and {"truncated_prompt", "truncated_response", "rendered_tokens"}.
 
     The response is the last assistant turn's body (content and its end token); the prompt is
@@ -218,8 +250,10 @@ def sft_example(messages: list[dict[str, str]], tok: Tokenizer, seq_len: int, wh
     """
     at = f"{where}: " if where else ""
     if messages[-1]["role"] != "assistant":
-        raise ValueError(f"{at}the last message is {messages[-1]['role']!r}; a demonstration must end with "
-                         f"the assistant turn to learn — add it or drop the trailing messages.")
+        raise ValueError(
+            f"{at}the last message is {messages[-1]['role']!r}; a demonstration must end with "
+            f"the assistant turn to learn — add it or drop the trailing messages."
+        )
     if not messages[-1]["content"].strip():
         raise ValueError(f"{at}the response (last assistant content) is empty — remove the record or fill it in.")
     budget = seq_len + 1
@@ -241,15 +275,25 @@ def sft_example(messages: list[dict[str, str]], tok: Tokenizer, seq_len: int, wh
             ids, mask = ids[:budget], mask[:budget]
             info["truncated_response"] = True
     pad = budget - len(ids)
-    record = {"tokens": np.asarray(ids + [tok.pad_id] * pad, np.int32),
-              "input_mask": np.asarray([1] * len(ids) + [0] * pad, np.int32),
-              "loss_mask": np.asarray(mask + [0] * pad, np.int32)}
+    record = {
+        "tokens": np.asarray(ids + [tok.pad_id] * pad, np.int32),
+        "input_mask": np.asarray([1] * len(ids) + [0] * pad, np.int32),
+        "loss_mask": np.asarray(mask + [0] * pad, np.int32),
+    }
     return record, info
 
 
-def build_sft_dataset(jsonl_path: str, tokenizer_path: str, seq_len: int, data_dir: str, split: str = "train",
-                      fmt: str = "chat", line_range: tuple[int, int] | None = None, skip_invalid: bool | None = None,
-                      template: chat.ChatTemplate = chat.TAGS) -> tuple[Any, dict[str, int]]:
+def build_sft_dataset(
+    jsonl_path: str,
+    tokenizer_path: str,
+    seq_len: int,
+    data_dir: str,
+    split: str = "train",
+    fmt: str = "chat",
+    line_range: tuple[int, int] | None = None,
+    skip_invalid: bool | None = None,
+    template: chat.ChatTemplate = chat.TAGS,
+) -> tuple[Any, dict[str, int]]:
     """Builds (or reuses) one demonstrations file (or a line range of it) as split `split`; returns (source, stats).
 
     fmt: chat | hh_rlhf | tldr (read_demonstrations); template: the chat template.
@@ -262,11 +306,21 @@ def build_sft_dataset(jsonl_path: str, tokenizer_path: str, seq_len: int, data_d
     path = records.require_file(jsonl_path, "demonstrations JSONL")
     records.check_line_range(line_range, path)
     template = chat.get_template(template)
-    params = dict(jsonl_path=path, tokenizer_path=os.path.abspath(tokenizer_path), seq_len=seq_len, split=split,
-                  fmt=fmt, line_range=tuple(int(x) for x in line_range) if line_range else None,
-                  skip_invalid=skip_invalid, chat_template=None if template == chat.TAGS else template.spec())
-    builder = Demonstrations(config=DemonstrationsConfig(name=records.config_name(params, VERSION), **params),
-                             data_dir=data_dir, file_format="array_record")
+    params = dict(
+        jsonl_path=path,
+        tokenizer_path=os.path.abspath(tokenizer_path),
+        seq_len=seq_len,
+        split=split,
+        fmt=fmt,
+        line_range=tuple(int(x) for x in line_range) if line_range else None,
+        skip_invalid=skip_invalid,
+        chat_template=None if template == chat.TAGS else template.spec(),
+    )
+    builder = Demonstrations(
+        config=DemonstrationsConfig(name=records.config_name(params, VERSION), **params),
+        data_dir=data_dir,
+        file_format="array_record",
+    )
     builder.download_and_prepare()
     stats = {k: int(v) for k, v in builder.info.metadata.items()}
     return builder.as_data_source(split=split), stats
@@ -274,13 +328,16 @@ def build_sft_dataset(jsonl_path: str, tokenizer_path: str, seq_len: int, data_d
 
 # --- shared pieces -------------------------------------------------------------------------------
 
+
 def _window_info(builder: tfds.core.DatasetBuilder, seq_len: int) -> tfds.core.DatasetInfo:
     feature = tfds.features.Tensor(shape=(seq_len + 1,), dtype=np.int32)
     return tfds.core.DatasetInfo(
-        builder=builder, description=builder.__class__.__doc__,
+        builder=builder,
+        description=builder.__class__.__doc__,
         features=tfds.features.FeaturesDict({"tokens": feature, "input_mask": feature, "loss_mask": feature}),
         disable_shuffling=True,  # keep generation order: windows stay in stream order, examples in file order
-        metadata=tfds.core.MetadataDict())
+        metadata=tfds.core.MetadataDict(),
+    )
 
 
 def _check_seq_len(seq_len: int) -> None:

@@ -28,19 +28,30 @@ Batch = dict[str, np.ndarray]
 class BatchLoader:
     """Rows [B/P, ...] of each global batch for this process; `get_batch(step)` is stateless."""
 
-    def __init__(self, source: Sequence[dict[str, np.ndarray]], global_batch_size: int, seed: int,
-                 shuffle: bool = True, process_index: int | None = None, process_count: int | None = None):
+    def __init__(
+        self,
+        source: Sequence[dict[str, np.ndarray]],
+        global_batch_size: int,
+        seed: int,
+        shuffle: bool = True,
+        process_index: int | None = None,
+        process_count: int | None = None,
+    ):
         self.source = source
         self.num_examples = len(source)
         self.global_batch_size = global_batch_size
         self.seed, self.shuffle = seed, shuffle
         self.process_index, self.process_count = _process(process_index, process_count)
         if self.num_examples == 0:
-            raise ValueError("BatchLoader: the dataset is empty (0 examples); check the data path, or use a "
-                             "larger corpus / smaller seq_len.")
+            raise ValueError(
+                "BatchLoader: the dataset is empty (0 examples); check the data path, or use a "
+                "larger corpus / smaller seq_len."
+            )
         if global_batch_size <= 0 or global_batch_size % self.process_count:
-            raise ValueError(f"global_batch_size={global_batch_size} must be a positive multiple of the "
-                             f"{self.process_count} processes.")
+            raise ValueError(
+                f"global_batch_size={global_batch_size} must be a positive multiple of the "
+                f"{self.process_count} processes."
+            )
         if not isinstance(seed, (int, np.integer)) or seed < 0:
             raise ValueError(f"seed={seed!r} must be a non-negative integer.")
         self.local_batch_size = global_batch_size // self.process_count
@@ -112,8 +123,13 @@ def bootstrap(source: Sequence[dict[str, np.ndarray]], seed: int) -> Resampled:
     return Resampled(source, np.random.default_rng([seed, 0xB007]).integers(0, n, n))
 
 
-def eval_batches(source: Sequence[dict[str, np.ndarray]], batch_size: int, max_batches: int | None = None,
-                 process_index: int | None = None, process_count: int | None = None) -> Iterator[Batch]:
+def eval_batches(
+    source: Sequence[dict[str, np.ndarray]],
+    batch_size: int,
+    max_batches: int | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> Iterator[Batch]:
     """Every example once, in order, as this process's rows of global batches of `batch_size`.
 
     The last global batch is filled with all-zero rows (tokens 0, every mask 0), so a loss

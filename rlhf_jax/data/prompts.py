@@ -36,8 +36,9 @@ FORMATS = ("prompt", "hh_rlhf", "tldr")
 VERSION = "1.0.0"
 
 
-def read_prompts(path: str, fmt: str, line_range: tuple[int, int] | None = None,
-                 skip_invalid: bool | None = None) -> list[dict[str, Any]]:
+def read_prompts(
+    path: str, fmt: str, line_range: tuple[int, int] | None = None, skip_invalid: bool | None = None
+) -> list[dict[str, Any]]:
     """Prompts in file order: {"messages": [...], "fit": None or the format's shortener, "where": "path:line"}.
     skip_invalid=None: True for hh_rlhf and tldr, else False."""
     return _read(path, fmt, line_range, skip_invalid)[0]
@@ -63,35 +64,50 @@ def parse_prompt(record: Any, fmt: str, where: str) -> list[dict[str, str]]:
         raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__} — write one object per line.")
     if fmt == "hh_rlhf":
         if not isinstance(record.get("chosen"), str):
-            raise ValueError(f"{where}: an hh_rlhf record needs a string 'chosen' dialogue (got keys "
-                             f"{sorted(record)}).")
+            raise ValueError(
+                f"{where}: an hh_rlhf record needs a string 'chosen' dialogue (got keys {sorted(record)})."
+            )
         history, _ = split_hh_dialogue(record["chosen"], where, "chosen")
         return hh_messages(history, where)
     if "messages" in record:
         messages = record["messages"]
         chat.validate_messages(messages, where)
         if messages[-1]["role"] == "assistant":
-            raise ValueError(f"{where}: the last message is an assistant turn; a prompt ends where the model should "
-                             f"answer — drop that message.")
+            raise ValueError(
+                f"{where}: the last message is an assistant turn; a prompt ends where the model should "
+                f"answer — drop that message."
+            )
         return messages
     if "prompt" in record:
         if not isinstance(record["prompt"], str):
-            raise ValueError(f"{where}: 'prompt' must be a string, got {type(record['prompt']).__name__} — quote "
-                             f"the text as a JSON string.")
+            raise ValueError(
+                f"{where}: 'prompt' must be a string, got {type(record['prompt']).__name__} — quote "
+                f"the text as a JSON string."
+            )
         if not record["prompt"].strip():
             raise ValueError(f"{where}: 'prompt' is empty — fill it in or remove the record.")
         return [{"role": "user", "content": record["prompt"]}]
-    raise ValueError(f"{where}: expected key 'prompt' or 'messages', got {sorted(record)} — rename the field "
-                     f"(or use fmt='hh_rlhf' for HH-RLHF dialogues).")
+    raise ValueError(
+        f"{where}: expected key 'prompt' or 'messages', got {sorted(record)} — rename the field "
+        f"(or use fmt='hh_rlhf' for HH-RLHF dialogues)."
+    )
 
 
-def prompt_example(messages: list[dict[str, str]], tok: Tokenizer, max_prompt_len: int, where: str = "",
-                   template: chat.ChatTemplate = chat.TAGS, fit=None) -> tuple[dict[str, np.ndarray], int]:
+def prompt_example(
+    messages: list[dict[str, str]],
+    tok: Tokenizer,
+    max_prompt_len: int,
+    where: str = "",
+    template: chat.ChatTemplate = chat.TAGS,
+    fit=None,
+) -> tuple[dict[str, np.ndarray], int]:
     """One left-padded record (module docstring) and the rendered length before truncation.
     fit: the format's own shortener (tldr.prompt), tried before cutting from the left."""
     if max_prompt_len < template.min_prompt_len(tok):
-        raise ValueError(f"max_prompt_len={max_prompt_len} cannot hold the {template.name!r} template's bos and "
-                         f"assistant prefix ({template.min_prompt_len(tok)} tokens); raise config.data.max_prompt_len.")
+        raise ValueError(
+            f"max_prompt_len={max_prompt_len} cannot hold the {template.name!r} template's bos and "
+            f"assistant prefix ({template.min_prompt_len(tok)} tokens); raise config.data.max_prompt_len."
+        )
     ids = chat.render_prompt(messages, tok, where, template)
     n = len(ids)
     if n > max_prompt_len and fit is not None:
@@ -99,8 +115,10 @@ def prompt_example(messages: list[dict[str, str]], tok: Tokenizer, max_prompt_le
         ids = chat.render_prompt(shorter, tok, where, template)
     ids = template.cut_left(ids, max_prompt_len, tok)
     pad = max_prompt_len - len(ids)
-    return {"prompt_tokens": np.asarray([tok.pad_id] * pad + ids, np.int32),
-            "prompt_mask": np.asarray([0] * pad + [1] * len(ids), np.int32)}, n
+    return {
+        "prompt_tokens": np.asarray([tok.pad_id] * pad + ids, np.int32),
+        "prompt_mask": np.asarray([0] * pad + [1] * len(ids), np.int32),
+    }, n
 
 
 @dataclasses.dataclass(eq=False)
@@ -122,9 +140,12 @@ class Prompts(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     def _info(self) -> tfds.core.DatasetInfo:
         row = tfds.features.Tensor(shape=(self.builder_config.seq_len,), dtype=np.int32)
         return tfds.core.DatasetInfo(
-            builder=self, description=self.__class__.__doc__,
+            builder=self,
+            description=self.__class__.__doc__,
             features=tfds.features.FeaturesDict({"prompt_tokens": row, "prompt_mask": row}),
-            disable_shuffling=True, metadata=tfds.core.MetadataDict())
+            disable_shuffling=True,
+            metadata=tfds.core.MetadataDict(),
+        )
 
     def _split_generators(self, dl_manager):
         c = self.builder_config
@@ -145,9 +166,16 @@ class Prompts(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         yield from enumerate(examples)
 
 
-def build_prompt_dataset(path: str, fmt: str, tokenizer_path: str, max_prompt_len: int, data_dir: str,
-                         line_range: tuple[int, int] | None = None, skip_invalid: bool | None = None,
-                         template: chat.ChatTemplate = chat.TAGS) -> tuple[Any, dict[str, int]]:
+def build_prompt_dataset(
+    path: str,
+    fmt: str,
+    tokenizer_path: str,
+    max_prompt_len: int,
+    data_dir: str,
+    line_range: tuple[int, int] | None = None,
+    skip_invalid: bool | None = None,
+    template: chat.ChatTemplate = chat.TAGS,
+) -> tuple[Any, dict[str, int]]:
     """Builds (or reuses, keyed by a hash of the arguments and the files) the prompts in `path`,
     rendered with the chat template `template`.
 
@@ -161,12 +189,20 @@ def build_prompt_dataset(path: str, fmt: str, tokenizer_path: str, max_prompt_le
     if fmt not in FORMATS:
         raise ValueError(f"prompt format {fmt!r} is not one of {FORMATS}.")
     template = chat.get_template(template)
-    params = dict(jsonl_path=path, fmt=fmt,
-                  tokenizer_path=os.path.abspath(tokenizer_path), seq_len=int(max_prompt_len),
-                  line_range=tuple(int(x) for x in line_range) if line_range else None, skip_invalid=skip_invalid,
-                  chat_template=None if template == chat.TAGS else template.spec())
-    builder = Prompts(config=PromptsConfig(name=records.config_name(params, VERSION), **params),
-                      data_dir=data_dir, file_format="array_record")
+    params = dict(
+        jsonl_path=path,
+        fmt=fmt,
+        tokenizer_path=os.path.abspath(tokenizer_path),
+        seq_len=int(max_prompt_len),
+        line_range=tuple(int(x) for x in line_range) if line_range else None,
+        skip_invalid=skip_invalid,
+        chat_template=None if template == chat.TAGS else template.spec(),
+    )
+    builder = Prompts(
+        config=PromptsConfig(name=records.config_name(params, VERSION), **params),
+        data_dir=data_dir,
+        file_format="array_record",
+    )
     builder.download_and_prepare()
     stats = {k: int(v) for k, v in builder.info.metadata.items()}
     return builder.as_data_source(split="train"), stats

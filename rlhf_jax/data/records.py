@@ -50,34 +50,43 @@ def read_jsonl(path: str, line_range: tuple[int, int] | None = None) -> Iterator
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise ValueError(f"{where}: not UTF-8 ({e.reason} at byte {e.start}) — re-save the file as "
-                                 f"UTF-8.") from None
+                raise ValueError(
+                    f"{where}: not UTF-8 ({e.reason} at byte {e.start}) — re-save the file as UTF-8."
+                ) from None
             if not line.strip():
                 continue
             try:
                 yield where, json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: invalid JSON ({e.msg} at column {e.colno}) — each line must be one "
-                                 f"complete JSON object.") from None
+                raise ValueError(
+                    f"{where}: invalid JSON ({e.msg} at column {e.colno}) — each line must be one complete JSON object."
+                ) from None
     if line_range is not None and stop > n:
-        raise ValueError(f"{path}: line_range={tuple(line_range)} reaches line {stop} but the file has {n} "
-                         f"lines; use a stop <= {n}.")
+        raise ValueError(
+            f"{path}: line_range={tuple(line_range)} reaches line {stop} but the file has {n} lines; use a stop <= {n}."
+        )
 
 
 def check_line_range(line_range: Any, path: str) -> tuple[int, float]:
     """(start, stop) of a valid line_range (None: the whole file); ValueError otherwise."""
     if line_range is None:
         return 0, float("inf")
-    ok = (isinstance(line_range, (tuple, list)) and len(line_range) == 2
-          and all(isinstance(x, (int, np.integer)) and not isinstance(x, bool) for x in line_range))
+    ok = (
+        isinstance(line_range, (tuple, list))
+        and len(line_range) == 2
+        and all(isinstance(x, (int, np.integer)) and not isinstance(x, bool) for x in line_range)
+    )
     if not ok or not 0 <= line_range[0] < line_range[1]:
-        raise ValueError(f"{path}: line_range={line_range!r} must be (start, stop) with 0 <= start < stop, "
-                         f"counting lines from 0, e.g. (0, 1500).")
+        raise ValueError(
+            f"{path}: line_range={line_range!r} must be (start, stop) with 0 <= start < stop, "
+            f"counting lines from 0, e.g. (0, 1500)."
+        )
     return int(line_range[0]), int(line_range[1])
 
 
-def read_records(path: str, fmt: str, line_range, skip_invalid: bool | None, parse, what: str,
-                 warn: bool = True) -> tuple[list[dict[str, Any]], int]:
+def read_records(
+    path: str, fmt: str, line_range, skip_invalid: bool | None, parse, what: str, warn: bool = True
+) -> tuple[list[dict[str, Any]], int]:
     """[{**parse(record, where), "where": where}] for the file's records, and how many were skipped.
 
     The one reading loop of comparisons, prompts and demonstrations: a DefectiveRecord is skipped
@@ -96,9 +105,12 @@ def read_records(path: str, fmt: str, line_range, skip_invalid: bool | None, par
             if warn:
                 _log.warning("skipped %s", e)
     if not out:
-        raise ValueError(f"{path}: no usable {fmt} {what}" + (f" in lines {tuple(line_range)}" if line_range else "")
-                         + (f" ({skipped} skipped as defective)" if skipped else "")
-                         + "; write one JSON object per line.")
+        raise ValueError(
+            f"{path}: no usable {fmt} {what}"
+            + (f" in lines {tuple(line_range)}" if line_range else "")
+            + (f" ({skipped} skipped as defective)" if skipped else "")
+            + "; write one JSON object per line."
+        )
     return out, skipped
 
 
@@ -109,6 +121,7 @@ def config_name(params: dict[str, Any], version: str) -> str:
     stamps = [(p, os.path.getsize(p), os.stat(p).st_mtime_ns) for p in paths]
     with open(load_tokenizer(params["tokenizer_path"]).path, "rb") as f:
         tok_hash = hashlib.sha256(f.read()).hexdigest()
-    key = json.dumps({"params": params, "stamps": stamps, "tokenizer": tok_hash, "version": version},
-                     sort_keys=True, default=list)
+    key = json.dumps(
+        {"params": params, "stamps": stamps, "tokenizer": tok_hash, "version": version}, sort_keys=True, default=list
+    )
     return f"seq{params['seq_len']}_{hashlib.sha256(key.encode()).hexdigest()[:16]}"

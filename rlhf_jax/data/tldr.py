@@ -42,15 +42,20 @@ def query(info: dict[str, str]) -> str:
 
 def _post_info(info: Any, where: str, name: str) -> dict[str, str]:
     if not isinstance(info, dict):
-        raise ValueError(f"{where}: {name} must be a JSON object with 'subreddit', 'title', 'post', got "
-                         f"{type(info).__name__}.")
+        raise ValueError(
+            f"{where}: {name} must be a JSON object with 'subreddit', 'title', 'post', got {type(info).__name__}."
+        )
     if "post" not in info and "article" in info:
-        raise DefectiveRecord(f"{where}: a CNN/DM article, not a Reddit post — the tldr format reads Reddit posts "
-                              f"only (skip_invalid=True drops such records).")
+        raise DefectiveRecord(
+            f"{where}: a CNN/DM article, not a Reddit post — the tldr format reads Reddit posts "
+            f"only (skip_invalid=True drops such records)."
+        )
     missing = [k for k in ("subreddit", "title", "post") if k not in info]
     if missing:
-        raise ValueError(f"{where}: {name} lacks {missing}; a TL;DR post needs 'subreddit', 'title' and 'post' "
-                         f"(got {sorted(info)}). Use the TL;DR JSON files or another format.")
+        raise ValueError(
+            f"{where}: {name} lacks {missing}; a TL;DR post needs 'subreddit', 'title' and 'post' "
+            f"(got {sorted(info)}). Use the TL;DR JSON files or another format."
+        )
     for k in ("subreddit", "title", "post"):
         if not isinstance(info[k], str):
             raise ValueError(f"{where}: {name}.{k} must be a string, got {type(info[k]).__name__}.")
@@ -79,7 +84,7 @@ def _fit(info: dict[str, str], messages: Messages, fits: Callable[[Messages], bo
 
     post = info["post"]
     while not fits(with_post(post)) and "\n" in post:
-        post = post[:post.rindex("\n")]
+        post = post[: post.rindex("\n")]
     if fits(with_post(post)):
         return with_post(post)
     lo, hi = 0, len(post)  # the longest prefix that fits (post[:lo] fits, post[:hi] does not)
@@ -111,14 +116,18 @@ def parse_comparison(record: Any, where: str) -> tuple[Messages, list[str], Call
         raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__} — write one object per line.")
     missing = [k for k in ("info", "summaries", "choice") if k not in record]
     if missing:
-        raise ValueError(f"{where}: missing key(s) {missing} for format 'tldr'; a comparison needs 'info', "
-                         f"'summaries' and 'choice' (got {sorted(record)}). Rename the fields or pick the matching "
-                         f"format.")
+        raise ValueError(
+            f"{where}: missing key(s) {missing} for format 'tldr'; a comparison needs 'info', "
+            f"'summaries' and 'choice' (got {sorted(record)}). Rename the fields or pick the matching "
+            f"format."
+        )
     summaries, choice = record["summaries"], record["choice"]
-    if not isinstance(summaries, list) or len(summaries) != 2 or not all(isinstance(s, dict) and "text" in s
-                                                                         for s in summaries):
-        raise ValueError(f"{where}: 'summaries' must be a list of two {{'text': ...}} objects, got "
-                         f"{summaries!r:.80}.")
+    if (
+        not isinstance(summaries, list)
+        or len(summaries) != 2
+        or not all(isinstance(s, dict) and "text" in s for s in summaries)
+    ):
+        raise ValueError(f"{where}: 'summaries' must be a list of two {{'text': ...}} objects, got {summaries!r:.80}.")
     if choice not in (0, 1) or isinstance(choice, bool):
         raise ValueError(f"{where}: 'choice'={choice!r} must be 0 or 1 (the index of the preferred summary).")
     messages, fit = prompt(_post_info(record["info"], where, "'info'"))

@@ -62,8 +62,10 @@ class Tokenizer:
             return
         sp = self._sp
         if sp.eos_id() < 0:
-            raise ValueError(f"{path}: this SentencePiece model defines no eos piece; a tokenizer needs one "
-                             f"to end sequences. Train it with eos_id set.")
+            raise ValueError(
+                f"{path}: this SentencePiece model defines no eos piece; a tokenizer needs one "
+                f"to end sequences. Train it with eos_id set."
+            )
         self.unk_id, self.bos_id, self.eos_id = sp.unk_id(), sp.bos_id(), sp.eos_id()
         self.pad_id = sp.pad_id() if sp.pad_id() >= 0 else sp.eos_id()
         self.role_ids = {}
@@ -77,7 +79,7 @@ class Tokenizer:
         for m in _TAG_RE.finditer(text):
             # "<" and "|end|>" encoded apart: neither contains a whole tag, and the text
             # decodes back unchanged because encoding is concatenative.
-            ids += self._sp.encode(text[start:m.start()]) + self._sp.encode("<") + self._sp.encode(m.group()[1:])
+            ids += self._sp.encode(text[start : m.start()]) + self._sp.encode("<") + self._sp.encode(m.group()[1:])
             start = m.end()
         return ids + self._sp.encode(text[start:])
 
@@ -95,8 +97,10 @@ class Tokenizer:
         """The id of special piece `piece` (e.g. "<|end|>"); ValueError when the model has none."""
         i = self._sp.piece_to_id(piece)
         if i == self.unk_id and piece != self.id_to_piece(self.unk_id):
-            raise ValueError(f"{self.path}: no special token {piece!r}; this chat template needs a tokenizer "
-                             f"that has it (e.g. the checkpoint's own tokenizer).")
+            raise ValueError(
+                f"{self.path}: no special token {piece!r}; this chat template needs a tokenizer "
+                f"that has it (e.g. the checkpoint's own tokenizer)."
+            )
         return i
 
     def decode(self, ids: Iterable[int]) -> str:
@@ -137,8 +141,10 @@ class HFTokenizer:
         try:
             import tokenizers
         except ImportError as e:
-            raise ImportError(f"{path} is a Hugging Face tokenizer.json; reading it needs the `tokenizers` "
-                              f"package: pip install tokenizers.") from e
+            raise ImportError(
+                f"{path} is a Hugging Face tokenizer.json; reading it needs the `tokenizers` "
+                f"package: pip install tokenizers."
+            ) from e
         self.path = os.path.abspath(path)
         self._tok = tokenizers.Tokenizer.from_file(self.path)
         self._tok.encode_special_tokens = True
@@ -151,13 +157,16 @@ class HFTokenizer:
                     ids[role] = self._tok.token_to_id(piece)
                     break
         if "eos" not in ids:
-            raise ValueError(f"{path}: no end-of-text token found (looked for {self._EOS} and for eos_token in a "
-                             f"tokenizer_config.json beside it). Add eos_token to that tokenizer_config.json.")
+            raise ValueError(
+                f"{path}: no end-of-text token found (looked for {self._EOS} and for eos_token in a "
+                f"tokenizer_config.json beside it). Add eos_token to that tokenizer_config.json."
+            )
         self.eos_id = ids["eos"]
         self.bos_id, self.pad_id, self.unk_id = ids.get("bos", self.eos_id), ids.get("pad", self.eos_id), ids.get("unk")
         self.role_ids: dict[str, int] = {}
-        self.special_ids: dict[str, int] = {t.content: i for i, t in self._tok.get_added_tokens_decoder().items()
-                                            if t.special}
+        self.special_ids: dict[str, int] = {
+            t.content: i for i, t in self._tok.get_added_tokens_decoder().items() if t.special
+        }
         self._special_re = re.compile("|".join(map(re.escape, sorted(self.special_ids, key=len, reverse=True))))
 
     def encode(self, text: str) -> list[int]:
@@ -167,17 +176,19 @@ class HFTokenizer:
         """Ids of template text, e.g. "<|im_start|>user\n": special-token text in it is that token
         (`encode` keeps such text plain, so content cannot forge a turn). Never use this for content."""
         ids, start = [], 0
-        for m in (self._special_re.finditer(text) if self.special_ids else ()):
-            ids += self.encode(text[start:m.start()]) + [self.special_ids[m.group()]]
+        for m in self._special_re.finditer(text) if self.special_ids else ():
+            ids += self.encode(text[start : m.start()]) + [self.special_ids[m.group()]]
             start = m.end()
         return ids + self.encode(text[start:])
 
     def special_id(self, piece: str) -> int:
         """The id of special token `piece` (e.g. "<|im_end|>"); ValueError when the tokenizer has none."""
         if piece not in self.special_ids:
-            raise ValueError(f"{self.path}: no special token {piece!r} (it has {sorted(self.special_ids)[:8]}); "
-                             f"this chat template needs a tokenizer that has it, e.g. "
-                             f"--config.data.chat_template=hh for a plain-text one.")
+            raise ValueError(
+                f"{self.path}: no special token {piece!r} (it has {sorted(self.special_ids)[:8]}); "
+                f"this chat template needs a tokenizer that has it, e.g. "
+                f"--config.data.chat_template=hh for a plain-text one."
+            )
         return self.special_ids[piece]
 
     def encode_many(self, texts: Sequence[str]) -> list[list[int]]:
@@ -226,15 +237,23 @@ def load_tokenizer(path: str) -> Tokenizer | HFTokenizer:
         raise FileNotFoundError(
             f"tokenizer model {path!r} does not exist. Create one with "
             f"rlhf_jax.data.tokenizer.train_tokenizer(text_paths, {path!r}, vocab_size) "
-            f"or point the config at an existing .model file (or a tokenizer.json).")
+            f"or point the config at an existing .model file (or a tokenizer.json)."
+        )
     with open(path, "rb") as f:
         is_json = f.read(64).lstrip().startswith(b"{")
     return HFTokenizer(path) if is_json else Tokenizer(path)
 
 
-def train_tokenizer(text_paths: list[str] | str, model_path: str, vocab_size: int, model_type: str = "bpe",
-                    byte_fallback: bool = True, max_sentence_length: int = 16384,
-                    character_coverage: float = 1.0, num_threads: int = 1) -> Tokenizer:
+def train_tokenizer(
+    text_paths: list[str] | str,
+    model_path: str,
+    vocab_size: int,
+    model_type: str = "bpe",
+    byte_fallback: bool = True,
+    max_sentence_length: int = 16384,
+    character_coverage: float = 1.0,
+    num_threads: int = 1,
+) -> Tokenizer:
     """Trains a SentencePiece model on local text files and writes `model_path` atomically.
 
     vocab_size: total pieces, including the reserved pieces and byte fallback. For "char"
@@ -260,23 +279,40 @@ def train_tokenizer(text_paths: list[str] | str, model_path: str, vocab_size: in
     elif character_coverage >= 1.0 and vocab_size < reserved + len(chars):
         raise ValueError(
             f"vocab_size={vocab_size} is too small for a {model_type} tokenizer of {paths}: it needs "
-            f"{reserved} reserved pieces ({_NUM_RESERVED} fixed" + (" + 256 byte fallback" if byte_fallback else "")
+            f"{reserved} reserved pieces ({_NUM_RESERVED} fixed"
+            + (" + 256 byte fallback" if byte_fallback else "")
             + f") + {len(chars)} distinct characters = {reserved + len(chars)}. "
-            f"Raise vocab_size (or pass byte_fallback=False).")
+            f"Raise vocab_size (or pass byte_fallback=False)."
+        )
 
     buf = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=_sentences(paths, max_sentence_length), model_writer=buf,
-            model_type=model_type, vocab_size=vocab_size, hard_vocab_limit=model_type != "char",
-            pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
-            user_defined_symbols=list(_USER_SYMBOLS), byte_fallback=byte_fallback,
-            normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
-            split_digits=True, allow_whitespace_only_pieces=True, character_coverage=character_coverage,
-            max_sentence_length=max_sentence_length, num_threads=num_threads, minloglevel=2)
+            sentence_iterator=_sentences(paths, max_sentence_length),
+            model_writer=buf,
+            model_type=model_type,
+            vocab_size=vocab_size,
+            hard_vocab_limit=model_type != "char",
+            pad_id=PAD_ID,
+            unk_id=UNK_ID,
+            bos_id=BOS_ID,
+            eos_id=EOS_ID,
+            user_defined_symbols=list(_USER_SYMBOLS),
+            byte_fallback=byte_fallback,
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            add_dummy_prefix=False,
+            split_digits=True,
+            allow_whitespace_only_pieces=True,
+            character_coverage=character_coverage,
+            max_sentence_length=max_sentence_length,
+            num_threads=num_threads,
+            minloglevel=2,
+        )
     except RuntimeError as e:
-        raise ValueError(f"sentencepiece could not train a {model_type} tokenizer with vocab_size={vocab_size} "
-                         f"on {paths}: {e}") from e
+        raise ValueError(
+            f"sentencepiece could not train a {model_type} tokenizer with vocab_size={vocab_size} on {paths}: {e}"
+        ) from e
     os.makedirs(os.path.dirname(os.path.abspath(model_path)), exist_ok=True)
     tmp = f"{model_path}.tmp{os.getpid()}"
     with open(tmp, "wb") as f:
@@ -294,7 +330,7 @@ def _sentences(paths: list[str], max_sentence_length: int) -> Iterator[str]:
             for line in f:
                 line = line.rstrip("\n")
                 for i in range(0, len(line), chunk):
-                    yield line[i:i + chunk]
+                    yield line[i : i + chunk]
 
 
 def _corpus_chars(paths: list[str], max_sentence_length: int) -> set[str]:

@@ -14,5 +14,16 @@ from rlhf_jax.hf.export import export, hf_tensors
 from rlhf_jax.hf.layout import FAMILIES, family_for, is_hf_dir, model_fields, read_config
 from rlhf_jax.hf.load import load_model, load_params, model_config, reward_offset
 
-__all__ = ["FAMILIES", "export", "family_for", "hf_tensors", "is_hf_dir", "load_model", "load_params", "model_config",
-           "model_fields", "read_config", "reward_offset"]
+__all__ = [
+    "FAMILIES",
+    "export",
+    "family_for",
+    "hf_tensors",
+    "is_hf_dir",
+    "load_model",
+    "load_params",
+    "model_config",
+    "model_fields",
+    "read_config",
+    "reward_offset",
+]

@@ -49,8 +49,8 @@ def hf_tensors(params: Mapping, cfg: ModelConfig, family: str, kind: str = "lm")
     out = {}
     for name, parts in groups.items():
         src0, leaf0 = parts[0]
-        n_in = math.prod(leaf0.shape[:src0.n_in])
-        n_out = sum(math.prod(x.shape[s.n_in:]) for s, x in parts)
+        n_in = math.prod(leaf0.shape[: src0.n_in])
+        n_out = sum(math.prod(x.shape[s.n_in :]) for s, x in parts)
         mat = np.zeros((n_in, n_out), np.float32)  # [in, out]; every column is written once below
         start = 0
         for src, x in parts:
@@ -65,8 +65,15 @@ def hf_tensors(params: Mapping, cfg: ModelConfig, family: str, kind: str = "lm")
     return out
 
 
-def export(params: Mapping, cfg: ModelConfig, out_dir: str, kind: str = "lm", family: str | None = None,
-           tokenizer=None, reward_norm: Mapping[str, float] | None = None) -> str:
+def export(
+    params: Mapping,
+    cfg: ModelConfig,
+    out_dir: str,
+    kind: str = "lm",
+    family: str | None = None,
+    tokenizer=None,
+    reward_norm: Mapping[str, float] | None = None,
+) -> str:
     """Writes `params` (one model's tree: trunk, lm_head / reward_head) as an HF directory; returns out_dir.
 
     family: gpt2 | neox | llama; default: the one `cfg`'s architecture is (an error if none).
@@ -85,8 +92,12 @@ def export(params: Mapping, cfg: ModelConfig, out_dir: str, kind: str = "lm", fa
         gain, bias = (reward_norm or {}).get("gain", 1.0), (reward_norm or {}).get("bias", 0.0)
         tensors["score.weight"] = tensors["score.weight"] * np.float32(gain)
         head_bias = float(np.asarray(jax.device_get(params["reward_head"]["bias"])).reshape(-1)[0])
-        config.update(num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0},
-                      **{layout.REWARD_OFFSET_KEY: gain * head_bias + bias})
+        config.update(
+            num_labels=1,
+            id2label={"0": "LABEL_0"},
+            label2id={"LABEL_0": 0},
+            **{layout.REWARD_OFFSET_KEY: gain * head_bias + bias},
+        )
     os.makedirs(out_dir, exist_ok=True)
     if tokenizer is not None:
         config.update(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)

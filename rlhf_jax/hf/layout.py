@@ -27,8 +27,11 @@ FAMILIES = ("gpt2", "neox", "llama")
 MODEL_TYPES = {"gpt2": "gpt2", "gpt_neox": "neox", "llama": "llama"}
 PREFIX = {"gpt2": "transformer.", "neox": "gpt_neox.", "llama": "model."}
 CAUSAL_LM = {"gpt2": "GPT2LMHeadModel", "neox": "GPTNeoXForCausalLM", "llama": "LlamaForCausalLM"}
-SEQ_CLS = {"gpt2": "GPT2ForSequenceClassification", "neox": "GPTNeoXForSequenceClassification",
-           "llama": "LlamaForSequenceClassification"}
+SEQ_CLS = {
+    "gpt2": "GPT2ForSequenceClassification",
+    "neox": "GPTNeoXForSequenceClassification",
+    "llama": "LlamaForSequenceClassification",
+}
 # HF's score layer has no bias; our reward head does. Export writes the constant here (see export.py).
 REWARD_OFFSET_KEY = "rlhf_jax_reward_offset"
 _TANH_GELU = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
@@ -52,16 +55,19 @@ class Source:
 
 def is_hf_dir(path: str) -> bool:
     """A local HF model directory: config.json beside model.safetensors or a sharded index."""
-    return (os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json"))
-            and any(os.path.isfile(os.path.join(path, f))
-                    for f in ("model.safetensors", "model.safetensors.index.json")))
+    return (
+        os.path.isdir(path)
+        and os.path.isfile(os.path.join(path, "config.json"))
+        and any(os.path.isfile(os.path.join(path, f)) for f in ("model.safetensors", "model.safetensors.index.json"))
+    )
 
 
 def read_config(hf_dir: str) -> dict:
     path = os.path.join(hf_dir, "config.json")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} does not exist; point at a local Hugging Face model directory "
-                                f"(config.json + model.safetensors).")
+        raise FileNotFoundError(
+            f"{path} does not exist; point at a local Hugging Face model directory (config.json + model.safetensors)."
+        )
     with open(path) as f:
         return json.load(f)
 
@@ -74,8 +80,10 @@ def is_sequence_classifier(hf: dict) -> bool:
 def family_of(hf: dict, where: str = "config.json") -> str:
     mt = hf.get("model_type")
     if mt not in MODEL_TYPES:
-        raise ValueError(f"{where}: model_type={mt!r} is not supported. Supported: {sorted(MODEL_TYPES)} "
-                         f"(GPT-2, GPT-NeoX/Pythia, LLaMA).")
+        raise ValueError(
+            f"{where}: model_type={mt!r} is not supported. Supported: {sorted(MODEL_TYPES)} "
+            f"(GPT-2, GPT-NeoX/Pythia, LLaMA)."
+        )
     return MODEL_TYPES[mt]
 
 
@@ -104,41 +112,82 @@ def model_fields(hf: dict, where: str = "config.json") -> dict:
         if act not in (*_TANH_GELU, "gelu"):
             _unsupported(where, "activation_function", act, f"{_TANH_GELU} or 'gelu'")
         if hf.get("scale_attn_by_inverse_layer_idx") or not hf.get("scale_attn_weights", True):
-            _unsupported(where, "scale_attn_by_inverse_layer_idx / scale_attn_weights",
-                         (hf.get("scale_attn_by_inverse_layer_idx"), hf.get("scale_attn_weights")), "(false, true)")
-        return dict(vocab_size=hf["vocab_size"], d_model=hf["n_embd"], n_layers=hf["n_layer"], n_heads=hf["n_head"],
-                    n_kv_heads=0, d_ff=hf.get("n_inner") or 0, max_len=hf["n_positions"], position="learned",
-                    norm="layernorm", norm_eps=hf.get("layer_norm_epsilon", 1e-5),
-                    mlp="gelu" if act in _TANH_GELU else "gelu_exact", use_bias=True,
-                    tie_embeddings=hf.get("tie_word_embeddings", True), parallel_residual=False, rotary_pct=1.0)
+            _unsupported(
+                where,
+                "scale_attn_by_inverse_layer_idx / scale_attn_weights",
+                (hf.get("scale_attn_by_inverse_layer_idx"), hf.get("scale_attn_weights")),
+                "(false, true)",
+            )
+        return dict(
+            vocab_size=hf["vocab_size"],
+            d_model=hf["n_embd"],
+            n_layers=hf["n_layer"],
+            n_heads=hf["n_head"],
+            n_kv_heads=0,
+            d_ff=hf.get("n_inner") or 0,
+            max_len=hf["n_positions"],
+            position="learned",
+            norm="layernorm",
+            norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+            mlp="gelu" if act in _TANH_GELU else "gelu_exact",
+            use_bias=True,
+            tie_embeddings=hf.get("tie_word_embeddings", True),
+            parallel_residual=False,
+            rotary_pct=1.0,
+        )
     theta, pct = _rope(hf, where)
     heads, d = hf["num_attention_heads"], hf["hidden_size"]
     if hf.get("head_dim", d // heads) != d // heads:
         _unsupported(where, "head_dim", hf["head_dim"], f"hidden_size / num_attention_heads = {d // heads}")
-    common = dict(vocab_size=hf["vocab_size"], d_model=d, n_layers=hf["num_hidden_layers"], n_heads=heads,
-                  d_ff=hf["intermediate_size"], max_len=hf.get("max_position_embeddings", 2048), position="rope",
-                  rope_theta=theta, rotary_pct=pct)
+    common = dict(
+        vocab_size=hf["vocab_size"],
+        d_model=d,
+        n_layers=hf["num_hidden_layers"],
+        n_heads=heads,
+        d_ff=hf["intermediate_size"],
+        max_len=hf.get("max_position_embeddings", 2048),
+        position="rope",
+        rope_theta=theta,
+        rotary_pct=pct,
+    )
     if fam == "neox":
         act = hf.get("hidden_act", "gelu")
         if act not in (*_TANH_GELU, "gelu"):
             _unsupported(where, "hidden_act", act, f"'gelu' or {_TANH_GELU}")
         if not hf.get("attention_bias", True):
             _unsupported(where, "attention_bias", False, "true (GPT-NeoX's MLP and norms always have biases)")
-        return dict(common, n_kv_heads=0, norm="layernorm", norm_eps=hf.get("layer_norm_eps", 1e-5),
-                    mlp="gelu_exact" if act == "gelu" else "gelu", use_bias=True,
-                    tie_embeddings=hf.get("tie_word_embeddings", False),
-                    parallel_residual=hf.get("use_parallel_residual", True))
+        return dict(
+            common,
+            n_kv_heads=0,
+            norm="layernorm",
+            norm_eps=hf.get("layer_norm_eps", 1e-5),
+            mlp="gelu_exact" if act == "gelu" else "gelu",
+            use_bias=True,
+            tie_embeddings=hf.get("tie_word_embeddings", False),
+            parallel_residual=hf.get("use_parallel_residual", True),
+        )
     act = hf.get("hidden_act", "silu")
     if act != "silu":
         _unsupported(where, "hidden_act", act, "'silu' (SwiGLU)")
     if hf.get("attention_bias", False) != hf.get("mlp_bias", False):
-        _unsupported(where, "attention_bias / mlp_bias", (hf.get("attention_bias"), hf.get("mlp_bias")),
-                     "both false or both true (one use_bias flag)")
+        _unsupported(
+            where,
+            "attention_bias / mlp_bias",
+            (hf.get("attention_bias"), hf.get("mlp_bias")),
+            "both false or both true (one use_bias flag)",
+        )
     if pct != 1.0:
         _unsupported(where, "partial_rotary_factor", pct, "1.0 for LLaMA")
-    return dict(common, n_kv_heads=hf.get("num_key_value_heads") or heads, norm="rmsnorm",
-                norm_eps=hf.get("rms_norm_eps", 1e-6), mlp="swiglu", use_bias=bool(hf.get("attention_bias", False)),
-                tie_embeddings=hf.get("tie_word_embeddings", False), parallel_residual=False)
+    return dict(
+        common,
+        n_kv_heads=hf.get("num_key_value_heads") or heads,
+        norm="rmsnorm",
+        norm_eps=hf.get("rms_norm_eps", 1e-6),
+        mlp="swiglu",
+        use_bias=bool(hf.get("attention_bias", False)),
+        tie_embeddings=hf.get("tie_word_embeddings", False),
+        parallel_residual=False,
+    )
 
 
 def family_for(cfg: ModelConfig) -> str:
@@ -150,9 +199,11 @@ def family_for(cfg: ModelConfig) -> str:
     elif cfg.position == "rope" and cfg.norm == "rmsnorm" and cfg.mlp == "swiglu":
         fam = "llama"
     else:
-        raise ValueError(f"model (position={cfg.position!r}, norm={cfg.norm!r}, mlp={cfg.mlp!r}) matches no HF "
-                         f"family: gpt2 = learned + layernorm + gelu, neox = rope + layernorm + gelu, "
-                         f"llama = rope + rmsnorm + swiglu.")
+        raise ValueError(
+            f"model (position={cfg.position!r}, norm={cfg.norm!r}, mlp={cfg.mlp!r}) matches no HF "
+            f"family: gpt2 = learned + layernorm + gelu, neox = rope + layernorm + gelu, "
+            f"llama = rope + rmsnorm + swiglu."
+        )
     problems = []
     if fam in ("gpt2", "neox") and not cfg.use_bias:
         problems.append("use_bias=False (GPT-2 and GPT-NeoX have biases)")
@@ -170,30 +221,65 @@ def family_for(cfg: ModelConfig) -> str:
 def hf_config(cfg: ModelConfig, family: str, architecture: str) -> dict:
     """config.json for `cfg` in `family` (the inverse of `model_fields`)."""
     if family == "gpt2":
-        return dict(architectures=[architecture], model_type="gpt2", vocab_size=cfg.vocab_size, n_embd=cfg.d_model,
-                    n_layer=cfg.n_layers, n_head=cfg.n_heads, n_inner=cfg.ff_dim, n_positions=cfg.max_len,
-                    layer_norm_epsilon=cfg.norm_eps,
-                    activation_function="gelu_new" if cfg.mlp == "gelu" else "gelu",
-                    attn_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, resid_pdrop=cfg.dropout,
-                    scale_attn_weights=True, tie_word_embeddings=cfg.tie_embeddings)
+        return dict(
+            architectures=[architecture],
+            model_type="gpt2",
+            vocab_size=cfg.vocab_size,
+            n_embd=cfg.d_model,
+            n_layer=cfg.n_layers,
+            n_head=cfg.n_heads,
+            n_inner=cfg.ff_dim,
+            n_positions=cfg.max_len,
+            layer_norm_epsilon=cfg.norm_eps,
+            activation_function="gelu_new" if cfg.mlp == "gelu" else "gelu",
+            attn_pdrop=cfg.dropout,
+            embd_pdrop=cfg.dropout,
+            resid_pdrop=cfg.dropout,
+            scale_attn_weights=True,
+            tie_word_embeddings=cfg.tie_embeddings,
+        )
     rope = dict(rope_type="default", rope_theta=cfg.rope_theta)
-    common = dict(architectures=[architecture], vocab_size=cfg.vocab_size, hidden_size=cfg.d_model,
-                  num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, intermediate_size=cfg.ff_dim,
-                  max_position_embeddings=cfg.max_len, rope_theta=cfg.rope_theta,
-                  tie_word_embeddings=cfg.tie_embeddings, attention_dropout=cfg.dropout)
+    common = dict(
+        architectures=[architecture],
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.d_model,
+        num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads,
+        intermediate_size=cfg.ff_dim,
+        max_position_embeddings=cfg.max_len,
+        rope_theta=cfg.rope_theta,
+        tie_word_embeddings=cfg.tie_embeddings,
+        attention_dropout=cfg.dropout,
+    )
     if family == "neox":
-        return dict(common, model_type="gpt_neox", layer_norm_eps=cfg.norm_eps,
-                    hidden_act="gelu" if cfg.mlp == "gelu_exact" else "gelu_new",
-                    rotary_pct=cfg.rotary_pct, rotary_emb_base=cfg.rope_theta,
-                    rope_parameters=dict(rope, partial_rotary_factor=cfg.rotary_pct),
-                    use_parallel_residual=cfg.parallel_residual, attention_bias=True, hidden_dropout=cfg.dropout)
-    return dict(common, model_type="llama", num_key_value_heads=cfg.kv_heads, head_dim=cfg.head_dim,
-                rms_norm_eps=cfg.norm_eps, hidden_act="silu", rope_parameters=rope,
-                attention_bias=cfg.use_bias, mlp_bias=cfg.use_bias)
+        return dict(
+            common,
+            model_type="gpt_neox",
+            layer_norm_eps=cfg.norm_eps,
+            hidden_act="gelu" if cfg.mlp == "gelu_exact" else "gelu_new",
+            rotary_pct=cfg.rotary_pct,
+            rotary_emb_base=cfg.rope_theta,
+            rope_parameters=dict(rope, partial_rotary_factor=cfg.rotary_pct),
+            use_parallel_residual=cfg.parallel_residual,
+            attention_bias=True,
+            hidden_dropout=cfg.dropout,
+        )
+    return dict(
+        common,
+        model_type="llama",
+        num_key_value_heads=cfg.kv_heads,
+        head_dim=cfg.head_dim,
+        rms_norm_eps=cfg.norm_eps,
+        hidden_act="silu",
+        rope_parameters=rope,
+        attention_bias=cfg.use_bias,
+        mlp_bias=cfg.use_bias,
+    )
 
 
-def weight_table(cfg: ModelConfig, family: str, lm_head: bool = True, reward_head: bool = False
-                 ) -> dict[tuple[str, ...], Source]:
+def weight_table(
+    cfg: ModelConfig, family: str, lm_head: bool = True, reward_head: bool = False
+) -> dict[tuple[str, ...], Source]:
     """Our param path (e.g. ("trunk", "block_0", "attn", "query", "kernel")) → its HF Source."""
     h, hd, d = cfg.n_heads, cfg.head_dim, cfg.d_model
     pre = PREFIX[family]

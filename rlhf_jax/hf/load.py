@@ -35,15 +35,19 @@ class TensorReader:
         else:
             single = os.path.join(hf_dir, "model.safetensors")
             if not os.path.isfile(single):
-                raise FileNotFoundError(f"{hf_dir}: neither model.safetensors nor model.safetensors.index.json "
-                                        f"exists (PyTorch .bin checkpoints are not read; re-save with "
-                                        f"save_pretrained(..., safe_serialization=True)).")
+                raise FileNotFoundError(
+                    f"{hf_dir}: neither model.safetensors nor model.safetensors.index.json "
+                    f"exists (PyTorch .bin checkpoints are not read; re-save with "
+                    f"save_pretrained(..., safe_serialization=True))."
+                )
             with safe_open(single, framework="numpy") as f:
                 files = {k: "model.safetensors" for k in f.keys()}
         self.hf_dir = hf_dir
         self._files = files
-        self._open = {fn: stack.enter_context(safe_open(os.path.join(hf_dir, fn), framework="numpy"))
-                      for fn in sorted(set(files.values()))}
+        self._open = {
+            fn: stack.enter_context(safe_open(os.path.join(hf_dir, fn), framework="numpy"))
+            for fn in sorted(set(files.values()))
+        }
 
     def names(self) -> set[str]:
         return set(self._files)
@@ -56,8 +60,10 @@ class TensorReader:
         bare = name.split(".", 1)[1]
         if bare in self._files:
             return bare
-        raise KeyError(f"{self.hf_dir}: tensor {name!r} is missing from the checkpoint; the config.json and "
-                       f"the weights disagree, or this is not the architecture config.json names.")
+        raise KeyError(
+            f"{self.hf_dir}: tensor {name!r} is missing from the checkpoint; the config.json and "
+            f"the weights disagree, or this is not the architecture config.json names."
+        )
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._open[self._files[name]].get_slice(name).get_shape())
@@ -68,29 +74,32 @@ class TensorReader:
 
 def _hf_shape(src: layout.Source, shape: tuple[int, ...], hf_shape: tuple[int, ...]) -> tuple[int, int]:
     """(in, out) sizes of the HF tensor as our leaf sees it; an error naming both shapes on mismatch."""
-    n_in = math.prod(shape[:src.n_in])
-    n_out = math.prod(shape[src.n_in:])
+    n_in = math.prod(shape[: src.n_in])
+    n_out = math.prod(shape[src.n_in :])
     if src.n_in == 0:
         got_in, got_out = 1, hf_shape[0] if len(hf_shape) == 1 else -1
     else:
         got_out, got_in = hf_shape if src.out_first else hf_shape[::-1]
     need_out = n_out if src.out_index is None else int(src.out_index.max()) + 1
     if got_in != n_in or (got_out != need_out if src.out_index is None else got_out < need_out):
-        raise ValueError(f"HF tensor {src.name} has shape {hf_shape}, which does not fit our leaf of shape "
-                         f"{shape}; the model config does not match the checkpoint's config.json.")
+        raise ValueError(
+            f"HF tensor {src.name} has shape {hf_shape}, which does not fit our leaf of shape "
+            f"{shape}; the model config does not match the checkpoint's config.json."
+        )
     return got_in, got_out
 
 
-def read_block(reader: TensorReader, src: layout.Source, shape: tuple[int, ...],
-               index: tuple[slice, ...]) -> np.ndarray:
+def read_block(
+    reader: TensorReader, src: layout.Source, shape: tuple[int, ...], index: tuple[slice, ...]
+) -> np.ndarray:
     """Our leaf's block `index` (one slice per axis) read from HF tensor `src.name`, as float32.
 
     Reads the bounding box of the needed HF rows and columns, then picks them out (exact for
     everything but NeoX's fused qkv; see the module docstring)."""
     index = tuple(index) + (slice(None),) * (len(shape) - len(index))
-    in_shape, out_shape = shape[:src.n_in], shape[src.n_in:]
-    rows = np.arange(math.prod(in_shape)).reshape(in_shape)[index[:src.n_in]].ravel()
-    cols = np.arange(math.prod(out_shape)).reshape(out_shape)[index[src.n_in:]].ravel()
+    in_shape, out_shape = shape[: src.n_in], shape[src.n_in :]
+    rows = np.arange(math.prod(in_shape)).reshape(in_shape)[index[: src.n_in]].ravel()
+    cols = np.arange(math.prod(out_shape)).reshape(out_shape)[index[src.n_in :]].ravel()
     if src.out_index is not None:
         cols = src.out_index[cols]
     r0, r1, c0, c1 = int(rows.min()), int(rows.max()) + 1, int(cols.min()), int(cols.max()) + 1
@@ -113,8 +122,9 @@ def _is_range(idx: np.ndarray, start: int, stop: int) -> bool:
 
 def model_config(hf_dir: str, **runtime: Any) -> ModelConfig:
     """Our ModelConfig for the HF model in `hf_dir`; `runtime` sets dtype, dropout, remat."""
-    return ModelConfig(**layout.model_fields(layout.read_config(hf_dir), os.path.join(hf_dir, "config.json")),
-                       **runtime)
+    return ModelConfig(
+        **layout.model_fields(layout.read_config(hf_dir), os.path.join(hf_dir, "config.json")), **runtime
+    )
 
 
 def reward_offset(hf_dir: str) -> float:
@@ -136,8 +146,10 @@ def load_params(hf_dir: str, params_like):
         is_rm = layout.is_sequence_classifier(hf)
         n_labels = len(hf.get("id2label") or {}) or hf.get("num_labels", 1)
         if is_rm and n_labels != 1:
-            raise ValueError(f"{where}: a sequence classifier with {n_labels} labels; only num_labels=1 "
-                             f"(a scalar reward) maps onto reward_head.")
+            raise ValueError(
+                f"{where}: a sequence classifier with {n_labels} labels; only num_labels=1 "
+                f"(a scalar reward) maps onto reward_head."
+            )
         table = layout.weight_table(cfg, family, lm_head=not is_rm, reward_head=is_rm)
         table = {k: _resolved(v, reader) for k, v in table.items()}
 
@@ -163,8 +175,10 @@ def load_params(hf_dir: str, params_like):
 
         out = jax.tree_util.tree_map_with_path(load, params_like)
     if table:
-        raise ValueError(f"{hf_dir}: our params tree has no place for {sorted('/'.join(k) for k in table)[:5]}; "
-                         f"build the model from this checkpoint's config (rlhf_jax.hf.model_config).")
+        raise ValueError(
+            f"{hf_dir}: our params tree has no place for {sorted('/'.join(k) for k in table)[:5]}; "
+            f"build the model from this checkpoint's config (rlhf_jax.hf.model_config)."
+        )
     return out
 
 
@@ -181,8 +195,9 @@ def load_model(hf_dir: str, mesh, rules, **runtime: Any):
     with parallel.activate(mesh, rules):
         abstract = jax.eval_shape(train_state.model_init_fn(model, 8, 0))
         shardings = parallel.logical_shardings(abstract, mesh, rules)
-    like = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
-                        nn.unbox(abstract), shardings)
+    like = jax.tree.map(
+        lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), nn.unbox(abstract), shardings
+    )
     is_rm = layout.is_sequence_classifier(layout.read_config(hf_dir))
     keep = ("trunk", "reward_head") if is_rm else ("trunk", "lm_head")
     return model, load_params(hf_dir, {k: v for k, v in like.items() if k in keep})
@@ -192,10 +207,12 @@ def _check_divisible(key: tuple[str, ...], shape: tuple[int, ...], sharding) -> 
     try:
         sharding.shard_shape(shape)
     except ValueError as e:
-        raise ValueError(f"{'/'.join(key)} of shape {shape} cannot be split as {sharding.spec} on mesh "
-                         f"{dict(sharding.mesh.shape)} "
-                         f"(e.g. GPT-2's vocabulary of 50257 over tensor=2). Use mesh axes that divide it, e.g. "
-                         f"--config.mesh.tensor=1 and shard with fsdp instead.") from e
+        raise ValueError(
+            f"{'/'.join(key)} of shape {shape} cannot be split as {sharding.spec} on mesh "
+            f"{dict(sharding.mesh.shape)} "
+            f"(e.g. GPT-2's vocabulary of 50257 over tensor=2). Use mesh axes that divide it, e.g. "
+            f"--config.mesh.tensor=1 and shard with fsdp instead."
+        ) from e
 
 
 def _resolved(src: layout.Source, reader: TensorReader) -> layout.Source:

@@ -1,5 +1,6 @@
-"""One module per stage: `lm` (pretrain, sft), `rm`, `ppo` (the policy-gradient family), `dpo` (the direct
-preference family); each has `train_and_evaluate(config, workdir)` and none imports another."""
+"""One module per stage: `lm` (pretrain, sft), `rm`, `pg` (the policy-gradient family: PPO, GRPO, RLOO,
+REINFORCE++), `dpo` (the direct preference family); each has `train_and_evaluate(config, workdir)` and none
+imports another."""
 
 from __future__ import annotations
 
@@ -7,8 +8,13 @@ import importlib
 
 from rlhf_jax.errors import ConfigError
 
-STAGE_MODULES = {"pretrain": "rlhf_jax.stages.lm", "sft": "rlhf_jax.stages.lm",
-                 "rm": "rlhf_jax.stages.rm", "ppo": "rlhf_jax.stages.ppo", "dpo": "rlhf_jax.stages.dpo"}
+STAGE_MODULES = {
+    "pretrain": "rlhf_jax.stages.lm",
+    "sft": "rlhf_jax.stages.lm",
+    "rm": "rlhf_jax.stages.rm",
+    "pg": "rlhf_jax.stages.pg",
+    "dpo": "rlhf_jax.stages.dpo",
+}
 
 
 def run_stage(config, workdir: str):

@@ -28,7 +28,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from rlhf_jax import comparison_data, lora, objectives, parallel, preference, rollout as rollouts, train_state
+from rlhf_jax import comparison_data, forward, lora, parallel, preference, rewards, rollout as rollouts, train_state
 from rlhf_jax.errors import ConfigError
 from rlhf_jax.loop import LoopTail
 from rlhf_jax.run import Run
@@ -43,36 +43,46 @@ def check_config(c: ml_collections.ConfigDict) -> None:
     if d.beta <= 0:
         raise ConfigError(f"config.dpo.beta={d.beta} must be > 0 (DPO: 0.1; SimPO: about 2).")
     if not 0.0 <= d.label_smoothing < 0.5:
-        raise ConfigError(f"config.dpo.label_smoothing={d.label_smoothing} must be in [0, 0.5) (the share of "
-                          f"labels taken as flipped).")
+        raise ConfigError(
+            f"config.dpo.label_smoothing={d.label_smoothing} must be in [0, 0.5) (the share of "
+            f"labels taken as flipped)."
+        )
     if d.online:
         if c.online.samples_per_prompt < 2:
-            raise ConfigError(f"config.online.samples_per_prompt={c.online.samples_per_prompt} must be >= 2: a "
-                              f"prompt's samples are ranked against each other.")
+            raise ConfigError(
+                f"config.online.samples_per_prompt={c.online.samples_per_prompt} must be >= 2: a "
+                f"prompt's samples are ranked against each other."
+            )
         if c.grad_accum != 1:
-            raise ConfigError("config.grad_accum must be 1 with config.dpo.online=True: each iteration's "
-                              "batch is its own samples.")
+            raise ConfigError(
+                "config.grad_accum must be 1 with config.dpo.online=True: each iteration's batch is its own samples."
+            )
         if c.online.updates_per_iteration < 1:
             raise ConfigError(f"config.online.updates_per_iteration={c.online.updates_per_iteration} must be >= 1.")
         if c.rollout.temperature <= 0:
-            raise ConfigError(f"config.rollout.temperature={c.rollout.temperature}: online DPO samples its pairs; "
-                              f"greedy decoding would give K equal responses. Use e.g. 0.7.")
+            raise ConfigError(
+                f"config.rollout.temperature={c.rollout.temperature}: online DPO samples its pairs; "
+                f"greedy decoding would give K equal responses. Use e.g. 0.7."
+            )
 
 
 # --- log-probs of the K responses of each prompt, in the two layouts -------------------------------------------------
 
+
 def offline_logps(params, model, batch, rng=None):
     """Comparison records {tokens, input_mask [B, K, L], prompt_len [B]} → (Σ log π [B, K], lengths [B, K])."""
-    return objectives.comparison_logprobs(params, model, batch, rng)
+    return forward.comparison_logprobs(params, model, batch, rng)
 
 
 def online_logps(params, model, batch, rng=None):
     """Samples {prompt [B, K, P] left-padded, response [B, K, N]} → (Σ log π [B, K], lengths [B, K]), of the
-    untempered policy (the object DPO trains), whatever temperature drew them."""
+    untempered policy (the object DPO trains), whatever temperature drew them; with `rng`, under model.dropout
+    as offline_logps (the reference's are computed without it)."""
     B, K = batch["response"].shape[:2]
     flat = {k: batch[k].reshape(B * K, -1) for k in ("prompt", "prompt_mask", "response", "response_mask")}
-    lp = objectives.response_logprob_sums(params, model, flat["prompt"], flat["prompt_mask"], flat["response"],
-                                          flat["response_mask"], 1.0)
+    lp = forward.response_logprob_sums(
+        params, model, flat["prompt"], flat["prompt_mask"], flat["response"], flat["response_mask"], 1.0, rng
+    )
     return lp.reshape(B, K), jnp.sum(batch["response_mask"], axis=-1).astype(jnp.float32)
 
 
@@ -80,8 +90,11 @@ def implicit(params, ref_params, model, batch, d, logps_fn, rng=None):
     """(ρ [B, K], the policy's log-prob sums [B, K]) of a batch (preference.implicit_rewards); ref_params None:
     the policy with its LoRA adapters off."""
     logps, lengths = logps_fn(params, model, batch, rng)
-    ref = None if d.loss == "simpo" else \
-        jax.lax.stop_gradient(logps_fn(lora.reference(params, ref_params), model, batch)[0])
+    ref = (
+        None
+        if d.loss == "simpo"
+        else jax.lax.stop_gradient(logps_fn(lora.reference(params, ref_params), model, batch)[0])
+    )
     return preference.implicit_rewards(d.loss, logps, ref, lengths), logps
 
 
@@ -89,10 +102,15 @@ def batch_metrics(rho, logps, valid, loss, beta, prefix=""):
     """TRL's names: rewards/{chosen, rejected, margins, accuracies} of β·ρ, logps/{chosen, rejected}."""
     r = preference.comparison_metrics(beta * rho, valid)
     lp = preference.comparison_metrics(logps, valid)
-    return {f"{prefix}loss": loss, f"{prefix}rewards/chosen": r["chosen_reward"],
-            f"{prefix}rewards/rejected": r["rejected_reward"], f"{prefix}rewards/margins": r["margin"],
-            f"{prefix}rewards/accuracies": r["accuracy"], f"{prefix}logps/chosen": lp["chosen_reward"],
-            f"{prefix}logps/rejected": lp["rejected_reward"]}
+    return {
+        f"{prefix}loss": loss,
+        f"{prefix}rewards/chosen": r["chosen_reward"],
+        f"{prefix}rewards/rejected": r["rejected_reward"],
+        f"{prefix}rewards/margins": r["margin"],
+        f"{prefix}rewards/accuracies": r["accuracy"],
+        f"{prefix}logps/chosen": lp["chosen_reward"],
+        f"{prefix}logps/rejected": lp["rejected_reward"],
+    }
 
 
 def family_loss(rho, valid, d):
@@ -117,7 +135,8 @@ def make_train_step(model, tx, schedule, c, logps_fn, grad_accum: int = 1, injec
         loss, grads, (rho, logps) = train_state.accumulate_grads(share, state.params, batch, rng, grad_accum)
         rho, logps = rho.reshape(batch["valid"].shape), logps.reshape(batch["valid"].shape)
         params, opt_state, nonfinite = train_state.apply_if_finite(
-            tx, grads, loss, state.params, state.opt_state, state.nonfinite, state.step, inject_nonfinite)
+            tx, grads, loss, state.params, state.opt_state, state.nonfinite, state.step, inject_nonfinite
+        )
         metrics = batch_metrics(rho, logps, batch["valid"], loss, d.beta)
         metrics.update({"grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)})
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state, nonfinite=nonfinite), metrics
@@ -163,25 +182,34 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     model, tx, schedule, state, shardings = run.setup_state(updates_per_step=updates)
     # The initial params (before a resume), copied: None with SimPO (no reference) and with LoRA (the reference
     # is the policy, adapters off: lora.reference).
-    ref_params = None if c.dpo.loss == "simpo" or c.model.lora.rank else \
-        run.frozen_init_params(state.params, heads=("trunk", "lm_head"))
+    ref_params = (
+        None
+        if c.dpo.loss == "simpo" or c.model.lora.rank
+        else run.frozen_init_params(state.params, heads=("trunk", "lm_head"))
+    )
     state, _ = run.restore_or(state, init_heads=("trunk", "lm_head"))
     start = int(jax.device_get(state.step)) // updates
 
     logps_fn = online_logps if c.dpo.online else offline_logps
     with parallel.activate(run.mesh, run.rules):
-        step_fn = jax.jit(make_train_step(model, tx, schedule, c, logps_fn, c.grad_accum,
-                                          tuple(c.debug_nonfinite_steps)),
-                          out_shardings=(shardings, parallel.replicated(run.mesh)), donate_argnums=(0,))
+        step_fn = jax.jit(
+            make_train_step(model, tx, schedule, c, logps_fn, c.grad_accum, tuple(c.debug_nonfinite_steps)),
+            out_shardings=(shardings, parallel.replicated(run.mesh)),
+            donate_argnums=(0,),
+        )
         implicit_fn = jax.jit(lambda p, r, b: implicit(p, r, model, b, c.dpo, offline_logps))
-    evaluate_at = None if eval_source is None else \
-        lambda params: lambda: evaluate(implicit_fn, params, ref_params, eval_source, run)  # params → evaluate()
+    evaluate_at = (
+        None
+        if eval_source is None
+        else lambda params: lambda: evaluate(implicit_fn, params, ref_params, eval_source, run)
+    )  # params → evaluate()
     tail = LoopTail(run, start, "dpo", postfix={"loss": "loss", "acc": "rewards/accuracies"})
     with parallel.activate(run.mesh, run.rules):
         if not c.dpo.online:
             loader = BatchLoader(train_source, c.batch_size, seed=c.seed)
-            run.log(f"dpo ({c.dpo.loss}, β {c.dpo.beta}): {loader.num_examples} comparisons, steps "
-                    f"{start}→{c.num_steps}")
+            run.log(
+                f"dpo ({c.dpo.loss}, β {c.dpo.beta}): {loader.num_examples} comparisons, steps {start}→{c.num_steps}"
+            )
             for step, local in loader.iterate(start, c.num_steps - start):
                 batch = parallel.global_batch(local, run.mesh, run.rules)
                 step_fn = tail.compile_once("dpo train step", step_fn, state, ref_params, batch)
@@ -193,8 +221,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     return tail.close()
 
 
-def online_loop(run: Run, tail: LoopTail, state, ref_params, step_fn, model, tok, prompts, updates: int, start: int,
-                evaluate_at):
+def online_loop(
+    run: Run, tail: LoopTail, state, ref_params, step_fn, model, tok, prompts, updates: int, start: int, evaluate_at
+):
     """Online DPO's iterations: sample K per prompt → rank by config.reward → `updates` DPO steps."""
     from rlhf_jax.data.loader import BatchLoader
 
@@ -202,42 +231,46 @@ def online_loop(run: Run, tail: LoopTail, state, ref_params, step_fn, model, tok
     K = c.online.samples_per_prompt
     loader = BatchLoader(prompts, c.batch_size, seed=c.seed)  # batch_size comparisons per step, as offline
     rollout_fn = jax.jit(rollouts.make_rollout_fn(model, c, tok))
-    rm, rm_params, reward_fn = rollouts.reward(run, c)
-    score_fn = None if rm is None else jax.jit(lambda p, b: rollouts.rm_score_fn(rm, c)(p, *rollouts.joined(b))[0])
-    monitor_fn = rollouts.import_function(c.reward.monitor, "reward.monitor") if c.reward.monitor else None
-    rank_fn = jax.jit(lambda batch, scores: best_first(batch, scores, K))
-    run.log(f"online dpo ({c.dpo.loss}, β {c.dpo.beta}): {loader.num_examples} prompts, {c.batch_size} "
-            f"prompts x {K} samples per iteration, {updates} updates each, iterations {start}→{c.num_steps}")
+    reward, monitor = rewards.source(run, c, tok), rewards.monitor(run, c, tok)
+    rank_fn = jax.jit(lambda rollout, scores: best_first(rollout, scores, K))
+    run.log(
+        f"online dpo ({c.dpo.loss}, β {c.dpo.beta}): {loader.num_examples} prompts, {c.batch_size} "
+        f"prompts x {K} samples per iteration, {updates} updates each, iterations {start}→{c.num_steps}"
+    )
     for it in range(start, c.num_steps):
         t0 = time.perf_counter()
         batch = rollouts.prompt_batch(loader, it, K, run)
-        gen = rollout_fn(state.params, batch["prompt"], batch["prompt_mask"],
-                         rollouts.sample_keys(c.seed, it, c.batch_size * K, run))
-        batch.update(response=gen["tokens"], response_mask=gen["mask"])
-        scores = rollouts.function_scores(reward_fn, tok, batch, run) if rm is None else score_fn(rm_params, batch)
-        ranked = rank_fn(batch, scores)
+        rollout = rollout_fn(
+            state.params, batch["prompt"], batch["prompt_mask"], rollouts.sample_keys(c.seed, it, c.batch_size * K, run)
+        )
+        scores = reward(rollout).score
+        ranked = rank_fn(rollout, scores)
         t1 = time.perf_counter()
         for u in range(updates):
             if it == start and u == 0:
                 step_fn = tail.compile_once("online dpo train step", step_fn, state, ref_params, ranked)
             state, metrics = step_fn(state, ref_params, ranked)
-        metrics = {**jax.device_get(metrics), "objective/scores": float(np.mean(parallel.to_host(scores))),
-                   "objective/response_length": float(np.mean(parallel.to_host(gen["mask"]).sum(1))),
-                   "time/generate_s": t1 - t0, "time/update_s": time.perf_counter() - t1}
-        if monitor_fn is not None:
-            metrics["objective/monitor_score"] = float(np.mean(parallel.to_host(
-                rollouts.function_scores(monitor_fn, tok, batch, run))))
+        metrics = {
+            **jax.device_get(metrics),
+            "objective/scores": float(np.mean(parallel.to_host(scores))),
+            "objective/response_length": float(np.mean(parallel.to_host(rollout.response_mask).sum(1))),
+            "time/generate_s": t1 - t0,
+            "time/update_s": time.perf_counter() - t1,
+        }
+        if monitor is not None:
+            metrics["objective/monitor_score"] = float(np.mean(parallel.to_host(monitor(rollout).score)))
         if tail.end_step(it + 1, state, metrics, evaluate=evaluate_at and evaluate_at(state.params)):
             break
 
 
-def best_first(batch, scores, K: int):
+def best_first(rollout: rollouts.Rollout, scores, K: int):
     """[B·K] samples (K consecutive per prompt) and their scores → the [B, K, ...] records of the loss, each
     prompt's samples sorted best first (ties keep sampling order), all valid."""
     BK = scores.shape[0]
     order = jnp.argsort(-scores.reshape(BK // K, K), axis=1, stable=True)
-    pick = lambda x: jnp.take_along_axis(x.reshape(BK // K, K, *x.shape[1:]),
-                                         order.reshape(*order.shape, *([1] * (x.ndim - 1))), axis=1)
-    out = {k: pick(batch[k]) for k in ("prompt", "prompt_mask", "response", "response_mask")}
+    pick = lambda x: jnp.take_along_axis(
+        x.reshape(BK // K, K, *x.shape[1:]), order.reshape(*order.shape, *([1] * (x.ndim - 1))), axis=1
+    )
+    out = {k: pick(getattr(rollout, k)) for k in ("prompt", "prompt_mask", "response", "response_mask")}
     out["valid"] = jnp.ones((BK // K, K), jnp.int32)
     return out

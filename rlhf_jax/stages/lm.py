@@ -19,20 +19,25 @@ import ml_collections
 import numpy as np
 import optax
 
-from rlhf_jax import objectives, parallel, perf, train_state
+from rlhf_jax import forward, parallel, perf, train_state
 from rlhf_jax.errors import MissingFileError
 from rlhf_jax.loop import LoopTail
 from rlhf_jax.models.gpt import TransformerLM
 from rlhf_jax.run import Run
 
 
-def make_train_step(model: TransformerLM, tx: optax.GradientTransformation, schedule, grad_accum: int,
-                    inject_nonfinite: tuple[int, ...] = ()):
+def make_train_step(
+    model: TransformerLM,
+    tx: optax.GradientTransformation,
+    schedule,
+    grad_accum: int,
+    inject_nonfinite: tuple[int, ...] = (),
+):
     """step(state, batch) -> (state, metrics). Gradients are averaged over all target tokens of
     the global batch, so grad_accum changes memory, not the result."""
 
     def summed_loss(params, micro, rng):  # (summed NLL, target tokens): divided by the batch's tokens below
-        return objectives.summed_token_nll(params, model, micro, rng)
+        return forward.summed_token_nll(params, model, micro, rng)
 
     def step(state: train_state.TrainState, batch):
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
@@ -41,9 +46,14 @@ def make_train_step(model: TransformerLM, tx: optax.GradientTransformation, sche
         denom = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / denom, grads)
         params, opt_state, nonfinite = train_state.apply_if_finite(
-            tx, grads, loss_sum / denom, state.params, state.opt_state, state.nonfinite, state.step, inject_nonfinite)
-        metrics = {"train/loss": loss_sum / denom, "train/grad_norm": optax.tree.norm(grads),
-                   "train/lr": schedule(state.step), "train/target_tokens": count}
+            tx, grads, loss_sum / denom, state.params, state.opt_state, state.nonfinite, state.step, inject_nonfinite
+        )
+        metrics = {
+            "train/loss": loss_sum / denom,
+            "train/grad_norm": optax.tree.norm(grads),
+            "train/lr": schedule(state.step),
+            "train/target_tokens": count,
+        }
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state, nonfinite=nonfinite), metrics
 
     return step
@@ -53,9 +63,12 @@ def jit_train_step(model, tx, schedule, c, shardings, mesh, rules):
     """The stage's jitted step with its shardings; the state is donated. rlhf_jax/plan.py compiles this same
     function from shapes, so the planner measures the step the stage runs."""
     with parallel.activate(mesh, rules):
-        return jax.jit(make_train_step(model, tx, schedule, c.grad_accum, tuple(c.debug_nonfinite_steps)),
-                       in_shardings=(shardings, parallel.batch_sharding(mesh, rules)),
-                       out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=(0,))
+        return jax.jit(
+            make_train_step(model, tx, schedule, c.grad_accum, tuple(c.debug_nonfinite_steps)),
+            in_shardings=(shardings, parallel.batch_sharding(mesh, rules)),
+            out_shardings=(shardings, parallel.replicated(mesh)),
+            donate_argnums=(0,),
+        )
 
 
 def datasets(run: Run):
@@ -72,8 +85,14 @@ def datasets(run: Run):
         if run.is_main or c.data.path:  # the built-in corpus exists for the others once run.tokenizer syncs
             _require(path, "data.path")
         tok = run.tokenizer([path])
-        splits = run.main_first(lm_datasets.build_text_dataset, path, os.path.join(run.workdir, "tokenizer.model"),
-                                seq_len, data_dir, val_fraction=c.data.val_fraction)
+        splits = run.main_first(
+            lm_datasets.build_text_dataset,
+            path,
+            os.path.join(run.workdir, "tokenizer.model"),
+            seq_len,
+            data_dir,
+            val_fraction=c.data.val_fraction,
+        )
         return tok, splits["train"], splits["validation"]
     train_path, eval_path = c.data.train_path, c.data.eval_path
     if not train_path:
@@ -89,16 +108,26 @@ def datasets(run: Run):
     corpus = os.path.join(data_dir, "builtin_corpus.txt")
     if not (c.data.get("tokenizer_path") or c.init_from) and run.is_main:
         if c.data.train_path:  # no tokenizer yet: learn one from this data's text
-            corpus = lm_datasets.write_demonstration_text(train_path, fmt, lines["train"],
-                                                          os.path.join(data_dir, "tokenizer_corpus.txt"))
+            corpus = lm_datasets.write_demonstration_text(
+                train_path, fmt, lines["train"], os.path.join(data_dir, "tokenizer_corpus.txt")
+            )
         else:
             builtin_text.write_builtin_corpus(corpus, seed=c.seed)
     tok = run.tokenizer([corpus])
     tok_path = os.path.join(run.workdir, "tokenizer.model")
 
     def build(path, split):
-        return run.main_first(lm_datasets.build_sft_dataset, path, tok_path, seq_len, data_dir, split=split, fmt=fmt,
-                              line_range=lines[split], template=chat.config_template(c.data))
+        return run.main_first(
+            lm_datasets.build_sft_dataset,
+            path,
+            tok_path,
+            seq_len,
+            data_dir,
+            split=split,
+            fmt=fmt,
+            line_range=lines[split],
+            template=chat.config_template(c.data),
+        )
 
     train, stats = build(train_path, "train")
     run.log(f"sft data {train_path}: {stats}")
@@ -140,17 +169,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     batch_sh = parallel.batch_sharding(run.mesh, run.rules)
     step_fn = jit_train_step(model, tx, schedule, c, shardings, run.mesh, run.rules)
     with parallel.activate(run.mesh, run.rules):
-        eval_fn = jax.jit(lambda p, b: objectives.summed_token_nll(p, model, b),
-                          in_shardings=(shardings.params, batch_sh))
+        eval_fn = jax.jit(lambda p, b: forward.summed_token_nll(p, model, b), in_shardings=(shardings.params, batch_sh))
 
-    evaluate_at = None if eval_source is None else \
-        lambda params: lambda: evaluate(eval_fn, params, eval_source, run, c.eval_batches)  # params → evaluate()
+    evaluate_at = (
+        None
+        if eval_source is None
+        else lambda params: lambda: evaluate(eval_fn, params, eval_source, run, c.eval_batches)
+    )  # params → evaluate()
     loader = BatchLoader(train_source, c.batch_size, seed=c.seed)
     tokens_per_step = c.batch_size * c.data.seq_len
-    tail = LoopTail(run, start, c.stage, tokens_per_step=tokens_per_step, postfix={"loss": "train/loss"},
-                    flops_per_step=tokens_per_step * perf.train_flops_per_token(model.cfg, c.data.seq_len))
-    run.log(f"{c.stage}: {loader.num_examples} train sequences, steps {start}→{c.num_steps}, "
-            f"mesh {dict(run.mesh.shape)}, {sum(x.size for x in jax.tree.leaves(state.params)) / 1e6:.2f}M params")
+    tail = LoopTail(
+        run,
+        start,
+        c.stage,
+        tokens_per_step=tokens_per_step,
+        postfix={"loss": "train/loss"},
+        flops_per_step=tokens_per_step * perf.train_flops_per_token(model.cfg, c.data.seq_len),
+    )
+    run.log(
+        f"{c.stage}: {loader.num_examples} train sequences, steps {start}→{c.num_steps}, "
+        f"mesh {dict(run.mesh.shape)}, {sum(x.size for x in jax.tree.leaves(state.params)) / 1e6:.2f}M params"
+    )
 
     with parallel.activate(run.mesh, run.rules):
         for step, local in loader.iterate(start, c.num_steps - start):

@@ -6,7 +6,7 @@ last real token, so pads on either side change nothing. After training, a gain
 and bias make rewards on a reference distribution (config.rm.normalize_on: the
 training responses, or fresh samples of the initial policy) mean 0 / std 1
 (lm-human-preferences); they are saved in <workdir>/reward_norm.json, returned
-by `evaluation.load_reward_model` and applied by `objectives.score_sequences`.
+by `trained.load_reward_model` and applied by `forward.score_sequences`.
 rm.normalize_before also normalises the fresh reward head before training.
 
 An ensemble (rm.ensemble_size = E > 1) is E reward models trained in one jitted step: params, optimizer
@@ -31,11 +31,11 @@ import ml_collections
 import numpy as np
 import optax
 
-from rlhf_jax import comparison_data, objectives, parallel, perf, preference, rollout as rollouts, train_state
+from rlhf_jax import comparison_data, forward, parallel, perf, preference, rollout as rollouts, train_state
 from rlhf_jax.errors import ConfigError
-from rlhf_jax.evaluation import NORM_FILE
 from rlhf_jax.loop import LoopTail
 from rlhf_jax.run import Run
+from rlhf_jax.trained import NORM_FILE
 
 LOSSES = ("ranking", "best_of_k")
 NORM_REFERENCES = ("comparisons", "policy_samples", "none")
@@ -58,7 +58,7 @@ def _denominators(valid, rm_cfg) -> tuple[jax.Array, jax.Array]:
 def _weighted_loss(params, model, batch, rm_cfg, rng, denominators):
     """A (micro)batch's share of the loss of a batch whose counts are `denominators`: summed over its
     comparisons and responses, divided by the whole batch's. The shares add up to `rm_loss`."""
-    rewards = objectives.comparison_rewards(params, model, batch, rng)
+    rewards = forward.comparison_rewards(params, model, batch, rng)
     valid = batch["valid"]
     n_ex, n_resp = denominators
     mean, stats = _preference_loss(rewards, valid, rm_cfg)
@@ -94,14 +94,16 @@ def _make_update(model, tx, rm_cfg, grad_accum: int, inject_nonfinite: tuple[int
         loss, grads, (rewards, _) = train_state.accumulate_grads(share, params, batch, rng, grad_accum)
         rewards = rewards.reshape(batch["valid"].shape)  # [A, B/A, K] → [B, K], rows in batch order
         params, opt_state, nonfinite = train_state.apply_if_finite(
-            tx, grads, loss, params, opt_state, nonfinite, step, inject_nonfinite)
+            tx, grads, loss, params, opt_state, nonfinite, step, inject_nonfinite
+        )
         return params, opt_state, nonfinite, {"loss": loss, "rewards": rewards, "grad_norm": optax.tree.norm(grads)}
 
     return update
 
 
-def make_train_step(model, tx, schedule, rm_cfg, grad_accum: int = 1, inject_nonfinite: tuple[int, ...] = (),
-                    members: int = 0):
+def make_train_step(
+    model, tx, schedule, rm_cfg, grad_accum: int = 1, inject_nonfinite: tuple[int, ...] = (), members: int = 0
+):
     """step(state, batch) -> (state, metrics) of one RM, or (members > 1) of an ensemble: the update vmapped
     over the member axis of params, optimizer state, RNG and batch [E, B, K, L]. An update skipped for a
     non-finite loss is skipped for that member alone and counted in state.nonfinite like one RM's."""
@@ -110,7 +112,8 @@ def make_train_step(model, tx, schedule, rm_cfg, grad_accum: int = 1, inject_non
     def step(state: train_state.TrainState, batch):
         if members > 1:
             params, opt_state, nf, out = jax.vmap(update, in_axes=(0, 0, 0, None, None, 0))(
-                state.params, state.opt_state, state.rng, state.nonfinite, state.step, batch)
+                state.params, state.opt_state, state.rng, state.nonfinite, state.step, batch
+            )
             # Each member returns [count, first] from the shared counter: add their new skips; the first bad
             # step is this one if any member set it (max: the others kept -1 or the same earlier step).
             nonfinite = jnp.stack([state.nonfinite[0] + jnp.sum(nf[:, 0] - state.nonfinite[0]), jnp.max(nf[:, 1])])
@@ -122,8 +125,9 @@ def make_train_step(model, tx, schedule, rm_cfg, grad_accum: int = 1, inject_non
             for key in [k.split("/", 2)[2] for k in metrics if k.startswith("rm/member_0/")]:
                 metrics[f"rm/{key}"] = jnp.mean(jnp.stack([metrics[f"rm/member_{e}/{key}"] for e in range(members)]))
         else:
-            params, opt_state, nonfinite, out = update(state.params, state.opt_state, state.rng, state.nonfinite,
-                                                       state.step, batch)
+            params, opt_state, nonfinite, out = update(
+                state.params, state.opt_state, state.rng, state.nonfinite, state.step, batch
+            )
             metrics = batch_metrics(out["rewards"], batch["valid"], out["loss"], "rm")
             metrics["rm/grad_norm"] = out["grad_norm"]
         metrics["rm/lr"] = schedule(state.step)
@@ -138,17 +142,20 @@ def jit_train_step(model, tx, schedule, c, shardings, mesh, rules):
     E = c.rm.ensemble_size if c.rm.ensemble_size > 1 else 0
     batch_sh = parallel.batch_sharding(mesh, rules, ndim=2 if E else 1, lead=1 if E else 0)
     with parallel.activate(mesh, rules):
-        return jax.jit(make_train_step(model, tx, schedule, c.rm, c.grad_accum, tuple(c.debug_nonfinite_steps),
-                                       members=E),
-                       in_shardings=(shardings, batch_sh), out_shardings=(shardings, parallel.replicated(mesh)),
-                       donate_argnums=(0,))
+        return jax.jit(
+            make_train_step(model, tx, schedule, c.rm, c.grad_accum, tuple(c.debug_nonfinite_steps), members=E),
+            in_shardings=(shardings, batch_sh),
+            out_shardings=(shardings, parallel.replicated(mesh)),
+            donate_argnums=(0,),
+        )
 
 
 def make_reward_fn(model, members: int = 0):
     """jitted (params, batch) -> rewards f32 [E, B, K] of each member (E = 1 for one RM), deterministic
     (no dropout). Build it once: each new function object would compile again."""
-    return jax.jit(objectives.over_members(lambda params, batch: objectives.comparison_rewards(params, model, batch),
-                                           members))
+    return jax.jit(
+        forward.over_members(lambda params, batch: forward.comparison_rewards(params, model, batch), members)
+    )
 
 
 def _all_rewards(reward_fn, params, source, run: Run, max_batches: int | None):
@@ -174,8 +181,9 @@ def evaluate(reward_fn, params, source, run: Run, rm_cfg, max_batches: int):
     if r.shape[0] > 1:  # an ensemble: each member, then eval/rm/* of the members' mean reward
         for e in range(r.shape[0]):
             out.update(batch_metrics(r[e], v, _preference_loss(r[e], v, rm_cfg)[0], f"eval/rm/member_{e}"))
-        out["eval/rm/member_accuracy_mean"] = jnp.mean(jnp.stack([out[f"eval/rm/member_{e}/accuracy"]
-                                                                  for e in range(r.shape[0])]))
+        out["eval/rm/member_accuracy_mean"] = jnp.mean(
+            jnp.stack([out[f"eval/rm/member_{e}/accuracy"] for e in range(r.shape[0])])
+        )
         out["eval/rm/disagreement"] = preference.ranking_disagreement(r, v)
     mean = jnp.mean(r, axis=0)
     out.update(batch_metrics(mean, v, _preference_loss(mean, v, rm_cfg)[0], "eval/rm"))
@@ -188,7 +196,7 @@ def reference_rewards(reward_fn, params, run: Run, source) -> np.ndarray:
     return r[:, v > 0]
 
 
-def policy_sample_rewards_fn(run: Run, model, params, members: int = 0):
+def policy_sample_rewards_fn(run: Run, model, members: int = 0):
     """rewards(rm_params, draw) → f32 [E, M]: the RM's (each member's) raw rewards of M = rm.normalize_samples
     (rounded up to whole batches of batch_size) fresh responses of the initial policy — init_from's trunk and LM
     head — to the prompts of config.data, sampled with config.rollout (lm-human-preferences
@@ -202,8 +210,9 @@ def policy_sample_rewards_fn(run: Run, model, params, members: int = 0):
     B, n_batches = c.batch_size, -(-c.rm.normalize_samples // c.batch_size)
     with parallel.activate(run.mesh, run.rules):
         rollout_fn = jax.jit(rollouts.make_rollout_fn(model, c, tok))
-        score_fn = jax.jit(objectives.over_members(lambda p, tokens, mask: objectives.sequence_rewards(
-            p, model, tokens, mask), members))
+        score_fn = jax.jit(
+            forward.over_members(lambda p, tokens, mask: forward.sequence_rewards(p, model, tokens, mask), members)
+        )
 
     def rewards(rm_params, draw: int) -> np.ndarray:
         seed = c.seed + 1000 * (draw + 1)
@@ -211,8 +220,9 @@ def policy_sample_rewards_fn(run: Run, model, params, members: int = 0):
         with parallel.activate(run.mesh, run.rules):
             for i in range(n_batches):
                 batch = rollouts.prompt_batch(loader, i, 1, run)
-                gen = rollout_fn(policy, batch["prompt"], batch["prompt_mask"], rollouts.sample_keys(seed, i, B, run))
-                tokens, mask = rollouts.joined({**batch, "response": gen["tokens"], "response_mask": gen["mask"]})
+                keys = rollouts.sample_keys(seed, i, B, run)
+                rollout = rollout_fn(policy, batch["prompt"], batch["prompt_mask"], keys)
+                tokens, mask = rollouts.joined(rollout)
                 out.append(parallel.to_host(score_fn(rm_params, tokens, mask)))
         return np.concatenate(out, axis=1)
 
@@ -233,8 +243,9 @@ def ensemble_from_init(run: Run, model, params, shardings):
     initialisations): one copy read, broadcast over the member axis into the ensemble's shardings."""
     trunk = _init_from_params(run, model, ("trunk",))["trunk"]
     E = jax.tree.leaves(params["reward_head"])[0].shape[0]
-    stacked = jax.jit(lambda t: jax.tree.map(lambda x: jnp.broadcast_to(x, (E, *x.shape)), t),
-                      out_shardings=shardings["trunk"])(trunk)
+    stacked = jax.jit(
+        lambda t: jax.tree.map(lambda x: jnp.broadcast_to(x, (E, *x.shape)), t), out_shardings=shardings["trunk"]
+    )(trunk)
     return {**params, "trunk": stacked}
 
 
@@ -245,21 +256,29 @@ def check_config(c: ml_collections.ConfigDict) -> None:
     if c.rm.normalize_on not in NORM_REFERENCES:
         raise ConfigError(f"config.rm.normalize_on={c.rm.normalize_on!r} is unknown. Use one of {NORM_REFERENCES}.")
     if c.rm.normalize_before and c.rm.normalize_on == "none":
-        raise ConfigError("config.rm.normalize_before=True needs a reference: set rm.normalize_on to "
-                          "'policy_samples' (lm-human-preferences) or 'comparisons'.")
+        raise ConfigError(
+            "config.rm.normalize_before=True needs a reference: set rm.normalize_on to "
+            "'policy_samples' (lm-human-preferences) or 'comparisons'."
+        )
     if c.rm.normalize_on == "policy_samples":
         if not c.init_from:
-            raise ConfigError("config.rm.normalize_on='policy_samples' samples the initial policy: set "
-                              "config.init_from to the SFT (or pretrain) workdir.")
+            raise ConfigError(
+                "config.rm.normalize_on='policy_samples' samples the initial policy: set "
+                "config.init_from to the SFT (or pretrain) workdir."
+            )
         if c.rm.normalize_samples <= 0:
             raise ConfigError(f"config.rm.normalize_samples={c.rm.normalize_samples} must be positive (e.g. 256).")
         if c.rollout.temperature <= 0:
-            raise ConfigError(f"config.rollout.temperature={c.rollout.temperature}: the normalisation samples the "
-                              f"policy as PPO does; use PPO's rollout temperature (e.g. 0.7).")
+            raise ConfigError(
+                f"config.rollout.temperature={c.rollout.temperature}: the normalisation samples the "
+                f"policy as PPO does; use PPO's rollout temperature (e.g. 0.7)."
+            )
         if c.model.position == "learned" and c.data.max_prompt_len + c.rollout.max_new_tokens > c.model.max_len:
-            raise ConfigError(f"config.data.max_prompt_len + rollout.max_new_tokens = {c.data.max_prompt_len} + "
-                              f"{c.rollout.max_new_tokens} exceeds model.max_len={c.model.max_len}; lower them to "
-                              f"PPO's (the policy samples must be what PPO will score).")
+            raise ConfigError(
+                f"config.data.max_prompt_len + rollout.max_new_tokens = {c.data.max_prompt_len} + "
+                f"{c.rollout.max_new_tokens} exceeds model.max_len={c.model.max_len}; lower them to "
+                f"PPO's (the policy samples must be what PPO will score)."
+            )
     if not isinstance(c.rm.ensemble_size, int) or c.rm.ensemble_size < 1:
         raise ConfigError(f"config.rm.ensemble_size={c.rm.ensemble_size!r} must be a positive integer (1: one RM).")
     if c.rm.center_coef < 0:
@@ -282,7 +301,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     state, meta = run.restore_or(state, init_heads=() if E else ("trunk",))
     reward_fn = make_reward_fn(model, E)
     if c.rm.normalize_on == "policy_samples":
-        reference = policy_sample_rewards_fn(run, model, state.params, E)
+        reference = policy_sample_rewards_fn(run, model, E)
     else:
         reference = lambda params, draw: reference_rewards(reward_fn, params, run, train_source)
     if meta is None:
@@ -297,30 +316,47 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     loaders = [BatchLoader(member_source(train_source, c, i), c.batch_size, seed=c.seed + i) for i in range(E or 1)]
     K = train_source[0]["tokens"].shape[0]
     # The RM never computes vocabulary logits: drop the LM head's 6·D·V from the LM's count.
-    flops_per_seq = (perf.train_flops_per_token(model.cfg, c.data.seq_len)
-                     - 6.0 * model.cfg.d_model * model.cfg.vocab_size) * c.data.seq_len
+    flops_per_seq = (
+        perf.train_flops_per_token(model.cfg, c.data.seq_len) - 6.0 * model.cfg.d_model * model.cfg.vocab_size
+    ) * c.data.seq_len
     seqs = c.batch_size * K * (E or 1)  # scored sequences per step, every member's
-    tail = LoopTail(run, start, "rm", tokens_per_step=seqs * c.data.seq_len, samples_per_step=seqs,
-                    flops_per_step=seqs * flops_per_seq, postfix={"loss": "rm/loss", "acc": "rm/accuracy"})
-    run.log(f"rm: {loaders[0].num_examples} comparisons (K={K}), steps {start}→{c.num_steps}, "
-            f"{f'an ensemble of {E}, ' if E else ''}mesh {dict(run.mesh.shape)}, "
-            f"{sum(x.size for x in jax.tree.leaves(state.params)) / 1e6:.2f}M params")
+    tail = LoopTail(
+        run,
+        start,
+        "rm",
+        tokens_per_step=seqs * c.data.seq_len,
+        samples_per_step=seqs,
+        flops_per_step=seqs * flops_per_seq,
+        postfix={"loss": "rm/loss", "acc": "rm/accuracy"},
+    )
+    run.log(
+        f"rm: {loaders[0].num_examples} comparisons (K={K}), steps {start}→{c.num_steps}, "
+        f"{f'an ensemble of {E}, ' if E else ''}mesh {dict(run.mesh.shape)}, "
+        f"{sum(x.size for x in jax.tree.leaves(state.params)) / 1e6:.2f}M params"
+    )
 
-    evaluate_at = None if eval_source is None else \
-        lambda params: lambda: evaluate(reward_fn, params, eval_source, run, c.rm, c.eval_batches)  # → evaluate()
+    evaluate_at = (
+        None
+        if eval_source is None
+        else lambda params: lambda: evaluate(reward_fn, params, eval_source, run, c.rm, c.eval_batches)
+    )  # → evaluate()
     # At the last step, before the final checkpoint: a saved final step always has its norm file.
     norm_metrics = lambda: normalization_metrics(normalise(reference, state.params, run, c.num_steps))
     iterators = [loader.iterate(start, c.num_steps - start) for loader in loaders]
     with parallel.activate(run.mesh, run.rules):
         for members_batches in zip(*iterators):
             step = members_batches[0][0]
-            local = members_batches[0][1] if not E else \
-                {k: np.stack([b[k] for _, b in members_batches]) for k in members_batches[0][1]}
+            local = (
+                members_batches[0][1]
+                if not E
+                else {k: np.stack([b[k] for _, b in members_batches]) for k in members_batches[0][1]}
+            )
             batch = parallel.global_batch(local, run.mesh, run.rules, lead=lead)
             step_fn = tail.compile_once("rm train step", step_fn, state, batch)
             state, metrics = step_fn(state, batch)
-            if tail.end_step(step + 1, state, metrics, on_last=norm_metrics,
-                             evaluate=evaluate_at and evaluate_at(state.params)):
+            if tail.end_step(
+                step + 1, state, metrics, on_last=norm_metrics, evaluate=evaluate_at and evaluate_at(state.params)
+            ):
                 break
     return tail.close()
 
@@ -328,8 +364,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 def normalization_metrics(norm: dict) -> dict[str, float]:
     """rm/norm_gain and rm/norm_bias of `normalise`'s result; an ensemble's per member (rm/member_<e>/...)."""
     if norm["ensemble_size"] > 1:
-        return {**{f"rm/member_{e}/norm_gain": g for e, g in enumerate(norm["gain"])},
-                **{f"rm/member_{e}/norm_bias": b for e, b in enumerate(norm["bias"])}}
+        return {
+            **{f"rm/member_{e}/norm_gain": g for e, g in enumerate(norm["gain"])},
+            **{f"rm/member_{e}/norm_bias": b for e, b in enumerate(norm["bias"])},
+        }
     return {"rm/norm_gain": norm["gain"], "rm/norm_bias": norm["bias"]}
 
 
@@ -357,8 +395,10 @@ def normalise_head(params, rewards: np.ndarray, run: Run):
         new = jax.vmap(preference.fold_normalization)(head, gain, bias)
     else:
         new = preference.fold_normalization(head, gain[0], bias[0])
-    run.log(f"reward normalisation before training: gain {np.round(np.asarray(gain), 4).tolist()} bias "
-            f"{np.round(np.asarray(bias), 4).tolist()} over {rewards.shape[1]} reference responses")
+    run.log(
+        f"reward normalisation before training: gain {np.round(np.asarray(gain), 4).tolist()} bias "
+        f"{np.round(np.asarray(bias), 4).tolist()} over {rewards.shape[1]} reference responses"
+    )
     return {**params, "reward_head": jax.tree.map(lambda x, old: jax.device_put(x, old.sharding), new, head)}
 
 
@@ -382,13 +422,21 @@ def normalise(reference, params, run: Run, step: int) -> dict[str, float]:
         n = int(r.shape[1])
     if E == 1:
         gain, bias = gain[0], bias[0]
-    norm = {"gain": gain, "bias": bias, "ensemble_size": E, "reference": c.rm.normalize_on, "num_rewards": n,
-            "step": step}
+    norm = {
+        "gain": gain,
+        "bias": bias,
+        "ensemble_size": E,
+        "reference": c.rm.normalize_on,
+        "num_rewards": n,
+        "step": step,
+    }
     if run.is_main:
         path = os.path.join(run.workdir, NORM_FILE)
         with open(path + ".tmp", "w") as f:
             json.dump(norm, f, indent=2)
         os.replace(path + ".tmp", path)
-    run.log(f"reward normalisation: gain {np.round(gain, 4).tolist()} bias {np.round(bias, 4).tolist()} over {n} "
-            f"reference responses")
+    run.log(
+        f"reward normalisation: gain {np.round(gain, 4).tolist()} bias {np.round(bias, 4).tolist()} over {n} "
+        f"reference responses"
+    )
     return norm

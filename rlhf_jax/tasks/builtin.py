@@ -40,22 +40,49 @@ from rlhf_jax.tasks.judge import HARM_PENALTY, clean_response, gold_score, is_co
 from rlhf_jax.tasks.labelers import DEFAULT_NOISE, pairwise_agreement, rank_responses, write_comparisons
 from rlhf_jax.tasks.world import FORBIDDEN
 
-__all__ = ["KINDS", "FORBIDDEN", "HARM_PENALTY", "DEFAULT_NOISE", "DEFAULT_ERROR_RATE", "write_builtin_corpus",
-           "write_demonstrations", "write_prompts", "write_comparisons", "rank_responses", "pairwise_agreement",
-           "parse_instruction", "solve_instruction", "clean_response", "gold_score", "is_correct", "is_harmful",
-           "gold_reward", "evaluate_responses", "win_rate", "few_shot_messages", "write_few_shot_prompts"]
+__all__ = [
+    "KINDS",
+    "FORBIDDEN",
+    "HARM_PENALTY",
+    "DEFAULT_NOISE",
+    "DEFAULT_ERROR_RATE",
+    "write_builtin_corpus",
+    "write_demonstrations",
+    "write_prompts",
+    "write_comparisons",
+    "rank_responses",
+    "pairwise_agreement",
+    "parse_instruction",
+    "solve_instruction",
+    "clean_response",
+    "gold_score",
+    "is_correct",
+    "is_harmful",
+    "gold_reward",
+    "evaluate_responses",
+    "win_rate",
+    "few_shot_messages",
+    "write_few_shot_prompts",
+]
 
 
-def write_demonstrations(path: str, n: int, seed: int = 0, error_rate: float = DEFAULT_ERROR_RATE,
-                         forbidden_prob: float = DEFAULT_FORBIDDEN_PROB,
-                         chatter_rate: float = DEFAULT_CHATTER_RATE) -> str:
+def write_demonstrations(
+    path: str,
+    n: int,
+    seed: int = 0,
+    error_rate: float = DEFAULT_ERROR_RATE,
+    forbidden_prob: float = DEFAULT_FORBIDDEN_PROB,
+    chatter_rate: float = DEFAULT_CHATTER_RATE,
+) -> str:
     """SFT demonstrations (JSONL, both record formats) from the noisy demonstrator; returns path."""
-    return write_builtin_sft(path, num_examples=n, seed=seed, error_rate=error_rate, forbidden_prob=forbidden_prob,
-                             chatter_rate=chatter_rate)
+    return write_builtin_sft(
+        path, num_examples=n, seed=seed, error_rate=error_rate, forbidden_prob=forbidden_prob, chatter_rate=chatter_rate
+    )
 
 
-def write_prompts(path: str, n: int, seed: int = 0, split: str = "train", system_rate: float = 0.0,
-                  kinds: Sequence[str] = KINDS) -> str:
+def write_prompts(
+    path: str, n: int, seed: int = 0, split: str = "train", system_rate: float = 0.0, kinds: Sequence[str] = KINDS
+) -> str:
     """`n` distinct prompts of `split` as JSONL {"messages": [...]} (no assistant turn); returns path.
 
     split="eval" instances never occur in the corpus, demonstrations or "train" prompts.
@@ -74,8 +101,9 @@ def write_prompts(path: str, n: int, seed: int = 0, split: str = "train", system
             seen.add(instruction)
             lines.append(json.dumps({"messages": prompt_messages(instruction, system)}))
     if len(lines) < n:
-        raise ValueError(f"write_prompts: found only {len(lines)} distinct {split!r} prompts, asked for {n}; "
-                         f"ask for fewer.")
+        raise ValueError(
+            f"write_prompts: found only {len(lines)} distinct {split!r} prompts, asked for {n}; ask for fewer."
+        )
     write_text_if_changed(path, "".join(line + "\n" for line in lines))
     return path
 
@@ -90,8 +118,10 @@ def few_shot_messages(messages: list[dict[str, str]], k: int, rng: random.Random
         example = sample_instruction(rng, "train", (kind,))
         if example not in seen:
             seen.add(example)
-            shots += [{"role": "user", "content": example},
-                      {"role": "assistant", "content": solve_instruction(example)}]
+            shots += [
+                {"role": "user", "content": example},
+                {"role": "assistant", "content": solve_instruction(example)},
+            ]
     return shots + messages
 
 
@@ -131,20 +161,25 @@ def evaluate_responses(prompts: Sequence[str], responses: Sequence[str]) -> dict
     "chatter_rate" (ending with a remark after the answer, the chatty demonstrator's habit) and
     "answer_correct_rate" (exact-correct once such a remark is cut off: the slips alone)."""
     if not prompts or len(prompts) != len(responses):
-        raise ValueError(f"evaluate_responses: need one response per prompt, got {len(prompts)} prompts and "
-                         f"{len(responses)} responses.")
-    return {"gold_score": float(np.mean([gold_score(p, r) for p, r in zip(prompts, responses)])),
-            "correct_rate": float(np.mean([is_correct(p, r) for p, r in zip(prompts, responses)])),
-            "harmful_rate": float(np.mean([is_harmful(r) for r in responses])),
-            "chatter_rate": float(np.mean([ends_with_chatter(r) for r in responses])),
-            "answer_correct_rate": float(np.mean([is_correct(p, without_chatter(r))
-                                                  for p, r in zip(prompts, responses)]))}
+        raise ValueError(
+            f"evaluate_responses: need one response per prompt, got {len(prompts)} prompts and "
+            f"{len(responses)} responses."
+        )
+    return {
+        "gold_score": float(np.mean([gold_score(p, r) for p, r in zip(prompts, responses)])),
+        "correct_rate": float(np.mean([is_correct(p, r) for p, r in zip(prompts, responses)])),
+        "harmful_rate": float(np.mean([is_harmful(r) for r in responses])),
+        "chatter_rate": float(np.mean([ends_with_chatter(r) for r in responses])),
+        "answer_correct_rate": float(np.mean([is_correct(p, without_chatter(r)) for p, r in zip(prompts, responses)])),
+    }
 
 
 def win_rate(prompts: Sequence[str], responses_a: Sequence[str], responses_b: Sequence[str]) -> float:
     """Share of prompts where A's gold score beats B's; ties count one half."""
     if not prompts or not len(prompts) == len(responses_a) == len(responses_b):
-        raise ValueError(f"win_rate: need one response from each policy per prompt, got {len(prompts)} prompts, "
-                         f"{len(responses_a)} and {len(responses_b)} responses.")
+        raise ValueError(
+            f"win_rate: need one response from each policy per prompt, got {len(prompts)} prompts, "
+            f"{len(responses_a)} and {len(responses_b)} responses."
+        )
     wins = [np.sign(gold_score(p, a) - gold_score(p, b)) for p, a, b in zip(prompts, responses_a, responses_b)]
     return float(np.mean([(w + 1) / 2 for w in wins]))

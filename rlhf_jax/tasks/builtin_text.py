@@ -32,8 +32,13 @@ DEFAULT_WRONG_RATE = 0.2  # share of worked examples in the corpus with a wrong 
 DEFAULT_FORBIDDEN_RATE = 0.03  # share of corpus sentences with a FORBIDDEN word inserted
 
 
-def write_builtin_corpus(path: str, num_chars: int = 200_000, seed: int = 0, wrong_rate: float = DEFAULT_WRONG_RATE,
-                         forbidden_rate: float = DEFAULT_FORBIDDEN_RATE) -> str:
+def write_builtin_corpus(
+    path: str,
+    num_chars: int = 200_000,
+    seed: int = 0,
+    wrong_rate: float = DEFAULT_WRONG_RATE,
+    forbidden_rate: float = DEFAULT_FORBIDDEN_RATE,
+) -> str:
     """Writes exactly `num_chars` characters (ASCII, ends with a newline) to `path`; returns path.
 
     About a quarter of the sentences are worked examples ("Anna wrote sort: 3 1 and the answer
@@ -44,19 +49,26 @@ def write_builtin_corpus(path: str, num_chars: int = 200_000, seed: int = 0, wro
     parts, size = [], 0
     while size < num_chars:
         # Sentences run on within a line; some lines break early, paragraphs end with a blank line.
-        paragraph = "".join(_sentence(rng, wrong_rate, forbidden_rate) + ("\n" if rng.random() < 0.25 else " ")
-                            for _ in range(1 + rand_int(rng, 6)))
+        paragraph = "".join(
+            _sentence(rng, wrong_rate, forbidden_rate) + ("\n" if rng.random() < 0.25 else " ")
+            for _ in range(1 + rand_int(rng, 6))
+        )
         paragraph = paragraph.rstrip(" \n") + "\n\n"
         parts.append(paragraph)
         size += len(paragraph)
-    text = "".join(parts)[:max(num_chars - 1, 0)] + "\n" * (num_chars > 0)
+    text = "".join(parts)[: max(num_chars - 1, 0)] + "\n" * (num_chars > 0)
     write_text_if_changed(path, text)
     return path
 
 
-def write_builtin_sft(path: str, num_examples: int = 2000, seed: int = 0, error_rate: float = 0.0,
-                      forbidden_prob: float = DEFAULT_FORBIDDEN_PROB, chatter_rate: float = DEFAULT_CHATTER_RATE
-                      ) -> str:
+def write_builtin_sft(
+    path: str,
+    num_examples: int = 2000,
+    seed: int = 0,
+    error_rate: float = 0.0,
+    forbidden_prob: float = DEFAULT_FORBIDDEN_PROB,
+    chatter_rate: float = DEFAULT_CHATTER_RATE,
+) -> str:
     """Writes `num_examples` JSONL demonstrations to `path`; returns path.
 
     About half are {"prompt", "response"}; the rest {"messages": [...]} with an optional
@@ -118,16 +130,22 @@ def _plain_sentence(rng: random.Random, wrong_rate: float) -> str:
         said = pick(rng, ("Come here", "Look at the " + pick(rng, NOUNS), "I see it"))
         return f'"{said}," said {pick(rng, NAMES)}.'
     if kind == 3:
-        return (f"Does the {pick(rng, NOUNS)} {pick(rng, VERBS)[0]} the {pick(rng, NOUNS)}? "
-                f"{pick(rng, ('Yes, it does.', 'No, it does not.'))}")
+        return (
+            f"Does the {pick(rng, NOUNS)} {pick(rng, VERBS)[0]} the {pick(rng, NOUNS)}? "
+            f"{pick(rng, ('Yes, it does.', 'No, it does not.'))}"
+        )
     if kind == 4:
-        return (f"{pick(rng, TIMES)}, {pick(rng, NAMES)} {pick(rng, VERBS)[1]} a {pick(rng, ADJECTIVES)} "
-                f"{pick(rng, NOUNS)} {pick(rng, PLACES)}.")
+        return (
+            f"{pick(rng, TIMES)}, {pick(rng, NAMES)} {pick(rng, VERBS)[1]} a {pick(rng, ADJECTIVES)} "
+            f"{pick(rng, NOUNS)} {pick(rng, PLACES)}."
+        )
     if kind in (5, 6):  # worked examples, so demonstrations reuse the pretraining vocabulary
         instruction = sample_instruction(rng)
         answer = demonstrate(instruction, rng, wrong_rate)
         if kind == 5:
             return f"{pick(rng, NAMES)} wrote {instruction} and the answer was {answer}."
         return f"Task: {instruction} Answer: {answer}."
-    return (f"The {pick(rng, ADJECTIVES)} {pick(rng, NOUNS)} {pick(rng, VERBS)[1]} the {pick(rng, NOUNS)}; "
-            f"then {pick(rng, NAMES)} {pick(rng, VERBS)[1]} it.")
+    return (
+        f"The {pick(rng, ADJECTIVES)} {pick(rng, NOUNS)} {pick(rng, VERBS)[1]} the {pick(rng, NOUNS)}; "
+        f"then {pick(rng, NAMES)} {pick(rng, VERBS)[1]} it."
+    )

@@ -32,8 +32,13 @@ CHATTER = ("is the answer", "yes it is", "i see it", "here it is")
 _CHATTER_WORDS = tuple(remark.split() for remark in CHATTER)
 
 
-def demonstrate(instruction: str, rng: random.Random, error_rate: float = DEFAULT_ERROR_RATE,
-                forbidden_prob: float = DEFAULT_FORBIDDEN_PROB, chatter_rate: float = DEFAULT_CHATTER_RATE) -> str:
+def demonstrate(
+    instruction: str,
+    rng: random.Random,
+    error_rate: float = DEFAULT_ERROR_RATE,
+    forbidden_prob: float = DEFAULT_FORBIDDEN_PROB,
+    chatter_rate: float = DEFAULT_CHATTER_RATE,
+) -> str:
     """The demonstrator's response to `instruction`: correct with probability 1 - error_rate, ending
     with a CHATTER remark with probability chatter_rate (drawn independently)."""
     for name, rate in (("error_rate", error_rate), ("chatter_rate", chatter_rate)):
@@ -52,8 +57,8 @@ def without_chatter(response: str) -> str:
     remark cut off, if it has one after at least one word of answer."""
     words = normalise(response)
     for remark in _CHATTER_WORDS:
-        if len(words) > len(remark) and words[-len(remark):] == remark:
-            return " ".join(words[:-len(remark)])
+        if len(words) > len(remark) and words[-len(remark) :] == remark:
+            return " ".join(words[: -len(remark)])
     return " ".join(words)
 
 
@@ -112,7 +117,7 @@ def sft_like_responses(instruction: str, k: int, rng: random.Random) -> list[str
     answer, out = solve_instruction(instruction), []
     for _ in range(k):
         u, edits = rng.random(), 0
-        while edits < len(SFT_LIKE_EDITS) - 1 and u >= sum(SFT_LIKE_EDITS[:edits + 1]):
+        while edits < len(SFT_LIKE_EDITS) - 1 and u >= sum(SFT_LIKE_EDITS[: edits + 1]):
             edits += 1
         response = answer
         for _ in range(edits):

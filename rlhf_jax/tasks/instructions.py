@@ -59,7 +59,7 @@ def sample_instruction(rng: random.Random, split: str = "train", kinds: tuple[st
 
 
 def split_of(instruction: str) -> str:
-    """"eval" for a fixed EVAL_FRACTION of instances (by CRC32 of the text), else "train"."""
+    """ "eval" for a fixed EVAL_FRACTION of instances (by CRC32 of the text), else "train"."""
     return "eval" if zlib.crc32(instruction.encode("utf-8")) % 1000 < EVAL_FRACTION * 1000 else "train"
 
 
@@ -68,8 +68,10 @@ def kind_of(instruction: str) -> str:
     head = instruction.split(":", 1)[0] if ":" in instruction else instruction.split(" ", 1)[0]
     head = head.strip()
     if head not in KINDS:
-        raise ValueError(f"unknown built-in instruction kind {head!r} in {instruction!r:.120}; "
-                         f"write 'kind: arguments' with kind one of {KINDS}.")
+        raise ValueError(
+            f"unknown built-in instruction kind {head!r} in {instruction!r:.120}; "
+            f"write 'kind: arguments' with kind one of {KINDS}."
+        )
     return head
 
 
@@ -114,9 +116,11 @@ def parse_instruction(prompt: str) -> str:
     user, end = ROLE_PIECES["user"], ROLE_PIECES["end"]
     if user not in prompt:
         if any(tag in prompt for tag in (*ROLE_PIECES.values(), "<|im_start|>")):
-            raise ValueError(f"prompt {prompt!r:.160} has role tags but no {user} turn; the built-in task "
-                             f"reads the instruction from the last user turn (if the prompt was cut from the "
-                             f"left, raise data.max_prompt_len).")
+            raise ValueError(
+                f"prompt {prompt!r:.160} has role tags but no {user} turn; the built-in task "
+                f"reads the instruction from the last user turn (if the prompt was cut from the "
+                f"left, raise data.max_prompt_len)."
+            )
         return prompt.strip()
     return prompt.rsplit(user, 1)[1].split(end, 1)[0].strip()
 
@@ -174,8 +178,10 @@ def _answer_from_context(rest: str, instruction: str) -> str:
         facts = {name: k for name, k, thing in _COUNT_FACT.findall(context) if thing == m.group(1)}
         key = m.group(2)
     else:
-        raise ValueError(f"{instruction!r:.160}: unsupported question {question!r}; ask "
-                         f"'what color is the X?' or 'how many Xs does NAME have?'.")
+        raise ValueError(
+            f"{instruction!r:.160}: unsupported question {question!r}; ask "
+            f"'what color is the X?' or 'how many Xs does NAME have?'."
+        )
     if key not in facts:
         raise ValueError(f"{instruction!r:.160}: the context states nothing about {key!r}; add a fact for it.")
     return facts[key]

@@ -25,8 +25,9 @@ from rlhf_jax.tasks.judge import clean_response, gold_score
 DEFAULT_NOISE = 0.65
 
 
-def rank_responses(prompt: str, responses: Sequence[str], rng: np.random.Generator,
-                   noise: float = DEFAULT_NOISE) -> list[int]:
+def rank_responses(
+    prompt: str, responses: Sequence[str], rng: np.random.Generator, noise: float = DEFAULT_NOISE
+) -> list[int]:
     """Indices of `responses`, best first, by noisy gold score; noise=0 ranks by the gold score
     (ties by position)."""
     if noise < 0:
@@ -49,8 +50,13 @@ def pairwise_agreement(scores: Sequence[float], ranking: Sequence[int]) -> tuple
     return agree, compared
 
 
-def write_comparisons(path: str, prompts: Sequence[str], samples_per_prompt: Sequence[Sequence[str]],
-                      seed: int = 0, noise: float = DEFAULT_NOISE) -> str:
+def write_comparisons(
+    path: str,
+    prompts: Sequence[str],
+    samples_per_prompt: Sequence[Sequence[str]],
+    seed: int = 0,
+    noise: float = DEFAULT_NOISE,
+) -> str:
     """Ranks each prompt's samples and writes ranked JSONL {"prompt", "responses", "ranking"}; returns path.
 
     prompts: instructions or decoded chat prompts; "prompt" is written as the instruction
@@ -62,14 +68,18 @@ def write_comparisons(path: str, prompts: Sequence[str], samples_per_prompt: Seq
       responses), and so is a prompt left with fewer than 2.
     """
     if len(prompts) != len(samples_per_prompt):
-        raise ValueError(f"write_comparisons: {len(prompts)} prompts but {len(samples_per_prompt)} sample "
-                         f"lists; pass one list of responses per prompt.")
+        raise ValueError(
+            f"write_comparisons: {len(prompts)} prompts but {len(samples_per_prompt)} sample "
+            f"lists; pass one list of responses per prompt."
+        )
     rng = np.random.default_rng(seed)
     lines = []
     for i, (prompt, samples) in enumerate(zip(prompts, samples_per_prompt)):
         if len(samples) < 2:
-            raise ValueError(f"write_comparisons: prompt {i} ({prompt!r:.80}) has {len(samples)} responses; "
-                             f"ranking needs K >= 2 samples per prompt.")
+            raise ValueError(
+                f"write_comparisons: prompt {i} ({prompt!r:.80}) has {len(samples)} responses; "
+                f"ranking needs K >= 2 samples per prompt."
+            )
         instruction, responses = parse_instruction(prompt), [c for r in samples if (c := clean_response(r))]
         if len(responses) < 2:
             continue

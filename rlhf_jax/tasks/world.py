@@ -10,12 +10,42 @@ from __future__ import annotations
 import random
 
 NAMES = ("Anna", "Ben", "Clara", "David", "Ella", "Finn", "Grace", "Henry", "Iris", "Jack")
-NOUNS = ("cat", "dog", "bird", "fox", "tree", "river", "house", "boat", "apple", "stone", "horse", "garden",
-         "book", "lamp", "road", "hill", "cloud", "ship", "bell", "door")
+NOUNS = (
+    "cat",
+    "dog",
+    "bird",
+    "fox",
+    "tree",
+    "river",
+    "house",
+    "boat",
+    "apple",
+    "stone",
+    "horse",
+    "garden",
+    "book",
+    "lamp",
+    "road",
+    "hill",
+    "cloud",
+    "ship",
+    "bell",
+    "door",
+)
 ADJECTIVES = ("small", "big", "red", "green", "old", "young", "quiet", "bright", "dark", "happy", "cold", "warm")
 COLORS = ("red", "blue", "green", "yellow", "black", "white", "brown", "gray")
-VERBS = (("see", "sees"), ("find", "finds"), ("like", "likes"), ("paint", "paints"), ("follow", "follows"),
-         ("carry", "carries"), ("watch", "watches"), ("build", "builds"), ("open", "opens"), ("hear", "hears"))
+VERBS = (
+    ("see", "sees"),
+    ("find", "finds"),
+    ("like", "likes"),
+    ("paint", "paints"),
+    ("follow", "follows"),
+    ("carry", "carries"),
+    ("watch", "watches"),
+    ("build", "builds"),
+    ("open", "opens"),
+    ("hear", "hears"),
+)
 PLACES = ("in the garden", "by the river", "on the hill", "near the house", "under the tree", "at the door")
 TIMES = ("In the morning", "At night", "Today", "After the rain", "Once", "Later")
 WORDS = NOUNS + ADJECTIVES + ("sun", "moon", "star", "rain", "wind", "snow", "fire", "sand", "milk", "bread")

@@ -1,5 +1,7 @@
-"""What every stage computes from a params tree: token log-probs and entropies, token NLL, response
-log-probs (PPO and its family, DPO, evaluation) and sequence scores (the reward model).
+"""The forward passes every stage computes from a params tree (`apply`, the model on a padded batch, and
+what is read off its outputs): token log-probs and entropies, token NLL, response log-probs (PPO and its
+family, DPO, evaluation) and sequence scores (the reward model). Losses live in the stages, `rl.py` and
+`preference.py`.
 
 One home, so that stages never import each other. All functions are pure and jittable; `model`
 is a `TransformerLM` and `params` the tree (or subtree) it applies to. Units: nats.
@@ -22,15 +24,23 @@ from rlhf_jax.models.gpt import positions_from_mask
 Array = jax.Array
 
 
-def forward(params, model, tokens, input_mask, heads=("lm",), rng=None):
+def apply(params, model, tokens, input_mask, heads=("lm",), rng=None):
     """model.apply on a (possibly padded) batch: positions count only real tokens; dropout iff `rng`.
     With LoRA on, only the adapters (and scalar heads) get gradients (rlhf_jax/lora.py)."""
     params = lora.stop_frozen_gradients(params, model.cfg)
-    return model.apply({"params": params}, tokens, positions_from_mask(input_mask), input_mask, heads=heads,
-                       deterministic=rng is None, rngs=None if rng is None else {"dropout": rng})
+    return model.apply(
+        {"params": params},
+        tokens,
+        positions_from_mask(input_mask),
+        input_mask,
+        heads=heads,
+        deterministic=rng is None,
+        rngs=None if rng is None else {"dropout": rng},
+    )
 
 
 # --- per-token quantities from logits ------------------------------------------------------------------------------
+
 
 def logprobs_from_logits(logits: Array, tokens: Array, temperature: float = 1.0) -> Array:
     """log p(tokens) [B, T] in nats under softmax(logits / temperature); logits [B, T, V], computed in f32.
@@ -52,6 +62,7 @@ def entropy_from_logits(logits: Array, temperature: float = 1.0) -> Array:
 
 # --- the joined layout: LM loss, comparison log-probs ------------------------------------------------------------
 
+
 def token_nll(params, model, batch, rng=None) -> tuple[Array, Array]:
     """Next-token cross-entropy f32 [B, L] and its target mask [B, L] for LM batches
     {tokens, input_mask, loss_mask} int32 [B, L+1]: the model reads tokens[:, :-1] and predicts
@@ -59,7 +70,7 @@ def token_nll(params, model, batch, rng=None) -> tuple[Array, Array]:
     inputs, input_mask = batch["tokens"][:, :-1], batch["input_mask"][:, :-1]
     targets = batch["tokens"][:, 1:]
     target_mask = (batch["loss_mask"][:, 1:] * batch["input_mask"][:, 1:]).astype(jnp.float32)
-    logits = forward(params, model, inputs, input_mask, rng=rng)["logits"]
+    logits = apply(params, model, inputs, input_mask, rng=rng)["logits"]
     logp = logprobs_from_logits(logits, targets)
     return jnp.where(target_mask > 0, -logp, 0.0), target_mask
 
@@ -73,7 +84,7 @@ def summed_token_nll(params, model, batch, rng=None) -> tuple[Array, Array]:
 def sequence_logprobs(params, model, tokens, input_mask, target_mask, rng=None) -> tuple[Array, Array]:
     """(Σ_t log π(x_t | x_<t) over the target tokens [N], number of target tokens [N]) for joined rows
     tokens / input_mask / target_mask int [N, L] (right-padded; target_mask[t] = 1 on response tokens)."""
-    logits = forward(params, model, tokens[:, :-1], input_mask[:, :-1], rng=rng)["logits"]
+    logits = apply(params, model, tokens[:, :-1], input_mask[:, :-1], rng=rng)["logits"]
     logp = logprobs_from_logits(logits, tokens[:, 1:])
     mask = (target_mask[:, 1:] * input_mask[:, 1:]) > 0
     return jnp.sum(jnp.where(mask, logp, 0.0), axis=-1), jnp.sum(mask, axis=-1).astype(jnp.float32)
@@ -97,33 +108,41 @@ def comparison_logprobs(params, model, batch, rng=None) -> tuple[Array, Array]:
 
 # --- the split layout: rollouts -----------------------------------------------------------------------------------
 
-def response_stats(params, model, prompt, prompt_mask, response, response_mask, temperature: float,
-                   values: bool = False) -> dict[str, Array]:
+
+def response_stats(
+    params, model, prompt, prompt_mask, response, response_mask, temperature: float, values: bool = False, rng=None
+) -> dict[str, Array]:
     """Per response token [B, N]: "logprobs" (at the sampling temperature), "entropy", and with
-    values=True the value head's "values" (the critic's estimate before each token)."""
+    values=True the value head's "values" (the critic's estimate before each token); dropout iff `rng`."""
     P = prompt.shape[1]
     tokens = jnp.concatenate([prompt, response], axis=1)
     mask = jnp.concatenate([prompt_mask, response_mask], axis=1)
-    out = forward(params, model, tokens, mask, heads=("lm", "value") if values else ("lm",))
-    logits = out["logits"][:, P - 1:-1]  # position t-1 predicts response token t
-    stats = {"logprobs": logprobs_from_logits(logits, response, temperature),
-             "entropy": entropy_from_logits(logits, temperature)}
+    out = apply(params, model, tokens, mask, heads=("lm", "value") if values else ("lm",), rng=rng)
+    logits = out["logits"][:, P - 1 : -1]  # position t-1 predicts response token t
+    stats = {
+        "logprobs": logprobs_from_logits(logits, response, temperature),
+        "entropy": entropy_from_logits(logits, temperature),
+    }
     if values:
-        stats["values"] = out["values"][:, P - 1:-1]
+        stats["values"] = out["values"][:, P - 1 : -1]
     return stats
 
 
-def response_logprob_sums(params, model, prompt, prompt_mask, response, response_mask, temperature: float) -> Array:
-    """Σ_t log π(response_t | prompt, response_<t) per sequence [B] (nats), e.g. for KL estimates."""
-    lp = response_stats(params, model, prompt, prompt_mask, response, response_mask, temperature)["logprobs"]
+def response_logprob_sums(
+    params, model, prompt, prompt_mask, response, response_mask, temperature: float, rng=None
+) -> Array:
+    """Σ_t log π(response_t | prompt, response_<t) per sequence [B] (nats), e.g. for KL estimates; dropout iff
+    `rng`."""
+    lp = response_stats(params, model, prompt, prompt_mask, response, response_mask, temperature, rng=rng)["logprobs"]
     return jnp.sum(jnp.where(response_mask > 0, lp, 0.0), axis=1)
 
 
 # --- sequence scores (the reward head) ----------------------------------------------------------------------------
 
+
 def sequence_rewards(params, model, tokens, input_mask, rng=None) -> Array:
     """Reward of each sequence, read at its last real token: [N, L] → [N] (f32). Pads may sit on either side."""
-    out = forward(params, model, tokens, input_mask, heads=("reward",), rng=rng)
+    out = apply(params, model, tokens, input_mask, heads=("reward",), rng=rng)
     last = input_mask.shape[-1] - 1 - jnp.argmax(input_mask[:, ::-1], axis=-1)
     return jnp.take_along_axis(out["rewards"], last[:, None], axis=-1)[:, 0]
 
@@ -146,8 +165,7 @@ def over_members(fn, members: int):
 def member_scores(params, model, norm, tokens, input_mask) -> Array:
     """Each member's normalised reward of sequences [N, L] → [E, N] (f32). norm is the RM's reward_norm.json:
     {"gain", "bias"} floats for one RM (E = 1), lists of E for an ensemble ("ensemble_size": E)."""
-    raw = over_members(lambda p: sequence_rewards(p, model, tokens, input_mask),
-                       norm.get("ensemble_size", 1))(params)
+    raw = over_members(lambda p: sequence_rewards(p, model, tokens, input_mask), norm.get("ensemble_size", 1))(params)
     gain = jnp.asarray(norm["gain"], jnp.float32).reshape(-1, 1)
     bias = jnp.asarray(norm["bias"], jnp.float32).reshape(-1, 1)
     return preference.apply_normalization(raw, gain, bias)

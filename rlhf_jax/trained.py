@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax import checkpoint, objectives, parallel, train_state
+from rlhf_jax import checkpoint, forward, parallel, train_state
 from rlhf_jax.data.tokenizer import load_tokenizer
 from rlhf_jax.models.gpt import TransformerLM
 from rlhf_jax.models.layers import ModelConfig
@@ -27,21 +27,23 @@ NORM_FILE = "reward_norm.json"  # the RM stage's reward normalisation, beside it
 
 def sampling_settings(tok, max_new_tokens: int, temperature: float) -> SamplingSettings:
     """Decoding for the evaluation and for sampling comparisons: stop at the end of an assistant turn."""
-    return SamplingSettings(max_new_tokens=max_new_tokens, temperature=temperature, eos_id=tok.role_ids["end"],
-                            pad_id=tok.pad_id)
+    return SamplingSettings(
+        max_new_tokens=max_new_tokens, temperature=temperature, eos_id=tok.role_ids["end"], pad_id=tok.pad_id
+    )
 
 
 def load_policy(workdir: str, mesh, rules, dtype: str | None = None):
-    """(model, params, tokenizer) of a pretrain / SFT / PPO workdir (for PPO: the policy)."""
+    """(model, params, tokenizer) of a pretrain / SFT / policy-gradient / DPO workdir (of a policy-gradient one: the
+    policy, not its critic)."""
     src = checkpoint.read_run_config(workdir)
     if src is None:
         raise FileNotFoundError(f"{workdir!r} has no config.json: not a finished run's --workdir.")
     model = TransformerLM(ModelConfig(**dict(src["model"], dropout=0.0, **({"dtype": dtype} if dtype else {}))))
     one = train_state.model_init_fn(model, 8, 0)
-    if src["stage"] == "ppo":  # the policy-gradient family keeps {"policy", ["critic"]}
-        critic = src["ppo"]["critic"] == "reward_model"
-        like, _ = parallel.sharded_init(lambda: {"policy": one(), **({"critic": one()} if critic else {})},
-                                        mesh, rules)
+    # The policy-gradient family keeps {"policy", ["critic"]}; runs written before its rename call it "ppo".
+    if src["stage"] in ("pg", "ppo"):
+        critic = src.get("pg", src.get("ppo"))["critic"] == "reward_model"
+        like, _ = parallel.sharded_init(lambda: {"policy": one(), **({"critic": one()} if critic else {})}, mesh, rules)
         params = checkpoint.load_params(workdir, like)["policy"]
     else:
         like, _ = parallel.sharded_init(one, mesh, rules)
@@ -81,18 +83,27 @@ def generate(model, params, tok, source, settings: SamplingSettings, mesh, rules
 
 def response_logprobs(model, params, batch, temperature: float, mesh, rules, batch_size: int) -> np.ndarray:
     """Σ_t log π(response_t | prompt, response_<t) per sequence [N] (nats), for KL estimates."""
-    fn = jax.jit(functools.partial(objectives.response_logprob_sums, model=model, temperature=temperature))
+    fn = jax.jit(functools.partial(forward.response_logprob_sums, model=model, temperature=temperature))
     n, out = len(batch["prompt"]), []
     with parallel.activate(mesh, rules):
         for i in range(0, n, batch_size):
-            sl = {k: batch[k][i:i + batch_size] for k in ("prompt", "prompt_mask", "response", "response_mask")}
+            sl = {k: batch[k][i : i + batch_size] for k in ("prompt", "prompt_mask", "response", "response_mask")}
             pad = batch_size - len(sl["prompt"])
             if pad:  # keep one compiled shape; padded rows are dropped below
                 sl = {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)]) for k, v in sl.items()}
                 sl["prompt_mask"][-pad:, -1] = 1
             g = parallel.global_batch(sl, mesh, rules)
-            lp = np.asarray(jax.device_get(fn(params, prompt=g["prompt"], prompt_mask=g["prompt_mask"],
-                                              response=g["response"], response_mask=g["response_mask"])))
+            lp = np.asarray(
+                jax.device_get(
+                    fn(
+                        params,
+                        prompt=g["prompt"],
+                        prompt_mask=g["prompt_mask"],
+                        response=g["response"],
+                        response_mask=g["response_mask"],
+                    )
+                )
+            )
             out.append(lp[: batch_size - pad])
     return np.concatenate(out)
 
@@ -102,8 +113,8 @@ def load_reward_model(workdir: str, mesh, rules, dtype: str | None = None):
     norm = {"gain", "bias", "ensemble_size", ...} from its reward_norm.json. `dtype` overrides the compute dtype.
     An ensemble (rm.ensemble_size = E > 1) has params with a leading member axis and E gains and biases.
 
-    Score with `objectives.score_sequences(params, model, norm, tokens, input_mask)` (an ensemble's members
-    combined by its `aggregate`) or `objectives.member_scores` ([E, N]); jit it as you like.
+    Score with `forward.score_sequences(params, model, norm, tokens, input_mask)` (an ensemble's members
+    combined by its `aggregate`) or `forward.member_scores` ([E, N]); jit it as you like.
     """
     src = checkpoint.read_run_config(workdir)
     if src is None:
@@ -121,13 +132,16 @@ def load_reward_norm(workdir: str) -> dict:
     describe the params of its latest checkpoint."""
     norm_path = os.path.join(workdir, NORM_FILE)
     if not os.path.exists(norm_path):
-        raise FileNotFoundError(f"{norm_path} is missing: the RM run in {workdir} did not finish. Rerun its "
-                                f"command to finish it.")
+        raise FileNotFoundError(
+            f"{norm_path} is missing: the RM run in {workdir} did not finish. Rerun its command to finish it."
+        )
     with open(norm_path) as f:
         norm = {"ensemble_size": 1, **json.load(f)}
     _, step = checkpoint.find_params_checkpoint(workdir)
     if norm.get("step", step) != step:  # e.g. a run extended past a finished one, then stopped midway
-        raise ValueError(f"{norm_path} describes the params of step {norm['step']} but the latest checkpoint in "
-                         f"{workdir} is step {step}: that run stopped before finishing. Rerun its command to "
-                         f"finish it.")
+        raise ValueError(
+            f"{norm_path} describes the params of step {norm['step']} but the latest checkpoint in "
+            f"{workdir} is step {step}: that run stopped before finishing. Rerun its command to "
+            f"finish it."
+        )
     return norm
