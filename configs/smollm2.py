@@ -116,7 +116,7 @@ def get_config(preset: str = "rlvr"):
             _PG,
             rollout=dict(_PG["rollout"], samples_per_prompt=1),
             num_steps=50,
-            ppo=dict(epochs=2, num_minibatches=2),
+            pg=dict(epochs=2, num_minibatches=2),
             kl=dict(kind="fixed", init_coef=0.05),
         )
     else:  # grpo against an RM, or rlvr against the gold judge
