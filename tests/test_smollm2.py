@@ -32,6 +32,7 @@ from rlhf_jax.hf import gguf  # noqa: E402
 from rlhf_jax.models.gpt import positions_from_mask  # noqa: E402
 from rlhf_jax.sampling import SamplingSettings, sample  # noqa: E402
 from tests.conftest import SHARED_DATA  # noqa: E402
+from tests.helpers import smollm2_hf_dir  # noqa: E402
 
 HH_DEV = os.path.join(SHARED_DATA, "hh_rlhf_harmless_dev.jsonl.gz")
 
@@ -47,11 +48,8 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def smol(tmp_path_factory):
-    try:
-        path = gguf.packaged_smollm2()
-    except FileNotFoundError as e:
-        pytest.skip(str(e))
-    out = gguf.convert(path, str(tmp_path_factory.mktemp("smollm2") / "hf"))
+    out = smollm2_hf_dir(tmp_path_factory)
+    path = gguf.packaged_smollm2()
     ref = transformers.AutoModelForCausalLM.from_pretrained(
         os.path.dirname(path), gguf_file=path, dtype=torch.float32
     ).eval()

@@ -14,10 +14,10 @@ import pytest
 pytest.importorskip("gguf", reason="GGUF import needs llama.cpp's gguf package: bash scripts/setup_env.sh")
 
 from configs import smollm2  # noqa: E402
-from rlhf_jax.hf import gguf  # noqa: E402
 from rlhf_jax.metrics import read_metrics  # noqa: E402
 from rlhf_jax.stages import run_stage  # noqa: E402
 from tests.conftest import SHARED_DATA  # noqa: E402
+from tests.helpers import override, smollm2_hf_dir  # noqa: E402
 
 pytestmark = pytest.mark.slow
 HH_DEV = os.path.join(SHARED_DATA, "hh_rlhf_harmless_dev.jsonl.gz")
@@ -25,24 +25,14 @@ HH_DEV = os.path.join(SHARED_DATA, "hh_rlhf_harmless_dev.jsonl.gz")
 
 @pytest.fixture(scope="module")
 def smol_dir(tmp_path_factory):
-    try:
-        path = gguf.packaged_smollm2()
-    except FileNotFoundError as e:
-        pytest.skip(str(e))
-    return gguf.convert(path, str(tmp_path_factory.mktemp("smollm2") / "hf"), layers=2)
+    return smollm2_hf_dir(tmp_path_factory, layers=2)
 
 
 def _config(preset, smol_dir, **overrides):
     c = smollm2.get_config(preset)
     c.init_from = smol_dir
     c.checkpoint.every = 1000
-    for key, value in overrides.items():
-        node = c
-        *path, last = key.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = value
-    return c
+    return override(c, **overrides)
 
 
 def _losses(workdir, key):
