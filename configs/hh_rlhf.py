@@ -38,89 +38,19 @@ eric-mitchell/direct-preference-optimization config.yaml: max_length 512, max_pr
 the 128-token PPO response is this recipe's choice.
 """
 
-import ml_collections
+from rlhf_jax.recipes import SIZES, STAGES, recipe  # noqa: F401  (SIZES, STAGES: the presets, for callers)
 
-from rlhf_jax.config import stage_config
-from rlhf_jax.errors import ConfigError
-
-SIZES = ("tiny", "gpt2", "pythia160m")
-STAGES = ("sft", "rm", "ppo")
 TRAIN, TEST = "hh-rlhf/train.jsonl.gz", "hh-rlhf/test.jsonl.gz"  # replace with your local copies
-# Shapes for a from-scratch run; with init_from a Hugging Face directory, its config.json decides.
-MODELS = dict(
-    tiny=dict(d_model=32, n_layers=2, n_heads=2, max_len=128),
-    gpt2=dict(d_model=768, n_layers=12, n_heads=12, max_len=1024, position="learned", tie_embeddings=True),
-    pythia160m=dict(
-        d_model=768,
-        n_layers=12,
-        n_heads=12,
-        max_len=2048,
-        position="rope",
-        rotary_pct=0.25,
-        mlp="gelu_exact",
-        parallel_residual=True,
-        tie_embeddings=False,
-    ),
+# SFT trains on the chosen dialogues of these files and the RM on their pairs: one set of paths and lengths
+DIALOGUES = dict(train_path=TRAIN, eval_path=TEST, seq_len=512, examples=160_800)
+DATA = dict(
+    chat_template="hh",  # PPO stops at the template's "end": eos under hh
+    format="hh_rlhf",
+    sft=DIALOGUES,
+    rm=DIALOGUES,
+    ppo=dict(prompts_path=TRAIN, max_prompt_len=256, max_new_tokens=128),
 )
-EPISODES = 1_000_000
 
 
 def get_config(preset: str = "gpt2_sft"):
-    size, _, stage = preset.rpartition("_")
-    if size not in SIZES or stage not in STAGES:
-        raise ConfigError(
-            f"configs/hh_rlhf.py: unknown preset {preset!r}; use <size>_<stage> with size in {SIZES} "
-            f"and stage in {STAGES}, e.g. gpt2_sft."
-        )
-    tiny = size == "tiny"
-    o = ml_collections.ConfigDict()
-    o.data = dict(chat_template="hh")
-    adamw = dict(
-        name="adamw", lr=1e-3 if tiny else 3e-6, eps=1e-5, warmup_steps=0, final_lr_fraction=0.0, weight_decay=0.0
-    )
-    if stage == "sft":
-        o.data.update(
-            format="hh_rlhf",
-            train_path="" if tiny else TRAIN,
-            eval_path="" if tiny else TEST,
-            seq_len=96 if tiny else 512,
-        )
-        o.optim = dict(adamw, schedule="cosine")
-        o.batch_size, o.num_steps = (8, 20) if tiny else (128, 160_800 // 128)  # one epoch
-        o.eval_every, o.eval_batches = (10, 2) if tiny else (250, 50)
-    elif stage == "rm":
-        o.data.update(
-            format="hh_rlhf",
-            train_path="" if tiny else TRAIN,
-            eval_path="" if tiny else TEST,
-            seq_len=96 if tiny else 512,
-        )
-        o.optim = dict(adamw, schedule="cosine")
-        o.batch_size, o.num_steps = (8, 20) if tiny else (64, 160_800 // 64)  # one epoch
-        o.eval_every, o.eval_batches = (10, 0) if tiny else (500, 50)
-    else:
-        o.data.update(prompts_format="hh_rlhf", prompts_path="" if tiny else TRAIN, max_prompt_len=48 if tiny else 256)
-        o.rollout = dict(max_new_tokens=16 if tiny else 128, temperature=0.7, stop_token="end")  # end: eos under hh
-        o.pg = dict(
-            epochs=4,
-            num_minibatches=1,
-            vf_coef=0.1,
-            clip_range=0.2,
-            clip_range_value=0.2,
-            gamma=1.0,
-            lam=0.95,
-            whiten_rewards=True,
-            missing_eos_penalty=-1.0,
-            critic="shared" if tiny else "reward_model",
-        )
-        o.kl = dict(kind="fixed", init_coef=0.05)
-        o.optim = dict(adamw, schedule="linear")
-        o.batch_size, o.num_steps = (8, 4) if tiny else (512, EPISODES // 512)
-        if tiny:  # no RM needed to smoke-test the recipe: a programmatic reward
-            o.reward = dict(kind="function", function="rlhf_jax.rewards:fraction_of_vowels")
-            o.pg.update(epochs=2, num_minibatches=2)
-    o.model = dict(MODELS[size])
-    if tiny:
-        o.data.vocab_size = 384
-        o.checkpoint = dict(every=10)
-    return stage_config(stage, "tiny" if tiny else "default", o)
+    return recipe(preset, DATA, where="configs/hh_rlhf.py", example="gpt2_sft")
