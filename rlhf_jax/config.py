@@ -243,7 +243,7 @@ def config_module(name: str):
 def stage_config(name: str, preset: str, overrides) -> ml_collections.ConfigDict:
     """configs/<name>.py:<preset> with `overrides` (a dict or ConfigDict) merged in; unknown keys are errors."""
     c = config_module(name).get_config(preset)
-    merge_config(c, overrides if isinstance(overrides, dict) else overrides.to_dict(), f"config.{name}")
+    merge_config(c, overrides if isinstance(overrides, dict) else overrides.to_dict(), f"config.{c.stage}")
     return c
 
 

@@ -1,8 +1,8 @@
 """Every stage on SmolLM2-135M-Instruct's real weights and tokenizer (configs/smollm2.py: LoRA r8, ChatML): a
 few steps of SFT, RM and DPO on real text and of GRPO on its own samples run, stay finite and move their
-loss. The model is cut to its first 2 of 30 blocks (`gguf.convert(..., layers=2)`: the real embedding, blocks,
-final norm and tokenizer): the whole model's stage programs compile for about 3 minutes each here, which the
-suite cannot afford, and its forward pass and decoding are checked whole against transformers in
+loss. The model is cut to the first 2 of its 30 blocks (`gguf.convert(..., layers=2)`: the real embedding,
+blocks, final norm and tokenizer): the whole model's stage programs compile for about 3 minutes each here,
+which the suite cannot afford, and its forward pass and decoding are checked whole against transformers in
 tests/test_smollm2.py. The recipes' full-model timings are in README "Real models"."""
 
 import math
@@ -46,7 +46,7 @@ def test_sft_moves_its_loss_on_the_builtin_demonstrations(smol_dir, tmp_path):
     c = _config(
         "sft",
         smol_dir,
-        num_steps=4,
+        num_steps=3,
         batch_size=8,
         log_every=1,
         eval_every=1000,
@@ -71,7 +71,7 @@ def test_rm_and_dpo_train_on_hh_pairs(smol_dir, tmp_path, preset):
             "data.train_path": HH_DEV,
             "data.train_lines": (0, 24),
             "data.eval_lines": (24, 32),
-            "data.seq_len": 64,
+            "data.seq_len": 48,
             "optim.warmup_steps": 0,
             "optim.lr": 3e-4,
         },
