@@ -79,21 +79,7 @@ def datasets(run: Run):
     c, data_dir = run.config, os.path.join(run.workdir, "data")
     seq_len = c.data.seq_len
     if c.stage == "pretrain":
-        path = c.data.path or os.path.join(data_dir, "builtin_corpus.txt")
-        if not c.data.path and run.is_main:
-            builtin_text.write_builtin_corpus(path, num_chars=c.data.builtin_chars, seed=c.seed)
-        if run.is_main or c.data.path:  # the built-in corpus exists for the others once run.tokenizer syncs
-            _require(path, "data.path")
-        tok = run.tokenizer([path])
-        splits = run.main_first(
-            lm_datasets.build_text_dataset,
-            path,
-            os.path.join(run.workdir, "tokenizer.model"),
-            seq_len,
-            data_dir,
-            val_fraction=c.data.val_fraction,
-        )
-        return tok, splits["train"], splits["validation"]
+        return _pretrain_datasets(run, data_dir)
     train_path, eval_path = c.data.train_path, c.data.eval_path
     if not train_path:
         train_path, eval_path = (os.path.join(data_dir, f"builtin_sft_{split}.jsonl") for split in ("train", "eval"))
@@ -137,6 +123,29 @@ def datasets(run: Run):
         evals, eval_stats = build(eval_path, "eval")
         run.log(f"sft eval data {eval_path}: {eval_stats}")
     return tok, train, evals
+
+
+def _pretrain_datasets(run: Run, data_dir: str):
+    """(tokenizer, train, validation) of the pretraining corpus: data.path, else the built-in corpus."""
+    from rlhf_jax.data import lm_datasets
+    from rlhf_jax.tasks import builtin_text
+
+    c = run.config
+    path = c.data.path or os.path.join(data_dir, "builtin_corpus.txt")
+    if not c.data.path and run.is_main:
+        builtin_text.write_builtin_corpus(path, num_chars=c.data.builtin_chars, seed=c.seed)
+    if run.is_main or c.data.path:  # the built-in corpus exists for the others once run.tokenizer syncs
+        _require(path, "data.path")
+    tok = run.tokenizer([path])
+    splits = run.main_first(
+        lm_datasets.build_text_dataset,
+        path,
+        os.path.join(run.workdir, "tokenizer.model"),
+        c.data.seq_len,
+        data_dir,
+        val_fraction=c.data.val_fraction,
+    )
+    return tok, splits["train"], splits["validation"]
 
 
 def _require(path: str, key: str):

@@ -314,26 +314,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     lead = 1 if E else 0  # an ensemble's batch is [E, B, K, L]: member i's rows are its own loader's
     step_fn = jit_train_step(model, tx, schedule, c, shardings, run.mesh, run.rules)
     loaders = [BatchLoader(member_source(train_source, c, i), c.batch_size, seed=c.seed + i) for i in range(E or 1)]
-    K = train_source[0]["tokens"].shape[0]
-    # The RM never computes vocabulary logits: drop the LM head's 6·D·V from the LM's count.
-    flops_per_seq = (
-        perf.train_flops_per_token(model.cfg, c.data.seq_len) - 6.0 * model.cfg.d_model * model.cfg.vocab_size
-    ) * c.data.seq_len
-    seqs = c.batch_size * K * (E or 1)  # scored sequences per step, every member's
-    tail = LoopTail(
-        run,
-        start,
-        "rm",
-        tokens_per_step=seqs * c.data.seq_len,
-        samples_per_step=seqs,
-        flops_per_step=seqs * flops_per_seq,
-        postfix={"loss": "rm/loss", "acc": "rm/accuracy"},
-    )
-    run.log(
-        f"rm: {loaders[0].num_examples} comparisons (K={K}), steps {start}→{c.num_steps}, "
-        f"{f'an ensemble of {E}, ' if E else ''}mesh {dict(run.mesh.shape)}, "
-        f"{sum(x.size for x in jax.tree.leaves(state.params)) / 1e6:.2f}M params"
-    )
+    tail = _loop_tail(run, model, state, start, loaders[0].num_examples, train_source[0]["tokens"].shape[0], E)
 
     evaluate_at = (
         None
@@ -346,12 +327,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     with parallel.activate(run.mesh, run.rules):
         for members_batches in zip(*iterators):
             step = members_batches[0][0]
-            local = (
-                members_batches[0][1]
-                if not E
-                else {k: np.stack([b[k] for _, b in members_batches]) for k in members_batches[0][1]}
-            )
-            batch = parallel.global_batch(local, run.mesh, run.rules, lead=lead)
+            batch = parallel.global_batch(_stacked(members_batches, E), run.mesh, run.rules, lead=lead)
             step_fn = tail.compile_once("rm train step", step_fn, state, batch)
             state, metrics = step_fn(state, batch)
             if tail.end_step(
@@ -440,3 +416,35 @@ def normalise(reference, params, run: Run, step: int) -> dict[str, float]:
         f"reference responses"
     )
     return norm
+
+
+def _stacked(members_batches, E: int) -> dict:
+    """One step's host batch: the loader's, or the E members' stacked on a leading member axis."""
+    if not E:
+        return members_batches[0][1]
+    return {k: np.stack([b[k] for _, b in members_batches]) for k in members_batches[0][1]}
+
+
+def _loop_tail(run: Run, model, state, start: int, n_examples: int, K: int, E: int) -> LoopTail:
+    """The loop's tail, counting what a step scores (every member's sequences), and the run's opening line."""
+    c = run.config
+    # The RM never computes vocabulary logits: drop the LM head's 6·D·V from the LM's count.
+    flops_per_seq = (
+        perf.train_flops_per_token(model.cfg, c.data.seq_len) - 6.0 * model.cfg.d_model * model.cfg.vocab_size
+    ) * c.data.seq_len
+    seqs = c.batch_size * K * (E or 1)  # scored sequences per step, every member's
+    tail = LoopTail(
+        run,
+        start,
+        "rm",
+        tokens_per_step=seqs * c.data.seq_len,
+        samples_per_step=seqs,
+        flops_per_step=seqs * flops_per_seq,
+        postfix={"loss": "rm/loss", "acc": "rm/accuracy"},
+    )
+    run.log(
+        f"rm: {n_examples} comparisons (K={K}), steps {start}→{c.num_steps}, "
+        f"{f'an ensemble of {E}, ' if E else ''}mesh {dict(run.mesh.shape)}, "
+        f"{sum(x.size for x in jax.tree.leaves(state.params)) / 1e6:.2f}M params"
+    )
+    return tail
