@@ -7,7 +7,7 @@ binomial standard errors.
     python -m rlhf_jax.convert gguf --out=models/smollm2
     python -m rlhf_jax.main --config=configs/smollm2.py:hh_rm --workdir=runs/smol_hh_rm \\
         --config.data.train_path=../shared/data/hh_rlhf_harmless_dev.jsonl.gz
-    python experiments/smollm2_hh.py --rm_workdir=runs/smol_hh_rm    # → experiments/results/smollm2_hh_rm.json
+    python scripts/smollm2_hh.py --rm_workdir=runs/smol_hh_rm    # → experiments/results/smollm2_hh_rm.json
 """
 
 from __future__ import annotations
