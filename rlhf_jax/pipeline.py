@@ -68,7 +68,9 @@ def _changed(mine: dict, preset: dict) -> dict:
 # config.reuse_from is reused only when all of them are equal. Each data file has its own seed offset
 # (write_data), so e.g. more RM prompts leave the corpus and the demonstrations, hence pretrain and SFT, as
 # they were. Evaluation always runs here.
-REUSE_KEYS = {"pretrain": ("seed", "data.corpus_chars", "pretrain")}
+REUSE_KEYS = {
+    "pretrain": ("seed", "data.corpus_chars", "pretrain", "pretrained", "data.chat_template", "data.chat_system")
+}
 REUSE_KEYS["sft"] = REUSE_KEYS["pretrain"] + (
     "data.num_demos",
     "data.demo_error_rate",
@@ -201,7 +203,10 @@ def write_data(c, data_dir: str) -> dict[str, str]:
         ).items()
     }
     d, s = c.data, c.seed
-    builtin.write_builtin_corpus(p["corpus"], num_chars=d.corpus_chars, seed=s)
+    if c.pretrained:  # no pretraining corpus: the model comes pretrained
+        del p["corpus"]
+    else:
+        builtin.write_builtin_corpus(p["corpus"], num_chars=d.corpus_chars, seed=s)
     demonstrator = dict(
         error_rate=d.demo_error_rate, forbidden_prob=d.demo_forbidden_prob, chatter_rate=d.demo_chatter_rate
     )
@@ -223,9 +228,14 @@ def sample_comparisons(c, sft_dir: str, prompts_path: str, out_path: str, noise:
 
     model, params, tok = load_policy(sft_dir, mesh, rules)
     source, _ = prompt_data.build_prompt_dataset(
-        prompts_path, "prompt", tok.path, c.data.max_prompt_len, os.path.join(os.path.dirname(out_path), "tfds")
+        prompts_path,
+        "prompt",
+        tok.path,
+        c.data.max_prompt_len,
+        os.path.join(os.path.dirname(out_path), "tfds"),
+        template=chat_template(c),
     )
-    settings = sampling_settings(tok, c.eval.max_new_tokens, c.data.sample_temperature)
+    settings = sampling_settings(tok, c.eval.max_new_tokens, c.data.sample_temperature, chat_template(c))
     samples = [
         generate(model, params, tok, source, settings, mesh, rules, seed=seed + j, batch_size=c.eval.batch_size)
         for j in range(c.data.k)
@@ -235,6 +245,26 @@ def sample_comparisons(c, sft_dir: str, prompts_path: str, out_path: str, noise:
     per_prompt = [[s["responses"][i] for s in samples] for i in range(len(instructions))]
     builtin.write_comparisons(out_path, instructions, per_prompt, seed=seed, noise=noise)
     return {"path": out_path, "prompts": len(instructions), "k": c.data.k, "noise": noise}
+
+
+def chat_template(c: ml_collections.ConfigDict):
+    """The chat template the pipeline's dialogues are rendered in (config.data.chat_template, chat_system)."""
+    from rlhf_jax.data import chat
+
+    return chat.config_template(c.data)
+
+
+def pretrained_dir(path: str) -> str:
+    """config.pretrained as an absolute path, checked: a local Hugging Face model directory."""
+    from rlhf_jax import hf
+
+    if not hf.is_hf_dir(path):
+        raise MissingFileError(
+            f"config.pretrained={path!r} is not a Hugging Face model directory (config.json + model.safetensors). "
+            f"For SmolLM2-135M-Instruct: bash scripts/setup_real.sh, then python -m rlhf_jax.convert gguf "
+            f"--out={path}."
+        )
+    return os.path.abspath(path)
 
 
 def run_pipeline(c: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -275,11 +305,15 @@ def run_pipeline(c: ml_collections.ConfigDict, workdir: str) -> dict:
         )
     policy_stage_config(c)  # an unknown policy fails before anything runs
     t0 = time.perf_counter()
-    once(
-        sub["pretrain"],
-        "pretrain",
-        lambda: run_stage(stage("pretrain", **{"data.path": paths["corpus"]}), sub["pretrain"]),
-    )
+    if c.pretrained:
+        sub["pretrain"] = pretrained_dir(c.pretrained)
+        log(f"pretrain: the pretrained model {sub['pretrain']}")
+    else:
+        once(
+            sub["pretrain"],
+            "pretrain",
+            lambda: run_stage(stage("pretrain", **{"data.path": paths["corpus"]}), sub["pretrain"]),
+        )
     once(
         sub["sft"],
         "sft",
@@ -325,7 +359,7 @@ def run_pipeline(c: ml_collections.ConfigDict, workdir: str) -> dict:
         else {"reward.kind": "function", "reward.function": gold}
     )
     wiring = {"data.prompts_path": paths["ppo_prompts"], "reward.monitor": gold, **reward}
-    if POLICIES[c.policy][0] == "pg":
+    if POLICIES[c.policy][0] == "pg" and "corpus" in paths:
         wiring["data.ptx_path"] = paths["corpus"]
     else:  # DPO trains on the RM's comparisons (the same labeler budget); online DPO ranks by the reward
         wiring.update({"data.train_path": comps, "data.eval_path": gold_comps, "data.format": "ranked"})

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax import forward, parallel
+from rlhf_jax.pipeline import chat_template
 from rlhf_jax.trained import generate, load_policy, load_reward_model, response_logprobs, sampling_settings
 
 LABELS = {
@@ -40,10 +41,15 @@ def evaluate(c, sub: dict, paths: dict, rm_metrics: dict, mesh, rules) -> dict:
     sft_model, sft_params, tok = load_policy(sub["sft"], mesh, rules)
     pol_model, pol_params, _ = load_policy(sub["policy"], mesh, rules)
     source, _ = prompt_data.build_prompt_dataset(
-        paths["eval_prompts"], "prompt", tok.path, c.data.max_prompt_len, os.path.join(sub["eval"], "tfds")
+        paths["eval_prompts"],
+        "prompt",
+        tok.path,
+        c.data.max_prompt_len,
+        os.path.join(sub["eval"], "tfds"),
+        template=chat_template(c),
     )
     temp, bs = c.eval.temperature, c.eval.batch_size
-    settings = sampling_settings(tok, c.eval.max_new_tokens, temp)
+    settings = sampling_settings(tok, c.eval.max_new_tokens, temp, chat_template(c))
     sft = generate(sft_model, sft_params, tok, source, settings, mesh, rules, seed=c.seed + 100, batch_size=bs)
     pol = generate(pol_model, pol_params, tok, source, settings, mesh, rules, seed=c.seed + 100, batch_size=bs)
     prompts = sft["prompts"]
@@ -59,17 +65,13 @@ def evaluate(c, sub: dict, paths: dict, rm_metrics: dict, mesh, rules) -> dict:
     best = np.argmax(rm_scores, axis=0)
     bon = [cands[b][i] for i, b in enumerate(best)]
 
-    # The alignment tax (InstructGPT §4.2): loss on the pretraining corpus' held-out windows.
-    heldout = pretrain_heldout(c, sub, paths, tok)
+    # The alignment tax (InstructGPT §4.2): loss on the pretraining corpus' held-out windows (none to hold out
+    # of a model that came pretrained).
+    heldout = pretrain_heldout(c, sub, paths, tok) if "corpus" in paths else None
+    tax = lambda model, params: {"pretrain_loss": lm_loss(model, params, heldout, mesh, rules, bs)} if heldout else {}
     base_model, base_params, _ = load_policy(sub["pretrain"], mesh, rules)
-    sft_eval = {
-        **builtin.evaluate_responses(prompts, sft["responses"]),
-        "pretrain_loss": lm_loss(sft_model, sft_params, heldout, mesh, rules, bs),
-    }
-    pol_eval = {
-        **builtin.evaluate_responses(prompts, pol["responses"]),
-        "pretrain_loss": lm_loss(pol_model, pol_params, heldout, mesh, rules, bs),
-    }
+    sft_eval = {**builtin.evaluate_responses(prompts, sft["responses"]), **tax(sft_model, sft_params)}
+    pol_eval = {**builtin.evaluate_responses(prompts, pol["responses"]), **tax(pol_model, pol_params)}
     bon_eval = builtin.evaluate_responses(prompts, bon)
     prompted, prompted_responses = prompted_baselines(
         c, sub, paths, base_model, base_params, tok, source, settings, prompts, sft["responses"], mesh, rules
@@ -104,7 +106,9 @@ def evaluate(c, sub: dict, paths: dict, rm_metrics: dict, mesh, rules) -> dict:
             "prompts": len(prompts),
             "same_keys_for_both": True,
         },
-        "pretrained": {"pretrain_loss": lm_loss(base_model, base_params, heldout, mesh, rules, bs)},
+        "pretrained": {"path": c.pretrained, **tax(base_model, base_params)}
+        if c.pretrained
+        else tax(base_model, base_params),
         **prompted,
         "sft": sft_eval,
         "policy": {
@@ -137,12 +141,18 @@ def prompted_baselines(c, sub, paths, model, params, tok, source, settings, prom
     from rlhf_jax.tasks import builtin
 
     k, P = c.eval.few_shot, c.data.max_prompt_len
-    window = c.pretrain.data.seq_len - c.eval.max_new_tokens
+    # a pretrained model's window is far longer than any few-shot prompt here
+    window = (model.cfg.max_len if c.pretrained else c.pretrain.data.seq_len) - c.eval.max_new_tokens
     path = builtin.write_few_shot_prompts(
         paths["eval_prompts"], os.path.join(sub["eval"], f"eval_prompts_{k}shot.jsonl"), k, seed=c.seed + 7
     )
     few, _ = prompt_data.build_prompt_dataset(
-        path, "prompt", tok.path, max(P, min((k + 1) * P, window)), os.path.join(sub["eval"], "tfds")
+        path,
+        "prompt",
+        tok.path,
+        max(P, min((k + 1) * P, window)),
+        os.path.join(sub["eval"], "tfds"),
+        template=chat_template(c),
     )
     out, responses = {}, {}
     for name, src, shots in (("gpt_zero_shot", source, 0), ("gpt_few_shot", few, k)):
@@ -173,7 +183,10 @@ def sft_samples_scored_by_rm(c, sub: dict, model, params, tok, source, n: int, m
     settings; sample 0 is `first` when given (the evaluation's SFT sample), sample j's key seed + 200 + j."""
     rm_model, rm_params, norm = load_reward_model(sub["rm"], mesh, rules)
     score = jax.jit(lambda p, t, m: forward.score_sequences(p, rm_model, norm, t, m))
-    settings, bs = sampling_settings(tok, c.eval.max_new_tokens, c.eval.temperature), c.eval.batch_size
+    settings, bs = (
+        sampling_settings(tok, c.eval.max_new_tokens, c.eval.temperature, chat_template(c)),
+        c.eval.batch_size,
+    )
     cands, rm_scores = [], []
     with parallel.activate(mesh, rules):
         for j in range(n):
@@ -288,7 +301,9 @@ def rm_accuracy_vs_gold(sub: dict, tok, c, mesh, rules) -> dict:
     with parallel.activate(mesh, rules):
         for r in records:
             ids = [
-                render_dialogue(prompt_response_to_messages(r["prompt"], x), tok)[0][-c.rm.data.seq_len :]
+                render_dialogue(prompt_response_to_messages(r["prompt"], x), tok, template=chat_template(c))[0][
+                    -c.rm.data.seq_len :
+                ]
                 for x in r["responses"]
             ]
             L = c.rm.data.seq_len  # one shape: one compilation
@@ -315,12 +330,13 @@ def write_report(c, workdir: str, sub: dict, summary: dict, seconds: float) -> N
     curve = [m for m in read_metrics(sub["policy"]) if "objective/scores" in m]
     plots = _plots(workdir, curve, name) if curve else []  # offline DPO samples nothing while it trains
     bon_key = next(k for k in summary if k.startswith("best_of_"))
+    base = os.path.basename(os.path.normpath(c.pretrained)) if c.pretrained else "GPT"  # the prompted rows' model
     pol = summary["policy"]
     rows = (
         [
-            ("GPT zero-shot", summary["gpt_zero_shot"], f"{summary['gpt_zero_shot']['win_rate_vs_sft']:.3f}", "—"),
+            (f"{base} zero-shot", summary["gpt_zero_shot"], f"{summary['gpt_zero_shot']['win_rate_vs_sft']:.3f}", "—"),
             (
-                f"GPT {summary['gpt_few_shot']['shots']}-shot",
+                f"{base} {summary['gpt_few_shot']['shots']}-shot",
                 summary["gpt_few_shot"],
                 f"{summary['gpt_few_shot']['win_rate_vs_sft']:.3f}",
                 "—",
@@ -351,11 +367,14 @@ def write_report(c, workdir: str, sub: dict, summary: dict, seconds: float) -> N
         f"{e['chatter_rate']:.3f} | {w} | {k} | " + (f"{e['pretrain_loss']:.3f} |" if "pretrain_loss" in e else "— |")
         for n, e, w, k in rows
     ]
-    lines += [
-        "",
-        "Pretraining loss: nats per token on the pretraining corpus' held-out windows (the alignment tax "
-        f"is {name}'s rise over SFT's); the pretrained model's: {summary['pretrained']['pretrain_loss']:.3f}.",
-    ]
+    if "pretrain_loss" in summary["pretrained"]:
+        lines += [
+            "",
+            "Pretraining loss: nats per token on the pretraining corpus' held-out windows (the alignment tax "
+            f"is {name}'s rise over SFT's); the pretrained model's: {summary['pretrained']['pretrain_loss']:.3f}.",
+        ]
+    else:
+        lines += ["", f"Pretrained model: {summary['pretrained']['path']} (no pretraining corpus held out here)."]
     lines += [
         "",
         f"Reward model accuracy against the gold judge on {summary['rm']['gold_untied_pairs']} held-out "

@@ -25,16 +25,27 @@ from rlhf_jax.sampling import SamplingSettings, sample
 NORM_FILE = "reward_norm.json"  # the RM stage's reward normalisation, beside its checkpoints
 
 
-def sampling_settings(tok, max_new_tokens: int, temperature: float) -> SamplingSettings:
-    """Decoding for the evaluation and for sampling comparisons: stop at the end of an assistant turn."""
+def sampling_settings(tok, max_new_tokens: int, temperature: float, template=None) -> SamplingSettings:
+    """Decoding for the evaluation and for sampling comparisons: stop at the end of an assistant turn of the
+    chat template (rlhf_jax/data/chat.py; default: the project's tags)."""
+    from rlhf_jax.data import chat
+
     return SamplingSettings(
-        max_new_tokens=max_new_tokens, temperature=temperature, eos_id=tok.role_ids["end"], pad_id=tok.pad_id
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        eos_id=(template or chat.TAGS).end_id(tok),
+        pad_id=tok.pad_id,
     )
 
 
 def load_policy(workdir: str, mesh, rules, dtype: str | None = None):
     """(model, params, tokenizer) of a pretrain / SFT / policy-gradient / DPO workdir (of a policy-gradient one: the
-    policy, not its critic)."""
+    policy, not its critic), or of a Hugging Face model directory (e.g. `python -m rlhf_jax.convert gguf`'s)."""
+    from rlhf_jax import hf
+
+    if hf.is_hf_dir(workdir):
+        model, params = hf.load_model(workdir, mesh, rules, dropout=0.0, **({"dtype": dtype} if dtype else {}))
+        return model, params, load_tokenizer(workdir)
     src = checkpoint.read_run_config(workdir)
     if src is None:
         raise FileNotFoundError(f"{workdir!r} has no config.json: not a finished run's --workdir.")
