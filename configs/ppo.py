@@ -66,7 +66,18 @@ def get_config(preset: str = "default"):
     c.reward = dict(kind="rm", rm_workdir="", function="", monitor="", aggregate="mean", lcb_coef=1.0)
     # samples_per_prompt: episodes per prompt in an iteration (batch_size / samples_per_prompt distinct prompts)
     c.rollout = dict(
-        max_new_tokens=32, temperature=0.7, top_k=0, top_p=1.0, stop_token="end", eos_after=0, samples_per_prompt=1
+        max_new_tokens=32,
+        temperature=0.7,
+        top_k=0,
+        top_p=1.0,
+        stop_token="end",
+        eos_after=0,
+        samples_per_prompt=1,
+        # Shapes that follow the data: each iteration pads its prompts (and cuts its responses) to the smallest
+        # length_bucket·2^k holding the longest, capped at data.max_prompt_len (rollout.max_new_tokens), so few
+        # programs compile (perf/compilations counts them); decoding stops once every response has ended.
+        # 0: always the caps.
+        length_bucket=16,
     )
     c.pg = dict(
         epochs=4,

@@ -55,6 +55,7 @@ class LoopTail:
         self.bar = run.progress(start, self.c.num_steps, name)
         self.last: dict[str, Any] = {}
         self._compiled = False
+        self._executables: dict[tuple, Any] = {}
         self._t, self._since = time.perf_counter(), 0
 
     def compile_once(self, name: str, jitted, *args):
@@ -66,6 +67,17 @@ class LoopTail:
         return perf.compile_with_memory_report(
             name, jitted, args, args[0], self.run.mesh, self.run.workdir, self.run.log, self.run.is_main
         )
+
+    def compiled_for(self, name: str, jitted, *args):
+        """`jitted` compiled for the shapes of `args`, once per distinct set of shapes (a loop whose batches come
+        in a few bucketed lengths); the first compilation writes the memory report, as compile_once."""
+        key = tuple((x.shape, str(x.dtype)) for x in jax.tree.leaves(args))
+        if key not in self._executables:
+            if not self._executables:
+                self._executables[key] = self.compile_once(name, jitted, *args)
+            else:
+                self._executables[key] = jitted.lower(*args).compile()
+        return self._executables[key]
 
     def write(self, step: int, metrics: dict[str, Any]) -> dict[str, Any]:
         """Writes metrics at `step` (e.g. a stage's own extra record) and keeps them in `last`."""

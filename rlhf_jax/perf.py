@@ -13,6 +13,25 @@ import jax.numpy as jnp
 from rlhf_jax.models.layers import ModelConfig
 
 
+_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"  # jax._src.dispatch.BACKEND_COMPILE_EVENT
+_compilations = 0
+
+
+def _count_compilation(event: str, duration: float, **kwargs) -> None:
+    global _compilations
+    if event == _COMPILE_EVENT:
+        _compilations += 1
+
+
+def compilations() -> int:
+    """XLA compilations in this process so far (jax.monitoring's backend-compile events, counted from the first
+    call): a loop whose shapes are steady stops adding to it after its first iteration."""
+    if not getattr(compilations, "registered", False):
+        jax.monitoring.register_event_duration_secs_listener(_count_compilation)
+        compilations.registered = True
+    return _compilations
+
+
 def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Forward + backward FLOPs per token: 6·N (matmul params) + 12·L·T·D (attention scores), PaLM appendix B."""
     d, f, L = cfg.d_model, cfg.ff_dim, cfg.n_layers

@@ -251,14 +251,14 @@ def advantages(
 AGGREGATIONS = ("token_mean", "sequence_mean", "token_sum")
 
 
-def aggregate(x: Array, mask: Array, how: str = "token_mean") -> Array:
+def aggregate(x: Array, mask: Array, how: str = "token_mean", budget: int | None = None) -> Array:
     """A per-token loss [B, T] reduced to f32 []:
 
     token_mean     Σ_{b,t} m·x / Σ_{b,t} m: every token of the batch weighs the same (PPO, lm-human-preferences)
     sequence_mean  mean over episodes with a token of Σ_t m·x / Σ_t m (GRPO, DeepSeekMath eq. 3's 1/|o_i|),
                    so a long response weighs per token less than a short one
     token_sum      Σ_{b,t} m·x / (B · T): a constant normaliser, T the response budget (Dr. GRPO,
-                   which removes GRPO's length bias)
+                   which removes GRPO's length bias): `budget` (rollout.max_new_tokens), else x's width
     """
     real = mask != 0
     x = jnp.where(real, x, 0.0)
@@ -268,7 +268,7 @@ def aggregate(x: Array, mask: Array, how: str = "token_mean") -> Array:
         per_row = masked_mean(x, mask, axis=1)
         return masked_mean(per_row, jnp.any(real, axis=1))
     if how == "token_sum":
-        return jnp.sum(x) / (x.shape[0] * x.shape[1])
+        return jnp.sum(x) / (x.shape[0] * (budget or x.shape[1]))
     raise ValueError(f"config.pg.loss_aggregation={how!r} is unknown. Use one of {AGGREGATIONS}.")
 
 
@@ -282,6 +282,7 @@ def policy_loss(
     mask: Array,
     clip_range: float,
     aggregation: str = "token_mean",
+    budget: int | None = None,
 ) -> tuple[Array, dict[str, Array]]:
     """Clipped surrogate loss (f32[], reduced by `aggregate`) and stats; all inputs [B, T].
 
@@ -295,7 +296,7 @@ def policy_loss(
     # Schulman et al. 2017 eq. 7: L^CLIP = E[min(ρ·A, clip(ρ, 1−ε, 1+ε)·A)], minimised as its negative.
     unclipped = -advantages * ratio
     clipped = -advantages * jnp.clip(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    loss = aggregate(jnp.maximum(unclipped, clipped), mask, aggregation)
+    loss = aggregate(jnp.maximum(unclipped, clipped), mask, aggregation, budget)
     stats = {
         "clipfrac": masked_mean((clipped > unclipped).astype(jnp.float32), mask),
         "approxkl": 0.5 * masked_mean(jnp.square(log_ratio), mask),
@@ -326,14 +327,19 @@ def value_loss(
 
 
 def kl_loss(
-    new_logprobs: Array, ref_logprobs: Array, mask: Array, kind: str = "k3", aggregation: str = "token_mean"
+    new_logprobs: Array,
+    ref_logprobs: Array,
+    mask: Array,
+    kind: str = "k3",
+    aggregation: str = "token_mean",
+    budget: int | None = None,
 ) -> Array:
     """The KL term of the loss (DeepSeekMath eq. 3's D_KL[π ‖ π_ref], k3 there), f32 [], to be scaled by β:
     the KL's placement in the loss instead of in the reward. Its gradient flows through new_logprobs."""
     real = mask != 0  # clean both inputs first: exp() of a garbage log-ratio would put NaN in the gradient
     new = jnp.where(real, new_logprobs, 0.0)
     ref = jnp.where(real, jax.lax.stop_gradient(ref_logprobs), 0.0)
-    return aggregate(kl_penalty(new, ref, kind), mask, aggregation)
+    return aggregate(kl_penalty(new, ref, kind), mask, aggregation, budget)
 
 
 # --- the KL coefficient β ----------------------------------------------------------------------------------------

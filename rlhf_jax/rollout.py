@@ -5,6 +5,7 @@ lives here; the reward sources are `rlhf_jax.rewards`.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from typing import Any
@@ -75,6 +76,7 @@ def make_rollout_fn(model, c, tok):
         pad_id=tok.pad_id,
         eos_after=c.rollout.eos_after,
         logprobs=True,
+        stop_check_every=8 if c.rollout.get("length_bucket", 0) else 0,  # stop once every response has ended
     )
 
     def generate(params, prompt, prompt_mask, keys) -> Rollout:
@@ -121,17 +123,57 @@ def _write_builtin_prompts(path: str, data_dir: str, seed: int):
     builtin.write_prompts(path, 512, seed=seed + 7, split="train")
 
 
-def prompt_batch(loader, iteration: int, group: int, run: Run):
-    """This iteration's prompts, each `group` times in a row (the samples of one prompt), as global arrays."""
+def bucket_width(longest: int, limit: int, bucket: int) -> int:
+    """The padded length for a batch whose longest row is `longest`: the smallest bucket·2^k that holds it,
+    capped at `limit` (bucket 0: always `limit`). Few shapes, hence few compilations: 16, 32, 64, ..."""
+    if bucket <= 0:
+        return limit
+    width = bucket
+    while width < longest:
+        width *= 2
+    return min(width, limit)
+
+
+def global_max(x: int) -> int:
+    """The largest of every process's `x`."""
+    if jax.process_count() == 1:
+        return int(x)
+    from jax.experimental import multihost_utils
+
+    return int(np.max(multihost_utils.process_allgather(np.asarray(x, np.int32))))
+
+
+def prompt_batch(loader, iteration: int, group: int, run: Run, bucket: int = 0):
+    """This iteration's prompts, each `group` times in a row (the samples of one prompt), as global arrays,
+    left-padded to bucket_width of the longest prompt in the batch (bucket 0: to data.max_prompt_len)."""
     local = loader.get_batch(iteration)
+    tokens, mask = local["prompt_tokens"], local["prompt_mask"]
+    width = bucket_width(global_max(mask.sum(1).max(initial=1)), tokens.shape[1], bucket)
     return parallel.global_batch(
         {
-            "prompt": np.repeat(local["prompt_tokens"], group, axis=0),
-            "prompt_mask": np.repeat(local["prompt_mask"], group, axis=0),
+            "prompt": np.repeat(tokens[:, -width:], group, axis=0),
+            "prompt_mask": np.repeat(mask[:, -width:], group, axis=0),
         },
         run.mesh,
         run.rules,
     )
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _first_tokens(rollout: Rollout, width: int) -> Rollout:
+    return rollout.replace(
+        response=rollout.response[:, :width],
+        response_mask=rollout.response_mask[:, :width],
+        sampler_logprobs=rollout.sampler_logprobs[:, :width],
+    )
+
+
+def trim_responses(rollout: Rollout, bucket: int) -> Rollout:
+    """A generated rollout cut to bucket_width of its longest response (bucket 0: unchanged): the score and
+    update steps then spend nothing on the padding after the last sequence ended."""
+    N = rollout.response.shape[1]
+    width = bucket_width(int(parallel.to_host(rollout.response_mask.sum(1)).max(initial=1)), N, bucket)
+    return rollout if width == N else _first_tokens(rollout, width)
 
 
 def decode(tok, rollout: Rollout) -> tuple[list[str], list[str]]:

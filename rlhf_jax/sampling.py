@@ -26,6 +26,9 @@ class SamplingSettings:
     eos_after: int = 0
     # Also return each drawn token's log-prob (an extra logsumexp over the vocabulary per step).
     logprobs: bool = False
+    # Decode in chunks of this many tokens and stop once every sequence has ended (checked on device between
+    # chunks, inside a while_loop); 0: always decode max_new_tokens. Either gives the same tokens.
+    stop_check_every: int = 8
 
 
 def filter_logits(logits_BxV: jax.Array, top_k: int, top_p: float) -> jax.Array:
@@ -101,8 +104,37 @@ def sample(params, prompt_tokens, prompt_mask, rng_keys, *, model: TransformerLM
         return (o["cache"], o["logits"][:, -1], done), (token, live, jnp.where(live, logprob, 0.0))
 
     init = (out["cache"], out["logits"][:, -1], jnp.zeros((B,), bool))
-    (_, _, done), (tokens, live, logprobs) = jax.lax.scan(body, init, jnp.arange(N))
+    C = settings.stop_check_every
+    if not 0 < C < N:
+        (_, _, done), (tokens, live, logprobs) = jax.lax.scan(body, init, jnp.arange(N))
+    else:
+        (_, _, done), (tokens, live, logprobs) = _decode_until_done(body, init, N, C, settings.pad_id, B)
     out = {"tokens": tokens.T, "mask": live.T.astype(jnp.int32), "ended": done}
     if settings.logprobs:
         out["logprobs"] = logprobs.T
     return out
+
+
+def _decode_until_done(body, init, N: int, C: int, pad_id: int, B: int):
+    """`lax.scan(body, init, arange(N))`'s result, decoding C steps at a time and stopping once every row is
+    done: the steps left would only emit (pad, not live, 0) rows, which the outputs start as."""
+    outs = (jnp.full((N, B), pad_id, jnp.int32), jnp.zeros((N, B), bool), jnp.zeros((N, B), jnp.float32))
+
+    def chunk(carry, outs, start, length):
+        carry, ys = jax.lax.scan(body, carry, start + jnp.arange(length))
+        return carry, tuple(jax.lax.dynamic_update_slice(o, y, (start, 0)) for o, y in zip(outs, ys))
+
+    def cond(state):
+        j, (_, _, done), _ = state
+        return (j < N // C) & ~jnp.all(done)
+
+    def step(state):
+        j, carry, outs = state
+        return (j + 1, *chunk(carry, outs, j * C, C))
+
+    _, carry, outs = jax.lax.while_loop(cond, step, (jnp.int32(0), init, outs))
+    if N % C:  # the last, shorter chunk
+        carry, outs = jax.lax.cond(
+            jnp.all(carry[2]), lambda c, o: (c, o), lambda c, o: chunk(c, o, (N // C) * C, N % C), carry, outs
+        )
+    return carry, outs

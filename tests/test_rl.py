@@ -341,3 +341,19 @@ def test_leave_one_out_scores_subtract_the_mean_of_the_other_samples_of_the_prom
     np.testing.assert_allclose(rl.leave_one_out_scores(scores, 3).reshape(2, 3).sum(1), 0.0, atol=1e-6)
     with pytest.raises(ValueError, match="group=4 must be >= 2 and divide the 6 scores"):
         rl.leave_one_out_scores(scores, 4)
+
+
+def test_bucket_width_pads_to_the_smallest_doubling_of_the_bucket_within_the_cap():
+    from rlhf_jax.rollout import bucket_width
+
+    assert [bucket_width(n, 64, 16) for n in (1, 16, 17, 32, 33, 64)] == [16, 16, 32, 32, 64, 64]
+    assert bucket_width(40, 48, 16) == 48  # capped at the limit
+    assert bucket_width(3, 48, 0) == 48  # 0: always the limit
+
+
+def test_token_sum_divides_by_the_response_budget_not_the_width_it_was_cut_to():
+    x = jnp.ones((2, 8))
+    mask = jnp.asarray([[1] * 3 + [0] * 5, [1] * 8])
+    assert float(rl.aggregate(x, mask, "token_sum")) == pytest.approx(11 / 16)
+    assert float(rl.aggregate(x, mask, "token_sum", budget=32)) == pytest.approx(11 / 64)
+    assert float(rl.aggregate(x[:, :4], mask[:, :4], "token_sum", budget=32)) == pytest.approx(7 / 64)

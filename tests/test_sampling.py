@@ -1,5 +1,6 @@
 """Sampling with the KV cache: greedy equals step-by-step full recompute; EOS, padding, filters."""
 
+import dataclasses
 import functools
 
 import jax
@@ -127,3 +128,28 @@ def test_eos_before_eos_after_does_not_end_the_sample():
     later = [i for i, t in enumerate(greedy) if t == eos and i >= 1]
     expected = later[0] + 1 if later else 8
     assert late["mask"][0].sum() == expected and bool(late["ended"][0]) == bool(later)
+
+
+def test_stopping_once_every_sample_ended_gives_the_full_loops_tokens():
+    """Decoding in chunks inside a while_loop that stops when every row has ended (stop_check_every) draws
+    exactly the tokens, masks and log-probs of the full-length scan for the same keys: with a last chunk
+    shorter than the others (13 = 3 × 4 + 1), with rows still running at the end, and with every row ending
+    in the first chunk."""
+    p = params()
+    tokens = jnp.asarray(np.random.default_rng(0).integers(4, 40, (16, 5)), jnp.int32)
+    mask = jnp.ones_like(tokens)
+    greedy = run(p, tokens[:1], mask[:1], SamplingSettings(max_new_tokens=4, temperature=0.0, eos_id=-1))["tokens"]
+    cases = [
+        (tokens, SamplingSettings(max_new_tokens=13, temperature=1.0, eos_id=7, logprobs=True)),
+        # every row: the first prompt, greedy, whose 2nd token is the EOS: all done after 2 of 13 steps
+        (jnp.repeat(tokens[:1], 4, 0), SamplingSettings(max_new_tokens=13, temperature=0.0, eos_id=int(greedy[0, 1]))),
+    ]
+    for toks, s in cases:
+        full = run(p, toks, jnp.ones_like(toks), dataclasses.replace(s, stop_check_every=0), seed=1)
+        for every in (4, 5, 13):
+            chunked = run(p, toks, jnp.ones_like(toks), dataclasses.replace(s, stop_check_every=every), seed=1)
+            assert set(chunked) == set(full)
+            for k in full:
+                np.testing.assert_array_equal(chunked[k], full[k], err_msg=f"{k}, stop_check_every={every}")
+    assert full["ended"].all() and full["mask"][:, 2:].sum() == 0
+    assert not run(p, tokens, mask, cases[0][1], seed=1)["ended"].all()  # the sampled case has rows still running

@@ -30,7 +30,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from rlhf_jax import forward, lora, parallel, pg_setup, rewards, rl, rollout as rollouts, train_state
+from rlhf_jax import forward, lora, parallel, perf, pg_setup, rewards, rl, rollout as rollouts, train_state
 from rlhf_jax.loop import LoopTail
 from rlhf_jax.rollout import Rollout
 from rlhf_jax.run import Run
@@ -46,17 +46,28 @@ def policy_stats(params, model, rollout: Rollout, temperature, critic: bool):
     return stats
 
 
+def old_policy_is_current(c) -> bool:
+    """Whether π_old is π_θ itself when the update runs: one update per batch (GRPO's setting, DeepSeekMath
+    §4.1.1) and nothing else that needs π_old's log-probs before it (no critic, the KL in the loss). Then the
+    score step skips the policy's forward pass, the clipped surrogate's ratio is exactly 1 (π_old's log-probs
+    are π_θ's own, gradient stopped), and its gradient is the plain policy gradient."""
+    return c.pg.epochs * c.pg.num_minibatches == 1 and c.pg.advantage != "gae" and c.kl.placement == "loss"
+
+
 def pg_loss(params, model, mb: Rollout, ptx, kl_coef, c):
     """The family's objective on one minibatch: clipped surrogate (Schulman et al. 2017 eq. 7), + the clipped
     value loss with a critic, + β·KL with kl.placement="loss" (DeepSeekMath eq. 3), − entropy bonus, + PPO-ptx."""
     mask = mb.response_mask.astype(jnp.float32)
     critic, agg = c.pg.advantage == "gae", c.pg.loss_aggregation
     new = policy_stats(params, model, mb, c.rollout.temperature, critic)
+    old = jax.lax.stop_gradient(new["logprobs"]) if old_policy_is_current(c) else mb.logprobs
     advantages = mb.advantages
     if c.pg.whiten_advantages:  # per minibatch, as lm-human-preferences
         advantages = rl.masked_whiten(advantages, mask)
+    # token_sum's constant: the response budget, whatever width this rollout was cut to (rollout.length_bucket)
+    budget = c.rollout.max_new_tokens
     loss, pg = rl.policy_loss(
-        new["logprobs"], mb.logprobs, jax.lax.stop_gradient(advantages), mask, c.pg.clip_range, agg
+        new["logprobs"], old, jax.lax.stop_gradient(advantages), mask, c.pg.clip_range, agg, budget
     )
     entropy = rl.masked_mean(new["entropy"], mask)
     stats = {
@@ -65,7 +76,8 @@ def pg_loss(params, model, mb: Rollout, ptx, kl_coef, c):
         "policy/clipfrac_avg": pg["clipfrac"],
         "policy/ratio": pg["ratio_mean"],
         "policy/entropy_avg": entropy,
-        # the first minibatch's is the trainer's own recomputation gap (0 up to float noise)
+        # the first minibatch's is the trainer's own recomputation gap (0 up to float noise); when the score step
+        # skips the policy (old_policy_is_current), mb.logprobs are the sampler's: then it is the sampler's gap
         "policy/logprob_change": rl.masked_mean(jnp.abs(new["logprobs"] - mb.logprobs), mask),
     }
     if critic:
@@ -82,7 +94,7 @@ def pg_loss(params, model, mb: Rollout, ptx, kl_coef, c):
             }
         )
     if c.kl.placement == "loss":
-        kl = rl.kl_loss(new["logprobs"], mb.ref_logprobs, mask, c.kl.estimator, agg)
+        kl = rl.kl_loss(new["logprobs"], mb.ref_logprobs, mask, c.kl.estimator, agg, budget)
         loss = loss + kl_coef * kl
         stats["loss/kl_avg"] = kl
     loss = loss - c.pg.entropy_coef * entropy
@@ -101,7 +113,10 @@ def make_score_fn(model, c, reward: rewards.RewardSource):
     critic = c.pg.advantage == "gae"
 
     def score(params, ref_params, reward_params, rollout: Rollout, from_host) -> Rollout:
-        stats = policy_stats(params, model, rollout, c.rollout.temperature, critic)
+        if old_policy_is_current(c):  # the update's own forward pass gives π_old: the sampler's log-probs stand in
+            stats = {"logprobs": rollout.sampler_logprobs, "entropy": None}  # for the KL metric until then
+        else:
+            stats = policy_stats(params, model, rollout, c.rollout.temperature, critic)
         ref = forward.response_stats(
             lora.reference(params["policy"], ref_params),
             model,
@@ -234,7 +249,8 @@ def rollout_metrics(host: dict, kl_coef) -> dict[str, float]:
         "objective/scores": host["scores"].mean(),
         "objective/rlhf_reward": (host["scores"] - kl_coef * kl).mean(),
         "objective/non_score_reward": np.sum(host["non_score_reward"] * mask, axis=1).mean(),
-        "objective/entropy": np.sum(host["entropy"] * mask, axis=1).mean(),
+        # the policy's entropy when the score step ran its forward pass (else the update's policy/entropy_avg)
+        **({"objective/entropy": np.sum(host["entropy"] * mask, axis=1).mean()} if "entropy" in host else {}),
         "objective/response_length": mask.sum(1).mean(),
         "objective/ended_frac": host["ended"].mean(),
     }
@@ -281,6 +297,7 @@ def loop(
     )
     monitor, gap_fn = rewards.monitor(run, c, tok), jax.jit(sampler_gap)
     tail = LoopTail(run, start, c.stage, postfix={"score": "objective/scores", "kl": "objective/kl"})
+    perf.compilations()  # counting from here
     run.log(
         f"{c.stage} ({c.pg.advantage} advantages, KL {c.kl.estimator} in the {c.kl.placement}): "
         f"{loader.num_examples} prompts, {c.batch_size} episodes/iteration ({group} per prompt), "
@@ -289,21 +306,25 @@ def loop(
     with parallel.activate(run.mesh, run.rules):
         for it in range(start, c.num_steps):
             t0 = time.perf_counter()
-            batch = rollouts.prompt_batch(loader, it, group, run)  # each prompt `group` times in a row
+            # each prompt `group` times in a row, padded to the bucket of the longest
+            batch = rollouts.prompt_batch(loader, it, group, run, c.rollout.length_bucket)
             keys = rollouts.sample_keys(c.seed, it, c.batch_size, run)
-            rollout = jax.block_until_ready(
-                steps.generate(state.params["policy"], batch["prompt"], batch["prompt_mask"], keys)
-            )
+            rollout = steps.generate(state.params["policy"], batch["prompt"], batch["prompt_mask"], keys)
+            rollout = jax.block_until_ready(rollouts.trim_responses(rollout, c.rollout.length_bucket))
             t1 = time.perf_counter()
             rollout = steps.score(state.params, ref_params, reward.params, rollout, reward.on_host(rollout))
             rollout = jax.block_until_ready(steps.advantages(rollout, state.extras["kl_coef"]))
             t2 = time.perf_counter()
 
             ptx = pg_setup.ptx_batches(ptx_loader, it, run)
-            host = {k: parallel.to_host(getattr(rollout, k)) for k in HOST_FIELDS}  # all processes' episodes
-            steps = steps._replace(update=tail.compile_once(f"{c.stage} update", steps.update, state, rollout, ptx))
-            state, stats = steps.update(state, rollout, ptx)
-            stats = {**jax.device_get(stats), **{k: parallel.to_host(v) for k, v in gap_fn(rollout).items()}}
+            host = {  # all processes' episodes
+                k: parallel.to_host(getattr(rollout, k)) for k in HOST_FIELDS if getattr(rollout, k) is not None
+            }
+            update = tail.compiled_for(f"{c.stage} update", steps.update, state, rollout, ptx)
+            state, stats = update(state, rollout, ptx)
+            stats = jax.device_get(stats)
+            if not old_policy_is_current(c):  # else the update's first minibatch measured it: logprob_change
+                stats.update({k: parallel.to_host(v) for k, v in gap_fn(rollout).items()})
             t3 = time.perf_counter()
             m = {
                 **rollout_metrics(host, stats["kl_coef"]),
@@ -316,6 +337,9 @@ def loop(
                 "time/score_s": t2 - t1,
                 "time/update_s": t3 - t2,
                 "time/generate_frac": (t1 - t0) / (t3 - t0),
+                "perf/compilations": perf.compilations(),  # so far: steady shapes stop adding to it
+                "perf/prompt_width": rollout.prompt.shape[1],  # the shapes this iteration ran (rollout.length_bucket)
+                "perf/response_width": rollout.response.shape[1],
             }
             done = it + 1
             if c.sample_every and (done % c.sample_every == 0 or done == c.num_steps):
