@@ -12,7 +12,6 @@ import jax.numpy as jnp
 
 from rlhf_jax.models.layers import ModelConfig
 
-
 _COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"  # jax._src.dispatch.BACKEND_COMPILE_EVENT
 _compilations = 0
 
