@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 
 from rlhf_jax import lora, preference
-from rlhf_jax.models.gpt import positions_from_mask
+from rlhf_jax.models.gpt import mask_padded_vocab, positions_from_mask
+from rlhf_jax.models.layers import matmul
 
 Array = jax.Array
 
@@ -60,6 +61,53 @@ def entropy_from_logits(logits: Array, temperature: float = 1.0) -> Array:
     return jax.nn.logsumexp(logits, axis=-1) - jnp.sum(probs * logits, axis=-1)
 
 
+# --- log-probs without the full-vocabulary logits ------------------------------------------------------------------
+
+# The most logits (B · tokens · V, f32) one chunk of token_stats holds: 2^24 (64 MiB). A small vocabulary's
+# batch fits in one chunk, computed as the model's own logits; a real one (SmolLM2's 49,152 over 16 × 96
+# tokens: 75M, 300 MB per copy) is computed a chunk of tokens at a time and recomputed in the backward pass, as
+# Liger's fused linear cross-entropy and Cut Cross-Entropy do, so no [B, T, V] tensor is ever live.
+LOGITS_PER_CHUNK = 2**24
+
+
+def output_projection(params, model) -> tuple[str, Array]:
+    """(einsum, weight) of the LM head: the tied embedding [V, D] or lm_head's kernel [D, V] (LoRA merged)."""
+    if model.cfg.tie_embeddings:
+        return "btd,vd->btv", params["trunk"]["embed"]
+    return "btd,dv->btv", lora.merged(params["lm_head"], model.cfg)["kernel"]
+
+
+def token_stats(params, model, tokens, input_mask, targets, temperature=1.0, entropy=False, heads=(), rng=None):
+    """Per position [B, T]: "logprobs" of `targets` under softmax(logits / temperature), with entropy=True its
+    "entropy", and the model's outputs for `heads` (e.g. "values"), from one pass over the trunk; the logits
+    are formed LOGITS_PER_CHUNK at a time (see above), never all at once. Dropout iff `rng`."""
+    out = apply(params, model, tokens, input_mask, heads=heads, rng=rng)
+    params = lora.stop_frozen_gradients(params, model.cfg)
+    eq, w = output_projection(params, model)
+    cfg = model.cfg
+
+    def stats(h, t):
+        logits = mask_padded_vocab(matmul(eq, h, w, cfg.compute_dtype, jnp.float32), cfg)
+        lp = logprobs_from_logits(logits, t, temperature)
+        return lp, (entropy_from_logits(logits, temperature) if entropy else jnp.zeros_like(lp))
+
+    hidden = out["hidden"]
+    B, T, _ = hidden.shape
+    chunk = max(1, min(T, LOGITS_PER_CHUNK // max(B * cfg.vocab_size, 1)))
+    if chunk >= T:
+        lp, ent = stats(hidden, targets)
+    else:  # a lax.map over chunks of tokens, each recomputed in the backward pass
+        n = -(-T // chunk)
+        pad = lambda x: jnp.pad(x, [(0, 0), (0, n * chunk - T)] + [(0, 0)] * (x.ndim - 2))
+        split = lambda x: pad(x).reshape(B, n, chunk, *x.shape[2:]).swapaxes(0, 1)
+        lp, ent = jax.lax.map(jax.checkpoint(lambda xs: stats(*xs)), (split(hidden), split(targets)))
+        lp, ent = (x.swapaxes(0, 1).reshape(B, n * chunk)[:, :T] for x in (lp, ent))
+    out["logprobs"] = lp
+    if entropy:
+        out["entropy"] = ent
+    return out
+
+
 # --- the joined layout: LM loss, comparison log-probs ------------------------------------------------------------
 
 
@@ -70,8 +118,7 @@ def token_nll(params, model, batch, rng=None) -> tuple[Array, Array]:
     inputs, input_mask = batch["tokens"][:, :-1], batch["input_mask"][:, :-1]
     targets = batch["tokens"][:, 1:]
     target_mask = (batch["loss_mask"][:, 1:] * batch["input_mask"][:, 1:]).astype(jnp.float32)
-    logits = apply(params, model, inputs, input_mask, rng=rng)["logits"]
-    logp = logprobs_from_logits(logits, targets)
+    logp = token_stats(params, model, inputs, input_mask, targets, rng=rng)["logprobs"]
     return jnp.where(target_mask > 0, -logp, 0.0), target_mask
 
 
@@ -84,8 +131,7 @@ def summed_token_nll(params, model, batch, rng=None) -> tuple[Array, Array]:
 def sequence_logprobs(params, model, tokens, input_mask, target_mask, rng=None) -> tuple[Array, Array]:
     """(Σ_t log π(x_t | x_<t) over the target tokens [N], number of target tokens [N]) for joined rows
     tokens / input_mask / target_mask int [N, L] (right-padded; target_mask[t] = 1 on response tokens)."""
-    logits = apply(params, model, tokens[:, :-1], input_mask[:, :-1], rng=rng)["logits"]
-    logp = logprobs_from_logits(logits, tokens[:, 1:])
+    logp = token_stats(params, model, tokens[:, :-1], input_mask[:, :-1], tokens[:, 1:], rng=rng)["logprobs"]
     mask = (target_mask[:, 1:] * input_mask[:, 1:]) > 0
     return jnp.sum(jnp.where(mask, logp, 0.0), axis=-1), jnp.sum(mask, axis=-1).astype(jnp.float32)
 
@@ -115,16 +161,16 @@ def response_stats(
     """Per response token [B, N]: "logprobs" (at the sampling temperature), "entropy", and with
     values=True the value head's "values" (the critic's estimate before each token); dropout iff `rng`."""
     P = prompt.shape[1]
-    tokens = jnp.concatenate([prompt, response], axis=1)
-    mask = jnp.concatenate([prompt_mask, response_mask], axis=1)
-    out = apply(params, model, tokens, mask, heads=("lm", "value") if values else ("lm",), rng=rng)
-    logits = out["logits"][:, P - 1 : -1]  # position t-1 predicts response token t
-    stats = {
-        "logprobs": logprobs_from_logits(logits, response, temperature),
-        "entropy": entropy_from_logits(logits, temperature),
-    }
+    tokens = jnp.concatenate([prompt, response], axis=1)[:, :-1]  # position t-1 predicts response token t
+    mask = jnp.concatenate([prompt_mask, response_mask], axis=1)[:, :-1]
+    # the targets at prompt positions are never read: the response's own tokens, shifted in, keep one shape
+    targets = jnp.concatenate([prompt[:, 1:], response], axis=1)
+    out = token_stats(
+        params, model, tokens, mask, targets, temperature, entropy=True, heads=("value",) if values else (), rng=rng
+    )
+    stats = {"logprobs": out["logprobs"][:, P - 1 :], "entropy": out["entropy"][:, P - 1 :]}
     if values:
-        stats["values"] = out["values"][:, P - 1 : -1]
+        stats["values"] = out["values"][:, P - 1 :]
     return stats
 
 

@@ -222,7 +222,7 @@ def write_data(c, data_dir: str) -> dict[str, str]:
 
 def sample_comparisons(c, sft_dir: str, prompts_path: str, out_path: str, noise: float, seed: int, mesh, rules):
     """K samples per prompt from the SFT policy, ranked by simulated labelers → ranked JSONL."""
-    from rlhf_jax.data import prompts as prompt_data
+    from rlhf_jax.data import chat, prompts as prompt_data
     from rlhf_jax.tasks import builtin
     from rlhf_jax.trained import generate, load_policy, sampling_settings
 
@@ -233,9 +233,9 @@ def sample_comparisons(c, sft_dir: str, prompts_path: str, out_path: str, noise:
         tok.path,
         c.data.max_prompt_len,
         os.path.join(os.path.dirname(out_path), "tfds"),
-        template=chat_template(c),
+        template=chat.config_template(c.data),
     )
-    settings = sampling_settings(tok, c.eval.max_new_tokens, c.data.sample_temperature, chat_template(c))
+    settings = sampling_settings(tok, c.eval.max_new_tokens, c.data.sample_temperature, chat.config_template(c.data))
     samples = [
         generate(model, params, tok, source, settings, mesh, rules, seed=seed + j, batch_size=c.eval.batch_size)
         for j in range(c.data.k)
@@ -245,13 +245,6 @@ def sample_comparisons(c, sft_dir: str, prompts_path: str, out_path: str, noise:
     per_prompt = [[s["responses"][i] for s in samples] for i in range(len(instructions))]
     builtin.write_comparisons(out_path, instructions, per_prompt, seed=seed, noise=noise)
     return {"path": out_path, "prompts": len(instructions), "k": c.data.k, "noise": noise}
-
-
-def chat_template(c: ml_collections.ConfigDict):
-    """The chat template the pipeline's dialogues are rendered in (config.data.chat_template, chat_system)."""
-    from rlhf_jax.data import chat
-
-    return chat.config_template(c.data)
 
 
 def pretrained_dir(path: str) -> str:

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax import forward, parallel
-from rlhf_jax.pipeline import chat_template
+from rlhf_jax.data import chat
 from rlhf_jax.trained import generate, load_policy, load_reward_model, response_logprobs, sampling_settings
 
 LABELS = {
@@ -46,10 +46,10 @@ def evaluate(c, sub: dict, paths: dict, rm_metrics: dict, mesh, rules) -> dict:
         tok.path,
         c.data.max_prompt_len,
         os.path.join(sub["eval"], "tfds"),
-        template=chat_template(c),
+        template=chat.config_template(c.data),
     )
     temp, bs = c.eval.temperature, c.eval.batch_size
-    settings = sampling_settings(tok, c.eval.max_new_tokens, temp, chat_template(c))
+    settings = sampling_settings(tok, c.eval.max_new_tokens, temp, chat.config_template(c.data))
     sft = generate(sft_model, sft_params, tok, source, settings, mesh, rules, seed=c.seed + 100, batch_size=bs)
     pol = generate(pol_model, pol_params, tok, source, settings, mesh, rules, seed=c.seed + 100, batch_size=bs)
     prompts = sft["prompts"]
@@ -152,7 +152,7 @@ def prompted_baselines(c, sub, paths, model, params, tok, source, settings, prom
         tok.path,
         max(P, min((k + 1) * P, window)),
         os.path.join(sub["eval"], "tfds"),
-        template=chat_template(c),
+        template=chat.config_template(c.data),
     )
     out, responses = {}, {}
     for name, src, shots in (("gpt_zero_shot", source, 0), ("gpt_few_shot", few, k)):
@@ -184,7 +184,7 @@ def sft_samples_scored_by_rm(c, sub: dict, model, params, tok, source, n: int, m
     rm_model, rm_params, norm = load_reward_model(sub["rm"], mesh, rules)
     score = jax.jit(lambda p, t, m: forward.score_sequences(p, rm_model, norm, t, m))
     settings, bs = (
-        sampling_settings(tok, c.eval.max_new_tokens, c.eval.temperature, chat_template(c)),
+        sampling_settings(tok, c.eval.max_new_tokens, c.eval.temperature, chat.config_template(c.data)),
         c.eval.batch_size,
     )
     cands, rm_scores = [], []
@@ -301,9 +301,9 @@ def rm_accuracy_vs_gold(sub: dict, tok, c, mesh, rules) -> dict:
     with parallel.activate(mesh, rules):
         for r in records:
             ids = [
-                render_dialogue(prompt_response_to_messages(r["prompt"], x), tok, template=chat_template(c))[0][
-                    -c.rm.data.seq_len :
-                ]
+                render_dialogue(
+                    prompt_response_to_messages(r["prompt"], x), tok, template=chat.config_template(c.data)
+                )[0][-c.rm.data.seq_len :]
                 for x in r["responses"]
             ]
             L = c.rm.data.seq_len  # one shape: one compilation

@@ -108,3 +108,49 @@ def test_dropout_is_random_only_in_training():
     np.testing.assert_array_equal(a, b)
     c = forward(model, params, tokens, mask, deterministic=False, rngs={"dropout": jax.random.PRNGKey(0)})["logits"]
     assert np.abs(np.asarray(a - c)).max() > 1e-3
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_chunked_logprobs_and_entropies_equal_the_dense_ones_and_so_do_their_gradients(tied, monkeypatch):
+    """forward.token_stats forms the logits a chunk of tokens at a time (recomputed in the backward pass) once
+    B · T · V passes LOGITS_PER_CHUNK; its log-probs, entropies and gradients equal those of the model's dense
+    [B, T, V] logits. Vocabulary 32,768 (10,000 of them real: a padded vocab), 37 tokens in chunks of 8."""
+    from rlhf_jax import forward
+
+    cfg = ModelConfig(
+        vocab_size=32768,
+        token_vocab=10000,
+        d_model=32,
+        n_layers=1,
+        n_heads=2,
+        max_len=64,
+        tie_embeddings=tied,
+        dtype="float32",
+    )
+    model = TransformerLM(cfg)
+    B, T = 4, 37
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (B, T), 0, 10000)
+    mask = jnp.ones_like(tokens).at[0, :5].set(0)  # a left-padded row
+    targets = jax.random.randint(jax.random.PRNGKey(2), (B, T), 0, 10000)
+    p = model.init(jax.random.PRNGKey(0), tokens, positions_from_mask(mask), mask, heads=HEADS)["params"]
+    p = jax.tree.map(lambda x: x.value, p, is_leaf=lambda x: hasattr(x, "value"))
+    weights = jax.random.normal(jax.random.PRNGKey(3), (B, T))
+
+    def dense(params):
+        logits = forward.apply(params, model, tokens, mask)["logits"]
+        return forward.logprobs_from_logits(logits, targets, 0.7), forward.entropy_from_logits(logits, 0.7)
+
+    def chunked(params):
+        out = forward.token_stats(params, model, tokens, mask, targets, 0.7, entropy=True)
+        return out["logprobs"], out["entropy"]
+
+    monkeypatch.setattr(forward, "LOGITS_PER_CHUNK", B * cfg.vocab_size * 8)  # 8 tokens a chunk: 5 chunks
+    (lp_d, ent_d), (lp_c, ent_c) = dense(p), jax.jit(chunked)(p)
+    np.testing.assert_allclose(lp_c, lp_d, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(ent_c, ent_d, atol=1e-5, rtol=1e-5)
+    loss = lambda fn: lambda params: jnp.sum(weights * (fn(params)[0] + fn(params)[1]))
+    g_d, g_c = jax.grad(loss(dense))(p), jax.jit(jax.grad(loss(chunked)))(p)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g_d), jax.tree.leaves(g_c)):
+        np.testing.assert_allclose(b, a, atol=1e-5, rtol=1e-4, err_msg=jax.tree_util.keystr(path))
+    grads = jax.tree.leaves(g_c)
+    assert all(np.isfinite(np.asarray(g)).all() for g in grads) and any(np.abs(np.asarray(g)).max() > 0 for g in grads)

@@ -97,15 +97,20 @@ class TransformerLM(nn.Module):
         out = {"hidden": hidden, "cache": cache}
         if "lm" in heads:
             logits = self.trunk.attend(hidden) if self.cfg.tie_embeddings else self.lm_head(hidden)
-            if 0 < self.cfg.token_vocab < self.cfg.vocab_size:  # padding rows: probability exactly 0
-                # -1e9, not -inf: exp() of it is 0, and 0 · logit stays 0 in the entropy (0 · -inf is NaN)
-                logits = jnp.where(jnp.arange(self.cfg.vocab_size) < self.cfg.token_vocab, logits, -1e9)
-            out["logits"] = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+            out["logits"] = nn.with_logical_constraint(mask_padded_vocab(logits, self.cfg), ("batch", "length", "vocab"))
         if "value" in heads:
             out["values"] = self.value_head(hidden)
         if "reward" in heads:
             out["rewards"] = self.reward_head(hidden)
         return out
+
+
+def mask_padded_vocab(logits, cfg: ModelConfig):
+    """Logits [..., V] with the rows past the tokenizer's vocabulary (a padded vocab_size) at -1e9: probability
+    exactly 0. -1e9, not -inf: exp() of it is 0, and 0 · logit stays 0 in the entropy (0 · -inf is NaN)."""
+    if 0 < cfg.token_vocab < cfg.vocab_size:
+        return jnp.where(jnp.arange(cfg.vocab_size) < cfg.token_vocab, logits, -1e9)
+    return logits
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> list[dict[str, jax.Array]]:
