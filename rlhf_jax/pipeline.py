@@ -290,6 +290,8 @@ def run_pipeline(c: ml_collections.ConfigDict, workdir: str) -> dict:
                 node = node[p]
             node[last] = v
         cfg.mesh.update({a: c.mesh[a] for a in parallel.MESH_AXES})
+        if name != "pretrain":  # every stage renders the task's dialogues as the evaluation does
+            cfg.data.update({k: c.data[k] for k in ("chat_template", "chat_system")})
         return cfg
 
     if c.policy_reward not in ("rm", "gold"):

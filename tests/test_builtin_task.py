@@ -144,6 +144,8 @@ def test_instruction_and_score_from_a_chat_prompt_decoded_by_a_real_tokenizer(to
         prompt = tok.decode(chat.render_prompt(messages, tok))
         assert prompt.endswith("<|user|>" + instruction + "<|end|><|assistant|>")
         assert instructions.parse_instruction(prompt) == instruction
+        hh = tok.decode(chat.render_prompt(messages, tok, template=chat.HH))  # the HH template's turns
+        assert instructions.parse_instruction(hh) == instruction, hh
         response = tok.decode(tok.encode(answer) + [tok.role_ids["end"], tok.eos_id])
         assert response == answer + "<|end|>"
         assert judge.gold_score(prompt, response) == 1.0

@@ -280,3 +280,37 @@ def test_within_prompt_correlation_is_taken_across_each_prompts_samples():
     assert within_prompt_correlation(rm, length) == pytest.approx(0.0)
     assert within_prompt_correlation(rm, [[1, 3, 4], [2, 2, 4], [3, 1, 4]]) == pytest.approx(-1.0)
     assert math.isnan(within_prompt_correlation(rm, [[4, 4, 4]] * 3))
+
+
+@pytest.mark.slow
+def test_a_pretrained_model_replaces_the_pretrain_stage_in_the_chosen_chat_format(tiny_run, tmp_path):
+    """config.pretrained (here the tiny run's pretrained model exported as an HF directory, as
+    configs/pipeline.py:smollm2 uses SmolLM2's): no pretrain stage or corpus, SFT starts from it, its prompted
+    rows are the report's first rows, and every stage and the evaluation render the task in config.data's
+    chat template (here the HH one)."""
+    from rlhf_jax import checkpoint
+    from rlhf_jax.convert import export_workdir
+
+    hf_dir = export_workdir(str(tiny_run / "pretrain"), str(tmp_path / "pretrained"))
+    run = tmp_path / "run"
+    cmd = TINY_CMD + [f"--workdir={run}", f"--config.pretrained={hf_dir}", "--config.data.chat_template=hh"]
+    r = subprocess.run(cmd, cwd=ROOT, env=TINY_ENV, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert not (run / "pretrain").exists() and not (run / "data" / "corpus.txt").exists()
+    for stage in ("sft", "rm", "policy"):
+        assert checkpoint.read_run_config(str(run / stage))["data"]["chat_template"] == "hh", stage
+    assert checkpoint.read_run_config(str(run / "sft"))["init_from"] == hf_dir
+    s = json.loads((run / "summary.json").read_text())
+    assert s["pretrained"] == {"path": hf_dir} and "pretrain_loss" not in s["sft"]
+    prompts = json.loads((run / "eval" / "responses.json").read_text())["prompts"]
+    assert all(p.lstrip().startswith("Human:") for p in prompts), prompts[0]  # decoded in the HH template
+    assert "| pretrained zero-shot |" in (run / "report.md").read_text()
+    missing = subprocess.run(
+        TINY_CMD + [f"--workdir={tmp_path / 'missing'}", f"--config.pretrained={tmp_path / 'nowhere'}"],
+        cwd=ROOT,
+        env=TINY_ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert missing.returncode == 1 and "config.pretrained=" in missing.stderr and "convert gguf" in missing.stderr

@@ -104,15 +104,19 @@ def solve_instruction(instruction: str) -> str:
 
 # ChatML's user turn (SmolLM2, Qwen) as a prompt decodes with its markers (tokenizer.decode_markup).
 CHATML_USER, CHATML_END = "<|im_start|>user\n", "<|im_end|>"
+HH_USER, HH_ASSISTANT = "Human:", "\n\nAssistant:"  # the HH template's turns (rlhf_jax/data/chat.py HH)
 
 
 def parse_instruction(prompt: str) -> str:
     """The instruction in a prompt: the last user turn of a decoded chat prompt such as
     "<|system|>...<|end|><|user|>sort: 3 1<|end|><|assistant|>" or
-    "<|im_start|>user\nsort: 3 1<|im_end|>\n<|im_start|>assistant\n" (ChatML) -> "sort: 3 1"; text with
-    no role tags is taken as the instruction itself (stripped)."""
+    "<|im_start|>user\nsort: 3 1<|im_end|>\n<|im_start|>assistant\n" (ChatML) or
+    "\n\nHuman: sort: 3 1\n\nAssistant:" (HH) -> "sort: 3 1"; text with no role tags is taken as the
+    instruction itself (stripped)."""
     if CHATML_USER in prompt:
         return prompt.rsplit(CHATML_USER, 1)[1].split(CHATML_END, 1)[0].strip()
+    if HH_USER in prompt:
+        return prompt.rsplit(HH_USER, 1)[1].split(HH_ASSISTANT, 1)[0].strip()
     user, end = ROLE_PIECES["user"], ROLE_PIECES["end"]
     if user not in prompt:
         if any(tag in prompt for tag in (*ROLE_PIECES.values(), "<|im_start|>")):
