@@ -294,6 +294,11 @@ def test_a_pretrained_model_replaces_the_pretrain_stage_in_the_chosen_chat_forma
     hf_dir = export_workdir(str(tiny_run / "pretrain"), str(tmp_path / "pretrained"))
     run = tmp_path / "run"
     cmd = TINY_CMD + [f"--workdir={run}", f"--config.pretrained={hf_dir}", "--config.data.chat_template=hh"]
+    cmd += [
+        "--config.sft.num_steps=4",
+        "--config.rm.num_steps=4",
+        "--config.pg.num_steps=2",
+    ]  # the wiring, not learning
     r = subprocess.run(cmd, cwd=ROOT, env=TINY_ENV, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert not (run / "pretrain").exists() and not (run / "data" / "corpus.txt").exists()
