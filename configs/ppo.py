@@ -97,8 +97,12 @@ def get_config(preset: str = "default"):
         score_baseline="none",  # none | loo: minus the mean score of the prompt's other samples
         advantage="gae",  # gae (with a critic) | grpo | dr_grpo | rloo | reinforce_pp (critic-free)
         whiten_advantages=True,  # per minibatch, as lm-human-preferences
-        loss_aggregation="token_mean",
-    )  # token_mean | sequence_mean (GRPO) | token_sum (Dr. GRPO)
+        loss_aggregation="token_mean",  # token_mean | sequence_mean (GRPO) | token_sum (Dr. GRPO)
+        # the policy loss, by name from rlhf_jax.rl.POLICY_LOSSES: ppo_clip | dual_clip | gspo | cispo
+        policy_loss="ppo_clip",
+        clip_range_high=0.0,  # ε_high of the ratio's clip (DAPO's clip-higher; CISPO's bound); 0: clip_range
+        dual_clip_c=3.0,  # dual_clip's lower bound c·A for negative advantages (Ye et al. 2020)
+    )
     # lm-human-preferences: adaptive KL, β0 = 0.15, target 6 nats, horizon 10,000 episodes, k1 in the reward.
     c.kl = dict(kind="adaptive", init_coef=0.15, target=6.0, horizon=10000, estimator="k1", placement="reward")
     # lm-human-preferences: TF-style Adam, lr 1e-5 (here larger: small models), eps 1e-5, linear anneal to 0.

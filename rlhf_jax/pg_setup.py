@@ -94,6 +94,7 @@ def check_config(c) -> int:
     choices = (
         ("pg.advantage", adv, rl.ADVANTAGES),
         ("pg.loss_aggregation", c.pg.loss_aggregation, rl.AGGREGATIONS),
+        ("pg.policy_loss", c.pg.policy_loss, tuple(rl.POLICY_LOSSES)),
         ("kl.estimator", c.kl.estimator, rl.KL_ESTIMATORS),
         ("kl.placement", c.kl.placement, ("reward", "loss")),
         ("pg.score_baseline", base, rl.SCORE_BASELINES),

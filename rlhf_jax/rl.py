@@ -12,11 +12,14 @@ Where the algorithms differ, and the switch that picks each (configs/ppo.py, grp
   KL placement      compute_rewards / the loss   −β·KL in the reward | β·KL in the loss (config.kl.placement)
   advantage         advantages                   gae | grpo | dr_grpo | rloo | reinforce_pp (config.pg.advantage)
   aggregation       aggregate                    token_mean | sequence_mean | token_sum (config.pg.loss_aggregation)
+  policy loss       POLICY_LOSSES                ppo_clip | dual_clip | gspo | cispo  (config.pg.policy_loss)
 
 Units: log-probs, KL and entropy in nats per token; scores in reward units.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -275,6 +278,104 @@ def aggregate(x: Array, mask: Array, how: str = "token_mean", budget: int | None
 # --- losses ------------------------------------------------------------------------------------------------------
 
 
+@dataclasses.dataclass(frozen=True)
+class LossSettings:
+    """What a policy loss reads from config.pg: clip_low / clip_high (ε, and DAPO's ε_high ≠ ε_low), the
+    dual-clip bound c, and how per-token terms are reduced (aggregate; budget: token_sum's constant)."""
+
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    dual_clip: float = 3.0
+    aggregation: str = "token_mean"
+    budget: int | None = None
+
+    @classmethod
+    def of(cls, pg, budget: int | None = None) -> LossSettings:
+        """From config.pg (clip_range, clip_range_high: 0 means symmetric, dual_clip_c, loss_aggregation)."""
+        return cls(pg.clip_range, pg.clip_range_high or pg.clip_range, pg.dual_clip_c, pg.loss_aggregation, budget)
+
+
+# name → (new_logprobs, old_logprobs, advantages, mask, LossSettings) → (loss f32[], stats); the loss is minimised.
+# stats: clipfrac, approxkl (½·mean (log ρ)², as lm-human-preferences), ratio_mean, token means over the mask.
+# A new loss is one registered function: config.pg.policy_loss picks it and the config check reads this table.
+POLICY_LOSSES: dict = {}
+
+
+def register_policy_loss(name: str):
+    def add(fn):
+        POLICY_LOSSES[name] = fn
+        return fn
+
+    return add
+
+
+def _log_ratio(new_logprobs, old_logprobs, advantages, mask):
+    """(log ρ, A) with masked slots 0 (ρ = 1 there: no overflow, no NaN, zero gradient)."""
+    real = mask != 0
+    return jnp.where(real, new_logprobs - old_logprobs, 0.0), jnp.where(real, advantages, 0.0)
+
+
+def _stats(log_ratio, clipped_where, mask):
+    return {
+        "clipfrac": masked_mean(clipped_where.astype(jnp.float32), mask),
+        "approxkl": 0.5 * masked_mean(jnp.square(log_ratio), mask),
+        "ratio_mean": masked_mean(jnp.exp(log_ratio), mask),
+    }
+
+
+@register_policy_loss("ppo_clip")
+def ppo_clip(new_logprobs, old_logprobs, advantages, mask, s: LossSettings):
+    """Schulman et al. 2017 eq. 7: L = −E[min(ρ·A, clip(ρ, 1−ε_low, 1+ε_high)·A)]; ε_low = ε_high is PPO's,
+    ε_high > ε_low DAPO's clip-higher (Yu et al. 2025 §3.1, ε_low 0.2, ε_high 0.28)."""
+    log_ratio, adv = _log_ratio(new_logprobs, old_logprobs, advantages, mask)
+    ratio = jnp.exp(log_ratio)
+    unclipped = -adv * ratio
+    clipped = -adv * jnp.clip(ratio, 1.0 - s.clip_low, 1.0 + s.clip_high)
+    loss = aggregate(jnp.maximum(unclipped, clipped), mask, s.aggregation, s.budget)
+    return loss, _stats(log_ratio, clipped > unclipped, mask)
+
+
+@register_policy_loss("dual_clip")
+def dual_clip(new_logprobs, old_logprobs, advantages, mask, s: LossSettings):
+    """Dual-clip PPO (Ye et al. 2020, eq. 5): for A < 0 the clipped objective is bounded below by c·A (c = 3),
+    so a token whose ratio has grown far past 1 under a negative advantage cannot dominate the batch."""
+    log_ratio, adv = _log_ratio(new_logprobs, old_logprobs, advantages, mask)
+    ratio = jnp.exp(log_ratio)
+    ppo = jnp.minimum(ratio * adv, jnp.clip(ratio, 1.0 - s.clip_low, 1.0 + s.clip_high) * adv)
+    objective = jnp.where(adv < 0, jnp.maximum(ppo, s.dual_clip * adv), ppo)
+    loss = aggregate(-objective, mask, s.aggregation, s.budget)
+    return loss, _stats(log_ratio, objective != ratio * adv, mask)
+
+
+@register_policy_loss("gspo")
+def gspo(new_logprobs, old_logprobs, advantages, mask, s: LossSettings):
+    """GSPO (Zheng et al. 2025, eqs. 5-7): one importance ratio per sequence, the geometric mean of its tokens'
+    s_i = exp(mean_t log ρ_{i,t}), clipped per sequence (their ε: 3e-4 / 4e-4), times the sequence's advantage
+    (its tokens' mean; a critic-free advantage is the same on every token); the mean over sequences."""
+    log_ratio, adv = _log_ratio(new_logprobs, old_logprobs, advantages, mask)
+    has = jnp.any(mask != 0, axis=1)
+    seq_ratio = jnp.exp(masked_mean(log_ratio, mask, axis=1))
+    seq_adv = masked_mean(adv, mask, axis=1)
+    unclipped = -seq_adv * seq_ratio
+    clipped = -seq_adv * jnp.clip(seq_ratio, 1.0 - s.clip_low, 1.0 + s.clip_high)
+    loss = masked_mean(jnp.maximum(unclipped, clipped), has)
+    stats = _stats(log_ratio, jnp.broadcast_to((clipped > unclipped)[:, None], mask.shape), mask)
+    return loss, stats
+
+
+@register_policy_loss("cispo")
+def cispo(new_logprobs, old_logprobs, advantages, mask, s: LossSettings):
+    """CISPO (MiniMax-M1, Chen et al. 2025, eq. 4): REINFORCE with a clipped importance weight whose gradient is
+    stopped, so no token's gradient is dropped: L = −Σ_t sg(min(ρ_t, 1+ε_high))·A_t·log π_t over the batch's
+    tokens, divided by their number (token_mean; the loss only defines its gradient)."""
+    log_ratio, adv = _log_ratio(new_logprobs, old_logprobs, advantages, mask)
+    ratio = jnp.exp(log_ratio)
+    weight = jax.lax.stop_gradient(jnp.minimum(ratio, 1.0 + s.clip_high))
+    logp = jnp.where(mask != 0, new_logprobs, 0.0)
+    loss = aggregate(-weight * adv * logp, mask, s.aggregation, s.budget)
+    return loss, _stats(log_ratio, ratio > 1.0 + s.clip_high, mask)
+
+
 def policy_loss(
     new_logprobs: Array,
     old_logprobs: Array,
@@ -284,25 +385,10 @@ def policy_loss(
     aggregation: str = "token_mean",
     budget: int | None = None,
 ) -> tuple[Array, dict[str, Array]]:
-    """Clipped surrogate loss (f32[], reduced by `aggregate`) and stats; all inputs [B, T].
-
-    stats (token means): clipfrac (fraction of tokens where the clipped term is the larger
-    loss), approxkl (½·mean (log π − log π_old)², as lm-human-preferences), ratio_mean.
-    """
-    real = mask != 0
-    log_ratio = jnp.where(real, new_logprobs - old_logprobs, 0.0)  # 0 → ratio 1: no overflow under the mask
-    advantages = jnp.where(real, advantages, 0.0)
-    ratio = jnp.exp(log_ratio)
-    # Schulman et al. 2017 eq. 7: L^CLIP = E[min(ρ·A, clip(ρ, 1−ε, 1+ε)·A)], minimised as its negative.
-    unclipped = -advantages * ratio
-    clipped = -advantages * jnp.clip(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    loss = aggregate(jnp.maximum(unclipped, clipped), mask, aggregation, budget)
-    stats = {
-        "clipfrac": masked_mean((clipped > unclipped).astype(jnp.float32), mask),
-        "approxkl": 0.5 * masked_mean(jnp.square(log_ratio), mask),
-        "ratio_mean": masked_mean(ratio, mask),
-    }
-    return loss, stats
+    """PPO's clipped surrogate (ppo_clip) with a symmetric ε: (f32[], stats); all inputs [B, T]."""
+    return ppo_clip(
+        new_logprobs, old_logprobs, advantages, mask, LossSettings(clip_range, clip_range, 3.0, aggregation, budget)
+    )
 
 
 def value_loss(

@@ -357,3 +357,110 @@ def test_token_sum_divides_by_the_response_budget_not_the_width_it_was_cut_to():
     assert float(rl.aggregate(x, mask, "token_sum")) == pytest.approx(11 / 16)
     assert float(rl.aggregate(x, mask, "token_sum", budget=32)) == pytest.approx(11 / 64)
     assert float(rl.aggregate(x[:, :4], mask[:, :4], "token_sum", budget=32)) == pytest.approx(7 / 64)
+
+
+# --- the policy-loss registry ------------------------------------------------------------------------------------
+
+
+def _tokens(mask):
+    return [(b, t) for b in range(mask.shape[0]) for t in range(mask.shape[1]) if mask[b, t]]
+
+
+def _with_nan_in_masked_slots(x, mask):
+    return np.where(np.asarray(mask) != 0, x, np.nan).astype(np.float32)
+
+
+def _inputs(seed):
+    mask = ragged_mask()
+    new = _with_nan_in_masked_slots(rand(B, T, seed=seed, scale=0.4), mask)
+    old = _with_nan_in_masked_slots(rand(B, T, seed=seed + 1, scale=0.4), mask)
+    adv = _with_nan_in_masked_slots(rand(B, T, seed=seed + 2), mask)
+    return new, old, adv, mask
+
+
+def test_dual_clip_matches_ye_et_al_eq_5():
+    new, old, adv, mask = _inputs(40)
+    adv = adv * 3.0  # large |A| so that c·A binds for some negative advantages
+    # ratios past c = 3 on some negative-advantage tokens (log ρ ≥ 1.5 where A < 0): where the dual clip binds
+    new = np.where(adv < 0, old + 1.5 + np.abs(new - old), new).astype(np.float32)
+    s = rl.LossSettings(0.2, 0.2, 3.0)
+    loss, _ = jax.jit(rl.dual_clip, static_argnums=4)(new, old, adv, mask, s)
+    terms, lower_bound_binds = [], 0
+    for b, t in _tokens(mask):
+        r, a = math.exp(new[b, t] - old[b, t]), float(adv[b, t])
+        ppo = min(r * a, min(max(r, 0.8), 1.2) * a)
+        terms.append(-(max(ppo, 3.0 * a) if a < 0 else ppo))
+        lower_bound_binds += a < 0 and 3.0 * a > ppo
+    np.testing.assert_allclose(loss, np.mean(terms), rtol=1e-5)
+    assert lower_bound_binds > 0  # the case exercises the dual clip
+    assert np.isfinite(float(loss))
+
+
+def test_clip_higher_clips_the_ratio_asymmetrically():
+    r = np.log(np.array([[1.25, 0.75]], np.float32))
+    adv = np.array([[1.0, -1.0]], np.float32)
+    loss, stats = rl.ppo_clip(r, np.zeros_like(r), adv, np.ones_like(r), rl.LossSettings(0.2, 0.28))
+    np.testing.assert_allclose(loss, np.mean([-1.25, 0.8]), rtol=1e-6)  # 1.25 < 1 + 0.28: not clipped
+    assert float(stats["clipfrac"]) == 0.5
+
+
+def test_gspo_matches_zheng_et_al_sequence_ratio():
+    new, old, adv, mask = _inputs(50)
+    adv = np.where(np.asarray(mask) != 0, adv[:, :1], np.nan).astype(np.float32)  # one advantage per sequence
+    s = rl.LossSettings(3e-4, 4e-4)
+    loss, _ = jax.jit(rl.gspo, static_argnums=4)(new, old, adv, mask, s)
+    terms = []
+    for b in range(B):
+        ts = [t for t in range(T) if mask[b, t]]
+        if not ts:
+            continue
+        ratio = math.exp(np.mean([new[b, t] - old[b, t] for t in ts]))
+        a = float(adv[b, ts[0]])
+        terms.append(-min(ratio * a, min(max(ratio, 1 - 3e-4), 1 + 4e-4) * a))
+    np.testing.assert_allclose(loss, np.mean(terms), rtol=1e-5)
+    # at ratio 1 (one update per batch) its gradient is GRPO's: ∇ mean_t log π · A per sequence
+    g = jax.grad(lambda n: rl.gspo(n, jnp.asarray(new), jnp.asarray(adv), mask, s)[0])(jnp.asarray(new))
+    expected = np.zeros((B, T), np.float32)
+    rows = [b for b in range(B) if np.asarray(mask)[b].any()]
+    for b in rows:
+        ts = [t for t in range(T) if mask[b, t]]
+        expected[b, ts] = -float(adv[b, ts[0]]) / len(ts) / len(rows)
+    np.testing.assert_allclose(np.asarray(g), expected, rtol=1e-5, atol=1e-7)
+
+
+def test_cispo_gradient_is_the_clipped_stop_gradient_weight_times_the_advantage():
+    new, old, adv, mask = _inputs(60)
+    s = rl.LossSettings(0.2, 0.28)
+    g = jax.jit(jax.grad(lambda n: rl.cispo(n, jnp.asarray(old), jnp.asarray(adv), mask, s)[0]))(jnp.asarray(new))
+    n = len(_tokens(mask))
+    expected = np.zeros((B, T), np.float32)
+    clipped = 0
+    for b, t in _tokens(mask):
+        r = math.exp(new[b, t] - old[b, t])
+        expected[b, t] = -min(r, 1.28) * float(adv[b, t]) / n  # every token keeps its gradient, weight capped
+        clipped += r > 1.28
+    np.testing.assert_allclose(np.asarray(g), expected, rtol=1e-5, atol=1e-7)
+    assert clipped > 0 and np.all(np.asarray(g)[np.asarray(mask) == 0] == 0)
+
+
+def test_a_new_policy_loss_is_one_registered_function(tmp_path):
+    """Registering a function makes it a config.pg.policy_loss choice of the pg stage: nothing else to edit."""
+    import configs.grpo as grpo_cfg
+    from rlhf_jax.stages import pg
+    from tests.helpers import tiny
+
+    @rl.register_policy_loss("toy_reinforce")
+    def toy(new_logprobs, old_logprobs, advantages, mask, s):
+        loss = rl.aggregate(-jnp.where(mask != 0, advantages * new_logprobs, 0.0), mask, s.aggregation, s.budget)
+        return loss, {"clipfrac": 0.0 * loss, "approxkl": 0.0 * loss, "ratio_mean": 1.0 + 0.0 * loss}
+
+    try:
+        c = tiny(grpo_cfg, num_steps=1, **{"pg.policy_loss": "toy_reinforce"})
+        c.reward.kind, c.reward.function = "function", "tests.test_pg_stage:even_token_share"
+        out = pg.train_and_evaluate(c, str(tmp_path))
+        assert np.isfinite(out["loss/policy_avg"])
+    finally:
+        del rl.POLICY_LOSSES["toy_reinforce"]
+    c.pg.policy_loss = "toy_reinforce"  # unregistered again: refused, naming the registry's choices
+    with pytest.raises(Exception, match="pg.policy_loss='toy_reinforce' is unknown.*ppo_clip"):
+        pg.train_and_evaluate(c, str(tmp_path / "again"))

@@ -66,9 +66,8 @@ def pg_loss(params, model, mb: Rollout, ptx, kl_coef, c):
         advantages = rl.masked_whiten(advantages, mask)
     # token_sum's constant: the response budget, whatever width this rollout was cut to (rollout.length_bucket)
     budget = c.rollout.max_new_tokens
-    loss, pg = rl.policy_loss(
-        new["logprobs"], old, jax.lax.stop_gradient(advantages), mask, c.pg.clip_range, agg, budget
-    )
+    loss_fn = rl.POLICY_LOSSES[c.pg.policy_loss]  # ppo_clip unless config.pg.policy_loss names another
+    loss, pg = loss_fn(new["logprobs"], old, jax.lax.stop_gradient(advantages), mask, rl.LossSettings.of(c.pg, budget))
     entropy = rl.masked_mean(new["entropy"], mask)
     stats = {
         "loss/policy_avg": loss,
