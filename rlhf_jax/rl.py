@@ -203,10 +203,13 @@ def group_advantages(returns: Array, group: int, kind: str, eps: float = 1e-4) -
     """
     if returns.shape[0] % group:
         raise ValueError(f"group_advantages: group={group} does not divide the {returns.shape[0]} episodes.")
-    if kind == "rloo":
-        return leave_one_out_scores(returns, group)
     r = returns.reshape(-1, group)
-    centred = r - jnp.mean(r, axis=1, keepdims=True)
+    # A group whose returns are all equal carries no signal: exactly 0, not the float32 residue of subtracting
+    # a computed mean (up to 7e-2 after dividing by std + eps).
+    tied = jnp.max(r, axis=1, keepdims=True) == jnp.min(r, axis=1, keepdims=True)
+    if kind == "rloo":
+        return jnp.where(tied, 0.0, leave_one_out_scores(returns, group).reshape(r.shape)).reshape(returns.shape)
+    centred = jnp.where(tied, 0.0, r - jnp.mean(r, axis=1, keepdims=True))
     if kind == "dr_grpo":
         return centred.reshape(returns.shape)
     if kind == "grpo":

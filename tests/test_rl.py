@@ -464,3 +464,13 @@ def test_a_new_policy_loss_is_one_registered_function(tmp_path):
     c.pg.policy_loss = "toy_reinforce"  # unregistered again: refused, naming the registry's choices
     with pytest.raises(Exception, match="pg.policy_loss='toy_reinforce' is unknown.*ppo_clip"):
         pg.train_and_evaluate(c, str(tmp_path / "again"))
+
+
+@pytest.mark.parametrize("kind", ["grpo", "dr_grpo", "rloo"])
+def test_a_group_of_equal_real_valued_returns_has_exactly_zero_advantage(kind):
+    # groups of 8 (G = 8, GRPO's usual): in float32 mean([0.1] * 8) is not 0.1, so subtracting it left 7e-9,
+    # which GRPO's division by std + 1e-4 had turned into an advantage of 7e-5 for identical answers
+    returns = jnp.asarray([0.1] * 8 + [1 / 3] * 8 + [0.3, 0.7, 0.2, 0.9, 0.1, 0.4, 0.6, 0.8], jnp.float32)
+    adv = np.asarray(rl.group_advantages(returns, 8, kind))
+    assert np.all(adv[:16] == 0.0), adv[:16]
+    assert np.all(adv[16:] != 0.0)
