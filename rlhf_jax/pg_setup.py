@@ -103,6 +103,15 @@ def check_config(c) -> int:
     for key, value, allowed in choices:
         if value not in allowed:
             raise ConfigError(f"config.{key}={value!r} is unknown; use one of {allowed}.")
+    if c.rollout.top_k > 0 or c.rollout.top_p < 1.0:
+        # The trainer's log-probs are under softmax(logits / temperature) over the whole vocabulary; a token drawn
+        # from a top-k / top-p truncation of it has a higher probability there (e.g. 0.58 nats a token higher at
+        # top_k=3), so every ratio, KL and the sampler's gap would be off by that much.
+        raise ConfigError(
+            f"config.rollout.top_k={c.rollout.top_k} / top_p={c.rollout.top_p}: the policy-gradient stage's "
+            f"log-probs are those of the untruncated distribution, which a top-k or top-p sample was not drawn "
+            f"from. Sample with the temperature alone (top_k=0, top_p=1.0)."
+        )
     if M < 1 or B % M:
         raise ConfigError(
             f"config.batch_size={B} episodes do not split into pg.num_minibatches={M} equal "

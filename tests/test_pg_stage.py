@@ -140,6 +140,9 @@ def test_ppo_with_several_samples_per_prompt_and_a_leave_one_out_baseline(tmp_pa
             "only 'gae' uses a critic",
         ),
         ({"rollout.temperature": 0.0}, "greedy decoding has none"),
+        # log-probs of the untruncated distribution would not be those the tokens were drawn from
+        ({"rollout.top_k": 3}, "top_k=3 / top_p=1.0: the policy-gradient stage's log-probs are those of the"),
+        ({"rollout.top_p": 0.9}, "Sample with the temperature alone"),
         ({"pg.num_minibatches": 3}, "batch_size=8 episodes do not split into pg.num_minibatches=3"),
         # keys every stage has that this one cannot honour are refused, not ignored
         ({"eval_every": 5}, "config.eval_every=5 has no effect in the policy-gradient stage: it has no held-out"),
