@@ -102,6 +102,11 @@ def get_config(preset: str = "default"):
         policy_loss="ppo_clip",
         clip_range_high=0.0,  # ε_high of the ratio's clip (DAPO's clip-higher; CISPO's bound); 0: clip_range
         dual_clip_c=3.0,  # dual_clip's lower bound c·A for negative advantages (Ye et al. 2020)
+        # the sampler–trainer mismatch (rl.rollout_correction): w = π_old / π_sampler, logged always as sampler/*;
+        # none | tis (truncated at the cap) | mis (masked beyond it), per token or per sequence
+        rollout_correction="none",
+        correction_level="token",
+        correction_cap=2.0,
     )
     # lm-human-preferences: adaptive KL, β0 = 0.15, target 6 nats, horizon 10,000 episodes, k1 in the reward.
     c.kl = dict(kind="adaptive", init_coef=0.15, target=6.0, horizon=10000, estimator="k1", placement="reward")

@@ -95,6 +95,8 @@ def check_config(c) -> int:
         ("pg.advantage", adv, rl.ADVANTAGES),
         ("pg.loss_aggregation", c.pg.loss_aggregation, rl.AGGREGATIONS),
         ("pg.policy_loss", c.pg.policy_loss, tuple(rl.POLICY_LOSSES)),
+        ("pg.rollout_correction", c.pg.rollout_correction, rl.CORRECTIONS),
+        ("pg.correction_level", c.pg.correction_level, rl.CORRECTION_LEVELS),
         ("kl.estimator", c.kl.estimator, rl.KL_ESTIMATORS),
         ("kl.placement", c.kl.placement, ("reward", "loss")),
         ("pg.score_baseline", base, rl.SCORE_BASELINES),

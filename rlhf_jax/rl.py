@@ -394,6 +394,51 @@ def policy_loss(
     )
 
 
+# --- the sampler–trainer mismatch ---------------------------------------------------------------------------------
+
+CORRECTIONS = ("none", "tis", "mis")
+CORRECTION_LEVELS = ("token", "sequence")
+
+
+def rollout_correction(
+    old_logprobs: Array,
+    sampler_logprobs: Array,
+    mask: Array,
+    kind: str = "none",
+    level: str = "token",
+    cap: float = 2.0,
+) -> tuple[Array, dict[str, Array]]:
+    """Importance weights [B, T] for the gap between the policy that sampled (the sampler's log-probs, e.g. an
+    inference engine's, or here the KV-cache decoder's, in another dtype) and the trainer's π_old, and their
+    stats. w = π_old / π_sampler per token (level "token") or its product over the response (level "sequence",
+    the same on every token), then
+      none  1 (the weights are measured and logged, not applied)
+      tis   min(w, cap): truncated importance sampling (Yao et al. 2025, "Your efficient RL framework secretly
+            brings you off-policy RL training": token level, cap C = 2)
+      mis   w where w ≤ cap, else 0: masked importance sampling (a token / sequence too far off is dropped)
+    The weights scale the advantages (gradient stopped); stats: the raw w's mean and max, and the share of w
+    beyond the cap, over the mask."""
+    real = mask != 0
+    log_w = jnp.where(real, old_logprobs - sampler_logprobs, 0.0)
+    if level == "sequence":
+        log_w = jnp.where(real, jnp.sum(log_w, axis=1, keepdims=True), 0.0)
+    elif level != "token":
+        raise ValueError(f"config.pg.correction_level={level!r} is unknown. Use one of {CORRECTION_LEVELS}.")
+    w = jnp.exp(jnp.minimum(log_w, 80.0))  # no inf for a wild token: it is beyond any cap anyway
+    stats = {
+        "is_weight_mean": masked_mean(w, mask),
+        "is_weight_max": jnp.max(jnp.where(real, w, 0.0)),
+        "is_beyond_cap_frac": masked_mean((w > cap).astype(jnp.float32), mask),
+    }
+    if kind == "none":
+        return jnp.ones_like(w), stats
+    if kind == "tis":
+        return jax.lax.stop_gradient(jnp.minimum(w, cap)), stats
+    if kind == "mis":
+        return jax.lax.stop_gradient(jnp.where(w <= cap, w, 0.0)), stats
+    raise ValueError(f"config.pg.rollout_correction={kind!r} is unknown. Use one of {CORRECTIONS}.")
+
+
 def value_loss(
     new_values: Array, old_values: Array, returns: Array, mask: Array, clip_range_value: float
 ) -> tuple[Array, dict[str, Array]]:

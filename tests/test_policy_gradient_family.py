@@ -61,6 +61,8 @@ def test_grpo_tiny_raises_a_verifiable_reward_and_never_trains_the_value_head(tm
     assert last["policy/ratio"] == pytest.approx(1.0, abs=1e-5) and last["policy/clipfrac_avg"] == 0.0
     # the sampler's log-probs (KV cache) and the trainer's (full forward) agree to float noise
     assert last["policy/logprob_change_first_minibatch"] < 1e-2
+    # ... so the rollout-correction weights π_old / π_sampler, logged though not applied, are 1 up to that noise
+    assert abs(last["sampler/is_weight_mean"] - 1.0) < 1e-2 and last["sampler/is_beyond_cap_frac"] == 0.0
     first, final = saved_params(tmp_path, 1), saved_params(tmp_path)
     for k in ("kernel", "bias"):  # the value head is neither computed nor trained
         np.testing.assert_array_equal(first["policy"]["value_head"][k], final["policy"]["value_head"][k])

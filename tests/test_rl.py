@@ -474,3 +474,23 @@ def test_a_group_of_equal_real_valued_returns_has_exactly_zero_advantage(kind):
     adv = np.asarray(rl.group_advantages(returns, 8, kind))
     assert np.all(adv[:16] == 0.0), adv[:16]
     assert np.all(adv[16:] != 0.0)
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_rollout_correction_truncates_or_masks_the_sampler_importance_weights(level):
+    new, old, _, mask = _inputs(70)
+    sampler = old  # the trainer's π_old is `new` here, the sampler's log-probs `old`
+    m = np.asarray(mask)
+    ref = np.exp(np.where(m != 0, new - sampler, 0.0))
+    if level == "sequence":
+        ref = np.where(m != 0, np.prod(ref, axis=1, keepdims=True), 0.0)
+    for kind, expect in (
+        ("none", np.ones_like(ref)),
+        ("tis", np.minimum(ref, 1.5)),
+        ("mis", np.where(ref <= 1.5, ref, 0.0)),
+    ):
+        w, stats = rl.rollout_correction(new, sampler, mask, kind, level, 1.5)
+        np.testing.assert_allclose(np.where(m != 0, np.asarray(w), 0.0), np.where(m != 0, expect, 0.0), rtol=1e-5)
+        np.testing.assert_allclose(stats["is_weight_mean"], ref[m != 0].mean(), rtol=1e-5)
+        np.testing.assert_allclose(stats["is_beyond_cap_frac"], (ref[m != 0] > 1.5).mean(), rtol=1e-6)
+    assert 0 < (ref[m != 0] > 1.5).mean() < 1  # the case has weights on both sides of the cap

@@ -64,6 +64,11 @@ def pg_loss(params, model, mb: Rollout, ptx, kl_coef, c):
     advantages = mb.advantages
     if c.pg.whiten_advantages:  # per minibatch, as lm-human-preferences
         advantages = rl.masked_whiten(advantages, mask)
+    # the sampler's distribution vs π_old's: measured always, applied with pg.rollout_correction = tis | mis
+    weights, gap = rl.rollout_correction(
+        old, mb.sampler_logprobs, mask, c.pg.rollout_correction, c.pg.correction_level, c.pg.correction_cap
+    )
+    advantages = advantages * weights
     # token_sum's constant: the response budget, whatever width this rollout was cut to (rollout.length_bucket)
     budget = c.rollout.max_new_tokens
     loss_fn = rl.POLICY_LOSSES[c.pg.policy_loss]  # ppo_clip unless config.pg.policy_loss names another
@@ -78,6 +83,7 @@ def pg_loss(params, model, mb: Rollout, ptx, kl_coef, c):
         # the first minibatch's is the trainer's own recomputation gap (0 up to float noise); when the score step
         # skips the policy (old_policy_is_current), mb.logprobs are the sampler's: then it is the sampler's gap
         "policy/logprob_change": rl.masked_mean(jnp.abs(new["logprobs"] - mb.logprobs), mask),
+        **{f"sampler/{k}": v for k, v in gap.items()},
     }
     if critic:
         vf_loss, vf = rl.value_loss(
