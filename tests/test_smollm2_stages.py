@@ -100,6 +100,8 @@ def test_grpo_updates_the_adapters_and_stays_finite(smol_dir, tmp_path):
     )
     run_stage(c, str(tmp_path))
     kl = _losses(str(tmp_path), "objective/kl")
-    assert kl[0] == pytest.approx(0.0, abs=1e-5)  # the first batch is sampled from the reference itself
+    # The first batch is sampled from the reference itself: its KL is 0 but for the sampler's rounding (with one
+    # update per batch π_old's log-probs are the bf16 KV-cache sampler's, not a second full forward pass).
+    assert abs(kl[0]) < 0.02
     assert kl[-1] > 0.0  # after one update the LoRA policy has left its reference
     _losses(str(tmp_path), "loss/policy_avg")
