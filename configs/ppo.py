@@ -104,6 +104,9 @@ def get_config(preset: str = "default"):
         dual_clip_c=3.0,  # dual_clip's lower bound c·A for negative advantages (Ye et al. 2020)
         # the sampler–trainer mismatch (rl.rollout_correction): w = π_old / π_sampler, logged always as sampler/*;
         # none | tis (truncated at the cap) | mis (masked beyond it), per token or per sequence
+        # DAPO's soft overlong punishment (rl.overlong_penalty): a length reward falling from 0 to -1 over the
+        # last overlong_cache tokens of the response budget (rollout.max_new_tokens); 0: off
+        overlong_cache=0,
         rollout_correction="none",
         correction_level="token",
         correction_cap=2.0,

@@ -124,6 +124,18 @@ def shape_scores(
     return scores, leave_one_out_scores(scores, group) if baseline == "loo" else scores
 
 
+def overlong_penalty(lengths: Array, max_len: int, cache: int) -> Array:
+    """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13), a length reward [B] added to the score:
+    0 up to L_max − L_cache tokens, then falling linearly to −1 at L_max = max_len (the response budget),
+    −1 beyond; cache = L_cache (0: off, all zeros)."""
+    if cache <= 0:
+        return jnp.zeros(lengths.shape, jnp.float32)
+    lengths = lengths.astype(jnp.float32)
+    start = max_len - cache
+    ramp = (start - lengths) / cache
+    return jnp.where(lengths <= start, 0.0, jnp.where(lengths <= max_len, ramp, -1.0))
+
+
 def compute_rewards(
     scores: Array, logprobs: Array, ref_logprobs: Array, mask: Array, kl_coef: Array | float, kl_kind: str = "k1"
 ) -> tuple[Array, Array, Array]:

@@ -494,3 +494,11 @@ def test_rollout_correction_truncates_or_masks_the_sampler_importance_weights(le
         np.testing.assert_allclose(stats["is_weight_mean"], ref[m != 0].mean(), rtol=1e-5)
         np.testing.assert_allclose(stats["is_beyond_cap_frac"], (ref[m != 0] > 1.5).mean(), rtol=1e-6)
     assert 0 < (ref[m != 0] > 1.5).mean() < 1  # the case has weights on both sides of the cap
+
+
+def test_overlong_penalty_is_dapos_eq_13():
+    lengths = jnp.asarray([0, 10, 12, 13, 14, 15, 16, 20])
+    L_max, L_cache = 16, 4  # no penalty up to 12 tokens, then -1/4 a token, -1 at 16 and beyond
+    expected = [0.0, 0.0, 0.0, -0.25, -0.5, -0.75, -1.0, -1.0]
+    np.testing.assert_allclose(rl.overlong_penalty(lengths, L_max, L_cache), expected, rtol=1e-6)
+    assert np.all(np.asarray(rl.overlong_penalty(lengths, L_max, 0)) == 0.0)  # off

@@ -148,8 +148,11 @@ def make_advantage_fn(c, group: int):
 
     def advantages(rollout: Rollout, kl_coef) -> Rollout:
         mask = rollout.response_mask
+        # DAPO's overlong shaping (pg.overlong_cache > 0) adds a length reward before the rest of the shaping
+        lengths = jnp.sum(rollout.response_mask, axis=1)
+        raw = rollout.reward.score + rl.overlong_penalty(lengths, c.rollout.max_new_tokens, c.pg.overlong_cache)
         scores, shaped = rl.shape_scores(
-            rollout.reward.score, rollout.ended, c.pg.missing_eos_penalty, c.pg.score_clip, c.pg.score_baseline, group
+            raw, rollout.ended, c.pg.missing_eos_penalty, c.pg.score_clip, c.pg.score_baseline, group
         )
         beta_in_reward = kl_coef if c.kl.placement == "reward" else 0.0
         token_rewards, kl, non_score = rl.compute_rewards(
