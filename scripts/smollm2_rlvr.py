@@ -144,14 +144,16 @@ def collect(root: str) -> str:
             f"{np.mean([r['response_tokens'] for r in rows]):.1f} | "
             f"{np.mean([r['train_s'] + r['eval_s'] for r in rows]):.0f} |"
         )
-    lines += ["", f"Exact-correct per instruction kind, before → after {ITERATIONS} iterations (mean over seeds):", ""]
-    lines += ["| kind | n per seed | before | after |", "|---|---|---|---|"]
+    lines += ["", f"Per instruction kind, before → after {ITERATIONS} iterations (mean over seeds):", ""]
+    lines += ["| kind | n per seed | exact-correct | gold score |", "|---|---|---|---|"]
     for k in KINDS:
         if done and all(k in runs[s]["0"] for s in done):
-            b = np.mean([runs[s]["0"][k]["correct_rate"] for s in done])
-            a = np.mean([runs[s][str(ITERATIONS)][k]["correct_rate"] for s in done])
+            mean = lambda it, key, k=k: np.mean([runs[s][str(it)][k][key] for s in done])
             n = "/".join(str(runs[s]["0"][k]["n"]) for s in done)
-            lines.append(f"| {k} | {n} | {b:.3f} | {a:.3f} |")
+            lines.append(
+                f"| {k} | {n} | {mean(0, 'correct_rate'):.3f} → {mean(ITERATIONS, 'correct_rate'):.3f} | "
+                f"{mean(0, 'gold_score'):.3f} → {mean(ITERATIONS, 'gold_score'):.3f} |"
+            )
     text = "\n".join(lines) + "\n"
     with open(os.path.join(root, "rlvr.md"), "w") as f:
         f.write(text)
