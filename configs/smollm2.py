@@ -11,6 +11,10 @@
     python -m rlhf_jax.main --config=configs/smollm2.py:hh_dpo --workdir=runs/smol_hh_dpo \\
         --config.data.train_path=../shared/data/hh_rlhf_harmless_dev.jsonl.gz
 
+The whole InstructGPT pipeline from this model is configs/pipeline.py:smollm2 (its stages use the sft, rm, ppo
+and dpo presets below); GRPO from SmolLM2-Instruct against the gold judge, evaluated per kind, is
+scripts/smollm2_rlvr.py (the rlvr preset).
+
 Presets (the built-in task's instructions unless named hh_):
   sft     SFT on the built-in demonstrations (generated into the workdir when data.train_path is empty)
   rm      RM from SmolLM2's trunk on ranked comparisons (data.train_path: e.g. the pipeline's simulated labels)

@@ -82,7 +82,7 @@ def output_projection(params, model) -> tuple[str, Array]:
 def token_stats(params, model, tokens, input_mask, targets, temperature=1.0, entropy=False, heads=(), rng=None):
     """Per position [B, T]: "logprobs" of `targets` under softmax(logits / temperature), with entropy=True its
     "entropy", and the model's outputs for `heads` (e.g. "values"), from one pass over the trunk; the logits
-    are formed LOGITS_PER_CHUNK at a time (see above), never all at once. Dropout iff `rng`."""
+    are formed at most LOGITS_PER_CHUNK at a time (see above). Dropout iff `rng`."""
     out = apply(params, model, tokens, input_mask, heads=heads, rng=rng)
     params = lora.stop_frozen_gradients(params, model.cfg)
     eq, w = output_projection(params, model)
