@@ -122,6 +122,8 @@ def reusable_stages(c: ml_collections.ConfigDict, base: str) -> dict[str, str]:
     for stage, keys in REUSE_KEYS.items():  # in pipeline order: a changed stage ends the reuse
         if any(_get(ours, k) != _get(theirs, k) for k in keys):
             break
+        if stage == "pretrain" and c.pretrained:  # no stage ran there: the same pretrained model is the stage
+            continue
         where = dirs.get(stage, os.path.join(base, stage))
         if not os.path.isfile(os.path.join(where, "DONE.json")):
             break

@@ -219,6 +219,22 @@ def test_reuse_takes_the_unchanged_prefix_of_stages_and_stops_at_the_first_chang
         reusable_stages(pipeline_config(), str(tmp_path / "nowhere"))
 
 
+def test_reuse_of_a_run_from_a_pretrained_model_starts_at_sft(tmp_path):
+    """A run whose pretrain stage was config.pretrained has no pretrain/DONE.json: its later stages are reused
+    all the same when the pretrained model (and every other upstream key) is the same, and not otherwise."""
+    base = pipeline_config()
+    base.pretrained = "models/some_hf_dir"
+    (tmp_path / "pipeline_config.json").write_text(json.dumps(base.to_dict(), default=str))
+    for stage in ("sft", "comparisons", "rm", "policy"):
+        (tmp_path / stage).mkdir()
+        (tmp_path / stage / "DONE.json").write_text("{}")
+    c = pipeline_config()
+    c.pretrained, c.policy = "models/some_hf_dir", "grpo"
+    assert list(reusable_stages(c, str(tmp_path))) == ["sft", "comparisons", "rm"]
+    c.pretrained = "models/another_hf_dir"
+    assert list(reusable_stages(c, str(tmp_path))) == []
+
+
 def test_reuse_follows_a_run_that_itself_reused_stages(tmp_path):
     # base ran every stage; mid reused base's pretrain and ran the rest: a run reusing mid finds the
     # pretrain in base (mid/stages.json), so chains of ablations do not pretrain again.
