@@ -276,6 +276,8 @@ def run_pipeline(c: ml_collections.ConfigDict, workdir: str) -> dict:
         if os.path.abspath(path) != sub[name]:
             log(f"{name}: reused from {path} (same config)")
             sub[name] = path
+    if c.pretrained:  # the pretrain stage is the pretrained model: stages.json names it, not a directory never made
+        sub["pretrain"] = pretrained_dir(c.pretrained)
     with open(os.path.join(workdir, "stages.json"), "w") as f:
         json.dump(sub, f, indent=2)
     paths = write_data(c, os.path.join(workdir, "data"))
@@ -303,7 +305,6 @@ def run_pipeline(c: ml_collections.ConfigDict, workdir: str) -> dict:
     policy_stage_config(c)  # an unknown policy fails before anything runs
     t0 = time.perf_counter()
     if c.pretrained:
-        sub["pretrain"] = pretrained_dir(c.pretrained)
         log(f"pretrain: the pretrained model {sub['pretrain']}")
     else:
         once(
