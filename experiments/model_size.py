@@ -100,7 +100,7 @@ def _wall_s(run: str) -> dict:
 
     dirs = stage_dirs(run)
     out = {}
-    for stage in ("pretrain", "sft", "comparisons", "rm", "policy", "eval"):
+    for stage in ("pretrain", "sft", "comparisons", "rm", "baselines", "policy", "eval"):
         path = os.path.join(dirs.get(stage, os.path.join(run, stage)), "DONE.json")
         if os.path.isfile(path):
             with open(path) as f:
@@ -219,7 +219,8 @@ def analyze(root, rows):
     for s in sizes:
         w, x = s["wall"]["ppo"], s["wall"]["ptx"]
         parts = [w.get(k) for k in ("pretrain", "sft", "comparisons", "rm", "policy")] + [x.get("policy")]
-        ev = (w.get("eval") or 0) + (x.get("eval") or 0)
+        # the PPO-ptx run reuses the PPO run's baselines (rlhf_jax/pipeline.py): decoded once
+        ev = (w.get("baselines") or 0) + (w.get("eval") or 0) + (x.get("eval") or 0)
         total = sum(v for v in parts if v) + ev
         lines.append(
             f"| {s['params'] / 1e6:.2f}M | "

@@ -67,7 +67,7 @@ def _changed(mine: dict, preset: dict) -> dict:
 # The pipeline config keys (dotted) each stage's output depends on, its upstream stages' included; a stage of
 # config.reuse_from is reused only when all of them are equal. Each data file has its own seed offset
 # (write_data), so e.g. more RM prompts leave the corpus and the demonstrations, hence pretrain and SFT, as
-# they were. Evaluation always runs here.
+# they were. The evaluation of the policy always runs here.
 REUSE_KEYS = {
     "pretrain": ("seed", "data.corpus_chars", "pretrain", "pretrained", "data.chat_template", "data.chat_system")
 }
@@ -90,7 +90,16 @@ REUSE_KEYS["comparisons"] = REUSE_KEYS["sft"] + (
     "eval.batch_size",
 )  # sampling uses these
 REUSE_KEYS["rm"] = REUSE_KEYS["comparisons"] + ("rm",)
+# the rows every policy of one SFT / RM shares (prompted, SFT, best-of-n, RM vs gold): decoded once a seed
+REUSE_KEYS["baselines"] = REUSE_KEYS["rm"] + ("data.num_eval_prompts", "eval")
 REUSE_KEYS["policy"] = REUSE_KEYS["rm"] + ("data.num_ppo_prompts", "policy", "policy_reward", "pg", "dpo")
+
+
+# The stage each one reads: a stage is reused only with its input. Baselines and the policy both read the RM
+# (and what came before it) and not each other, so a run older than the baselines stage still has its policy
+# reused.
+UPSTREAM = {"pretrain": None, "sft": "pretrain", "comparisons": "sft", "rm": "comparisons", "baselines": "rm"}
+UPSTREAM["policy"] = "rm"
 
 
 def _get(tree: dict, dotted: str):
@@ -118,16 +127,17 @@ def reusable_stages(c: ml_collections.ConfigDict, base: str) -> dict[str, str]:
     # new setting whose default keeps the old behaviour does not make every earlier run unusable.
     preset = config_module("pipeline").get_config(theirs.get("preset", c.preset))
     theirs = _with_missing(theirs, json.loads(json.dumps(preset.to_dict(), default=str)))
-    out, dirs = {}, stage_dirs(base)
-    for stage, keys in REUSE_KEYS.items():  # in pipeline order: a changed stage ends the reuse
-        if any(_get(ours, k) != _get(theirs, k) for k in keys):
-            break
+    out, dirs, reused = {}, stage_dirs(base), set()
+    for stage, keys in REUSE_KEYS.items():  # in pipeline order: a stage's input is judged before it
+        if UPSTREAM[stage] not in reused | {None} or any(_get(ours, k) != _get(theirs, k) for k in keys):
+            continue
         if stage == "pretrain" and c.pretrained:  # no stage ran there: the same pretrained model is the stage
+            reused.add(stage)
             continue
         where = dirs.get(stage, os.path.join(base, stage))
-        if not os.path.isfile(os.path.join(where, "DONE.json")):
-            break
-        out[stage] = where
+        if os.path.isfile(os.path.join(where, "DONE.json")):
+            out[stage] = where
+            reused.add(stage)
     return out
 
 
@@ -270,7 +280,7 @@ def run_pipeline(c: ml_collections.ConfigDict, workdir: str) -> dict:
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "pipeline_config.json"), "w") as f:
         json.dump(c.to_dict(), f, indent=2, default=str)
-    sub = {k: os.path.join(workdir, k) for k in ("pretrain", "sft", "comparisons", "rm", "policy", "eval")}
+    sub = {k: os.path.join(workdir, k) for k in ("pretrain", "sft", "comparisons", "rm", "baselines", "policy", "eval")}
     reused = reusable_stages(c, os.path.abspath(c.reuse_from) if c.reuse_from else "")
     for name, path in reused.items():
         if os.path.abspath(path) != sub[name]:
@@ -361,8 +371,13 @@ def run_pipeline(c: ml_collections.ConfigDict, workdir: str) -> dict:
         wiring["data.ptx_path"] = paths["corpus"]
     else:  # DPO trains on the RM's comparisons (the same labeler budget); online DPO ranks by the reward
         wiring.update({"data.train_path": comps, "data.eval_path": gold_comps, "data.format": "ranked"})
+    baselines = once(
+        sub["baselines"],
+        "baselines (prompted, SFT, best-of-n, RM vs gold)",
+        lambda: pipeline_eval.evaluate_baselines(c, sub, paths, rm, mesh, rules),
+    )
     once(sub["policy"], c.policy, lambda: run_stage(stage("policy", init_from=sub["sft"], **wiring), sub["policy"]))
-    summary = once(sub["eval"], "evaluation", lambda: pipeline_eval.evaluate(c, sub, paths, rm, mesh, rules))
+    summary = once(sub["eval"], "evaluation", lambda: pipeline_eval.evaluate(c, sub, paths, baselines, mesh, rules))
     pipeline_eval.write_report(c, workdir, sub, summary, time.perf_counter() - t0)
     log(f"done: {os.path.join(workdir, 'report.md')}")
     return summary

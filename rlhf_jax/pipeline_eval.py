@@ -33,62 +33,115 @@ def label(policy: str) -> str:
     return LABELS.get(policy, policy)
 
 
-def evaluate(c, sub: dict, paths: dict, rm_metrics: dict, mesh, rules) -> dict:
-    """summary.json's content. Both policies decode the same prompts with the same settings and keys."""
+def eval_prompts(c, paths: dict, tok, stage_dir: str):
+    """The held-out prompts as a prompt source, rendered in the task's chat format (built under stage_dir)."""
     from rlhf_jax.data import prompts as prompt_data
-    from rlhf_jax.tasks import builtin
 
-    sft_model, sft_params, tok = load_policy(sub["sft"], mesh, rules)
-    pol_model, pol_params, _ = load_policy(sub["policy"], mesh, rules)
     source, _ = prompt_data.build_prompt_dataset(
         paths["eval_prompts"],
         "prompt",
         tok.path,
         c.data.max_prompt_len,
-        os.path.join(sub["eval"], "tfds"),
+        os.path.join(stage_dir, "tfds"),
         template=chat.config_template(c.data),
     )
-    temp, bs = c.eval.temperature, c.eval.batch_size
-    settings = sampling_settings(tok, c.eval.max_new_tokens, temp, chat.config_template(c.data))
-    sft = generate(sft_model, sft_params, tok, source, settings, mesh, rules, seed=c.seed + 100, batch_size=bs)
-    pol = generate(pol_model, pol_params, tok, source, settings, mesh, rules, seed=c.seed + 100, batch_size=bs)
-    prompts = sft["prompts"]
-    # KL(policy ‖ SFT) per episode on the policy's own samples, at the decoding temperature (as objective/kl).
-    kl_temp = temp if temp > 0 else 1.0  # greedy decoding: measure KL of the untempered policies
-    lp_pol = response_logprobs(pol_model, pol_params, pol, kl_temp, mesh, rules, bs)
-    lp_sft = response_logprobs(sft_model, sft_params, pol, kl_temp, mesh, rules, bs)
+    return source
 
+
+def alignment_tax(c, paths: dict, tok, stage_dir: str, mesh, rules):
+    """(model, params) -> {"pretrain_loss": ...} on the pretraining corpus' held-out windows (InstructGPT
+    §4.2's alignment tax), or -> {} for a model that came pretrained (no corpus to hold out)."""
+    if "corpus" not in paths:
+        return lambda model, params: {}
+    heldout = pretrain_heldout(c, paths, tok, stage_dir)
+    return lambda model, params: {"pretrain_loss": lm_loss(model, params, heldout, mesh, rules, c.eval.batch_size)}
+
+
+def evaluate_baselines(c, sub: dict, paths: dict, rm_metrics: dict, mesh, rules) -> dict:
+    """The rows every policy trained from one SFT policy and RM shares: the pretrained model prompted zero- and
+    few-shot, SFT, best-of-n SFT samples by the RM, and the RM's accuracy against the gold judge. Written to
+    sub["baselines"] (responses in its responses.json), so that the policies of one seed (config.reuse_from)
+    decode and judge them once. Every row decodes the held-out prompts with the evaluation's settings and keys."""
+    from rlhf_jax.tasks import builtin
+
+    out = sub["baselines"]
+    sft_model, sft_params, tok = load_policy(sub["sft"], mesh, rules)
+    source = eval_prompts(c, paths, tok, out)
+    settings = sampling_settings(tok, c.eval.max_new_tokens, c.eval.temperature, chat.config_template(c.data))
+    sft = generate(
+        sft_model, sft_params, tok, source, settings, mesh, rules, seed=c.seed + 100, batch_size=c.eval.batch_size
+    )
+    prompts = sft["prompts"]
     # Best-of-n against the RM: n SFT samples per prompt, keep the one the RM scores highest.
     cands, rm_scores = sft_samples_scored_by_rm(
         c, sub, sft_model, sft_params, tok, source, c.eval.best_of_n, mesh, rules, first=sft
     )
     best = np.argmax(rm_scores, axis=0)
     bon = [cands[b][i] for i, b in enumerate(best)]
-
-    # The alignment tax (InstructGPT §4.2): loss on the pretraining corpus' held-out windows (none to hold out
-    # of a model that came pretrained).
-    heldout = pretrain_heldout(c, sub, paths, tok) if "corpus" in paths else None
-    tax = lambda model, params: {"pretrain_loss": lm_loss(model, params, heldout, mesh, rules, bs)} if heldout else {}
+    tax = alignment_tax(c, paths, tok, out, mesh, rules)
     base_model, base_params, _ = load_policy(sub["pretrain"], mesh, rules)
+    pretrained = {**({"path": c.pretrained} if c.pretrained else {}), **tax(base_model, base_params)}
     sft_eval = {**builtin.evaluate_responses(prompts, sft["responses"]), **tax(sft_model, sft_params)}
-    pol_eval = {**builtin.evaluate_responses(prompts, pol["responses"]), **tax(pol_model, pol_params)}
-    bon_eval = builtin.evaluate_responses(prompts, bon)
     prompted, prompted_responses = prompted_baselines(
-        c, sub, paths, base_model, base_params, tok, source, settings, prompts, sft["responses"], mesh, rules
+        c,
+        out,
+        paths,
+        base_model,
+        base_params,
+        tok,
+        source,
+        settings,
+        prompts,
+        sft["responses"],
+        mesh,
+        rules,
     )
+    bon_key = f"best_of_{c.eval.best_of_n}_sft_by_rm"
+    with open(os.path.join(out, "responses.json"), "w") as f:
+        json.dump({"prompts": prompts, **prompted_responses, "sft": sft["responses"], bon_key: bon}, f)
+    return {
+        "pretrained": pretrained,
+        **prompted,
+        "sft": sft_eval,
+        bon_key: {
+            **builtin.evaluate_responses(prompts, bon),
+            "win_rate_vs_sft": builtin.win_rate(prompts, bon, sft["responses"]),
+        },
+        "rm": {
+            **rm_accuracy_vs_gold(sub, tok, c, mesh, rules),
+            "accuracy_vs_gold_incl_ties": rm_metrics.get("eval/rm/accuracy"),
+        },
+    }
+
+
+def evaluate(c, sub: dict, paths: dict, baselines: dict, mesh, rules) -> dict:
+    """summary.json's content: the policy stage's policy on the held-out prompts, with the same settings and
+    keys as the SFT sample it is compared with, beside the seed's baselines (evaluate_baselines)."""
+    from rlhf_jax.tasks import builtin
+
+    sft_model, sft_params, tok = load_policy(sub["sft"], mesh, rules)
+    pol_model, pol_params, _ = load_policy(sub["policy"], mesh, rules)
+    source = eval_prompts(c, paths, tok, sub["eval"])
+    temp, bs = c.eval.temperature, c.eval.batch_size
+    settings = sampling_settings(tok, c.eval.max_new_tokens, temp, chat.config_template(c.data))
+    pol = generate(pol_model, pol_params, tok, source, settings, mesh, rules, seed=c.seed + 100, batch_size=bs)
+    with open(os.path.join(sub["baselines"], "responses.json")) as f:
+        shared = json.load(f)
+    prompts, sft_responses = pol["prompts"], shared["sft"]
+    if prompts != shared["prompts"]:
+        raise RuntimeError(
+            f"the held-out prompts of {paths['eval_prompts']} differ from those {sub['baselines']} was evaluated "
+            f"on; delete {sub['eval']} and {sub['baselines']} and rerun."
+        )
+    # KL(policy ‖ SFT) per episode on the policy's own samples, at the decoding temperature (as objective/kl).
+    kl_temp = temp if temp > 0 else 1.0  # greedy decoding: measure KL of the untempered policies
+    lp_pol = response_logprobs(pol_model, pol_params, pol, kl_temp, mesh, rules, bs)
+    lp_sft = response_logprobs(sft_model, sft_params, pol, kl_temp, mesh, rules, bs)
+    pol_tax = alignment_tax(c, paths, tok, sub["eval"], mesh, rules)(pol_model, pol_params)
     # Every row's responses, so that runs can be judged against one another afterwards (e.g. every model size's
     # policies against the largest model's SFT: experiments/model_size.py).
     with open(os.path.join(sub["eval"], "responses.json"), "w") as f:
-        json.dump(
-            {
-                "prompts": prompts,
-                **prompted_responses,
-                "sft": sft["responses"],
-                "policy": pol["responses"],
-                f"best_of_{c.eval.best_of_n}_sft_by_rm": bon,
-            },
-            f,
-        )
+        json.dump({**shared, "policy": pol["responses"]}, f)
     samples = [
         {
             "prompt": p,
@@ -97,8 +150,9 @@ def evaluate(c, sub: dict, paths: dict, rm_metrics: dict, mesh, rules) -> dict:
             "gold_sft": builtin.gold_score(p, a),
             "gold_policy": builtin.gold_score(p, b),
         }
-        for p, a, b in list(zip(prompts, sft["responses"], pol["responses"]))[:12]
+        for p, a, b in list(zip(prompts, sft_responses, pol["responses"]))[:12]
     ]
+    rows = {k: v for k, v in baselines.items() if k != "wall_s"}
     return {
         "decoding": {
             "temperature": temp,
@@ -106,31 +160,23 @@ def evaluate(c, sub: dict, paths: dict, rm_metrics: dict, mesh, rules) -> dict:
             "prompts": len(prompts),
             "same_keys_for_both": True,
         },
-        "pretrained": {"path": c.pretrained, **tax(base_model, base_params)}
-        if c.pretrained
-        else tax(base_model, base_params),
-        **prompted,
-        "sft": sft_eval,
+        **rows,
         "policy": {
-            **pol_eval,
+            **builtin.evaluate_responses(prompts, pol["responses"]),
+            **pol_tax,
             "algorithm": c.policy,
             "kl": float(np.mean(lp_pol - lp_sft)),
             "wall_s": stage_wall_s(sub["policy"]),
-            "win_rate_vs_sft": builtin.win_rate(prompts, pol["responses"], sft["responses"]),
+            "win_rate_vs_sft": builtin.win_rate(prompts, pol["responses"], sft_responses),
         },
-        f"best_of_{c.eval.best_of_n}_sft_by_rm": {
-            **bon_eval,
-            "win_rate_vs_sft": builtin.win_rate(prompts, bon, sft["responses"]),
-        },
-        "rm": {
-            **rm_accuracy_vs_gold(sub, tok, c, mesh, rules),
-            "accuracy_vs_gold_incl_ties": rm_metrics.get("eval/rm/accuracy"),
-        },
+        "baselines_wall_s": baselines.get("wall_s"),
         "samples": samples,
     }
 
 
-def prompted_baselines(c, sub, paths, model, params, tok, source, settings, prompts, sft_responses, mesh, rules):
+def prompted_baselines(
+    c, out_dir: str, paths, model, params, tok, source, settings, prompts, sft_responses, mesh, rules
+):
     """{"gpt_zero_shot": ..., "gpt_few_shot": ...}: the pretrained model, never fine-tuned, given the held-out
     instruction alone and after c.eval.few_shot solved training instances of its kind (GPT-3's prompting,
     InstructGPT Figure 1's "GPT" and "GPT (prompted)"), decoded and judged like SFT and the policy. The
@@ -144,14 +190,14 @@ def prompted_baselines(c, sub, paths, model, params, tok, source, settings, prom
     # a pretrained model's window is far longer than any few-shot prompt here
     window = (model.cfg.max_len if c.pretrained else c.pretrain.data.seq_len) - c.eval.max_new_tokens
     path = builtin.write_few_shot_prompts(
-        paths["eval_prompts"], os.path.join(sub["eval"], f"eval_prompts_{k}shot.jsonl"), k, seed=c.seed + 7
+        paths["eval_prompts"], os.path.join(out_dir, f"eval_prompts_{k}shot.jsonl"), k, seed=c.seed + 7
     )
     few, _ = prompt_data.build_prompt_dataset(
         path,
         "prompt",
         tok.path,
         max(P, min((k + 1) * P, window)),
-        os.path.join(sub["eval"], "tfds"),
+        os.path.join(out_dir, "tfds"),
         template=chat.config_template(c.data),
     )
     out, responses = {}, {}
@@ -160,7 +206,7 @@ def prompted_baselines(c, sub, paths, model, params, tok, source, settings, prom
         if [builtin.parse_instruction(p) for p in g["prompts"]] != [builtin.parse_instruction(p) for p in prompts]:
             raise RuntimeError(
                 f"the {shots}-shot prompts of {path} do not end with the held-out instructions of "
-                f"{paths['eval_prompts']} in the same order; delete {sub['eval']} and rerun."
+                f"{paths['eval_prompts']} in the same order; delete {out_dir} and rerun."
             )
         out[name] = {
             **builtin.evaluate_responses(prompts, g["responses"]),
@@ -261,15 +307,15 @@ def within_prompt_correlation(a, b) -> float:
     return float(np.mean((a * b).sum(0) / np.sqrt((a * a).sum(0) * (b * b).sum(0))))
 
 
-def pretrain_heldout(c, sub: dict, paths: dict, tok):
-    """The pretraining corpus' validation windows (never trained on, nor used by PPO-ptx)."""
+def pretrain_heldout(c, paths: dict, tok, stage_dir: str):
+    """The pretraining corpus' validation windows (never trained on, nor used by PPO-ptx), built under stage_dir."""
     from rlhf_jax.data import lm_datasets
 
     return lm_datasets.build_text_dataset(
         paths["corpus"],
         tok.path,
         c.pretrain.data.seq_len,
-        os.path.join(sub["eval"], "tfds"),
+        os.path.join(stage_dir, "tfds"),
         val_fraction=c.pretrain.data.val_fraction,
     )["validation"]
 

@@ -64,7 +64,7 @@ def test_tiny_pipeline_produces_summary_report_and_plots_and_reruns_skip(tiny_ru
     report = (tmp_path / "report.md").read_text()
     assert "| PPO |" in report and "| GPT 2-shot |" in report and "## Samples" in report
     assert (tmp_path / "scores_vs_step.png").stat().st_size > 1000
-    for stage in ("pretrain", "sft", "comparisons", "rm", "policy", "eval"):
+    for stage in ("pretrain", "sft", "comparisons", "rm", "baselines", "policy", "eval"):
         assert (tmp_path / stage / "DONE.json").exists(), stage
     comps = (tmp_path / "comparisons" / "train.jsonl").read_text().splitlines()
     rec = json.loads(comps[0])
@@ -72,7 +72,7 @@ def test_tiny_pipeline_produces_summary_report_and_plots_and_reruns_skip(tiny_ru
 
     again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0
-    assert again.stdout.count("finished earlier, skipped") == 6
+    assert again.stdout.count("finished earlier, skipped") == 7
 
     # An ablation run reuses every upstream stage of the finished run and reruns only the policy stage (here
     # GRPO against the gold judge, with a stage key the pipeline preset does not set itself).
@@ -91,7 +91,7 @@ def test_tiny_pipeline_produces_summary_report_and_plots_and_reruns_skip(tiny_ru
     ]
     third = subprocess.run(cmd2, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
-    for stage in ("pretrain", "sft", "comparisons", "rm"):
+    for stage in ("pretrain", "sft", "comparisons", "rm", "baselines"):
         assert f"{stage}: reused from {tmp_path / stage}" in third.stdout
         assert not (other / stage).exists()
     assert (other / "policy" / "DONE.json").exists() and (other / "summary.json").exists()
@@ -99,7 +99,13 @@ def test_tiny_pipeline_produces_summary_report_and_plots_and_reruns_skip(tiny_ru
     policy_config = json.loads((other / "policy" / "config.json").read_text())
     assert policy_config["kl"]["init_coef"] == 0.05 and policy_config["reward"]["kind"] == "function"
     assert policy_config["pg"]["advantage"] == "grpo" and policy_config["kl"]["placement"] == "loss"
-    assert json.loads((other / "summary.json").read_text())["policy"]["algorithm"] == "grpo"
+    ablation = json.loads((other / "summary.json").read_text())
+    assert ablation["policy"]["algorithm"] == "grpo"
+    # the seed's baselines are the first run's, decoded once: the same rows, and the same SFT sample
+    # that the new policy's win rate is taken against
+    for row in ("gpt_zero_shot", "gpt_few_shot", "sft", "best_of_4_sft_by_rm", "rm", "pretrained"):
+        assert ablation[row] == s[row], row
+    assert json.loads((other / "eval" / "responses.json").read_text())["sft"] == responses["sft"]
     assert "| GRPO |" in (other / "report.md").read_text()
 
     # The direct-preference family from the same SFT and the RM's own comparisons, offline and online.
@@ -159,31 +165,36 @@ def test_the_colab_notebook_runs_top_to_bottom_and_shows_the_plots(tiny_run):
 
 
 def test_every_data_key_is_tied_to_the_stages_that_read_it():
-    # A data key missing from REUSE_KEYS would let a changed setting reuse stale stages; only the
-    # evaluation (which always runs) may read a key no stage does.
+    # A data key missing from REUSE_KEYS would let a changed setting reuse stale stages.
     tied = {k for keys in REUSE_KEYS.values() for k in keys}
-    untied = {f"data.{k}" for k in pipeline_config().data} - tied
-    assert untied == {"data.num_eval_prompts"}
+    assert {f"data.{k}" for k in pipeline_config().data} - tied == set()
 
 
-def test_reuse_takes_the_unchanged_prefix_of_stages_and_stops_at_the_first_change(tmp_path):
+def test_reuse_takes_the_unchanged_stages_whose_inputs_are_reused_too(tmp_path):
     base = pipeline_config()
     (tmp_path / "pipeline_config.json").write_text(json.dumps(base.to_dict(), default=str))
     for stage in REUSE_KEYS:
         (tmp_path / stage).mkdir()
         (tmp_path / stage / "DONE.json").write_text("{}")
-    assert list(reusable_stages(pipeline_config(), str(tmp_path))) == ["pretrain", "sft", "comparisons", "rm", "policy"]
+    assert list(reusable_stages(pipeline_config(), str(tmp_path))) == [
+        "pretrain",
+        "sft",
+        "comparisons",
+        "rm",
+        "baselines",
+        "policy",
+    ]
     c = pipeline_config()
     c.rm.optim.lr = 3e-4
     assert list(reusable_stages(c, str(tmp_path))) == ["pretrain", "sft", "comparisons"]
     c = pipeline_config()
     c.policy_reward = "gold"
-    assert list(reusable_stages(c, str(tmp_path))) == ["pretrain", "sft", "comparisons", "rm"]
+    assert list(reusable_stages(c, str(tmp_path))) == ["pretrain", "sft", "comparisons", "rm", "baselines"]
     c = pipeline_config()
-    c.policy = "rloo"  # another algorithm from the same SFT and RM
-    assert list(reusable_stages(c, str(tmp_path))) == ["pretrain", "sft", "comparisons", "rm"]
+    c.policy = "rloo"  # another algorithm from the same SFT and RM: the same baselines
+    assert list(reusable_stages(c, str(tmp_path))) == ["pretrain", "sft", "comparisons", "rm", "baselines"]
     c = pipeline_config()
-    c.eval.few_shot = 4  # only the evaluation reads it, and it always runs
+    c.eval.few_shot = 4  # only the baselines read it (the policy's evaluation always runs)
     assert list(reusable_stages(c, str(tmp_path))) == ["pretrain", "sft", "comparisons", "rm", "policy"]
     c = pipeline_config()
     c.eval.max_new_tokens = 20  # the comparisons' samples are this long
@@ -193,7 +204,10 @@ def test_reuse_takes_the_unchanged_prefix_of_stages_and_stops_at_the_first_chang
     assert list(reusable_stages(c, str(tmp_path))) == ["pretrain", "sft"]
     c = pipeline_config()
     c.data.num_ppo_prompts = 256
-    assert list(reusable_stages(c, str(tmp_path))) == ["pretrain", "sft", "comparisons", "rm"]
+    assert list(reusable_stages(c, str(tmp_path))) == ["pretrain", "sft", "comparisons", "rm", "baselines"]
+    c = pipeline_config()
+    c.data.num_eval_prompts = 100
+    assert list(reusable_stages(c, str(tmp_path))) == ["pretrain", "sft", "comparisons", "rm", "policy"]
     c = pipeline_config()
     c.data.corpus_chars = 70_000  # another corpus changes everything downstream of it
     assert reusable_stages(c, str(tmp_path)) == {}
@@ -204,15 +218,32 @@ def test_reuse_takes_the_unchanged_prefix_of_stages_and_stops_at_the_first_chang
     older = base.to_dict()
     del older["pg"]["pg"]["loss_aggregation"], older["pretrain"]["model"]["token_vocab"], older["policy"]
     (tmp_path / "pipeline_config.json").write_text(json.dumps(older, default=str))
-    assert list(reusable_stages(pipeline_config(), str(tmp_path))) == ["pretrain", "sft", "comparisons", "rm", "policy"]
+    assert list(reusable_stages(pipeline_config(), str(tmp_path))) == [
+        "pretrain",
+        "sft",
+        "comparisons",
+        "rm",
+        "baselines",
+        "policy",
+    ]
     # ... and so is one written before the policy-gradient stage was renamed: its config.ppo.ppo is config.pg.pg
     renamed = {**older, "ppo": {**older["pg"], "stage": "ppo", "ppo": older["pg"]["pg"]}}
     del renamed["pg"], renamed["ppo"]["pg"]
     (tmp_path / "pipeline_config.json").write_text(json.dumps(renamed, default=str))
-    assert list(reusable_stages(pipeline_config(), str(tmp_path))) == ["pretrain", "sft", "comparisons", "rm", "policy"]
+    assert list(reusable_stages(pipeline_config(), str(tmp_path))) == [
+        "pretrain",
+        "sft",
+        "comparisons",
+        "rm",
+        "baselines",
+        "policy",
+    ]
     c = pipeline_config()
     c.pg.pg.loss_aggregation = "token_sum"  # ... unless this run sets it otherwise
-    assert list(reusable_stages(c, str(tmp_path))) == ["pretrain", "sft", "comparisons", "rm"]
+    assert list(reusable_stages(c, str(tmp_path))) == ["pretrain", "sft", "comparisons", "rm", "baselines"]
+    # a run from before the baselines stage (or one killed during it): its policy is reused all the same
+    (tmp_path / "baselines" / "DONE.json").unlink()
+    assert list(reusable_stages(pipeline_config(), str(tmp_path))) == ["pretrain", "sft", "comparisons", "rm", "policy"]
     (tmp_path / "sft" / "DONE.json").unlink()  # an unfinished stage there is run here, and so is all after it
     assert list(reusable_stages(pipeline_config(), str(tmp_path))) == ["pretrain"]
     with pytest.raises(FileNotFoundError, match="reuse_from.*pipeline_config.json does not exist"):
