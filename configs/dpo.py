@@ -65,7 +65,7 @@ def get_config(preset: str = "default"):
     # rlhf_jax.tasks.builtin:labeler_scores; the gold judge: rlhf_jax.tasks.builtin:gold_reward)
     # aggregate: how an RM ensemble's members make one reward (preference.aggregate_rewards): mean | lcb
     # (mean − lcb_coef·std) | min; a single RM is its own mean.
-    c.reward = dict(kind="rm", rm_workdir="", function="", monitor="", aggregate="mean", lcb_coef=1.0)
+    c.reward = dict(kind="rm", rm_workdir="", function="", weights=(), monitor="", aggregate="mean", lcb_coef=1.0)
     c.batch_size, c.num_steps = 16, 500  # comparisons (online: prompts, each with K samples) per step, steps
     c.optim.update(lr=1e-5, warmup_steps=20, weight_decay=0.0, final_lr_fraction=0.0)
     c.eval_every, c.log_every, c.eval_batches = 250, 25, 0

@@ -6,7 +6,9 @@ policy-gradient stage `pg` (rlhf_jax/stages/pg.py) with its settings in config.p
         --config.init_from=runs/sft --config.reward.rm_workdir=runs/rm
 
 Rewards: reward.kind=rm (a trained RM workdir, normalised) or reward.kind=function
-(reward.function="package.module:fn", fn(prompts, responses, tokens, mask) -> [B] scores).
+(reward.function="package.module:fn", fn(prompts, responses, tokens, mask, **columns) -> [B] scores; several
+joined by commas are summed with reward.weights; columns are the prompt records' other fields, e.g. a
+ground-truth "answer": rlhf_jax/rewards.py).
 
 The same stage runs the critic-free family by config (configs/grpo.py, rloo.py, reinforce_pp.py set them):
 pg.advantage (gae | grpo | dr_grpo | rloo | reinforce_pp), kl.placement (reward | loss),
@@ -60,10 +62,11 @@ def get_config(preset: str = "default"):
     c.data.ptx_path = ""  # pretraining text for PPO-ptx; empty: the built-in corpus
     c.data.ptx_seq_len = 64
 
+    # function: "module:fn" or several joined by commas, summed with weights (a tuple; empty: 1 each)
     # monitor: a second Python score logged as objective/monitor_score (e.g. the built-in gold judge)
     # aggregate: how an RM ensemble's members make one reward (preference.aggregate_rewards): mean | lcb
     # (mean − lcb_coef·std) | min; a single RM is its own mean.
-    c.reward = dict(kind="rm", rm_workdir="", function="", monitor="", aggregate="mean", lcb_coef=1.0)
+    c.reward = dict(kind="rm", rm_workdir="", function="", weights=(), monitor="", aggregate="mean", lcb_coef=1.0)
     # samples_per_prompt: episodes per prompt in an iteration (batch_size / samples_per_prompt distinct prompts)
     c.rollout = dict(
         max_new_tokens=32,

@@ -195,8 +195,10 @@ def _pg(c, model, mesh, rules):
         rm_model = TransformerLM(dataclasses.replace(model.cfg, dropout=0.0, lora=LoraConfig()))
         reward, from_host = rewards.RewardModel(rm_model, None, {"gain": 1.0, "bias": 0.0, "ensemble_size": 1}), None
         frozen["rm"] = parallel.abstract_params(train_state.model_init_fn(rm_model, 8, 0), mesh, rules)
-    else:  # a Python function's scores [B] arrive from the host
-        reward, from_host = rewards.RewardFunction(None, None, mesh, rules), _batch((B,), mesh, rules, jnp.float32)
+    else:  # each Python function's scores [B, F] arrive from the host
+        fns = rewards.import_functions(c.reward.function, "reward.function") if c.reward.function else {"fn": None}
+        reward = rewards.RewardFunction(fns, None, mesh, rules, weights=tuple(c.reward.weights))
+        from_host = _batch((B, len(fns)), mesh, rules, jnp.float32)
     steps = pg.jit_functions(model, tx, c, ShapeOnlyTokenizer(), reward, group, shardings, mesh, rules)
     prompt, prompt_mask, keys = (
         _batch((B, P), mesh, rules),

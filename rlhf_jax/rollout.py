@@ -36,6 +36,7 @@ class Rollout:
     response_mask: Array  # int32 [B, N]: 1 up to and including the stop token
     ended: Array  # bool [B]: the stop token was sampled
     sampler_logprobs: Array  # f32 [B, N]: the KV-cache sampler's log-probs of the drawn tokens
+    prompt_index: Array | None = None  # int32 [B]: the prompt record's index (data.prompts.prompt_columns)
     # score
     logprobs: Array | None = None  # f32 [B, N]: the policy's (a full forward at the sampling temperature)
     entropy: Array | None = None  # f32 [B, N]
@@ -87,7 +88,8 @@ def make_rollout_fn(model, c, tok):
 
 
 def prompt_data(run: Run):
-    """(tokenizer, prompt source) of config.data.prompts_path (empty: built-in prompts written here)."""
+    """(tokenizer, prompt source, columns) of config.data.prompts_path (empty: built-in prompts written here);
+    columns[i]: the fields of the source's record i other than its text, for the reward functions."""
     from rlhf_jax.data import chat, prompts
     from rlhf_jax.tasks import builtin_text
 
@@ -113,7 +115,7 @@ def prompt_data(run: Run):
         template=chat.config_template(c.data),
     )
     run.log(f"prompts {path}: {stats}")
-    return tok, source
+    return tok, source, prompts.prompt_columns(path, fmt, tuple(c.data.prompts_lines) or None)
 
 
 def _write_builtin_prompts(path: str, data_dir: str, seed: int):
@@ -145,7 +147,8 @@ def global_max(x: int) -> int:
 
 def prompt_batch(loader, iteration: int, group: int, run: Run, bucket: int = 0):
     """This iteration's prompts, each `group` times in a row (the samples of one prompt), as global arrays,
-    left-padded to bucket_width of the longest prompt in the batch (bucket 0: to data.max_prompt_len)."""
+    left-padded to bucket_width of the longest prompt in the batch (bucket 0: to data.max_prompt_len), with
+    each row's record index (Rollout.prompt_index)."""
     local = loader.get_batch(iteration)
     tokens, mask = local["prompt_tokens"], local["prompt_mask"]
     width = bucket_width(global_max(mask.sum(1).max(initial=1)), tokens.shape[1], bucket)
@@ -153,6 +156,7 @@ def prompt_batch(loader, iteration: int, group: int, run: Run, bucket: int = 0):
         {
             "prompt": np.repeat(tokens[:, -width:], group, axis=0),
             "prompt_mask": np.repeat(mask[:, -width:], group, axis=0),
+            "prompt_index": np.repeat(local["index"], group, axis=0),
         },
         run.mesh,
         run.rules,

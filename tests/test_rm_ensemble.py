@@ -169,7 +169,7 @@ def test_the_policy_reward_is_the_aggregate_of_the_single_rms_scores(ensemble_an
     each = np.stack(each)
     rollout = Rollout(tokens[:, :10], mask[:, :10], tokens[:, 10:], mask[:, 10:], ended=None, sampler_logprobs=None)
     for how, lam in [("mean", 1.0), ("lcb", 0.5), ("min", 1.0)]:
-        got, mean, std = rewards.RewardModel(model, params, norm, how, lam).on_device(params, rollout)
+        got, mean, std, _ = rewards.RewardModel(model, params, norm, how, lam).on_device(params, rollout)
         np.testing.assert_allclose(got, preference.aggregate_rewards(jnp.asarray(each), how, lam), atol=2e-3)
         np.testing.assert_allclose(mean, each.mean(0), atol=2e-3)
         np.testing.assert_allclose(std, each.std(0), atol=2e-3)

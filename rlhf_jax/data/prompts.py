@@ -12,6 +12,8 @@ Records, P = max_prompt_len:
     prompt_tokens  int32 [P]  chat.render_prompt(messages, template): bos ... assistant prefix, padded on the LEFT
                               so generation continues right after the last prompt token
     prompt_mask    int32 [P]  1 on real tokens
+    index          int32 []   the record's place among the file's prompts: prompt_columns(...)[index] are its
+                              other fields (e.g. a ground-truth "answer"), which reward functions receive
 
 A prompt longer than P loses tokens from the LEFT right after bos (bos, the most recent turns and
 the final assistant prefix survive). As for comparisons, hh_rlhf records whose history ends with an
@@ -33,15 +35,25 @@ from rlhf_jax.data.hh_rlhf import hh_messages, split_hh_dialogue
 from rlhf_jax.data.tokenizer import Tokenizer, load_tokenizer
 
 FORMATS = ("prompt", "hh_rlhf", "tldr")
-VERSION = "1.0.0"
+TEXT_KEYS = ("prompt", "messages")  # a prompt record's text; its other keys are its columns
+VERSION = "1.1.0"  # 1.1: the index feature
 
 
 def read_prompts(
     path: str, fmt: str, line_range: tuple[int, int] | None = None, skip_invalid: bool | None = None
 ) -> list[dict[str, Any]]:
-    """Prompts in file order: {"messages": [...], "fit": None or the format's shortener, "where": "path:line"}.
-    skip_invalid=None: True for hh_rlhf and tldr, else False."""
+    """Prompts in file order: {"messages": [...], "fit": None or the format's shortener, "columns": the record's
+    other fields, "where": "path:line"}. skip_invalid=None: True for hh_rlhf and tldr, else False."""
     return _read(path, fmt, line_range, skip_invalid)[0]
+
+
+def prompt_columns(
+    path: str, fmt: str, line_range: tuple[int, int] | None = None, skip_invalid: bool | None = None
+) -> list[dict[str, Any]]:
+    """Each prompt's fields other than its text ("prompt" / "messages"), in the order of the records' index:
+    what a reward function is given beside the prompt and response (TRL passes a dataset's columns the same
+    way), e.g. {"answer": "42"} of {"prompt": "What is 6 x 7?", "answer": "42"}."""
+    return [r["columns"] for r in read_prompts(path, fmt, line_range, skip_invalid)]
 
 
 def _read(path, fmt, line_range, skip_invalid) -> tuple[list[dict[str, Any]], int]:
@@ -53,7 +65,8 @@ def _read(path, fmt, line_range, skip_invalid) -> tuple[list[dict[str, Any]], in
             messages, fit = tldr.parse_prompt(record, where)
         else:
             messages, fit = parse_prompt(record, fmt, where), None
-        return {"messages": messages, "fit": fit}
+        columns = {k: v for k, v in record.items() if k not in TEXT_KEYS}  # a dict: both parsers check
+        return {"messages": messages, "fit": fit, "columns": columns}
 
     return records.read_records(path, fmt, line_range, skip_invalid, parse, "prompts")
 
@@ -139,10 +152,11 @@ class Prompts(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     def _info(self) -> tfds.core.DatasetInfo:
         row = tfds.features.Tensor(shape=(self.builder_config.seq_len,), dtype=np.int32)
+        index = tfds.features.Tensor(shape=(), dtype=np.int32)
         return tfds.core.DatasetInfo(
             builder=self,
             description=self.__class__.__doc__,
-            features=tfds.features.FeaturesDict({"prompt_tokens": row, "prompt_mask": row}),
+            features=tfds.features.FeaturesDict({"prompt_tokens": row, "prompt_mask": row, "index": index}),
             disable_shuffling=True,
             metadata=tfds.core.MetadataDict(),
         )
@@ -153,9 +167,9 @@ class Prompts(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         template = chat.template_from_spec(c.chat_template) if c.chat_template else chat.TAGS
         records, skipped = _read(c.jsonl_path, c.fmt, c.line_range, c.skip_invalid)
         examples, stats = [], {"examples": 0, "skipped": skipped, "truncated": 0, "max_rendered_tokens": 0}
-        for r in records:
+        for i, r in enumerate(records):
             ex, n = prompt_example(r["messages"], tok, c.seq_len, r["where"], template, r["fit"])
-            examples.append(ex)
+            examples.append({**ex, "index": np.int32(i)})
             stats["examples"] += 1
             stats["truncated"] += int(n > c.seq_len)
             stats["max_rendered_tokens"] = max(stats["max_rendered_tokens"], n)

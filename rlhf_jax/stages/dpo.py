@@ -171,12 +171,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     c = run.config
     check_config(c)
     if c.dpo.online:
-        tok, prompts = rollouts.prompt_data(run)
+        tok, prompts, columns = rollouts.prompt_data(run)
         train_source = None
         # held-out comparisons (data.eval_path) to measure the implicit reward model on
         eval_source, _ = comparison_data.build(run, c.data.eval_path, c.data.eval_lines)
     else:
         tok, train_source, eval_source, train_stats, eval_stats = comparison_data.datasets(run)
+        prompts = columns = None
         run.log(f"dpo data: train {train_stats}, eval {eval_stats}")
     updates = c.online.updates_per_iteration if c.dpo.online else 1
     model, tx, schedule, state, shardings = run.setup_state(updates_per_step=updates)
@@ -217,21 +218,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 if tail.end_step(step + 1, state, metrics, evaluate=evaluate_at and evaluate_at(state.params)):
                     break
         else:
-            online_loop(run, tail, state, ref_params, step_fn, model, tok, prompts, updates, start, evaluate_at)
+            online_loop(
+                run, tail, state, ref_params, step_fn, model, tok, (prompts, columns), updates, start, evaluate_at
+            )
     return tail.close()
 
 
 def online_loop(
     run: Run, tail: LoopTail, state, ref_params, step_fn, model, tok, prompts, updates: int, start: int, evaluate_at
 ):
-    """Online DPO's iterations: sample K per prompt → rank by config.reward → `updates` DPO steps."""
+    """Online DPO's iterations: sample K per prompt → rank by config.reward → `updates` DPO steps.
+    prompts: (source, columns) of rollouts.prompt_data."""
     from rlhf_jax.data.loader import BatchLoader
 
     c = run.config
+    prompts, columns = prompts
     K = c.online.samples_per_prompt
     loader = BatchLoader(prompts, c.batch_size, seed=c.seed)  # batch_size comparisons per step, as offline
     rollout_fn = jax.jit(rollouts.make_rollout_fn(model, c, tok))
-    reward, monitor = rewards.source(run, c, tok), rewards.monitor(run, c, tok)
+    reward, monitor = rewards.source(run, c, tok, columns), rewards.monitor(run, c, tok, columns)
     rank_fn = jax.jit(lambda rollout, scores: best_first(rollout, scores, K))
     run.log(
         f"online dpo ({c.dpo.loss}, β {c.dpo.beta}): {loader.num_examples} prompts, {c.batch_size} "
@@ -242,8 +247,9 @@ def online_loop(
         batch = rollouts.prompt_batch(loader, it, K, run)
         rollout = rollout_fn(
             state.params, batch["prompt"], batch["prompt_mask"], rollouts.sample_keys(c.seed, it, c.batch_size * K, run)
-        )
-        scores = reward(rollout).score
+        ).replace(prompt_index=batch["prompt_index"])
+        scored = reward(rollout)
+        scores = scored.score
         ranked = rank_fn(rollout, scores)
         t1 = time.perf_counter()
         for u in range(updates):
@@ -256,6 +262,7 @@ def online_loop(
             "objective/response_length": float(np.mean(parallel.to_host(rollout.response_mask).sum(1))),
             "time/generate_s": t1 - t0,
             "time/update_s": time.perf_counter() - t1,
+            **rewards.part_means(reward, scored),
         }
         if monitor is not None:
             metrics["objective/monitor_score"] = float(np.mean(parallel.to_host(monitor(rollout).score)))

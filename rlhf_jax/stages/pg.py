@@ -268,7 +268,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     run = Run(config, workdir)
     c = run.config
     group = pg_setup.check_config(c)  # samples per prompt
-    tok, prompts = rollouts.prompt_data(run)
+    tok, prompts, columns = rollouts.prompt_data(run)
     ptx_source = pg_setup.ptx_data(run, tok)
     updates_per_iter = c.pg.epochs * c.pg.num_minibatches
     # optim.total_steps counts iterations here (-1: num_steps); the lr anneals over every minibatch update.
@@ -283,19 +283,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     state, meta = run.restore_or(state)
     if meta is None:
         state = state.replace(params=pg_setup.initial_params(run, state.params))
-    reward = rewards.source(run, c, tok)
+    reward = rewards.source(run, c, tok, columns)
     start = int(jax.device_get(state.step))
     steps = jit_functions(model, tx, c, tok, reward, group, shardings, run.mesh, run.rules)
-    return loop(run, state, steps, ref_params, reward, tok, prompts, ptx_source, schedule, group, start)
+    monitor = rewards.monitor(run, c, tok, columns)
+    return loop(run, state, steps, ref_params, (reward, monitor), tok, prompts, ptx_source, schedule, group, start)
 
 
 def loop(
     run: Run, state, steps: Steps, ref_params, reward, tok, prompts, ptx_source, schedule, group: int, start: int
 ) -> dict[str, float]:
-    """Iterations start → num_steps, each one path: generate → score → advantages → update, then its metrics."""
+    """Iterations start → num_steps, each one path: generate → score → advantages → update, then its metrics.
+    reward: (the reward source, the monitor or None)."""
     from rlhf_jax.data.loader import BatchLoader
 
     c = run.config
+    reward, monitor = reward
     updates_per_iter = c.pg.epochs * c.pg.num_minibatches
     loader = BatchLoader(prompts, c.batch_size // group, seed=c.seed)
     ptx_loader = (
@@ -303,7 +306,7 @@ def loop(
         if ptx_source is not None
         else None
     )
-    monitor, gap_fn = rewards.monitor(run, c, tok), jax.jit(sampler_gap)
+    gap_fn = jax.jit(sampler_gap)
     tail = LoopTail(run, start, c.stage, postfix={"score": "objective/scores", "kl": "objective/kl"})
     perf.compilations()  # counting from here
     run.log(
@@ -318,6 +321,7 @@ def loop(
             batch = rollouts.prompt_batch(loader, it, group, run, c.rollout.length_bucket)
             keys = rollouts.sample_keys(c.seed, it, c.batch_size, run)
             rollout = steps.generate(state.params["policy"], batch["prompt"], batch["prompt_mask"], keys)
+            rollout = rollout.replace(prompt_index=batch["prompt_index"])
             rollout = jax.block_until_ready(rollouts.trim_responses(rollout, c.rollout.length_bucket))
             t1 = time.perf_counter()
             rollout = steps.score(state.params, ref_params, reward.params, rollout, reward.on_host(rollout))
@@ -337,7 +341,7 @@ def loop(
             m = {
                 **rollout_metrics(host, stats["kl_coef"]),
                 **stats,
-                **side_metrics(rollout, monitor),
+                **side_metrics(rollout, monitor, reward),
                 "lr": float(schedule(it * updates_per_iter)),
                 "perf/rollout_tokens_per_sec": float(host["response_mask"].sum()) / (t1 - t0),
                 "perf/episodes_per_sec": c.batch_size / (t3 - t0),
@@ -359,15 +363,16 @@ def loop(
     return tail.close()
 
 
-def side_metrics(rollout: Rollout, monitor) -> dict[str, float]:
+def side_metrics(rollout: Rollout, monitor, reward=None) -> dict[str, float]:
     """What the iteration logs but never trains on: the RM's members' mean and spread (an ensemble's: what
-    lcb / min trade off; one RM's: its score, 0), and the monitor's score (e.g. the gold judge, to watch RM
-    over-optimisation: Gao et al. 2022)."""
+    lcb / min trade off; one RM's: its score, 0), each reward function's mean (reward/<fn>, before its weight),
+    and the monitor's score (e.g. the gold judge, to watch RM over-optimisation: Gao et al. 2022)."""
     out = {
         f"objective/rm_{k}": float(np.mean(parallel.to_host(v)))
         for k, v in (("mean", rollout.reward.member_mean), ("std", rollout.reward.member_std))
         if v is not None
     }
+    out.update(rewards.part_means(reward, rollout.reward))
     if monitor is not None:
         out["objective/monitor_score"] = float(np.mean(parallel.to_host(monitor(rollout).score)))
     return out

@@ -205,7 +205,7 @@ def policy_sample_rewards_fn(run: Run, model, members: int = 0):
     from rlhf_jax.data.loader import BatchLoader
 
     c = run.config
-    tok, prompts = rollouts.prompt_data(run)
+    tok, prompts, _ = rollouts.prompt_data(run)
     policy = _init_from_params(run, model, ("trunk", "lm_head"))  # one model's, also for an ensemble
     B, n_batches = c.batch_size, -(-c.rm.normalize_samples // c.batch_size)
     with parallel.activate(run.mesh, run.rules):
