@@ -15,7 +15,7 @@ import os
 import ml_collections
 
 from rlhf_jax.errors import ConfigError
-from rlhf_jax.models.layers import LORA_TARGETS, ModelConfig
+from rlhf_jax.models.layers import LORA_TARGETS, ROPE_TYPES, ModelConfig
 from rlhf_jax.parallel import DEFAULT_RULES
 
 STAGES = ("pretrain", "sft", "rm", "pg", "dpo")
@@ -72,7 +72,9 @@ def base_config() -> ml_collections.ConfigDict:
             vocab_size=512,  # when training one
             # How dialogues become tokens (rlhf_jax/data/chat.py): tags (role ids, this project's tokenizers),
             # hh ("\n\nHuman:" / "\n\nAssistant:" text, any tokenizer), plain (no markers), custom (chat_custom),
-            # chatml (<|im_start|>role ... <|im_end|>: SmolLM2, Qwen; special tokens of an HF tokenizer).
+            # checkpoint (the model's own Jinja template: "chat_template" in the tokenizer_config.json beside its
+            # tokenizer, e.g. from its GGUF; rendered as transformers' apply_chat_template does), chatml (the same
+            # with a fixed <|im_start|>role ... <|im_end|> template: SmolLM2, Qwen without their system default).
             chat_template="tags",
             chat_custom=ml_collections.ConfigDict(
                 {f"{role}_{part}": "" for role in ("system", "user", "assistant") for part in ("prefix", "suffix")}
@@ -187,6 +189,14 @@ def validate(c: ml_collections.ConfigDict) -> None:
             f"{m.rotary_pct} rotates fewer than 2 of the {m.d_model // m.n_heads} head dims",
             "Raise rotary_pct or the head size (d_model / n_heads).",
         )
+    if m.rope_scaling.rope_type not in ROPE_TYPES:
+        _fail(
+            "model.rope_scaling.rope_type",
+            f"{m.rope_scaling.rope_type!r} is not supported",
+            f"Use one of {ROPE_TYPES}.",
+        )
+    if m.sliding_window < 0:
+        _fail("model.sliding_window", f"{m.sliding_window} is negative", "Use 0 (no window) or a window in tokens.")
     _check_lora(m.lora, m.mlp, m.tie_embeddings)
     if not 0.0 <= m.dropout < 1.0:
         _fail("model.dropout", f"{m.dropout} is outside [0, 1)", "Use e.g. 0.0 or 0.1.")

@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     ex.add_argument("--kind", choices=("lm", "reward"), default="", help="default: reward for an RM run, else lm")
     ex.add_argument(
         "--family",
-        choices=("gpt2", "neox", "llama"),
+        choices=("gpt2", "neox", "llama", "mistral", "qwen2"),
         default=None,
         help="checked against the model's architecture; default: the one it is",
     )

@@ -1,7 +1,8 @@
-"""Hugging Face checkpoints: tiny random GPT-2, GPT-NeoX (Pythia-style) and LLaMA models built with
-`transformers` give our model the same logits (f32, max abs diff <= 1e-4), with left padding and
-through KV-cache decoding; export → reload in transformers gives them back; a sharded load equals
-the replicated one."""
+"""Hugging Face checkpoints: tiny random GPT-2, GPT-NeoX (Pythia-style), LLaMA (also with Llama 3.1 rope
+scaling), Mistral (with a sliding window shorter than the sequences) and Qwen2 (q/k/v biases, tied embeddings)
+models built with `transformers` give our model the same logits (f32, max abs diff <= 1e-4), with left padding
+and through KV-cache decoding; greedy decoding equals transformers' `generate`; export → reload in transformers
+gives them back; a sharded load equals the replicated one."""
 
 import copy
 import json
@@ -19,11 +20,39 @@ transformers = pytest.importorskip(
 
 from rlhf_jax import hf, parallel, train_state  # noqa: E402
 from rlhf_jax.models.gpt import TransformerLM, init_cache, positions_from_mask  # noqa: E402
+from rlhf_jax.models.layers import RopeScaling  # noqa: E402
 from rlhf_jax.sampling import SamplingSettings, sample  # noqa: E402
 
 V, D, LAYERS, HEADS, FF, MAXLEN = 512, 64, 2, 4, 128, 64
 ATOL = 1e-4
 RULES = parallel.DEFAULT_RULES
+
+
+# Llama 3.1's rope scaling, shrunk so that this model's 8 rotary frequencies fall in all three bands: wavelengths
+# under 32 / 4 = 8 positions stay, over 32 / 1 are stretched 4x, and those between are blended.
+LLAMA3_ROPE = dict(
+    rope_type="llama3",
+    rope_theta=500.0,
+    factor=4.0,
+    low_freq_factor=1.0,
+    high_freq_factor=4.0,
+    original_max_position_embeddings=32,
+)
+WINDOW = 4  # Mistral's sliding window: shorter than every test sequence
+
+
+def _llama_like(config_cls, **kw):
+    return config_cls(
+        vocab_size=V,
+        hidden_size=D,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=2,
+        intermediate_size=FF,
+        max_position_embeddings=MAXLEN,
+        rms_norm_eps=1e-5,
+        **kw,
+    )
 
 
 def _hf_model(family: str):
@@ -53,19 +82,13 @@ def _hf_model(family: str):
             tie_word_embeddings=False,
         )
         return T.GPTNeoXForCausalLM(cfg)
-    cfg = T.LlamaConfig(
-        vocab_size=V,
-        hidden_size=D,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS,
-        num_key_value_heads=2,
-        intermediate_size=FF,
-        max_position_embeddings=MAXLEN,
-        rms_norm_eps=1e-5,
-        rope_theta=500.0,
-        tie_word_embeddings=False,
-    )
-    return T.LlamaForCausalLM(cfg)
+    if family == "qwen2":
+        return T.Qwen2ForCausalLM(_llama_like(T.Qwen2Config, rope_theta=1000.0, tie_word_embeddings=True))
+    if family == "mistral":
+        return T.MistralForCausalLM(_llama_like(T.MistralConfig, sliding_window=WINDOW, tie_word_embeddings=False))
+    if family == "llama3_rope":
+        return T.LlamaForCausalLM(_llama_like(T.LlamaConfig, rope_parameters=LLAMA3_ROPE, tie_word_embeddings=False))
+    return T.LlamaForCausalLM(_llama_like(T.LlamaConfig, rope_theta=500.0, tie_word_embeddings=False))
 
 
 def _randomize(model, seed: int):
@@ -107,11 +130,14 @@ def _forward(model, params, tokens, mask, heads=("lm",)):
     )
 
 
-@pytest.fixture(scope="module", params=["gpt2", "neox", "llama"])
+SEEDS = {"gpt2": 1, "neox": 2, "llama": 3, "qwen2": 7, "mistral": 8, "llama3_rope": 9}
+
+
+@pytest.fixture(scope="module", params=list(SEEDS))
 def case(request, tmp_path_factory):
     family = request.param
     torch.manual_seed(0)
-    ref = _randomize(_hf_model(family), seed={"gpt2": 1, "neox": 2, "llama": 3}[family])
+    ref = _randomize(_hf_model(family), seed=SEEDS[family])
     hf_dir = str(tmp_path_factory.mktemp(family))
     # LLaMA is saved in shards, so the safetensors index is read too.
     ref.save_pretrained(hf_dir, safe_serialization=True, **({"max_shard_size": "100KB"} if family == "llama" else {}))
@@ -148,6 +174,15 @@ def test_config_maps_the_family(case):
             rope_theta=500.0,
             use_bias=False,
             tie_embeddings=False,
+        ),
+        "qwen2": dict(n_kv_heads=2, rope_theta=1000.0, use_bias=False, qkv_bias=True, tie_embeddings=True),
+        "mistral": dict(n_kv_heads=2, use_bias=False, qkv_bias=False, sliding_window=WINDOW, tie_embeddings=False),
+        "llama3_rope": dict(
+            rope_theta=500.0,
+            rope_scaling=RopeScaling(
+                "llama3", factor=4.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_len=32
+            ),
+            sliding_window=0,
         ),
     }[case["family"]]
     assert {k: getattr(cfg, k) for k in want} == want
@@ -190,7 +225,8 @@ def test_kv_cache_decoding_matches_hf(case):
 
 
 def test_greedy_sampling_follows_hf_argmax(case):
-    """sampling.sample (prefill + lax.scan decoding) with temperature 0 picks HF's argmax at every step."""
+    """sampling.sample (prefill + lax.scan decoding) with temperature 0 picks HF's argmax at every step, so
+    it writes what transformers' greedy `generate` (with its own KV cache: a sliding one for Mistral) writes."""
     model, params = case["model"], case["params"]
     tokens, mask = _batch(seed=1, T=6, pads=(0, 2, 5))
     settings = SamplingSettings(max_new_tokens=6, temperature=0.0, eos_id=-1, pad_id=0)
@@ -201,6 +237,15 @@ def test_greedy_sampling_follows_hf_argmax(case):
     full, full_mask = np.concatenate([tokens, new], 1), np.concatenate([mask, np.ones_like(new)], 1)
     ref = _hf_logits(case["ref"], full, full_mask)
     np.testing.assert_array_equal(ref[:, tokens.shape[1] - 1 : -1].argmax(-1), new)
+    # eos_token_id=V, an id no model here can produce: always 6 tokens, as with our eos_id=-1.
+    greedy = transformers.GenerationConfig(max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=V)
+    with torch.no_grad():
+        generated = case["ref"].generate(
+            input_ids=torch.tensor(tokens, dtype=torch.long),
+            attention_mask=torch.tensor(mask, dtype=torch.long),
+            generation_config=greedy,
+        )
+    np.testing.assert_array_equal(generated[:, tokens.shape[1] :].numpy(), new)
 
 
 def test_export_reloads_in_transformers(case, tmp_path):
@@ -269,6 +314,30 @@ def test_half_precision_checkpoints_load_as_float32(case, tmp_path):
         np.testing.assert_array_equal(np.asarray(params["trunk"]["embed"]), want)
 
 
+def test_linear_rope_scaling_from_legacy_rope_scaling_matches_hf(tmp_path):
+    """{"type": "linear", "factor": 4} under the older `rope_scaling` key (as released Llama 2 / Vicuna configs
+    hold it) loads as positions interpolated 4x; logits equal transformers' and the export keeps the scaling."""
+    ref = _randomize(_hf_model("llama"), seed=10)
+    ref.save_pretrained(str(tmp_path / "hf"), safe_serialization=True)
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    cfg.pop("rope_parameters")
+    cfg.update(rope_theta=500.0, rope_scaling={"type": "linear", "factor": 4.0})
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg))
+    ref = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
+    assert ref.config.rope_parameters["rope_type"] == "linear"
+    mesh = _mesh()
+    model, params = hf.load_model(str(tmp_path / "hf"), mesh, RULES, dtype="float32")
+    assert model.cfg.rope_scaling == RopeScaling("linear", factor=4.0)
+    tokens, mask = _batch()
+    with parallel.activate(mesh, RULES):
+        ours = jax.jit(lambda p: _forward(model, p, tokens, mask)["logits"])(params)
+    want = _hf_logits(ref, tokens, mask)
+    assert _max_diff_real(ours, want, mask) <= ATOL
+    again = transformers.AutoModelForCausalLM.from_pretrained(hf.export(params, model.cfg, str(tmp_path / "out")))
+    assert again.config.rope_parameters["factor"] == 4.0
+    assert _max_diff_real(_hf_logits(again.eval(), tokens, mask), want, mask) <= ATOL
+
+
 def test_bare_base_model_with_tied_embeddings_loads(tmp_path):
     """A checkpoint saved from LlamaModel (no "model." prefix, no head) with tied embeddings loads; its
     q_proj [heads * head_dim, d] lands as our query kernel [d, heads, head_dim]."""
@@ -296,12 +365,24 @@ def test_unsupported_checkpoints_fail_naming_the_field(tmp_path):
     base = json.loads(transformers.LlamaConfig(hidden_size=D, num_attention_heads=HEADS).to_json_string())
     for change, field in (
         (dict(model_type="bert"), "model_type='bert'"),
-        (dict(rope_parameters={"rope_type": "linear", "factor": 2.0}), "rope_type='linear'"),
+        (dict(rope_parameters={"rope_type": "yarn", "factor": 2.0}), r"rope_type='yarn'.*'linear', 'llama3'"),
+        (dict(rope_scaling={"type": "dynamic", "factor": 2.0}), "rope_type='dynamic'"),
+        (dict(rope_parameters={"rope_type": "llama3", "factor": 8.0}), r"needs \['low_freq_factor'"),
         (dict(hidden_act="gelu"), "hidden_act='gelu'"),
         (dict(attention_bias=True), "attention_bias / mlp_bias"),
     ):
         with pytest.raises(ValueError, match=field):
             hf.model_fields(dict(base, **change))
+    qwen2 = json.loads(
+        transformers.Qwen2Config(
+            hidden_size=D, num_attention_heads=HEADS, num_hidden_layers=2, max_position_embeddings=MAXLEN
+        ).to_json_string()
+    )
+    window = dict(use_sliding_window=True, sliding_window=WINDOW, layer_types=None)
+    with pytest.raises(ValueError, match=r"config.json: use_sliding_window=True .*max_window_layers=0"):
+        hf.model_fields(dict(qwen2, **window, max_window_layers=1))  # a window on the second layer only
+    assert hf.model_fields(dict(qwen2, **window, max_window_layers=0))["sliding_window"] == WINDOW  # every layer
+    assert hf.model_fields(dict(qwen2, **window, max_window_layers=2))["sliding_window"] == 0  # no layer
     (tmp_path / "config.json").write_text(json.dumps(base))
     with pytest.raises(FileNotFoundError, match="neither model.safetensors nor"):
         hf.load_params(str(tmp_path), {})

@@ -1,4 +1,4 @@
-"""Hugging Face checkpoints in and out: GPT-2, GPT-NeoX (Pythia) and LLaMA, as local directories
+"""Hugging Face checkpoints in and out: GPT-2, GPT-NeoX (Pythia), LLaMA, Mistral and Qwen2, as local directories
 (config.json + model.safetensors, or a sharded model.safetensors.index.json). Needs numpy and
 safetensors only; `transformers` is used by the parity tests, never here.
 

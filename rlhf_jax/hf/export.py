@@ -76,7 +76,7 @@ def export(
 ) -> str:
     """Writes `params` (one model's tree: trunk, lm_head / reward_head) as an HF directory; returns out_dir.
 
-    family: gpt2 | neox | llama; default: the one `cfg`'s architecture is (an error if none).
+    family: gpt2 | neox | llama | mistral | qwen2; default: the one `cfg`'s architecture is (an error if none).
     reward_norm: {"gain", "bias"} of the RM (reward_norm.json), folded into the export (module docstring).
     """
     if kind not in KINDS:

@@ -47,9 +47,28 @@ class LoraConfig:
         return self.rank > 0 and name in self.targets
 
 
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """Rotary frequencies stretched for contexts longer than pre-training's (transformers' rope_parameters).
+
+    "default": none. "linear": every frequency divided by `factor` (positions interpolated). "llama3" (Llama
+    3.1+): wavelengths over original_max_len / low_freq_factor stretch by `factor`, those under
+    original_max_len / high_freq_factor stay, and the band between blends the two smoothly.
+    """
+
+    rope_type: str = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_len: int = 8192
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Hyper-parameters of the decoder; covers the GPT-2, NeoX and LLaMA families."""
+    """Hyper-parameters of the decoder; covers the GPT-2, NeoX, LLaMA, Mistral and Qwen2 families."""
 
     vocab_size: int = 512
     # Ids the tokenizer can produce (0: all of vocab_size). A padded vocabulary (Pythia: 50,304 rows for
@@ -65,11 +84,16 @@ class ModelConfig:
     position: str = "learned"  # "learned" (GPT-2) | "rope" (NeoX, LLaMA)
     rope_theta: float = 10000.0
     rotary_pct: float = 1.0  # fraction of each head's dims that rotate (Pythia / GPT-NeoX: 0.25)
+    rope_scaling: RopeScaling = dataclasses.field(default_factory=RopeScaling)
+    # > 0: each query attends to the last `sliding_window` cache slots only, its own included (Mistral); the
+    # KV cache still keeps every slot.
+    sliding_window: int = 0
     norm: str = "layernorm"  # "layernorm" | "rmsnorm"
     norm_eps: float = 1e-5
     mlp: str = "gelu"  # "gelu" (tanh approximation, GPT-2) | "gelu_exact" (erf, GPT-NeoX) | "swiglu" (LLaMA)
     parallel_residual: bool = False  # GPT-NeoX: x + attn(norm_attn(x)) + mlp(norm_mlp(x))
     use_bias: bool = True
+    qkv_bias: bool = False  # query / key / value biases even when use_bias is off (Qwen2)
     tie_embeddings: bool = True
     dropout: float = 0.0
     dtype: str = "bfloat16"  # compute dtype; params are always float32
@@ -79,6 +103,8 @@ class ModelConfig:
     def __post_init__(self):
         if isinstance(self.lora, dict):  # from a config dict or a run's config.json
             object.__setattr__(self, "lora", LoraConfig(**self.lora))
+        if isinstance(self.rope_scaling, dict):
+            object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
 
     @property
     def head_dim(self) -> int:
@@ -174,14 +200,16 @@ class Dense(nn.Module):
         return _add_bias(y, b, out_dtype)
 
 
-def lora_delta(module: nn.Module, prefix: str, x: jax.Array, eq: str, shape, axes, n_in: int, lora: LoraConfig,
-               dtype: Dtype) -> jax.Array:
+def lora_delta(
+    module: nn.Module, prefix: str, x: jax.Array, eq: str, shape, axes, n_in: int, lora: LoraConfig, dtype: Dtype
+) -> jax.Array:
     """(alpha / r) · (x @ A) @ B in f32, for a weight W of `shape` (n_in input dims, then output dims) that `eq`
     applies to x. Creates `{prefix}_a` [*in, r] ~ N(0, 1 / fan_in) and `{prefix}_b` [r, *out] = 0, so the adapted
     layer starts equal to W; their logical axes are W's, with the rank axis unsharded."""
     r, fan_in = lora.rank, math.prod(shape[:n_in])
-    a = module.param(f"{prefix}_a", P(nn.initializers.normal(fan_in ** -0.5), (*axes[:n_in], None)),
-                     (*shape[:n_in], r), jnp.float32)
+    a = module.param(
+        f"{prefix}_a", P(nn.initializers.normal(fan_in**-0.5), (*axes[:n_in], None)), (*shape[:n_in], r), jnp.float32
+    )
     b = module.param(f"{prefix}_b", P(nn.initializers.zeros, (None, *axes[n_in:])), (r, *shape[n_in:]), jnp.float32)
     inputs, out = eq.split("->")
     x_sub, w_sub = inputs.split(",")
@@ -220,17 +248,32 @@ class Norm(nn.Module):
         return y.astype(self.dtype)
 
 
-def rotary(x_BxTxHxD: jax.Array, positions_BxT: jax.Array, theta: float, rotary_dim: int | None = None) -> jax.Array:
+def rope_frequencies(cfg: ModelConfig) -> jax.Array:
+    """Angular frequency [rotary_dim / 2] (radians per position) of each rotating pair, after `cfg.rope_scaling`."""
+    d, s = cfg.rotary_dim, cfg.rope_scaling
+    freqs = 1.0 / (cfg.rope_theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+    if s.rope_type == "linear":
+        return freqs / s.factor
+    if s.rope_type == "llama3":
+        # The blend weight is 0 at wavelength original_max_len / low_freq_factor and 1 at / high_freq_factor,
+        # clipped outside that band: the piecewise rule of transformers' _compute_llama3_parameters.
+        wavelen = 2 * jnp.pi / freqs
+        blend = (s.original_max_len / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+        blend = jnp.clip(blend, 0.0, 1.0)
+        return (1 - blend) * freqs / s.factor + blend * freqs
+    return freqs
+
+
+def rotary(x_BxTxHxD: jax.Array, positions_BxT: jax.Array, freqs: jax.Array) -> jax.Array:
     """Rotary position embedding, rotate-half convention (GPT-NeoX / LLaMA in HF layout).
 
-    Only the first `rotary_dim` dims of each head rotate (partial rotary, GPT-NeoX's rotary_pct); the
-    frequencies are those of a `rotary_dim`-dim rotary, and the remaining dims pass through unchanged.
+    The first 2 * len(freqs) dims of each head rotate (partial rotary, GPT-NeoX's rotary_pct) at the angular
+    frequencies `freqs` (see `rope_frequencies`); the remaining dims pass through unchanged.
     """
-    d = x_BxTxHxD.shape[-1] if rotary_dim is None else rotary_dim
+    d = 2 * freqs.shape[0]
     if d < x_BxTxHxD.shape[-1]:
-        rotated = rotary(x_BxTxHxD[..., :d], positions_BxT, theta)
+        rotated = rotary(x_BxTxHxD[..., :d], positions_BxT, freqs)
         return jnp.concatenate([rotated, x_BxTxHxD[..., d:]], axis=-1)
-    freqs = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
     angles = positions_BxT[..., None].astype(jnp.float32) * freqs  # B,T,D/2
     cos = jnp.cos(angles)[:, :, None, :]
     sin = jnp.sin(angles)[:, :, None, :]
@@ -244,8 +287,9 @@ class Attention(nn.Module):
     """Causal multi-head / grouped-query attention with an optional KV cache.
 
     Query token t sits in cache slot `cache_index + t`; it attends to key slot s
-    when s <= that slot and `key_mask[:, s]` is 1. Without a cache the slots are
-    just 0..T-1, so prefill, decoding and training share one masking rule.
+    when s <= that slot (and, with a sliding window W, s > that slot - W) and
+    `key_mask[:, s]` is 1. Without a cache the slots are just 0..T-1, so prefill,
+    decoding and training share one masking rule.
     """
 
     cfg: ModelConfig
@@ -254,12 +298,13 @@ class Attention(nn.Module):
     def __call__(self, x, positions, key_mask, cache=None, cache_index=None, deterministic=True):
         cfg, dt = self.cfg, self.cfg.compute_dtype
         h, kvh, hd = cfg.n_heads, cfg.kv_heads, cfg.head_dim
-        q = Dense((h, hd), ("embed", "heads", "kv"), cfg.use_bias, dt, lora=cfg.lora, name="query")(x)
-        k = Dense((kvh, hd), ("embed", "heads", "kv"), cfg.use_bias, dt, lora=cfg.lora, name="key")(x)
-        v = Dense((kvh, hd), ("embed", "heads", "kv"), cfg.use_bias, dt, lora=cfg.lora, name="value")(x)
+        qkv_bias = cfg.use_bias or cfg.qkv_bias
+        q = Dense((h, hd), ("embed", "heads", "kv"), qkv_bias, dt, lora=cfg.lora, name="query")(x)
+        k = Dense((kvh, hd), ("embed", "heads", "kv"), qkv_bias, dt, lora=cfg.lora, name="key")(x)
+        v = Dense((kvh, hd), ("embed", "heads", "kv"), qkv_bias, dt, lora=cfg.lora, name="value")(x)
         if cfg.position == "rope":
-            q, k = (rotary(q, positions, cfg.rope_theta, cfg.rotary_dim),
-                    rotary(k, positions, cfg.rope_theta, cfg.rotary_dim))
+            freqs = rope_frequencies(cfg)
+            q, k = rotary(q, positions, freqs), rotary(k, positions, freqs)
         q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
 
         # Keys and values as [B, kv_heads, S, head_dim]: the cache's layout, so a decode step appends
@@ -273,8 +318,11 @@ class Attention(nn.Module):
             q_slots = cache_index + jnp.arange(T)
         else:
             q_slots = jnp.arange(T)
-        S = k.shape[2]
-        allowed = (jnp.arange(S)[None, :] <= q_slots[:, None])[None] & (key_mask[:, None, :] > 0)  # B,T,S
+        k_slots = jnp.arange(k.shape[2])[None, :]
+        causal = k_slots <= q_slots[:, None]  # T,S
+        if cfg.sliding_window:
+            causal &= k_slots > q_slots[:, None] - cfg.sliding_window
+        allowed = causal[None] & (key_mask[:, None, :] > 0)  # B,T,S
 
         # Grouped-query attention: q heads are split into kvh groups sharing one k/v head. The dots run
         # in the dtype the keys are held in (the compute dtype, or the cache's; see `init_cache`).
@@ -289,14 +337,19 @@ class Attention(nn.Module):
         out = jnp.einsum("bkgts,bksd->bkgtd", probs.astype(adt), v, preferred_element_type=jnp.float32)
         out = out.transpose(0, 3, 1, 2, 4).reshape(B, T, h, hd).astype(dt)
         out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
-        w = self.param("out", P(nn.initializers.normal(0.02 / (2 * cfg.n_layers) ** 0.5), ("heads", "kv", "embed")),
-                       (h, hd, cfg.d_model), jnp.float32)
+        w = self.param(
+            "out",
+            P(nn.initializers.normal(0.02 / (2 * cfg.n_layers) ** 0.5), ("heads", "kv", "embed")),
+            (h, hd, cfg.d_model),
+            jnp.float32,
+        )
         if not cfg.use_bias and not cfg.lora.adapts("out"):
             return matmul("bthd,hde->bte", out, w, dt), cache
         y = matmul("bthd,hde->bte", out, w, dt, jnp.float32)
         if cfg.lora.adapts("out"):
-            y = y + lora_delta(self, "out_lora", out, "bthd,hde->bte", w.shape, ("heads", "kv", "embed"), 2,
-                               cfg.lora, dt)
+            y = y + lora_delta(
+                self, "out_lora", out, "bthd,hde->bte", w.shape, ("heads", "kv", "embed"), 2, cfg.lora, dt
+            )
         if not cfg.use_bias:
             return y.astype(dt), cache
         b = self.param("out_bias", P(nn.initializers.zeros, ("embed",)), (cfg.d_model,), jnp.float32)
@@ -331,8 +384,9 @@ class Block(nn.Module):
     def __call__(self, x, positions, key_mask, cache=None, cache_index=None, deterministic=True):
         cfg = self.cfg
         norm = lambda name: Norm(cfg.norm, cfg.norm_eps, cfg.use_bias, cfg.compute_dtype, name=name)
-        a, cache = Attention(cfg, name="attn")(norm("norm_attn")(x), positions, key_mask, cache, cache_index,
-                                               deterministic)
+        a, cache = Attention(cfg, name="attn")(
+            norm("norm_attn")(x), positions, key_mask, cache, cache_index, deterministic
+        )
         a = nn.Dropout(cfg.dropout)(a, deterministic=deterministic)
         m = MLP(cfg, name="mlp")(norm("norm_mlp")(x if cfg.parallel_residual else x + a))
         x = x + a + nn.Dropout(cfg.dropout)(m, deterministic=deterministic)
