@@ -15,6 +15,10 @@ setup(
         "orbax-checkpoint>=0.12.8",
         "sentencepiece>=0.2.1",
         "safetensors>=0.8.0",  # Hugging Face checkpoints in and out (numpy only)
+        # An HF checkpoint's tokenizer.json and its Jinja chat template; pinned as requirements-lock.txt pins them
+        # (jinja2 3.1.6 closes the sandbox escapes that chat templates, untrusted code, could use).
+        "tokenizers==0.23.3",
+        "jinja2==3.1.6",
         "tensorflow-datasets>=4.9.9",
         "array-record>=0.8",
         "importlib_resources",  # tfds builders defined in package modules need it
@@ -28,8 +32,6 @@ setup(
     extras_require={
         # ipykernel: the notebook test's kernel; ruff: lint and format check (pyproject.toml)
         "test": ["pytest", "pytest-xdist", "nbclient", "nbformat", "ipykernel", "ruff"],
-        # HF tokenizer.json files (rlhf_jax.data.tokenizer.HFTokenizer).
-        "hf": ["tokenizers"],
         # torch is installed before transformers so that no CUDA build is pulled in.
         "parity": ["torch==2.13.0", "transformers", "tokenizers"],
     },

@@ -41,8 +41,7 @@ from rlhf_jax.config import stage_config
 from rlhf_jax.errors import ConfigError
 
 SMOLLM2_DIR = "models/smollm2"  # python -m rlhf_jax.convert gguf --out=models/smollm2
-SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"  # its template's default
-CHAT = dict(chat_template="chatml", chat_system=SYSTEM)
+CHAT = dict(chat_template="checkpoint")  # its tokenizer_config.json's template: ChatML with its default system turn
 LORA = dict(rank=8, alpha=16.0, targets=("query", "key", "value", "out", "gate", "up", "down"))
 HH_TRAIN, HH_EVAL = (0, 1500), (1500, 1800)
 PRESETS = ("sft", "rm", "ppo", "grpo", "rlvr", "dpo", "hh_rm", "hh_dpo")

@@ -107,9 +107,10 @@ def test_too_small_vocab_says_what_is_needed(corpus, tmp_path):
         tok_lib.train_tokenizer(corpus, str(tmp_path / "x.model"), vocab_size=256)
 
 
-def test_foreign_sentencepiece_model_uses_its_own_ids(corpus, tmp_path):
+def test_foreign_sentencepiece_model_uses_its_own_ids(corpus, tmp_path, caplog):
     """A SentencePiece model without our layout (LLaMA-style: unk 0, bos 1, eos 2, no pad) loads with the
-    model's ids, pad falling back to eos, and no role ids."""
+    model's ids, pad falling back to eos (said once in the log), and no role ids. Its control pieces written in
+    template text (a custom suffix "</s>") are their ids; in content they stay text."""
     import sentencepiece as spm
 
     spm.SentencePieceTrainer.train(
@@ -128,6 +129,11 @@ def test_foreign_sentencepiece_model_uses_its_own_ids(corpus, tmp_path):
     ids = tok.encode("the cat sat")
     assert 2 not in ids and tok.decode(ids + [2]).strip() == "the cat sat"
     assert tok.encode_many(["a cat", "the dog"]) == [tok.encode("a cat"), tok.encode("the dog")]
+    assert tok.encode_markup("<s>cat</s>") == [1, *tok.encode("cat"), 2] and 2 not in tok.encode("cat</s>")
+    assert tok.named_tokens == {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+    tok_lib.load_tokenizer(str(tmp_path / "plain.model"))
+    said = [r.getMessage() for r in caplog.records if "no pad token" in r.getMessage()]
+    assert said == [f"{tok.path} has no pad token; padding with eos '</s>'."]
 
 
 @pytest.fixture(scope="module")
@@ -172,6 +178,7 @@ def test_hf_tokenizer_special_tokens_from_tokenizer_config(hf_tokenizer_dir, tmp
     )
     tok = tok_lib.load_tokenizer(str(tmp_path / "tokenizer.json"))
     assert tok.eos_id == 0 and tok.pad_id == tok._tok.token_to_id("a") != 0
+    assert tok.named_tokens == {"eos_token": "<|endoftext|>", "pad_token": "a"}  # a chat template's variables
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<nope>"}))
     os.remove(tmp_path / "tokenizer.json")
     import tokenizers
@@ -180,6 +187,16 @@ def test_hf_tokenizer_special_tokens_from_tokenizer_config(hf_tokenizer_dir, tmp
     bare.save(str(tmp_path / "tokenizer.json"))
     with pytest.raises(ValueError, match="no end-of-text token.*eos_token"):
         tok_lib.load_tokenizer(str(tmp_path / "tokenizer.json"))
+
+
+def test_hf_tokenizer_without_pad_says_once_that_it_pads_with_eos(hf_tokenizer_dir, tmp_path, caplog):
+    import shutil
+
+    shutil.copy(os.path.join(hf_tokenizer_dir, "tokenizer.json"), tmp_path / "tokenizer.json")
+    for _ in range(2):
+        tok = tok_lib.load_tokenizer(str(tmp_path))
+    said = [r.getMessage() for r in caplog.records if "no pad token" in r.getMessage()]
+    assert tok.pad_id == tok.eos_id and said == [f"{tok.path} has no pad token; padding with eos '<|endoftext|>'."]
 
 
 @pytest.mark.skipif(

@@ -20,9 +20,19 @@ assistant body, which ends with the template's end token (the PPO stop token). T
             prompt is already formatted, e.g. TL;DR's "...\\n\\nTL;DR:" and response " summary".
     custom  per-role prefix and suffix strings from `config.data.chat_custom` (suffix inside the
             body, before eos for the assistant).
-    chatml  ChatML, as SmolLM2 and Qwen write it: `<|im_start|>role\ntext<|im_end|>\n` per turn, no bos.
-            Its markers are the tokenizer's special tokens (encoded as such, never from content);
-            every body ends with <|im_end|>, and the "\n" between turns is outside the loss.
+    checkpoint  the checkpoint's own Jinja template: "chat_template" of the tokenizer_config.json beside the
+            tokenizer (a GGUF's tokenizer.chat_template, which rlhf_jax.hf.gguf writes there), rendered as
+            transformers' apply_chat_template renders it (rlhf_jax/data/chat_jinja.py).
+    chatml  the same mechanism with a fixed ChatML template, `<|im_start|>role\ntext<|im_end|>\n` per turn, no
+            bos: SmolLM2's and Qwen's turns without their default system messages.
+
+Template text's special tokens (<|im_start|>, <|eot_id|>, </s>) encode as those tokens; the same text inside
+content stays plain text, so content cannot forge a turn. A Jinja template (checkpoint, chatml) renders the whole
+dialogue at once, and an assistant body is the text between the prompt rendered with add_generation_prompt and
+the first end token the template writes after it (<|im_end|>, <|eot_id|>: the special token it puts after an
+assistant's content, the PPO stop token); the prompt must be the start of the dialogue's rendering, or the
+template fails naming the turn. A dialogue that ends with an assistant turn stops at its end token, as a generated
+response does (ChatML's "\n" after <|im_end|> belongs to the next turn).
 
 `config.data.chat_system` (any template): a system message put first in dialogues that have none,
 as a checkpoint's own template does (SmolLM2's: "You are a helpful AI assistant named SmolLM, ...").
@@ -35,78 +45,36 @@ Records on disk are either {"prompt": str, "response": str} or
 from __future__ import annotations
 
 import dataclasses
+import functools
+import os
 from typing import Any
 
+import jinja2
+
+from rlhf_jax.data import chat_jinja
+from rlhf_jax.errors import ConfigError
+
 ROLES = ("system", "user", "assistant")
-TEMPLATES = ("tags", "hh", "plain", "custom", "chatml")
+TEMPLATES = ("tags", "hh", "plain", "custom", "chatml", "checkpoint")
+# transformers' ChatML template (SmolLM2's without its default system message).
+CHATML_SOURCE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>'"
+    " + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+# The dialogue a Jinja template is probed with for its end token, head and assistant prefix.
+_PROBE = ({"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"})
 
 
 class DefectiveRecord(ValueError):
     """A well-formed record whose content cannot be trained on (skippable with skip_invalid)."""
 
 
-@dataclasses.dataclass(frozen=True)
-class ChatTemplate:
-    """A template (module docstring). tags=True: role ids and <|end|>; else text prefixes/suffixes and eos."""
-
-    name: str
-    tags: bool = False
-    prefix: tuple[tuple[str, str], ...] = ()  # (role, text) pairs; missing roles: ""
-    suffix: tuple[tuple[str, str], ...] = ()
-    lead: str = ""  # text before every content (HH's one space after "Human:")
-    end: str = ""  # a special token ending every turn's body (ChatML's <|im_end|>); "": eos, assistant turns only
-    sep: str = ""  # text between turns, outside the loss (ChatML's "\n" after <|im_end|>)
-    bos: bool = True  # the dialogue starts with the tokenizer's bos, when it has one
-    system: str = ""  # a system message for dialogues without one (config.data.chat_system)
+class _Template:
+    """What every template does alike, given its head and assistant prefix."""
 
     def spec(self) -> dict[str, Any]:
         """A JSON-able description (builders hash it into their cache key)."""
         return dataclasses.asdict(self)
-
-    def _check(self, tok) -> None:
-        if self.tags and not all(getattr(tok, "role_ids", {}).get(r) is not None for r in (*ROLES, "end")):
-            raise ValueError(
-                f"chat_template='tags' needs a tokenizer with role tokens <|system|>, <|user|>, <|assistant|>, "
-                f"<|end|>, and {tok!r} has none. Set --config.data.chat_template=hh (HH-RLHF text turns), plain, "
-                f"or custom with --config.data.chat_custom.<role>_prefix=... ."
-            )
-
-    def head(self, tok) -> list[int]:
-        """Tokens before the first turn; prompt truncation never removes them."""
-        if not self.bos or tok.bos_id is None or tok.bos_id < 0:  # some SentencePiece models have none
-            return []
-        return [tok.bos_id]
-
-    def end_id(self, tok) -> int:
-        """The token that ends an assistant body: <|end|> (tags), the template's end token, or eos."""
-        self._check(tok)
-        if self.tags:
-            return tok.role_ids["end"]
-        return tok.special_id(self.end) if self.end else tok.eos_id
-
-    def _markup(self, text: str, tok) -> list[int]:
-        """Template text (never content): special-token text in it encodes as those tokens."""
-        return tok.encode_markup(text) if text else []
-
-    def turn(self, role: str, content: str, tok, first: bool = False) -> tuple[list[int], list[int]]:
-        """(prefix ids, body ids) of one message; a turn after the first starts with the separator."""
-        self._check(tok)
-        if self.tags:
-            return [tok.role_ids[role]], tok.encode(content) + [tok.role_ids["end"]]
-        prefix = self._markup(("" if first else self.sep) + dict(self.prefix).get(role, ""), tok)
-        body = tok.encode(self.lead + content) + self._markup(dict(self.suffix).get(role, ""), tok)
-        return prefix, body + ([self.end_id(tok)] if self.end or role == "assistant" else [])
-
-    def assistant_prefix(self, tok) -> list[int]:
-        return self.turn("assistant", "", tok)[0]
-
-    def assistant_bodies(self, responses: list[str], tok) -> list[list[int]]:
-        """Body ids of each response as an assistant turn (one batched encode)."""
-        self._check(tok)
-        if self.tags:
-            return [ids + [tok.role_ids["end"]] for ids in tok.encode_many(responses)]
-        tail = self._markup(dict(self.suffix).get("assistant", ""), tok) + [self.end_id(tok)]
-        return [ids + tail for ids in tok.encode_many([self.lead + r for r in responses])]
 
     def with_system(self, messages: list[dict[str, str]]) -> list[dict[str, str]]:
         """`messages` with the template's system message first, when it has one and they have none."""
@@ -126,18 +94,218 @@ class ChatTemplate:
         return ids[:h] + ids[len(ids) - keep + h :]
 
 
+@dataclasses.dataclass(frozen=True)
+class ChatTemplate(_Template):
+    """A template built from strings (module docstring). tags=True: role ids and <|end|>; else text and eos."""
+
+    name: str
+    tags: bool = False
+    prefix: tuple[tuple[str, str], ...] = ()  # (role, text) pairs; missing roles: ""
+    suffix: tuple[tuple[str, str], ...] = ()
+    lead: str = ""  # text before every content (HH's one space after "Human:")
+    system: str = ""  # a system message for dialogues without one (config.data.chat_system)
+
+    def _check(self, tok) -> None:
+        if self.tags and not all(getattr(tok, "role_ids", {}).get(r) is not None for r in (*ROLES, "end")):
+            raise ValueError(
+                f"chat_template='tags' needs a tokenizer with role tokens <|system|>, <|user|>, <|assistant|>, "
+                f"<|end|>, and {tok!r} has none. Set --config.data.chat_template=hh (HH-RLHF text turns), plain, "
+                f"or custom with --config.data.chat_custom.<role>_prefix=... ."
+            )
+
+    def head(self, tok) -> list[int]:
+        """Tokens before the first turn; prompt truncation never removes them."""
+        if tok.bos_id is None or tok.bos_id < 0:  # some SentencePiece models have none
+            return []
+        return [tok.bos_id]
+
+    def end_id(self, tok) -> int:
+        """The token that ends an assistant body: <|end|> (tags) or eos."""
+        self._check(tok)
+        return tok.role_ids["end"] if self.tags else tok.eos_id
+
+    def _markup(self, text: str, tok) -> list[int]:
+        """Template text (never content): special-token text in it encodes as those tokens."""
+        return tok.encode_markup(text) if text else []
+
+    def turn(self, role: str, content: str, tok) -> tuple[list[int], list[int]]:
+        """(prefix ids, body ids) of one message."""
+        self._check(tok)
+        if self.tags:
+            return [tok.role_ids[role]], tok.encode(content) + [tok.role_ids["end"]]
+        prefix = self._markup(dict(self.prefix).get(role, ""), tok)
+        body = tok.encode(self.lead + content) + self._markup(dict(self.suffix).get(role, ""), tok)
+        return prefix, body + ([self.end_id(tok)] if role == "assistant" else [])
+
+    def assistant_prefix(self, tok) -> list[int]:
+        return self.turn("assistant", "", tok)[0]
+
+    def assistant_bodies(self, responses: list[str], tok) -> list[list[int]]:
+        """Body ids of each response as an assistant turn (one batched encode)."""
+        self._check(tok)
+        if self.tags:
+            return [ids + [tok.role_ids["end"]] for ids in tok.encode_many(responses)]
+        tail = self._markup(dict(self.suffix).get("assistant", ""), tok) + [self.end_id(tok)]
+        return [ids + tail for ids in tok.encode_many([self.lead + r for r in responses])]
+
+    def dialogue(self, messages: list[dict[str, str]], tok, where: str = "") -> tuple[list[int], list[int]]:
+        """render_dialogue for this template."""
+        ids = self.head(tok)
+        mask = [0] * len(ids)
+        for m in self.with_system(messages):
+            prefix, body = self.turn(m["role"], m["content"], tok)
+            ids += prefix + body
+            mask += [0] * len(prefix) + [int(m["role"] == "assistant")] * len(body)
+        return ids, mask
+
+    def prompt(self, messages: list[dict[str, str]], tok, where: str = "") -> list[int]:
+        """render_prompt for this template."""
+        return self.dialogue(messages, tok, where)[0] + self.assistant_prefix(tok)
+
+
+@dataclasses.dataclass(frozen=True)
+class JinjaTemplate(_Template):
+    """A Jinja chat template (module docstring); source "": the one in the tokenizer's directory."""
+
+    name: str
+    source: str = ""
+    system: str = ""
+
+    def _source(self, tok) -> str:
+        return self.source or chat_jinja.source_in(os.path.dirname(tok.path), TEMPLATES)
+
+    def _render(self, messages, tok, generation: bool, where: str = "", **variables) -> str:
+        """The template's text for `messages`, with special-token text inside contents marked."""
+        try:
+            return chat_jinja.render(
+                self._source(tok),
+                chat_jinja.mark(messages, tok.special_re),
+                tok.named_tokens | variables,
+                generation,
+            )
+        except jinja2.TemplateError as e:
+            at = f"{where}: " if where else ""
+            raise DefectiveRecord(f"{at}the {self.name!r} chat template refuses this dialogue: {e}") from e
+
+    def text(self, messages: list[dict[str, str]], tok, add_generation_prompt: bool = False) -> str:
+        """The rendering transformers' apply_chat_template(messages, tokenize=False) gives."""
+        return chat_jinja.unmark(self._render(self.with_system(messages), tok, add_generation_prompt))
+
+    def _split(self, messages, tok, where: str = "") -> tuple[str, int]:
+        """(text of `messages`, which end with an assistant turn; where that turn's body starts in it)."""
+        prompt = self._render(messages[:-1], tok, True, where)
+        text = self._render(messages, tok, False, where)
+        if not text.startswith(prompt):
+            at = f"{where}: " if where else ""
+            n = len(os.path.commonprefix([prompt, text]))
+            raise ConfigError(
+                f"{at}the {self.name!r} chat template does not render the prompt of message {len(messages) - 1} "
+                f"(add_generation_prompt=True) as the start of the dialogue: it writes {prompt[n : n + 40]!r} "
+                f"where the dialogue has {text[n : n + 40]!r}, so the assistant's tokens cannot be told apart "
+                f"(loss mask, prompt and response). Use a template whose generation prompt opens every "
+                f"assistant turn, or another config.data.chat_template ({TEMPLATES})."
+            )
+        return text, len(prompt)
+
+    def _body_span(self, messages, tok, where: str = "") -> tuple[str, int, int]:
+        """(text of `messages`, which end with an assistant turn; start and end of that turn's body in it)."""
+        text, start = self._split(messages, tok, where)
+        end = chat_jinja.end_pattern(_probe(self, tok).end).search(text, start)
+        if end is None:
+            raise ConfigError(
+                f"{where + ': ' if where else ''}the {self.name!r} chat template writes no "
+                f"{_probe(self, tok).end!r} after assistant message {len(messages) - 1}, so its response has no end."
+            )
+        return text, start, end.end()
+
+    def dialogue(self, messages: list[dict[str, str]], tok, where: str = "") -> tuple[list[int], list[int]]:
+        """render_dialogue: the template's ids, cut after the last assistant body when the dialogue ends with one."""
+        messages = self.with_system(messages)
+        full = self._render(messages, tok, False, where)
+        cuts = [0]
+        for k, m in enumerate(messages):
+            if m["role"] == "assistant":
+                text, start, end = self._body_span(messages[: k + 1], tok, where)
+                if full[:end] != text[:end]:
+                    raise ConfigError(
+                        f"{where + ': ' if where else ''}the {self.name!r} chat template renders the dialogue up "
+                        f"to message {k} differently when later turns follow, so a turn's tokens depend on the "
+                        f"future; use another config.data.chat_template ({TEMPLATES})."
+                    )
+                cuts += [start, end]
+        cuts.append(cuts[-1] if messages[-1]["role"] == "assistant" else len(full))
+        ids, mask = [], []
+        for i, (a, b) in enumerate(zip(cuts, cuts[1:])):
+            part = chat_jinja.encode(full[a:b], tok)
+            ids += part
+            mask += [i % 2] * len(part)
+        return ids, mask
+
+    def prompt(self, messages: list[dict[str, str]], tok, where: str = "") -> list[int]:
+        """render_prompt: the template's ids with add_generation_prompt."""
+        return chat_jinja.encode(self._render(self.with_system(messages), tok, True, where), tok)
+
+    def head(self, tok) -> list[int]:
+        return list(_probe(self, tok).head)
+
+    def end_id(self, tok) -> int:
+        """The special token the template writes after an assistant's content."""
+        return tok.special_ids[_probe(self, tok).end]
+
+    def assistant_prefix(self, tok) -> list[int]:
+        return list(_probe(self, tok).assistant_prefix)
+
+    def assistant_bodies(self, responses: list[str], tok) -> list[list[int]]:
+        """Body ids of each response as the assistant turn after a one-message prompt."""
+        out = []
+        for r in responses:
+            ids, mask = self.dialogue([_PROBE[0], {"role": "assistant", "content": r}], tok)
+            out.append([i for i, m in zip(ids, mask) if m])
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class _Probed:
+    end: str  # the special-token text after an assistant's content
+    head: tuple[int, ...]  # (bos,) when the template writes bos_token first, else ()
+    assistant_prefix: tuple[int, ...]  # what add_generation_prompt adds
+
+
+@functools.lru_cache(maxsize=64)
+def _probe(template: JinjaTemplate, tok) -> _Probed:
+    """What a Jinja template writes around turns, read from its rendering of _PROBE."""
+    messages = template.with_system(list(_PROBE))
+    text, start = template._split(messages, tok)
+    end = tok.special_re.search(text[start:].partition(_PROBE[1]["content"])[2])
+    if end is None:
+        raise ConfigError(
+            f"the {template.name!r} chat template writes no special token after an assistant's content "
+            f"(it renders a user and an assistant turn as {text!r}), so a response has no end token; "
+            f"use another config.data.chat_template ({TEMPLATES})."
+        )
+    prompt, bare = text[:start], template._render(messages[:-1], tok, False)
+    if not prompt.startswith(bare):
+        raise ConfigError(
+            f"the {template.name!r} chat template's add_generation_prompt=True rendering {prompt!r} does not "
+            f"start with its rendering without it {bare!r}; use another config.data.chat_template ({TEMPLATES})."
+        )
+    bos = tok.named_tokens.get("bos_token", "")
+    writes_bos = bool(bos) and prompt == bos + template._render(messages[:-1], tok, True, bos_token="")
+    head = tuple(tok.encode_markup(bos)) if writes_bos else ()
+    return _Probed(end.group(), head, tuple(chat_jinja.encode(prompt[len(bare) :], tok)))
+
+
 TAGS = ChatTemplate("tags", tags=True)
 HH = ChatTemplate("hh", prefix=(("user", "\n\nHuman:"), ("assistant", "\n\nAssistant:")), lead=" ")
 PLAIN = ChatTemplate("plain")
-CHATML = ChatTemplate(
-    "chatml", prefix=tuple((r, f"<|im_start|>{r}\n") for r in ROLES), end="<|im_end|>", sep="\n", bos=False
-)
+CHATML = JinjaTemplate("chatml", source=CHATML_SOURCE)
+CHECKPOINT = JinjaTemplate("checkpoint")
 
 
-def get_template(name: str = "tags", custom: Any = None, system: str = "") -> ChatTemplate:
+def get_template(name: str = "tags", custom: Any = None, system: str = "") -> ChatTemplate | JinjaTemplate:
     """The template `name`; for "custom", `custom` maps <role>_prefix / <role>_suffix / lead to strings.
     `system`: the system message for dialogues without one ("" for none)."""
-    if isinstance(name, ChatTemplate):
+    if isinstance(name, _Template):
         return name
     if not isinstance(system, str):
         raise ValueError(f"config.data.chat_system must be a string, got {system!r:.80}.")
@@ -159,19 +327,21 @@ def get_template(name: str = "tags", custom: Any = None, system: str = "") -> Ch
             suffix=tuple((r, t) for r, t in suffix.items() if t),
             lead=custom.get("lead", ""),
         )
-    templates = {"tags": TAGS, "hh": HH, "plain": PLAIN, "chatml": CHATML}
+    templates = {"tags": TAGS, "hh": HH, "plain": PLAIN, "chatml": CHATML, "checkpoint": CHECKPOINT}
     if name not in templates:
         raise ValueError(f"config.data.chat_template={name!r} is not a template; use one of {TEMPLATES}.")
     return templates[name]
 
 
-def template_from_spec(spec: dict[str, Any]) -> ChatTemplate:
-    """Inverse of ChatTemplate.spec (tuples come back from JSON as lists)."""
+def template_from_spec(spec: dict[str, Any]) -> ChatTemplate | JinjaTemplate:
+    """Inverse of spec() (tuples come back from JSON as lists)."""
+    if "source" in spec:
+        return JinjaTemplate(**spec)
     prefix, suffix = (tuple(tuple(pair) for pair in spec[k]) for k in ("prefix", "suffix"))
     return ChatTemplate(**{**spec, "prefix": prefix, "suffix": suffix})
 
 
-def config_template(data_config) -> ChatTemplate:
+def config_template(data_config) -> ChatTemplate | JinjaTemplate:
     """The template a stage's `config.data` selects (chat_template, chat_custom)."""
     custom = data_config.get("chat_custom")
     return get_template(
@@ -224,20 +394,16 @@ def validate_messages(messages: Any, where: str = "") -> None:
 
 
 def render_dialogue(
-    messages: list[dict[str, str]], tok, where: str = "", template: ChatTemplate = TAGS
+    messages: list[dict[str, str]], tok, where: str = "", template: ChatTemplate | JinjaTemplate = TAGS
 ) -> tuple[list[int], list[int]]:
     """(ids, loss_mask), equal lengths: head then each turn; loss_mask=1 exactly on assistant bodies."""
     validate_messages(messages, where)
-    ids = template.head(tok)
-    mask = [0] * len(ids)
-    for i, m in enumerate(template.with_system(messages)):
-        prefix, body = template.turn(m["role"], m["content"], tok, first=i == 0)
-        ids += prefix + body
-        mask += [0] * len(prefix) + [int(m["role"] == "assistant")] * len(body)
-    return ids, mask
+    return template.dialogue(messages, tok, where)
 
 
-def render_prompt(messages: list[dict[str, str]], tok, where: str = "", template: ChatTemplate = TAGS) -> list[int]:
+def render_prompt(
+    messages: list[dict[str, str]], tok, where: str = "", template: ChatTemplate | JinjaTemplate = TAGS
+) -> list[int]:
     """Ids of a dialogue prompt, ending with the assistant prefix so the model writes the next turn."""
     validate_messages(messages, where)
     if messages[-1]["role"] == "assistant":
@@ -246,5 +412,4 @@ def render_prompt(messages: list[dict[str, str]], tok, where: str = "", template
             f"{at}a prompt must not end with an assistant turn (that is the response to "
             f"generate) — drop the last message."
         )
-    ids, _ = render_dialogue(messages, tok, where, template)
-    return ids + template.assistant_prefix(tok)
+    return template.prompt(messages, tok, where)

@@ -9,9 +9,9 @@ checkpoints can rely on it:
 
 then 256 byte-fallback pieces <0x00>..<0xFF> (when byte_fallback) and the learned pieces.
 
-Existing tokenizers load behind the same interface (encode, encode_many, decode, bos_id, eos_id,
-pad_id, vocab_size, role_ids, path): a SentencePiece model without this layout (e.g. a LLaMA
-`tokenizer.model`) takes bos/eos/pad from the model and has no role ids; a Hugging Face
+Existing tokenizers load behind the same interface (encode, encode_many, encode_markup, decode, bos_id,
+eos_id, pad_id, vocab_size, role_ids, special_ids, named_tokens, path): a SentencePiece model without
+this layout (e.g. a LLaMA `tokenizer.model`) takes bos/eos/pad from the model and has no role ids; a Hugging Face
 `tokenizer.json` (GPT-2, GPT-NeoX) loads through the `tokenizers` package (`HFTokenizer`).
 With `role_ids` empty, chat templates render roles as text (rlhf_jax/data/chat.py).
 
@@ -22,8 +22,10 @@ dummy prefix), so `decode(encode(text)) == text` and encoding is concatenative:
 
 from __future__ import annotations
 
+import functools
 import io
 import json
+import logging
 import os
 import re
 from collections.abc import Iterable, Iterator, Sequence
@@ -39,6 +41,7 @@ MODEL_TYPES = ("bpe", "unigram", "char")
 _USER_SYMBOLS = (*ROLE_PIECES.values(), NEWLINE_PIECE)
 _NUM_RESERVED = 4 + len(_USER_SYMBOLS)  # pieces before byte fallback and learned pieces
 _TAG_RE = re.compile("|".join(re.escape(t) for t in ROLE_PIECES.values()))
+_log = logging.getLogger(__name__)
 
 
 class Tokenizer:
@@ -46,7 +49,7 @@ class Tokenizer:
 
     A model from `train_tokenizer` has the fixed layout above and role ids. Any other SentencePiece
     model (e.g. LLaMA's) keeps its own bos/eos/pad ids — pad falls back to eos when the model has none —
-    and has no role ids.
+    and has no role ids. Its control pieces (<s>, </s>) and role tags are its special tokens.
     """
 
     kind = "sentencepiece"
@@ -56,11 +59,17 @@ class Tokenizer:
         self._sp = spm.SentencePieceProcessor(model_file=self.path)
         self.vocab_size: int = self._sp.get_piece_size()
         self.fixed_layout = _has_fixed_layout(self._sp)
+        sp = self._sp
+        self.special_ids: dict[str, int] = {sp.id_to_piece(i): i for i in range(self.vocab_size) if sp.is_control(i)}
+        named = _special_tokens_config(os.path.dirname(self.path))
         if self.fixed_layout:
             self.pad_id, self.unk_id, self.bos_id, self.eos_id = PAD_ID, UNK_ID, BOS_ID, EOS_ID
             self.role_ids: dict[str, int] = {role: self._sp.piece_to_id(p) for role, p in ROLE_PIECES.items()}
+            self.special_ids |= {ROLE_PIECES[role]: i for role, i in self.role_ids.items()}
+            self.special_re = _special_re(self.special_ids)
+            self.named_tokens = _named_tokens(self, named)
             return
-        sp = self._sp
+        self.special_re = _special_re(self.special_ids)
         if sp.eos_id() < 0:
             raise ValueError(
                 f"{path}: this SentencePiece model defines no eos piece; a tokenizer needs one "
@@ -68,7 +77,10 @@ class Tokenizer:
             )
         self.unk_id, self.bos_id, self.eos_id = sp.unk_id(), sp.bos_id(), sp.eos_id()
         self.pad_id = sp.pad_id() if sp.pad_id() >= 0 else sp.eos_id()
+        if sp.pad_id() < 0:
+            _say_pad_is_eos(self.path, sp.id_to_piece(self.eos_id))
         self.role_ids = {}
+        self.named_tokens = _named_tokens(self, named)
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text` (no bos/eos). Role tags written literally in `text` are encoded
@@ -90,8 +102,9 @@ class Tokenizer:
         return self._sp.encode(list(texts))
 
     def encode_markup(self, text: str) -> list[int]:
-        """Ids of template text: role tags in it are the role ids (never use this for content)."""
-        return self._sp.encode(text)
+        """Ids of template text: role tags and control pieces (<s>, </s>) in it are those ids (never use this
+        for content; SentencePiece itself never reads control pieces from text)."""
+        return _encode_markup(self, text)
 
     def special_id(self, piece: str) -> int:
         """The id of special piece `piece` (e.g. "<|end|>"); ValueError when the model has none."""
@@ -128,8 +141,8 @@ class HFTokenizer:
     """A Hugging Face `tokenizer.json` (e.g. GPT-2's or GPT-NeoX's BPE) through the `tokenizers` package.
 
     bos/eos/pad come from a `tokenizer_config.json` beside the file when there is one, else from the
-    added special tokens with a well-known name ("<|endoftext|>", "</s>", ...); pad falls back to eos,
-    bos to eos. No role ids. Special-token text inside `encode`'s input is encoded as plain text, so
+    added special tokens with a well-known name ("<|endoftext|>", "</s>", ...); pad falls back to eos (said
+    once in the log), bos to eos. No role ids. Special-token text inside `encode`'s input is encoded as plain text, so
     content cannot forge an end of text.
     """
 
@@ -163,11 +176,15 @@ class HFTokenizer:
             )
         self.eos_id = ids["eos"]
         self.bos_id, self.pad_id, self.unk_id = ids.get("bos", self.eos_id), ids.get("pad", self.eos_id), ids.get("unk")
+        if "pad" not in ids:
+            _say_pad_is_eos(self.path, self.id_to_piece(self.eos_id))
         self.role_ids: dict[str, int] = {}
         self.special_ids: dict[str, int] = {
             t.content: i for i, t in self._tok.get_added_tokens_decoder().items() if t.special
         }
-        self._special_re = re.compile("|".join(map(re.escape, sorted(self.special_ids, key=len, reverse=True))))
+        self.special_re = _special_re(self.special_ids)
+        # What transformers passes a chat template as bos_token, eos_token, ...: tokenizer_config.json's names.
+        self.named_tokens = {f"{role}_token": text for role, text in named.items()}
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
@@ -175,11 +192,7 @@ class HFTokenizer:
     def encode_markup(self, text: str) -> list[int]:
         """Ids of template text, e.g. "<|im_start|>user\n": special-token text in it is that token
         (`encode` keeps such text plain, so content cannot forge a turn). Never use this for content."""
-        ids, start = [], 0
-        for m in self._special_re.finditer(text) if self.special_ids else ():
-            ids += self.encode(text[start : m.start()]) + [self.special_ids[m.group()]]
-            start = m.end()
-        return ids + self.encode(text[start:])
+        return _encode_markup(self, text)
 
     def special_id(self, piece: str) -> int:
         """The id of special token `piece` (e.g. "<|im_end|>"); ValueError when the tokenizer has none."""
@@ -338,6 +351,34 @@ def _corpus_chars(paths: list[str], max_sentence_length: int) -> set[str]:
     for s in _sentences(paths, max_sentence_length):
         chars.update(s)
     return chars
+
+
+def _special_re(special_ids: dict[str, int]) -> re.Pattern:
+    """Any special token's text, longest first; never matches when there are none."""
+    return re.compile("|".join(map(re.escape, sorted(special_ids, key=len, reverse=True))) or "(?!)")
+
+
+def _encode_markup(tok, text: str) -> list[int]:
+    ids, start = [], 0
+    for m in tok.special_re.finditer(text):
+        ids += tok.encode(text[start : m.start()]) + [tok.special_ids[m.group()]]
+        start = m.end()
+    return ids + tok.encode(text[start:])
+
+
+def _named_tokens(tok: Tokenizer, named: dict[str, str]) -> dict[str, str]:
+    """bos_token, eos_token, ... of a SentencePiece model (a tokenizer_config.json beside it overrides them)."""
+    sp = tok._sp
+    own = {"bos": tok.bos_id, "eos": tok.eos_id, "unk": tok.unk_id, "pad": sp.pad_id()}
+    return {f"{role}_token": sp.id_to_piece(i) for role, i in own.items() if i >= 0} | {
+        f"{role}_token": text for role, text in named.items()
+    }
+
+
+@functools.cache
+def _say_pad_is_eos(path: str, eos: str) -> None:
+    """Logs once per tokenizer file that it has no pad token, so padding uses eos."""
+    _log.warning("%s has no pad token; padding with eos %r.", path, eos)
 
 
 def _has_fixed_layout(sp: spm.SentencePieceProcessor) -> bool:

@@ -226,7 +226,9 @@ def byte_level_tokenizer(reader):
 
 
 def tokenizer_config(reader) -> dict:
-    """tokenizer_config.json: the special tokens by name, and the file's chat template."""
+    """tokenizer_config.json: the special tokens by name, and the file's chat template(s). Named templates
+    (tokenizer.chat_template.<name>, e.g. tool_use) make the list form transformers reads, the file's own
+    template named "default" (what chat_template="checkpoint" renders)."""
     tokens = field(reader, "tokenizer.ggml.tokens")
     out = {
         "add_bos_token": bool(field(reader, "tokenizer.ggml.add_bos_token", False)),
@@ -239,8 +241,15 @@ def tokenizer_config(reader) -> dict:
         i = int(field(reader, f"tokenizer.ggml.{key}_token_id", -1))
         if i >= 0:
             out[f"{name}_token"] = tokens[i]
-    if "tokenizer.chat_template" in reader.fields:
-        out["chat_template"] = field(reader, "tokenizer.chat_template")
+    prefix = "tokenizer.chat_template."
+    templates = {"default": field(reader, prefix[:-1], "")} | {
+        key.removeprefix(prefix): field(reader, key) for key in reader.fields if key.startswith(prefix)
+    }
+    templates = {name: t for name, t in templates.items() if t}
+    if list(templates) == ["default"]:
+        out["chat_template"] = templates["default"]
+    elif templates:
+        out["chat_template"] = [{"name": name, "template": t} for name, t in templates.items()]
     return out
 
 
