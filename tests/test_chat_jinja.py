@@ -276,3 +276,19 @@ def test_named_templates_from_a_gguf_reach_tokenizer_config_and_render_the_defau
     ids = chat.render_prompt([{"role": "user", "content": "hi"}], tok, template=chat.get_template("checkpoint"))
     assert ids == chat.render_prompt([{"role": "user", "content": "hi"}], tok, template=chat.CHATML)
     assert ids.count(3) == 2 and ids.count(4) == 1  # <|im_start|> user ... <|im_end|> <|im_start|> assistant
+
+
+def test_a_changed_checkpoint_template_builds_the_datasets_anew(llama3, tmp_path):
+    # the template lives in tokenizer_config.json, not in the config's spec ("source" is "") nor tokenizer.json
+    import shutil
+
+    from rlhf_jax.data import records
+
+    d = tmp_path / "tok"
+    shutil.copytree(os.path.dirname(llama3[0].path), d)
+    (tmp_path / "p.jsonl").write_text('{"prompt": "hi"}\n')
+    params = dict(jsonl_path=str(tmp_path / "p.jsonl"), tokenizer_path=str(d), seq_len=16)
+    before = records.config_name(params, "1")
+    assert records.config_name(params, "1") == before
+    _write_config(str(d), bos_token="<|begin_of_text|>", eos_token="<|eot_id|>", chat_template=LLAMA3 + " ")
+    assert records.config_name(params, "1") != before

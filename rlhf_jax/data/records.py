@@ -115,12 +115,19 @@ def read_records(
 
 
 def config_name(params: dict[str, Any], version: str) -> str:
-    """seq<L>_<hash of params, each source file's size and mtime, the tokenizer's bytes and `version`>: the
-    TFDS builder-config name under which a build is cached (any change to an input builds anew)."""
+    """seq<L>_<hash of params, each source file's size and mtime, the tokenizer's bytes (and its directory's
+    tokenizer_config.json) and `version`>: the TFDS builder-config name under which a build is cached (any
+    change to an input builds anew)."""
     paths = params.get("text_paths") or (params["jsonl_path"],)
     stamps = [(p, os.path.getsize(p), os.stat(p).st_mtime_ns) for p in paths]
-    with open(load_tokenizer(params["tokenizer_path"]).path, "rb") as f:
-        tok_hash = hashlib.sha256(f.read()).hexdigest()
+    tok_path = load_tokenizer(params["tokenizer_path"]).path
+    h = hashlib.sha256()
+    # the tokenizer_config.json beside a tokenizer holds the chat template of data.chat_template=checkpoint
+    for path in (tok_path, os.path.join(os.path.dirname(tok_path), "tokenizer_config.json")):
+        if os.path.isfile(path):
+            with open(path, "rb") as f:
+                h.update(f.read())
+    tok_hash = h.hexdigest()
     key = json.dumps(
         {"params": params, "stamps": stamps, "tokenizer": tok_hash, "version": version}, sort_keys=True, default=list
     )
