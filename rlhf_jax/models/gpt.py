@@ -30,11 +30,13 @@ class Trunk(nn.Module):
 
     def setup(self):
         cfg = self.cfg
-        self.embed = self.param("embed", P(nn.initializers.normal(0.02), ("vocab", "embed")),
-                                (cfg.vocab_size, cfg.d_model), jnp.float32)
+        self.embed = self.param(
+            "embed", P(nn.initializers.normal(0.02), ("vocab", "embed")), (cfg.vocab_size, cfg.d_model), jnp.float32
+        )
         if cfg.position == "learned":
-            self.pos_embed = self.param("pos_embed", P(nn.initializers.normal(0.01), (None, "embed")),
-                                        (cfg.max_len, cfg.d_model), jnp.float32)
+            self.pos_embed = self.param(
+                "pos_embed", P(nn.initializers.normal(0.01), (None, "embed")), (cfg.max_len, cfg.d_model), jnp.float32
+            )
         block = Block
         if cfg.remat != "none":
             policy = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}[cfg.remat]
@@ -84,20 +86,31 @@ class TransformerLM(nn.Module):
         cfg = self.cfg
         self.trunk = Trunk(cfg)
         if not cfg.tie_embeddings:
-            self.lm_head = Dense((cfg.vocab_size,), ("embed", "vocab"), False, cfg.compute_dtype,
-                                 out_dtype=jnp.float32, lora=cfg.lora)
+            self.lm_head = Dense(
+                (cfg.vocab_size,), ("embed", "vocab"), False, cfg.compute_dtype, out_dtype=jnp.float32, lora=cfg.lora
+            )
         # Value head starts at zero (lm-human-preferences); reward head ~ N(0, 1/sqrt(D+1)).
         self.value_head = ScalarHead(nn.initializers.zeros)
         self.reward_head = ScalarHead(nn.initializers.normal(1.0 / (cfg.d_model + 1) ** 0.5))
 
-    def __call__(self, tokens, positions, key_mask, cache=None, cache_index=None,
-                 deterministic: bool = True, heads: Sequence[str] = ("lm",)):
+    def __call__(
+        self,
+        tokens,
+        positions,
+        key_mask,
+        cache=None,
+        cache_index=None,
+        deterministic: bool = True,
+        heads: Sequence[str] = ("lm",),
+    ):
         """Returns {"hidden", "cache", and per requested head "logits" | "values" | "rewards"}."""
         hidden, cache = self.trunk(tokens, positions, key_mask, cache, cache_index, deterministic)
         out = {"hidden": hidden, "cache": cache}
         if "lm" in heads:
             logits = self.trunk.attend(hidden) if self.cfg.tie_embeddings else self.lm_head(hidden)
-            out["logits"] = nn.with_logical_constraint(mask_padded_vocab(logits, self.cfg), ("batch", "length", "vocab"))
+            out["logits"] = nn.with_logical_constraint(
+                mask_padded_vocab(logits, self.cfg), ("batch", "length", "vocab")
+            )
         if "value" in heads:
             out["values"] = self.value_head(hidden)
         if "reward" in heads:
