@@ -98,6 +98,11 @@ def prompt_data(run: Run):
     path, fmt = c.data.prompts_path, c.data.prompts_format
     if not path:
         path, fmt = os.path.join(data_dir, "builtin_prompts.jsonl"), "prompt"
+        run.log(
+            "config.data.prompts_path is empty: training on the built-in task's prompts (give your own JSONL "
+            "of {'prompt': ...} records, with any other fields your reward functions read, as "
+            "--config.data.prompts_path=...)"
+        )
         if run.is_main:
             _write_builtin_prompts(path, data_dir, c.seed)
     corpus = os.path.join(data_dir, "builtin_corpus.txt")
