@@ -35,6 +35,13 @@ ALGORITHMS = {
     "plackett_luce": dict(dpo=dict(loss="plackett_luce", beta=0.1)),
     "online_dpo": dict(dpo=dict(loss="dpo", beta=0.1, online=True), online=dict(samples_per_prompt=2)),
 }
+LABELS = {
+    "dpo": "DPO",
+    "ipo": "IPO",
+    "simpo": "SimPO",
+    "plackett_luce": "Plackett-Luce DPO",
+    "online_dpo": "online DPO",
+}
 
 
 def get_config(preset: str = "default"):

@@ -46,6 +46,7 @@ ALGORITHMS = {
     "grpo": _GRPO,
     "dr_grpo": {**_GRPO, "pg": {**_GRPO["pg"], "advantage": "dr_grpo", "loss_aggregation": "token_sum"}},
 }
+LABELS = {"grpo": "GRPO", "dr_grpo": "Dr. GRPO"}
 
 
 def get_config(preset: str = "default"):

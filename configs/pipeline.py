@@ -30,11 +30,11 @@ def get_config(preset: str = "default"):
     c.pretrained = ""
     c.seed = 0
     c.mesh = dict(data=-1, fsdp=1, tensor=1)
-    # The policy stage's algorithm (rlhf_jax.pipeline.POLICIES): ppo | grpo | dr_grpo | rloo | reinforce_pp
-    # (config.pg, the policy-gradient stage of configs/ppo.py) or dpo | ipo | simpo | plackett_luce | online_dpo
-    # (config.dpo). Its
-    # settings come from configs/<algorithm file>.py's ALGORITHMS; the sizes (steps, batch, lengths, lr) from
-    # config.pg / config.dpo below, and any key of theirs set on the command line wins over both.
+    # The policy stage's algorithm: any name a configs/<file>.py's ALGORITHMS declares (rlhf_jax.algorithms),
+    # e.g. ppo | grpo | dr_grpo | rloo | reinforce_pp | dapo | gspo | cispo (config.pg, the policy-gradient stage
+    # of configs/ppo.py) or dpo | ipo | simpo | plackett_luce | online_dpo (config.dpo). Its settings come from
+    # that ALGORITHMS entry; the sizes (steps, batch, lengths, lr) from config.pg / config.dpo below, and any
+    # key of theirs set on the command line wins over both.
     c.policy = "ppo"
     # The policy stage's reward: "rm" (the recipe: the RM trained on the simulated rankings) or "gold" (the
     # gold judge itself: the ceiling a perfect RM would give, for ablations)

@@ -10,7 +10,8 @@ Rewards: reward.kind=rm (a trained RM workdir, normalised) or reward.kind=functi
 joined by commas are summed with reward.weights; columns are the prompt records' other fields, e.g. a
 ground-truth "answer": rlhf_jax/rewards.py).
 
-The same stage runs the critic-free family by config (configs/grpo.py, rloo.py, reinforce_pp.py set them):
+The same stage runs the critic-free family by config (configs/grpo.py, rloo.py, reinforce_pp.py, dapo.py,
+gspo.py, cispo.py set them):
 pg.advantage (gae | grpo | dr_grpo | rloo | reinforce_pp), kl.placement (reward | loss),
 kl.estimator (k1 | k2 | k3), pg.loss_aggregation (token_mean | sequence_mean | token_sum);
 rlhf_jax/rl.py cites the formula of each.
@@ -47,9 +48,11 @@ not per iteration (train_policy.py:172-173); the RM's normalisation gain and bia
 from rlhf_jax.config import base_config
 from rlhf_jax.errors import ConfigError
 
-# configs/grpo.py, rloo.py, reinforce_pp.py hold their algorithms' settings as overrides of this file; PPO's
-# are this file's defaults (the pipeline's config.policy reads ALGORITHMS).
+# configs/grpo.py, rloo.py, dapo.py, ... hold their algorithms' settings as overrides of this file; PPO's are
+# this file's defaults. rlhf_jax.algorithms reads every ALGORITHMS and LABELS (the report's names): the
+# pipeline's config.policy choices.
 ALGORITHMS = {"ppo": {}}
+LABELS = {"ppo": "PPO"}
 
 
 def get_config(preset: str = "default"):
@@ -105,11 +108,15 @@ def get_config(preset: str = "default"):
         policy_loss="ppo_clip",
         clip_range_high=0.0,  # ε_high of the ratio's clip (DAPO's clip-higher; CISPO's bound); 0: clip_range
         dual_clip_c=3.0,  # dual_clip's lower bound c·A for negative advantages (Ye et al. 2020)
-        # the sampler–trainer mismatch (rl.rollout_correction): w = π_old / π_sampler, logged always as sampler/*;
-        # none | tis (truncated at the cap) | mis (masked beyond it), per token or per sequence
         # DAPO's soft overlong punishment (rl.overlong_penalty): a length reward falling from 0 to -1 over the
         # last overlong_cache tokens of the response budget (rollout.max_new_tokens); 0: off
         overlong_cache=0,
+        # DAPO's dynamic sampling (rlhf_jax/dynamic_sampling.py): drop prompt groups whose scores are all equal and
+        # draw again, at most dynamic_sampling_max_draws batches an iteration (then topped up with dropped groups)
+        dynamic_sampling=False,
+        dynamic_sampling_max_draws=4,
+        # the sampler–trainer mismatch (rl.rollout_correction): w = π_old / π_sampler, logged always as sampler/*;
+        # none | tis (truncated at the cap) | mis (masked beyond it), per token or per sequence
         rollout_correction="none",
         correction_level="token",
         correction_cap=2.0,

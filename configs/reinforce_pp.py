@@ -29,6 +29,8 @@ ALGORITHMS = {
     ),
 }
 
+LABELS = {"reinforce_pp": "REINFORCE++"}
+
 
 def get_config(preset: str = "default"):
     if preset not in ("default", "tiny"):

@@ -35,6 +35,8 @@ ALGORITHMS = {
     ),
 }
 
+LABELS = {"rloo": "RLOO"}
+
 
 def get_config(preset: str = "default"):
     if preset not in ("default", "tiny"):

@@ -14,8 +14,11 @@ at the learning rate experiments/algorithms_tuning.py chose for it on seed 0 (th
 tuning budget). Best-of-4 SFT samples by the RM comes with every pipeline's evaluation. The
 verifiable-reward column: PPO and GRPO trained against the gold judge itself (config.policy_reward=gold),
 the ceiling a perfect reward gives. analyze() reports mean ± std over the 5 seeds, a 95% t-interval, the
-mean over seeds 1-4 (untouched by the tuning), and a plot of gold score against KL.
+mean over seeds 1-4 (untouched by the tuning), and a plot of gold score against KL. The algorithms are every
+config's ALGORITHMS (rlhf_jax.algorithms); one runs here once CHOSEN_LR has its lr.
 """
+
+from rlhf_jax import algorithms
 
 SEEDS = (0, 1, 2, 3, 4)
 # experiments/algorithms_tuning.py's choice (runs/sweeps/algorithms_tuning/chosen_lr.json): the lr of the
@@ -31,14 +34,13 @@ CHOSEN_LR = {
     "plackett_luce": 1e-4,
     "online_dpo": 3e-5,
 }
-POLICY_GRADIENT = ("ppo", "grpo", "dr_grpo", "rloo")
-DIRECT = ("dpo", "ipo", "simpo", "plackett_luce", "online_dpo")
+POLICY_GRADIENT, DIRECT = algorithms.of_stage("pg"), algorithms.of_stage("dpo")  # every config's ALGORITHMS
 GOLD_REWARD = ("ppo", "grpo")  # trained against the gold judge itself
 TUNING_ROOT, SEEDS_ROOT = "runs/sweeps/algorithms_tuning", "runs/sweeps/seeds"
 
 
 def _lr_key(policy: str) -> str:
-    return "pg.optim.lr" if policy in POLICY_GRADIENT else "dpo.optim.lr"
+    return f"{algorithms.algorithms()[policy].stage}.optim.lr"
 
 
 def _base(policy: str, seed: int) -> str:

@@ -12,11 +12,14 @@ the one experiments/algorithms.py runs on five seeds; seed 0 is therefore the tu
 file also reports the mean over seeds 1-4 alone.
 """
 
+from rlhf_jax import algorithms
+
 BASE = "configs/pipeline.py"
 FIXED = {"reuse_from": "runs/quickstart"}
 LRS = (3e-5, 1e-4, 3e-4)
-POLICY_GRADIENT = ("ppo", "grpo", "dr_grpo", "rloo", "reinforce_pp")  # config.pg.optim.lr
-DIRECT = ("dpo", "ipo", "simpo", "plackett_luce", "online_dpo")  # config.dpo.optim.lr
+# every config's ALGORITHMS (rlhf_jax.algorithms): the pg stage's swept by config.pg.optim.lr, the dpo stage's
+# by config.dpo.optim.lr
+POLICY_GRADIENT, DIRECT = algorithms.of_stage("pg"), algorithms.of_stage("dpo")
 SWEEP = [{"policy": p, "pg.optim.lr": lr} for p in POLICY_GRADIENT for lr in LRS] + [
     {"policy": p, "dpo.optim.lr": lr} for p in DIRECT for lr in LRS
 ]

@@ -145,6 +145,12 @@ def check_config(c) -> int:
             f"config.pg.critic='reward_model' with pg.advantage={adv!r}: only 'gae' uses a critic. "
             f"Use pg.critic='shared' (ignored without a critic) or pg.advantage='gae'."
         )
+    if c.pg.dynamic_sampling and (k < 2 or c.pg.dynamic_sampling_max_draws < 1):
+        raise ConfigError(
+            f"config.pg.dynamic_sampling with samples_per_prompt={k} and dynamic_sampling_max_draws="
+            f"{c.pg.dynamic_sampling_max_draws}: it drops groups whose samples all score the same, so it needs "
+            f"samples_per_prompt >= 2 (a group of one always ties) and at least one draw (DAPO: 16 and a few)."
+        )
     if c.rollout.temperature <= 0:
         raise ConfigError(
             f"config.rollout.temperature={c.rollout.temperature}: the policy-gradient stage needs "

@@ -3,8 +3,8 @@
     python -m rlhf_jax.pipeline --config=configs/pipeline.py:tiny --workdir=runs/pipeline_tiny
 
 data → pretrain → SFT → sample K responses per prompt from SFT → simulated labelers rank them → RM
-→ the policy stage (config.policy: PPO by default, or GRPO, Dr. GRPO, RLOO, REINFORCE++; reward = the
-RM) → evaluation of SFT and the policy on held-out prompts → summary.json, report.md.
+→ the policy stage (config.policy: PPO by default, or any algorithm a configs/*.py declares: rlhf_jax.algorithms;
+reward = the RM) → evaluation of SFT and the policy on held-out prompts → summary.json, report.md.
 Each stage has its own sub-workdir; a finished stage (DONE.json) is skipped on rerun and an
 interrupted one resumes from its checkpoint.
 """
@@ -17,37 +17,24 @@ import time
 
 import ml_collections
 
+from rlhf_jax import algorithms
 from rlhf_jax.config import config_module, merge_config
 from rlhf_jax.errors import ConfigError, MissingFileError
-
-# config.policy → (the stage config of the pipeline config that runs it, configs/<file>.py whose
-# ALGORITHMS[policy] holds its settings). Adding an algorithm of the family is an entry here and there.
-POLICIES = {
-    "ppo": ("pg", "ppo"),
-    "grpo": ("pg", "grpo"),
-    "dr_grpo": ("pg", "grpo"),
-    "rloo": ("pg", "rloo"),
-    "reinforce_pp": ("pg", "reinforce_pp"),
-    "dpo": ("dpo", "dpo"),
-    "ipo": ("dpo", "dpo"),
-    "simpo": ("dpo", "dpo"),
-    "plackett_luce": ("dpo", "dpo"),
-    "online_dpo": ("dpo", "dpo"),
-}
 
 
 def policy_stage_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """The policy stage's config: the algorithm's settings (configs/<file>.py ALGORITHMS[c.policy]) on top of
     the pipeline's policy-stage settings (its sizes: iterations, batch, lengths, lr), except that every key
     the user set (a value of c.<stage> other than the preset's) keeps the user's value."""
-    if c.policy not in POLICIES:
-        raise ConfigError(f"config.policy={c.policy!r} is not an algorithm; use one of {sorted(POLICIES)}.")
-    stage, file = POLICIES[c.policy]
-    preset = config_module("pipeline").get_config(c.preset)[stage].to_dict()
-    mine = c[stage].to_dict()
+    known = algorithms.algorithms()
+    if c.policy not in known:
+        raise ConfigError(f"config.policy={c.policy!r} is not an algorithm; use one of {sorted(known)}.")
+    a = known[c.policy]
+    preset = config_module("pipeline").get_config(c.preset)[a.stage].to_dict()
+    mine = c[a.stage].to_dict()
     out = ml_collections.ConfigDict(preset)
-    merge_config(out, config_module(file).ALGORITHMS[c.policy], f"configs/{file}.py ALGORITHMS[{c.policy!r}]")
-    merge_config(out, _changed(mine, preset), f"config.{stage}")
+    merge_config(out, a.settings, f"configs/{a.file}.py ALGORITHMS[{c.policy!r}]")
+    merge_config(out, _changed(mine, preset), f"config.{a.stage}")
     return out
 
 
@@ -367,7 +354,7 @@ def run_pipeline(c: ml_collections.ConfigDict, workdir: str) -> dict:
         else {"reward.kind": "function", "reward.function": gold}
     )
     wiring = {"data.prompts_path": paths["ppo_prompts"], "reward.monitor": gold, **reward}
-    if POLICIES[c.policy][0] == "pg" and "corpus" in paths:
+    if algorithms.algorithms()[c.policy].stage == "pg" and "corpus" in paths:
         wiring["data.ptx_path"] = paths["corpus"]
     else:  # DPO trains on the RM's comparisons (the same labeler budget); online DPO ranks by the reward
         wiring.update({"data.train_path": comps, "data.eval_path": gold_comps, "data.format": "ranked"})

@@ -10,27 +10,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax import forward, parallel
+from rlhf_jax import algorithms, forward, parallel
 from rlhf_jax.data import chat
 from rlhf_jax.trained import generate, load_policy, load_reward_model, response_logprobs, sampling_settings
-
-LABELS = {
-    "ppo": "PPO",
-    "grpo": "GRPO",
-    "dr_grpo": "Dr. GRPO",
-    "rloo": "RLOO",
-    "reinforce_pp": "REINFORCE++",
-    "dpo": "DPO",
-    "ipo": "IPO",
-    "simpo": "SimPO",
-    "plackett_luce": "Plackett-Luce DPO",
-    "online_dpo": "online DPO",
-}
-
-
-def label(policy: str) -> str:
-    """The report's name for a config.policy."""
-    return LABELS.get(policy, policy)
 
 
 def eval_prompts(c, paths: dict, tok, stage_dir: str):
@@ -372,7 +354,7 @@ def write_report(c, workdir: str, sub: dict, summary: dict, seconds: float) -> N
 
     with open(os.path.join(workdir, "summary.json"), "w") as f:
         json.dump({k: v for k, v in summary.items() if k != "samples"}, f, indent=2)
-    name = label(summary["policy"]["algorithm"])
+    name = algorithms.label(summary["policy"]["algorithm"])
     curve = [m for m in read_metrics(sub["policy"]) if "objective/scores" in m]
     plots = _plots(workdir, curve, name) if curve else []  # offline DPO samples nothing while it trains
     bon_key = next(k for k in summary if k.startswith("best_of_"))

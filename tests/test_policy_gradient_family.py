@@ -6,7 +6,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+import configs.cispo as cispo_cfg
+import configs.dapo as dapo_cfg
 import configs.grpo as grpo_cfg
+import configs.gspo as gspo_cfg
 import configs.reinforce_pp as reinforce_pp_cfg
 import configs.rloo as rloo_cfg
 from rlhf_jax.metrics import read_metrics
@@ -89,6 +92,9 @@ def test_grpo_resume_equals_an_uninterrupted_run(tmp_path):
         (grpo_cfg, "dr_grpo_tiny", {}),
         (rloo_cfg, "tiny", {}),
         (reinforce_pp_cfg, "tiny", {}),
+        (dapo_cfg, "tiny", {}),
+        (gspo_cfg, "tiny", {}),
+        (cispo_cfg, "tiny", {}),
         (grpo_cfg, "tiny", {"kl.placement": "reward", "kl.estimator": "k2"}),  # any estimator in either place
     ],
 )
@@ -124,6 +130,18 @@ def test_the_algorithm_configs_carry_their_papers_settings():
     assert (p.pg.advantage, p.kl.placement, p.pg.epochs) == ("reinforce_pp", "reward", 4)
     with pytest.raises(ValueError, match="unknown preset 'grpo_huge'"):
         grpo_cfg.get_config("grpo_huge")
+    a = dapo_cfg.get_config()  # DAPO §3.1-3.4, §2.3
+    assert (a.pg.clip_range, a.pg.clip_range_high, a.pg.loss_aggregation, a.kl.init_coef) == (
+        0.2,
+        0.28,
+        "token_mean",
+        0,
+    )
+    assert a.pg.dynamic_sampling and a.pg.overlong_cache > 0 and a.rollout.samples_per_prompt == 16
+    s = gspo_cfg.get_config()  # GSPO §5.1
+    assert (s.pg.policy_loss, s.pg.clip_range, s.pg.clip_range_high, s.pg.num_minibatches) == ("gspo", 3e-4, 4e-4, 4)
+    m = cispo_cfg.get_config()  # MiniMax-M1 eq. 4
+    assert (m.pg.policy_loss, m.pg.loss_aggregation, m.kl.init_coef) == ("cispo", "token_mean", 0)
 
 
 def test_the_pipeline_applies_an_algorithm_under_the_users_overrides():
@@ -143,3 +161,60 @@ def test_the_pipeline_applies_an_algorithm_under_the_users_overrides():
     c.policy = "trpo"
     with pytest.raises(ValueError, match="config.policy='trpo' is not an algorithm"):
         policy_stage_config(c)
+
+
+TOY_CONFIG = '''"""A toy algorithm: GRPO's settings with a test's loss."""
+from rlhf_jax.config import stage_config
+
+ALGORITHMS = {"toy": dict(pg=dict(advantage="grpo", policy_loss="toy_reinforce"), rollout=dict(samples_per_prompt=4))}
+LABELS = {"toy": "Toy REINFORCE"}
+
+
+def get_config(preset="default"):
+    return stage_config("ppo", preset, ALGORITHMS["toy"])
+'''
+
+
+def test_a_new_algorithm_is_a_loss_and_a_config_file(tmp_path, monkeypatch):
+    """One registered loss and one config file declaring the algorithm: it is then the pipeline's choice, the
+    report's label, an entry of the experiments' lists and a valid pg-stage config, nothing else edited."""
+    import shutil
+
+    import jax.numpy as jnp
+
+    from experiments import ROOT, load_experiment
+    from rlhf_jax import algorithms, config, pg_setup, rl
+    from rlhf_jax.pipeline import policy_stage_config
+    from tests.test_pipeline import pipeline_config
+
+    configs = tmp_path / "configs"
+    shutil.copytree(config.CONFIG_DIR, configs)
+    (configs / "toy.py").write_text(TOY_CONFIG)
+    monkeypatch.setattr(config, "CONFIG_DIR", str(configs))
+
+    @rl.register_policy_loss("toy_reinforce")
+    def toy(new_logprobs, old_logprobs, advantages, mask, s):
+        loss = rl.aggregate(-jnp.where(mask != 0, advantages * new_logprobs, 0.0), mask, s.aggregation, s.budget)
+        return loss, {"clipfrac": 0.0 * loss, "approxkl": 0.0 * loss, "ratio_mean": 1.0 + 0.0 * loss}
+
+    try:
+        c = pipeline_config("default")
+        c.policy = "toy"
+        s = policy_stage_config(c)
+        assert (s.pg.policy_loss, s.pg.advantage, s.rollout.samples_per_prompt) == ("toy_reinforce", "grpo", 4)
+        assert pg_setup.check_config(s) == 4
+        assert algorithms.label("toy") == "Toy REINFORCE" and "toy" in algorithms.of_stage("pg")
+        tuning = load_experiment(f"{ROOT}/experiments/algorithms_tuning.py")
+        assert {r.overrides["policy"] for r in tuning.runs} >= {"toy", "ppo", "grpo", "dapo", "gspo", "cispo", "dpo"}
+    finally:
+        del rl.POLICY_LOSSES["toy_reinforce"]
+
+
+def test_the_report_labels_and_experiment_lists_are_the_configs_algorithms():
+    from rlhf_jax import algorithms
+
+    known = algorithms.algorithms()
+    assert algorithms.of_stage("pg") == ("cispo", "dapo", "grpo", "dr_grpo", "gspo", "ppo", "reinforce_pp", "rloo")
+    assert algorithms.of_stage("dpo") == ("dpo", "ipo", "simpo", "plackett_luce", "online_dpo")
+    assert {n: a.label for n, a in known.items() if a.file == "grpo"} == {"grpo": "GRPO", "dr_grpo": "Dr. GRPO"}
+    assert algorithms.label("reinforce_pp") == "REINFORCE++" and algorithms.label("unknown") == "unknown"

@@ -1,10 +1,12 @@
 """Stage 4 (`pg`): the policy-gradient family against a reward, KL-regularised to the frozen SFT policy.
 
 One loop, one stage and one config block (config.pg) for PPO (Ziegler et al. 2019 as lm-human-preferences
-does it; InstructGPT §3.5), GRPO (DeepSeekMath), Dr. GRPO, RLOO and REINFORCE++: they differ only in the
-pieces `rl.py` names and config switches pick (configs/ppo.py, grpo.py, rloo.py, reinforce_pp.py). One
+does it; InstructGPT §3.5), GRPO (DeepSeekMath), Dr. GRPO, RLOO, REINFORCE++, DAPO, GSPO and CISPO: they
+differ only in the pieces `rl.py` names and config switches pick (configs/ppo.py, grpo.py, dapo.py, ...). One
 iteration is one path, one record (rollout.Rollout) passed along it, each step a jitted function:
-  1. generate   — sample rollout.samples_per_prompt responses per prompt with the KV cache;
+  1. generate   — sample rollout.samples_per_prompt responses per prompt with the KV cache (with
+                  pg.dynamic_sampling, DAPO's: more draws until the batch is groups whose scores differ,
+                  rlhf_jax/dynamic_sampling.py);
   2. score      — the policy's log-probs (and the critic's values, for GAE), the reference's log-probs, and
                   the reward source's score (rewards.py: a trained RM, an RM ensemble, or a Python function);
   3. advantages — shaped scores (rl.shape_scores) → per-token rewards (−β·KL_t in them when
@@ -19,6 +21,7 @@ All of it runs as jitted functions over params sharded on the mesh.
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from collections.abc import Callable
@@ -30,7 +33,18 @@ import ml_collections
 import numpy as np
 import optax
 
-from rlhf_jax import forward, lora, parallel, perf, pg_setup, rewards, rl, rollout as rollouts, train_state
+from rlhf_jax import (
+    dynamic_sampling,
+    forward,
+    lora,
+    parallel,
+    perf,
+    pg_setup,
+    rewards,
+    rl,
+    rollout as rollouts,
+    train_state,
+)
 from rlhf_jax.loop import LoopTail
 from rlhf_jax.rollout import Rollout
 from rlhf_jax.run import Run
@@ -301,6 +315,9 @@ def loop(
     reward, monitor = reward
     updates_per_iter = c.pg.epochs * c.pg.num_minibatches
     loader = BatchLoader(prompts, c.batch_size // group, seed=c.seed)
+    # prompt batches (and sample keys) per iteration: pg.dynamic_sampling_max_draws with dynamic sampling, each
+    # iteration's its own, so a resumed run draws what an uninterrupted one does
+    draws = c.pg.dynamic_sampling_max_draws if c.pg.dynamic_sampling else 1
     ptx_loader = (
         BatchLoader(ptx_source, c.pg.ptx_batch_size * updates_per_iter, seed=c.seed + 1)
         if ptx_source is not None
@@ -317,14 +334,15 @@ def loop(
     with parallel.activate(run.mesh, run.rules):
         for it in range(start, c.num_steps):
             t0 = time.perf_counter()
-            # each prompt `group` times in a row, padded to the bucket of the longest
-            batch = rollouts.prompt_batch(loader, it, group, run, c.rollout.length_bucket)
-            keys = rollouts.sample_keys(c.seed, it, c.batch_size, run)
-            rollout = steps.generate(state.params["policy"], batch["prompt"], batch["prompt_mask"], keys)
-            rollout = rollout.replace(prompt_index=batch["prompt_index"])
-            rollout = jax.block_until_ready(rollouts.trim_responses(rollout, c.rollout.length_bucket))
-            t1 = time.perf_counter()
-            rollout = steps.score(state.params, ref_params, reward.params, rollout, reward.on_host(rollout))
+            clock = {"generate_s": 0.0, "tokens": 0}
+            draw = functools.partial(
+                draw_rollout, run, steps, state, ref_params, reward, loader, group, clock, it * draws
+            )
+            if c.pg.dynamic_sampling:  # DAPO: only groups whose scores differ, as many draws as that takes
+                judge = functools.partial(steps.advantages, kl_coef=state.extras["kl_coef"])
+                rollout, sampling = dynamic_sampling.fill_batch(draw, judge, group, draws, tok.pad_id)
+            else:
+                rollout, sampling = draw(0), {}
             rollout = jax.block_until_ready(steps.advantages(rollout, state.extras["kl_coef"]))
             t2 = time.perf_counter()
 
@@ -342,13 +360,14 @@ def loop(
                 **rollout_metrics(host, stats["kl_coef"]),
                 **stats,
                 **side_metrics(rollout, monitor, reward),
+                **sampling,
                 "lr": float(schedule(it * updates_per_iter)),
-                "perf/rollout_tokens_per_sec": float(host["response_mask"].sum()) / (t1 - t0),
+                "perf/rollout_tokens_per_sec": clock["tokens"] / clock["generate_s"],
                 "perf/episodes_per_sec": c.batch_size / (t3 - t0),
-                "time/generate_s": t1 - t0,
-                "time/score_s": t2 - t1,
+                "time/generate_s": clock["generate_s"],
+                "time/score_s": t2 - t0 - clock["generate_s"],
                 "time/update_s": t3 - t2,
-                "time/generate_frac": (t1 - t0) / (t3 - t0),
+                "time/generate_frac": clock["generate_s"] / (t3 - t0),
                 "perf/compilations": perf.compilations(),  # so far: steady shapes stop adding to it
                 "perf/prompt_width": rollout.prompt.shape[1],  # the shapes this iteration ran (rollout.length_bucket)
                 "perf/response_width": rollout.response.shape[1],
@@ -361,6 +380,21 @@ def loop(
             if tail.end_step(done, state, m):
                 break
     return tail.close()
+
+
+def draw_rollout(run: Run, steps: Steps, state, ref_params, reward, loader, group: int, clock, first: int, k: int):
+    """Prompt batch first + k (each prompt `group` times in a row, padded to the bucket of the longest) and its
+    sample keys, generated and scored; adds its generation time and tokens to clock."""
+    c = run.config
+    t = time.perf_counter()
+    batch = rollouts.prompt_batch(loader, first + k, group, run, c.rollout.length_bucket)
+    keys = rollouts.sample_keys(c.seed, first + k, c.batch_size, run)
+    rollout = steps.generate(state.params["policy"], batch["prompt"], batch["prompt_mask"], keys)
+    rollout = rollout.replace(prompt_index=batch["prompt_index"])
+    rollout = jax.block_until_ready(rollouts.trim_responses(rollout, c.rollout.length_bucket))
+    clock["generate_s"] += time.perf_counter() - t
+    clock["tokens"] += int(parallel.to_host(rollout.response_mask).sum())
+    return steps.score(state.params, ref_params, reward.params, rollout, reward.on_host(rollout))
 
 
 def side_metrics(rollout: Rollout, monitor, reward=None) -> dict[str, float]:

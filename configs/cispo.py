@@ -1,0 +1,52 @@
+"""CISPO (MiniMax-M1, Chen et al. 2025, "MiniMax-M1: Scaling Test-Time Compute Efficiently with Lightning
+Attention", §3.1): REINFORCE with a clipped, stop-gradient importance weight, so that no token's gradient is
+dropped by the clip (the low-probability "reflection" tokens PPO's clip removes after the first update).
+
+    python -m rlhf_jax.main --config=configs/cispo.py:tiny --workdir=runs/cispo_tiny    # verifiable reward, CPU
+    python -m rlhf_jax.main --config=configs/cispo.py --workdir=runs/cispo \
+        --config.init_from=runs/sft --config.reward.rm_workdir=runs/rm
+    python -m rlhf_jax.pipeline --config=configs/pipeline.py --config.policy=cispo --workdir=runs/cispo_pipeline \
+        --config.reuse_from=runs/quickstart
+
+Presets: default, tiny. As the paper states it:
+  - L = −Σ_{i,t} sg(min(ρ_{i,t}, 1 + ε_high))·Â_i·log π_θ / Σ_i |o_i| (eq. 4; rl.cispo): no lower bound
+    ("we did not impose a lower bound ... by setting ε_low to a large value"), the batch's token sum over its
+    token count (token_mean);
+  - GRPO's group-normalised advantage (eq. 2); no KL term in the objective: β = 0;
+  - ε_high: the paper tunes it and does not publish it; 0.28 here (DAPO's clip-higher bound).
+  The minibatches are configs/gspo.py's 4 per batch (the paper's count is not stated): several updates per
+  batch are what the weight is for (with one the ratio is 1). G = 8 as configs/grpo.py.
+"""
+
+from rlhf_jax.config import stage_config
+from rlhf_jax.errors import ConfigError
+
+ALGORITHMS = {
+    "cispo": dict(
+        pg=dict(
+            advantage="grpo",
+            loss_aggregation="token_mean",
+            whiten_advantages=False,
+            epochs=1,
+            num_minibatches=4,
+            score_baseline="none",
+            critic="shared",
+            policy_loss="cispo",
+            clip_range_high=0.28,
+        ),
+        kl=dict(kind="fixed", init_coef=0.0, placement="loss", estimator="k3"),
+        rollout=dict(samples_per_prompt=8),
+    ),
+}
+LABELS = {"cispo": "CISPO"}
+
+
+def get_config(preset: str = "default"):
+    if preset not in ("default", "tiny"):
+        raise ConfigError(f"configs/cispo.py: unknown preset {preset!r}; use default or tiny.")
+    overrides = dict(ALGORITHMS["cispo"])
+    if preset == "tiny":  # 4 prompts x 4 samples per iteration, 2 minibatches
+        overrides.update(
+            pg={**overrides["pg"], "num_minibatches": 2}, rollout=dict(samples_per_prompt=4), batch_size=16
+        )
+    return stage_config("ppo", preset, overrides)
