@@ -30,8 +30,9 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        # ipykernel: the notebook test's kernel; ruff: lint and format check (pyproject.toml)
-        "test": ["pytest", "pytest-xdist", "nbclient", "nbformat", "ipykernel", "ruff"],
+        # ipykernel: the notebook test's kernel; ruff: lint and format check (pyproject.toml); wandb: the optional
+        # config.log.wandb logging, tested offline (pinned as requirements-test.txt pins it)
+        "test": ["pytest", "pytest-xdist", "nbclient", "nbformat", "ipykernel", "ruff", "wandb==0.31.0"],
         # torch is installed before transformers so that no CUDA build is pulled in.
         "parity": ["torch==2.13.0", "transformers", "tokenizers"],
     },

@@ -60,6 +60,19 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval_every = 500
     c.eval_batches = 20  # 0: the whole validation split
     c.progress = True
+    # Weights & Biases beside metrics.jsonl and TensorBoard (`pip install wandb`; process 0 only): the same
+    # scalars at the same steps, and the config, in one W&B run per workdir: a resumed run goes on in it (its
+    # id is kept in <workdir>/wandb_run_id). wandb's own variables apply (WANDB_MODE=offline, WANDB_DIR, ...).
+    c.log = ml_collections.ConfigDict(
+        dict(
+            wandb=False,
+            wandb_project="rlhf_jax",
+            wandb_entity="",  # empty: your default entity
+            wandb_name="",  # empty: the workdir's name
+            wandb_group="",  # e.g. a pipeline's or a sweep's name, to gather its runs
+            wandb_tags=(),
+        )
+    )
     c.checkpoint = ml_collections.ConfigDict(dict(every=500, keep=3, use_async=True))
     # A non-finite loss or gradient never updates the params. "stop": exit naming the step and the last good
     # checkpoint; "skip": count the skipped update, warn and go on.

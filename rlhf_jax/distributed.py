@@ -5,9 +5,16 @@ Which process group to join, in order:
   RLHF_JAX_DISTRIBUTED=0            none (a single process, even inside a multi-task SLURM job)
   RLHF_JAX_COORDINATOR=host:port    explicit: also RLHF_JAX_NUM_PROCESSES and RLHF_JAX_PROCESS_ID
   RLHF_JAX_DISTRIBUTED=1            JAX's own cluster detection (Cloud TPU pods, SLURM, Kubernetes, MPI)
-  SLURM_NTASKS > 1, or a GKE TPU slice (TPU_WORKER_HOSTNAMES with several hosts)
+  SLURM_NTASKS > 1, a GKE TPU slice of several hosts (TPU_WORKER_HOSTNAMES or TPU_PROCESS_ADDRESSES
+  with several entries), several TPU slices (MEGASCALE_NUM_SLICES > 1), or a Cloud TPU VM whose slice
+  has several hosts (the GCE metadata server's worker-network-endpoints, as JAX's GceTpuCluster reads it)
                                     JAX's own cluster detection
   otherwise                         none
+
+The metadata server is asked only on a Cloud TPU VM: where `import jax` found TPU chips and libtpu (JAX's
+own test, no network) and TPU_SKIP_MDS_QUERY is unset. What JAX can detect but this list does not needs
+RLHF_JAX_DISTRIBUTED=1: Open MPI or mpi4py launches, a Kubernetes job without the TPU variables, and on
+Cloud TPU VMs several single-host slices (multislice, whose slice count is not in the environment there).
 
 Two processes on one machine, for instance:
 
@@ -22,9 +29,12 @@ Call `initialize()` before anything touches a JAX backend (jax.devices(), any ar
 from __future__ import annotations
 
 import os
+import urllib.request
 from collections.abc import Mapping
 
 import jax
+
+from rlhf_jax.errors import ConfigError
 
 ENV_SWITCH = "RLHF_JAX_DISTRIBUTED"
 ENV_COORDINATOR = "RLHF_JAX_COORDINATOR"
@@ -57,6 +67,25 @@ def explicit_settings(env: Mapping[str, str]) -> dict | None:
     return dict(coordinator_address=coordinator, num_processes=num, process_id=pid)
 
 
+def cloud_tpu_vm_hosts(env: Mapping[str, str]) -> int:
+    """Hosts in this Cloud TPU VM's slice, from the GCE metadata server; 0 off a Cloud TPU VM, without asking."""
+    from jax._src import cloud_tpu_init  # set by `import jax`: TPU chips on PCI and libtpu installed
+
+    if not cloud_tpu_init.running_in_cloud_tpu_vm or "TPU_SKIP_MDS_QUERY" in env:
+        return 0
+    host = env.get("GCE_METADATA_IP", "metadata.google.internal")
+    url = f"http://{host}/computeMetadata/v1/instance/attributes/worker-network-endpoints"
+    try:
+        request = urllib.request.Request(url, headers={"Metadata-Flavor": "Google"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return len(response.read().decode().strip().split(","))
+    except OSError as e:
+        raise ConfigError(
+            f"This is a Cloud TPU VM, but its metadata server did not list the slice's hosts ({url}: {e}). "
+            f"Set {ENV_SWITCH}=1 on every host of a multi-host slice, or {ENV_SWITCH}=0 on a single host."
+        ) from None
+
+
 def plan(env: Mapping[str, str]) -> dict | None:
     """What `initialize` will do: None (single process), or the kwargs for jax.distributed.initialize
     ({} means JAX detects the cluster itself)."""
@@ -71,9 +100,12 @@ def plan(env: Mapping[str, str]) -> dict | None:
     settings = explicit_settings(env)
     if settings is not None:
         return settings
-    slurm = int(env.get("SLURM_NTASKS", "") or 1) > 1
-    gke_tpu = "," in env.get("TPU_WORKER_HOSTNAMES", "")
-    return {} if switch == "1" or slurm or gke_tpu else None
+    if switch == "1" or int(env.get("SLURM_NTASKS", "") or 1) > 1 or int(env.get("MEGASCALE_NUM_SLICES", "") or 1) > 1:
+        return {}
+    gke_hosts = env.get("TPU_PROCESS_ADDRESSES", env.get("TPU_WORKER_HOSTNAMES"))
+    if gke_hosts is not None:  # GKE sets these; its nodes' metadata would describe the node, not the slice
+        return {} if "," in gke_hosts else None
+    return {} if cloud_tpu_vm_hosts(env) > 1 else None
 
 
 def initialize() -> None:

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from rlhf_jax import checkpoint, config as config_lib, distributed, hf, lora, optim, parallel, train_state
 from rlhf_jax.errors import ConfigError, MissingFileError, WorkdirError
-from rlhf_jax.metrics import MetricWriter
+from rlhf_jax.metrics import MetricWriter, import_wandb
 from rlhf_jax.models.gpt import TransformerLM
 
 # Model fields a stage may change when it starts from an earlier stage's params (LoRA adapters are the
@@ -72,6 +72,8 @@ class Run:
             "config.batch_size / config.grad_accum (the microbatch)",
         )
         self.is_main = jax.process_index() == 0
+        if config.log.wandb and self.is_main:
+            import_wandb()  # a missing wandb fails now, not after the data and the first compilation
         self.preempted = False
         self.nonfinite = train_state.NonFiniteGuard(config.nonfinite, self.log)
         self._prev_handler = signal.signal(signal.SIGTERM, self._on_sigterm) if _main_thread() else None
@@ -226,7 +228,7 @@ class Run:
 
     # --- loop helpers -------------------------------------------------------------------------
     def metric_writer(self, resume_step: int) -> MetricWriter:
-        return MetricWriter(self.workdir, resume_step)
+        return MetricWriter(self.workdir, resume_step, config=self.config)
 
     def progress(self, start: int, total: int, desc: str):
         return tqdm(

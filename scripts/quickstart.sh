@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Sets up .venv and runs the main job on the built-in task, offline:
-# data → tokenizer → pretrain → SFT → K samples → simulated labelers → RM → PPO → evaluation.
+# Sets up .venv with the library alone (no torch, no transformers) and runs the main job on the built-in task,
+# offline: data → tokenizer → pretrain → SFT → K samples → simulated labelers → RM → PPO → evaluation.
 # Rerunning skips finished stages and resumes an interrupted one.
 #   bash scripts/quickstart.sh [WORKDIR]        (default runs/quickstart)
+#   RLHF_JAX_ACCEL=cuda12 bash scripts/quickstart.sh   (or tpu: jax's build for the accelerator; setup_env.sh)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-source "$ROOT/scripts/setup_env.sh"
+RLHF_JAX_INSTALL=core source "$ROOT/scripts/setup_env.sh"
 cd "$ROOT"
 WORKDIR="${1:-runs/quickstart}"
 python -m rlhf_jax.pipeline --config=configs/pipeline.py --workdir="$WORKDIR"

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Sets up .venv with pinned versions and runs the test suite (CPU, 8 fake devices).
+# Sets up .venv with pinned versions (the core, the parity and the test extras: setup_env.sh) and runs the test
+# suite (CPU, 8 fake devices).
 #   bash scripts/test.sh [--fast] [pytest args...]
 # --fast lints first (ruff check, ruff format --check; settings in pyproject.toml), then leaves out the end-to-end
 # and multi-process tests, those training to a learning outcome and those running whole stages more than once,
