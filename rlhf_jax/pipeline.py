@@ -114,6 +114,7 @@ def reusable_stages(c: ml_collections.ConfigDict, base: str) -> dict[str, str]:
     # new setting whose default keeps the old behaviour does not make every earlier run unusable.
     preset = config_module("pipeline").get_config(theirs.get("preset", c.preset))
     theirs = _with_missing(theirs, json.loads(json.dumps(preset.to_dict(), default=str)))
+    ours, theirs = _outputs_only(ours), _outputs_only(theirs)
     out, dirs, reused = {}, stage_dirs(base), set()
     for stage, keys in REUSE_KEYS.items():  # in pipeline order: a stage's input is judged before it
         if UPSTREAM[stage] not in reused | {None} or any(_get(ours, k) != _get(theirs, k) for k in keys):
@@ -126,6 +127,20 @@ def reusable_stages(c: ml_collections.ConfigDict, base: str) -> dict[str, str]:
             out[stage] = where
             reused.add(stage)
     return out
+
+
+# A stage's keys that change how it reports (W&B, progress bars), not what it produces: never a reason to rerun it.
+REPORTING_KEYS = ("log", "progress")
+
+
+def _outputs_only(config: dict) -> dict:
+    """`config` without each stage block's REPORTING_KEYS."""
+    from rlhf_jax.config import STAGES
+
+    return {
+        k: {x: y for x, y in v.items() if x not in REPORTING_KEYS} if k in STAGES and isinstance(v, dict) else v
+        for k, v in config.items()
+    }
 
 
 def _renamed(config):

@@ -209,6 +209,9 @@ def test_reuse_takes_the_unchanged_stages_whose_inputs_are_reused_too(tmp_path):
     c.data.num_eval_prompts = 100
     assert list(reusable_stages(c, str(tmp_path))) == ["pretrain", "sft", "comparisons", "rm", "policy"]
     c = pipeline_config()
+    c.sft.log.wandb, c.pg.progress = True, False  # how a stage reports is not what it produces
+    assert list(reusable_stages(c, str(tmp_path))) == ["pretrain", "sft", "comparisons", "rm", "baselines", "policy"]
+    c = pipeline_config()
     c.data.corpus_chars = 70_000  # another corpus changes everything downstream of it
     assert reusable_stages(c, str(tmp_path)) == {}
     c = pipeline_config()
