@@ -18,23 +18,21 @@ Presets: default, tiny. As the paper states it:
   batch are what the weight is for (with one the ratio is 1). G = 8 as configs/grpo.py.
 """
 
-from rlhf_jax.config import stage_config
+from rlhf_jax.config import config_module, stage_config
 from rlhf_jax.errors import ConfigError
 
+# GRPO's group-relative advantage and k3 KL in the loss (configs/grpo.py), with this paper's changes
+GRPO = config_module("grpo").ALGORITHMS["grpo"]
 ALGORITHMS = {
     "cispo": dict(
-        pg=dict(
-            advantage="grpo",
-            loss_aggregation="token_mean",
-            whiten_advantages=False,
-            epochs=1,
-            num_minibatches=4,
-            score_baseline="none",
-            critic="shared",
-            policy_loss="cispo",
-            clip_range_high=0.28,
-        ),
-        kl=dict(kind="fixed", init_coef=0.0, placement="loss", estimator="k3"),
+        pg={
+            **GRPO["pg"],
+            "loss_aggregation": "token_mean",
+            "num_minibatches": 4,
+            "policy_loss": "cispo",
+            "clip_range_high": 0.28,
+        },
+        kl={**GRPO["kl"], "init_coef": 0.0},
         rollout=dict(samples_per_prompt=8),
     ),
 }

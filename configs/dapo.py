@@ -22,26 +22,24 @@ Presets: default, tiny. As the paper states it:
   Their learning rate (1e-6, for a 32B model) is not carried over: the lr is a size setting.
 """
 
-from rlhf_jax.config import stage_config
+from rlhf_jax.config import config_module, stage_config
 from rlhf_jax.errors import ConfigError
 
+# GRPO's group-relative advantage and k3 KL in the loss (configs/grpo.py), with this paper's changes
+GRPO = config_module("grpo").ALGORITHMS["grpo"]
 ALGORITHMS = {
     "dapo": dict(
-        pg=dict(
-            advantage="grpo",
-            loss_aggregation="token_mean",
-            whiten_advantages=False,
-            epochs=1,
-            num_minibatches=4,
-            score_baseline="none",
-            critic="shared",
-            policy_loss="ppo_clip",
-            clip_range=0.2,
-            clip_range_high=0.28,
-            dynamic_sampling=True,
-            overlong_cache=5,
-        ),
-        kl=dict(kind="fixed", init_coef=0.0, placement="loss", estimator="k3"),
+        pg={
+            **GRPO["pg"],
+            "loss_aggregation": "token_mean",
+            "num_minibatches": 4,
+            "policy_loss": "ppo_clip",
+            "clip_range": 0.2,
+            "clip_range_high": 0.28,
+            "dynamic_sampling": True,
+            "overlong_cache": 5,
+        },
+        kl={**GRPO["kl"], "init_coef": 0.0},
         rollout=dict(samples_per_prompt=16),
     ),
 }

@@ -18,24 +18,21 @@ Presets: default, tiny. As the paper states it:
   presets differ in the ratio, the clip range and the minibatches.
 """
 
-from rlhf_jax.config import stage_config
+from rlhf_jax.config import config_module, stage_config
 from rlhf_jax.errors import ConfigError
 
+# GRPO's group-relative advantage and k3 KL in the loss (configs/grpo.py), with this paper's changes
+GRPO = config_module("grpo").ALGORITHMS["grpo"]
 ALGORITHMS = {
     "gspo": dict(
-        pg=dict(
-            advantage="grpo",
-            loss_aggregation="sequence_mean",
-            whiten_advantages=False,
-            epochs=1,
-            num_minibatches=4,
-            score_baseline="none",
-            critic="shared",
-            policy_loss="gspo",
-            clip_range=3e-4,
-            clip_range_high=4e-4,
-        ),
-        kl=dict(kind="fixed", init_coef=0.04, placement="loss", estimator="k3"),
+        pg={
+            **GRPO["pg"],
+            "num_minibatches": 4,
+            "policy_loss": "gspo",
+            "clip_range": 3e-4,
+            "clip_range_high": 4e-4,
+        },
+        kl=GRPO["kl"],
         rollout=dict(samples_per_prompt=8),
     ),
 }
