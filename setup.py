@@ -35,5 +35,8 @@ setup(
         "test": ["pytest", "pytest-xdist", "nbclient", "nbformat", "ipykernel", "ruff", "wandb==0.31.0"],
         # torch is installed before transformers so that no CUDA build is pulled in.
         "parity": ["torch==2.13.0", "transformers", "tokenizers"],
+        # `sky jobs launch` for scripts/sweep.py --emit skypilot. Not among the test extras: skypilot pins click<8.2,
+        # which wandb and huggingface_hub exclude; tests/test_sweep.py checks its YAML where skypilot is importable.
+        "cloud": ["skypilot>=0.14"],
     },
 )

@@ -34,6 +34,10 @@ from rlhf_jax.models.gpt import TransformerLM
 # and is taken from that stage.
 RUNTIME_MODEL_FIELDS = ("dropout", "dtype", "remat", "lora")
 
+# The exit status of a run stopped by SIGTERM once it has saved: the shell's 128 + SIGTERM, as if the signal had
+# killed it, so a launcher (SLURM, SkyPilot, scripts/sweep.py) never reads an unfinished run as done.
+PREEMPTED_EXIT = 128 + signal.SIGTERM
+
 
 class StageSetup(NamedTuple):
     """`Run.setup_state`'s result: the model, the optimizer, its learning-rate schedule (update → lr), the fresh
@@ -255,11 +259,11 @@ class Run:
         self.preempted = True
 
     def close(self):
-        """Waits for checkpoints. After SIGTERM, exits the process with status 0 — never returns as if the
-        stage had finished (a pipeline must not mark a preempted stage done)."""
+        """Waits for checkpoints. After SIGTERM, exits the process with PREEMPTED_EXIT (143) — never returns as if
+        the stage had finished (a pipeline must not mark a preempted stage done); rerunning the command resumes."""
         self._release()
         if self.preempted:
-            raise SystemExit(0)
+            raise SystemExit(PREEMPTED_EXIT)
 
 
 def check_init_from(path: str) -> None:

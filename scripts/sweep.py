@@ -4,14 +4,19 @@
     python scripts/sweep.py experiments/kl_coef_ppo.py --root /shared/sweeps/kl --emit slurm \
         --nodes 2 --sbatch=--partition=gpu --sbatch=--gpus-per-node=8   # then: sbatch <root>/launch/sweep.sbatch
     python scripts/sweep.py experiments/kl_coef_ppo.py --root /mnt/kl --emit tpu  # then: bash <root>/launch/tpu_pod.sh
+    python scripts/sweep.py experiments/kl_coef_ppo.py --emit skypilot --accelerators tpu-v5e-16 \
+        --storage gs://my-bucket/sweeps/kl       # prints the `sky jobs launch` command (pip install -e .[cloud])
     python scripts/sweep.py experiments/kl_coef_ppo.py --root /shared/sweeps/kl --collect  # only the summary
 
 Each run has its own workdir <root>/<name>, named from its overrides (e.g. `lr=0.001`), and is the
 ordinary command `python -m rlhf_jax.main --config=BASE --workdir=... --config.<key>=<value> ...`
 (`rlhf_jax.pipeline` for a pipeline BASE). A run is finished once its final checkpoint exists (a
 stage) or its report.md does (a pipeline); DONE.json then records it and a rerun skips it, while an
-interrupted run resumes from its latest checkpoint. Local runs go N at a time (--workers N); Ctrl-C
-sends them SIGTERM, so each checkpoints before it exits.
+interrupted run resumes from its latest checkpoint. Local runs go N at a time (--workers N); Ctrl-C or
+SIGTERM sends them SIGTERM, so each checkpoints before it exits with status 143 (saved, unfinished), as
+the sweep then does.
+On a cluster, preemption is the launcher's: a SLURM task requeues itself before its time limit and SLURM
+requeues a preempted one (emit_slurm); a SkyPilot managed job replaces a preempted cluster (emit_skypilot).
 
 The summary: the last logged value of each column in each run's metrics.jsonl (a pipeline's
 summary.json) → <root>/summary.csv, summary.md, and summary.png (each column against the swept
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import importlib.metadata
 import io
 import json
 import os
@@ -29,6 +35,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -36,6 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from experiments import ROOT, Experiment, Run, cli_value, load_experiment  # noqa: E402
 
 DONE = "DONE.json"
+PREEMPTED = 128 + signal.SIGTERM  # a run's exit status once it saved on SIGTERM (rlhf_jax.run.PREEMPTED_EXIT)
 
 
 # --- one run -----------------------------------------------------------------------------------------
@@ -82,10 +90,7 @@ def _check_unchanged(workdir: str, run: Run) -> None:
 
 def mark_done(workdir: str, run: Run, cmd: list[str], seconds: float | None) -> None:
     record = {"run": run.name, "overrides": run.overrides, "command": shlex.join(cmd), "seconds": seconds}
-    tmp = os.path.join(workdir, DONE + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(record, f, indent=2, default=str)
-    os.replace(tmp, os.path.join(workdir, DONE))
+    _write(os.path.join(workdir, DONE), [json.dumps(record, indent=2, default=str)], 0o644)
 
 
 # --- local runs --------------------------------------------------------------------------------------
@@ -133,7 +138,7 @@ def run_local(exp: Experiment, root: str, workers: int, python: str) -> dict[str
                     status[name] = "finished"
                     log(f"{name}: finished in {seconds:.0f}s")
                 else:
-                    status[name] = "interrupted" if proc.returncode == 0 else f"failed (exit {proc.returncode})"
+                    status[name] = "interrupted" if proc.returncode == PREEMPTED else f"failed (exit {proc.returncode})"
                     log(f"{name}: {status[name]}; see {os.path.join(workdir, 'sweep.log')}")
             time.sleep(0.2)
     except KeyboardInterrupt:
@@ -142,16 +147,24 @@ def run_local(exp: Experiment, root: str, workers: int, python: str) -> dict[str
             proc.send_signal(signal.SIGTERM)
         for _, proc, *_ in active.values():
             proc.wait()
-        raise
+        raise SystemExit(PREEMPTED) from None
     return status
 
 
 # --- launch files ------------------------------------------------------------------------------------
 
 
-def emit_slurm(exp: Experiment, root: str, nodes: int, sbatch: list[str], max_parallel: int) -> str:
+def emit_slurm(
+    exp: Experiment, root: str, nodes: int, sbatch: list[str], max_parallel: int, grace_s: int, max_requeues: int
+) -> str:
     """A SLURM array job, one task per unfinished run; each task is `srun` over `nodes` nodes, one process
-    per node (rlhf_jax.distributed joins them when SLURM_NTASKS > 1)."""
+    per node (rlhf_jax.distributed joins them when SLURM_NTASKS > 1).
+
+    Preemption: `grace_s` seconds before the time limit SLURM sends USR1 to the task's script, which SIGTERMs the
+    run (it saves and exits 143) and requeues the task with `scontrol requeue`, at most `max_requeues` times. A
+    preemption, node failure or `scontrol requeue` SIGTERMs the run directly and SLURM requeues the task itself
+    (--requeue). Either way the task reruns the same command, which resumes from the run's last checkpoint; a run
+    that stopped unfinished exits non-zero, so SLURM never records it as completed."""
     runs, launch = _unfinished(exp, root)
     array = f"0-{len(runs) - 1}" + (f"%{max_parallel}" if max_parallel else "")
     lines = [
@@ -162,9 +175,13 @@ def emit_slurm(exp: Experiment, root: str, nodes: int, sbatch: list[str], max_pa
         f"#SBATCH --nodes={nodes}",
         "#SBATCH --ntasks-per-node=1",
         f"#SBATCH --output={launch}/slurm-%A_%a.out",
+        "#SBATCH --open-mode=append",  # a requeued task adds to its log
+        "#SBATCH --requeue",
+        f"#SBATCH --signal=B:USR1@{grace_s}",
     ]
     lines += [f"#SBATCH {s}" for s in sbatch]
-    lines += ["set -euo pipefail", f"cd {shlex.quote(ROOT)}", "case $SLURM_ARRAY_TASK_ID in"]
+    lines += ["set -uo pipefail  # not -e: the run's exit status decides below", f"cd {shlex.quote(ROOT)}"]
+    lines += ["case $SLURM_ARRAY_TASK_ID in"]
     for i, run in enumerate(runs):
         workdir = os.path.join(root, run.name)
         cmd = shlex.join(command(exp, run, workdir, "python"))
@@ -174,8 +191,27 @@ def emit_slurm(exp: Experiment, root: str, nodes: int, sbatch: list[str], max_pa
     lines += [
         "esac",
         'if [ -e "$WORKDIR/DONE.json" ]; then echo "$WORKDIR: finished earlier"; exit 0; fi',
-        'srun "${CMD[@]}"',
-        "${PYTHON:-python} " + collect_cmd,
+        'echo "[$(date +%T)] job $SLURM_JOB_ID, attempt $((${SLURM_RESTART_COUNT:-0} + 1)): $WORKDIR"',
+        "# USR1, before the time limit: SIGTERM the run's processes (not this script, nor srun: it kills them), which",
+        "# save and exit 143; then requeue. SIGTERM (preemption, scontrol requeue, scancel) reached the run as well.",
+        "TIME_LIMIT=0",
+        "trap 'TIME_LIMIT=1; scancel --signal=TERM \"$SLURM_JOB_ID\"' USR1",
+        "trap 'echo \"[$(date +%T)] SIGTERM: the run saves and stops\"' TERM",
+        'srun "${CMD[@]}" &',
+        "RUN=$!",
+        'wait "$RUN"; STATUS=$?',
+        'while kill -0 "$RUN" 2>/dev/null; do wait "$RUN"; STATUS=$?; done  # a trapped signal ends wait early',
+        'if [ "$STATUS" -eq 0 ]; then exec ${PYTHON:-python} ' + collect_cmd + "; fi",
+        f'if [ "$TIME_LIMIT" = 1 ] && [ "$STATUS" -eq {PREEMPTED} ]; then',
+        f'  if [ "${{SLURM_RESTART_COUNT:-0}}" -lt {max_requeues} ]; then',
+        '    echo "[$(date +%T)] time limit: saved; requeueing job $SLURM_JOB_ID"',
+        '    scontrol requeue "$SLURM_JOB_ID"',
+        "  else",
+        f'    echo "[$(date +%T)] time limit: saved; not requeued: {max_requeues} requeues already (--max-requeues); '
+        'resubmit to resume."',
+        "  fi",
+        "fi",
+        'exit "$STATUS"',
     ]
     path = os.path.join(launch, "sweep.sbatch")
     _write(path, lines)
@@ -204,6 +240,61 @@ def emit_tpu(exp: Experiment, root: str) -> str:
     return path
 
 
+def emit_skypilot(
+    exp: Experiment, root: str, accelerators: str, nodes: int, storage: str, spot: bool, max_restarts: int
+) -> tuple[str, str]:
+    """A SkyPilot task running the sweep, one run after another, on one cluster: a TPU slice (`accelerators`
+    e.g. tpu-v5e-16: every host runs `run:`, JAX finds the slice) or `nodes` GPU nodes (e.g. H100:8:
+    jax.distributed from SkyPilot's node variables). The sweep root is `storage`: a bucket (gs://, s3://, ...)
+    mounted at /sweep, or a path every node shares. Under `sky jobs launch` a preempted spot cluster is replaced
+    and `run:` starts over: runs with DONE.json are skipped and the interrupted one resumes from its last
+    checkpoint. A sweep stopped by SIGTERM exits 143 and always recovers; other failures at most
+    `max_restarts` times. Returns (task YAML path, launch command)."""
+    tpu = accelerators.startswith("tpu-")
+    if tpu and nodes != 1:
+        raise SystemExit(f"--nodes {nodes}: a TPU slice ({accelerators}) is one SkyPilot node; pick a bigger slice.")
+    bucket = "://" in storage
+    remote_root = "/sweep" if bucket else storage
+    launch = os.path.join(root, "launch")
+    os.makedirs(launch, exist_ok=True)
+    jax_req = f"jax[{'tpu' if tpu else 'cuda12'}]=={importlib.metadata.version('jax')}"  # this machine's JAX
+    sweep_cmd = shlex.join(["python", "scripts/sweep.py", os.path.relpath(exp.path, ROOT), "--root", remote_root])
+    run = ["set -u"]
+    if tpu:
+        run.append("export RLHF_JAX_DISTRIBUTED=1  # every host of the slice: JAX finds the others")
+    elif nodes > 1:
+        run += [
+            "export RLHF_JAX_DISTRIBUTED=1",
+            'export RLHF_JAX_COORDINATOR="$(echo "$SKYPILOT_NODE_IPS" | head -n1):8476"',
+            'export RLHF_JAX_NUM_PROCESSES="$SKYPILOT_NUM_NODES" RLHF_JAX_PROCESS_ID="$SKYPILOT_NODE_RANK"',
+        ]
+    run.append(sweep_cmd)
+    lines = [
+        f"# {exp.name}: {len(exp.runs)} runs of {exp.base} on {accelerators} x {nodes}; the sweep root is {storage}.",
+        f"name: {exp.name}",
+        f"workdir: {json.dumps(ROOT)}",
+        f"num_nodes: {nodes}",
+        "resources:",
+        f"  accelerators: {json.dumps(accelerators)}",
+        f"  use_spot: {str(spot).lower()}",
+        "  job_recovery:",
+        "    strategy: EAGER_NEXT_REGION",
+        f"    max_restarts_on_errors: {max_restarts}",
+        f"    recover_on_exit_codes: [{PREEMPTED}]",
+    ]
+    if bucket:
+        lines += ["file_mounts:", f"  {remote_root}:", f"    source: {json.dumps(storage)}", "    mode: MOUNT"]
+    lines += [
+        "setup: |",
+        f"  pip install -e . {shlex.quote(jax_req)}",
+        "run: |",
+    ]
+    lines += [f"  {line}" for line in run]
+    path = os.path.join(launch, "skypilot.yaml")
+    _write(path, lines, 0o644)
+    return path, shlex.join(["sky", "jobs", "launch", "--name", exp.name, "--yes", path])
+
+
 def _unfinished(exp: Experiment, root: str) -> tuple[list[Run], str]:
     runs = [r for r in exp.runs if not finished(os.path.join(root, r.name), exp.stage)]
     if not runs:
@@ -214,11 +305,19 @@ def _unfinished(exp: Experiment, root: str) -> tuple[list[Run], str]:
 
 
 def _write(path: str, lines: list[str], mode: int = 0o755) -> None:
-    """Whole file or nothing: concurrent writers (array tasks collecting) never interleave."""
-    with open(path + ".tmp", "w", newline="") as f:
+    """Whole file or nothing: concurrent writers (array tasks, hosts collecting) never interleave."""
+    tmp = _tmp_beside(path)
+    with open(tmp, "w", newline="") as f:
         f.write("\n".join(lines) + "\n")
-    os.chmod(path + ".tmp", mode)
-    os.replace(path + ".tmp", path)
+    os.chmod(tmp, mode)
+    os.replace(tmp, path)
+
+
+def _tmp_beside(path: str) -> str:
+    """A new temporary file's name in path's directory, this writer's own."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=os.path.basename(path) + ".", suffix=".tmp")
+    os.close(fd)
+    return tmp
 
 
 # --- the summary -------------------------------------------------------------------------------------
@@ -361,8 +460,10 @@ def plot(exp: Experiment, root: str, rows: list[dict[str, Any]]) -> str:
     fig.suptitle(f"{exp.name}: {exp.base}", fontsize=10)
     fig.tight_layout()
     path = os.path.join(root, "summary.png")
-    fig.savefig(path + ".tmp", dpi=110, format="png")
-    os.replace(path + ".tmp", path)
+    tmp = _tmp_beside(path)
+    fig.savefig(tmp, dpi=110, format="png")
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
     plt.close(fig)
     return path
 
@@ -375,15 +476,36 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("experiment", help="experiments/<name>.py")
     p.add_argument("--root", help="directory of the runs' workdirs (default runs/sweeps/<name>)")
     p.add_argument("--workers", type=int, default=1, help="runs at a time (local, or a SLURM array's limit)")
-    p.add_argument("--emit", choices=("slurm", "tpu"), help="write launch files under <root>/launch instead of running")
+    p.add_argument(
+        "--emit", choices=("slurm", "tpu", "skypilot"), help="write launch files under <root>/launch instead of running"
+    )
     p.add_argument("--collect", action="store_true", help="only write the summary of what has run")
     p.add_argument("--list", action="store_true", help="print each run's command and state, run nothing")
-    p.add_argument("--nodes", type=int, default=1, help="--emit slurm: nodes (processes) per run")
+    p.add_argument("--nodes", type=int, default=1, help="--emit slurm/skypilot: nodes (processes) per run")
     p.add_argument("--sbatch", action="append", default=[], help="--emit slurm: an extra #SBATCH option, repeatable")
+    p.add_argument(
+        "--grace", type=int, default=120, help="--emit slurm: seconds before the time limit to save and requeue"
+    )
+    p.add_argument(
+        "--max-requeues",
+        type=int,
+        default=10,
+        help="--emit slurm: a task requeues itself at its time limit while requeued fewer times than this; "
+        "skypilot: restarts after a failure other than preemption",
+    )
+    p.add_argument("--accelerators", default="tpu-v5e-16", help="--emit skypilot: e.g. tpu-v5e-16, H100:8")
+    p.add_argument(
+        "--storage", help="--emit skypilot: the sweep root: a bucket (gs://b/path, s3://...) or a path all nodes share"
+    )
+    p.add_argument("--on-demand", action="store_true", help="--emit skypilot: on-demand instead of spot")
     p.add_argument("--python", default=sys.executable, help="interpreter for local runs")
     a = p.parse_args(argv)
     if a.workers < 1 or a.nodes < 1:
         p.error("--workers and --nodes must be at least 1")
+    if a.grace < 1 or a.max_requeues < 0:
+        p.error("--grace must be at least 1 second and --max-requeues at least 0")
+    if a.emit == "skypilot" and not a.storage:
+        p.error("--emit skypilot needs --storage: a bucket (e.g. gs://my-bucket/sweeps/kl) or a path all nodes share")
     exp = load_experiment(a.experiment)
     root = os.path.abspath(a.root or os.path.join("runs", "sweeps", exp.name))
     if a.list:
@@ -392,15 +514,19 @@ def main(argv: list[str] | None = None) -> int:
             state = "finished" if finished(workdir, exp.stage) else "to run"
             print(f"{state:9s} {shlex.join(command(exp, run, workdir, 'python'))}")
         return 0
+    if a.emit == "slurm":
+        path = emit_slurm(exp, root, a.nodes, a.sbatch, a.workers if a.workers > 1 else 0, a.grace, a.max_requeues)
+        log(f"wrote {path}; submit with: sbatch {path}")
+    elif a.emit == "tpu":
+        log(f"wrote {emit_tpu(exp, root)}")
+    elif a.emit == "skypilot":
+        path, launch_cmd = emit_skypilot(exp, root, a.accelerators, a.nodes, a.storage, not a.on_demand, a.max_requeues)
+        log(f"wrote {path}; launch with:")
+        print(launch_cmd)
     if a.emit:
-        path = (
-            emit_slurm(exp, root, a.nodes, a.sbatch, a.workers if a.workers > 1 else 0)
-            if a.emit == "slurm"
-            else emit_tpu(exp, root)
-        )
-        log(f"wrote {path}")
         return 0
     os.makedirs(root, exist_ok=True)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a launcher's SIGTERM stops the runs as Ctrl-C does
     status = {} if a.collect else run_local(exp, root, a.workers, a.python)
     rows = collect(exp, root)
     for path in write_summary(exp, root, rows):
@@ -408,6 +534,8 @@ def main(argv: list[str] | None = None) -> int:
     failed = {k: v for k, v in status.items() if v != "finished"}
     if failed:
         log(f"{len(failed)} of {len(exp.runs)} runs did not finish: {failed}")
+    if failed and all(v == "interrupted" for v in failed.values()):
+        return PREEMPTED  # stopped by SIGTERM, saved: a launcher reruns the sweep, which resumes
     return 1 if failed else 0
 
 

@@ -91,7 +91,7 @@ def test_a_misspelt_key_fails_before_anything_runs_naming_file_and_key(tmp_path)
 def test_a_run_is_finished_only_with_its_final_checkpoint(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"num_steps": 6}))
     (tmp_path / "checkpoints" / "3").mkdir(parents=True)
-    assert not sweep.finished(str(tmp_path), "pretrain")  # e.g. stopped by SIGTERM after step 3: exit 0, not done
+    assert not sweep.finished(str(tmp_path), "pretrain")  # e.g. stopped by SIGTERM after step 3 (exit 143)
     (tmp_path / "checkpoints" / "6").mkdir()
     assert sweep.finished(str(tmp_path), "pretrain")
     assert not sweep.finished(str(tmp_path), "pipeline") and sweep.completed(str(tmp_path), "pg")
@@ -127,6 +127,9 @@ def test_launch_files_hold_every_unfinished_run_and_are_valid_bash(tmp_path):
     script = (root / "launch" / "sweep.sbatch").read_text()
     assert f"#SBATCH --array=0-{len(exp.runs) - 1}%3" in script and "#SBATCH --partition=gpu" in script
     assert "#SBATCH --nodes=2" in script and all(f"--workdir={root}/{r.name} " in script for r in exp.runs)
+    # Preemption (tests/test_slurm.py runs it on a real SLURM): requeue, USR1 before the limit, a bounded self-requeue.
+    assert "#SBATCH --requeue" in script and "#SBATCH --signal=B:USR1@120" in script
+    assert 'scontrol requeue "$SLURM_JOB_ID"' in script and '"${SLURM_RESTART_COUNT:-0}" -lt 10 ]' in script
     subprocess.run(["bash", "-n", str(root / "launch" / "sweep.sbatch")], check=True)
 
     (root / exp.runs[0].name).mkdir(parents=True)
@@ -178,3 +181,49 @@ def test_local_sweep_runs_two_at_a_time_summarises_and_skips_finished_runs_on_re
     assert again.returncode == 0, again.stdout + again.stderr
     assert again.stdout.count("finished earlier, skipped") == 4 and ": started" not in again.stdout
     assert stamps == {r: (root / r / "metrics.jsonl").stat().st_mtime_ns for r in stamps}
+
+
+def _sky_task(yaml_path: str):
+    """The task as SkyPilot itself reads it (its schema and its resources checks; no cloud is asked)."""
+    sky = pytest.importorskip(
+        "sky", reason="skypilot is not installed (pip install -e .[cloud]; not in the test extras: it pins click<8.2)"
+    )
+    return sky.Task.from_yaml(yaml_path)
+
+
+@pytest.mark.parametrize(
+    "accelerators,nodes,storage,chips",
+    [
+        ("tpu-v5e-16", 1, "gs://my-bucket/sweeps/kl", {"tpu-v5e-16": 1}),
+        ("H100:8", 2, "s3://my-bucket/sweeps/kl", {"H100": 8}),
+        ("H100:8", 1, "/nfs/sweeps/kl", {"H100": 8}),  # storage every node mounts already
+    ],
+)
+def test_skypilot_task_is_a_valid_managed_job_that_resumes_the_sweep(
+    tmp_path, capsys, accelerators, nodes, storage, chips
+):
+    path = os.path.join(ROOT, "experiments", "kl_coef_ppo.py")
+    args = [path, "--root", str(tmp_path), "--emit", "skypilot", "--storage", storage]
+    assert sweep.main([*args, "--accelerators", accelerators, "--nodes", str(nodes), "--max-requeues", "3"]) == 0
+    yaml_path = str(tmp_path / "launch" / "skypilot.yaml")
+    assert f"sky jobs launch --name kl_coef_ppo --yes {yaml_path}" in capsys.readouterr().out
+    task = _sky_task(yaml_path)
+    (resources,) = task.resources
+    assert task.num_nodes == nodes and resources.use_spot and dict(resources.accelerators) == chips
+    assert resources.job_recovery == {
+        "strategy": "EAGER_NEXT_REGION",
+        "max_restarts_on_errors": 3,
+        "recover_on_exit_codes": [sweep.PREEMPTED],  # a run stopped by SIGTERM recovers, always
+    }
+    # The sweep itself runs: it skips runs with DONE.json and resumes the interrupted one from the shared root.
+    root = "/sweep" if "://" in storage else storage
+    assert task.run.splitlines()[-1] == f"python scripts/sweep.py experiments/kl_coef_ppo.py --root {root}"
+    assert (root in task.storage_mounts) == ("://" in storage)
+    if accelerators.startswith("tpu-"):
+        assert "export RLHF_JAX_DISTRIBUTED=1" in task.run and "SKYPILOT_NODE_IPS" not in task.run
+        assert "jax[tpu]==" in task.setup
+    else:
+        assert ('RLHF_JAX_PROCESS_ID="$SKYPILOT_NODE_RANK"' in task.run) == (nodes > 1)
+        assert "jax[cuda12]==" in task.setup
+    with pytest.raises(SystemExit, match=r"a TPU slice \(tpu-v5e-16\) is one SkyPilot node"):
+        sweep.main([*args, "--accelerators", "tpu-v5e-16", "--nodes", "2"])
