@@ -55,7 +55,8 @@ def test_grpo_sums_weighted_functions_that_read_the_answer_column_and_logs_each(
         want = m[s]["reward/even_token_share"] + 0.5 * m[s]["reward/answer_overlap"]
         assert m[s]["objective/scores"] == pytest.approx(want, abs=1e-5)
     # ... and the policy learns what it rewards (a tiny model from scratch only moves the token-parity part)
-    even = [m[s]["reward/even_token_share"] for s in steps]
+    scores, even = ([m[s][k] for s in steps] for k in ("objective/scores", "reward/even_token_share"))
+    assert np.mean(scores[-4:]) > np.mean(scores[:4]) + 0.1, scores
     assert np.mean(even[-4:]) > np.mean(even[:4]) + 0.1, even
 
 
