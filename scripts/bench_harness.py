@@ -68,6 +68,43 @@ def serve(
         proto.write(json.dumps(reply) + "\n")
 
 
+class StopBench(Exception):
+    """The driver said "quit" while a stepped worker was paused: leave its training loop."""
+
+
+class Stepper:
+    """The worker side of a stepped run, for a whole training loop timed one step at a time: the loop calls
+    `pause(extra)` at the end of each step; it replies {"seconds": wall time since the previous pause, ...extra}
+    and waits for the driver: "run" returns (the next step starts), "rss" answers and waits again, "quit" raises
+    StopBench. The first "run" is read before the loop starts (`start()`), so the first step's seconds include
+    building the model and compiling: a warm-up, never a timed run."""
+
+    def __init__(self):
+        self.proto = protocol_stream()
+        self.proto.write(json.dumps({"hello": True}) + "\n")
+        self.t = 0.0
+
+    def start(self):
+        self._wait()
+
+    def pause(self, extra: dict | None = None):
+        reply = {"seconds": time.perf_counter() - self.t, **(extra or {})}
+        self.proto.write(json.dumps(reply) + "\n")
+        self._wait()
+
+    def _wait(self):
+        for line in sys.stdin:
+            cmd = json.loads(line)["cmd"]
+            if cmd == "run":
+                self.t = time.perf_counter()
+                return
+            if cmd == "rss":
+                self.proto.write(json.dumps({"rss_mib": peak_rss_mib()}) + "\n")
+            else:
+                raise StopBench
+        raise StopBench
+
+
 def protocol_stream():
     """The worker's replies go to the real stdout; anything a library prints goes to stderr instead."""
     proto = os.fdopen(os.dup(1), "w", buffering=1)
@@ -168,6 +205,35 @@ def side_by_side(workers: dict[str, Worker], task: str, spec: dict, runs: int, p
     return out
 
 
+def alternate_steps(workers: dict[str, Worker], runs: int, warmup: int, pause_s: float = 0.3) -> dict:
+    """Stepped workers (Stepper): `warmup` steps each, then `runs` timed steps alternating who goes first.
+    Each system's steps are its own training loop's, in order; every reply's extra keys are kept per step."""
+    load = [os.getloadavg()[0]]
+    for w in workers.values():
+        w.reply()  # "hello": imports done
+    warm = {k: [w.ask("run") for _ in range(warmup)] for k, w in workers.items()}  # each alone: compiles
+    steps = {k: [] for k in workers}
+    names = list(workers)
+    for i in range(runs):
+        for name in names if i % 2 == 0 else names[::-1]:
+            time.sleep(pause_s)
+            steps[name].append(workers[name].ask("run"))
+    load.append(os.getloadavg()[0])
+    out = {}
+    for k, w in workers.items():
+        seconds = [r["seconds"] for r in steps[k]]
+        out[k] = {
+            "seconds": seconds,
+            "steps": steps[k],
+            "median_s": statistics.median(seconds),
+            "min_s": min(seconds),
+            "warmup_s": [r["seconds"] for r in warm[k]],
+            "peak_rss_mib": w.ask("rss")["rss_mib"],
+        }
+    out["loadavg_1m"] = load
+    return out
+
+
 def progress(msg: str, t0: float):
     print(f"[bench {time.perf_counter() - t0:5.0f}s] {msg}", file=sys.stderr, flush=True)
 
@@ -198,3 +264,20 @@ def machine_info() -> dict:
         "versions": versions,
         "loadavg_1m_at_start": os.getloadavg()[0],
     }
+
+
+def full_length_sampling(attention_mask, temperature: float, n: int, pad_id: int, **extra) -> dict:
+    """transformers generate()'s arguments for what our sampler does: sample the full softmax (top_k=0 /
+    top_p=1 turn off generate's default filters) for exactly n tokens (min_new_tokens = max_new_tokens)."""
+    return dict(
+        attention_mask=attention_mask,
+        do_sample=True,
+        temperature=temperature,
+        top_k=0,
+        top_p=1.0,
+        max_new_tokens=n,
+        min_new_tokens=n,
+        use_cache=True,
+        pad_token_id=pad_id,
+        **extra,
+    )

@@ -14,7 +14,7 @@ import os
 import time
 from collections.abc import Callable
 
-from bench_harness import serve
+from bench_harness import full_length_sampling, serve
 from bench_workloads import DTYPES, OPTIM, tokens_for
 
 
@@ -103,20 +103,7 @@ def torch_generate(spec: dict) -> Callable[[], None]:
     B, P, N = s["batch"], s["prompt_len"], s["new_tokens"]
     model = gpt2(s, P + N).eval()
     prompt = torch.from_numpy(tokens_for(s, (B, P))).long()
-    # min_new_tokens = max_new_tokens: every sample is exactly N tokens, as in rlhf_jax's sampler;
-    # top_k=0 / top_p=1 turn off generate's default filters (rlhf_jax samples the full softmax).
-    kw = dict(
-        attention_mask=torch.ones_like(prompt),
-        do_sample=True,
-        temperature=s["temperature"],
-        top_k=0,
-        top_p=1.0,
-        max_new_tokens=N,
-        min_new_tokens=N,
-        use_cache=True,
-        pad_token_id=0,
-        eos_token_id=s["vocab"] - 1,
-    )
+    kw = full_length_sampling(torch.ones_like(prompt), s["temperature"], N, 0, eos_token_id=s["vocab"] - 1)
 
     def run():
         torch.manual_seed(0)
