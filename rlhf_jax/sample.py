@@ -70,10 +70,11 @@ class Sampler:
         self.mesh, self.rules = parallel.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}), parallel.DEFAULT_RULES
         self.model, self.params, self.tok = trained.load_policy(path, self.mesh, self.rules)
         self.template = run_template(path, self.tok, template, system)
-        self.max_prompt_len = max_prompt_len
-        if max_prompt_len + max_new_tokens > self.model.cfg.max_len:
+        # 0: what the model's positions leave after the response, at most 256 (every prompt is padded to it)
+        self.max_prompt_len = max_prompt_len or min(256, self.model.cfg.max_len - max_new_tokens)
+        if self.max_prompt_len + max_new_tokens > self.model.cfg.max_len or self.max_prompt_len < 2:
             raise ConfigError(
-                f"--max_prompt_len={max_prompt_len} plus --max_new_tokens={max_new_tokens} exceed the model's "
+                f"--max_prompt_len={self.max_prompt_len} plus --max_new_tokens={max_new_tokens} exceed the model's "
                 f"{self.model.cfg.max_len} positions; lower one of them."
             )
         # a multiple of the data-parallel shards: one compiled shape, whatever the number of prompts
@@ -141,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--n", type=int, default=1, help="samples per prompt")
     ap.add_argument("--max_new_tokens", type=int, default=64)
     ap.add_argument("--temperature", type=float, default=0.7, help="0: greedy")
-    ap.add_argument("--max_prompt_len", type=int, default=256)
+    ap.add_argument("--max_prompt_len", type=int, default=0, help="default: the model's positions left, at most 256")
     ap.add_argument("--batch_size", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--chat_template", default="", help="override the run's config.data.chat_template")
