@@ -156,10 +156,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"error: {e}")
 
 
-def run(args) -> None:
-    from rlhf_jax.data import prompts
-
-    sampler = Sampler(
+def run(args, sampler=None) -> None:
+    """The command; `sampler`: a Sampler made from the flags when None."""
+    sampler = sampler or Sampler(
         args.workdir,
         args.max_new_tokens,
         args.temperature,
@@ -177,6 +176,8 @@ def run(args) -> None:
         records = [{"prompt": p} for p in args.prompt]
         dialogues = [[{"role": "user", "content": p}] for p in args.prompt]
     else:
+        from rlhf_jax.data import prompts
+
         read = prompts.read_prompts(args.prompts_path, "prompt")
         with open(args.prompts_path) as f:
             records = [json.loads(line) for line in f if line.strip()]

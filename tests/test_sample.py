@@ -30,19 +30,12 @@ def smollm2(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_a_real_chat_model_answers_from_flags_a_jsonl_and_a_piped_conversation(smollm2, tmp_path):
+def test_a_real_chat_model_holds_a_conversation_through_a_pipe(smollm2):
     greedy = [f"--workdir={smollm2}", "--temperature=0", "--max_new_tokens=16", "--max_prompt_len=96"]
     # a conversation: the second question only makes sense with the first turn in the history
     chat = sample(*greedy, "--chat", stdin="What is the capital of France?\nAnd of Italy?\n/exit\nignored\n")
     france, italy = chat.splitlines()
     assert "Paris" in france and "Rome" in italy, chat
-
-    path = tmp_path / "prompts.jsonl"
-    path.write_text(json.dumps({"prompt": "What is the capital of France?", "id": 7}) + "\n")
-    out = tmp_path / "out.jsonl"
-    sample(*greedy, f"--prompts_path={path}", f"--out={out}")
-    # the record's fields are kept; a first turn is the same prompt as a one-shot one
-    assert json.loads(out.read_text()) == {"prompt": "What is the capital of France?", "id": 7, "response": france}
 
 
 class Recorder:
@@ -52,8 +45,8 @@ class Recorder:
         self.seen = []
 
     def responses(self, dialogues, seed=0):
-        self.seen.append([m["content"] for m in dialogues[0]])
-        return [f"reply {len(dialogues[0])}"]
+        self.seen += [[m["content"] for m in d] for d in dialogues]
+        return [f"reply {len(d)}" for d in dialogues]
 
 
 def test_chat_keeps_the_history_until_reset_and_stops_at_exit():
@@ -82,6 +75,21 @@ def test_samples_are_written_as_jsonl_with_each_records_fields_or_as_text_under_
     ]
     assert text.split("--- ") == ["", *parts]
     assert sample_cli.format_samples(records[:1], ["x"], 1, jsonl=False) == "x\n"
+
+
+def test_a_prompts_jsonl_is_answered_in_order_keeping_each_records_fields(tmp_path):
+    import argparse
+
+    path, out = tmp_path / "prompts.jsonl", tmp_path / "out.jsonl"
+    path.write_text(
+        json.dumps({"prompt": "hi", "id": 7}) + "\n\n" + json.dumps({"messages": [{"role": "user", "content": "yo"}]})
+    )
+    args = argparse.Namespace(chat=False, prompt=[], prompts_path=str(path), out=str(out), n=2, seed=0)
+    sample_cli.run(args, sampler=Recorder())
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["response"] for r in rows] == ["reply 1"] * 4  # the stand-in answers with the messages it got
+    assert rows[0] == rows[1] == {"prompt": "hi", "id": 7, "response": "reply 1"}
+    assert rows[2]["messages"][0]["content"] == "yo"
 
 
 def test_exactly_one_source_of_prompts_is_asked_for():
