@@ -22,11 +22,11 @@ Presets: default, tiny. As the paper states it:
   Their learning rate (1e-6, for a 32B model) is not carried over: the lr is a size setting.
 """
 
-from rlhf_jax.config import config_module, stage_config
-from rlhf_jax.errors import ConfigError
+from rlhf_jax.config import config_module
 
 # GRPO's group-relative advantage and k3 KL in the loss (configs/grpo.py), with this paper's changes
-GRPO = config_module("grpo").ALGORITHMS["grpo"]
+_GRPO = config_module("grpo")
+GRPO = _GRPO.ALGORITHMS["grpo"]
 ALGORITHMS = {
     "dapo": dict(
         pg={
@@ -47,10 +47,4 @@ LABELS = {"dapo": "DAPO"}
 
 
 def get_config(preset: str = "default"):
-    if preset not in ("default", "tiny"):
-        raise ConfigError(f"configs/dapo.py: unknown preset {preset!r}; use default or tiny.")
-    overrides = dict(ALGORITHMS["dapo"])
-    if preset == "tiny":  # 4 prompts x 4 samples per draw, 2 minibatches; a fifth of its 12-token budget
-        pg = {**overrides["pg"], "num_minibatches": 2, "overlong_cache": 2}
-        overrides.update(pg=pg, rollout=dict(samples_per_prompt=4), batch_size=16)
-    return stage_config("ppo", preset, overrides)
+    return _GRPO.group_preset("dapo", ALGORITHMS["dapo"], preset, overlong_cache=2)  # a fifth of its 12-token budget

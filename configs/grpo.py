@@ -58,3 +58,15 @@ def get_config(preset: str = "default"):
     if tiny:  # 4 prompts x 4 samples per iteration
         overrides.update(rollout=dict(samples_per_prompt=4), batch_size=16)
     return stage_config("ppo", "tiny" if tiny else "default", overrides)
+
+
+def group_preset(file: str, algorithm: dict, preset: str, **tiny_pg):
+    """configs/<file>.py:<preset> for an algorithm built on GRPO (DAPO, GSPO, CISPO): its ALGORITHMS entry over the
+    pg stage's default, or its tiny sizes (4 prompts x 4 samples per iteration, 2 minibatches, and `tiny_pg`)."""
+    if preset not in ("default", "tiny"):
+        raise ConfigError(f"configs/{file}.py: unknown preset {preset!r}; use default or tiny.")
+    overrides = dict(algorithm)
+    if preset == "tiny":
+        pg = {**overrides["pg"], "num_minibatches": 2, **tiny_pg}
+        overrides.update(pg=pg, rollout=dict(samples_per_prompt=4), batch_size=16)
+    return stage_config("ppo", preset, overrides)

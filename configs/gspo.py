@@ -18,11 +18,11 @@ Presets: default, tiny. As the paper states it:
   presets differ in the ratio, the clip range and the minibatches.
 """
 
-from rlhf_jax.config import config_module, stage_config
-from rlhf_jax.errors import ConfigError
+from rlhf_jax.config import config_module
 
 # GRPO's group-relative advantage and k3 KL in the loss (configs/grpo.py), with this paper's changes
-GRPO = config_module("grpo").ALGORITHMS["grpo"]
+_GRPO = config_module("grpo")
+GRPO = _GRPO.ALGORITHMS["grpo"]
 ALGORITHMS = {
     "gspo": dict(
         pg={
@@ -40,11 +40,4 @@ LABELS = {"gspo": "GSPO"}
 
 
 def get_config(preset: str = "default"):
-    if preset not in ("default", "tiny"):
-        raise ConfigError(f"configs/gspo.py: unknown preset {preset!r}; use default or tiny.")
-    overrides = dict(ALGORITHMS["gspo"])
-    if preset == "tiny":  # 4 prompts x 4 samples per iteration, 2 minibatches
-        overrides.update(
-            pg={**overrides["pg"], "num_minibatches": 2}, rollout=dict(samples_per_prompt=4), batch_size=16
-        )
-    return stage_config("ppo", preset, overrides)
+    return _GRPO.group_preset("gspo", ALGORITHMS["gspo"], preset)
