@@ -17,7 +17,7 @@ import numpy as np
 
 from rlhf_jax import parallel
 from rlhf_jax.run import Run
-from rlhf_jax.sampling import SamplingSettings, sample
+from rlhf_jax.sampling import SamplingSettings, example_keys, sample
 
 Array = jax.Array
 
@@ -199,9 +199,7 @@ def sample_keys(seed: int, iteration: int, B: int, run: Run):
     batching and topology."""
     p, n = jax.process_index(), jax.process_count()
     idx = iteration * B + np.arange(p * B // n, (p + 1) * B // n)
-    base = jax.random.PRNGKey(seed)
-    keys = np.asarray(jax.vmap(lambda i: jax.random.key_data(jax.random.fold_in(base, i)))(jnp.asarray(idx)))
-    return parallel.global_batch({"k": keys}, run.mesh, run.rules)["k"]
+    return parallel.global_batch({"k": example_keys(seed, idx)}, run.mesh, run.rules)["k"]
 
 
 def joined(rollout: Rollout):

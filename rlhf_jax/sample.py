@@ -21,7 +21,6 @@ import os
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax.errors import ConfigError, UserError
@@ -85,17 +84,16 @@ class Sampler:
 
     def responses(self, dialogues: list[list[dict[str, str]]], seed: int = 0) -> list[str]:
         """The response to each dialogue (its messages end with a user turn), in order."""
-        from rlhf_jax import parallel
+        from rlhf_jax import parallel, sampling
         from rlhf_jax.data import prompts
 
         rows = [prompts.prompt_example(d, self.tok, self.max_prompt_len, template=self.template)[0] for d in dialogues]
-        out, base = [], jax.random.PRNGKey(seed)
+        out = []
         with parallel.activate(self.mesh, self.rules):
             for start in range(0, len(rows), self.batch_size):
                 chunk = rows[start : start + self.batch_size]
                 chunk = chunk + [chunk[0]] * (self.batch_size - len(chunk))  # filler rows, dropped below
-                index = jnp.arange(start, start + self.batch_size)
-                keys = np.asarray(jax.vmap(lambda i: jax.random.key_data(jax.random.fold_in(base, i)))(index))
+                keys = sampling.example_keys(seed, np.arange(start, start + self.batch_size))
                 g = parallel.global_batch(
                     {
                         "t": np.stack([r["prompt_tokens"] for r in chunk]),

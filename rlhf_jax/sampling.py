@@ -10,6 +10,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from rlhf_jax.models.gpt import TransformerLM, init_cache, positions_from_mask
 
@@ -64,6 +65,13 @@ def sample_inverse_cdf(logits_BxV: jax.Array, keys_B: jax.Array) -> jax.Array:
     idx = jnp.sum(cdf <= u, axis=-1)
     # u rounds up to the total only with probability ~2^-24; then take the last token of nonzero mass.
     return jnp.where(idx >= cdf.shape[-1], jnp.argmax(cdf, axis=-1), idx).astype(jnp.int32)
+
+
+def example_keys(seed: int, index) -> np.ndarray:
+    """uint32 [len(index), 2]: example i's sampling key, fold_in(PRNGKey(seed), i), so that a sample depends on
+    its own index and not on its batch-mates, the batch size or the topology."""
+    base = jax.random.PRNGKey(seed)
+    return np.asarray(jax.vmap(lambda i: jax.random.key_data(jax.random.fold_in(base, i)))(jnp.asarray(index)))
 
 
 def sample(params, prompt_tokens, prompt_mask, rng_keys, *, model: TransformerLM, settings: SamplingSettings):

@@ -13,14 +13,13 @@ import json
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax import checkpoint, forward, parallel, train_state
 from rlhf_jax.data.tokenizer import load_tokenizer
 from rlhf_jax.models.gpt import TransformerLM
 from rlhf_jax.models.layers import ModelConfig
-from rlhf_jax.sampling import SamplingSettings, sample
+from rlhf_jax.sampling import SamplingSettings, example_keys, sample
 
 NORM_FILE = "reward_norm.json"  # the RM stage's reward normalisation, beside its checkpoints
 
@@ -71,13 +70,12 @@ def generate(model, params, tok, source, settings: SamplingSettings, mesh, rules
     from rlhf_jax.data.loader import eval_batches
 
     fn = jax.jit(functools.partial(sample, model=model, settings=settings))
-    base = jax.random.PRNGKey(seed)
     out = {"prompt": [], "prompt_mask": [], "response": [], "response_mask": []}
     start = 0
     with parallel.activate(mesh, rules):
         for local in eval_batches(source, batch_size):
             idx = start + np.arange(len(local["prompt_tokens"]))
-            keys = np.asarray(jax.vmap(lambda i: jax.random.key_data(jax.random.fold_in(base, i)))(jnp.asarray(idx)))
+            keys = example_keys(seed, idx)
             g = parallel.global_batch({"p": local["prompt_tokens"], "m": local["prompt_mask"], "k": keys}, mesh, rules)
             r = jax.device_get(fn(params, g["p"], g["m"], g["k"]))
             real = local["prompt_mask"].sum(1) > 0  # eval_batches pads the last batch with empty rows
