@@ -28,7 +28,7 @@ from tests.conftest import with_device_count
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "scancel", "squeue", "sinfo")
-STEPS = 150
+STEPS = 200
 
 SLURM_CONF = """\
 ClusterName=rlhfjax
@@ -204,21 +204,33 @@ def test_slurm_array_survives_requeue_and_time_limit_and_collects(slurm, tmp_pat
     runs = ["keep=1", "keep=2", "keep=3"]  # array tasks 0, 1, 2
     logs = [root / "launch" / f"slurm-{job}_{i}.out" for i in range(3)]
 
-    def wait_for(cond, what, timeout=150):
-        deadline = time.time() + timeout
-        while not cond():
-            if time.time() > deadline:
-                tails = "\n".join(f"--- {p.name}\n{p.read_text()[-2000:] if p.exists() else ''}" for p in logs)
-                pytest.fail(f"timed out waiting for {what}; squeue: {_squeue(env, job)}\n{tails}")
-            time.sleep(0.5)
+    def timed_out(what):
+        tails = "\n".join(f"--- {p.name}\n{p.read_text()[-2000:] if p.exists() else ''}" for p in logs)
+        pytest.fail(f"timed out waiting for {what}; squeue: {_squeue(env, job)}\n{tails}")
 
-    # Task 0: requeued by the operator mid-run (as SLURM's preemption requeues: SIGTERM to the run, then requeue).
-    wait_for(lambda: 20 <= _steps_logged(root / runs[0]) < STEPS - 30, "task 0 to be mid-run")
-    subprocess.run(["scontrol", "requeue", f"{job}_0"], env=env, check=True, capture_output=True)
-    # Task 1: the warning SLURM sends `grace` seconds before the time limit.
-    wait_for(lambda: 20 <= _steps_logged(root / runs[1]) < STEPS - 30, "task 1 to be mid-run")
-    subprocess.run(["scancel", "--batch", "--signal=USR1", f"{job}_1"], env=env, check=True, capture_output=True)
-    wait_for(lambda: not _squeue(env, job), "every task to finish")
+    # Task 0 is requeued by the operator mid-run (as SLURM's preemption requeues: SIGTERM to the run, then
+    # requeue); task 1 gets the warning SLURM sends `grace` seconds before the time limit. The tasks run at once
+    # and a run is mid-run for a few seconds only, so one loop watches both and acts on each without waiting.
+    actions = {
+        0: ["scontrol", "requeue", f"{job}_0"],
+        1: ["scancel", "--batch", "--signal=USR1", f"{job}_1"],
+    }
+    sent = []
+    deadline = time.time() + 150
+    while actions:
+        for i in [i for i in actions if 20 <= _steps_logged(root / runs[i]) < STEPS - 30]:
+            sent.append(subprocess.Popen(actions.pop(i), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+        if actions and time.time() > deadline:
+            timed_out(f"task(s) {sorted(actions)} to be mid-run")
+        time.sleep(0.05)
+    for p in sent:
+        out, _ = p.communicate(timeout=60)
+        assert p.returncode == 0, (p.args, out)
+    deadline = time.time() + 150
+    while _squeue(env, job):
+        if time.time() > deadline:
+            timed_out("every task to finish")
+        time.sleep(0.5)
 
     out = [p.read_text() for p in logs]
     assert "DUE TO JOB REQUEUE" in out[0] and "attempt 2" in out[0] and "resumed from" in out[0], out[0][-3000:]
