@@ -85,16 +85,17 @@ def logical_shardings(abstract_boxed_tree, mesh: Mesh, rules):
     return nn.logical_to_mesh_sharding(specs, mesh, rules)
 
 
-def sharded_init(init_fn: Callable[[], Any], mesh: Mesh, rules):
-    """Runs `init_fn` (returning a boxed pytree) so each device only ever holds its shard.
+def sharded_init(init_fn: Callable[..., Any], mesh: Mesh, rules, *args):
+    """Runs `init_fn(*args)` (returning a boxed pytree) so each device only ever holds its shard.
 
-    eval_shape → partition specs → jit(out_shardings): no full copy on one device.
+    eval_shape → partition specs → jit(out_shardings): no full copy on one device. `args` (arrays) are the jitted
+    function's arguments, never constants folded into the program.
     Returns (unboxed tree, its shardings).
     """
     with activate(mesh, rules):
-        abstract = jax.eval_shape(init_fn)
+        abstract = jax.eval_shape(init_fn, *args)
         shardings = logical_shardings(abstract, mesh, rules)
-        tree = jax.jit(lambda: nn.unbox(init_fn()), out_shardings=shardings)()
+        tree = jax.jit(lambda *a: nn.unbox(init_fn(*a)), out_shardings=shardings)(*args)
     return tree, shardings
 
 

@@ -181,13 +181,21 @@ class Run:
         return jax.tree.map(jnp.copy, self.load_init_params(params_like, heads=heads))
 
     def setup_state(
-        self, init: Callable | None = None, *, updates_per_step: int = 1, members: int = 0, extras: dict | None = None
+        self,
+        init: Callable | None = None,
+        *,
+        updates_per_step: int = 1,
+        members: int = 0,
+        extras: dict | None = None,
+        start: Callable | None = None,
     ) -> StageSetup:
         """What every stage builds once its data has sized the vocabulary: config.json (the config is final),
         the model, the optimizer (its schedule over optim.total_steps, -1: num_steps, times updates_per_step
         updates; with LoRA on, lora.optimizer's trainable leaves only: the adapters and the heads) and the sharded
-        train state, fresh (`restore_or` then resumes or starts it). init(model) → a function giving the boxed
-        params; default: every head of one model. members, extras: train_state.create's."""
+        train state (`restore_or` then resumes it where a checkpoint exists). init(model) → a function giving the
+        boxed params; default: every head of one model. members, extras: train_state.create's. start: where a
+        fresh run's params begin, as train_state.create takes it (e.g. `self.init_heads(("trunk", "lm_head"))`);
+        not called when this workdir has a checkpoint to resume from."""
         c = self.config
         self.write_config()
         model = TransformerLM(config_lib.model_config(c))
@@ -195,18 +203,21 @@ class Run:
         tx, schedule = optim.make_optimizer(c.optim, total * updates_per_step)
         tx = lora.optimizer(tx, model.cfg)
         init_params = init(model) if init is not None else train_state.model_init_fn(model, c.data.seq_len, c.seed)
+        if self.ckpt.latest_step() is not None:
+            start = None  # restore_or replaces every leaf
         state, shardings = train_state.create(
-            init_params, tx, self.mesh, self.rules, c.seed, extras=extras, members=members
+            init_params, tx, self.mesh, self.rules, c.seed, extras=extras, members=members, start=start
         )
         return StageSetup(model, tx, schedule, state, shardings)
 
-    def restore_or(self, state, init_heads: tuple[str, ...] = ()):
-        """(state, meta) from the latest checkpoint of this workdir, or, for a fresh run, (state with `init_heads`
-        from init_from, None)."""
+    def init_heads(self, heads: tuple[str, ...]) -> Callable:
+        """setup_state's `start` for params whose `heads` (top-level entries) begin from config.init_from."""
+        return lambda like: self.load_init_params(like, heads=heads)
+
+    def restore_or(self, state):
+        """(state, meta) from the latest checkpoint of this workdir, or (state, None) for a fresh run."""
         step = self.ckpt.latest_step()
         if step is None:
-            if init_heads:
-                state = state.replace(params=self.load_init_params(state.params, heads=init_heads))
             return state, None
         params, rest, meta = self.ckpt.restore(step, state.params, state.rest())
         self.log(f"resumed from {self.ckpt.directory}/{step}")

@@ -53,6 +53,7 @@ def create(
     seed: int,
     extras: dict | None = None,
     members: int = 0,
+    start: Callable[[Any], Any] | None = None,
 ) -> tuple[TrainState, TrainState]:
     """Sharded train state and its shardings; `init_params()` returns boxed (logically annotated) params.
 
@@ -62,8 +63,19 @@ def create(
     members > 0: an ensemble (`ensemble_init_fn` params, leading member axis): the optimizer state and the
     RNG get that axis too — member i's are those of a single model of seed + i — so a member's update,
     vmapped, is exactly that model's (gradient clipping, step counts and dropout per member).
+
+    start: the params that begin from elsewhere (a checkpoint, an earlier stage), as a function of the params'
+    abstract tree (ShapeDtypeStructs with their shardings) returning it with those leaves loaded as arrays and
+    every other leaf left abstract. Loaded leaves replace init_params()'s before the optimizer state is built,
+    inside the one jitted init, so their random init is never computed (XLA drops what nothing uses); the other
+    leaves get exactly the values they would without `start`.
     """
-    return parallel.sharded_init(_state_init_fn(init_params, tx, seed, extras, members), mesh, rules)
+    if start is None:
+        return parallel.sharded_init(_state_init_fn(init_params, tx, seed, extras, members), mesh, rules)
+    abstract, _ = abstract_state(init_params, tx, mesh, rules, seed, extras, members)
+    loaded = jax.tree_util.tree_flatten_with_path(start(abstract.params))[0]
+    given = {jax.tree_util.keystr(path): leaf for path, leaf in loaded if isinstance(leaf, jax.Array)}
+    return parallel.sharded_init(_state_init_fn(init_params, tx, seed, extras, members), mesh, rules, given)
 
 
 def abstract_state(
@@ -84,8 +96,8 @@ def abstract_state(
 def _state_init_fn(init_params, tx, seed: int, extras: dict | None, members: int) -> Callable[[], TrainState]:
     extras = extras or {}
 
-    def init():
-        params = init_params()
+    def init(given: dict | None = None):
+        params = _with_given(init_params(), given) if given else init_params()
         if members:
             opt_state = jax.vmap(tx.init)(params)
             rng = jnp.stack([jax.random.key_data(jax.random.PRNGKey(seed + i)) for i in range(members)])
@@ -101,6 +113,19 @@ def _state_init_fn(init_params, tx, seed: int, extras: dict | None, members: int
         )
 
     return init
+
+
+def _with_given(params, given: dict):
+    """Boxed `params` with the leaves `given` names (by key path, as jax.tree_util.keystr writes it) replaced,
+    keeping each leaf's logical axes."""
+
+    def pick(path, x):
+        key = jax.tree_util.keystr(path)
+        if key not in given:
+            return x
+        return x.replace_boxed(given[key]) if isinstance(x, nn.meta.AxisMetadata) else given[key]
+
+    return jax.tree_util.tree_map_with_path(pick, params, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
 
 
 def accumulate_grads(loss_fn: Callable, params, batch, rng: jax.Array, grad_accum: int):

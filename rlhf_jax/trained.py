@@ -53,10 +53,10 @@ def load_policy(workdir: str, mesh, rules, dtype: str | None = None):
     # The policy-gradient family keeps {"policy", ["critic"]}; runs written before its rename call it "ppo".
     if src["stage"] in ("pg", "ppo"):
         critic = src.get("pg", src.get("ppo"))["critic"] == "reward_model"
-        like, _ = parallel.sharded_init(lambda: {"policy": one(), **({"critic": one()} if critic else {})}, mesh, rules)
+        like = parallel.abstract_params(lambda: {"policy": one(), **({"critic": one()} if critic else {})}, mesh, rules)
         params = checkpoint.load_params(workdir, like)["policy"]
     else:
-        like, _ = parallel.sharded_init(one, mesh, rules)
+        like = parallel.abstract_params(one, mesh, rules)
         params = checkpoint.load_params(workdir, like)
     return model, params, load_tokenizer(os.path.join(workdir, "tokenizer.model"))
 

@@ -180,7 +180,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         prompts = columns = None
         run.log(f"dpo data: train {train_stats}, eval {eval_stats}")
     updates = c.online.updates_per_iteration if c.dpo.online else 1
-    model, tx, schedule, state, shardings = run.setup_state(updates_per_step=updates)
+    model, tx, schedule, state, shardings = run.setup_state(
+        updates_per_step=updates, start=run.init_heads(("trunk", "lm_head"))
+    )
     # The initial params (before a resume), copied: None with SimPO (no reference) and with LoRA (the reference
     # is the policy, adapters off: lora.reference).
     ref_params = (
@@ -188,7 +190,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if c.dpo.loss == "simpo" or c.model.lora.rank
         else run.frozen_init_params(state.params, heads=("trunk", "lm_head"))
     )
-    state, _ = run.restore_or(state, init_heads=("trunk", "lm_head"))
+    state, _ = run.restore_or(state)
     start = int(jax.device_get(state.step)) // updates
 
     logps_fn = online_logps if c.dpo.online else offline_logps

@@ -171,8 +171,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     run = Run(config, workdir)
     c = run.config
     tok, train_source, eval_source = datasets(run)
-    model, tx, schedule, state, shardings = run.setup_state()
-    state, _ = run.restore_or(state, init_heads=("trunk", "lm_head"))
+    model, tx, schedule, state, shardings = run.setup_state(start=run.init_heads(("trunk", "lm_head")))
+    state, _ = run.restore_or(state)
     start = int(jax.device_get(state.step))
 
     batch_sh = parallel.batch_sharding(run.mesh, run.rules)

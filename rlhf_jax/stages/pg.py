@@ -290,13 +290,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         lambda model: pg_setup.init_params_fn(model, c),
         updates_per_step=updates_per_iter,
         extras=rl.kl_controller_init(c.kl.init_coef),
+        start=lambda like: pg_setup.initial_params(run, like),
     )
     policy_heads = tuple(state.params["policy"])
     # With LoRA the reference is the policy with its adapters off (lora.reference): no copy.
     ref_params = None if c.model.lora.rank else run.frozen_init_params(state.params["policy"], heads=policy_heads)
     state, meta = run.restore_or(state)
-    if meta is None:
-        state = state.replace(params=pg_setup.initial_params(run, state.params))
     reward = rewards.source(run, c, tok, columns)
     start = int(jax.device_get(state.step))
     steps = jit_functions(model, tx, c, tok, reward, group, shardings, run.mesh, run.rules)

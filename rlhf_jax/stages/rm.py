@@ -296,9 +296,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     run.log(f"rm data: train {train_stats}, eval {eval_stats}")
     E = c.rm.ensemble_size if c.rm.ensemble_size > 1 else 0  # 0: one RM, params without a member axis
     init = (lambda model: train_state.ensemble_init_fn(model, c.data.seq_len, c.seed, E)) if E else None
-    model, tx, schedule, state, shardings = run.setup_state(init, members=E)
     # A fresh run: the trunk from the earlier stage; the reward head stays freshly initialised.
-    state, meta = run.restore_or(state, init_heads=() if E else ("trunk",))
+    model, tx, schedule, state, shardings = run.setup_state(
+        init, members=E, start=None if E else run.init_heads(("trunk",))
+    )
+    state, meta = run.restore_or(state)
     reward_fn = make_reward_fn(model, E)
     if c.rm.normalize_on == "policy_samples":
         reference = policy_sample_rewards_fn(run, model, E)
