@@ -62,12 +62,12 @@ class Sampler:
     """One policy, one compiled sampler: `responses(dialogues, seed)` for any number of prompts."""
 
     def __init__(self, workdir: str, max_new_tokens: int, temperature: float, max_prompt_len: int, batch_size: int,
-                 template: str = "", system: str | None = None):  # fmt: skip
+                 template: str = "", system: str | None = None, dtype: str = ""):  # fmt: skip
         from rlhf_jax import parallel, sampling, trained
 
         path = policy_dir(workdir)
         self.mesh, self.rules = parallel.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}), parallel.DEFAULT_RULES
-        self.model, self.params, self.tok = trained.load_policy(path, self.mesh, self.rules)
+        self.model, self.params, self.tok = trained.load_policy(path, self.mesh, self.rules, dtype=dtype or None)
         self.template = run_template(path, self.tok, template, system)
         # 0: what the model's positions leave after the response, at most 256 (every prompt is padded to it)
         self.max_prompt_len = max_prompt_len or min(256, self.model.cfg.max_len - max_new_tokens)
@@ -145,6 +145,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--chat_template", default="", help="override the run's config.data.chat_template")
     ap.add_argument("--system", default=None, help="override the run's system message ('' for none)")
+    ap.add_argument(
+        "--dtype",
+        default="",
+        help="compute dtype (default: the run's, bfloat16 for an HF directory); float32 decodes the same tokens "
+        "on any number of devices, where bf16 rounding can change a greedy choice",
+    )
     args = ap.parse_args(argv)
     if sum(map(bool, (args.prompt, args.prompts_path, args.chat))) != 1:
         ap.error("give exactly one of --prompt (repeatable), --prompts_path or --chat")
@@ -164,6 +170,7 @@ def run(args, sampler=None) -> None:
         args.batch_size,
         args.chat_template,
         args.system,
+        args.dtype,
     )
     if args.chat:
         if sys.stdin.isatty():
