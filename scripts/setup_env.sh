@@ -31,8 +31,6 @@ if [ ! -x "$ROOT/.venv/bin/python" ]; then
 fi
 # shellcheck disable=SC1091
 source "$ROOT/.venv/bin/activate"
-# No byte-compiling at install: Python compiles what it imports on first use (a fresh .venv in 73 s, not 87).
-export PIP_NO_COMPILE="${PIP_NO_COMPILE:-1}"
 stamp() {  # a file marking that part $1 is installed, for these versions of the files that pin it
   local name="$1"
   shift
