@@ -70,12 +70,12 @@ def create(
     inside the one jitted init, so their random init is never computed (XLA drops what nothing uses); the other
     leaves get exactly the values they would without `start`.
     """
-    if start is None:
-        return parallel.sharded_init(_state_init_fn(init_params, tx, seed, extras, members), mesh, rules)
-    abstract, _ = abstract_state(init_params, tx, mesh, rules, seed, extras, members)
-    loaded = jax.tree_util.tree_flatten_with_path(start(abstract.params))[0]
-    given = {jax.tree_util.keystr(path): leaf for path, leaf in loaded if isinstance(leaf, jax.Array)}
-    return parallel.sharded_init(_state_init_fn(init_params, tx, seed, extras, members), mesh, rules, given)
+    init_fn, given = _state_init_fn(init_params, tx, seed, extras, members), {}
+    if start is not None:
+        abstract = parallel.abstract_params(init_params, mesh, rules)
+        loaded = jax.tree_util.tree_flatten_with_path(start(abstract))[0]
+        given = {jax.tree_util.keystr(path): leaf for path, leaf in loaded if isinstance(leaf, jax.Array)}
+    return parallel.sharded_init(init_fn, mesh, rules, given)
 
 
 def abstract_state(
@@ -97,7 +97,7 @@ def _state_init_fn(init_params, tx, seed: int, extras: dict | None, members: int
     extras = extras or {}
 
     def init(given: dict | None = None):
-        params = _with_given(init_params(), given) if given else init_params()
+        params = _with_given(init_params(), given or {})
         if members:
             opt_state = jax.vmap(tx.init)(params)
             rng = jnp.stack([jax.random.key_data(jax.random.PRNGKey(seed + i)) for i in range(members)])

@@ -117,26 +117,27 @@ def test_a_state_started_from_loaded_params_equals_random_init_then_load():
     model = TransformerLM(dataclasses.replace(CFG, lora=LoraConfig(rank=2)))
     mesh, rules = parallel.make_mesh(dict(data=2, fsdp=2, tensor=2)), parallel.DEFAULT_RULES
     init, tx = train_state.model_init_fn(model, 12, 0), lora.optimizer(optax.adamw(1e-2), model.cfg)
-    rng = np.random.default_rng(1)
+    rng, given = np.random.default_rng(1), {}
 
     def start(like):  # an earlier stage's trunk (every weight but the adapters), as load_base_params gives it
-        base = jax.tree.map(
+        given["trunk"] = jax.tree.map(
             lambda x: jax.device_put(rng.normal(size=x.shape).astype(x.dtype), x.sharding),
             lora.without_adapters(like["trunk"]),
         )
-        return {**like, "trunk": lora.with_adapters_of(base, like["trunk"])}
+        return {**like, "trunk": lora.with_adapters_of(given["trunk"], like["trunk"])}
 
     started, _ = train_state.create(init, tx, mesh, rules, seed=0, start=start)
     fresh, _ = train_state.create(init, tx, mesh, rules, seed=0)
-    loaded = lora.without_adapters(started.params["trunk"])
-    expected = fresh.replace(params={**fresh.params, "trunk": lora.with_adapters_of(loaded, fresh.params["trunk"])})
+    expected = fresh.replace(
+        params={**fresh.params, "trunk": lora.with_adapters_of(given["trunk"], fresh.params["trunk"])}
+    )
     got, want = jax.tree_util.tree_flatten_with_path(started)[0], jax.tree_util.tree_flatten_with_path(expected)[0]
     assert [p for p, _ in got] == [p for p, _ in want]
     for (path, a), (_, b) in zip(got, want):
         assert a.sharding == b.sharding and a.dtype == b.dtype, jax.tree_util.keystr(path)
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=jax.tree_util.keystr(path))
-    assert not np.array_equal(  # the loaded trunk is the given one, not the random init
-        np.asarray(jax.tree.leaves(loaded)[0]),
+    assert not np.array_equal(  # the given trunk differs from the random init, so the comparison above has teeth
+        np.asarray(jax.tree.leaves(given["trunk"])[0]),
         np.asarray(jax.tree.leaves(lora.without_adapters(fresh.params["trunk"]))[0]),
     )
     assert any("lora" in jax.tree_util.keystr(p) for p, _ in got)  # adapters present, equal to the fresh init's
