@@ -10,7 +10,8 @@ DPO reuse them (config.reuse_from), so the three start from the same SFT policy 
 evaluation decodes the same prompts with the same keys. Rows: SmolLM2-Instruct prompted zero-shot and 2-shot (the
 task's system message "Answer with the result only."), SFT, best-of-4 SFT samples by the RM, PPO, GRPO, DPO.
 Tuning budget: none for any algorithm (one LoRA lr, 1e-4, for every stage). analyze() gives mean ± std over
-seeds with 95% t-intervals, and each row minus SFT paired by seed.
+seeds with 95% t-intervals, each row minus SFT paired by seed, and the policies against one another paired by seed
+(DPO − PPO, GRPO − PPO, DPO − GRPO): the tiny model's "DPO ≥ PPO?" asked on the real one.
 """
 
 SEEDS = (0, 1, 2)
@@ -40,6 +41,7 @@ METRICS = (
     ("wall_s", "policy stage wall time, s"),
 )
 # summary.json's rows that every run of a seed shares, read from its PPO run
+PAIRS = (("DPO", "PPO"), ("GRPO", "PPO"), ("DPO", "GRPO"))  # compared paired by seed
 SHARED_ROWS = (
     ("gpt_zero_shot", "SmolLM2-Instruct zero-shot"),
     ("gpt_few_shot", "SmolLM2-Instruct 2-shot"),
@@ -84,6 +86,7 @@ def analyze(root, rows):
 
     table = per_seed(root, rows)
     order = [label for _, label in SHARED_ROWS[:3]] + ["PPO", "GRPO", "DPO", SHARED_ROWS[3][1]]
+    deltas = ("gold_score", "correct_rate", "answer_correct_rate", "chatter_rate")
     stats, paired = {}, {}
     for label in (x for x in order if x in table):
         runs = table[label]
@@ -94,12 +97,14 @@ def analyze(root, rows):
         }
         if label != "SFT" and "SFT" in table:
             seeds = sorted(set(runs) & set(table["SFT"]))
-            paired[label] = {
-                m: interval([runs[s][m] - table["SFT"][s][m] for s in seeds])
-                for m in ("gold_score", "correct_rate", "answer_correct_rate")
-            }
+            paired[label] = {m: interval([runs[s][m] - table["SFT"][s][m] for s in seeds]) for m in deltas}
+    versus = {}
+    for a, b in PAIRS:
+        if a in table and b in table:
+            seeds = sorted(set(table[a]) & set(table[b]))
+            versus[f"{a} − {b}"] = {m: interval([table[a][s][m] - table[b][s][m] for s in seeds]) for m in deltas}
     with open(os.path.join(root, "aggregate.json"), "w") as f:
-        json.dump({"rows": stats, "minus_sft_paired": paired}, f, indent=1)
+        json.dump({"rows": stats, "minus_sft_paired": paired, "policies_paired": versus}, f, indent=1)
     cell = lambda v: f"{v['mean']:.3f} ± {v['std']:.3f} [{v['lo']:.3f}, {v['hi']:.3f}]"
     lines = [
         "## SmolLM2-135M-Instruct on the built-in task (mean ± std over seeds [95% t-interval])",
@@ -111,22 +116,20 @@ def analyze(root, rows):
         s = stats[label]
         n = s.get("gold_score", {}).get("n", 0)
         lines.append(f"| {label} | {n} | " + " | ".join(cell(s[m]) if m in s else "—" for m, _ in METRICS) + " |")
-    lines += [
-        "",
-        "### Paired by seed: each row minus SFT on the same seed (mean [95% t-interval])",
-        "",
-        "| row | Δ gold | Δ exact-correct | Δ answer-correct |",
-        "|---|---|---|---|",
-    ]
-    lines += [
-        f"| {label} | "
-        + " | ".join(
-            f"{p[m]['mean']:+.3f} [{p[m]['lo']:+.3f}, {p[m]['hi']:+.3f}]"
-            for m in ("gold_score", "correct_rate", "answer_correct_rate")
-        )
-        + " |"
-        for label, p in paired.items()
-    ]
+    for title, diffs in (("each row minus SFT on the same seed", paired), ("one policy minus another", versus)):
+        lines += [
+            "",
+            f"### Paired by seed: {title} (mean [95% t-interval])",
+            "",
+            "| row | Δ gold | Δ exact-correct | Δ answer-correct | Δ chatter |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {label} | "
+            + " | ".join(f"{p[m]['mean']:+.3f} [{p[m]['lo']:+.3f}, {p[m]['hi']:+.3f}]" for m in deltas)
+            + " |"
+            for label, p in diffs.items()
+        ]
     with open(os.path.join(root, "smollm2.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     return "\n".join(lines)
