@@ -131,10 +131,11 @@ class LoopTail:
             self._reset_timer()
         if on_last is not None and final:
             self.write(done, on_last())
-        if done % c.checkpoint.every == 0 or final or run.preempted:
-            run.save(state, {"stage": c.stage, "data_step": done}, force=run.preempted)
+        stop = run.stop_requested()
+        if done % c.checkpoint.every == 0 or final or stop:
+            run.save(state, {"stage": c.stage, "data_step": done}, force=stop)
             self._reset_timer()
-        if run.preempted:
+        if stop:
             run.log(f"SIGTERM: saved step {done}; rerun the same command to resume.")
             return True
         return False

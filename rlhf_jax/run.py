@@ -21,7 +21,9 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from rlhf_jax import checkpoint, config as config_lib, distributed, hf, lora, optim, parallel, train_state
@@ -268,6 +270,15 @@ class Run:
 
     def _on_sigterm(self, signum, frame):
         self.preempted = True
+
+    def stop_requested(self) -> bool:
+        """Whether to save and stop after this step: SIGTERM reached this process, or, in a multi-process run, any
+        process. Hosts get the signal at different steps, or only one of them does, but the save is collective, so
+        every process must stop after the same step: they agree on it at every step (a one-int all-gather)."""
+        if jax.process_count() > 1:
+            votes = multihost_utils.process_allgather(np.int32(self.preempted))
+            self.preempted = bool(np.any(votes))
+        return self.preempted
 
     def close(self):
         """Waits for checkpoints. After SIGTERM, exits the process with PREEMPTED_EXIT (143) — never returns as if

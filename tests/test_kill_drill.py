@@ -1,16 +1,19 @@
-"""The multi-host kill drill: one of two processes (2 × 4 CPU devices) of a policy-gradient run is SIGKILLed at
-2 seeded points and both are relaunched; the result must equal an uninterrupted run's bit for bit. Its own file,
+"""The multi-host kill drill: one of two processes (2 × 4 CPU devices) of a policy-gradient run is SIGKILLed, or
+sent SIGTERM alone, at 3 seeded points and both are relaunched; the result must equal an uninterrupted run's bit
+for bit. Its own file,
 so that pytest-xdist runs it beside tests/test_multiprocess.py rather than after it."""
 
 import importlib.util
 import os
 import random
 import re
+import signal
 import time
 
 import pytest
 
 from rlhf_jax.metrics import read_metrics
+from rlhf_jax.run import PREEMPTED_EXIT
 from tests.test_multiprocess import ROOT, TIMEOUT_S, MESH_2x2x2, _comparable, _launch, _run, _start
 
 # Six policy-gradient iterations, an (asynchronous) checkpoint after each: a kill loses at most the iteration under
@@ -54,17 +57,22 @@ def _resumed_from(log: str) -> int | None:
 
 
 @pytest.mark.slow
-def test_sigkill_of_one_host_at_two_points_resumes_to_the_uninterrupted_result(tmp_path):
-    """A multi-host job loses one host: at 2 seeded points of a 2-process policy-gradient run one process is
-    SIGKILLed (no handler runs), the other is stopped as a cluster manager would, and both are relaunched with
-    the same command. The end result must equal, bit for bit, that of a run never interrupted."""
+def test_one_host_killed_or_preempted_at_three_points_resumes_to_the_uninterrupted_result(tmp_path):
+    """A multi-host job loses one host: at 3 seeded points of a 2-process policy-gradient run one process is
+    SIGKILLed (no handler runs; the other is stopped as a cluster manager would) or, at one of them, sent SIGTERM
+    alone, as when one host of a slice is preempted: then both must save the same step and exit 143 by themselves.
+    Both are relaunched with the same command each time; the end result must equal, bit for bit, that of a run
+    never interrupted."""
     config, overrides = PG_DRILL
     args = lambda workdir: [f"--config={config}", f"--workdir={workdir}", *overrides]  # noqa: E731
     rng = random.Random(0)
     killed = tmp_path / "killed"
     os.makedirs(killed)
+    points = sorted(rng.sample(range(1, 6), 3))  # iterations logged before the kill
+    signals = [signal.SIGKILL] * 3
+    signals[rng.randrange(2)] = signal.SIGTERM  # not at the last point, which could land in the final iteration
     kills, resume = [], None  # resume: the newest complete checkpoint once the last kill landed
-    for after in sorted(rng.sample(range(1, 6), 2)):  # iterations logged before the kill
+    for after, sig in zip(points, signals):
         procs, logs = _start(args(killed), killed, num_processes=2, devices=4)
         try:
             deadline = time.time() + TIMEOUT_S
@@ -76,13 +84,21 @@ def test_sigkill_of_one_host_at_two_points_resumes_to_the_uninterrupted_result(t
                 assert _resumed_from(open(logs[0]).read()) == resume, kills
             time.sleep(rng.uniform(0.0, 0.3))  # somewhere inside the next iteration or its checkpoint
             victim = rng.randrange(2)
-            procs[victim].kill()
+            procs[victim].send_signal(sig)
+            if sig == signal.SIGTERM:  # the other process learns of it at the end of the step and stops there too
+                codes = [p.wait(timeout=TIMEOUT_S) for p in procs]
+                assert codes == [PREEMPTED_EXIT] * 2, (codes, open(logs[1 - victim]).read()[-4000:])
+                saved = re.findall(r"SIGTERM: saved step (\d+);", open(logs[0]).read())
+                assert len(saved) == 1 and int(saved[0]) >= after, open(logs[0]).read()[-4000:]
             procs[victim].wait()
             resume = max(_kill_soak().complete_steps(str(killed)), default=None)
-            kills.append({"after": after, "killed process": victim, "resume from": resume})
+            if sig == signal.SIGTERM:
+                assert resume == int(saved[0]), kills
+            kills.append({"after": after, "signal": sig.name, "process": victim, "resume from": resume})
         finally:
-            for p in procs:  # the survivor would wait for its peer in a collective
-                p.kill()
+            for p in procs:  # the survivor of a SIGKILL would wait for its peer in a collective
+                if p.poll() is None:
+                    p.kill()
                 p.wait()
     out = _launch(args(killed), killed, num_processes=2, devices=4)[0]
     assert _resumed_from(out) == resume, kills
