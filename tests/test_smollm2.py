@@ -8,6 +8,7 @@ these tests skip, saying so.
 """
 
 import copy
+import functools
 import gzip
 import json
 import os
@@ -50,11 +51,18 @@ PROMPTS = [
 def smol(tmp_path_factory):
     out = smollm2_hf_dir(tmp_path_factory)
     path = gguf.packaged_smollm2()
-    ref = transformers.AutoModelForCausalLM.from_pretrained(
-        os.path.dirname(path), gguf_file=path, dtype=torch.float32
-    ).eval()
-    ref_tok = transformers.AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=path)
-    mesh = parallel.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+    # transformers parses the GGUF three times (config, weights, tokenizer) and rebuilds gguf's tensor-name map
+    # once per tensor: 15 of its 19 s here. Memoised for the fixture; what it reads and computes is unchanged.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(gguf_pkg, "GGUFReader", functools.cache(gguf_pkg.GGUFReader))
+        mp.setattr(gguf_pkg, "get_tensor_name_map", functools.cache(gguf_pkg.get_tensor_name_map))
+        ref = transformers.AutoModelForCausalLM.from_pretrained(
+            os.path.dirname(path), gguf_file=path, dtype=torch.float32
+        ).eval()
+        ref_tok = transformers.AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=path)
+    # One device: parity is a property of the model's code; its sharded load and sharded sampling are
+    # tests/test_hf.py's (8 fake devices would take 13 s instead of 3 s to decode here, at the tests' -O0).
+    mesh = parallel.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
     model, params = hf.load_model(out, mesh, RULES, dtype="float32")
     return dict(
         gguf=path, dir=out, ref=ref, ref_tok=ref_tok, mesh=mesh, model=model, params=params, tok=load_tokenizer(out)
