@@ -36,7 +36,8 @@ setup(
         # torch is installed before transformers so that no CUDA build is pulled in.
         "parity": ["torch==2.13.0", "transformers", "tokenizers"],
         # `sky jobs launch` for scripts/sweep.py --emit skypilot. Not among the test extras: skypilot pins click<8.2,
-        # which wandb and huggingface_hub exclude; tests/test_sweep.py checks its YAML where skypilot is importable.
+        # which wandb and huggingface_hub exclude; the tests install its parser without that pin
+        # (requirements-cloud-test.txt).
         "cloud": ["skypilot>=0.14"],
     },
 )

@@ -5,7 +5,8 @@
 #   RLHF_JAX_INSTALL=dev (default) | core
 #     core: the library only (requirements-lock.txt): no torch, no transformers. What the quickstart needs.
 #     dev:  also the parity extras (torch, then transformers & co.: requirements-parity.txt) and the test
-#           extras (pytest, ruff, wandb, ...: requirements-test.txt). What the tests need.
+#           extras (pytest, ruff, wandb, ...: requirements-test.txt), and SkyPilot's YAML parser
+#           (requirements-cloud-test.txt, --no-deps). What the tests need.
 #   RLHF_JAX_ACCEL=cpu (default) | cuda12 | tpu
 #     jax's build: the lock's CPU jax, or with it "jax[cuda12]==<the lock's jax>" (NVIDIA GPUs; CUDA and
 #     cuDNN come as pip packages) or "jax[tpu]==<the lock's jax>" (Cloud TPU VMs; libtpu).
@@ -46,12 +47,14 @@ if [ ! -f "$CORE_STAMP" ]; then
   python -m pip install --quiet --no-deps -e "$ROOT"
   touch "$CORE_STAMP"
 fi
-DEV_STAMP="$(stamp dev "$ROOT/requirements-parity.txt" "$ROOT/requirements-test.txt")"
+DEV_STAMP="$(stamp dev "$ROOT/requirements-parity.txt" "$ROOT/requirements-test.txt" "$ROOT/requirements-cloud-test.txt")"
 if [ "$INSTALL" = dev ] && [ ! -f "$DEV_STAMP" ]; then
   # torch first, on its own, so the CPU build is the one installed and nothing later pulls a CUDA wheel.
   python -m pip install --quiet torch==2.13.0 ${RLHF_JAX_TORCH_INDEX:+--index-url "$RLHF_JAX_TORCH_INDEX"}
   # transformers & co. for the HF parity tests (tests/test_hf.py; they skip, saying why, without them).
   python -m pip install --quiet -r "$ROOT/requirements-parity.txt"
   python -m pip install --quiet -r "$ROOT/requirements-test.txt"
+  # SkyPilot's YAML parser for tests/test_sweep.py, without its click<8.2 pin (see the file)
+  python -m pip install --quiet --no-deps -r "$ROOT/requirements-cloud-test.txt"
   touch "$DEV_STAMP"
 fi

@@ -186,7 +186,7 @@ def test_local_sweep_runs_two_at_a_time_summarises_and_skips_finished_runs_on_re
 def _sky_task(yaml_path: str):
     """The task as SkyPilot itself reads it (its schema and its resources checks; no cloud is asked)."""
     sky = pytest.importorskip(
-        "sky", reason="skypilot is not installed (pip install -e .[cloud]; not in the test extras: it pins click<8.2)"
+        "sky", reason="skypilot is not installed (scripts/setup_env.sh installs it from requirements-cloud-test.txt)"
     )
     return sky.Task.from_yaml(yaml_path)
 
