@@ -10,6 +10,8 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$ROOT/scripts/setup_real.sh"  # setup_env.sh, plus gguf and SmolLM2 for tests/test_smollm2.py
+echo "scripts/test.sh: .venv ready after ${SECONDS}s"
+trap 'echo "scripts/test.sh: ${SECONDS}s in all"' EXIT
 cd "$ROOT"
 ARGS=()
 if [ "${1:-}" = "--fast" ]; then
