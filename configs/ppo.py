@@ -45,6 +45,8 @@ not per iteration (train_policy.py:172-173); the RM's normalisation gain and bia
 (rewards.py:71); rewards and advantages are whitened over the global batch, not per MPI rank.
 """
 
+from ml_collections.config_dict import placeholder
+
 from rlhf_jax.config import base_config
 from rlhf_jax.errors import ConfigError
 
@@ -96,7 +98,7 @@ def get_config(preset: str = "default"):
         entropy_coef=0.0,
         whiten_rewards=False,
         score_clip=0.0,
-        missing_eos_penalty=None,
+        missing_eos_penalty=placeholder(float),  # None (off) unless set, e.g. --config.pg.missing_eos_penalty=-1
         ptx_coef=0.0,
         ptx_batch_size=8,
         critic="shared",
