@@ -1,7 +1,6 @@
 """The multi-host kill drill: one of two processes (2 × 4 CPU devices) of a policy-gradient run is SIGKILLed, or
 sent SIGTERM alone, at 3 seeded points and both are relaunched; the result must equal an uninterrupted run's bit
-for bit. Its own file,
-so that pytest-xdist runs it beside tests/test_multiprocess.py rather than after it."""
+for bit. Its own file, so that pytest-xdist runs it beside tests/test_multiprocess.py rather than after it."""
 
 import importlib.util
 import os

@@ -52,7 +52,8 @@ def smol(tmp_path_factory):
     out = smollm2_hf_dir(tmp_path_factory)
     path = gguf.packaged_smollm2()
     # transformers parses the GGUF three times (config, weights, tokenizer) and rebuilds gguf's tensor-name map
-    # once per tensor: 15 of its 19 s here. Memoised for the fixture; what it reads and computes is unchanged.
+    # once per tensor (profiled: 8.5 s of parsing and 5.7 s of name maps in loading the model). Memoised for the
+    # fixture; what it reads and computes is unchanged.
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(gguf_pkg, "GGUFReader", functools.cache(gguf_pkg.GGUFReader))
         mp.setattr(gguf_pkg, "get_tensor_name_map", functools.cache(gguf_pkg.get_tensor_name_map))
