@@ -15,6 +15,11 @@ class ConfigError(UserError, ValueError):
     """A config key with an unknown or impossible value (or a field no config has)."""
 
 
+class DataError(UserError, ValueError):
+    """A data file's line or record that cannot be read in the config's format; the message gives the file
+    and line (`path:N:`) and what to change."""
+
+
 class MissingFileError(UserError, FileNotFoundError):
     """A file or directory the config or a flag names does not exist, or lacks what it must hold."""
 

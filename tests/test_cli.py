@@ -53,6 +53,30 @@ def test_a_user_error_is_one_message_and_no_traceback(case, tmp_path):
     _assert_one_clear_message(_main(*args, f"--workdir={tmp_path / 'run'}"), message)
 
 
+# name: (stage, the data file's lines, what the message must say: the file's line and the fix)
+DATA_ERRORS = {
+    "a line that is not JSON": (
+        "sft",
+        ['{"prompt": "hi", "response": "there"}', '{"prompt": "x"'],
+        "d.jsonl:2: invalid JSON (Expecting ',' delimiter at column 1) — each line must be one complete JSON object.",
+    ),
+    "a record of another format": (
+        "rm",
+        ['{"chosen": "\\n\\nHuman: hi\\n\\nAssistant: a", "rejected": "b"}'],
+        "d.jsonl:1: missing key(s) ['prompt', 'responses', 'ranking'] for format 'ranked'",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", DATA_ERRORS)
+def test_a_malformed_data_line_names_its_file_line_and_fix_without_a_traceback(case, tmp_path):
+    stage, lines, message = DATA_ERRORS[case]
+    (tmp_path / "d.jsonl").write_text("\n".join(lines) + "\n")
+    data, workdir = f"--config.data.train_path={tmp_path / 'd.jsonl'}", f"--workdir={tmp_path / 'run'}"
+    r = _main(f"--config=configs/{stage}.py:tiny", data, workdir)
+    _assert_one_clear_message(r, message)
+
+
 def test_a_workdir_that_is_a_file(tmp_path):
     (tmp_path / "notes").write_text("notes")
     _assert_one_clear_message(

@@ -52,7 +52,7 @@ from typing import Any
 import jinja2
 
 from rlhf_jax.data import chat_jinja
-from rlhf_jax.errors import ConfigError
+from rlhf_jax.errors import ConfigError, DataError
 
 ROLES = ("system", "user", "assistant")
 TEMPLATES = ("tags", "hh", "plain", "custom", "chatml", "checkpoint")
@@ -65,7 +65,7 @@ CHATML_SOURCE = (
 _PROBE = ({"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"})
 
 
-class DefectiveRecord(ValueError):
+class DefectiveRecord(DataError):
     """A well-formed record whose content cannot be trained on (skippable with skip_invalid)."""
 
 
@@ -308,7 +308,7 @@ def get_template(name: str = "tags", custom: Any = None, system: str = "") -> Ch
     if isinstance(name, _Template):
         return name
     if not isinstance(system, str):
-        raise ValueError(f"config.data.chat_system must be a string, got {system!r:.80}.")
+        raise ConfigError(f"config.data.chat_system must be a string, got {system!r:.80}.")
     if system:
         return dataclasses.replace(get_template(name, custom), system=system)
     if name == "custom":
@@ -316,7 +316,7 @@ def get_template(name: str = "tags", custom: Any = None, system: str = "") -> Ch
         allowed = {f"{r}_{k}" for r in ROLES for k in ("prefix", "suffix")} | {"lead"}
         unknown = sorted(set(custom) - allowed)
         if unknown or not all(isinstance(v, str) for v in custom.values()):
-            raise ValueError(
+            raise ConfigError(
                 f"config.data.chat_custom: keys must be among {sorted(allowed)} with string values "
                 f"(got {custom!r:.200})."
             )
@@ -329,7 +329,7 @@ def get_template(name: str = "tags", custom: Any = None, system: str = "") -> Ch
         )
     templates = {"tags": TAGS, "hh": HH, "plain": PLAIN, "chatml": CHATML, "checkpoint": CHECKPOINT}
     if name not in templates:
-        raise ValueError(f"config.data.chat_template={name!r} is not a template; use one of {TEMPLATES}.")
+        raise ConfigError(f"config.data.chat_template={name!r} is not a template; use one of {TEMPLATES}.")
     return templates[name]
 
 
@@ -360,18 +360,18 @@ def record_to_messages(record: Any, where: str = "") -> list[dict[str, str]]:
     """Messages of one record in either format; ValueError naming `where` (e.g. "file.jsonl:12")."""
     at = f"{where}: " if where else ""
     if not isinstance(record, dict):
-        raise ValueError(f"{at}expected a JSON object, got {type(record).__name__} — write one object per line.")
+        raise DataError(f"{at}expected a JSON object, got {type(record).__name__} — write one object per line.")
     if "messages" in record:
         messages = record["messages"]
     elif "prompt" in record and "response" in record:
         for key in ("prompt", "response"):
             if not isinstance(record[key], str):
-                raise ValueError(
+                raise DataError(
                     f"{at}{key!r} must be a string, got {type(record[key]).__name__} — quote the text as a JSON string."
                 )
         messages = prompt_response_to_messages(record["prompt"], record["response"])
     else:
-        raise ValueError(
+        raise DataError(
             f"{at}expected keys {{'prompt', 'response'}} or {{'messages'}}, got {sorted(record)} — "
             f"rename the fields to one of these formats."
         )
@@ -383,14 +383,14 @@ def validate_messages(messages: Any, where: str = "") -> None:
     """Checks a message list: non-empty, each {"role": one of ROLES, "content": str}."""
     at = f"{where}: " if where else ""
     if not isinstance(messages, list) or not messages:
-        raise ValueError(f"{at}'messages' must be a non-empty list of {{'role', 'content'}} objects.")
+        raise DataError(f"{at}'messages' must be a non-empty list of {{'role', 'content'}} objects.")
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise ValueError(f"{at}messages[{i}] must be an object with 'role' and 'content', got {m!r:.80}.")
+            raise DataError(f"{at}messages[{i}] must be an object with 'role' and 'content', got {m!r:.80}.")
         if m["role"] not in ROLES:
-            raise ValueError(f"{at}messages[{i}].role={m['role']!r} is not one of {ROLES}.")
+            raise DataError(f"{at}messages[{i}].role={m['role']!r} is not one of {ROLES}.")
         if not isinstance(m["content"], str):
-            raise ValueError(f"{at}messages[{i}].content must be a string, got {type(m['content']).__name__}.")
+            raise DataError(f"{at}messages[{i}].content must be a string, got {type(m['content']).__name__}.")
 
 
 def render_dialogue(
@@ -408,7 +408,7 @@ def render_prompt(
     validate_messages(messages, where)
     if messages[-1]["role"] == "assistant":
         at = f"{where}: " if where else ""
-        raise ValueError(
+        raise DataError(
             f"{at}a prompt must not end with an assistant turn (that is the response to "
             f"generate) — drop the last message."
         )

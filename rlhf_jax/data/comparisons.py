@@ -44,6 +44,7 @@ import tensorflow_datasets as tfds
 from rlhf_jax.data import chat, records, tldr
 from rlhf_jax.data.hh_rlhf import HH_ASSISTANT, hh_messages, split_hh_dialogue
 from rlhf_jax.data.tokenizer import Tokenizer, load_tokenizer
+from rlhf_jax.errors import DataError
 
 FORMATS = ("ranked", "pairwise", "hh_rlhf", "tldr")
 VERSION = "1.1.0"  # 1.1: prompt_len
@@ -78,7 +79,7 @@ def parse_record(record: Any, fmt: str, where: str) -> dict[str, Any]:
         messages, responses, fit = tldr.parse_comparison(record, where)
         return {"prompt_messages": messages, "responses": responses, "fit": fit}
     if not isinstance(record, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__} — write one object per line.")
+        raise DataError(f"{where}: expected a JSON object, got {type(record).__name__} — write one object per line.")
     keys = {
         "ranked": ("prompt", "responses", "ranking"),
         "pairwise": ("prompt", "chosen", "rejected"),
@@ -86,7 +87,7 @@ def parse_record(record: Any, fmt: str, where: str) -> dict[str, Any]:
     }[fmt]
     missing = [k for k in keys if k not in record]
     if missing:
-        raise ValueError(
+        raise DataError(
             f"{where}: missing key(s) {missing} for format {fmt!r}; a record needs {list(keys)} "
             f"(got {sorted(record)}). Rename the fields or pick the matching format."
         )
@@ -123,15 +124,15 @@ def parse_record(record: Any, fmt: str, where: str) -> dict[str, Any]:
 
 def _check_ranking(responses: Any, ranking: Any, where: str) -> None:
     if not isinstance(responses, list) or not isinstance(ranking, list):
-        raise ValueError(
+        raise DataError(
             f"{where}: 'responses' and 'ranking' must be JSON lists, got "
             f"{type(responses).__name__} and {type(ranking).__name__}."
         )
     K = len(responses)
     if K < 2:
-        raise ValueError(f"{where}: {K} response(s); a comparison needs K >= 2 — add responses or drop the record.")
+        raise DataError(f"{where}: {K} response(s); a comparison needs K >= 2 — add responses or drop the record.")
     if any(isinstance(i, bool) or not isinstance(i, int) for i in ranking) or sorted(ranking) != list(range(K)):
-        raise ValueError(
+        raise DataError(
             f"{where}: ranking={ranking!r:.80} is not a permutation of 0..{K - 1}; list every index "
             f"into 'responses' exactly once, best first."
         )
@@ -142,24 +143,24 @@ def _prompt_messages(prompt: Any, where: str) -> list[dict[str, str]]:
     with an assistant turn, which would be the response)."""
     if isinstance(prompt, str):
         if not prompt.strip():
-            raise ValueError(f"{where}: 'prompt' is empty — fill it in or remove the record.")
+            raise DataError(f"{where}: 'prompt' is empty — fill it in or remove the record.")
         return [{"role": "user", "content": prompt}]
     if isinstance(prompt, list):
         chat.validate_messages(prompt, where)
         if prompt[-1]["role"] == "assistant":
-            raise ValueError(
+            raise DataError(
                 f"{where}: the prompt's last message is an assistant turn; the responses are that "
                 f"turn — drop it from 'prompt'."
             )
         return prompt
-    raise ValueError(
+    raise DataError(
         f"{where}: 'prompt' must be a string or a list of {{'role', 'content'}} messages, got {type(prompt).__name__}."
     )
 
 
 def _require_str(value: Any, key: str, where: str) -> None:
     if not isinstance(value, str):
-        raise ValueError(
+        raise DataError(
             f"{where}: {key!r} must be a string, got {type(value).__name__} — quote the text as a JSON string."
         )
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 
 from rlhf_jax.data.chat import DefectiveRecord
+from rlhf_jax.errors import DataError
 
 HH_ASSISTANT = "\n\nAssistant:"
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):")
@@ -17,7 +18,7 @@ def split_hh_dialogue(dialogue: str, where: str = "", name: str = "dialogue") ->
     response without its one leading space."""
     cut = dialogue.rfind(HH_ASSISTANT)
     if cut < 0:
-        raise ValueError(
+        raise DataError(
             f"{where}: {name!r} has no {HH_ASSISTANT!r} turn; an HH-RLHF dialogue is "
             f"'\\n\\nHuman: ...\\n\\nAssistant: ...'. Check the format (ranked, pairwise, hh_rlhf)."
         )
@@ -30,7 +31,7 @@ def hh_messages(history: str, where: str = "") -> list[dict[str, str]]:
     space of each turn dropped); it must start with a Human turn and end with one."""
     parts = _HH_TURN.split(history)  # ["", role, text, role, text, ...]
     if parts[0] or len(parts) < 3:
-        raise ValueError(
+        raise DataError(
             f"{where}: the dialogue does not start with '\\n\\nHuman:' (starts {history[:40]!r}); "
             f"use HH-RLHF dialogues or another format."
         )

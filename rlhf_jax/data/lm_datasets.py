@@ -25,6 +25,7 @@ import tensorflow_datasets as tfds
 from rlhf_jax.data import chat, records, tldr
 from rlhf_jax.data.hh_rlhf import hh_messages, split_hh_dialogue
 from rlhf_jax.data.tokenizer import Tokenizer, load_tokenizer
+from rlhf_jax.errors import ConfigError, DataError
 
 VERSION = "1.0.0"
 _CHUNK_CHARS = 1 << 20  # corpus text is tokenized in ~1 MB blocks of whole lines
@@ -141,7 +142,7 @@ def read_demonstrations(
     "summary"} (tldr.py). skip_invalid=None: skip defective hh_rlhf / tldr records, as for comparisons.
     """
     if fmt not in SFT_FORMATS:
-        raise ValueError(f"demonstrations format {fmt!r} is not one of {SFT_FORMATS}; set config.data.format.")
+        raise ConfigError(f"demonstrations format {fmt!r} is not one of {SFT_FORMATS}; set config.data.format.")
 
     def parse(record, where):
         fit = None
@@ -151,7 +152,7 @@ def read_demonstrations(
             messages, fit = tldr.parse_sft(record, where)
         else:
             if not isinstance(record, dict) or not isinstance(record.get("chosen"), str):
-                raise ValueError(
+                raise DataError(
                     f"{where}: an hh_rlhf record needs a string 'chosen' dialogue (got "
                     f"{sorted(record) if isinstance(record, dict) else type(record).__name__})."
                 )
@@ -250,12 +251,12 @@ def sft_example(
     """
     at = f"{where}: " if where else ""
     if messages[-1]["role"] != "assistant":
-        raise ValueError(
+        raise DataError(
             f"{at}the last message is {messages[-1]['role']!r}; a demonstration must end with "
             f"the assistant turn to learn — add it or drop the trailing messages."
         )
     if not messages[-1]["content"].strip():
-        raise ValueError(f"{at}the response (last assistant content) is empty — remove the record or fill it in.")
+        raise DataError(f"{at}the response (last assistant content) is empty — remove the record or fill it in.")
     budget = seq_len + 1
     ids, mask = chat.render_dialogue(messages, tok, where, template)
     n_response = len(template.assistant_bodies([messages[-1]["content"]], tok)[0])
@@ -302,7 +303,7 @@ def build_sft_dataset(
     """
     _check_seq_len(seq_len)
     if fmt not in SFT_FORMATS:
-        raise ValueError(f"demonstrations format {fmt!r} is not one of {SFT_FORMATS}; set config.data.format.")
+        raise ConfigError(f"demonstrations format {fmt!r} is not one of {SFT_FORMATS}; set config.data.format.")
     path = records.require_file(jsonl_path, "demonstrations JSONL")
     records.check_line_range(line_range, path)
     template = chat.get_template(template)

@@ -33,6 +33,7 @@ import tensorflow_datasets as tfds
 from rlhf_jax.data import chat, records, tldr
 from rlhf_jax.data.hh_rlhf import hh_messages, split_hh_dialogue
 from rlhf_jax.data.tokenizer import Tokenizer, load_tokenizer
+from rlhf_jax.errors import DataError
 
 FORMATS = ("prompt", "hh_rlhf", "tldr")
 TEXT_KEYS = ("prompt", "messages")  # a prompt record's text; its other keys are its columns
@@ -74,33 +75,31 @@ def _read(path, fmt, line_range, skip_invalid) -> tuple[list[dict[str, Any]], in
 def parse_prompt(record: Any, fmt: str, where: str) -> list[dict[str, str]]:
     """The prompt messages of one record; ValueError naming `where`."""
     if not isinstance(record, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__} — write one object per line.")
+        raise DataError(f"{where}: expected a JSON object, got {type(record).__name__} — write one object per line.")
     if fmt == "hh_rlhf":
         if not isinstance(record.get("chosen"), str):
-            raise ValueError(
-                f"{where}: an hh_rlhf record needs a string 'chosen' dialogue (got keys {sorted(record)})."
-            )
+            raise DataError(f"{where}: an hh_rlhf record needs a string 'chosen' dialogue (got keys {sorted(record)}).")
         history, _ = split_hh_dialogue(record["chosen"], where, "chosen")
         return hh_messages(history, where)
     if "messages" in record:
         messages = record["messages"]
         chat.validate_messages(messages, where)
         if messages[-1]["role"] == "assistant":
-            raise ValueError(
+            raise DataError(
                 f"{where}: the last message is an assistant turn; a prompt ends where the model should "
                 f"answer — drop that message."
             )
         return messages
     if "prompt" in record:
         if not isinstance(record["prompt"], str):
-            raise ValueError(
+            raise DataError(
                 f"{where}: 'prompt' must be a string, got {type(record['prompt']).__name__} — quote "
                 f"the text as a JSON string."
             )
         if not record["prompt"].strip():
-            raise ValueError(f"{where}: 'prompt' is empty — fill it in or remove the record.")
+            raise DataError(f"{where}: 'prompt' is empty — fill it in or remove the record.")
         return [{"role": "user", "content": record["prompt"]}]
-    raise ValueError(
+    raise DataError(
         f"{where}: expected key 'prompt' or 'messages', got {sorted(record)} — rename the field "
         f"(or use fmt='hh_rlhf' for HH-RLHF dialogues)."
     )

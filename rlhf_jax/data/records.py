@@ -17,7 +17,7 @@ import numpy as np
 
 from rlhf_jax.data.chat import DefectiveRecord
 from rlhf_jax.data.tokenizer import load_tokenizer
-from rlhf_jax.errors import MissingFileError
+from rlhf_jax.errors import DataError, MissingFileError
 
 SKIP_BY_DEFAULT = ("hh_rlhf", "tldr")  # public files holding a few unusable records
 _log = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ def read_jsonl(path: str, line_range: tuple[int, int] | None = None) -> Iterator
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise ValueError(
+                raise DataError(
                     f"{where}: not UTF-8 ({e.reason} at byte {e.start}) — re-save the file as UTF-8."
                 ) from None
             if not line.strip():
@@ -58,7 +58,7 @@ def read_jsonl(path: str, line_range: tuple[int, int] | None = None) -> Iterator
             try:
                 yield where, json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(
+                raise DataError(
                     f"{where}: invalid JSON ({e.msg} at column {e.colno}) — each line must be one complete JSON object."
                 ) from None
     if line_range is not None and stop > n:

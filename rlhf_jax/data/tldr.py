@@ -30,6 +30,7 @@ from collections.abc import Callable
 from typing import Any
 
 from rlhf_jax.data.chat import DefectiveRecord
+from rlhf_jax.errors import DataError
 
 QUERY_HEAD = "SUBREDDIT: r/{subreddit}\n\nTITLE: {title}\n\nPOST: "
 QUERY_TAIL = "\n\nTL;DR:"
@@ -42,7 +43,7 @@ def query(info: dict[str, str]) -> str:
 
 def _post_info(info: Any, where: str, name: str) -> dict[str, str]:
     if not isinstance(info, dict):
-        raise ValueError(
+        raise DataError(
             f"{where}: {name} must be a JSON object with 'subreddit', 'title', 'post', got {type(info).__name__}."
         )
     if "post" not in info and "article" in info:
@@ -52,13 +53,13 @@ def _post_info(info: Any, where: str, name: str) -> dict[str, str]:
         )
     missing = [k for k in ("subreddit", "title", "post") if k not in info]
     if missing:
-        raise ValueError(
+        raise DataError(
             f"{where}: {name} lacks {missing}; a TL;DR post needs 'subreddit', 'title' and 'post' "
             f"(got {sorted(info)}). Use the TL;DR JSON files or another format."
         )
     for k in ("subreddit", "title", "post"):
         if not isinstance(info[k], str):
-            raise ValueError(f"{where}: {name}.{k} must be a string, got {type(info[k]).__name__}.")
+            raise DataError(f"{where}: {name}.{k} must be a string, got {type(info[k]).__name__}.")
     if not info["post"].strip():
         raise DefectiveRecord(f"{where}: the post is empty — remove the record (skip_invalid=True drops it).")
     return {k: info[k] for k in ("subreddit", "title", "post")}
@@ -66,7 +67,7 @@ def _post_info(info: Any, where: str, name: str) -> dict[str, str]:
 
 def _response(text: Any, where: str, name: str) -> str:
     if not isinstance(text, str):
-        raise ValueError(f"{where}: {name} must be a string, got {type(text).__name__} — quote the text.")
+        raise DataError(f"{where}: {name} must be a string, got {type(text).__name__} — quote the text.")
     if not text.strip():
         raise DefectiveRecord(f"{where}: {name} is empty — remove the record (skip_invalid=True drops it).")
     return text if text[:1].isspace() else " " + text
@@ -98,7 +99,7 @@ def parse_sft(record: Any, where: str) -> tuple[Messages, Callable]:
     """(messages ending with the summary, fit) of one TL;DR SFT record."""
     info = _post_info(record, where, "the record")
     if "summary" not in record:
-        raise ValueError(f"{where}: a TL;DR SFT record needs 'summary' (got {sorted(record)}).")
+        raise DataError(f"{where}: a TL;DR SFT record needs 'summary' (got {sorted(record)}).")
     messages, fit = prompt(info)
     return messages + [{"role": "assistant", "content": _response(record["summary"], where, "'summary'")}], fit
 
@@ -113,10 +114,10 @@ def parse_prompt(record: Any, where: str) -> tuple[Messages, Callable]:
 def parse_comparison(record: Any, where: str) -> tuple[Messages, list[str], Callable]:
     """(prompt messages, [chosen, rejected], fit) of one summarize-from-feedback comparison."""
     if not isinstance(record, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__} — write one object per line.")
+        raise DataError(f"{where}: expected a JSON object, got {type(record).__name__} — write one object per line.")
     missing = [k for k in ("info", "summaries", "choice") if k not in record]
     if missing:
-        raise ValueError(
+        raise DataError(
             f"{where}: missing key(s) {missing} for format 'tldr'; a comparison needs 'info', "
             f"'summaries' and 'choice' (got {sorted(record)}). Rename the fields or pick the matching "
             f"format."
@@ -127,9 +128,9 @@ def parse_comparison(record: Any, where: str) -> tuple[Messages, list[str], Call
         or len(summaries) != 2
         or not all(isinstance(s, dict) and "text" in s for s in summaries)
     ):
-        raise ValueError(f"{where}: 'summaries' must be a list of two {{'text': ...}} objects, got {summaries!r:.80}.")
+        raise DataError(f"{where}: 'summaries' must be a list of two {{'text': ...}} objects, got {summaries!r:.80}.")
     if choice not in (0, 1) or isinstance(choice, bool):
-        raise ValueError(f"{where}: 'choice'={choice!r} must be 0 or 1 (the index of the preferred summary).")
+        raise DataError(f"{where}: 'choice'={choice!r} must be 0 or 1 (the index of the preferred summary).")
     messages, fit = prompt(_post_info(record["info"], where, "'info'"))
     texts = [_response(s["text"], where, f"summaries[{i}].text") for i, s in enumerate(summaries)]
     return messages, [texts[choice], texts[1 - choice]], fit
