@@ -177,10 +177,18 @@ class Run:
             loaded = checkpoint.load_base_params(self.config.init_from, params)
         return {k: (loaded[k] if k in heads else v) for k, v in params.items()}
 
-    def frozen_init_params(self, params_like, heads: tuple[str, ...]):
-        """The init_from params of `heads` as a frozen reference (e.g. the SFT policy of PPO's KL or DPO's
-        ratio): a copy, so no buffer is shared with a train state that is donated."""
-        return jax.tree.map(jnp.copy, self.load_init_params(params_like, heads=heads))
+    def frozen_init_params(self, params_like, heads: tuple[str, ...], under: str | None = None):
+        """The init_from params of `heads` (of `params_like[under]`, where given) as a frozen reference (e.g. the
+        SFT policy of PPO's KL or DPO's ratio): a copy, so no buffer is shared with a train state that is donated.
+        Without an init_from the reference is the seed's initialisation: on a resume, where `params_like` is
+        abstract (setup_state), it is computed here, the params alone, as the fresh run computed it."""
+        like = params_like[under] if under else params_like
+        params = self.load_init_params(like, heads=heads)
+        if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(params)):
+            initial, _ = parallel.sharded_init(self._init_params, self.mesh, self.rules)
+            initial = initial[under] if under else initial
+            params = jax.tree.map(lambda x, i: i if isinstance(x, jax.ShapeDtypeStruct) else x, params, initial)
+        return jax.tree.map(jnp.copy, params)
 
     def setup_state(
         self,
@@ -205,11 +213,18 @@ class Run:
         tx, schedule = optim.make_optimizer(c.optim, total * updates_per_step)
         tx = lora.optimizer(tx, model.cfg)
         init_params = init(model) if init is not None else train_state.model_init_fn(model, c.data.seq_len, c.seed)
+        self._init_params = init_params
         if self.ckpt.latest_step() is not None:
-            start = None  # restore_or replaces every leaf
-        state, shardings = train_state.create(
-            init_params, tx, self.mesh, self.rules, c.seed, extras=extras, members=members, start=start
-        )
+            # A resume: restore_or fills every leaf, so the state is abstract until then (its shapes, dtypes and
+            # shardings). Nothing is initialised only to be overwritten: no init program, and no second copy of
+            # the train state in memory beside the restored one.
+            state, shardings = train_state.abstract_state(
+                init_params, tx, self.mesh, self.rules, c.seed, extras=extras, members=members
+            )
+        else:
+            state, shardings = train_state.create(
+                init_params, tx, self.mesh, self.rules, c.seed, extras=extras, members=members, start=start
+            )
         return StageSetup(model, tx, schedule, state, shardings)
 
     def init_heads(self, heads: tuple[str, ...]) -> Callable:

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlhf_jax import forward
+from rlhf_jax import forward, train_state
 from rlhf_jax.metrics import read_metrics
 from rlhf_jax.models.gpt import HEADS, TransformerLM, positions_from_mask
 from rlhf_jax.models.layers import ModelConfig
@@ -55,11 +55,13 @@ def test_sft_loss_counts_only_response_tokens_against_a_hand_reference():
     assert np.all(np.asarray(mask)[0, :2] == 0)  # prompt targets are masked out
 
 
-def test_resume_equals_an_uninterrupted_run(tmp_path):
+def test_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
     full = tiny(pretrain_cfg, num_steps=10, **{"optim.total_steps": 10, "checkpoint.every": 5})
     lm.train_and_evaluate(full, str(tmp_path / "full"))
     half = tiny(pretrain_cfg, num_steps=5, **{"optim.total_steps": 10, "checkpoint.every": 5})
     lm.train_and_evaluate(half, str(tmp_path / "resumed"))
+    # The resume restores into the state's abstract shapes: it never initialises a train state to overwrite.
+    monkeypatch.setattr(train_state, "create", lambda *a, **k: pytest.fail("a resume initialised a train state"))
     lm.train_and_evaluate(full, str(tmp_path / "resumed"))  # the same command again: resumes at step 5
     a, b = by_step(read_metrics(str(tmp_path / "full"))), by_step(read_metrics(str(tmp_path / "resumed")))
     assert sorted(a) == sorted(b)

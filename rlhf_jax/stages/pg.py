@@ -294,7 +294,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     )
     policy_heads = tuple(state.params["policy"])
     # With LoRA the reference is the policy with its adapters off (lora.reference): no copy.
-    ref_params = None if c.model.lora.rank else run.frozen_init_params(state.params["policy"], heads=policy_heads)
+    ref_params = None if c.model.lora.rank else run.frozen_init_params(state.params, heads=policy_heads, under="policy")
     state, meta = run.restore_or(state)
     reward = rewards.source(run, c, tok, columns)
     start = int(jax.device_get(state.step))
