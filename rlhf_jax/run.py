@@ -180,15 +180,17 @@ class Run:
     def frozen_init_params(self, params_like, heads: tuple[str, ...], under: str | None = None):
         """The init_from params of `heads` (of `params_like[under]`, where given) as a frozen reference (e.g. the
         SFT policy of PPO's KL or DPO's ratio): a copy, so no buffer is shared with a train state that is donated.
-        Without an init_from the reference is the seed's initialisation: on a resume, where `params_like` is
-        abstract (setup_state), it is computed here, the params alone, as the fresh run computed it."""
+        Heads without an init_from are the seed's initialisation: on a resume, where `params_like` is abstract
+        (setup_state), those leaves alone are computed here, with the fresh run's values."""
         like = params_like[under] if under else params_like
         params = self.load_init_params(like, heads=heads)
-        if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(params)):
-            initial, _ = parallel.sharded_init(self._init_params, self.mesh, self.rules)
-            initial = initial[under] if under else initial
-            params = jax.tree.map(lambda x, i: i if isinstance(x, jax.ShapeDtypeStruct) else x, params, initial)
-        return jax.tree.map(jnp.copy, params)
+        leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+        if not any(isinstance(x, jax.ShapeDtypeStruct) for _, x in leaves):
+            return jax.tree.map(jnp.copy, params)
+        # A resume: the leaves still abstract get the fresh run's values, and only they are computed.
+        prefix = f"[{under!r}]" if under else ""
+        given = {prefix + jax.tree_util.keystr(path): x for path, x in leaves if isinstance(x, jax.Array)}
+        return train_state.init_params_given(self._init_params, self.mesh, self.rules, given, under)
 
     def setup_state(
         self,

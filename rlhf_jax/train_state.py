@@ -78,6 +78,18 @@ def create(
     return parallel.sharded_init(init_fn, mesh, rules, given)
 
 
+def init_params_given(init_params: Callable[[], Any], mesh, rules, given: dict, under: str | None = None):
+    """init_params()'s params (their `under` entry, where given), sharded and unboxed, with the leaves `given`
+    names (by key path from the root, as jax.tree_util.keystr writes it) taken as they are: the others get
+    exactly the values `create` gives them, and nothing is computed for the given ones or outside `under`."""
+
+    def init(g):
+        params = _with_given(init_params(), g)
+        return params[under] if under else params
+
+    return parallel.sharded_init(init, mesh, rules, given)[0]
+
+
 def abstract_state(
     init_params: Callable[[], Any],
     tx: optax.GradientTransformation,

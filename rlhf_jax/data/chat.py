@@ -107,7 +107,7 @@ class ChatTemplate(_Template):
 
     def _check(self, tok) -> None:
         if self.tags and not all(getattr(tok, "role_ids", {}).get(r) is not None for r in (*ROLES, "end")):
-            raise ValueError(
+            raise ConfigError(
                 f"chat_template='tags' needs a tokenizer with role tokens <|system|>, <|user|>, <|assistant|>, "
                 f"<|end|>, and {tok!r} has none. Set --config.data.chat_template=hh (HH-RLHF text turns), plain, "
                 f"or custom with --config.data.chat_custom.<role>_prefix=... ."

@@ -44,7 +44,7 @@ import tensorflow_datasets as tfds
 from rlhf_jax.data import chat, records, tldr
 from rlhf_jax.data.hh_rlhf import HH_ASSISTANT, hh_messages, split_hh_dialogue
 from rlhf_jax.data.tokenizer import Tokenizer, load_tokenizer
-from rlhf_jax.errors import DataError
+from rlhf_jax.errors import ConfigError, DataError
 
 FORMATS = ("ranked", "pairwise", "hh_rlhf", "tldr")
 VERSION = "1.1.0"  # 1.1: prompt_len
@@ -67,7 +67,7 @@ def read_comparisons(
 
 def _read(path, fmt, line_range, skip_invalid, warn: bool = True) -> tuple[list[dict[str, Any]], int]:
     if fmt not in FORMATS:
-        raise ValueError(f"comparison format {fmt!r} is not one of {FORMATS}.")
+        raise ConfigError(f"comparison format {fmt!r} is not one of {FORMATS}.")
     return records.read_records(
         path, fmt, line_range, skip_invalid, lambda r, w: parse_record(r, fmt, w), "records", warn
     )
@@ -331,7 +331,7 @@ def build_comparison_dataset(
     path = records.require_file(path, "comparisons JSONL")
     records.check_line_range(line_range, path)
     if fmt not in FORMATS:
-        raise ValueError(f"comparison format {fmt!r} is not one of {FORMATS}.")
+        raise ConfigError(f"comparison format {fmt!r} is not one of {FORMATS}.")
     if num_responses is None:
         found, _ = _read(path, fmt, line_range, skip_invalid, warn=False)  # the build warns
         num_responses = max(len(r["responses"]) for r in found)

@@ -33,7 +33,7 @@ import tensorflow_datasets as tfds
 from rlhf_jax.data import chat, records, tldr
 from rlhf_jax.data.hh_rlhf import hh_messages, split_hh_dialogue
 from rlhf_jax.data.tokenizer import Tokenizer, load_tokenizer
-from rlhf_jax.errors import DataError
+from rlhf_jax.errors import ConfigError, DataError
 
 FORMATS = ("prompt", "hh_rlhf", "tldr")
 TEXT_KEYS = ("prompt", "messages")  # a prompt record's text; its other keys are its columns
@@ -59,7 +59,7 @@ def prompt_columns(
 
 def _read(path, fmt, line_range, skip_invalid) -> tuple[list[dict[str, Any]], int]:
     if fmt not in FORMATS:
-        raise ValueError(f"prompt format {fmt!r} is not one of {FORMATS}.")
+        raise ConfigError(f"prompt format {fmt!r} is not one of {FORMATS}.")
 
     def parse(record, where):
         if fmt == "tldr":
@@ -200,7 +200,7 @@ def build_prompt_dataset(
     path = records.require_file(path, "prompts JSONL")
     records.check_line_range(line_range, path)
     if fmt not in FORMATS:
-        raise ValueError(f"prompt format {fmt!r} is not one of {FORMATS}.")
+        raise ConfigError(f"prompt format {fmt!r} is not one of {FORMATS}.")
     template = chat.get_template(template)
     params = dict(
         jsonl_path=path,
