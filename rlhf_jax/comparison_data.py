@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
+
 from rlhf_jax.data import chat, comparisons
+from rlhf_jax.rollout import bucket_width, global_max
 from rlhf_jax.run import Run
 
 
@@ -56,3 +59,14 @@ def build(run: Run, path: str, line_range):
         line_range=tuple(line_range) if line_range else None,
         template=chat.config_template(c.data),
     )
+
+
+def trimmed(local: dict[str, np.ndarray], bucket: int) -> dict[str, np.ndarray]:
+    """This process's rows of a batch of comparison records (tokens and input_mask [..., L], right-padded) cut
+    to bucket_width of the longest row of the global batch (config.data.length_bucket; 0: unchanged), so a batch
+    of short pairs spends nothing on the padding to data.seq_len, in few compiled shapes (16, 32, 64, ...)."""
+    L = local["tokens"].shape[-1]
+    width = bucket_width(global_max(local["input_mask"].sum(-1).max(initial=1)), L, bucket)
+    if width == L:
+        return local
+    return {**local, "tokens": local["tokens"][..., :width], "input_mask": local["input_mask"][..., :width]}

@@ -152,3 +152,23 @@ def test_comparison_logprobs_sum_the_response_tokens_given_the_prompt_and_count_
     junk = np.where(mask == 0, 17, tokens)
     again, _ = forward.comparison_logprobs(params, model, {**batch, "tokens": jnp.asarray(junk)})
     np.testing.assert_allclose(again, logps, rtol=1e-6)
+
+
+def test_a_batch_cut_to_the_bucket_of_its_longest_row_scores_as_the_padded_one():
+    """config.data.length_bucket: the DPO stage cuts each batch to the smallest bucket·2^k holding its longest
+    row (the comparisons' padding to data.seq_len is never scored), and the log-probs do not change."""
+    from rlhf_jax import comparison_data
+
+    model, params = _model()
+    rng = np.random.default_rng(0)
+    lengths = np.array([[9, 5], [3, 7]])  # the longest row: 9 of L = 16 tokens
+    tokens = rng.integers(1, 30, (2, 2, 16)).astype(np.int32)
+    mask = (np.arange(16) < lengths[..., None]).astype(np.int32)
+    local = {"tokens": tokens * mask, "input_mask": mask, "prompt_len": np.array([2, 2], np.int32)}
+    assert comparison_data.trimmed(local, 0) is local and comparison_data.trimmed(local, 8) is local  # 16 either way
+    cut = comparison_data.trimmed(local, 5)  # 5 → 10 holds 9
+    assert cut["tokens"].shape == cut["input_mask"].shape == (2, 2, 10) and cut["prompt_len"] is local["prompt_len"]
+    full_lp, full_n = forward.comparison_logprobs(params, model, {k: jnp.asarray(v) for k, v in local.items()})
+    cut_lp, cut_n = forward.comparison_logprobs(params, model, {k: jnp.asarray(v) for k, v in cut.items()})
+    np.testing.assert_array_equal(cut_n, full_n)
+    np.testing.assert_allclose(cut_lp, full_lp, rtol=1e-6, atol=1e-6)

@@ -151,7 +151,7 @@ def evaluate(implicit_fn, params, ref_params, source, run: Run) -> dict[str, flo
     c, rho, logps, valid = run.config, [], [], []
     with parallel.activate(run.mesh, run.rules):
         for local in eval_batches(source, c.batch_size, c.eval_batches or None):
-            batch = parallel.global_batch(local, run.mesh, run.rules)
+            batch = parallel.global_batch(comparison_data.trimmed(local, c.data.length_bucket), run.mesh, run.rules)
             r, lp = implicit_fn(params, ref_params, batch)
             rho.append(parallel.to_host(r))
             logps.append(parallel.to_host(lp))
@@ -214,9 +214,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 f"dpo ({c.dpo.loss}, β {c.dpo.beta}): {loader.num_examples} comparisons, steps {start}→{c.num_steps}"
             )
             for step, local in loader.iterate(start, c.num_steps - start):
+                local = comparison_data.trimmed(local, c.data.length_bucket)
                 batch = parallel.global_batch(local, run.mesh, run.rules)
-                step_fn = tail.compile_once("dpo train step", step_fn, state, ref_params, batch)
-                state, metrics = step_fn(state, ref_params, batch)
+                train = tail.compiled_for("dpo train step", step_fn, state, ref_params, batch)
+                state, metrics = train(state, ref_params, batch)
                 if tail.end_step(step + 1, state, metrics, evaluate=evaluate_at and evaluate_at(state.params)):
                     break
         else:
