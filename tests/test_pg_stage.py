@@ -171,13 +171,7 @@ def test_a_padded_vocabulary_samples_and_scores_only_tokenizer_ids(tmp_path):
     saved = checkpoint.read_run_config(str(tmp_path / "pt"))["model"]
     assert (saved["vocab_size"], saved["token_vocab"]) == (512, TOKENIZER_SIZE)
     rm.train_and_evaluate(tiny(rm_cfg, num_steps=2, init_from=str(tmp_path / "pt")), str(tmp_path / "rm"))
-    out = pg.train_and_evaluate(
-        config(
-            num_steps=3, init_from=str(tmp_path / "pt"), **{"reward.function": "tests.test_pg_stage:only_tokenizer_ids"}
-        ),
-        str(tmp_path / "fn"),
-    )
-    assert np.isfinite(out["objective/entropy"]) and np.isfinite(out["objective/kl"])
+    # the monitor fails the run on a sampled id outside the tokenizer; the RM scores what was sampled
     out = pg.train_and_evaluate(
         config(
             num_steps=2,
@@ -191,6 +185,7 @@ def test_a_padded_vocabulary_samples_and_scores_only_tokenizer_ids(tmp_path):
         str(tmp_path / "with_rm"),
     )
     assert np.isfinite(out["objective/scores"]) and 0.0 <= out["objective/monitor_score"] <= 1.0
+    assert np.isfinite(out["objective/entropy"]) and np.isfinite(out["objective/kl"])
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -108,34 +108,23 @@ def test_tiny_pipeline_produces_summary_report_and_plots_and_reruns_skip(tiny_ru
     assert json.loads((other / "eval" / "responses.json").read_text())["sft"] == responses["sft"]
     assert "| GRPO |" in (other / "report.md").read_text()
 
-    # The direct-preference family from the same SFT and the RM's own comparisons, offline and online.
-    for policy, extra in (("plackett_luce", "--config.dpo.num_steps=4"), ("online_dpo", "--config.dpo.num_steps=2")):
-        run = tmp_path / policy
-        r = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "rlhf_jax.pipeline",
-                "--config=configs/pipeline.py:tiny",
-                f"--workdir={run}",
-                "--config.mesh.data=2",
-                f"--config.reuse_from={tmp_path}",
-                f"--config.policy={policy}",
-                extra,
-            ],
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-        s = json.loads((run / "summary.json").read_text())
-        assert s["policy"]["algorithm"] == policy and 0.0 <= s["policy"]["win_rate_vs_sft"] <= 1.0
-        cfg = json.loads((run / "policy" / "config.json").read_text())
-        assert cfg["stage"] == "dpo" and cfg["dpo"]["online"] == (policy == "online_dpo")
-        if policy == "plackett_luce":
-            assert cfg["data"]["train_path"] == str(tmp_path / "comparisons" / "train.jsonl")
+    # Online DPO from the same SFT, its samples ranked by the RM loaded inside its mesh (the offline DPO family
+    # on the pipeline's comparisons: test_a_pretrained_model_replaces_the_pretrain_stage_in_the_chosen_chat_format).
+    run = tmp_path / "online_dpo"
+    online = [f"--workdir={run}", f"--config.reuse_from={tmp_path}", "--config.policy=online_dpo"]
+    r = subprocess.run(
+        TINY_CMD + online + ["--config.dpo.num_steps=2"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    s = json.loads((run / "summary.json").read_text())
+    assert s["policy"]["algorithm"] == "online_dpo" and 0.0 <= s["policy"]["win_rate_vs_sft"] <= 1.0
+    cfg = json.loads((run / "policy" / "config.json").read_text())
+    assert cfg["stage"] == "dpo" and cfg["dpo"]["online"] and cfg["reward"]["rm_workdir"] == str(tmp_path / "rm")
 
 
 @pytest.mark.slow
@@ -344,18 +333,20 @@ def test_a_pretrained_model_replaces_the_pretrain_stage_in_the_chosen_chat_forma
     hf_dir = export_workdir(str(tiny_run / "pretrain"), str(tmp_path / "pretrained"))
     run = tmp_path / "run"
     cmd = TINY_CMD + [f"--workdir={run}", f"--config.pretrained={hf_dir}", "--config.data.chat_template=hh"]
-    cmd += [
-        "--config.sft.num_steps=4",
-        "--config.rm.num_steps=4",
-        "--config.pg.num_steps=2",
-    ]  # the wiring, not learning
+    # the wiring, not learning; the policy from the DPO family, trained on the pipeline's own comparisons
+    cmd += ["--config.sft.num_steps=4", "--config.rm.num_steps=4", "--config.policy=plackett_luce"]
+    cmd += ["--config.dpo.num_steps=4"]
     r = subprocess.run(cmd, cwd=ROOT, env=TINY_ENV, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert not (run / "pretrain").exists() and not (run / "data" / "corpus.txt").exists()
     for stage in ("sft", "rm", "policy"):
         assert checkpoint.read_run_config(str(run / stage))["data"]["chat_template"] == "hh", stage
     assert checkpoint.read_run_config(str(run / "sft"))["init_from"] == hf_dir
+    policy = checkpoint.read_run_config(str(run / "policy"))
+    assert policy["stage"] == "dpo" and policy["dpo"]["loss"] == "plackett_luce" and not policy["dpo"]["online"]
+    assert policy["data"]["train_path"] == str(run / "comparisons" / "train.jsonl")
     s = json.loads((run / "summary.json").read_text())
+    assert s["policy"]["algorithm"] == "plackett_luce" and 0.0 <= s["policy"]["win_rate_vs_sft"] <= 1.0
     assert s["pretrained"] == {"path": hf_dir} and "pretrain_loss" not in s["sft"]
     prompts = json.loads((run / "eval" / "responses.json").read_text())["prompts"]
     assert all(p.lstrip().startswith("Human:") for p in prompts), prompts[0]  # decoded in the HH template
