@@ -47,12 +47,31 @@ def pytest_configure(config):
     )
 
 
+# The longest files, longest first (pytest --durations=0, per-file sums of one run at 2 workers: 179 s down to
+# 62 s). Only an ordering hint: a file missing here or out of date costs time, never a test.
+LONGEST_FILES = (
+    "test_pipeline.py",
+    "test_policy_gradient_family.py",
+    "test_multiprocess.py",
+    "test_pg_stage.py",
+    "test_lora.py",
+    "test_kill_drill.py",
+    "test_rm_ensemble.py",
+    "test_smollm2.py",
+    "test_smollm2_stages.py",
+    "test_bench.py",
+)
+
+
 def pytest_collection_modifyitems(session, config, items):
-    """Files holding slow tests run first (each file keeps its own order). The xdist workers take a file at a
-    time from the front of this order, so the long files start early and the short ones fill in at the end,
-    instead of one worker finishing a long file alone while the other sits idle."""
+    """The longest files run first, then the other files holding slow tests, then the rest (each file keeps its
+    own order). The xdist workers take a file at a time from the front of this order, so the long files start
+    early and the short ones fill in at the end, instead of one worker finishing a long file alone while the
+    others sit idle."""
     heavy = {item.path for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.path not in heavy)  # a stable sort: the collection order otherwise
+    rank = {name: i for i, name in enumerate(LONGEST_FILES)}
+    # a stable sort: the collection order otherwise
+    items.sort(key=lambda item: (rank.get(item.path.name, len(rank)), item.path not in heavy))
 
 
 def pytest_unconfigure(config):
