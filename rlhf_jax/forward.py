@@ -79,6 +79,14 @@ def output_projection(params, model) -> tuple[str, Array]:
     return "btd,dv->btv", lora.merged(params["lm_head"], model.cfg)["kernel"]
 
 
+def token_chunks(T: int, logits_per_token: int) -> tuple[int, int]:
+    """(n, size): the fewest chunks of T tokens whose logits (logits_per_token each) fit LOGITS_PER_CHUNK, all of
+    one size: 63 tokens at most 42 a chunk are 2 of 32, not 2 of 42, whose padding (21 tokens) the projection
+    would compute twice (forward, then recomputed in the backward pass)."""
+    n = -(-T // max(1, LOGITS_PER_CHUNK // max(logits_per_token, 1)))
+    return n, -(-T // n)
+
+
 def token_stats(params, model, tokens, input_mask, targets, temperature=1.0, entropy=False, heads=(), rng=None):
     """Per position [B, T]: "logprobs" of `targets` under softmax(logits / temperature), with entropy=True its
     "entropy", and the model's outputs for `heads` (e.g. "values"), from one pass over the trunk; the logits
@@ -95,11 +103,10 @@ def token_stats(params, model, tokens, input_mask, targets, temperature=1.0, ent
 
     hidden = out["hidden"]
     B, T, _ = hidden.shape
-    chunk = max(1, min(T, LOGITS_PER_CHUNK // max(B * cfg.vocab_size, 1)))
-    if chunk >= T:
+    n, chunk = token_chunks(T, B * cfg.vocab_size)
+    if n == 1:
         lp, ent = stats(hidden, targets)
     else:  # a lax.map over chunks of tokens, each recomputed in the backward pass
-        n = -(-T // chunk)
         pad = lambda x: jnp.pad(x, [(0, 0), (0, n * chunk - T)] + [(0, 0)] * (x.ndim - 2))
         split = lambda x: pad(x).reshape(B, n, chunk, *x.shape[2:]).swapaxes(0, 1)
         lp, ent = jax.lax.map(jax.checkpoint(lambda xs: stats(*xs)), (split(hidden), split(targets)))

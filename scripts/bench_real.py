@@ -300,7 +300,8 @@ def real_table(real: dict) -> list[str]:
         "",
         f"SmolLM2-135M-Instruct (d {d['d']}, {d['layers']} layers, vocab {d['vocab']}), the same weights on both "
         f"sides; longest GRPO prompt {n['grpo_prompt']} tokens, longest DPO pair sequence {n['dpo_sequence']} "
-        f"(our DPO preset pads to {real['dpo_seq_len']})",
+        f"(our DPO preset cuts each batch to the smallest data.length_bucket·2^k holding it, at most "
+        f"{real['dpo_seq_len']})",
         f"{'workload (median)':<30}{'rlhf_jax':>11}{'theirs':>11}{'ours/theirs':>13}{'best runs':>11}"
         f"{'RSS MiB ours/theirs':>22}{'GEMM floor s jax/torch':>25}{'ours s':>9}",
     ]

@@ -154,3 +154,7 @@ def test_chunked_logprobs_and_entropies_equal_the_dense_ones_and_so_do_their_gra
         np.testing.assert_allclose(b, a, atol=1e-5, rtol=1e-4, err_msg=jax.tree_util.keystr(path))
     grads = jax.tree.leaves(g_c)
     assert all(np.isfinite(np.asarray(g)).all() for g in grads) and any(np.abs(np.asarray(g)).max() > 0 for g in grads)
+    # chunks of one size, as few as fit: 37 tokens at most 8 a chunk are 5 of 8; 63 at most 42 are 2 of 32
+    assert forward.token_chunks(T, B * cfg.vocab_size) == (5, 8)
+    monkeypatch.setattr(forward, "LOGITS_PER_CHUNK", 42)
+    assert forward.token_chunks(63, 1) == (2, 32) and forward.token_chunks(42, 1) == (1, 42)
