@@ -25,6 +25,8 @@ fi
 CORES="$(python -c 'import os; print(len(os.sched_getaffinity(0)))')"
 WORKERS="${RLHF_JAX_TEST_WORKERS:-$((CORES + 1 < 4 ? CORES + 1 : 4))}"
 if [ "$WORKERS" != "1" ]; then
-  ARGS+=(-n "$WORKERS" --dist loadfile)
+  # --no-loadscope-reorder: xdist would otherwise hand out the files with the most tests first, not
+  # tests/conftest.py's order (the longest files first), and a long file of one test (the kill drill) last
+  ARGS+=(-n "$WORKERS" --dist loadfile --no-loadscope-reorder)
 fi
 python -m pytest -q -ra --durations=15 tests ${ARGS[@]+"${ARGS[@]}"} "$@"

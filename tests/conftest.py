@@ -65,9 +65,10 @@ LONGEST_FILES = (
 
 def pytest_collection_modifyitems(session, config, items):
     """The longest files run first, then the other files holding slow tests, then the rest (each file keeps its
-    own order). The xdist workers take a file at a time from the front of this order, so the long files start
-    early and the short ones fill in at the end, instead of one worker finishing a long file alone while the
-    others sit idle."""
+    own order). The xdist workers take a file at a time from the front of this order (scripts/test.sh passes
+    --no-loadscope-reorder, without which xdist hands out the files with the most tests first), so the long
+    files start early and the short ones fill in at the end, instead of one worker finishing a long file alone
+    while the others sit idle."""
     heavy = {item.path for item in items if item.get_closest_marker("slow")}
     rank = {name: i for i, name in enumerate(LONGEST_FILES)}
     # a stable sort: the collection order otherwise
