@@ -22,7 +22,7 @@ if [ "${1:-}" = "--fast" ]; then
   ruff check .
   ruff format --check .
 fi
-CORES="$(python -c 'import os; print(len(os.sched_getaffinity(0)))')"
+CORES="$(nproc)"
 WORKERS="${RLHF_JAX_TEST_WORKERS:-$((CORES + 1 < 4 ? CORES + 1 : 4))}"
 if [ "$WORKERS" != "1" ]; then
   # --no-loadscope-reorder: xdist would otherwise hand out the files with the most tests first, not
