@@ -27,6 +27,10 @@ for flag, value in COMPILE_SPEED_FLAGS.items():
     if flag not in os.environ["XLA_FLAGS"]:
         os.environ["XLA_FLAGS"] += f" {flag}={value}"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The parity tests' PyTorch side (and numpy's BLAS) on one thread: scripts/test.sh runs more xdist workers than
+# cores, and OpenMP's waiting threads spin on cores the other workers need (tests/test_smollm2.py beside two busy
+# processes on 2 cores: 62 s -> 43 s of CPU). The benchmarks set their own thread counts.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 _OWN_CACHE = None
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     if os.environ.get("RLHF_JAX_TEST_CACHE"):
