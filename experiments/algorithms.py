@@ -15,10 +15,11 @@ tuning budget). Best-of-4 SFT samples by the RM comes with every pipeline's eval
 verifiable-reward column: PPO and GRPO trained against the gold judge itself (config.policy_reward=gold),
 the ceiling a perfect reward gives. analyze() reports mean ± std over the 5 seeds, a 95% t-interval, the
 mean over seeds 1-4 (untouched by the tuning), and a plot of gold score against KL. The algorithms are every
-config's ALGORITHMS (rlhf_jax.algorithms); one runs here once CHOSEN_LR has its lr.
+config's ALGORITHMS (rlhf_jax.algorithms) and the tuning's VARIANTS (an algorithm with stage keys changed, e.g.
+GRPO + TIS); one runs here once CHOSEN_LR has its lr.
 """
 
-from rlhf_jax import algorithms
+from experiments import algorithms_tuning as tuning, run_names
 
 SEEDS = (0, 1, 2, 3, 4)
 # experiments/algorithms_tuning.py's choice (runs/sweeps/algorithms_tuning/chosen_lr.json): the lr of the
@@ -34,29 +35,37 @@ CHOSEN_LR = {
     "plackett_luce": 1e-4,
     "online_dpo": 3e-5,
 }
-POLICY_GRADIENT, DIRECT = algorithms.of_stage("pg"), algorithms.of_stage("dpo")  # every config's ALGORITHMS
+NAMES = tuning.NAMES  # every config's ALGORITHMS and the tuning's VARIANTS (GRPO + TIS)
 GOLD_REWARD = ("ppo", "grpo")  # trained against the gold judge itself
 TUNING_ROOT, SEEDS_ROOT = "runs/sweeps/algorithms_tuning", "runs/sweeps/seeds"
 
 
-def _lr_key(policy: str) -> str:
-    return f"{algorithms.algorithms()[policy].stage}.optim.lr"
+def _lr_key(name: str) -> str:
+    return f"{tuning.stage_of(name)}.optim.lr"
 
 
-def _base(policy: str, seed: int) -> str:
+_TUNING_RUNS = dict(zip(((tuning.label(r), tuning.lr_of(r)) for r in tuning.SWEEP), run_names(tuning.SWEEP)))
+
+
+def _base(name: str, seed: int) -> str:
     """Where a run's stages come from: seed 0's tuning run of this algorithm (whose policy stage it
     reuses too), or the seed's default pipeline run."""
     if seed == 0:
-        lr = CHOSEN_LR[policy]
-        return f"{TUNING_ROOT}/policy={policy},{_lr_key(policy)}={lr:g}"
+        return f"{TUNING_ROOT}/{_TUNING_RUNS[name, CHOSEN_LR[name]]}"
     return f"{SEEDS_ROOT}/seed={seed}"
+
+
+def _keys(name: str) -> dict:
+    """The overrides that select an algorithm or a variant: {"policy": ...} and a variant's stage keys."""
+    keys = dict(tuning.VARIANTS.get(name, {"policy": name}))
+    return {"policy": keys.pop("policy"), **keys}
 
 
 BASE = "configs/pipeline.py"
 SWEEP = [
-    {"policy": p, "seed": s, _lr_key(p): CHOSEN_LR[p], "reuse_from": _base(p, s)}
+    {**_keys(p), "seed": s, _lr_key(p): CHOSEN_LR[p], "reuse_from": _base(p, s)}
     for s in SEEDS
-    for p in POLICY_GRADIENT + DIRECT
+    for p in NAMES
     if p in CHOSEN_LR
 ]
 SWEEP += [
@@ -100,6 +109,11 @@ METRICS = (
 )
 
 
+def _label(row) -> str:
+    """A finished run's row in the tables: its algorithm or variant, and whether it trained on the gold judge."""
+    return tuning.label(row) + (" (gold reward)" if row.get("policy_reward") == "gold" else "")
+
+
 def _t975(n: int) -> float:
     """The 97.5% quantile of Student's t with n − 1 degrees of freedom (a two-sided 95% interval)."""
     from scipy import stats
@@ -120,7 +134,7 @@ def aggregate(rows, root: str = "") -> dict[str, dict[str, dict[str, float]]]:
     for r in rows:
         if r["status"] != "finished":
             continue
-        label = r["policy"] + (" (gold reward)" if r.get("policy_reward") == "gold" else "")
+        label = _label(r)
         values = {m: r[f"policy/{m}"] for m, _ in METRICS}
         if not isinstance(values.get("wall_s"), (int, float)) and root:
             values["wall_s"] = policy_stage_seconds(os.path.join(root, r["run"]))
@@ -164,8 +178,7 @@ def paired_vs(
     by = {}
     for r in rows:
         if r["status"] == "finished":
-            label = r["policy"] + (" (gold reward)" if r.get("policy_reward") == "gold" else "")
-            by.setdefault(label, {})[r["seed"]] = r
+            by.setdefault(_label(r), {})[r["seed"]] = r
     out = {}
     for label, runs in by.items():
         if label == reference:
@@ -209,7 +222,7 @@ def analyze(root, rows):
     with open(os.path.join(root, "aggregate.json"), "w") as f:
         json.dump(stats, f, indent=1)
     order = (
-        [p for p in POLICY_GRADIENT + DIRECT if p in stats]
+        [p for p in NAMES if p in stats]
         + ["best_of_4_by_rm"]
         + [f"{p} (gold reward)" for p in GOLD_REWARD if f"{p} (gold reward)" in stats]
     )
