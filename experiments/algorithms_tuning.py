@@ -23,7 +23,7 @@ POLICY_GRADIENT, DIRECT = algorithms.of_stage("pg"), algorithms.of_stage("dpo")
 # Variants: an algorithm of the registry with stage keys changed, tuned and compared as one of its own.
 # GRPO + TIS: the sampler-trainer mismatch corrected by truncated importance weights per token (Yao et al.
 # 2025, "Your efficient RL framework secretly brings you off-policy RL training"; configs/ppo.py's cap, 2).
-VARIANTS = {"grpo+tis": {"policy": "grpo", "pg.rollout_correction": "tis"}}
+VARIANTS = {"grpo+tis": {"policy": "grpo", "pg.pg.rollout_correction": "tis"}}
 NAMES = POLICY_GRADIENT + tuple(VARIANTS) + DIRECT  # every row of the tables, in their order
 SWEEP = (
     [{"policy": p, "pg.optim.lr": lr} for p in POLICY_GRADIENT for lr in LRS]

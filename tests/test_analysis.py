@@ -67,15 +67,16 @@ def test_a_variant_is_tuned_paired_and_reported_apart_from_its_algorithm(monkeyp
     own lr, their own seed-0 base (the tuning run of that lr) and their own row in the paired differences."""
     from experiments import algorithms as h2h, algorithms_tuning as tuning, run_names
 
-    assert tuning.label({"policy": "grpo", "pg.rollout_correction": "tis"}) == "grpo+tis"
-    assert tuning.label({"policy": "grpo", "pg.rollout_correction": None}) == "grpo" == tuning.label({"policy": "grpo"})
+    assert tuning.label({"policy": "grpo", "pg.pg.rollout_correction": "tis"}) == "grpo+tis"
+    assert tuning.label({"policy": "grpo", "pg.pg.rollout_correction": None}) == "grpo"
+    assert tuning.label({"policy": "grpo"}) == "grpo"
     assert tuning.stage_of("grpo+tis") == "pg" and "grpo+tis" in tuning.NAMES
 
     def row(policy, lr, gold, seed=0, **keys):
         return {"status": "finished", "policy": policy, "pg.optim.lr": lr, "seed": seed, "policy/gold_score": gold,
                 "policy/kl": 1.0, **keys}  # fmt: skip
 
-    tis = {"pg.rollout_correction": "tis"}
+    tis = {"pg.pg.rollout_correction": "tis"}
     rows = [
         row("grpo", 3e-5, 0.6),
         row("grpo", 1e-4, 0.5),
@@ -88,7 +89,7 @@ def test_a_variant_is_tuned_paired_and_reported_apart_from_its_algorithm(monkeyp
     base = h2h._base("grpo+tis", 0)
     assert base == f"{h2h.TUNING_ROOT}/policy=grpo,rollout_correction=tis,pg.optim.lr=0.0001"
     assert base.split("/")[-1] in run_names(tuning.SWEEP)
-    assert h2h._keys("grpo+tis") == {"policy": "grpo", "pg.rollout_correction": "tis"}
+    assert h2h._keys("grpo+tis") == {"policy": "grpo", "pg.pg.rollout_correction": "tis"}
     seeds = [
         row(p, 3e-5, g + s / 10, seed=s, **k) for s in (0, 1, 2) for p, g, k in [("ppo", 0.5, {}), ("grpo", 0.6, tis)]
     ]
