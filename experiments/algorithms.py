@@ -51,6 +51,8 @@ def _base(name: str, seed: int) -> str:
     """Where a run's stages come from: seed 0's tuning run of this algorithm (whose policy stage it
     reuses too), or the seed's default pipeline run."""
     if seed == 0:
+        if (name, CHOSEN_LR[name]) not in _TUNING_RUNS:
+            raise ValueError(f"CHOSEN_LR[{name!r}] = {CHOSEN_LR[name]:g} is not one of the tuning's LRS {tuning.LRS}.")
         return f"{TUNING_ROOT}/{_TUNING_RUNS[name, CHOSEN_LR[name]]}"
     return f"{SEEDS_ROOT}/seed={seed}"
 

@@ -3,7 +3,8 @@
     bash scripts/quickstart.sh                      # seed 0's pretrain, SFT, comparisons and RM
     python scripts/sweep.py experiments/algorithms_tuning.py --root runs/sweeps/algorithms_tuning
 
-Each run is the default pipeline with config.policy set and its stage's lr swept over LRS; everything
+Each run is the default pipeline with config.policy set (and a VARIANT's stage keys, e.g. GRPO + TIS) and
+its stage's lr swept over LRS; everything
 upstream (pretrain, SFT, the 3,000 ranked comparisons, the RM) is reused from runs/quickstart, so
 every algorithm starts from the same SFT policy and sees the same labels. That is the whole budget:
 three runs per algorithm, no other setting tuned — each algorithm keeps its paper's settings
