@@ -34,6 +34,11 @@ CHOSEN_LR = {
     "simpo": 3e-5,
     "plackett_luce": 1e-4,
     "online_dpo": 3e-5,
+    # the policy-gradient toolkit's, tuned at 06f91a7 (experiments/results/pg_toolkit_tuning_seed0.md)
+    "gspo": 3e-5,
+    "cispo": 3e-5,
+    "dapo": 3e-5,
+    "grpo+tis": 3e-5,
 }
 NAMES = tuning.NAMES  # every config's ALGORITHMS and the tuning's VARIANTS (GRPO + TIS)
 GOLD_REWARD = ("ppo", "grpo")  # trained against the gold judge itself
