@@ -34,7 +34,7 @@ CHOSEN_LR = {
     "simpo": 3e-5,
     "plackett_luce": 1e-4,
     "online_dpo": 3e-5,
-    # the policy-gradient toolkit's, tuned at 06f91a7 (experiments/results/pg_toolkit_tuning_seed0.md)
+    # the policy-gradient toolkit's, tuned at 06f91a7 (experiments/results/pg_toolkit_tuning_seed0.json)
     "gspo": 3e-5,
     "cispo": 3e-5,
     "dapo": 3e-5,

@@ -3,9 +3,9 @@
     bash scripts/quickstart.sh                      # seed 0's pretrain, SFT, comparisons and RM
     python scripts/sweep.py experiments/algorithms_tuning.py --root runs/sweeps/algorithms_tuning
 
-Each run is the default pipeline with config.policy set (and a VARIANT's stage keys, e.g. GRPO + TIS) and
-its stage's lr swept over LRS; everything
-upstream (pretrain, SFT, the 3,000 ranked comparisons, the RM) is reused from runs/quickstart, so
+Each run is the default pipeline with config.policy set (and a VARIANT's stage keys, e.g. GRPO + TIS)
+and its stage's lr swept over LRS; everything upstream (pretrain, SFT, the 3,000 ranked comparisons,
+the RM) is reused from runs/quickstart, so
 every algorithm starts from the same SFT policy and sees the same labels. That is the whole budget:
 three runs per algorithm, no other setting tuned — each algorithm keeps its paper's settings
 (configs/<algorithm>.py). The lr with the best held-out gold score (seed 0's evaluation prompts) is
@@ -59,7 +59,7 @@ def stage_of(name: str) -> str:
 
 
 def chosen(rows) -> dict[str, float]:
-    """{policy: the lr whose run has the best held-out gold score} over the finished runs."""
+    """{algorithm or variant (label): the lr whose run has the best held-out gold score} over the finished runs."""
     best = {}
     for r in rows:
         if r["status"] == "finished" and (label(r) not in best or r["policy/gold_score"] > best[label(r)][1]):
