@@ -14,7 +14,7 @@ import pytest
 
 import configs.ppo as ppo_cfg
 import configs.rm as rm_cfg
-from rlhf_jax import forward, preference, rewards
+from rlhf_jax import forward, parallel, preference, rewards
 from rlhf_jax.data import comparisons
 from rlhf_jax.metrics import read_metrics
 from rlhf_jax.rollout import Rollout
@@ -141,13 +141,14 @@ def test_each_member_is_normalised_on_the_reference_responses(ensemble_and_singl
     records = [source[i] for i in range(len(source))]
     tokens = np.concatenate([r["tokens"][r["valid"] > 0] for r in records])
     mask = np.concatenate([r["input_mask"][r["valid"] > 0] for r in records])
-    z = np.asarray(
-        jax.jit(lambda p, t, m: forward.member_scores(p, model, norm, t, m))(
-            params, jnp.asarray(tokens), jnp.asarray(mask)
-        ),
-        np.float64,
-    )
-    assert z.shape == (E, len(tokens))
+    # split over the mesh's data axis (a batch left unsharded would be scored whole on each of the 8 devices):
+    # padded with copies of the first response to a multiple of the devices, which are dropped after
+    n, pad = len(tokens), -len(tokens) % mesh.size
+    sharding = parallel.batch_sharding(mesh, rules)
+    tokens, mask = (jax.device_put(np.concatenate([x, np.repeat(x[:1], pad, 0)]), sharding) for x in (tokens, mask))
+    z = jax.jit(lambda p, t, m: forward.member_scores(p, model, norm, t, m))(params, tokens, mask)
+    z = np.asarray(z, np.float64)[:, :n]
+    assert z.shape == (E, n)
     np.testing.assert_allclose(z.mean(1), 0.0, atol=1e-2)
     np.testing.assert_allclose(z.std(1), 1.0, atol=1e-2)
     assert len(set(np.round(norm["gain"], 4))) == E  # each member its own gain
