@@ -6,6 +6,7 @@ chosen aggregate and refuses one that means nothing for a single RM."""
 import json
 import operator
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -181,15 +182,19 @@ def test_the_policy_reward_is_the_aggregate_of_the_single_rms_scores(ensemble_an
 
 
 @pytest.mark.slow
-def test_ensemble_resume_equals_an_uninterrupted_run(ensemble_and_singles, tmp_path):
+def test_ensemble_resume_equals_an_uninterrupted_run(ensemble_and_singles, tmp_path, capsys):
+    """The fixture's ensemble command again, in a copy of its workdir stopped at the step-3 checkpoint."""
     ens, _, _ = ensemble_and_singles
     with open(os.path.join(ens, "config.json")) as f:
         used = json.load(f)["data"]
     data = {f"data.{k}": used[k] for k in ("train_path", "eval_path")}  # the fixture's comparisons
-    cfg = lambda **kw: tiny(rm_cfg, **{**SETTINGS, **data, "rm.ensemble_size": E, **kw})
-    rm.train_and_evaluate(cfg(num_steps=3), str(tmp_path))  # stops at the step-3 checkpoint
-    rm.train_and_evaluate(cfg(), str(tmp_path))  # the full command again: resumes at step 3
-    a, b = by_step(read_metrics(ens)), by_step(read_metrics(str(tmp_path)))
+    resumed = tmp_path / "resumed"
+    shutil.copytree(ens, resumed)
+    shutil.rmtree(resumed / "checkpoints" / str(STEPS))
+    capsys.readouterr()
+    rm.train_and_evaluate(tiny(rm_cfg, **SETTINGS, **data, **{"rm.ensemble_size": E}), str(resumed))
+    assert f"resumed from {resumed / 'checkpoints'}/3" in capsys.readouterr().out
+    a, b = by_step(read_metrics(ens)), by_step(read_metrics(str(resumed)))
     for key in (
         "rm/loss",
         "rm/grad_norm",
@@ -198,7 +203,7 @@ def test_ensemble_resume_equals_an_uninterrupted_run(ensemble_and_singles, tmp_p
         "eval/rm/disagreement",
     ):
         assert a[STEPS][key] == pytest.approx(b[STEPS][key], rel=1e-5), key
-    with open(os.path.join(ens, rm.NORM_FILE)) as f, open(os.path.join(tmp_path, rm.NORM_FILE)) as g:
+    with open(os.path.join(ens, rm.NORM_FILE)) as f, open(os.path.join(resumed, rm.NORM_FILE)) as g:
         np.testing.assert_allclose(json.load(f)["gain"], json.load(g)["gain"], rtol=1e-5)
 
 
