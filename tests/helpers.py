@@ -1,13 +1,14 @@
 """What the test files share: the repository root, tiny stage configs and metrics by step."""
 
 import os
+import shutil
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # configs/ is a directory of files, not a package: import them from the root
 from configs import pretrain as pretrain_cfg, sft as sft_cfg  # noqa: E402
 
-__all__ = ["ROOT", "by_step", "override", "pretrain_cfg", "sft_cfg", "tiny"]
+__all__ = ["ROOT", "by_step", "override", "pretrain_cfg", "sft_cfg", "stopped_copy", "tiny"]
 
 
 def tiny(cfg_module, **overrides):
@@ -27,6 +28,17 @@ def override(c, **overrides):
             node = node[p]
         node[last] = v
     return c
+
+
+def stopped_copy(workdir, dest, step: int):
+    """A copy of a finished run's workdir at `dest` as if the run had been killed after its step-`step` checkpoint
+    (the later checkpoints removed): the same command there resumes from `step`. Returns dest."""
+    shutil.copytree(workdir, dest)
+    ckpts = os.path.join(dest, "checkpoints")
+    for name in os.listdir(ckpts):
+        if name.isdigit() and int(name) > step:
+            shutil.rmtree(os.path.join(ckpts, name))
+    return dest
 
 
 def by_step(records):

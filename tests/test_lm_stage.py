@@ -14,7 +14,7 @@ from rlhf_jax.metrics import read_metrics
 from rlhf_jax.models.gpt import HEADS, TransformerLM, positions_from_mask
 from rlhf_jax.models.layers import ModelConfig
 from rlhf_jax.stages import lm
-from tests.helpers import by_step, pretrain_cfg, sft_cfg, tiny
+from tests.helpers import by_step, pretrain_cfg, sft_cfg, stopped_copy, tiny
 
 
 def test_sft_loss_counts_only_response_tokens_against_a_hand_reference():
@@ -55,15 +55,16 @@ def test_sft_loss_counts_only_response_tokens_against_a_hand_reference():
     assert np.all(np.asarray(mask)[0, :2] == 0)  # prompt targets are masked out
 
 
-def test_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
+def test_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch, capsys):
     full = tiny(pretrain_cfg, num_steps=10, **{"optim.total_steps": 10, "checkpoint.every": 5})
     lm.train_and_evaluate(full, str(tmp_path / "full"))
-    half = tiny(pretrain_cfg, num_steps=5, **{"optim.total_steps": 10, "checkpoint.every": 5})
-    lm.train_and_evaluate(half, str(tmp_path / "resumed"))
+    resumed = stopped_copy(tmp_path / "full", tmp_path / "resumed", 5)
     # The resume restores into the state's abstract shapes: it never initialises a train state to overwrite.
     monkeypatch.setattr(train_state, "create", lambda *a, **k: pytest.fail("a resume initialised a train state"))
-    lm.train_and_evaluate(full, str(tmp_path / "resumed"))  # the same command again: resumes at step 5
-    a, b = by_step(read_metrics(str(tmp_path / "full"))), by_step(read_metrics(str(tmp_path / "resumed")))
+    capsys.readouterr()
+    lm.train_and_evaluate(full, str(resumed))  # the same command again: resumes at step 5
+    assert f"resumed from {resumed / 'checkpoints'}/5" in capsys.readouterr().out
+    a, b = by_step(read_metrics(str(tmp_path / "full"))), by_step(read_metrics(str(resumed)))
     assert sorted(a) == sorted(b)
     for step in (5, 10):
         for key in ("train/loss", "train/grad_norm", "train/lr"):

@@ -158,12 +158,12 @@ def test_the_reference_stays_the_base_model_through_training():
 
 
 @pytest.mark.slow
-def test_a_lora_run_resumes_from_its_checkpoint_as_if_uninterrupted(tmp_path):
+def test_a_lora_run_resumes_from_its_checkpoint_as_if_uninterrupted(tmp_path, capsys):
     """The masked optimizer's state (empty for frozen leaves) saves and restores; the resumed run's steps equal
     an uninterrupted run's."""
     from rlhf_jax.metrics import read_metrics
     from rlhf_jax.stages import lm
-    from tests.helpers import by_step
+    from tests.helpers import by_step, stopped_copy
 
     lora_keys = {
         "model.lora.rank": 4,
@@ -175,9 +175,11 @@ def test_a_lora_run_resumes_from_its_checkpoint_as_if_uninterrupted(tmp_path):
     }
     full = tiny(sft_cfg, num_steps=6, **lora_keys)
     lm.train_and_evaluate(full, str(tmp_path / "full"))
-    lm.train_and_evaluate(tiny(sft_cfg, num_steps=3, **lora_keys), str(tmp_path / "resumed"))
-    lm.train_and_evaluate(full, str(tmp_path / "resumed"))  # the same command again: resumes at step 3
-    a, b = by_step(read_metrics(str(tmp_path / "full"))), by_step(read_metrics(str(tmp_path / "resumed")))
+    resumed = stopped_copy(tmp_path / "full", tmp_path / "resumed", 3)
+    capsys.readouterr()
+    lm.train_and_evaluate(full, str(resumed))  # the same command again: resumes at step 3
+    assert f"resumed from {resumed / 'checkpoints'}/3" in capsys.readouterr().out
+    a, b = by_step(read_metrics(str(tmp_path / "full"))), by_step(read_metrics(str(resumed)))
     assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
     for step in (4, 6):
         assert a[step]["train/loss"] == pytest.approx(b[step]["train/loss"], rel=1e-6), step

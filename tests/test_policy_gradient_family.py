@@ -2,8 +2,6 @@
 touches the value head and resumes exactly; every estimator runs; the configs carry the papers' settings;
 the pipeline applies an algorithm's settings under the user's overrides."""
 
-import shutil
-
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -16,7 +14,7 @@ import configs.reinforce_pp as reinforce_pp_cfg
 import configs.rloo as rloo_cfg
 from rlhf_jax.metrics import read_metrics
 from rlhf_jax.stages import pg
-from tests.helpers import by_step, tiny
+from tests.helpers import by_step, stopped_copy, tiny
 
 REWARD = {"reward.function": "tests.test_pg_stage:even_token_share"}
 
@@ -76,10 +74,7 @@ def test_grpo_tiny_raises_a_verifiable_reward_and_never_trains_the_value_head(tm
 
     # Resume: the same command in a copy of the workdir stopped after iteration 18 (its later checkpoints gone)
     # redoes iterations 19-20 as the uninterrupted run did them.
-    resumed = tmp_path.parent / f"{tmp_path.name}_resumed"
-    shutil.copytree(tmp_path, resumed)
-    for step in (19, 20):
-        shutil.rmtree(resumed / "checkpoints" / str(step))
+    resumed = stopped_copy(tmp_path, tmp_path.parent / f"{tmp_path.name}_resumed", 18)
     capsys.readouterr()
     pg.train_and_evaluate(c, str(resumed))
     assert f"resumed from {resumed / 'checkpoints'}/18" in capsys.readouterr().out

@@ -23,7 +23,7 @@ from rlhf_jax.models.gpt import HEADS, TransformerLM
 from rlhf_jax.models.layers import ModelConfig
 from rlhf_jax.stages import lm, rm
 from rlhf_jax.trained import load_reward_model
-from tests.helpers import by_step, tiny
+from tests.helpers import by_step, stopped_copy, tiny
 
 
 def mesh_and_rules():
@@ -147,12 +147,13 @@ def test_a_stale_norm_file_is_refused(tiny_rm, tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_equals_an_uninterrupted_run(tiny_rm, tmp_path):
+def test_resume_equals_an_uninterrupted_run(tiny_rm, tmp_path, capsys):
     full_dir, _ = tiny_rm  # the tiny preset: 40 steps, checkpoints every 20
-    half = tiny(rm_cfg, num_steps=20, **{"optim.total_steps": 40})
-    rm.train_and_evaluate(half, str(tmp_path))
-    rm.train_and_evaluate(tiny(rm_cfg), str(tmp_path))  # the full command again: resumes at step 20
-    a, b = by_step(read_metrics(full_dir)), by_step(read_metrics(str(tmp_path)))
+    resumed = stopped_copy(full_dir, tmp_path / "resumed", 20)
+    capsys.readouterr()
+    rm.train_and_evaluate(tiny(rm_cfg), str(resumed))  # the full command again: resumes at step 20
+    assert f"resumed from {resumed / 'checkpoints'}/20" in capsys.readouterr().out
+    a, b = by_step(read_metrics(full_dir)), by_step(read_metrics(str(resumed)))
     assert sorted(a) == sorted(b)
     for step in (20, 40):
         for key in ("rm/loss", "rm/accuracy", "rm/grad_norm", "rm/lr", "eval/rm/loss", "eval/rm/accuracy"):
