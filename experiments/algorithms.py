@@ -211,6 +211,94 @@ def paired_vs(
     return out
 
 
+def _joined(count: int, mean: float, std: float, more) -> tuple[int, float, float]:
+    """(n, mean, sample std) of a group known only by its count, mean and sample std, joined with more values:
+    exactly what the values of both together give (the sums of squares add up about the joint mean)."""
+    import numpy as np
+
+    more = np.asarray([x for x in more if np.isfinite(x)], float)
+    n = count + len(more)
+    joint = (count * mean + more.sum()) / n
+    squares = (count - 1) * std**2 + count * (mean - joint) ** 2 + ((more - joint) ** 2).sum()
+    return n, float(joint), float(np.sqrt(squares / (n - 1))) if n > 1 else 0.0
+
+
+def _interval(n: int, mean: float, std: float) -> tuple[float, float]:
+    half = _t975(n) * std / n**0.5 if n > 1 else float("nan")
+    return mean - half, mean + half
+
+
+def pooled(earlier: dict, earlier_paired: dict, rows, reference: str = "ppo", root: str = "") -> tuple[dict, dict]:
+    """(aggregate, paired_vs) over the seeds of an earlier analysis whose runs are gone, kept as its
+    aggregate.json and paired_vs_<reference>.json, and the finished runs `rows` of further seeds: the same
+    numbers aggregate() and paired_vs() give on all the runs together. A group's mean and sample std follow
+    from its count, mean and std; a paired difference's std from its 95% interval and count. The earlier
+    seeds must include seed 0 (its mean_1_4 leaves seed 0 out) and the new ones must not. root: the new runs'
+    sweep root, where a run's policy-stage wall time is read when its row lacks it (as aggregate() does)."""
+    import os
+
+    from experiments._analysis import policy_stage_seconds
+
+    if any(r["seed"] == 0 for r in rows):
+        raise ValueError("pooled: seed 0 belongs to the earlier analysis; give only later seeds' runs.")
+    if root:
+        rows = [
+            r
+            if isinstance(r.get("policy/wall_s"), (int, float))
+            else {**r, "policy/wall_s": policy_stage_seconds(os.path.join(root, r["run"]))}
+            for r in rows
+        ]
+    new, new_paired = aggregate(rows), paired_vs(rows, reference, metrics=tuple(next(iter(earlier_paired.values()))))
+    by = {}
+    for r in rows:
+        if r["status"] == "finished":
+            by.setdefault(_label(r), {})[r["seed"]] = r
+    out = {}
+    for label in sorted(set(earlier) | set(new)):
+        out[label] = {}
+        for m in sorted(set(earlier.get(label, {})) | set(new.get(label, {}))):
+            e = earlier.get(label, {}).get(m)
+            if e is None:
+                out[label][m] = new[label][m]
+                continue
+            values = _values(by, label, m)
+            n, mean, std = _joined(e["n"], e["mean"], e["std"], values)
+            lo, hi = _interval(n, mean, std)
+            finite = [v for v in values if v == v]
+            earlier_1_4 = (e["n"] - 1) * e["mean_1_4"] if e["n"] > 1 else 0.0  # seeds 1.. of the earlier ones
+            mean_1_4 = (earlier_1_4 + sum(finite)) / (e["n"] - 1 + len(finite))
+            out[label][m] = {"mean": mean, "std": std, "lo": lo, "hi": hi, "n": n, "mean_1_4": float(mean_1_4)}
+    paired = {}
+    for label in sorted(set(earlier_paired) | set(new_paired)):
+        if label not in earlier_paired:
+            paired[label] = new_paired[label]
+            continue
+        paired[label] = {}
+        for m, e in earlier_paired[label].items():
+            d = [
+                by[label][s][f"policy/{m}"] - by[reference][s][f"policy/{m}"]
+                for s in sorted(by.get(label, {}))
+                if s in by.get(reference, {})
+            ]
+            std = (e["hi"] - e["lo"]) / 2 * e["n"] ** 0.5 / _t975(e["n"])
+            n, mean, std = _joined(e["n"], e["mean"], std, d)
+            lo, hi = _interval(n, mean, std)
+            paired[label][m] = {"mean": mean, "lo": lo, "hi": hi, "n": n}
+    return out, paired
+
+
+def _values(by: dict, label: str, metric: str) -> list[float]:
+    """The new seeds' values of one row label's metric, as aggregate() reads them (best-of-4 and SFT from the
+    PPO runs' evaluations)."""
+    if label == "best_of_4_by_rm":
+        runs, key = by.get("ppo", {}), f"best_of_4_sft_by_rm/{metric}"
+    elif label == "sft":
+        runs, key = by.get("ppo", {}), "sft/gold_score"
+    else:
+        runs, key = by.get(label, {}), f"policy/{metric}"
+    return [float(r[key]) if isinstance(r.get(key), (int, float)) else float("nan") for r in runs.values()]
+
+
 def separated(a: dict, b: dict) -> bool:
     """Whether two 95% intervals do not overlap: the only case the analysis calls a difference."""
     return a["hi"] < b["lo"] or b["hi"] < a["lo"]

@@ -97,3 +97,35 @@ def test_a_variant_is_tuned_paired_and_reported_apart_from_its_algorithm(monkeyp
     paired = h2h.paired_vs(seeds, metrics=("gold_score",))
     assert paired["grpo+tis"]["gold_score"]["mean"] == pytest.approx(0.1)
     assert paired["grpo"]["gold_score"]["mean"] == pytest.approx(-0.1)
+
+
+def test_pooling_an_earlier_analysis_with_new_seeds_equals_the_analysis_of_all_runs():
+    """experiments.algorithms.pooled: seeds 0-2 known only by aggregate() and paired_vs() (their runs gone), joined
+    with seeds 3-4's runs, give what aggregate() and paired_vs() give on all five seeds' runs."""
+    from experiments import algorithms as h2h
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for seed in range(5):
+        for policy, keys in [("ppo", {}), ("grpo", {}), ("grpo", {"pg.pg.rollout_correction": "tis"})]:
+            row = {"status": "finished", "policy": policy, "seed": seed, "pg.optim.lr": 3e-5, **keys}
+            row |= {f"policy/{m}": float(rng.uniform()) for m, _ in h2h.METRICS}
+            row |= {f"best_of_4_sft_by_rm/{m}": float(rng.uniform()) for m, _ in h2h.METRICS}
+            rows.append(row | {"sft/gold_score": float(rng.uniform())})
+    earlier = [r for r in rows if r["seed"] < 3]
+    later = [r for r in rows if r["seed"] >= 3]
+    stats, paired = h2h.pooled(h2h.aggregate(earlier), h2h.paired_vs(earlier), later)
+    want, want_paired = h2h.aggregate(rows), h2h.paired_vs(rows)
+    assert set(stats) == set(want) == {"ppo", "grpo", "grpo+tis", "best_of_4_by_rm", "sft"}
+    for label in want:
+        assert set(stats[label]) == set(want[label]), label
+        for m in want[label]:
+            for k in ("mean", "std", "lo", "hi", "n", "mean_1_4"):
+                assert stats[label][m][k] == pytest.approx(want[label][m][k], rel=1e-9), (label, m, k)
+    assert set(paired) == set(want_paired) == {"grpo", "grpo+tis"}
+    for label in want_paired:
+        for m in want_paired[label]:
+            for k in ("mean", "lo", "hi", "n"):
+                assert paired[label][m][k] == pytest.approx(want_paired[label][m][k], rel=1e-9), (label, m, k)
+    with pytest.raises(ValueError, match="seed 0 belongs to the earlier analysis"):
+        h2h.pooled(h2h.aggregate(earlier), h2h.paired_vs(earlier), rows)
