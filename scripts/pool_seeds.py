@@ -1,0 +1,90 @@
+"""Joins a head-to-head analysis kept only as its results (its runs gone) with further seeds' runs.
+
+    python scripts/pool_seeds.py --earlier experiments/results/pg_toolkit_seeds_0_1_2 \
+        --root runs/sweeps/algorithms --out experiments/results/pg_toolkit_seeds_0_4
+
+--earlier holds aggregate.json and paired_vs_ppo.json of seeds 0..k (experiments/algorithms.py's analysis);
+--root is the sweep root of experiments/algorithms.py holding the later seeds' finished runs (seed 0 must not be
+among them). Writes to --out: aggregate.json and paired_vs_ppo.json over all the seeds, the same numbers the
+analysis gives on all the runs together (experiments.algorithms.pooled), runs.csv (the later seeds' rows, so the
+next pooling has them) and summary.md (the pooled table and the paired differences), and prints summary.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+import sweep  # noqa: E402
+from experiments import algorithms as h2h, load_experiment  # noqa: E402
+
+
+def table(stats: dict, paired: dict, reference: str) -> list[str]:
+    """summary.md's lines: each row label's mean ± std [95% interval] per metric, then the paired differences."""
+    metrics = [(m, name) for m, name in h2h.METRICS if m != "wall_s"]
+    lines = [
+        "## Head-to-head on the gold judge (mean ± std over seeds; [95% t-interval])",
+        "",
+        "| row | n | " + " | ".join(name for _, name in metrics) + " |",
+        "|---|---|" + "---|" * len(metrics),
+    ]
+    for label, s in stats.items():
+        cells = [
+            f"{s[m]['mean']:.3f} ± {s[m]['std']:.3f} [{s[m]['lo']:.3f}, {s[m]['hi']:.3f}]" if m in s else "—"
+            for m, _ in metrics
+        ]
+        lines.append(f"| {label} | {s['gold_score']['n']} | " + " | ".join(cells) + " |")
+    names = list(next(iter(paired.values())))
+    lines += [
+        "",
+        f"## Minus {reference} on the same seed: mean [95% t-interval] (* excludes 0)",
+        "",
+        "| row | n | " + " | ".join(names) + " |",
+        "|---|---|" + "---|" * len(names),
+    ]
+    for label, d in paired.items():
+        cells = [f"{d[m]['mean']:+.3f} [{d[m]['lo']:+.3f}, {d[m]['hi']:+.3f}]" for m in names]
+        cells = [c + (" *" if d[m]["lo"] * d[m]["hi"] > 0 else "") for c, m in zip(cells, names)]
+        lines.append(f"| {label} | {d[names[0]]['n']} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--earlier", required=True, help="directory with the earlier aggregate.json, paired_vs_ppo.json")
+    p.add_argument("--root", required=True, help="experiments/algorithms.py's sweep root with the later seeds")
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    with open(os.path.join(args.earlier, "aggregate.json")) as f:
+        earlier = json.load(f)
+    with open(os.path.join(args.earlier, "paired_vs_ppo.json")) as f:
+        earlier_paired = json.load(f)
+    exp = load_experiment(os.path.join(ROOT, "experiments", "algorithms.py"))
+    rows = [r for r in sweep.collect(exp, args.root) if r["status"] == "finished"]
+    if not rows:
+        raise SystemExit(f"{args.root}: no finished run of experiments/algorithms.py; run its later seeds first.")
+    stats, paired = h2h.pooled(earlier, earlier_paired, rows, root=args.root)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "aggregate.json"), "w") as f:
+        json.dump(stats, f, indent=1)
+    with open(os.path.join(args.out, "paired_vs_ppo.json"), "w") as f:
+        json.dump(paired, f, indent=1)
+    with open(os.path.join(args.out, "runs.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = table(stats, paired, "ppo")
+    with open(os.path.join(args.out, "summary.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
