@@ -79,10 +79,10 @@ def main(argv=None) -> int:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    lines = table(stats, paired, "ppo")
+    summary = "\n".join(table(stats, paired, "ppo"))
+    print(summary)
     with open(os.path.join(args.out, "summary.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+        f.write(summary + "\n")
     return 0
 
 
