@@ -128,12 +128,10 @@ def _t975(n: int) -> float:
     return float(stats.t.ppf(0.975, n - 1))
 
 
-def aggregate(rows, root: str = "") -> dict[str, dict[str, dict[str, float]]]:
-    """{row label: {metric: {"mean", "std", "lo", "hi", "n", "mean_1_4"}}} over seeds, for every algorithm,
-    the gold-reward runs and best-of-4 by the RM (from the PPO runs' evaluations)."""
+def _groups(rows, root: str = "") -> dict[str, list[dict]]:
+    """{row label: [{metric: value, "seed": s}, ...]}: every finished run's values, with best-of-4 by the RM and
+    SFT from the PPO runs' evaluations; a run's policy-stage wall time is read under root when its row lacks it."""
     import os
-
-    import numpy as np
 
     from experiments._analysis import policy_stage_seconds
 
@@ -141,73 +139,82 @@ def aggregate(rows, root: str = "") -> dict[str, dict[str, dict[str, float]]]:
     for r in rows:
         if r["status"] != "finished":
             continue
-        label = _label(r)
         values = {m: r[f"policy/{m}"] for m, _ in METRICS}
         if not isinstance(values.get("wall_s"), (int, float)) and root:
             values["wall_s"] = policy_stage_seconds(os.path.join(root, r["run"]))
-        groups.setdefault(label, []).append(values | {"seed": r["seed"]})
+        groups.setdefault(_label(r), []).append(values | {"seed": r["seed"]})
         if r["policy"] == "ppo" and r.get("policy_reward") != "gold":
             groups.setdefault("best_of_4_by_rm", []).append(
                 {m: r.get(f"best_of_4_sft_by_rm/{m}", float("nan")) for m, _ in METRICS} | {"seed": r["seed"]}
             )
             groups.setdefault("sft", []).append({"gold_score": r["sft/gold_score"], "seed": r["seed"]})
+    return groups
+
+
+def _value(run: dict, metric: str) -> float:
+    v = run.get(metric)
+    return float(v) if isinstance(v, (int, float)) else float("nan")
+
+
+def aggregate(rows, root: str = "") -> dict[str, dict[str, dict[str, float]]]:
+    """{row label: {metric: {"mean", "std", "lo", "hi", "n", "mean_1_4"}}} over seeds, for every algorithm,
+    the gold-reward runs and best-of-4 by the RM (from the PPO runs' evaluations)."""
+    import numpy as np
+
     out = {}
-    for label, runs in groups.items():
+    for label, runs in _groups(rows, root).items():
         out[label] = {}
         for m, _ in METRICS:
-            x = np.asarray([run.get(m) if isinstance(run.get(m), (int, float)) else np.nan for run in runs], float)
+            x = np.asarray([_value(run, m) for run in runs], float)
             later = np.asarray([v for v, run in zip(x, runs) if run["seed"] != 0], float)
             ok = x[np.isfinite(x)]
             if not len(ok):
                 continue
             mean, std = float(ok.mean()), float(ok.std(ddof=1)) if len(ok) > 1 else 0.0
-            half = _t975(len(ok)) * std / np.sqrt(len(ok)) if len(ok) > 1 else float("nan")
+            lo, hi = _interval(len(ok), mean, std)
             out[label][m] = {
                 "mean": mean,
                 "std": std,
-                "lo": mean - half,
-                "hi": mean + half,
+                "lo": lo,
+                "hi": hi,
                 "n": len(ok),
                 "mean_1_4": float(np.nanmean(later)) if len(later) else float("nan"),
             }
     return out
 
 
-def paired_vs(
-    rows, reference: str = "ppo", metrics=("gold_score", "win_rate_vs_sft", "answer_correct_rate", "chatter_rate", "kl")
-) -> dict:
+PAIRED_METRICS = ("gold_score", "win_rate_vs_sft", "answer_correct_rate", "chatter_rate", "kl")
+
+
+def _differences(rows, reference: str, metrics) -> dict[str, dict[str, list[float]]]:
+    """{label: {metric: [label − reference on each seed both finished]}} for every label but the reference."""
+    by = {}
+    for r in rows:
+        if r["status"] == "finished":
+            by.setdefault(_label(r), {})[r["seed"]] = r
+    ref = by.get(reference, {})
+    return {
+        label: {m: [runs[s][f"policy/{m}"] - ref[s][f"policy/{m}"] for s in sorted(runs) if s in ref] for m in metrics}
+        for label, runs in by.items()
+        if label != reference
+    }
+
+
+def paired_vs(rows, reference: str = "ppo", metrics=PAIRED_METRICS) -> dict:
     """{label: {metric: {"mean", "lo", "hi", "n"}}}: the per-seed difference (label − reference) with a 95%
     t-interval. Every algorithm of a seed starts from that seed's SFT policy and comparisons, so the
     difference cancels what the seed changes for all of them (the SFT policy's own quality, mostly),
     which the unpaired intervals carry."""
     import numpy as np
 
-    by = {}
-    for r in rows:
-        if r["status"] == "finished":
-            by.setdefault(_label(r), {})[r["seed"]] = r
     out = {}
-    for label, runs in by.items():
-        if label == reference:
-            continue
+    for label, diffs in _differences(rows, reference, metrics).items():
         out[label] = {}
-        for m in metrics:
-            d = np.asarray(
-                [
-                    runs[s][f"policy/{m}"] - by[reference][s][f"policy/{m}"]
-                    for s in sorted(runs)
-                    if s in by.get(reference, {})
-                ],
-                float,
-            )
+        for m, d in diffs.items():
             if len(d) > 1:
-                half = _t975(len(d)) * d.std(ddof=1) / np.sqrt(len(d))
-                out[label][m] = {
-                    "mean": float(d.mean()),
-                    "lo": float(d.mean() - half),
-                    "hi": float(d.mean() + half),
-                    "n": len(d),
-                }
+                mean = float(np.mean(d))
+                lo, hi = _interval(len(d), mean, float(np.std(d, ddof=1)))
+                out[label][m] = {"mean": mean, "lo": lo, "hi": hi, "n": len(d)}
     return out
 
 
@@ -224,6 +231,7 @@ def _joined(count: int, mean: float, std: float, more) -> tuple[int, float, floa
 
 
 def _interval(n: int, mean: float, std: float) -> tuple[float, float]:
+    """The 95% t-interval of a mean over n values of sample std `std` (NaN for one value)."""
     half = _t975(n) * std / n**0.5 if n > 1 else float("nan")
     return mean - half, mean + half
 
@@ -235,24 +243,9 @@ def pooled(earlier: dict, earlier_paired: dict, rows, reference: str = "ppo", ro
     from its count, mean and std; a paired difference's std from its 95% interval and count. The earlier
     seeds must include seed 0 (its mean_1_4 leaves seed 0 out) and the new ones must not. root: the new runs'
     sweep root, where a run's policy-stage wall time is read when its row lacks it (as aggregate() does)."""
-    import os
-
-    from experiments._analysis import policy_stage_seconds
-
     if any(r["seed"] == 0 for r in rows):
         raise ValueError("pooled: seed 0 belongs to the earlier analysis; give only later seeds' runs.")
-    if root:
-        rows = [
-            r
-            if isinstance(r.get("policy/wall_s"), (int, float))
-            else {**r, "policy/wall_s": policy_stage_seconds(os.path.join(root, r["run"]))}
-            for r in rows
-        ]
-    new, new_paired = aggregate(rows), paired_vs(rows, reference, metrics=tuple(next(iter(earlier_paired.values()))))
-    by = {}
-    for r in rows:
-        if r["status"] == "finished":
-            by.setdefault(_label(r), {})[r["seed"]] = r
+    groups, new = _groups(rows, root), aggregate(rows, root)
     out = {}
     for label in sorted(set(earlier) | set(new)):
         out[label] = {}
@@ -261,13 +254,15 @@ def pooled(earlier: dict, earlier_paired: dict, rows, reference: str = "ppo", ro
             if e is None:
                 out[label][m] = new[label][m]
                 continue
-            values = _values(by, label, m)
+            values = [_value(run, m) for run in groups.get(label, [])]
             n, mean, std = _joined(e["n"], e["mean"], e["std"], values)
             lo, hi = _interval(n, mean, std)
             finite = [v for v in values if v == v]
             earlier_1_4 = (e["n"] - 1) * e["mean_1_4"] if e["n"] > 1 else 0.0  # seeds 1.. of the earlier ones
             mean_1_4 = (earlier_1_4 + sum(finite)) / (e["n"] - 1 + len(finite))
             out[label][m] = {"mean": mean, "std": std, "lo": lo, "hi": hi, "n": n, "mean_1_4": float(mean_1_4)}
+    metrics = tuple(next(iter(earlier_paired.values())))
+    diffs, new_paired = _differences(rows, reference, metrics), paired_vs(rows, reference, metrics)
     paired = {}
     for label in sorted(set(earlier_paired) | set(new_paired)):
         if label not in earlier_paired:
@@ -275,28 +270,11 @@ def pooled(earlier: dict, earlier_paired: dict, rows, reference: str = "ppo", ro
             continue
         paired[label] = {}
         for m, e in earlier_paired[label].items():
-            d = [
-                by[label][s][f"policy/{m}"] - by[reference][s][f"policy/{m}"]
-                for s in sorted(by.get(label, {}))
-                if s in by.get(reference, {})
-            ]
             std = (e["hi"] - e["lo"]) / 2 * e["n"] ** 0.5 / _t975(e["n"])
-            n, mean, std = _joined(e["n"], e["mean"], std, d)
+            n, mean, std = _joined(e["n"], e["mean"], std, diffs.get(label, {}).get(m, []))
             lo, hi = _interval(n, mean, std)
             paired[label][m] = {"mean": mean, "lo": lo, "hi": hi, "n": n}
     return out, paired
-
-
-def _values(by: dict, label: str, metric: str) -> list[float]:
-    """The new seeds' values of one row label's metric, as aggregate() reads them (best-of-4 and SFT from the
-    PPO runs' evaluations)."""
-    if label == "best_of_4_by_rm":
-        runs, key = by.get("ppo", {}), f"best_of_4_sft_by_rm/{metric}"
-    elif label == "sft":
-        runs, key = by.get("ppo", {}), "sft/gold_score"
-    else:
-        runs, key = by.get(label, {}), f"policy/{metric}"
-    return [float(r[key]) if isinstance(r.get(key), (int, float)) else float("nan") for r in runs.values()]
 
 
 def separated(a: dict, b: dict) -> bool:
