@@ -1,6 +1,7 @@
 """What the test files share: the repository root, tiny stage configs and metrics by step."""
 
 import os
+import re
 import shutil
 import sys
 
@@ -8,7 +9,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # configs/ is a directory of files, not a package: import them from the root
 from configs import pretrain as pretrain_cfg, sft as sft_cfg  # noqa: E402
 
-__all__ = ["ROOT", "by_step", "override", "pretrain_cfg", "sft_cfg", "stopped_copy", "tiny"]
+__all__ = ["ROOT", "by_step", "override", "pretrain_cfg", "resumed_from", "sft_cfg", "stopped_copy", "tiny"]
 
 
 def tiny(cfg_module, **overrides):
@@ -39,6 +40,12 @@ def stopped_copy(workdir, dest, step: int):
         if name.isdigit() and int(name) > step:
             shutil.rmtree(os.path.join(ckpts, name))
     return dest
+
+
+def resumed_from(log: str) -> int | None:
+    """The checkpoint step a run's output says it resumed from; None for a fresh start."""
+    found = re.search(r"resumed from \S+/checkpoints/(\d+)$", log, re.M)
+    return int(found[1]) if found else None
 
 
 def by_step(records):

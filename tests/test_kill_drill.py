@@ -14,6 +14,7 @@ import pytest
 
 from rlhf_jax.metrics import read_metrics
 from rlhf_jax.run import PREEMPTED_EXIT
+from tests.helpers import resumed_from
 from tests.test_multiprocess import (
     ROOT,
     TIMEOUT_S,
@@ -60,12 +61,6 @@ def _logged_steps(workdir) -> int:
         return 0
     with open(path) as f:
         return max((int(m[1]) for m in re.finditer(r'^\{"step": (\d+)', f.read(), re.M)), default=0)
-
-
-def _resumed_from(log: str) -> int | None:
-    """The checkpoint step a run's log says it resumed from; None for a fresh start."""
-    found = re.search(r"resumed from \S+/checkpoints/(\d+)$", log, re.M)
-    return int(found[1]) if found else None
 
 
 def _args(workdir) -> list[str]:
@@ -117,7 +112,7 @@ def test_one_host_killed_or_preempted_at_three_points_resumes_to_the_uninterrupt
                 assert time.time() < deadline, "timed out before the kill point"
                 time.sleep(0.05)
             if kills:
-                assert _resumed_from(open(logs[0]).read()) == resume, kills
+                assert resumed_from(open(logs[0]).read()) == resume, kills
             time.sleep(rng.uniform(0.0, 0.3))  # somewhere inside the next iteration or its checkpoint
             victim = rng.randrange(2)
             procs[victim].send_signal(sig)
@@ -137,7 +132,7 @@ def test_one_host_killed_or_preempted_at_three_points_resumes_to_the_uninterrupt
                     p.kill()
                 p.wait()
     out = _launch(args(killed), killed, num_processes=2, devices=4)[0]
-    assert _resumed_from(out) == resume, kills
+    assert resumed_from(out) == resume, kills
 
     assert _comparable(killed) == _comparable(uninterrupted), kills  # every logged number, bit for bit
     assert [m["step"] for m in read_metrics(str(killed)) if "loss/policy_avg" in m] == [1, 2, 3, 4, 5, 6], kills

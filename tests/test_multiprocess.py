@@ -8,7 +8,6 @@ must restore in one process with 4 devices on a different mesh and continue iden
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -20,6 +19,7 @@ import pytest
 from rlhf_jax import distributed
 from rlhf_jax.metrics import read_metrics
 from tests.conftest import with_device_count
+from tests.helpers import resumed_from, stopped_copy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MESH_2x2x2 = ("--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2")
@@ -147,9 +147,7 @@ def test_pretrain_on_two_processes_logs_what_one_process_logs(pretrain_runs):
 @pytest.mark.slow
 def test_checkpoint_of_two_processes_resumes_on_four_devices_with_another_mesh(pretrain_runs, tmp_path):
     two, one, _ = pretrain_runs
-    resumed = tmp_path / "resumed"
-    shutil.copytree(two, resumed)
-    shutil.rmtree(resumed / "checkpoints" / "6")  # as if the 8-device job had stopped after step 3
+    resumed = stopped_copy(two, tmp_path / "resumed", 3)  # as if the 8-device job had stopped after step 3
     config, overrides = PRETRAIN
     out = _run(
         resumed,
@@ -158,7 +156,7 @@ def test_checkpoint_of_two_processes_resumes_on_four_devices_with_another_mesh(p
         num_processes=1,
         devices=4,
     )[0]
-    assert "resumed from" in out and "mesh {'data': 1, 'fsdp': 2, 'tensor': 2}" in out
+    assert resumed_from(out) == 3 and "mesh {'data': 1, 'fsdp': 2, 'tensor': 2}" in out
     # Steps 4-6 ran on the new topology from the restored params, optimiser state and data position,
     # and metrics.jsonl (steps 1-3 from the two processes) reads as one uninterrupted run.
     _assert_same_metrics(resumed, one)
