@@ -283,6 +283,12 @@ def separated(a: dict, b: dict) -> bool:
 
 
 def analyze(root, rows):
+    return report(aggregate(rows, root), paired_vs(rows), root)
+
+
+def report(stats: dict, paired: dict, out: str) -> list[str]:
+    """The analysis's markdown lines from aggregate() and paired_vs() numbers (or pooled()'s); writes them as
+    aggregate.json and paired_vs_ppo.json, and the gold-vs-KL plot, gold_vs_kl.png, under `out`."""
     import json
     import os
 
@@ -291,8 +297,7 @@ def analyze(root, rows):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    stats = aggregate(rows, root)
-    with open(os.path.join(root, "aggregate.json"), "w") as f:
+    with open(os.path.join(out, "aggregate.json"), "w") as f:
         json.dump(stats, f, indent=1)
     order = (
         [p for p in NAMES if p in stats]
@@ -345,8 +350,7 @@ def analyze(root, rows):
         if separated(stats[a]["win_rate_vs_sft"], stats[b]["win_rate_vs_sft"])
     ]
     lines += ["", "Win-rate differences whose 95% intervals separate: " + ("; ".join(calls) or "none") + "."]
-    paired = paired_vs(rows)
-    with open(os.path.join(root, "paired_vs_ppo.json"), "w") as f:
+    with open(os.path.join(out, "paired_vs_ppo.json"), "w") as f:
         json.dump(paired, f, indent=1)
     lines += [
         "",
@@ -400,6 +404,6 @@ def analyze(root, rows):
     ax.set_ylabel("gold score (held-out prompts)")
     ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
-    fig.savefig(os.path.join(root, "gold_vs_kl.png"), dpi=120)
+    fig.savefig(os.path.join(out, "gold_vs_kl.png"), dpi=120)
     plt.close(fig)
     return lines + ["", "![gold vs KL](gold_vs_kl.png)"]

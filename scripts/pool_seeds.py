@@ -7,7 +7,8 @@
 --root is the sweep root of experiments/algorithms.py holding the later seeds' finished runs (seed 0 must not be
 among them). Writes to --out: aggregate.json and paired_vs_ppo.json over all the seeds, the same numbers the
 analysis gives on all the runs together (experiments.algorithms.pooled), runs.csv (the later seeds' rows, so the
-next pooling has them) and summary.md (the pooled table and the paired differences), and prints summary.md.
+next pooling has them), and the analysis's report of them (experiments.algorithms.report: summary.md, which it
+prints, and gold_vs_kl.png).
 """
 
 from __future__ import annotations
@@ -23,36 +24,6 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 import sweep  # noqa: E402
 from experiments import algorithms as h2h, load_experiment  # noqa: E402
-
-
-def table(stats: dict, paired: dict, reference: str) -> list[str]:
-    """summary.md's lines: each row label's mean ± std [95% interval] per metric, then the paired differences."""
-    metrics = [(m, name) for m, name in h2h.METRICS if m != "wall_s"]
-    lines = [
-        "## Head-to-head on the gold judge (mean ± std over seeds; [95% t-interval])",
-        "",
-        "| row | n | " + " | ".join(name for _, name in metrics) + " |",
-        "|---|---|" + "---|" * len(metrics),
-    ]
-    for label, s in stats.items():
-        cells = [
-            f"{s[m]['mean']:.3f} ± {s[m]['std']:.3f} [{s[m]['lo']:.3f}, {s[m]['hi']:.3f}]" if m in s else "—"
-            for m, _ in metrics
-        ]
-        lines.append(f"| {label} | {s['gold_score']['n']} | " + " | ".join(cells) + " |")
-    names = list(next(iter(paired.values())))
-    lines += [
-        "",
-        f"## Minus {reference} on the same seed: mean [95% t-interval] (* excludes 0)",
-        "",
-        "| row | n | " + " | ".join(names) + " |",
-        "|---|---|" + "---|" * len(names),
-    ]
-    for label, d in paired.items():
-        cells = [f"{d[m]['mean']:+.3f} [{d[m]['lo']:+.3f}, {d[m]['hi']:+.3f}]" for m in names]
-        cells = [c + (" *" if d[m]["lo"] * d[m]["hi"] > 0 else "") for c, m in zip(cells, names)]
-        lines.append(f"| {label} | {d[names[0]]['n']} | " + " | ".join(cells) + " |")
-    return lines
 
 
 def main(argv=None) -> int:
@@ -71,15 +42,11 @@ def main(argv=None) -> int:
         raise SystemExit(f"{args.root}: no finished run of experiments/algorithms.py; run its later seeds first.")
     stats, paired = h2h.pooled(earlier, earlier_paired, rows, root=args.root)
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "aggregate.json"), "w") as f:
-        json.dump(stats, f, indent=1)
-    with open(os.path.join(args.out, "paired_vs_ppo.json"), "w") as f:
-        json.dump(paired, f, indent=1)
     with open(os.path.join(args.out, "runs.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    summary = "\n".join(table(stats, paired, "ppo"))
+    summary = "\n".join(h2h.report(stats, paired, args.out))  # also aggregate.json, paired_vs_ppo.json, the plot
     print(summary)
     with open(os.path.join(args.out, "summary.md"), "w") as f:
         f.write(summary + "\n")
