@@ -95,7 +95,6 @@ def test_one_host_killed_or_preempted_at_three_points_resumes_to_the_uninterrupt
     alone, as when one host of a slice is preempted: then both must save the same step and exit 143 by themselves.
     Both are relaunched with the same command each time; the end result must equal, bit for bit, that of a run
     never interrupted."""
-    args = _args
     rng = random.Random(0)
     killed = tmp_path / "killed"
     os.makedirs(killed)
@@ -104,7 +103,7 @@ def test_one_host_killed_or_preempted_at_three_points_resumes_to_the_uninterrupt
     signals[rng.randrange(2)] = signal.SIGTERM  # not at the last point, which could land in the final iteration
     kills, resume = [], None  # resume: the newest complete checkpoint once the last kill landed
     for after, sig in zip(points, signals):
-        procs, logs = _start(args(killed), killed, num_processes=2, devices=4)
+        procs, logs = _start(_args(killed), killed, num_processes=2, devices=4)
         try:
             deadline = time.time() + TIMEOUT_S
             while _logged_steps(killed) < after or (kills and "pg: compiled" not in open(logs[0]).read()):
@@ -131,7 +130,7 @@ def test_one_host_killed_or_preempted_at_three_points_resumes_to_the_uninterrupt
                 if p.poll() is None:
                     p.kill()
                 p.wait()
-    out = _launch(args(killed), killed, num_processes=2, devices=4)[0]
+    out = _launch(_args(killed), killed, num_processes=2, devices=4)[0]
     assert resumed_from(out) == resume, kills
 
     assert _comparable(killed) == _comparable(uninterrupted), kills  # every logged number, bit for bit
