@@ -87,10 +87,14 @@ def token_chunks(T: int, logits_per_token: int) -> tuple[int, int]:
     return n, -(-T // n)
 
 
-def token_stats(params, model, tokens, input_mask, targets, temperature=1.0, entropy=False, heads=(), rng=None):
-    """Per position [B, T]: "logprobs" of `targets` under softmax(logits / temperature), with entropy=True its
-    "entropy", and the model's outputs for `heads` (e.g. "values"), from one pass over the trunk; the logits
-    are formed at most LOGITS_PER_CHUNK at a time (see above). Dropout iff `rng`."""
+def token_stats(
+    params, model, tokens, input_mask, targets, temperature=1.0, entropy=False, heads=(), rng=None, first: int = 0
+):
+    """From one pass over the trunk of tokens [B, T]: "logprobs" [B, T - first] of `targets` [B, T - first] under
+    softmax(logits / temperature) at positions first..T-1, with entropy=True their "entropy", and the model's
+    outputs for `heads` (e.g. "values") at every position. The LM head runs only at those positions (a
+    rollout's prompt needs none: `first` = P - 1), at most LOGITS_PER_CHUNK logits at a time (see above).
+    Dropout iff `rng`."""
     out = apply(params, model, tokens, input_mask, heads=heads, rng=rng)
     params = lora.stop_frozen_gradients(params, model.cfg)
     eq, w = output_projection(params, model)
@@ -101,7 +105,7 @@ def token_stats(params, model, tokens, input_mask, targets, temperature=1.0, ent
         lp = logprobs_from_logits(logits, t, temperature)
         return lp, (entropy_from_logits(logits, temperature) if entropy else jnp.zeros_like(lp))
 
-    hidden = out["hidden"]
+    hidden = out["hidden"][:, first:]
     B, T, _ = hidden.shape
     n, chunk = token_chunks(T, B * cfg.vocab_size)
     if n == 1:
@@ -172,12 +176,11 @@ def response_stats(
     P = prompt.shape[1]
     tokens = jnp.concatenate([prompt, response], axis=1)[:, :-1]  # position t-1 predicts response token t
     mask = jnp.concatenate([prompt_mask, response_mask], axis=1)[:, :-1]
-    # the targets at prompt positions are never read: the response's own tokens, shifted in, keep one shape
-    targets = jnp.concatenate([prompt[:, 1:], response], axis=1)
+    heads = ("value",) if values else ()
     out = token_stats(
-        params, model, tokens, mask, targets, temperature, entropy=True, heads=("value",) if values else (), rng=rng
+        params, model, tokens, mask, response, temperature, entropy=True, heads=heads, rng=rng, first=P - 1
     )
-    stats = {"logprobs": out["logprobs"][:, P - 1 :], "entropy": out["entropy"][:, P - 1 :]}
+    stats = {"logprobs": out["logprobs"], "entropy": out["entropy"]}
     if values:
         stats["values"] = out["values"][:, P - 1 :]
     return stats

@@ -160,13 +160,15 @@ def gemm_counts(item: dict, shapes: dict, dims: dict, lengths: dict) -> dict[tup
     d = dims
     weights = [(d["d"], d["q"]), (d["d"], d["kv"]), (d["d"], d["kv"]), (d["q"], d["d"])]
     weights += [(d["d"], d["ff"]), (d["d"], d["ff"]), (d["ff"], d["d"])]
-    layers = [(kn, d["layers"]) for kn in weights] + [((d["d"], d["vocab"]), 1)]
+    trunk, head = [(kn, d["layers"]) for kn in weights], [((d["d"], d["vocab"]), 1)]
     counts: dict = {}
 
-    def add(m: int, times: int, backward: bool):
-        for (k, n), c in layers:
-            for g in ((m, k, n), (m, n, k), (k, m, n)) if backward else ((m, k, n),):
-                counts[g] = counts.get(g, 0) + c * times
+    def add(m: int, times: int, backward: bool, head_rows: int | None = None):
+        """The trunk's weights at m rows and the LM head at head_rows (default m), `times` times."""
+        for layers, rows in ((trunk, m), (head, m if head_rows is None else head_rows)):
+            for (k, n), c in layers:
+                for g in ((rows, k, n), (rows, n, k), (k, rows, n)) if backward else ((rows, k, n),):
+                    counts[g] = counts.get(g, 0) + c * times
 
     s, w = shapes[item["workload"]], item["workload"]
     if w == "generate":  # prefill once, then one row per sample per new token
@@ -174,12 +176,13 @@ def gemm_counts(item: dict, shapes: dict, dims: dict, lengths: dict) -> dict[tup
         add(item["batch"], s["new_tokens"], False)
     elif w == "fwdbwd":
         add(s["batch"] * s["seq_len"], 1, True)
-    elif w == "grpo":  # generate; the reference's forward (π_old = π_θ: no old-policy pass); the update
+    elif w == "grpo":  # generate; the reference's forward (π_old = π_θ: no old-policy pass); the update. Past
+        # the prefill's last token, log-probs are needed at the response's positions only: the head runs there
         E, P, N = s["prompts"] * s["group"], lengths["grpo_prompt"], s["new_tokens"]
-        add(E * P, 1, False)
+        add(E * P, 1, False, head_rows=E)
         add(E, N, False)
-        add(E * (P + N), 1, False)
-        add(E * (P + N), 1, True)
+        add(E * (P + N), 1, False, head_rows=E * N)
+        add(E * (P + N), 1, True, head_rows=E * N)
     else:  # dpo: the reference's forward and the policy's forward + backward over both responses of each pair
         m = 2 * s["pairs"] * lengths["dpo_sequence"]
         add(m, 1, False)
@@ -300,7 +303,8 @@ def real_table(real: dict) -> list[str]:
         "",
         f"SmolLM2-135M-Instruct (d {d['d']}, {d['layers']} layers, vocab {d['vocab']}), the same weights on both "
         f"sides; longest GRPO prompt {n['grpo_prompt']} tokens, longest DPO pair sequence {n['dpo_sequence']} "
-        f"(our DPO preset cuts each batch to the smallest data.length_bucket·2^k holding it, at most "
+        f"(our DPO preset cuts each batch to the smallest width of data.length_bucket's half-octave grid "
+        f"holding it, at most "
         f"{real['dpo_seq_len']})",
         f"{'workload (median)':<30}{'rlhf_jax':>11}{'theirs':>11}{'ours/theirs':>13}{'best runs':>11}"
         f"{'RSS MiB ours/theirs':>22}{'GEMM floor s jax/torch':>25}{'ours s':>9}",

@@ -255,7 +255,9 @@ def test_real_gemm_floor_counts_every_weight_matmul():
     r, P = real.REAL["grpo"], 27
     E, N = r["prompts"] * r["group"], r["new_tokens"]
     grpo = flops({"workload": "grpo"}, {"grpo_prompt": P})
-    assert grpo == 2 * n * E * (P + N) + 2 * n * E * (P + N) + 6 * n * E * (P + N)  # generate, reference, update
+    trunk, head = 2 * (n - d["d"] * d["vocab"]), 2 * d["d"] * d["vocab"]  # FLOPs per token
+    # generate, reference, update: the trunk at every position, the head only where a response token is predicted
+    assert grpo == trunk * E * (P + N) * 5 + head * E * (1 + N) + head * E * N + 3 * head * E * N
 
 
 def test_real_inputs_give_both_systems_the_same_prompts_and_pairs(tmp_path):

@@ -110,11 +110,12 @@ def test_dropout_is_random_only_in_training():
     assert np.abs(np.asarray(a - c)).max() > 1e-3
 
 
-@pytest.mark.parametrize("tied", [True, False])
-def test_chunked_logprobs_and_entropies_equal_the_dense_ones_and_so_do_their_gradients(tied, monkeypatch):
+@pytest.mark.parametrize("tied,first", [(True, 0), (False, 11)])
+def test_chunked_logprobs_and_entropies_equal_the_dense_ones_and_so_do_their_gradients(tied, first, monkeypatch):
     """forward.token_stats forms the logits a chunk of tokens at a time (recomputed in the backward pass) once
     B · T · V passes LOGITS_PER_CHUNK; its log-probs, entropies and gradients equal those of the model's dense
-    [B, T, V] logits. Vocabulary 32,768 (10,000 of them real: a padded vocab), 37 tokens in chunks of 8."""
+    [B, T, V] logits. Vocabulary 32,768 (10,000 of them real: a padded vocab), 37 tokens in chunks of 8. With
+    `first` (a rollout's prompt length - 1) the LM head runs only from that position on: the dense ones' tail."""
     from rlhf_jax import forward
 
     cfg = ModelConfig(
@@ -134,18 +135,20 @@ def test_chunked_logprobs_and_entropies_equal_the_dense_ones_and_so_do_their_gra
     targets = jax.random.randint(jax.random.PRNGKey(2), (B, T), 0, 10000)
     p = model.init(jax.random.PRNGKey(0), tokens, positions_from_mask(mask), mask, heads=HEADS)["params"]
     p = jax.tree.map(lambda x: x.value, p, is_leaf=lambda x: hasattr(x, "value"))
-    weights = jax.random.normal(jax.random.PRNGKey(3), (B, T))
+    weights = jax.random.normal(jax.random.PRNGKey(3), (B, T - first))
 
     def dense(params):
         logits = forward.apply(params, model, tokens, mask)["logits"]
-        return forward.logprobs_from_logits(logits, targets, 0.7), forward.entropy_from_logits(logits, 0.7)
+        lp, ent = forward.logprobs_from_logits(logits, targets, 0.7), forward.entropy_from_logits(logits, 0.7)
+        return lp[:, first:], ent[:, first:]
 
     def chunked(params):
-        out = forward.token_stats(params, model, tokens, mask, targets, 0.7, entropy=True)
+        out = forward.token_stats(params, model, tokens, mask, targets[:, first:], 0.7, entropy=True, first=first)
         return out["logprobs"], out["entropy"]
 
-    monkeypatch.setattr(forward, "LOGITS_PER_CHUNK", B * cfg.vocab_size * 8)  # 8 tokens a chunk: 5 chunks
+    monkeypatch.setattr(forward, "LOGITS_PER_CHUNK", B * cfg.vocab_size * 8)  # 8 tokens a chunk: 5 (or 4) chunks
     (lp_d, ent_d), (lp_c, ent_c) = dense(p), jax.jit(chunked)(p)
+    assert lp_c.shape == (B, T - first)
     np.testing.assert_allclose(lp_c, lp_d, atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(ent_c, ent_d, atol=1e-5, rtol=1e-5)
     loss = lambda fn: lambda params: jnp.sum(weights * (fn(params)[0] + fn(params)[1]))
