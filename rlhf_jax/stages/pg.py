@@ -87,7 +87,7 @@ def pg_loss(params, model, mb: Rollout, ptx, kl_coef, c):
     budget = c.rollout.max_new_tokens
     loss_fn = rl.POLICY_LOSSES[c.pg.policy_loss]  # ppo_clip unless config.pg.policy_loss names another
     loss, pg = loss_fn(new["logprobs"], old, jax.lax.stop_gradient(advantages), mask, rl.LossSettings.of(c.pg, budget))
-    entropy = rl.masked_mean(new["entropy"], mask)
+    entropy = rl.masked_mean(new["entropy"] if c.pg.entropy_coef else jax.lax.stop_gradient(new["entropy"]), mask)
     stats = {
         "loss/policy_avg": loss,
         "policy/approxkl_avg": pg["approxkl"],
@@ -116,7 +116,8 @@ def pg_loss(params, model, mb: Rollout, ptx, kl_coef, c):
         kl = rl.kl_loss(new["logprobs"], mb.ref_logprobs, mask, c.kl.estimator, agg, budget)
         loss = loss + kl_coef * kl
         stats["loss/kl_avg"] = kl
-    loss = loss - c.pg.entropy_coef * entropy
+    if c.pg.entropy_coef:  # else the entropy is a metric only: no backward pass through it over the vocabulary
+        loss = loss - c.pg.entropy_coef * entropy
     if ptx is not None:  # PPO-ptx (InstructGPT eq. 2): γ · pretraining log-likelihood
         nll_sum, n = forward.summed_token_nll(params["policy"], model, ptx)
         ptx_loss = nll_sum / jnp.maximum(n, 1.0)
