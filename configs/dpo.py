@@ -58,8 +58,9 @@ def get_config(preset: str = "default"):
         num_responses=0,
         builtin_examples=2000,
         seq_len=128,
-        # each offline batch is cut to the smallest length_bucket·2^k holding its longest response row, capped
-        # at seq_len, so short pairs cost no padding in few compiled shapes (0: always seq_len)
+        # each offline batch is cut to the smallest width of length_bucket·{1, 3/2, 2, 3, 4, ...} holding its
+        # longest response row, capped at seq_len, so short pairs cost little padding in few compiled shapes
+        # (0: always seq_len)
         length_bucket=16,
         prompts_path="",
         prompts_format="prompt",

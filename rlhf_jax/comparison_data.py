@@ -64,7 +64,7 @@ def build(run: Run, path: str, line_range):
 def trimmed(local: dict[str, np.ndarray], bucket: int) -> dict[str, np.ndarray]:
     """This process's rows of a batch of comparison records (tokens and input_mask [..., L], right-padded) cut
     to bucket_width of the longest row of the global batch (config.data.length_bucket; 0: unchanged), so a batch
-    of short pairs spends nothing on the padding to data.seq_len, in few compiled shapes (16, 32, 64, ...)."""
+    of short pairs spends nothing on the padding to data.seq_len, in few compiled shapes (16, 24, 32, 48, 64, ...)."""
     L = local["tokens"].shape[-1]
     width = bucket_width(global_max(local["input_mask"].sum(-1).max(initial=1)), L, bucket)
     if width == L:

@@ -131,13 +131,19 @@ def _write_builtin_prompts(path: str, data_dir: str, seed: int):
 
 
 def bucket_width(longest: int, limit: int, bucket: int) -> int:
-    """The padded length for a batch whose longest row is `longest`: the smallest bucket·2^k that holds it,
-    capped at `limit` (bucket 0: always `limit`). Few shapes, hence few compilations: 16, 32, 64, ..."""
+    """The padded length for a batch whose longest row is `longest`: the smallest width of the half-octave grid
+    bucket·{1, 3/2, 2, 3, 4, 6, ...} that holds it, capped at `limit` (bucket 0: always `limit`). Two shapes
+    per doubling, hence few compilations (16, 24, 32, 48, 64, 96, ...), and at most a third of a batch is
+    padding past its longest row (43 tokens run at 48, not 64)."""
     if bucket <= 0:
         return limit
-    width = bucket
+    width, k = bucket, 0
     while width < longest:
-        width *= 2
+        if width == bucket << k:  # bucket·2^k → bucket·2^k·3/2
+            width = (3 * bucket << k) // 2
+        else:  # → bucket·2^(k+1)
+            k += 1
+            width = bucket << k
     return min(width, limit)
 
 

@@ -155,8 +155,9 @@ def test_comparison_logprobs_sum_the_response_tokens_given_the_prompt_and_count_
 
 
 def test_a_batch_cut_to_the_bucket_of_its_longest_row_scores_as_the_padded_one():
-    """config.data.length_bucket: the DPO stage cuts each batch to the smallest bucket·2^k holding its longest
-    row (the comparisons' padding to data.seq_len is never scored), and the log-probs do not change."""
+    """config.data.length_bucket: the DPO stage cuts each batch to the smallest width of the bucket's half-octave
+    grid (rollout.bucket_width) holding its longest row (the comparisons' padding to data.seq_len is never
+    scored), and the log-probs do not change."""
     from rlhf_jax import comparison_data
 
     model, params = _model()
@@ -165,8 +166,9 @@ def test_a_batch_cut_to_the_bucket_of_its_longest_row_scores_as_the_padded_one()
     tokens = rng.integers(1, 30, (2, 2, 16)).astype(np.int32)
     mask = (np.arange(16) < lengths[..., None]).astype(np.int32)
     local = {"tokens": tokens * mask, "input_mask": mask, "prompt_len": np.array([2, 2], np.int32)}
-    assert comparison_data.trimmed(local, 0) is local and comparison_data.trimmed(local, 8) is local  # 16 either way
-    cut = comparison_data.trimmed(local, 5)  # 5 → 10 holds 9
+    assert comparison_data.trimmed(local, 0) is local and comparison_data.trimmed(local, 16) is local  # 16 either way
+    assert comparison_data.trimmed(local, 8)["tokens"].shape[-1] == 12  # 8 → 12 holds 9
+    cut = comparison_data.trimmed(local, 5)  # 5 → 7 → 10 holds 9
     assert cut["tokens"].shape == cut["input_mask"].shape == (2, 2, 10) and cut["prompt_len"] is local["prompt_len"]
     full_lp, full_n = forward.comparison_logprobs(params, model, {k: jnp.asarray(v) for k, v in local.items()})
     cut_lp, cut_n = forward.comparison_logprobs(params, model, {k: jnp.asarray(v) for k, v in cut.items()})

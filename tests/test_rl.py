@@ -343,11 +343,13 @@ def test_leave_one_out_scores_subtract_the_mean_of_the_other_samples_of_the_prom
         rl.leave_one_out_scores(scores, 4)
 
 
-def test_bucket_width_pads_to_the_smallest_doubling_of_the_bucket_within_the_cap():
+def test_bucket_width_pads_to_the_smallest_half_octave_of_the_bucket_within_the_cap():
     from rlhf_jax.rollout import bucket_width
 
-    assert [bucket_width(n, 64, 16) for n in (1, 16, 17, 32, 33, 64)] == [16, 16, 32, 32, 64, 64]
-    assert bucket_width(40, 48, 16) == 48  # capped at the limit
+    longest = (1, 16, 17, 24, 25, 32, 33, 48, 49, 64)
+    assert [bucket_width(n, 64, 16) for n in longest] == [16, 16, 24, 24, 32, 32, 48, 48, 64, 64]  # half-octaves
+    assert [bucket_width(n, 1000, 16) for n in (65, 97, 129)] == [96, 128, 192]
+    assert bucket_width(40, 44, 16) == 44  # capped at the limit
     assert bucket_width(3, 48, 0) == 48  # 0: always the limit
 
 
