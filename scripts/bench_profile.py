@@ -1,6 +1,7 @@
 """Where the benchmark's time goes, and how fast the hardware lets it go.
 
     python scripts/bench_profile.py [--task train|generate] [--dtype bfloat16|float32] [--trace_dir DIR]
+    python scripts/bench_profile.py --task grpo [--model-dir models/smollm2] [--dtype float32]
 
 For one workload of scripts/bench.py (same shape, same code path) this prints:
   1. the wall time of one run (best of 3, after warm-up);
@@ -13,6 +14,12 @@ For one workload of scripts/bench.py (same shape, same code path) this prints:
      No implementation can do a run faster than the best of the two floors, so
      `torch seconds / floor` bounds the speed-up over PyTorch that any code could show.
 The trace is kept in --trace_dir (open it with Perfetto or TensorBoard's profile plugin).
+
+`--task grpo` profiles scripts/bench.py --only real's GRPO iteration on SmolLM2-135M (the pg stage itself,
+configs/smollm2.py:rlvr at the benchmark's sizes): it runs 4 iterations, traces the fourth, and prints the
+seconds of each step (generate / score / update) and its thunk time by kind — library GEMMs, XLA-emitted dots,
+the exponentials and logarithms of the softmaxes, copies and transposes, everything else — beside the
+iteration's GEMM floor (scripts/bench_real.py's).
 """
 
 from __future__ import annotations
@@ -56,15 +63,74 @@ def thunk_breakdown(run, trace_dir: str) -> dict[str, float]:
         name = e.get("name", "")
         if e.get("ph") != "X" or "dur" not in e or (e.get("args") or {}).get("hlo_op") != name:
             continue  # Python frames and executor bookkeeping, not XLA thunks
-        kind = re.sub(r"\.\d+$", "", name)
-        kinds[
-            "ynn_fusion (library matmul)"
-            if kind == "ynn_fusion"
-            else "dot (XLA-emitted dot)"
-            if kind == "dot"
-            else "other fusions and ops"
-        ] += e["dur"] / 1e6
+        kinds[thunk_kind(name)] += e["dur"] / 1e6
     return dict(kinds)
+
+
+def thunk_kind(name: str) -> str:
+    """The kind of an XLA:CPU thunk, from its name (its HLO op, numbering dropped)."""
+    kind = re.sub(r"\.\d+$", "", name)
+    if kind == "ynn_fusion":
+        return "library GEMMs"
+    if kind == "dot":
+        return "XLA-emitted dots"
+    if "exponential" in kind or "log" in kind:
+        return "exp / log (softmaxes)"
+    if "copy" in kind or "transpose" in kind:
+        return "copies and transposes"
+    return "other fusions and ops"
+
+
+def profile_grpo(args) -> dict:
+    """The pg stage's GRPO iteration on the real model, its 4th iteration traced: seconds per step and thunk
+    seconds per (step, kind), summed over threads."""
+    import jax
+
+    import bench_real
+    import bench_real_workloads as real
+    from rlhf_jax.loop import LoopTail
+    from rlhf_jax.stages import pg
+
+    work = tempfile.mkdtemp(prefix="rlhf_jax_grpo_profile_")
+    trace_dir = args.trace_dir or os.path.join(work, "trace")
+    inputs = real.write_inputs(work, real.REAL)
+    spec = {"shape": real.REAL["grpo"], "dtype": args.dtype, "model_dir": args.model_dir, "runs": 1}
+    c = real.grpo_config({**spec, "inputs": inputs})
+    c.num_steps = 4
+    write, steps = LoopTail.write, {}
+
+    def traced_write(self, step, metrics):
+        record = write(self, step, metrics)
+        steps[step] = {k: float(v) for k, v in metrics.items() if k.startswith("time/") and k.endswith("_s")}
+        if step == 3:
+            jax.profiler.start_trace(trace_dir)
+        return record
+
+    LoopTail.write = traced_write
+    try:
+        pg.train_and_evaluate(c, os.path.join(work, "run"))
+    finally:
+        LoopTail.write = write
+    jax.profiler.stop_trace()
+    path = sorted(glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True))[-1]
+    with gzip.open(path) as f:
+        events = json.load(f)["traceEvents"]
+    thunks: collections.Counter = collections.Counter()
+    for e in events:
+        a = e.get("args") or {}
+        if e.get("ph") == "X" and "dur" in e and a.get("hlo_op") == e.get("name"):
+            step = re.sub(r"^jit_", "", a.get("hlo_module", "?"))
+            thunks[f"{step}: {thunk_kind(e['name'])}"] += e["dur"] / 1e6
+    dims, lengths = bench_real.model_dims(args.model_dir), bench_real.token_lengths(args.model_dir, inputs)
+    counts = bench_real.gemm_counts({"workload": "grpo"}, real.REAL, dims, lengths)
+    return {
+        "task": "grpo",
+        "dtype": args.dtype,
+        "steps_s": steps[4],
+        "thunk_s": dict(thunks.most_common()),
+        "floor_s": {"jax": bench_real.gemm_floor(counts, args.dtype, "jax")},
+        "trace_dir": trace_dir,
+    }
 
 
 def gemm_groups(task: str, s: dict) -> list[tuple[list[tuple[int, int, int]], int]]:
@@ -124,7 +190,8 @@ def torch_floor(groups, dtype: str) -> float | None:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--task", choices=("train", "generate"), default="generate")
+    ap.add_argument("--task", choices=("train", "generate", "grpo"), default="generate")
+    ap.add_argument("--model-dir", default="models/smollm2", help="grpo: the HF directory of SmolLM2-135M")
     ap.add_argument("--dtype", choices=workloads.DTYPES, default="bfloat16")
     ap.add_argument("--trace_dir", default="", help="keep the trace here (default: a temporary directory)")
     ap.add_argument("--out", default="", help="also write the numbers as JSON here")
@@ -134,6 +201,20 @@ def main(argv=None):
     # XLA:CPU records per-thunk trace events only with this flag, read when JAX starts.
     os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), "--xla_cpu_enable_xprof_traceme=true"])
 
+    if args.task == "grpo":
+        out = profile_grpo(args)
+        print(
+            f"GRPO iteration on {args.model_dir}, {args.dtype}: "
+            + ", ".join(f"{k[5:-2]} {v:.2f} s" for k, v in out["steps_s"].items())
+        )
+        for key, sec in out["thunk_s"].items():
+            if sec >= 0.01:
+                print(f"  thunks: {key:<40}{sec:8.2f} s")
+        print(f"  GEMM floor of the iteration, jax: {out['floor_s']['jax']:.2f} s; trace: {out['trace_dir']}")
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(out, f, indent=1)
+        return out
     shape = workloads.FULL[args.task]
     build = workloads.jax_train if args.task == "train" else workloads.jax_generate
     run = build({"shape": shape, "dtype": args.dtype})

@@ -136,17 +136,21 @@ def _stepped(train, c):
     os._exit(0)  # skip the stage's checkpoint threads: the driver has what it asked for
 
 
-def jax_grpo(spec: dict):
+def grpo_config(spec: dict):
     """configs/smollm2.py:rlvr (GRPO, the gold judge) as it runs by default — data.max_prompt_len and the
     length buckets untouched — resized to the benchmark's prompts, G, response length and β."""
-    from rlhf_jax.stages import pg
-
     s, c = spec["shape"], _stage_config("rlvr", spec)
     c.data.prompts_path, c.data.chat_system = spec["inputs"]["prompts"], system_message()
     c.rollout.update(max_new_tokens=s["new_tokens"], samples_per_prompt=s["group"], temperature=s["temperature"])
     c.kl.init_coef, c.optim.lr = s["beta"], s["lr"]
     c.batch_size = s["prompts"] * s["group"]
-    _stepped(pg.train_and_evaluate, c)
+    return c
+
+
+def jax_grpo(spec: dict):
+    from rlhf_jax.stages import pg
+
+    _stepped(pg.train_and_evaluate, grpo_config(spec))
 
 
 def jax_dpo(spec: dict):

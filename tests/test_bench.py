@@ -74,6 +74,11 @@ def test_profile_floor_runs_the_gemms_mfu_counts():
     assert flops(profile.gemm_groups("train", s)) == per_token * s["batch"] * s["seq_len"]
     positions = s["batch"] * (s["prompt_len"] + s["new_tokens"])
     assert flops(profile.gemm_groups("generate", s)) == per_token / 3 * positions
+    # thunks by kind, from XLA:CPU's names
+    names = ["ynn_fusion.12", "dot.3", "subtract_exponential_fusion.2", "log_add_fusion", "copy_bitcast_fusion.1"]
+    kinds = ["library GEMMs", "XLA-emitted dots", "exp / log (softmaxes)", "exp / log (softmaxes)"]
+    assert [profile.thunk_kind(n) for n in names] == kinds + ["copies and transposes"]
+    assert profile.thunk_kind("add_select_fusion.4") == "other fusions and ops"
 
 
 def test_measured_peak_is_a_plausible_rate():
