@@ -82,9 +82,9 @@ def get_config(preset: str = "default"):
         eos_after=0,
         samples_per_prompt=1,
         # Shapes that follow the data: each iteration pads its prompts (and cuts its responses) to the smallest
-        # width of length_bucket·{1, 3/2, 2, 3, 4, ...} holding the longest, capped at data.max_prompt_len
-        # (rollout.max_new_tokens), so few programs compile (perf/compilations counts them); decoding stops once
-        # every response has ended. 0: always the caps.
+        # length_bucket·2^k holding the longest, capped at data.max_prompt_len (rollout.max_new_tokens), so few
+        # programs compile (perf/compilations counts them); decoding stops once every response has ended.
+        # 0: always the caps.
         length_bucket=16,
     )
     c.pg = dict(

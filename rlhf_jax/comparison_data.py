@@ -66,7 +66,7 @@ def trimmed(local: dict[str, np.ndarray], bucket: int) -> dict[str, np.ndarray]:
     to bucket_width of the longest row of the global batch (config.data.length_bucket; 0: unchanged), so a batch
     of short pairs spends nothing on the padding to data.seq_len, in few compiled shapes (16, 24, 32, 48, 64, ...)."""
     L = local["tokens"].shape[-1]
-    width = bucket_width(global_max(local["input_mask"].sum(-1).max(initial=1)), L, bucket)
+    width = bucket_width(global_max(local["input_mask"].sum(-1).max(initial=1)), L, bucket, half_octaves=True)
     if width == L:
         return local
     return {**local, "tokens": local["tokens"][..., :width], "input_mask": local["input_mask"][..., :width]}

@@ -130,16 +130,18 @@ def _write_builtin_prompts(path: str, data_dir: str, seed: int):
     builtin.write_prompts(path, 512, seed=seed + 7, split="train")
 
 
-def bucket_width(longest: int, limit: int, bucket: int) -> int:
-    """The padded length for a batch whose longest row is `longest`: the smallest width of the half-octave grid
-    bucket·{1, 3/2, 2, 3, 4, 6, ...} that holds it, capped at `limit` (bucket 0: always `limit`). Two shapes
-    per doubling, hence few compilations (16, 24, 32, 48, 64, 96, ...), and at most a third of a batch is
-    padding past its longest row (43 tokens run at 48, not 64)."""
+def bucket_width(longest: int, limit: int, bucket: int, half_octaves: bool = False) -> int:
+    """The padded length for a batch whose longest row is `longest`: the smallest bucket·2^k that holds it
+    (16, 32, 64, ...), or with half_octaves the smallest of bucket·{1, 3/2, 2, 3, 4, 6, ...} (16, 24, 32, 48,
+    ...), capped at `limit` (bucket 0: always `limit`). Few shapes, hence few compilations; half-octaves leave
+    at most a third of a batch as padding past its longest row, not half (43 tokens run at 48, not 64), for twice
+    the shapes. The pg stage compiles its programs per (prompt, response) width pair, so it keeps octaves; DPO's
+    batches have one width and use half-octaves."""
     if bucket <= 0:
         return limit
     width, k = bucket, 0
     while width < longest:
-        if width == bucket << k:  # bucket·2^k → bucket·2^k·3/2
+        if half_octaves and width == bucket << k:  # bucket·2^k → bucket·2^k·3/2
             width = (3 * bucket << k) // 2
         else:  # → bucket·2^(k+1)
             k += 1

@@ -343,12 +343,14 @@ def test_leave_one_out_scores_subtract_the_mean_of_the_other_samples_of_the_prom
         rl.leave_one_out_scores(scores, 4)
 
 
-def test_bucket_width_pads_to_the_smallest_half_octave_of_the_bucket_within_the_cap():
+def test_bucket_width_pads_to_the_smallest_octave_or_half_octave_of_the_bucket_within_the_cap():
     from rlhf_jax.rollout import bucket_width
 
     longest = (1, 16, 17, 24, 25, 32, 33, 48, 49, 64)
-    assert [bucket_width(n, 64, 16) for n in longest] == [16, 16, 24, 24, 32, 32, 48, 48, 64, 64]  # half-octaves
-    assert [bucket_width(n, 1000, 16) for n in (65, 97, 129)] == [96, 128, 192]
+    assert [bucket_width(n, 64, 16) for n in longest] == [16, 16, 32, 32, 32, 32, 64, 64, 64, 64]  # octaves
+    halves = [bucket_width(n, 64, 16, half_octaves=True) for n in longest]
+    assert halves == [16, 16, 24, 24, 32, 32, 48, 48, 64, 64]
+    assert [bucket_width(n, 1000, 16, half_octaves=True) for n in (65, 97, 129)] == [96, 128, 192]
     assert bucket_width(40, 44, 16) == 44  # capped at the limit
     assert bucket_width(3, 48, 0) == 48  # 0: always the limit
 
