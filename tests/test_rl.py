@@ -506,3 +506,52 @@ def test_overlong_penalty_is_dapos_eq_13():
     expected = [0.0, 0.0, 0.0, -0.25, -0.5, -0.75, -1.0, -1.0]
     np.testing.assert_allclose(rl.overlong_penalty(lengths, L_max, L_cache), expected, rtol=1e-6)
     assert np.all(np.asarray(rl.overlong_penalty(lengths, L_max, 0)) == 0.0)  # off
+
+
+def test_the_entropy_bonus_enters_the_gradient_only_with_a_coefficient():
+    """stages/pg.pg_loss: with pg.entropy_coef 0 the entropy is a logged metric and the gradient is the
+    surrogate's and KL's alone; with a coefficient c the gradient gains exactly -c·∇H (H the masked mean
+    entropy of the response tokens, as logged)."""
+    import configs.grpo as grpo_cfg
+    from rlhf_jax.models.gpt import TransformerLM, positions_from_mask
+    from rlhf_jax.models.layers import ModelConfig
+    from rlhf_jax.rollout import Rollout
+    from rlhf_jax.stages import pg
+
+    model = TransformerLM(ModelConfig(vocab_size=64, d_model=16, n_layers=1, n_heads=2, max_len=16, dtype="float32"))
+    B, P, N = 4, 3, 5
+    prompt = jax.random.randint(jax.random.PRNGKey(1), (B, P), 1, 64)
+    response = jax.random.randint(jax.random.PRNGKey(2), (B, N), 1, 64)
+    pmask, rmask = jnp.ones((B, P), jnp.int32), jnp.asarray(ragged_mask((5, 3, 1, 4), N), jnp.int32)
+    tokens = jnp.concatenate([prompt, response], 1)
+    mask = jnp.concatenate([pmask, rmask], 1)
+    params = model.init(jax.random.PRNGKey(0), tokens, positions_from_mask(mask), mask)["params"]
+    params = {"policy": jax.tree.map(lambda x: getattr(x, "value", x), params, is_leaf=lambda x: hasattr(x, "value"))}
+    mb = Rollout(
+        prompt=prompt,
+        prompt_mask=pmask,
+        response=response,
+        response_mask=rmask,
+        ended=jnp.ones(B, bool),
+        sampler_logprobs=-jnp.ones((B, N)),
+        logprobs=-jnp.ones((B, N)),
+        ref_logprobs=-1.5 * jnp.ones((B, N)),
+        advantages=jnp.asarray(rand(B, N, seed=3)),
+    )
+
+    def grads(coef):
+        c = grpo_cfg.get_config("tiny")
+        c.pg.entropy_coef = coef
+        fn = lambda p: pg.pg_loss(p, model, mb, None, 0.04, c)
+        return jax.grad(fn, has_aux=True)(params)
+
+    def entropy(p):
+        stats = pg.policy_stats(p, model, mb, grpo_cfg.get_config("tiny").rollout.temperature, critic=False)
+        return rl.masked_mean(stats["entropy"], rmask.astype(jnp.float32))
+
+    (g0, stats), (g1, _) = grads(0.0), grads(0.25)
+    g_entropy = jax.grad(entropy)(params)
+    assert stats["policy/entropy_avg"] == pytest.approx(float(entropy(params)), rel=1e-6)
+    for a, b, h in zip(jax.tree.leaves(g0), jax.tree.leaves(g1), jax.tree.leaves(g_entropy)):
+        np.testing.assert_allclose(b, a - 0.25 * h, atol=1e-6, rtol=1e-5)
+    assert max(float(jnp.max(jnp.abs(h))) for h in jax.tree.leaves(g_entropy)) > 1e-4  # the bonus is not nothing

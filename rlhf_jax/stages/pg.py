@@ -87,7 +87,7 @@ def pg_loss(params, model, mb: Rollout, ptx, kl_coef, c):
     budget = c.rollout.max_new_tokens
     loss_fn = rl.POLICY_LOSSES[c.pg.policy_loss]  # ppo_clip unless config.pg.policy_loss names another
     loss, pg = loss_fn(new["logprobs"], old, jax.lax.stop_gradient(advantages), mask, rl.LossSettings.of(c.pg, budget))
-    entropy = rl.masked_mean(new["entropy"] if c.pg.entropy_coef else jax.lax.stop_gradient(new["entropy"]), mask)
+    entropy = rl.masked_mean(new["entropy"], mask)
     stats = {
         "loss/policy_avg": loss,
         "policy/approxkl_avg": pg["approxkl"],
