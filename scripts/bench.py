@@ -324,6 +324,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     ap.add_argument("--model-dir", default="models/smollm2", help="real: the HF directory both systems load")
     ap.add_argument("--no-floor", action="store_true", help="real: skip timing the GEMM floors")
+    ap.add_argument(
+        "--remat",
+        choices=("none", "dots", "full"),
+        default="none",
+        help="real: our GRPO and DPO stages' model.remat (rematerialise each block in the backward pass: less "
+        "memory held, a second forward); TRL's side is unchanged",
+    )
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--spec", default="{}", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -352,6 +359,8 @@ def main(argv=None) -> dict:
         )
     shapes = QUICK if args.quick else FULL
     out = {"quick": args.quick, "runs": args.runs, "machine": machine_info()}
+    if args.only == "real":
+        out["remat"] = args.remat
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench_logs_") as logdir:
         if args.only == "real":

@@ -49,10 +49,13 @@ def plan(args) -> list[dict]:
     return out
 
 
-def specs(item: dict, shapes: dict, model_dir: str, inputs: dict, runs: int, dpo_seq_len: int) -> dict:
-    """The one spec both systems' workers get for a measurement: same shape, model, inputs, dtype."""
+def specs(
+    item: dict, shapes: dict, model_dir: str, inputs: dict, runs: int, dpo_seq_len: int, remat: str = "none"
+) -> dict:
+    """The one spec both systems' workers get for a measurement: same shape, model, inputs, dtype (and our
+    stages' model.remat, which TRL's side ignores)."""
     w = item["workload"]
-    spec = {"shape": shapes[w], "dtype": item["dtype"], "model_dir": model_dir, "runs": runs}
+    spec = {"shape": shapes[w], "dtype": item["dtype"], "model_dir": model_dir, "runs": runs, "remat": remat}
     if w == "generate":
         spec["batch"] = item["batch"]
     if w in ("grpo", "dpo"):
@@ -75,7 +78,7 @@ def measure_real(args, logdir: str, t0: float) -> dict:
     for item in plan(args):
         key = result_key(item)
         progress(f"real {key}", t0)
-        spec = specs(item, REAL, model_dir, inputs, args.runs, dpo_seq_len)
+        spec = specs(item, REAL, model_dir, inputs, args.runs, dpo_seq_len, args.remat)
         w = item["workload"]
         if w in ("grpo", "dpo"):
             workers = {

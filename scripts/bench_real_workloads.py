@@ -96,6 +96,7 @@ def _stage_config(preset: str, spec: dict):
     c.init_from = spec["model_dir"]
     c.model.lora.rank = 0  # full fine-tuning, as TRL without peft: the same update and a reference copy
     c.model.dtype = spec["dtype"]
+    c.model.remat = spec.get("remat", "none")
     c.progress = False
     c.checkpoint.every, c.sample_every, c.log_every = 10**6, 0, 1
     c.num_steps = STEP_WARMUP + spec["runs"] + 1  # one more than the driver asks for: it never ends on its own
