@@ -55,16 +55,22 @@ def thunk_breakdown(run, trace_dir: str) -> dict[str, float]:
 
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
         run()
+    kinds: collections.Counter = collections.Counter()
+    for _, name, seconds in thunks(trace_dir):
+        kinds[thunk_kind(name)] += seconds
+    return dict(kinds)
+
+
+def thunks(trace_dir: str):
+    """(HLO module, thunk name, seconds) of every XLA:CPU thunk in the newest trace under trace_dir (Python
+    frames and executor bookkeeping left out)."""
     path = sorted(glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True))[-1]
     with gzip.open(path) as f:
         events = json.load(f)["traceEvents"]
-    kinds: collections.Counter = collections.Counter()
     for e in events:
-        name = e.get("name", "")
-        if e.get("ph") != "X" or "dur" not in e or (e.get("args") or {}).get("hlo_op") != name:
-            continue  # Python frames and executor bookkeeping, not XLA thunks
-        kinds[thunk_kind(name)] += e["dur"] / 1e6
-    return dict(kinds)
+        name, args = e.get("name", ""), e.get("args") or {}
+        if e.get("ph") == "X" and "dur" in e and args.get("hlo_op") == name:
+            yield args.get("hlo_module", "?"), name, e["dur"] / 1e6
 
 
 def thunk_kind(name: str) -> str:
@@ -99,11 +105,14 @@ def profile_grpo(args) -> dict:
     c.num_steps = 4
     write, steps = LoopTail.write, {}
 
-    def traced_write(self, step, metrics):
+    def traced_write(self, step, metrics):  # the trace spans iteration 4 alone: from step 3's record to step 4's
         record = write(self, step, metrics)
-        steps[step] = {k: float(v) for k, v in metrics.items() if k.startswith("time/") and k.endswith("_s")}
-        if step == 3:
-            jax.profiler.start_trace(trace_dir)
+        if step not in steps:  # a step's first record (one with its time/* split)
+            steps[step] = {k: float(v) for k, v in metrics.items() if k.startswith("time/") and k.endswith("_s")}
+            if step == 3:
+                jax.profiler.start_trace(trace_dir)
+            if step == 4:
+                jax.profiler.stop_trace()
         return record
 
     LoopTail.write = traced_write
@@ -111,23 +120,16 @@ def profile_grpo(args) -> dict:
         pg.train_and_evaluate(c, os.path.join(work, "run"))
     finally:
         LoopTail.write = write
-    jax.profiler.stop_trace()
-    path = sorted(glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True))[-1]
-    with gzip.open(path) as f:
-        events = json.load(f)["traceEvents"]
-    thunks: collections.Counter = collections.Counter()
-    for e in events:
-        a = e.get("args") or {}
-        if e.get("ph") == "X" and "dur" in e and a.get("hlo_op") == e.get("name"):
-            step = re.sub(r"^jit_", "", a.get("hlo_module", "?"))
-            thunks[f"{step}: {thunk_kind(e['name'])}"] += e["dur"] / 1e6
+    by_step: collections.Counter = collections.Counter()
+    for module, name, seconds in thunks(trace_dir):
+        by_step[f"{re.sub(r'^jit_', '', module)}: {thunk_kind(name)}"] += seconds
     dims, lengths = bench_real.model_dims(args.model_dir), bench_real.token_lengths(args.model_dir, inputs)
     counts = bench_real.gemm_counts({"workload": "grpo"}, real.REAL, dims, lengths)
     return {
         "task": "grpo",
         "dtype": args.dtype,
         "steps_s": steps[4],
-        "thunk_s": dict(thunks.most_common()),
+        "thunk_s": dict(by_step.most_common()),
         "floor_s": {"jax": bench_real.gemm_floor(counts, args.dtype, "jax")},
         "trace_dir": trace_dir,
     }
