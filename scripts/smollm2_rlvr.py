@@ -1,10 +1,17 @@
-"""RLVR on a real model: GRPO from SmolLM2-135M-Instruct itself (no SFT), rewarded by the built-in task's gold
-judge (a verifiable reward), evaluated on held-out prompts before training and every 10 iterations, per
-instruction kind. The setting most GRPO users run.
+"""RLVR on a real model: GRPO (or another policy-gradient algorithm) from SmolLM2-135M-Instruct itself (no SFT),
+rewarded by the built-in task's gold judge (a verifiable reward), evaluated on held-out prompts before training
+and every 10 iterations, per instruction kind. The setting most GRPO users run.
 
     bash scripts/setup_real.sh && source .venv/bin/activate
     python -m rlhf_jax.convert gguf --out=models/smollm2
-    python scripts/smollm2_rlvr.py --seeds 0 1 2 --root runs/smollm2_rlvr      # then --collect
+    python scripts/smollm2_rlvr.py --seeds 0 1 2                     # GRPO in runs/smollm2_rlvr; then --collect
+    python scripts/smollm2_rlvr.py --seeds 0 1 2 --algorithm gspo    # in runs/smollm2_rlvr_gspo
+
+--algorithm takes any policy-gradient algorithm of the configs (rlhf_jax.algorithms: gspo, cispo, dapo, ...) or
+a variant of experiments/algorithms_tuning.py (grpo+tis): its ALGORITHMS entry's pg and kl settings (the loss,
+its clip ranges and aggregation, minibatches, the KL term, DAPO's dynamic sampling and overlong shaping, whose
+cache is a fifth of the 32-token budget as in the tiny presets) over the rlvr preset; the sizes (4 prompts x
+G 4 per iteration), lr and schedule stay the rlvr run's, so each algorithm gets the same budget as GRPO.
 
 Per seed: configs/smollm2.py:rlvr (LoRA r8, 16 episodes per iteration = 4 prompts × G 4, 32 new tokens,
 β 0.04 with k3 in the loss, one update per batch) at lr 1e-4, 40 iterations over 1,000 training prompts of the
@@ -29,11 +36,40 @@ ITERATIONS, EVERY, EVAL_PROMPTS, TRAIN_PROMPTS = 40, 10, 200, 1000
 LR, MAX_NEW_TOKENS, TEMPERATURE = 1e-4, 32, 0.7
 
 
-def stage_config(seed: int, prompts: str, num_steps: int, base: str):
+def algorithm_overrides(name: str) -> dict:
+    """The rlvr preset's changes for an algorithm or variant: its ALGORITHMS pg and kl settings, the variant's
+    pg keys on top ({} for GRPO, the preset's own)."""
+    from experiments.algorithms_tuning import VARIANTS
+    from rlhf_jax import algorithms
+
+    keys = VARIANTS.get(name, {"policy": name})
+    known = algorithms.algorithms()
+    if keys["policy"] not in algorithms.of_stage("pg"):
+        variants = sorted(v for v, k in VARIANTS.items() if known[k["policy"]].stage == "pg")
+        sys.exit(
+            f"--algorithm {name}: not a policy-gradient algorithm; use one of {sorted(algorithms.of_stage('pg'))}"
+            f" or a variant {variants}."
+        )
+    if name == "grpo":
+        return {}
+    settings = known[keys["policy"]].settings
+    out = {"pg": dict(settings.get("pg", {})), "kl": dict(settings.get("kl", {}))}
+    if out["pg"].get("overlong_cache"):
+        out["pg"]["overlong_cache"] = MAX_NEW_TOKENS // 5
+    for dotted, value in keys.items():  # e.g. pg.pg.rollout_correction: the pipeline's pg block, then the key
+        if dotted != "policy":
+            _, block, key = dotted.split(".", 2)
+            out.setdefault(block, {})[key] = value
+    return out
+
+
+def stage_config(seed: int, prompts: str, num_steps: int, base: str, algorithm: str = "grpo"):
     from configs import smollm2
+    from rlhf_jax.config import merge_config
     from rlhf_jax.tasks.instructions import SYSTEM_PROMPT
 
     c = smollm2.get_config("rlvr")
+    merge_config(c, algorithm_overrides(algorithm), f"--algorithm {algorithm}")
     c.seed = seed
     c.init_from = base
     c.num_steps = num_steps
@@ -77,7 +113,7 @@ def evaluate(policy: str, prompts_path: str, data_dir: str, seed: int) -> dict:
     return result
 
 
-def run_seed(root: str, seed: int, base: str) -> dict:
+def run_seed(root: str, seed: int, base: str, algorithm: str = "grpo") -> dict:
     from rlhf_jax.stages import run_stage
     from rlhf_jax.tasks import builtin
 
@@ -95,7 +131,7 @@ def run_seed(root: str, seed: int, base: str) -> dict:
             continue
         t0 = time.perf_counter()
         if it:
-            run_stage(stage_config(seed, train, it, base), workdir)
+            run_stage(stage_config(seed, train, it, base, algorithm), workdir)
         t1 = time.perf_counter()
         evals[str(it)] = {
             **evaluate(workdir if it else base, held, os.path.join(home, "eval_data"), seed),
@@ -106,14 +142,19 @@ def run_seed(root: str, seed: int, base: str) -> dict:
             json.dump(evals, f, indent=1)
         os.replace(log + ".tmp", log)
         e = evals[str(it)]["all"]
-        print(f"seed {seed} iteration {it}: gold {e['gold_score']:.3f} exact {e['correct_rate']:.3f}", flush=True)
+        print(
+            f"{algorithm} seed {seed} iteration {it}: gold {e['gold_score']:.3f} exact {e['correct_rate']:.3f}",
+            flush=True,
+        )
     return evals
 
 
-def collect(root: str) -> str:
+def collect(root: str, algorithm: str = "grpo") -> str:
     """<root>/rlvr.md and rlvr.json: exact-correct per kind at 0 and 40 iterations, and over the iterations,
     mean over seeds (each seed's values listed)."""
     import numpy as np
+
+    from rlhf_jax import algorithms
 
     seeds = sorted(
         int(d.split("=")[1])
@@ -123,7 +164,8 @@ def collect(root: str) -> str:
     runs = {s: json.load(open(os.path.join(root, f"seed={s}", "evals.json"))) for s in seeds}
     done = [s for s in seeds if str(ITERATIONS) in runs[s]]
     lines = [
-        f"## RLVR: GRPO from SmolLM2-135M-Instruct against the gold judge ({len(done)} seeds finished: {done})",
+        f"## RLVR: {algorithms.label(algorithm)} from SmolLM2-135M-Instruct against the gold judge "
+        f"({len(done)} seeds finished: {done})",
         "",
         "Held-out exact-correct over the iterations (mean over the finished seeds; each seed in brackets):",
         "",
@@ -166,7 +208,8 @@ def main():
     global ITERATIONS, EVERY, EVAL_PROMPTS
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--root", default="runs/smollm2_rlvr")
+    ap.add_argument("--algorithm", default="grpo", help="gspo, cispo, dapo, grpo+tis, ... (module docstring)")
+    ap.add_argument("--root", default=None, help="default runs/smollm2_rlvr (GRPO), runs/smollm2_rlvr_<algorithm>")
     ap.add_argument("--base", default="models/smollm2", help="SmolLM2-Instruct's HF directory (rlhf_jax.convert)")
     ap.add_argument("--collect", action="store_true", help="only write <root>/rlvr.md from the finished seeds")
     ap.add_argument("--iterations", type=int, default=ITERATIONS, help="a smaller run, e.g. to try the script")
@@ -174,10 +217,12 @@ def main():
     ap.add_argument("--eval-prompts", type=int, default=EVAL_PROMPTS)
     a = ap.parse_args()
     ITERATIONS, EVERY, EVAL_PROMPTS = a.iterations, a.every, a.eval_prompts
+    root = a.root or "runs/smollm2_rlvr" + ("" if a.algorithm == "grpo" else "_" + a.algorithm.replace("+", "_"))
+    algorithm_overrides(a.algorithm)  # an unknown name stops here, before any run
     if not a.collect:
         for s in a.seeds:
-            run_seed(a.root, s, a.base)
-    print(collect(a.root))
+            run_seed(root, s, a.base, a.algorithm)
+    print(collect(root, a.algorithm))
 
 
 if __name__ == "__main__":

@@ -129,3 +129,33 @@ def test_pooling_an_earlier_analysis_with_new_seeds_equals_the_analysis_of_all_r
                 assert paired[label][m][k] == pytest.approx(want_paired[label][m][k], rel=1e-9), (label, m, k)
     with pytest.raises(ValueError, match="seed 0 belongs to the earlier analysis"):
         h2h.pooled(h2h.aggregate(earlier), h2h.paired_vs(earlier), rows)
+
+
+def test_the_rlvr_script_runs_any_policy_gradient_algorithm_at_grpos_sizes():
+    """scripts/smollm2_rlvr.py --algorithm: the algorithm's own loss, KL and DAPO settings over the rlvr preset,
+    whose sizes, lr and schedule stay GRPO's (the same budget for every row); a name that is not a
+    policy-gradient algorithm or variant stops with the list."""
+    import importlib.util
+    import os
+
+    from rlhf_jax import algorithms
+    from tests.helpers import ROOT
+
+    spec = importlib.util.spec_from_file_location("smollm2_rlvr", os.path.join(ROOT, "scripts", "smollm2_rlvr.py"))
+    rlvr = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rlvr)
+    grpo = rlvr.stage_config(0, "train.jsonl", 10, "models/smollm2")
+    assert rlvr.algorithm_overrides("grpo") == {}
+    for name in ("gspo", "cispo", "dapo", "grpo+tis"):
+        c = rlvr.stage_config(0, "train.jsonl", 10, "models/smollm2", name)
+        for key in ("batch_size", "num_steps", "seed"):
+            assert c[key] == grpo[key], (name, key)
+        assert c.rollout == grpo.rollout and c.optim == grpo.optim and c.data == grpo.data, name
+        settings = algorithms.algorithms()[name.split("+")[0]].settings
+        assert c.kl.init_coef == settings["kl"]["init_coef"], name
+        for key, value in settings["pg"].items():
+            assert c.pg[key] == (rlvr.MAX_NEW_TOKENS // 5 if key == "overlong_cache" else value), (name, key)
+    assert rlvr.stage_config(0, "t", 10, "b", "grpo+tis").pg.rollout_correction == "tis"
+    assert grpo.pg.rollout_correction == "none" and not grpo.pg.dynamic_sampling
+    with pytest.raises(SystemExit, match="not a policy-gradient algorithm.*grpo"):
+        rlvr.algorithm_overrides("dpo")
