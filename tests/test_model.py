@@ -147,12 +147,12 @@ def test_chunked_logprobs_and_entropies_equal_the_dense_ones_and_so_do_their_gra
         return out["logprobs"], out["entropy"]
 
     monkeypatch.setattr(forward, "LOGITS_PER_CHUNK", B * cfg.vocab_size * 8)  # 8 tokens a chunk: 5 (or 4) chunks
-    (lp_d, ent_d), (lp_c, ent_c) = dense(p), jax.jit(chunked)(p)
+    (lp_d, ent_d), (lp_c, ent_c) = jax.jit(dense)(p), jax.jit(chunked)(p)  # jitted: one compile, not one per op
     assert lp_c.shape == (B, T - first)
     np.testing.assert_allclose(lp_c, lp_d, atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(ent_c, ent_d, atol=1e-5, rtol=1e-5)
     loss = lambda fn: lambda params: jnp.sum(weights * (fn(params)[0] + fn(params)[1]))
-    g_d, g_c = jax.grad(loss(dense))(p), jax.jit(jax.grad(loss(chunked)))(p)
+    g_d, g_c = jax.jit(jax.grad(loss(dense)))(p), jax.jit(jax.grad(loss(chunked)))(p)
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g_d), jax.tree.leaves(g_c)):
         np.testing.assert_allclose(b, a, atol=1e-5, rtol=1e-4, err_msg=jax.tree_util.keystr(path))
     grads = jax.tree.leaves(g_c)
