@@ -204,6 +204,64 @@ def collect(root: str, algorithm: str = "grpo") -> str:
     return text
 
 
+def seed_evals(root: str) -> dict[int, dict]:
+    """{seed: its evals.json} for the seeds of root that reached the last iteration (root/seed=<s>/evals.json)."""
+    out = {}
+    for d in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+        path = os.path.join(root, d, "evals.json")
+        if d.startswith("seed=") and os.path.isfile(path):
+            evals = json.load(open(path))
+            if str(ITERATIONS) in evals:
+                out[int(d.split("=")[1])] = evals
+    return out
+
+
+def compare(roots: dict[str, str], reference: str = "grpo") -> str:
+    """A markdown table of the algorithms' held-out results after ITERATIONS iterations, each root holding one
+    algorithm's seeds: mean over its finished seeds, and its gold minus the reference's on the same seed
+    (mean [95% t-interval] once there are 2 seeds or more)."""
+    import numpy as np
+
+    from experiments.smollm2 import interval
+    from rlhf_jax import algorithms
+
+    runs = {name: seed_evals(root) for name, root in roots.items()}
+    last = str(ITERATIONS)
+    lines = [
+        f"RLVR from SmolLM2-135M-Instruct, held-out after {ITERATIONS} iterations (mean over seeds, each in brackets):",
+        "",
+        f"| algorithm | seeds | gold | gold − {algorithms.label(reference)}, same seed | exact-correct | "
+        "answer-correct | response tokens | train + eval min a seed |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, evals in runs.items():
+        if not evals:
+            continue
+        seeds = sorted(evals)
+        gold = [evals[s][last]["all"]["gold_score"] for s in seeds]
+        paired = [
+            g - runs[reference][s][last]["all"]["gold_score"] for s, g in zip(seeds, gold) if s in runs[reference]
+        ]
+        if name == reference or not paired:
+            delta = "—"
+        else:
+            i = interval(paired)
+            delta = (
+                f"{i['mean']:+.3f}"
+                + (f" [{i['lo']:+.3f}, {i['hi']:+.3f}]" if i["n"] > 1 else "")
+                + (" (" + ", ".join(f"{d:+.3f}" for d in paired) + ")")
+            )
+        mean = lambda key, evals=evals, seeds=seeds: np.mean([evals[s][last]["all"][key] for s in seeds])
+        minutes = np.mean([sum(e["train_s"] + e["eval_s"] for e in evals[s].values()) / 60 for s in seeds])
+        lines.append(
+            f"| {algorithms.label(name)} | {', '.join(map(str, seeds))} | {np.mean(gold):.3f} ["
+            + ", ".join(f"{g:.3f}" for g in gold)
+            + f"] | {delta} | {mean('correct_rate'):.3f} | {mean('answer_correct_rate'):.3f} | "
+            f"{np.mean([evals[s][last]['response_tokens'] for s in seeds]):.1f} | {minutes:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def main():
     global ITERATIONS, EVERY, EVAL_PROMPTS
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -212,11 +270,20 @@ def main():
     ap.add_argument("--root", default=None, help="default runs/smollm2_rlvr (GRPO), runs/smollm2_rlvr_<algorithm>")
     ap.add_argument("--base", default="models/smollm2", help="SmolLM2-Instruct's HF directory (rlhf_jax.convert)")
     ap.add_argument("--collect", action="store_true", help="only write <root>/rlvr.md from the finished seeds")
+    ap.add_argument(
+        "--compare",
+        nargs="+",
+        metavar="ALGORITHM=ROOT",
+        help="only print the table of the algorithms in these roots, e.g. grpo=runs/smollm2_rlvr gspo=...",
+    )
     ap.add_argument("--iterations", type=int, default=ITERATIONS, help="a smaller run, e.g. to try the script")
     ap.add_argument("--every", type=int, default=EVERY)
     ap.add_argument("--eval-prompts", type=int, default=EVAL_PROMPTS)
     a = ap.parse_args()
     ITERATIONS, EVERY, EVAL_PROMPTS = a.iterations, a.every, a.eval_prompts
+    if a.compare:
+        print(compare(dict(pair.split("=", 1) for pair in a.compare)))
+        return
     root = a.root or "runs/smollm2_rlvr" + ("" if a.algorithm == "grpo" else "_" + a.algorithm.replace("+", "_"))
     algorithm_overrides(a.algorithm)  # an unknown name stops here, before any run
     if not a.collect:

@@ -131,19 +131,46 @@ def test_pooling_an_earlier_analysis_with_new_seeds_equals_the_analysis_of_all_r
         h2h.pooled(h2h.aggregate(earlier), h2h.paired_vs(earlier), rows)
 
 
-def test_the_rlvr_script_runs_any_policy_gradient_algorithm_at_grpos_sizes():
-    """scripts/smollm2_rlvr.py --algorithm: the algorithm's own loss, KL and DAPO settings over the rlvr preset,
-    whose sizes, lr and schedule stay GRPO's (the same budget for every row); a name that is not a
-    policy-gradient algorithm or variant stops with the list."""
+def _rlvr_script():
     import importlib.util
     import os
 
-    from rlhf_jax import algorithms
     from tests.helpers import ROOT
 
     spec = importlib.util.spec_from_file_location("smollm2_rlvr", os.path.join(ROOT, "scripts", "smollm2_rlvr.py"))
     rlvr = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(rlvr)
+    return rlvr
+
+
+def test_the_rlvr_comparison_pairs_each_algorithm_with_grpo_by_seed(tmp_path):
+    """scripts/smollm2_rlvr.py --compare: an algorithm's gold after the last iteration minus GRPO's on the same
+    seed, with the t-interval over the seeds both finished; an unfinished seed is left out."""
+    rlvr = _rlvr_script()
+    golds = {"grpo": {0: 0.10, 1: 0.20, 2: 0.30}, "gspo": {0: 0.15, 1: 0.22, 2: 0.40, 3: 0.9}}
+    for name, seeds in golds.items():
+        for seed, gold in seeds.items():
+            last = rlvr.ITERATIONS if seed < 3 else rlvr.ITERATIONS - rlvr.EVERY  # seed 3 unfinished
+            row = {"all": {"gold_score": gold, "correct_rate": 0.0, "answer_correct_rate": 0.5}, "response_tokens": 9}
+            evals = {str(it): {**row, "train_s": 60.0, "eval_s": 0.0} for it in range(0, last + 1, rlvr.EVERY)}
+            (tmp_path / name / f"seed={seed}").mkdir(parents=True)
+            (tmp_path / name / f"seed={seed}" / "evals.json").write_text(json.dumps(evals))
+    table = rlvr.compare({name: str(tmp_path / name) for name in golds}).splitlines()
+    gspo = next(line for line in table if line.startswith("| GSPO |")).split(" | ")
+    d = np.array([0.05, 0.02, 0.10])
+    half = 4.302653 * d.std(ddof=1) / np.sqrt(3)  # Student's t, 2 degrees of freedom
+    assert gspo[1] == "0, 1, 2" and gspo[2] == "0.257 [0.150, 0.220, 0.400]"
+    assert gspo[3] == f"{d.mean():+.3f} [{d.mean() - half:+.3f}, {d.mean() + half:+.3f}] (+0.050, +0.020, +0.100)"
+    assert gspo[5] == "0.500" and gspo[7].startswith(str(len(range(0, rlvr.ITERATIONS + 1, rlvr.EVERY))))
+
+
+def test_the_rlvr_script_runs_any_policy_gradient_algorithm_at_grpos_sizes():
+    """scripts/smollm2_rlvr.py --algorithm: the algorithm's own loss, KL and DAPO settings over the rlvr preset,
+    whose sizes, lr and schedule stay GRPO's (the same budget for every row); a name that is not a
+    policy-gradient algorithm or variant stops with the list."""
+    from rlhf_jax import algorithms
+
+    rlvr = _rlvr_script()
     grpo = rlvr.stage_config(0, "train.jsonl", 10, "models/smollm2")
     assert rlvr.algorithm_overrides("grpo") == {}
     for name in ("gspo", "cispo", "dapo", "grpo+tis"):
