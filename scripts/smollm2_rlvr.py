@@ -226,6 +226,7 @@ def compare(roots: dict[str, str], reference: str = "grpo") -> str:
     from rlhf_jax import algorithms
 
     runs = {name: seed_evals(root) for name, root in roots.items()}
+    base = runs.get(reference, {})
     last = str(ITERATIONS)
     lines = [
         f"RLVR from SmolLM2-135M-Instruct, held-out after {ITERATIONS} iterations (mean over seeds, each in brackets):",
@@ -239,9 +240,7 @@ def compare(roots: dict[str, str], reference: str = "grpo") -> str:
             continue
         seeds = sorted(evals)
         gold = [evals[s][last]["all"]["gold_score"] for s in seeds]
-        paired = [
-            g - runs[reference][s][last]["all"]["gold_score"] for s, g in zip(seeds, gold) if s in runs[reference]
-        ]
+        paired = [g - base[s][last]["all"]["gold_score"] for s, g in zip(seeds, gold) if s in base]
         if name == reference or not paired:
             delta = "—"
         else:
