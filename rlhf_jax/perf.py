@@ -1,7 +1,9 @@
-"""FLOP counts and this machine's measured peak, for MFU."""
+"""FLOP counts and this machine's measured peak, for MFU; the process's count of XLA compilations, each
+followed by handing the heap the compiler freed back to the OS."""
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import json
 import os
@@ -20,11 +22,30 @@ def _count_compilation(event: str, duration: float, **kwargs) -> None:
     global _compilations
     if event == _COMPILE_EVENT:
         _compilations += 1
+        release_freed_heap()
+
+
+@functools.cache
+def _malloc_trim():
+    try:
+        return ctypes.CDLL(None).malloc_trim  # glibc; absent elsewhere (macOS, musl)
+    except (AttributeError, OSError):
+        return None
+
+
+def release_freed_heap() -> None:
+    """Hands the C heap's free pages back to the OS (glibc's `malloc_trim`; a no-op without it). Compiling a
+    large program frees hundreds of MB that glibc keeps resident, under every later step's temporaries: SmolLM2's
+    f32 DPO stage peaked at 5,379 MiB without this and 4,919 MiB with it. Under a millisecond on a small heap."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def compilations() -> int:
     """XLA compilations in this process so far (jax.monitoring's backend-compile events, counted from the first
-    call): a loop whose shapes are steady stops adding to it after its first iteration."""
+    call): a loop whose shapes are steady stops adding to it after its first iteration. The first call also
+    starts releasing the heap each compilation frees (`release_freed_heap`); every stage's `Run` makes it."""
     if not getattr(compilations, "registered", False):
         jax.monitoring.register_event_duration_secs_listener(_count_compilation)
         compilations.registered = True

@@ -26,7 +26,7 @@ import optax
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from rlhf_jax import checkpoint, config as config_lib, distributed, hf, lora, optim, parallel, train_state
+from rlhf_jax import checkpoint, config as config_lib, distributed, hf, lora, optim, parallel, perf, train_state
 from rlhf_jax.errors import ConfigError, MissingFileError, WorkdirError
 from rlhf_jax.metrics import MetricWriter, import_wandb
 from rlhf_jax.models.gpt import TransformerLM
@@ -59,6 +59,7 @@ class Run:
             check_init_from(config.init_from)  # fail now, not after building data
             adopt_model_config(config)  # init_from's architecture, so settings such as LoRA's are checked on it
         config_lib.validate(config)
+        perf.compilations()  # count this process's compilations, and return the heap each one frees to the OS
         self.workdir = os.path.abspath(workdir)
         if os.path.exists(self.workdir) and not os.path.isdir(self.workdir):
             raise WorkdirError(

@@ -86,6 +86,45 @@ def test_measured_peak_is_a_plausible_rate():
     assert 1e8 < peak < 1e15  # FLOP/s: above a 1990s CPU, below a pod
 
 
+_HEAP_PROBE = """
+import ctypes, json
+import jax, jax.numpy as jnp
+from rlhf_jax import perf
+
+def rss_mib():
+    with open("/proc/self/status") as f:
+        return int(next(l for l in f if l.startswith("VmRSS")).split()[1]) / 1024
+
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+perf.compilations()
+# 192 MiB of small blocks on the heap, all freed but the last, so their pages are not the heap's top (glibc's
+# free returns only the top to the OS): what a compiler's freed working memory looks like.
+blocks = [libc.malloc(1024) for _ in range(192 * 1024 + 1)]
+for b in blocks:
+    ctypes.memset(b, 1, 1024)
+for b in blocks[:-1]:
+    libc.free(b)
+held = rss_mib()
+before = perf.compilations()
+jax.jit(lambda x: jnp.tanh(x) * 3.0)(jnp.ones(7)).block_until_ready()
+print(json.dumps({"held": held, "after": rss_mib(), "compiled": perf.compilations() - before}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim and /proc: Linux only")
+def test_a_compilation_hands_the_freed_heap_back_to_the_os():
+    """After each XLA compilation perf's listener returns the heap's free pages to the OS: 192 MiB freed
+    below the heap's top stays resident until a compile, and is gone after it."""
+    out = subprocess.run(
+        [sys.executable, "-c", _HEAP_PROBE], capture_output=True, text=True, cwd=ROOT, check=True, timeout=120
+    )
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["compiled"] >= 1
+    assert r["held"] - r["after"] > 150, r
+
+
 @pytest.mark.skipif(
     importlib.util.find_spec("torch") is None or importlib.util.find_spec("transformers") is None,
     reason="the PyTorch comparison needs `pip install -r requirements-parity.txt`",

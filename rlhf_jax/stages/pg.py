@@ -325,7 +325,6 @@ def loop(
     )
     gap_fn = jax.jit(sampler_gap)
     tail = LoopTail(run, start, c.stage, postfix={"score": "objective/scores", "kl": "objective/kl"})
-    perf.compilations()  # counting from here
     run.log(
         f"{c.stage} ({c.pg.advantage} advantages, KL {c.kl.estimator} in the {c.kl.placement}): "
         f"{loader.num_examples} prompts, {c.batch_size} episodes/iteration ({group} per prompt), "
