@@ -10,7 +10,6 @@ its own. GPT-2's fused c_attn stores [q | k | v] as three contiguous blocks and 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -25,9 +24,11 @@ from rlhf_jax.models.layers import ModelConfig
 
 
 class TensorReader:
-    """Named tensors of model.safetensors, or of the shards listed in model.safetensors.index.json."""
+    """Named tensors of model.safetensors, or of the shards listed in model.safetensors.index.json. Each read
+    maps the file and unmaps it after: a file held open for the whole load keeps every page it has read
+    resident beside the arrays made from them (SmolLM2's 513 MiB of f32 weights loaded at a peak of 1,338 MiB)."""
 
-    def __init__(self, hf_dir: str, stack: contextlib.ExitStack):
+    def __init__(self, hf_dir: str):
         index = os.path.join(hf_dir, "model.safetensors.index.json")
         if os.path.isfile(index):
             with open(index) as f:
@@ -44,10 +45,9 @@ class TensorReader:
                 files = {k: "model.safetensors" for k in f.keys()}
         self.hf_dir = hf_dir
         self._files = files
-        self._open = {
-            fn: stack.enter_context(safe_open(os.path.join(hf_dir, fn), framework="numpy"))
-            for fn in sorted(set(files.values()))
-        }
+
+    def _opened(self, name: str):
+        return safe_open(os.path.join(self.hf_dir, self._files[name]), framework="numpy")
 
     def names(self) -> set[str]:
         return set(self._files)
@@ -66,10 +66,13 @@ class TensorReader:
         )
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._open[self._files[name]].get_slice(name).get_shape())
+        with self._opened(name) as f:
+            return tuple(f.get_slice(name).get_shape())
 
-    def slice(self, name: str):
-        return self._open[self._files[name]].get_slice(name)
+    def read(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
+        """Tensor `name`'s block `index`, copied out of the file."""
+        with self._opened(name) as f:
+            return np.array(f.get_slice(name)[index])
 
 
 def _hf_shape(src: layout.Source, shape: tuple[int, ...], hf_shape: tuple[int, ...]) -> tuple[int, int]:
@@ -103,13 +106,12 @@ def read_block(
     if src.out_index is not None:
         cols = src.out_index[cols]
     r0, r1, c0, c1 = int(rows.min()), int(rows.max()) + 1, int(cols.min()), int(cols.max()) + 1
-    sl = reader.slice(src.name)
     if src.n_in == 0:
-        block = np.asarray(sl[c0:c1])[None, :]
+        block = reader.read(src.name, (slice(c0, c1),))[None, :]
     elif src.out_first:
-        block = np.asarray(sl[c0:c1, r0:r1]).T
+        block = reader.read(src.name, (slice(c0, c1), slice(r0, r1))).T
     else:
-        block = np.asarray(sl[r0:r1, c0:c1])
+        block = reader.read(src.name, (slice(r0, r1), slice(c0, c1)))
     if not (_is_range(rows, r0, r1) and _is_range(cols, c0, c1)):  # contiguous (the usual case): no copy
         block = block[np.ix_(rows - r0, cols - c0)]
     sub_shape = tuple(len(range(*s.indices(n))) for s, n in zip(index, shape))
@@ -141,39 +143,38 @@ def load_params(hf_dir: str, params_like):
     where = os.path.join(hf_dir, "config.json")
     family = layout.family_of(hf, where)
     cfg = ModelConfig(**layout.model_fields(hf, where))
-    with contextlib.ExitStack() as stack:
-        reader = TensorReader(hf_dir, stack)
-        is_rm = layout.is_sequence_classifier(hf)
-        n_labels = len(hf.get("id2label") or {}) or hf.get("num_labels", 1)
-        if is_rm and n_labels != 1:
-            raise ValueError(
-                f"{where}: a sequence classifier with {n_labels} labels; only num_labels=1 "
-                f"(a scalar reward) maps onto reward_head."
-            )
-        table = layout.weight_table(cfg, family, lm_head=not is_rm, reward_head=is_rm)
-        table = {k: _resolved(v, reader) for k, v in table.items()}
+    reader = TensorReader(hf_dir)
+    is_rm = layout.is_sequence_classifier(hf)
+    n_labels = len(hf.get("id2label") or {}) or hf.get("num_labels", 1)
+    if is_rm and n_labels != 1:
+        raise ValueError(
+            f"{where}: a sequence classifier with {n_labels} labels; only num_labels=1 "
+            f"(a scalar reward) maps onto reward_head."
+        )
+    table = layout.weight_table(cfg, family, lm_head=not is_rm, reward_head=is_rm)
+    table = {k: _resolved(v, reader) for k, v in table.items()}
 
-        def load(path, leaf):
-            key = tuple(getattr(p, "key", getattr(p, "name", p)) for p in path)
-            if key == ("reward_head", "bias") and is_rm:
-                bias = np.full(leaf.shape, reward_offset(hf_dir), np.float32)
-                return jax.make_array_from_callback(bias.shape, leaf.sharding, lambda idx: bias[idx])
-            if key not in table:
-                return leaf
-            src, shape = table.pop(key), tuple(leaf.shape)
-            _hf_shape(src, shape, reader.shape(src.name))
-            _check_divisible(key, shape, leaf.sharding)
-            blocks = {}  # devices holding the same block (replicas along data, say) share one read
+    def load(path, leaf):
+        key = tuple(getattr(p, "key", getattr(p, "name", p)) for p in path)
+        if key == ("reward_head", "bias") and is_rm:
+            bias = np.full(leaf.shape, reward_offset(hf_dir), np.float32)
+            return jax.make_array_from_callback(bias.shape, leaf.sharding, lambda idx: bias[idx])
+        if key not in table:
+            return leaf
+        src, shape = table.pop(key), tuple(leaf.shape)
+        _hf_shape(src, shape, reader.shape(src.name))
+        _check_divisible(key, shape, leaf.sharding)
+        blocks = {}  # devices holding the same block (replicas along data, say) share one read
 
-            def block(idx):
-                k = tuple((sl.start, sl.stop, sl.step) for sl in idx)
-                if k not in blocks:
-                    blocks[k] = read_block(reader, src, shape, idx)
-                return blocks[k]
+        def block(idx):
+            k = tuple((sl.start, sl.stop, sl.step) for sl in idx)
+            if k not in blocks:
+                blocks[k] = read_block(reader, src, shape, idx)
+            return blocks[k]
 
-            return jax.make_array_from_callback(shape, leaf.sharding, block)
+        return jax.make_array_from_callback(shape, leaf.sharding, block)
 
-        out = jax.tree_util.tree_map_with_path(load, params_like)
+    out = jax.tree_util.tree_map_with_path(load, params_like)
     if table:
         raise ValueError(
             f"{hf_dir}: our params tree has no place for {sorted('/'.join(k) for k in table)[:5]}; "
