@@ -79,6 +79,15 @@ def output_projection(params, model) -> tuple[str, Array]:
     return "btd,dv->btv", lora.merged(params["lm_head"], model.cfg)["kernel"]
 
 
+def lm_head(params, model):
+    """The LM head as a function: hidden [..., T, D] → f32 logits [..., T, V], the rows past the tokenizer's
+    vocabulary masked. The trainer's log-probs and the sampler's draws both go through it, so that they agree,
+    and each runs it only at the positions it needs."""
+    eq, w = output_projection(params, model)
+    cfg = model.cfg
+    return lambda h: mask_padded_vocab(matmul(eq, h, w, cfg.compute_dtype, jnp.float32), cfg)
+
+
 def token_chunks(T: int, logits_per_token: int) -> tuple[int, int]:
     """(n, size): the fewest chunks of T tokens whose logits (logits_per_token each) fit LOGITS_PER_CHUNK, all of
     one size: 63 tokens at most 42 a chunk are 2 of 32, not 2 of 42, whose padding (21 tokens) the projection
@@ -96,12 +105,11 @@ def token_stats(
     rollout's prompt needs none: `first` = P - 1), at most LOGITS_PER_CHUNK logits at a time (see above).
     Dropout iff `rng`."""
     out = apply(params, model, tokens, input_mask, heads=heads, rng=rng)
-    params = lora.stop_frozen_gradients(params, model.cfg)
-    eq, w = output_projection(params, model)
+    head = lm_head(lora.stop_frozen_gradients(params, model.cfg), model)
     cfg = model.cfg
 
     def stats(h, t):
-        logits = mask_padded_vocab(matmul(eq, h, w, cfg.compute_dtype, jnp.float32), cfg)
+        logits = head(h)
         lp = logprobs_from_logits(logits, t, temperature)
         return lp, (entropy_from_logits(logits, temperature) if entropy else jnp.zeros_like(lp))
 

@@ -63,11 +63,14 @@ class Sampler:
 
     def __init__(self, workdir: str, max_new_tokens: int, temperature: float, max_prompt_len: int, batch_size: int,
                  template: str = "", system: str | None = None, dtype: str = ""):  # fmt: skip
-        from rlhf_jax import parallel, sampling, trained
+        from rlhf_jax import parallel, perf, sampling, trained
 
+        perf.compilations()  # as a stage's Run does: the heap each compilation frees goes back to the OS
         path = policy_dir(workdir)
         self.mesh, self.rules = parallel.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}), parallel.DEFAULT_RULES
-        self.model, self.params, self.tok = trained.load_policy(path, self.mesh, self.rules, dtype=dtype or None)
+        self.model, params, self.tok = trained.load_policy(path, self.mesh, self.rules, dtype=dtype or None)
+        self.params = sampling.inference_params(params, self.model.cfg)  # bf16 weights with --dtype=bfloat16
+        del params
         self.template = run_template(path, self.tok, template, system)
         # 0: what the model's positions leave after the response, at most 256 (every prompt is padded to it)
         self.max_prompt_len = max_prompt_len or min(256, self.model.cfg.max_len - max_new_tokens)

@@ -12,7 +12,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rlhf_jax.forward import lm_head
 from rlhf_jax.models.gpt import TransformerLM, init_cache, positions_from_mask
+from rlhf_jax.models.layers import ModelConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +76,23 @@ def example_keys(seed: int, index) -> np.ndarray:
     return np.asarray(jax.vmap(lambda i: jax.random.key_data(jax.random.fold_in(base, i)))(jnp.asarray(index)))
 
 
+def inference_params(params, cfg: ModelConfig):
+    """`params` as a sampler that keeps no training copy should hold them: the weight matrices the model reads
+    only through `cfg.dtype` matmuls in that dtype; norms, biases, the scalar heads and the embedding tables as
+    they are. The same tokens come out (a bf16 matmul rounds its f32 weights to bf16 anyway) from about half
+    the memory: in the bf16 policy a jitted sampler given f32 weights holds a bf16 copy of them beside the
+    originals for the whole decode (263 MB of SmolLM2's 513). The tables stay: XLA:CPU gathers from a bf16
+    table by first converting all of it to f32, a copy the decoding loop would keep. Identity in f32."""
+    dt = cfg.compute_dtype
+
+    def cast(path, x):
+        names = {getattr(k, "key", None) for k in path}
+        kept = names & {"value_head", "reward_head", "embed", "pos_embed"}
+        return x.astype(dt) if jnp.issubdtype(x.dtype, jnp.floating) and x.ndim >= 2 and not kept else x
+
+    return jax.tree_util.tree_map_with_path(cast, params)
+
+
 def sample(params, prompt_tokens, prompt_mask, rng_keys, *, model: TransformerLM, settings: SamplingSettings):
     """Generates up to `max_new_tokens` per prompt.
 
@@ -89,8 +108,17 @@ def sample(params, prompt_tokens, prompt_mask, rng_keys, *, model: TransformerLM
     N = settings.max_new_tokens
     key_mask = jnp.concatenate([prompt_mask, jnp.ones((B, N), prompt_mask.dtype)], axis=1)
     positions = positions_from_mask(prompt_mask)
+    # The LM head runs at the last position only: the prompt's other logits are never drawn from, and at
+    # SmolLM2's 49,152-token vocabulary they would be the program's largest buffer (201 MB at batch 64).
+    head = lm_head(params, model)
     out = model.apply(
-        {"params": params}, prompt_tokens, positions, key_mask, cache=init_cache(model.cfg, B, P + N), cache_index=0
+        {"params": params},
+        prompt_tokens,
+        positions,
+        key_mask,
+        cache=init_cache(model.cfg, B, P + N),
+        cache_index=0,
+        heads=(),
     )
     next_pos = jnp.sum(prompt_mask, axis=1).astype(jnp.int32)  # position of the first new token
     keys = jax.vmap(jax.random.wrap_key_data)(rng_keys)
@@ -107,11 +135,17 @@ def sample(params, prompt_tokens, prompt_mask, rng_keys, *, model: TransformerLM
             logprob = jnp.take_along_axis(scaled, token[:, None], axis=-1)[:, 0] - jax.nn.logsumexp(scaled, axis=-1)
         done = done | ((token == settings.eos_id) & (i >= settings.eos_after))
         o = model.apply(
-            {"params": params}, token[:, None], (next_pos + i)[:, None], key_mask, cache=cache, cache_index=P + i
+            {"params": params},
+            token[:, None],
+            (next_pos + i)[:, None],
+            key_mask,
+            cache=cache,
+            cache_index=P + i,
+            heads=(),
         )
-        return (o["cache"], o["logits"][:, -1], done), (token, live, jnp.where(live, logprob, 0.0))
+        return (o["cache"], head(o["hidden"])[:, -1], done), (token, live, jnp.where(live, logprob, 0.0))
 
-    init = (out["cache"], out["logits"][:, -1], jnp.zeros((B,), bool))
+    init = (out["cache"], head(out["hidden"][:, -1:])[:, -1], jnp.zeros((B,), bool))
     C = settings.stop_check_every
     if not 0 < C < N:
         (_, _, done), (tokens, live, logprobs) = jax.lax.scan(body, init, jnp.arange(N))

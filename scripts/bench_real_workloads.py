@@ -171,12 +171,15 @@ def jax_generate(spec: dict):
     cannot draw), on the imported model in spec["dtype"]."""
     import jax
 
+    from rlhf_jax import perf
     from rlhf_jax.hf import load
-    from rlhf_jax.sampling import SamplingSettings, sample
+    from rlhf_jax.sampling import SamplingSettings, inference_params, sample
 
     s, B = spec["shape"], spec["batch"]
     mesh, rules = _mesh()
+    perf.compilations()  # what `python -m rlhf_jax.sample` does: the heap each compile frees goes back to the OS
     model, params = load.load_model(spec["model_dir"], mesh, rules, dtype=spec["dtype"])
+    params = inference_params(params, model.cfg)  # as the sampler holds them: bf16 weights in the bf16 policy
     V = model.cfg.vocab_size
     settings = SamplingSettings(
         max_new_tokens=s["new_tokens"], temperature=s["temperature"], top_k=0, top_p=1.0, eos_id=V, pad_id=0
@@ -199,11 +202,13 @@ def jax_fwdbwd(spec: dict):
     import jax
     import numpy as np
 
+    from rlhf_jax import perf
     from rlhf_jax.forward import token_nll
     from rlhf_jax.hf import load
 
     s = spec["shape"]
     mesh, rules = _mesh()
+    perf.compilations()  # as every stage's Run does: the heap each compile frees goes back to the OS
     model, params = load.load_model(spec["model_dir"], mesh, rules, dtype=spec["dtype"])
     tokens = np.random.default_rng(0).integers(4, model.cfg.vocab_size, (s["batch"], s["seq_len"] + 1))
     tokens = jax.numpy.asarray(tokens, jax.numpy.int32)

@@ -3,6 +3,7 @@
 import dataclasses
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -153,3 +154,41 @@ def test_stopping_once_every_sample_ended_gives_the_full_loops_tokens():
                 np.testing.assert_array_equal(chunked[k], full[k], err_msg=f"{k}, stop_check_every={every}")
     assert full["ended"].all() and full["mask"][:, 2:].sum() == 0
     assert not run(p, tokens, mask, cases[0][1], seed=1)["ended"].all()  # the sampled case has rows still running
+
+
+def test_bf16_weights_for_sampling_draw_the_same_tokens():
+    """inference_params keeps a bf16-policy sampler's weight matrices in bf16 (norms, the embedding table and the
+    scalar heads as they were): the draws, their log-probs and the ends are exactly those of the f32 weights."""
+    from rlhf_jax.sampling import inference_params
+
+    model = TransformerLM(dataclasses.replace(CFG, dtype="bfloat16"))
+    p = params()
+    cast = inference_params(p, model.cfg)
+    assert cast["trunk"]["block_0"]["mlp"]["up"]["kernel"].dtype == jnp.bfloat16
+    assert cast["trunk"]["block_0"]["attn"]["out"].dtype == jnp.bfloat16
+    assert cast["trunk"]["embed"].dtype == cast["trunk"]["block_0"]["norm_attn"]["scale"].dtype == jnp.float32
+    assert cast["value_head"]["kernel"].dtype == cast["reward_head"]["kernel"].dtype == jnp.float32
+    assert jax.tree.all(jax.tree.map(lambda a, b: a is b, inference_params(p, CFG), p))  # f32: untouched
+    tokens = jnp.asarray(np.random.default_rng(0).integers(4, 40, (8, 5)), jnp.int32)
+    keys = jax.random.key_data(jax.random.split(jax.random.PRNGKey(3), 8))
+    s = SamplingSettings(max_new_tokens=10, temperature=1.0, eos_id=7, logprobs=True)
+    fn = jax.jit(functools.partial(sample, model=model, settings=s))
+    full, half = (jax.device_get(fn(w, tokens, jnp.ones_like(tokens), keys)) for w in (p, cast))
+    for k in full:
+        np.testing.assert_array_equal(half[k], full[k], err_msg=k)
+
+
+def test_the_prompt_costs_the_sampler_no_logits():
+    """The LM head runs on the prompt's last position only: the compiled sampler's temporaries stay under what
+    the prompt's full logits [B, P, V] alone would take."""
+    cfg = dataclasses.replace(CFG, vocab_size=4096, max_len=96)
+    model = TransformerLM(cfg)
+    t = jnp.ones((1, 4), jnp.int32)
+    p = nn.unbox(model.init(jax.random.PRNGKey(0), t, positions_from_mask(t), t)["params"])
+    B, P = 8, 64
+    tokens = jnp.ones((B, P), jnp.int32)
+    keys = jax.random.key_data(jax.random.split(jax.random.PRNGKey(0), B))
+    s = SamplingSettings(max_new_tokens=4, temperature=1.0, eos_id=-1)
+    fn = jax.jit(functools.partial(sample, model=model, settings=s))
+    temp = fn.lower(p, tokens, jnp.ones_like(tokens), keys).compile().memory_analysis().temp_size_in_bytes
+    assert temp < B * P * cfg.vocab_size * 4 / 2, temp
