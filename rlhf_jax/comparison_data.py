@@ -62,11 +62,19 @@ def build(run: Run, path: str, line_range):
 
 
 def trimmed(local: dict[str, np.ndarray], bucket: int) -> dict[str, np.ndarray]:
-    """This process's rows of a batch of comparison records (tokens and input_mask [..., L], right-padded) cut
-    to bucket_width of the longest row of the global batch (config.data.length_bucket; 0: unchanged), so a batch
-    of short pairs spends nothing on the padding to data.seq_len, in few compiled shapes (16, 24, 32, 48, 64, ...)."""
+    """This process's rows of a batch of comparison records (tokens and input_mask [..., L], right-padded,
+    prompt_len [B]) cut to bucket_width of the longest row of the global batch (config.data.length_bucket; 0:
+    unchanged), so a batch of short pairs spends nothing on the padding to data.seq_len, in few compiled shapes
+    (16, 24, 32, 48, 64, ...); with "response_at" int32 [..., R] added: the positions whose next token is a
+    response token (forward.sequence_logprobs' targets), in order, then -1, R the bucket_width of the global
+    batch's longest response. The LM head runs at those R positions only, not over the prompts."""
     L = local["tokens"].shape[-1]
     width = bucket_width(global_max(local["input_mask"].sum(-1).max(initial=1)), L, bucket, half_octaves=True)
-    if width == L:
-        return local
-    return {**local, "tokens": local["tokens"][..., :width], "input_mask": local["input_mask"][..., :width]}
+    out = {**local, "tokens": local["tokens"][..., :width], "input_mask": local["input_mask"][..., :width]}
+    # position t predicts token t + 1: a target where that token is a response's (forward.response_target_mask)
+    target = (np.arange(1, width) >= local["prompt_len"][:, None, None]) & (out["input_mask"][..., 1:] > 0)
+    n = target.sum(-1)
+    R = bucket_width(global_max(n.max(initial=1)), width - 1, bucket, half_octaves=True)
+    positions = np.argsort(~target, axis=-1, kind="stable")[..., :R]  # the targets' positions first, in order
+    out["response_at"] = np.where(np.arange(R) < n[..., None], positions, -1).astype(np.int32)
+    return out

@@ -97,13 +97,15 @@ def token_chunks(T: int, logits_per_token: int) -> tuple[int, int]:
 
 
 def token_stats(
-    params, model, tokens, input_mask, targets, temperature=1.0, entropy=False, heads=(), rng=None, first: int = 0
-):
+    params, model, tokens, input_mask, targets, temperature=1.0, entropy=False, heads=(), rng=None, first: int = 0,
+    at=None,
+):  # fmt: skip
     """From one pass over the trunk of tokens [B, T]: "logprobs" [B, T - first] of `targets` [B, T - first] under
     softmax(logits / temperature) at positions first..T-1, with entropy=True their "entropy", and the model's
     outputs for `heads` (e.g. "values") at every position. The LM head runs only at those positions (a
-    rollout's prompt needs none: `first` = P - 1), at most LOGITS_PER_CHUNK logits at a time (see above).
-    Dropout iff `rng`."""
+    rollout's prompt needs none: `first` = P - 1), or with `at` int [B, R] at those positions of each row
+    (targets [B, R]; -1 computes position 0's, for the caller to mask), at most LOGITS_PER_CHUNK logits at a
+    time (see above). Dropout iff `rng`."""
     out = apply(params, model, tokens, input_mask, heads=heads, rng=rng)
     head = lm_head(lora.stop_frozen_gradients(params, model.cfg), model)
     cfg = model.cfg
@@ -114,6 +116,8 @@ def token_stats(
         return lp, (entropy_from_logits(logits, temperature) if entropy else jnp.zeros_like(lp))
 
     hidden = out["hidden"][:, first:]
+    if at is not None:
+        hidden = jnp.take_along_axis(hidden, jnp.maximum(at, 0)[..., None], axis=1)
     B, T, _ = hidden.shape
     n, chunk = token_chunks(T, B * cfg.vocab_size)
     if n == 1:
@@ -149,11 +153,15 @@ def summed_token_nll(params, model, batch, rng=None) -> tuple[Array, Array]:
     return jnp.sum(nll * mask), jnp.sum(mask)
 
 
-def sequence_logprobs(params, model, tokens, input_mask, target_mask, rng=None) -> tuple[Array, Array]:
+def sequence_logprobs(params, model, tokens, input_mask, target_mask, rng=None, at=None) -> tuple[Array, Array]:
     """(Σ_t log π(x_t | x_<t) over the target tokens [N], number of target tokens [N]) for joined rows
-    tokens / input_mask / target_mask int [N, L] (right-padded; target_mask[t] = 1 on response tokens)."""
-    logp = token_stats(params, model, tokens[:, :-1], input_mask[:, :-1], tokens[:, 1:], rng=rng)["logprobs"]
-    mask = (target_mask[:, 1:] * input_mask[:, 1:]) > 0
+    tokens / input_mask / target_mask int [N, L] (right-padded; target_mask[t] = 1 on response tokens). With
+    `at` int [N, R], the positions t - 1 of those targets, then -1 (comparison_data.trimmed's "response_at"),
+    the LM head runs at those R positions only: the same sums, without the prompts' logits."""
+    targets, mask = tokens[:, 1:], (target_mask[:, 1:] * input_mask[:, 1:]) > 0
+    if at is not None:
+        targets, mask = jnp.take_along_axis(targets, jnp.maximum(at, 0), axis=1), at >= 0
+    logp = token_stats(params, model, tokens[:, :-1], input_mask[:, :-1], targets, rng=rng, at=at)["logprobs"]
     return jnp.sum(jnp.where(mask, logp, 0.0), axis=-1), jnp.sum(mask, axis=-1).astype(jnp.float32)
 
 
@@ -165,11 +173,13 @@ def response_target_mask(input_mask: Array, prompt_len: Array) -> Array:
 
 def comparison_logprobs(params, model, batch, rng=None) -> tuple[Array, Array]:
     """(response log-prob sums [B, K], response lengths [B, K]) of comparison records {tokens,
-    input_mask [B, K, L], prompt_len [B]}: each of the K responses given the shared prompt."""
+    input_mask [B, K, L], prompt_len [B]}: each of the K responses given the shared prompt. With the
+    records' "response_at" [B, K, R] (comparison_data.trimmed), the LM head runs at the responses only."""
     B, K, L = batch["tokens"].shape
     target = response_target_mask(batch["input_mask"], jnp.broadcast_to(batch["prompt_len"][:, None], (B, K)))
-    flat = lambda x: x.reshape(B * K, L)
-    lp, n = sequence_logprobs(params, model, flat(batch["tokens"]), flat(batch["input_mask"]), flat(target), rng)
+    flat = lambda x: x.reshape(B * K, x.shape[-1])
+    at = flat(batch["response_at"]) if "response_at" in batch else None
+    lp, n = sequence_logprobs(params, model, flat(batch["tokens"]), flat(batch["input_mask"]), flat(target), rng, at=at)
     return lp.reshape(B, K), n.reshape(B, K)
 
 

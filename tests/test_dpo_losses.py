@@ -166,7 +166,8 @@ def test_a_batch_cut_to_the_bucket_of_its_longest_row_scores_as_the_padded_one()
     tokens = rng.integers(1, 30, (2, 2, 16)).astype(np.int32)
     mask = (np.arange(16) < lengths[..., None]).astype(np.int32)
     local = {"tokens": tokens * mask, "input_mask": mask, "prompt_len": np.array([2, 2], np.int32)}
-    assert comparison_data.trimmed(local, 0) is local and comparison_data.trimmed(local, 16) is local  # 16 either way
+    for unchanged in (0, 16):  # 0: never cut; 16 holds 9 as it is
+        assert comparison_data.trimmed(local, unchanged)["tokens"].shape[-1] == 16
     assert comparison_data.trimmed(local, 8)["tokens"].shape[-1] == 12  # 8 → 12 holds 9
     cut = comparison_data.trimmed(local, 5)  # 5 → 7 → 10 holds 9
     assert cut["tokens"].shape == cut["input_mask"].shape == (2, 2, 10) and cut["prompt_len"] is local["prompt_len"]
@@ -174,3 +175,37 @@ def test_a_batch_cut_to_the_bucket_of_its_longest_row_scores_as_the_padded_one()
     cut_lp, cut_n = forward.comparison_logprobs(params, model, {k: jnp.asarray(v) for k, v in cut.items()})
     np.testing.assert_array_equal(cut_n, full_n)
     np.testing.assert_allclose(cut_lp, full_lp, rtol=1e-6, atol=1e-6)
+
+
+def test_the_lm_head_runs_at_the_response_positions_only_and_changes_nothing():
+    """comparison_data.trimmed lists each row's response positions ("response_at": the positions whose next
+    token is a response token, then -1, as many as the bucket of the longest response); the log-prob sums, the
+    lengths and their gradients equal those of the LM head over every position (prompts of different lengths,
+    a response of one token, a padding row with none)."""
+    from rlhf_jax import comparison_data
+
+    model, params = _model()
+    rng = np.random.default_rng(1)
+    prompt_len = np.array([5, 2, 3], np.int32)
+    lengths = np.array([[9, 6], [3, 11], [3, 3]])  # row (2, *): a padding record's rows, no response token
+    tokens = rng.integers(1, 30, (3, 2, 16)).astype(np.int32)
+    mask = (np.arange(16) < lengths[..., None]).astype(np.int32)
+    local = {"tokens": tokens * mask, "input_mask": mask, "prompt_len": prompt_len}
+    cut = comparison_data.trimmed(local, 4)
+    # width 12 (4 → 6 → 8 → 12 holds 11); the longest response, 9 tokens, at most 11 positions (12 holds 9)
+    assert cut["tokens"].shape[-1] == 12 and cut["response_at"].shape == (3, 2, 11)
+    np.testing.assert_array_equal(cut["response_at"][0, 0], [4, 5, 6, 7] + [-1] * 7)  # tokens 5..8 are targets
+    np.testing.assert_array_equal(cut["response_at"][1, 1], list(range(1, 10)) + [-1, -1])  # tokens 2..10
+    assert (cut["response_at"][2] == -1).all()
+    short = comparison_data.trimmed({**local, "prompt_len": np.array([8, 9, 3], np.int32)}, 4)
+    assert short["response_at"].shape == (3, 2, 4)  # responses of at most 3 tokens: the LM head at 4 positions
+    dense = {k: jnp.asarray(v) for k, v in cut.items() if k != "response_at"}
+    sparse = {**dense, "response_at": jnp.asarray(cut["response_at"])}
+    for batch in (sparse, {**sparse, "response_at": sparse["response_at"][..., :9]}):  # a bucket of 9: the same
+        (lp, n), (want_lp, want_n) = (forward.comparison_logprobs(params, model, b) for b in (batch, dense))
+        np.testing.assert_array_equal(n, want_n)
+        np.testing.assert_allclose(lp, want_lp, rtol=1e-6, atol=1e-6)
+    weights = jnp.arange(1.0, 7.0).reshape(3, 2)
+    total = lambda b: lambda p: jnp.sum(forward.comparison_logprobs(p, model, b)[0] * weights)
+    g, want = jax.grad(total(sparse))(params), jax.grad(total(dense))(params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), g, want)
