@@ -33,8 +33,10 @@ def test_apply_if_finite_applies_a_finite_update_and_leaves_a_non_finite_one_out
     new_params, new_opt, counter = train_state.apply_if_finite(
         tx, grads, jnp.float32(2.0), params, opt_state, counter, jnp.int32(3)
     )
-    updates, ref_opt = tx.update(grads, opt_state, params)  # the plain optax update is the reference
-    assert _tree_equal(new_params, optax.apply_updates(params, updates)) and _tree_equal(new_opt, ref_opt)
+    # the plain optax update, op by op, is the reference: the same to the last ulp or so (one compiled branch)
+    updates, ref_opt = tx.update(grads, opt_state, params)
+    for got, want in ((new_params, optax.apply_updates(params, updates)), (new_opt, ref_opt)):
+        jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6), got, want)
     assert counter.tolist() == [0, -1]
 
     bad = {"w": grads["w"].at[1, 2].set(jnp.inf), "b": grads["b"]}
@@ -44,6 +46,21 @@ def test_apply_if_finite_applies_a_finite_update_and_leaves_a_non_finite_one_out
         )
         assert _tree_equal(kept_params, new_params) and _tree_equal(kept_opt, new_opt)
     assert counter.tolist() == [2, 7]  # two skipped, the first at step 7
+
+
+def test_the_guarded_update_writes_in_place_without_copying_the_optimizer_state():
+    """A jitted step donating params and optimizer state updates them in place: the non-finite guard (a
+    select between new and old state would make XLA copy every Adam moment first, 1 GB of SmolLM2's f32 DPO
+    step's temporaries at its peak) leaves the compiled update no temporaries the size of a moment."""
+    tx = optax.adamw(1e-3)
+    params = {"w": jnp.zeros((1024, 1024)), "b": jnp.zeros((512, 256))}
+
+    def step(params, opt_state, grads):
+        counter = jnp.array([0, -1], jnp.int32)
+        return train_state.apply_if_finite(tx, grads, jnp.float32(1.0), params, opt_state, counter, jnp.int32(0))
+
+    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, tx.init(params), params).compile()
+    assert compiled.memory_analysis().temp_size_in_bytes < params["b"].nbytes
 
 
 def test_nonfinite_stop_names_the_step_and_the_last_good_checkpoint_and_the_rerun_resumes(tmp_path):
