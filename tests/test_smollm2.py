@@ -227,14 +227,15 @@ print(json.dumps({"weights": weights, "grew": peak_bytes() - before}))
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads VmHWM from /proc")
 def test_loading_holds_little_beside_the_weights(smol):
     """Loading SmolLM2's 513 MiB of f32 weights from its HF directory peaks at well under twice them: the
-    checkpoint is read a tensor at a time and unmapped, not held mapped (and resident) beside the arrays
-    (held open, the load grew the process by 2.3x the weights; a tensor at a time, 1.5x)."""
+    checkpoint is read a tensor at a time and unmapped, not held mapped (and resident) beside the arrays, and
+    each block is copied out of the file once (held open, the load grew the process by 2.3x the weights; a
+    tensor at a time, 1.5x; copied once, 1.28x)."""
     out = subprocess.run(
         [sys.executable, "-c", _LOAD_PROBE, smol["dir"]], capture_output=True, text=True, check=True, timeout=300
     )
     r = json.loads(out.stdout.strip().splitlines()[-1])
     assert r["weights"] > 500 * 2**20
-    assert r["grew"] < 1.75 * r["weights"], r["grew"] / r["weights"]
+    assert r["grew"] < 1.4 * r["weights"], r["grew"] / r["weights"]
 
 
 def test_truncated_or_corrupt_files_fail_naming_the_file(smol, tmp_path):

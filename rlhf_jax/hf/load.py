@@ -70,9 +70,9 @@ class TensorReader:
             return tuple(f.get_slice(name).get_shape())
 
     def read(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
-        """Tensor `name`'s block `index`, copied out of the file."""
+        """Tensor `name`'s block `index`, copied out of the file (once: no second copy of what the slice read)."""
         with self._opened(name) as f:
-            return np.array(f.get_slice(name)[index])
+            return np.asarray(f.get_slice(name)[index])
 
 
 def _hf_shape(src: layout.Source, shape: tuple[int, ...], hf_shape: tuple[int, ...]) -> tuple[int, int]:
@@ -115,7 +115,7 @@ def read_block(
     if not (_is_range(rows, r0, r1) and _is_range(cols, c0, c1)):  # contiguous (the usual case): no copy
         block = block[np.ix_(rows - r0, cols - c0)]
     sub_shape = tuple(len(range(*s.indices(n))) for s, n in zip(index, shape))
-    return block.astype(np.float32).reshape(sub_shape)
+    return block.astype(np.float32, copy=False).reshape(sub_shape)
 
 
 def _is_range(idx: np.ndarray, start: int, stop: int) -> bool:
